@@ -1,0 +1,175 @@
+"""The ``fer`` command line: parses options, builds the typed config, calls ``fer.*``, prints.
+
+Problems a user can fix (``FerError``) print as one ``error:`` line and exit 1, without a
+traceback. Heavy imports (TensorFlow) happen inside the commands that need them, so
+``fer --help`` and bad-input errors are instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
+from fer.errors import FerError
+
+app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ExistingFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+@contextmanager
+def _download_progress():
+    """A rich progress bar fed by the core's (done, total) callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), transient=True) as bar:
+        task = bar.add_task("downloading", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command("fetch-data")
+def fetch_data(
+    source: Annotated[str, typer.Option(help="http(s) URL, s3://bucket/key or local path")] =
+        DEFAULT_SOURCE_URL,
+    sha256: Annotated[str | None, typer.Option(help="expected sha256 of the file")] = None,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO)")] = None,
+) -> None:
+    """Download (or copy), verify, unpack and decode a dataset once; later runs reuse it."""
+    from fer.fetch import fetch_data as fetch
+
+    settings = _settings()
+    with _download_progress() as progress:
+        fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
+                        endpoint_url=endpoint_url or settings.endpoint_url, progress=progress)
+    typer.echo(f"dataset ready: {fetched.path}\nsha256: {fetched.sha256}\n"
+               f"cached under {settings.data_dir}")
+
+
+@app.command()
+def train(
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1)] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
+    model: Annotated[str, typer.Option(help="registry name (see `fer models`)")] = "default",
+    data: Annotated[str | None, typer.Option(
+        help="file, folder, archive or URL; default: the fetched dataset")] = None,
+    out: Annotated[Path, typer.Option(help="folder that receives runs/<run-id>/")] = Path("runs"),
+    seed: Annotated[int, typer.Option(help="seeds the split, weights and shuffling")] = 1337,
+    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.9,
+        help="fraction of train carved out for validation")] = 0.1,
+    learning_rate: Annotated[float | None, typer.Option(min=0.0,
+        help="peak learning rate; default: the model's own")] = None,
+    precision: Annotated[str, typer.Option(
+        help="auto | float32 | mixed_bfloat16 | mixed_float16")] = "auto",
+) -> None:
+    """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
+                         val_fraction=val_fraction, learning_rate=learning_rate,
+                         precision=precision, out_dir=out)
+    result = _train_locally(config, data=data, settings=_settings())
+    metrics = result.metrics
+    typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "
+               f"macro-F1 {metrics['macro_f1']:.4f}, "
+               f"{metrics['train_images_per_second']:.0f} train images/s\n"
+               f"files in {result.run_dir}")
+
+
+def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings):
+    from fer.data import load_dataset
+    from fer.fetch import resolve_data
+    from fer.models import get_spec
+    from fer.precision import choose_precision
+
+    get_spec(config.model)
+    choose_precision(config.precision)
+    with _download_progress() as progress:
+        source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
+                              endpoint_url=settings.endpoint_url, progress=progress)
+    dataset = load_dataset(source, val_fraction=config.val_fraction, seed=config.seed,
+                           cache_dir=settings.data_dir)
+    from fer.train import train as train_run
+
+    return train_run(dataset, config, verbose=1 if sys.stdout.isatty() else 2)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a model.keras")],
+    data: Annotated[str | None, typer.Option(help="source whose test split is scored")] = None,
+    out: Annotated[Path | None, typer.Option(help="report folder; default: beside the model")]
+        = None,
+) -> None:
+    """Score a saved model on a source's test split and write the report files."""
+    from fer.data import load_dataset
+    from fer.fetch import resolve_data
+
+    settings = _settings()
+    source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
+                          endpoint_url=settings.endpoint_url)
+    dataset = load_dataset(source, cache_dir=settings.data_dir, require_train=False)
+    from fer.evaluate import evaluate_split
+    from fer.models import load_model
+
+    out = out or model.parent / "evaluation"
+    metrics = evaluate_split(load_model(model), dataset.test, out)
+    typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+               f"on {metrics['test_samples']} images\nreports in {out}")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False,
+                                                 help="image files, any size or colour")],
+    model: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a model.keras")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
+    faces: Annotated[bool, typer.Option(help="detect faces first, classify each")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+) -> None:
+    """Print the top emotion and the probabilities of each image (or each face)."""
+    from fer.models import load_model
+    from fer.predict import predict_files
+
+    predictions = predict_files(load_model(model), images, faces=faces, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
+        return
+    if faces and not predictions:
+        typer.echo("no faces found")
+    for p in predictions:
+        where = f" face at x={p.box[0]} y={p.box[1]} w={p.box[2]} h={p.box[3]}" if p.box else ""
+        ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+        typer.echo(f"{p.file}{where}: {p.emotion} ("
+                   + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the model registry."""
+    from fer.models import REGISTRY
+
+    for spec in REGISTRY.values():
+        typer.echo(f"{spec.name:14s} {spec.description}")
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line and exit code 1."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    try:
+        app()
+    except FerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)

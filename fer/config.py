@@ -1,0 +1,57 @@
+"""Typed settings: built once at the edge (CLI, flow) and passed into core functions.
+
+Environment variables are read here and nowhere else in the package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SOURCE_URL = "https://www.dropbox.com/s/zi48lkarsg4kbry/fer2013.csv?dl=1"
+"""The public ``fer2013.csv`` the original script's README told users to download."""
+
+DEFAULT_STORAGE = "./artifacts"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux)."""
+    if env.get("FER_DATA_DIR"):
+        return Path(env["FER_DATA_DIR"]).expanduser()
+    cache_home = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home).expanduser() / "fer"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where data is cached and where runs are published; from the environment."""
+
+    data_dir: Path
+    storage: str = DEFAULT_STORAGE
+    endpoint_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            data_dir=default_data_dir(env),
+            storage=env.get("FER_STORAGE") or DEFAULT_STORAGE,
+            endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run; recorded in its manifest."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    model: str = "default"
+    seed: int = 1337
+    val_fraction: float = 0.1
+    learning_rate: float | None = None  # None: the model's own default
+    precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
+    out_dir: Path = Path("runs")
+    run_id: str | None = None  # None: generated from the time and model name

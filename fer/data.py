@@ -1,0 +1,478 @@
+"""Dataset sources: the original ``fer2013.csv`` and Kaggle's image-folder layout.
+
+Both forms arrive plain, as a folder, or inside a .zip/.tar(.gz) archive. Labels are
+mapped to ``fer.labels.CLASS_NAMES`` by name, never by position. Decoded arrays are
+cached as ``.npz`` keyed by the source's sha256 so a second load costs milliseconds.
+
+Splits: image layout ``train/`` -> train, ``test/`` -> test; CSV ``Training`` -> train,
+``PublicTest`` -> validation, ``PrivateTest`` -> test (without PrivateTest, PublicTest is
+the test split). A missing validation split is carved from train, stratified and seeded.
+The test split is never used for model selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from fer.errors import DataError
+from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE
+CSV_USAGES = ("Training", "PublicTest", "PrivateTest")
+SPLIT_FOLDERS = ("train", "test")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+CACHE_FORMAT = 1  # bump when the decoded layout changes, so old caches are ignored
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (uint8, n x 48 x 48, raw 0-255 pixels) and labels (indices into CLASS_NAMES)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=NUM_CLASSES)
+        return {name: int(n) for name, n in zip(CLASS_NAMES, counts, strict=True)}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The splits of one source. ``train``/``validation`` are None for test-only sources."""
+
+    source: str
+    sha256: str
+    test: Split
+    train: Split | None = None
+    validation: Split | None = None
+    validation_origin: str = "none"  # "source" or "carved from train"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    source: Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    cache_dir: Path | None = None,
+    require_train: bool = True,
+) -> Dataset:
+    """Read ``source`` (file, folder or archive), using the decoded cache when present."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: data source not found (expected a .csv, a folder or an archive)")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction}: expected a fraction between 0 and 1")
+    digest = source_sha256(source, cache_dir=cache_dir)
+    splits = _load_cached(cache_dir, digest) if cache_dir else None
+    if splits is None:
+        splits = read_splits(source)
+        if cache_dir:
+            _save_cached(cache_dir, digest, splits)
+    return _assemble(source, digest, splits, val_fraction=val_fraction, seed=seed,
+                     require_train=require_train)
+
+
+def _assemble(source: Path, digest: str, splits: dict[str, Split], *, val_fraction: float,
+              seed: int, require_train: bool) -> Dataset:
+    if "test" not in splits:
+        raise DataError(f"{source}: missing split 'test' (expected test/<class>/ folders "
+                        "or PublicTest/PrivateTest rows)")
+    if require_train and "train" not in splits:
+        raise DataError(f"{source}: missing split 'train' (expected train/<class>/ folders "
+                        "or Training rows); a test-only source can be evaluated, not trained on")
+    for name, split in splits.items():
+        empty = [c for c, n in split.class_counts().items() if n == 0]
+        if empty:
+            log.warning("%s: split '%s' has no samples of class %s", source, name, ", ".join(empty))
+    train, validation, origin = splits.get("train"), splits.get("validation"), "source"
+    if train is not None and validation is None:
+        train, validation = split_validation(train, fraction=val_fraction, seed=seed)
+        origin = f"carved from train ({val_fraction:g}, seed {seed})"
+    return Dataset(source=str(source), sha256=digest, test=splits["test"], train=train,
+                   validation=validation, validation_origin=origin)
+
+
+def split_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Stratified, seeded split: the same data and seed always give the same indices."""
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for class_index in range(NUM_CLASSES):
+        members = np.flatnonzero(split.labels == class_index)
+        rng.shuffle(members)
+        val_parts.append(members[: int(round(len(members) * fraction))])
+    is_val = np.zeros(len(split), dtype=bool)
+    is_val[np.concatenate(val_parts)] = True
+    return _take(split, ~is_val), _take(split, is_val)
+
+
+def _take(split: Split, mask: np.ndarray) -> Split:
+    return Split(images=split.images[mask], labels=split.labels[mask])
+
+
+# --------------------------------------------------------------------------- source kinds
+
+
+def read_splits(source: Path) -> dict[str, Split]:
+    """Decode every split a source holds, keyed 'train', 'validation', 'test'."""
+    name = source.name.lower()
+    if source.is_dir():
+        csvs = sorted(source.glob("*.csv"))
+        if not any((source / s).is_dir() for s in SPLIT_FOLDERS) and len(csvs) == 1:
+            return read_fer_csv(csvs[0].read_bytes(), origin=str(csvs[0]))
+        return read_image_layout(_folder_entries(source), origin=str(source))
+    if name.endswith(".csv"):
+        return read_fer_csv(source.read_bytes(), origin=str(source))
+    if name.endswith(ARCHIVE_SUFFIXES):
+        entries = list(_archive_entries(source))
+        csvs = [(n, read) for n, read in entries if n.lower().endswith(".csv")]
+        if len(csvs) == 1:
+            return read_fer_csv(csvs[0][1](), origin=f"{source}!{csvs[0][0]}")
+        return read_image_layout(iter(entries), origin=str(source))
+    raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
+                    "or a folder with train/ and test/)")
+
+
+def _folder_entries(root: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            yield path.relative_to(root).as_posix(), path.read_bytes
+
+
+def _archive_entries(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """Yield (entry name, reader) pairs, refusing entries that would escape a target folder."""
+    try:
+        if archive.name.lower().endswith(".zip"):
+            handle = zipfile.ZipFile(archive)
+            members = [i for i in handle.infolist() if not i.is_dir()]
+            for info in handle.infolist():
+                check_entry_name(info.filename, archive=archive)
+            for info in members:
+                yield info.filename, (lambda info=info: handle.read(info))
+        else:
+            handle = tarfile.open(archive)
+            members = handle.getmembers()
+            for member in members:
+                check_entry_name(member.name, archive=archive)
+                if member.issym() or member.islnk():
+                    check_entry_name(member.linkname, archive=archive)
+            for member in members:
+                if member.isfile():
+                    yield member.name, (lambda m=member: handle.extractfile(m).read())
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"{archive}: not a readable archive ({exc})") from None
+
+
+def check_entry_name(name: str, *, archive: Path) -> str:
+    """Return ``name`` if it stays inside the folder it is unpacked to (no zip-slip)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise DataError(f"{archive}: entry '{name}' would be written outside the target folder "
+                        "(zip-slip); refusing this archive")
+    return name
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Unpack ``archive`` into ``dest`` after checking every entry name; return ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, read in _archive_entries(archive):
+        target = dest / check_entry_name(name, archive=archive)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read())
+    return dest
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
+    """Parse the original ``emotion,pixels,Usage`` CSV (vectorised; errors name the line)."""
+    columns = _split_plain_csv(data) or _split_csv_with_pandas(data, origin=origin)
+    emotions, pixel_region, usages = columns
+    if not emotions:
+        raise DataError(f"{origin}: the CSV has a header but no rows (empty source)")
+    labels = _parse_labels(emotions, origin=origin)
+    images = _parse_pixels(pixel_region, rows=len(emotions))
+    if images is None:
+        _diagnose_pixels(data, origin=origin)
+    usage = np.asarray(usages)
+    unknown = ~np.isin(usage, CSV_USAGES)
+    if unknown.any():
+        row = int(np.argmax(unknown))
+        raise DataError(f"{origin}, line {row + 2}: unknown Usage '{usage[row]}' "
+                        f"(expected one of {', '.join(CSV_USAGES)})")
+    has_private = bool((usage == "PrivateTest").any())
+    mapping = {"Training": "train",
+               "PublicTest": "validation" if has_private else "test",
+               "PrivateTest": "test"}
+    splits = {}
+    for usage_name, split_name in mapping.items():
+        mask = usage == usage_name
+        if mask.any():
+            splits[split_name] = Split(images=images[mask], labels=labels[mask])
+    return splits
+
+
+def _split_plain_csv(data: bytes) -> tuple[list[str], np.ndarray, list[str]] | None:
+    """Columns of an unquoted ``emotion,pixels,Usage`` file without copying the pixels.
+
+    Returns None for anything else (quotes, other column order), which the pandas path reads.
+    The pixel bytes are parsed in place: the text between one row's pixels and the next
+    (``,Training\\n3,``) is overwritten with spaces so one pass tokenises every row.
+    """
+    header_end = data.find(b"\n")
+    if header_end < 0 or data[:header_end].strip().decode("latin-1") != "emotion,pixels,Usage":
+        return None
+    buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
+    body = buffer[header_end + 1:]
+    line_ends = np.flatnonzero(body == 10)
+    if len(line_ends) == 0 or line_ends[-1] != len(body) - 1:
+        line_ends = np.append(line_ends, len(body))
+    line_starts = np.concatenate(([0], line_ends[:-1] + 1))
+    keep = line_ends > line_starts  # blank lines at the end
+    line_starts, line_ends = line_starts[keep], line_ends[keep]
+    commas = np.flatnonzero(body == 44)
+    if len(commas) != 2 * len(line_starts) or len(line_starts) == 0:
+        return None
+    first, second = commas[0::2], commas[1::2]
+    if not ((first > line_starts) & (second < line_ends)).all() or \
+            not (first[1:] > line_ends[:-1]).all():
+        return None
+    raw = data[header_end + 1:]
+    emotions = [raw[s:e].decode("latin-1") for s, e in zip(line_starts, first, strict=True)]
+    usages = [raw[s + 1:e].decode("latin-1").strip()
+              for s, e in zip(second, line_ends, strict=True)]
+    for end_of_pixels, start_of_next in zip(second[:-1], first[1:], strict=True):
+        body[end_of_pixels:start_of_next + 1] = 32
+    return emotions, body[first[0] + 1:second[-1]], usages
+
+
+def _split_csv_with_pandas(data: bytes, *, origin: str) -> tuple[list[str], np.ndarray, list[str]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{origin}: not a readable CSV ({exc})") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in ("emotion", "pixels", "Usage") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{origin}: missing column(s) {', '.join(missing)} "
+                        "(expected the header emotion,pixels,Usage)")
+    pixels = " ".join(frame["pixels"]).encode("latin-1")
+    return (frame["emotion"].tolist(), np.frombuffer(bytearray(pixels), dtype=np.uint8),
+            frame["Usage"].str.strip().tolist())
+
+
+def _parse_labels(emotions: list[str], *, origin: str) -> np.ndarray:
+    text = np.char.strip(np.asarray(emotions, dtype=str))
+    is_int = np.char.isdigit(text)
+    values = np.where(is_int, text, "-1").astype(np.int64)
+    bad = (values < 0) | (values >= NUM_CLASSES)
+    if bad.any():
+        row = int(np.argmax(bad))
+        legend = ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
+        raise DataError(f"{origin}, line {row + 2}: emotion '{text[row]}' is not a label "
+                        f"0-{NUM_CLASSES - 1} ({legend})")
+    return values
+
+
+def _parse_pixels(region: np.ndarray, *, rows: int) -> np.ndarray | None:
+    """Tokenise space-separated 0-255 integers; None when anything is off (then diagnose)."""
+    chunk_bytes = 2 << 20  # cache-sized pieces, split at spaces, parsed on both cores
+    cuts = [0]
+    while cuts[-1] + chunk_bytes < len(region):
+        cut = cuts[-1] + chunk_bytes
+        while region[cut] != 32:
+            cut += 1
+        cuts.append(cut)
+    cuts.append(len(region))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        parts = list(pool.map(_parse_pixel_chunk, [region[a:b] for a, b in zip(cuts, cuts[1:])]))
+    if any(p is None for p in parts):
+        return None
+    values = np.concatenate(parts)
+    if values.size != rows * PIXELS_PER_IMAGE or values.max() > 255:
+        return None
+    return values.astype(np.uint8).reshape(rows, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _parse_pixel_chunk(chunk: np.ndarray) -> np.ndarray | None:
+    padded = np.empty(len(chunk) + 4, dtype=np.uint8)
+    padded[:3], padded[3:-1], padded[-1] = 32, chunk, 32
+    digits = np.subtract(padded, 48, out=padded)  # spaces wrap around to 240
+    is_digit = digits < 10
+    if not (is_digit | (digits == 240)).all():
+        return None
+    ends = np.flatnonzero(is_digit[:-1] > is_digit[1:])
+    tens = is_digit[ends - 1]
+    hundreds = tens & is_digit[ends - 2]
+    if (hundreds & is_digit[ends - 3]).any():
+        return None  # four or more digits
+    values = digits[ends].astype(np.int16)
+    values += digits[ends - 1] * tens * np.int16(10)
+    values += digits[ends - 2] * hundreds * np.int16(100)
+    return values
+
+
+def _diagnose_pixels(data: bytes, *, origin: str) -> None:
+    """Slow path, only after the fast parse failed: find and name the first bad row."""
+    import pandas as pd
+
+    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    for row, text in enumerate(frame["pixels"]):
+        _check_pixel_row(text, line=row + 2, origin=origin)
+    raise DataError(f"{origin}: the pixels column could not be parsed")
+
+
+def _check_pixel_row(text: str, *, line: int, origin: str) -> None:
+    tokens = text.split()
+    if len(tokens) != PIXELS_PER_IMAGE:
+        raise DataError(f"{origin}, line {line}: {len(tokens)} pixel values, expected "
+                        f"{PIXELS_PER_IMAGE} (48x48)")
+    for position, token in enumerate(tokens):
+        if not token.isdigit():
+            raise DataError(f"{origin}, line {line}: pixel {position + 1} is '{token}', "
+                            "expected an integer 0-255")
+        if int(token) > 255:
+            raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token}, "
+                            "out of range 0-255")
+
+
+# --------------------------------------------------------------------------- image layout
+
+
+def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, origin: str) -> dict[str, Split]:
+    """Decode ``<split>/<class>/<image>`` entries (an optional top folder is allowed)."""
+    import cv2
+
+    images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
+    labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
+    for name, read in entries:
+        parts = PurePosixPath(name).parts
+        if _is_noise(parts) or len(parts) < 3 or parts[-3].lower() not in SPLIT_FOLDERS:
+            continue
+        split, class_folder = parts[-3].lower(), parts[-2].lower()
+        if class_folder not in CLASS_INDEX:
+            raise DataError(f"{origin}: entry '{name}' is in unknown class folder "
+                            f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")
+        pixels = cv2.imdecode(np.frombuffer(read(), dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+        if pixels is None:
+            raise DataError(f"{origin}: entry '{name}' is not a decodable image (expected jpg or png)")
+        if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            pixels = cv2.resize(pixels, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+        images[split].append(pixels)
+        labels[split].append(CLASS_INDEX[class_folder])
+    splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
+              for s in SPLIT_FOLDERS if images[s]}
+    if not splits:
+        raise DataError(f"{origin}: no images found (empty source; expected train/<class>/*.jpg "
+                        "and test/<class>/*.jpg, or a fer2013.csv)")
+    return splits
+
+
+def _is_noise(parts: tuple[str, ...]) -> bool:
+    """Archive clutter that is not data: macOS resource forks, dotfiles, Thumbs.db."""
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts) or parts[-1] == "Thumbs.db"
+
+
+# --------------------------------------------------------------------------- hashing and cache
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
+    """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
+    stamp = _stat_stamp(source)
+    index_path = cache_dir / "sha256-index.json" if cache_dir else None
+    index = _read_json(index_path) if index_path else {}
+    key = str(source.resolve())
+    if index.get(key, {}).get("stamp") == stamp:
+        return index[key]["sha256"]
+    if source.is_dir():
+        digest = hashlib.sha256()
+        for name, read in _folder_entries(source):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(read()).digest())
+        value = digest.hexdigest()
+    else:
+        value = file_sha256(source)
+    if index_path:
+        index[key] = {"stamp": stamp, "sha256": value}
+        _write_json_atomic(index_path, index)
+    return value
+
+
+def _stat_stamp(source: Path) -> list[int]:
+    if source.is_file():
+        st = source.stat()
+        return [st.st_size, st.st_mtime_ns]
+    stats = [p.stat() for p in source.rglob("*") if p.is_file()]
+    return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+
+
+def _cache_path(cache_dir: Path, digest: str) -> Path:
+    return cache_dir / "decoded" / f"{digest}.v{CACHE_FORMAT}.npz"
+
+
+def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:
+    path = _cache_path(cache_dir, digest)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as arrays:
+        names = {key.rsplit("_", 1)[0] for key in arrays.files}
+        return {n: Split(images=arrays[f"{n}_images"], labels=arrays[f"{n}_labels"]) for n in names}
+
+
+def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None:
+    path = _cache_path(cache_dir, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name, split in splits.items():
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)

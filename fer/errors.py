@@ -1,0 +1,17 @@
+"""The error type for problems a user can fix (bad data, bad paths, bad settings).
+
+The CLI prints a ``FerError`` as one line and exits non-zero without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class FerError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class DataError(FerError):
+    """A dataset source that cannot be read: names the file, the entry and the rule."""
+
+
+class StorageError(FerError):
+    """Object storage that cannot be reached, authenticated against, or read."""

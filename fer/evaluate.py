@@ -1,0 +1,70 @@
+"""Score a model on a split and write the report files a run folder carries."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fer.data import Split
+from fer.labels import CLASS_INDEX, CLASS_NAMES
+from fer.models import class_names_of
+from fer.plots import plot_confusion_matrix
+
+REPORT_FILES = ("classification_report.txt", "classification_report.json",
+                "confusion_matrix.png", "metrics.json")
+
+
+def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for uint8 images (n, 48, 48), in the model's own class order."""
+    batch = images.reshape(-1, images.shape[1], images.shape[2], 1).astype("float32")
+    return np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
+
+
+def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.ndarray:
+    """Reorder columns from the model's class order to CLASS_NAMES, by name."""
+    unknown = [n for n in model_class_names if n not in CLASS_INDEX]
+    if unknown:
+        raise ValueError(f"model classes {unknown} are not in {CLASS_NAMES}")
+    canonical = np.zeros((len(probabilities), len(CLASS_NAMES)), dtype=probabilities.dtype)
+    for column, name in enumerate(model_class_names):
+        canonical[:, CLASS_INDEX[name]] = probabilities[:, column]
+    return canonical
+
+
+def evaluate_split(model, split: Split, out_dir: Path, *, batch_size: int = 256,
+                   extra_metrics: dict | None = None) -> dict:
+    """Write the classification report (txt/json), confusion matrix and metrics.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    probabilities = predict_probabilities(model, split.images, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    predicted = to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
+    metrics = write_reports(split.labels, predicted, out_dir)
+    metrics["test_images_per_second"] = round(len(split) / seconds, 1)
+    metrics.update(extra_metrics or {})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def write_reports(true: np.ndarray, predicted: np.ndarray, out_dir: Path) -> dict:
+    """sklearn's report with the canonical class names, the confusion matrix, and key metrics."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    labels = list(range(len(CLASS_NAMES)))
+    options = dict(labels=labels, target_names=list(CLASS_NAMES), zero_division=0, digits=4)
+    text = classification_report(true, predicted, **options)
+    report = classification_report(true, predicted, output_dict=True, **options)
+    (out_dir / "classification_report.txt").write_text(text)
+    (out_dir / "classification_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    matrix = confusion_matrix(true, predicted, labels=labels)
+    plot_confusion_matrix(matrix, CLASS_NAMES, out_dir / "confusion_matrix.png")
+    return {
+        "accuracy": round(float(np.mean(true == predicted)), 4),
+        "macro_f1": round(float(report["macro avg"]["f1-score"]), 4),
+        "per_class_recall": {n: round(float(report[n]["recall"]), 4) for n in CLASS_NAMES},
+        "per_class_support": {n: int(report[n]["support"]) for n in CLASS_NAMES},
+        "test_samples": int(len(true)),
+    }

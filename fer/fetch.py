@@ -1,0 +1,177 @@
+"""Bring a dataset source onto this machine: download, verify, unpack safely, decode once.
+
+Sources are http(s) URLs, ``s3://bucket/key`` or local paths. Everything lands under the
+data folder (``FER_DATA_DIR``); ``current.json`` there names the dataset that ``fer train``
+uses when no ``--data`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fer.data import file_sha256, is_archive, load_dataset, safe_extract
+from fer.errors import DataError, FerError
+
+Progress = Callable[[int, int | None], None]
+"""Called with (bytes so far, total bytes or None) while downloading."""
+
+CURRENT_POINTER = "current.json"
+DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class FetchedSource:
+    path: Path  # a .csv file or a folder with train/ and test/
+    sha256: str
+    origin: str
+
+
+def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
+               endpoint_url: str | None = None, progress: Progress | None = None) -> FetchedSource:
+    """Download or copy ``source`` into ``data_dir``, unpack it, decode it, and make it current."""
+    local = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
+    digest = file_sha256(local) if local.is_file() else None
+    if sha256 and digest != sha256.lower():
+        raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
+                        "the download is corrupt or not the file you meant")
+    dataset_path = _unpack(local, data_dir=data_dir, digest=digest) if is_archive(local) else local
+    dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
+    fetched = FetchedSource(path=dataset_path, sha256=dataset.sha256, origin=source)
+    pointer = {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source}
+    (data_dir / CURRENT_POINTER).write_text(json.dumps(pointer, indent=2) + "\n")
+    return fetched
+
+
+def current_source(data_dir: Path) -> Path | None:
+    """The dataset the last ``fer fetch-data`` made current, if it still exists."""
+    try:
+        path = Path(json.loads((data_dir / CURRENT_POINTER).read_text())["path"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if path.exists() else None
+
+
+def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
+                 endpoint_url: str | None = None, progress: Progress | None = None) -> Path:
+    """``--data`` as a local path: remote sources are fetched first; None means the current one."""
+    if data is None:
+        current = current_source(data_dir)
+        if current is not None:
+            return current
+        return fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
+                          progress=progress).path
+    if _is_remote(data):
+        return fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress).path
+    return Path(data).expanduser()
+
+
+def _is_remote(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "s3")
+
+
+def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
+            progress: Progress | None) -> Path:
+    """A local copy of the source file (folders are used where they are)."""
+    downloads = data_dir / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    url = urllib.parse.urlparse(source)
+    if url.scheme in ("http", "https"):
+        return _download_http(source, downloads / _download_name(source), progress=progress)
+    if url.scheme == "s3":
+        return _download_s3(url.netloc, url.path.lstrip("/"), downloads / _download_name(source),
+                            endpoint_url=endpoint_url, progress=progress)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder (expected a path, an http(s) URL "
+                        "or s3://bucket/key)")
+    if path.is_dir():
+        return path.resolve()
+    target = downloads / path.name
+    if not target.exists() or target.stat().st_size != path.stat().st_size:
+        shutil.copyfile(path, target.with_suffix(target.suffix + ".part"))
+        os.replace(target.with_suffix(target.suffix + ".part"), target)
+    return target
+
+
+def _download_name(source: str) -> str:
+    """A stable file name per URL that keeps the extension (``?dl=1`` tails dropped)."""
+    name = Path(urllib.parse.urlparse(source).path).name or "download"
+    return f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
+
+
+def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
+    if target.exists():
+        return target
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            done = 0
+            with open(partial, "wb") as handle:
+                while chunk := response.read(1 << 20):
+                    handle.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        raise FerError(f"{url}: download failed ({reason}); check the URL and your network, "
+                       "or pass a local file with --source") from None
+    os.replace(partial, target)
+    return target
+
+
+def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None,
+                 progress: Progress | None) -> Path:
+    from fer.storage import s3_client, translate_s3_errors
+
+    if target.exists():
+        return target
+    client = s3_client(endpoint_url=endpoint_url)
+    partial = target.with_name(target.name + ".part")
+    with translate_s3_errors(f"s3://{bucket}/{key}"):
+        total = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        done = 0
+
+        def callback(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress:
+                progress(done, total)
+
+        client.download_file(bucket, key, str(partial), Callback=callback)
+    os.replace(partial, target)
+    return target
+
+
+def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
+    """Extract once per archive content; return the folder or CSV that holds the data."""
+    target = data_dir / "sources" / (digest or archive.stem)[:16]
+    done_marker = target / ".fer-unpacked"
+    if not done_marker.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        safe_extract(archive, target)
+        done_marker.write_text(str(archive))
+    return _dataset_root(target, archive=archive)
+
+
+def _dataset_root(folder: Path, *, archive: Path) -> Path:
+    """The CSV, or the folder holding train/ or test/, at the top or one level down."""
+    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        csvs = sorted(candidate.glob("*.csv"))
+        if len(csvs) == 1:
+            return csvs[0]
+        if (candidate / "train").is_dir() or (candidate / "test").is_dir():
+            return candidate
+    raise DataError(f"{archive}: holds no fer2013.csv and no train/ or test/ folder "
+                    "(empty source or unknown layout)")

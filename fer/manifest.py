@@ -1,0 +1,74 @@
+"""Provenance of a run: parameters, data, versions, machine and code revision."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from fer.precision import BF16_FLAGS, cpu_flags
+
+TRACKED_PACKAGES = ("fer", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas",
+                    "scikit-learn", "matplotlib", "opencv-python-headless", "boto3")
+
+
+def new_run_id(model: str, *, now: dt.datetime | None = None) -> str:
+    """Sortable by time, unique across machines: ``20261125-134501-default-3f9a``."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%d-%H%M%S}-{model}-{secrets.token_hex(2)}"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(directory: Path | None = None) -> str | None:
+    """The commit of the fer checkout that ran, or None outside a git work tree."""
+    directory = directory or Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def machine() -> dict:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu_model = platform.processor()
+    return {"cpu": cpu_model, "cores": os.cpu_count(), "platform": platform.platform(),
+            "bf16_flags": sorted(cpu_flags() & BF16_FLAGS)}
+
+
+def jsonable(value):
+    """Dataclasses and paths as plain JSON values."""
+    if dataclasses.is_dataclass(value):
+        return {k: jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
+    return path

@@ -1,0 +1,180 @@
+"""Model registry: each entry builds a Keras model that takes raw 48x48x1 pixels (0-255).
+
+Preprocessing (scaling, augmentation) lives inside the model, and the last layer records
+the class order, so a saved ``model.keras`` needs no side information to be used
+correctly. Augmentation layers are active only in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from fer.errors import FerError
+from fer.labels import CLASS_NAMES, IMAGE_SIZE
+
+INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
+
+
+@keras.saving.register_keras_serializable(package="fer")
+class ClassNames(layers.Layer):
+    """Identity layer whose config carries the class order of the output vector."""
+
+    def __init__(self, class_names: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = list(class_names)
+
+    def call(self, inputs):
+        return inputs
+
+    def get_config(self):
+        return {**super().get_config(), "class_names": self.class_names}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: the builder and the optimiser settings it was tuned with."""
+
+    name: str
+    build: Callable[[], keras.Model]
+    learning_rate: float
+    optimizer: str  # "adam" | "adamw"
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0
+    description: str = ""
+
+
+def _finish(inputs, logits, *, name: str) -> keras.Model:
+    probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    outputs = ClassNames(CLASS_NAMES, name="class_names", dtype="float32")(probabilities)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _augmentation(*, rotation: float, shift: float, zoom: float) -> list[layers.Layer]:
+    """Flip, small shifts, rotation and zoom; inactive at inference time."""
+    return [
+        layers.RandomFlip("horizontal"),
+        layers.RandomRotation(rotation, fill_mode="nearest"),
+        layers.RandomTranslation(shift, shift, fill_mode="nearest"),
+        layers.RandomZoom(zoom, fill_mode="nearest"),
+    ]
+
+
+def build_seed() -> keras.Model:
+    """The original script's CNN, layer for layer (unscaled pixels, no augmentation)."""
+    l2 = keras.regularizers.L2(0.01)
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+    for filters, kernel, reg in ((None, None, None), (128, 5, None), (512, 3, l2), (512, 3, l2)):
+        if filters:
+            x = layers.Conv2D(filters, kernel, padding="same", activation="relu",
+                              kernel_regularizer=reg)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(0.25)(x)
+    x = layers.Flatten()(x)
+    for units in (256, 512):
+        x = layers.Dense(units, activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Dropout(0.25)(x)
+    return _finish(inputs, layers.Dense(len(CLASS_NAMES))(x), name="seed")
+
+
+def build_mini_xception() -> keras.Model:
+    """Arriaga et al. 2017 mini-Xception (the model in the `fer` PyPI package), for comparison."""
+    l2 = keras.regularizers.L2(0.01)
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    x = layers.Rescaling(2 / 255.0, offset=-1.0)(inputs)
+    for layer in _augmentation(rotation=10 / 360, shift=0.1, zoom=0.1):
+        x = layer(x)
+    for _ in range(2):
+        x = layers.Conv2D(8, 3, use_bias=False, kernel_regularizer=l2)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+    for filters in (16, 32, 64, 128):
+        residual = layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False)(x)
+        residual = layers.BatchNormalization()(residual)
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False,
+                                   depthwise_regularizer=l2, pointwise_regularizer=l2)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False,
+                                   depthwise_regularizer=l2, pointwise_regularizer=l2)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        x = layers.add([x, residual])
+    x = layers.Conv2D(len(CLASS_NAMES), 3, padding="same")(x)
+    logits = layers.GlobalAveragePooling2D()(x)
+    return _finish(inputs, logits, name="mini_xception")
+
+
+def _conv_bn_relu(x, filters: int):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def build_default(widths: Sequence[int] = (32, 64, 128, 256)) -> keras.Model:
+    """fer's default: a VGG-style CNN that downsamples early, so most work is at 24x24 and below.
+
+    Two 3x3 conv-BN-ReLU blocks per stage; the 48x48 stage has a single thin conv because
+    full-resolution convolutions dominate CPU time while adding little accuracy.
+    """
+    inputs = keras.Input(INPUT_SHAPE, name="pixels")
+    x = layers.Rescaling(1 / 255.0)(inputs)
+    for layer in _augmentation(rotation=0.04, shift=0.1, zoom=0.1):
+        x = layer(x)
+    x = _conv_bn_relu(x, widths[0])
+    for filters in widths[1:]:
+        x = layers.MaxPooling2D(2)(x)
+        x = _conv_bn_relu(x, filters)
+        x = _conv_bn_relu(x, filters)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.4)(x)
+    x = layers.Dense(256, activation="relu")(x)
+    x = layers.Dropout(0.4)(x)
+    return _finish(inputs, layers.Dense(len(CLASS_NAMES))(x), name="default")
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("default", build_default, learning_rate=2e-3, optimizer="adamw",
+                  label_smoothing=0.1, weight_decay=5e-4, description="fer's CPU-efficient CNN (the CLI default)"),
+        ModelSpec("seed", build_seed, learning_rate=1e-4, optimizer="adam",
+                  description="the original script's CNN, faithful (Adam 1e-4)"),
+        ModelSpec("mini-xception", build_mini_xception, learning_rate=1e-3, optimizer="adam",
+                  description="Arriaga et al. 2017 mini-Xception, the `fer` package's model"),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry called ``name``, or a FerError listing the valid names."""
+    if name not in REGISTRY:
+        raise FerError(f"unknown model '{name}' (expected one of {', '.join(REGISTRY)})")
+    return REGISTRY[name]
+
+
+def load_model(path: Path) -> keras.Model:
+    """Load a saved fer model; the registered ClassNames layer makes this self-contained."""
+    path = Path(path)
+    if not path.is_file():
+        raise FerError(f"{path}: model file not found (expected a model.keras from `fer train`)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError) as exc:
+        raise FerError(f"{path}: not a loadable Keras model ({str(exc).splitlines()[0]})") from None
+
+
+def class_names_of(model: keras.Model) -> list[str]:
+    """The class order stored in a model saved by fer."""
+    try:
+        return list(model.get_layer("class_names").class_names)
+    except ValueError:
+        raise FerError(f"model '{model.name}' has no class order; was it saved by fer?") from None

@@ -1,0 +1,60 @@
+"""Choose the numeric precision for training from the hardware, never blindly.
+
+bfloat16 mixed precision trains 1.4-1.7x faster than float32 on CPUs with native bf16
+instructions (AVX512_BF16 / AMX_BF16) and ~10x slower on CPUs without them; on GPUs,
+mixed float16 is the fast path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from fer.errors import FerError
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo does not exist)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def choose_precision(requested: str = "auto", *, flags: set[str] | None = None,
+                     gpu: bool | None = None) -> str:
+    """Resolve ``auto`` to mixed_float16 (GPU), mixed_bfloat16 (bf16 CPU) or float32."""
+    if requested not in PRECISIONS:
+        raise FerError(f"--precision {requested}: expected one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    if has_gpu() if gpu is None else gpu:
+        return "mixed_float16"
+    flags = cpu_flags() if flags is None else flags
+    return "mixed_bfloat16" if flags & BF16_FLAGS else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Build layers under ``name``, then restore the previous global policy."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

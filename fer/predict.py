@@ -1,0 +1,86 @@
+"""Classify image files of any size or colour, optionally face by face (Haar cascade)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fer.errors import FerError
+from fer.evaluate import predict_probabilities
+from fer.labels import IMAGE_SIZE
+from fer.models import class_names_of
+
+FACE_CASCADE = "haarcascade_frontalface_default.xml"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The emotion of one image, or of one face in it (``box`` = x, y, width, height)."""
+
+    file: str
+    emotion: str
+    probabilities: dict[str, float]
+    box: tuple[int, int, int, int] | None = None
+
+
+def read_grayscale(path: Path) -> np.ndarray:
+    """Any image file OpenCV can decode, as 8-bit grayscale at its own size."""
+    import cv2
+
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise FerError(f"{path}: not a decodable image (expected jpg, png, bmp, webp, ...)")
+    return image
+
+
+def to_model_input(gray: np.ndarray) -> np.ndarray:
+    """Resize to the 48x48 the models take (area interpolation keeps detail when shrinking)."""
+    import cv2
+
+    if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return gray
+    interpolation = cv2.INTER_AREA if min(gray.shape) > IMAGE_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(gray, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
+
+
+def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Frontal faces found by OpenCV's Haar cascade, largest first."""
+    import cv2
+
+    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / FACE_CASCADE))
+    if cascade.empty():
+        raise FerError(f"OpenCV's {FACE_CASCADE} is missing; install opencv-python-headless<5")
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    boxes = [tuple(int(v) for v in box) for box in found]
+    return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
+
+
+def predict_files(model, paths: Sequence[Path], *, faces: bool = False,
+                  batch_size: int = 64) -> list[Prediction]:
+    """One prediction per file, or one per detected face with ``faces=True``."""
+    crops, origins = [], []
+    for path in paths:
+        gray = read_grayscale(path)
+        if faces:
+            for x, y, w, h in detect_faces(gray):
+                crops.append(to_model_input(gray[y:y + h, x:x + w]))
+                origins.append((str(path), (x, y, w, h)))
+        else:
+            crops.append(to_model_input(gray))
+            origins.append((str(path), None))
+    if not crops:
+        return []
+    probabilities = predict_probabilities(model, np.stack(crops), batch_size=batch_size)
+    names = class_names_of(model)
+    return [
+        Prediction(file=file, box=box, emotion=names[int(np.argmax(row))],
+                   probabilities={n: round(float(p), 4) for n, p in zip(names, row, strict=True)})
+        for (file, box), row in zip(origins, probabilities, strict=True)
+    ]

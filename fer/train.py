@@ -1,0 +1,193 @@
+"""Train a registry model on a dataset and write a complete run folder.
+
+The validation split (never the test split) picks the best epoch; the test split is
+scored once, after training, for the reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from fer.config import TrainConfig
+from fer.data import Dataset, Split
+from fer.errors import FerError
+from fer.evaluate import evaluate_split
+from fer.labels import NUM_CLASSES
+from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
+from fer.models import ModelSpec, get_spec
+from fer.plots import plot_curves
+from fer.precision import choose_precision, dtype_policy
+
+RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
+             "classification_report.json", "confusion_matrix.png", "metrics.json",
+             "manifest.json")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    run_dir: Path
+    metrics: dict
+
+
+def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult:
+    """Fit ``config.model`` on ``dataset`` and write ``config.out_dir/<run-id>/``."""
+    _check_config(config, dataset)
+    spec = get_spec(config.model)
+    run_id = config.run_id or new_run_id(config.model)
+    run_dir = Path(config.out_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    keras.utils.set_random_seed(config.seed)
+    precision = choose_precision(config.precision)
+    learning_rate = config.learning_rate or spec.learning_rate
+    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
+
+    with dtype_policy(precision):
+        model = spec.build()
+    model.compile(optimizer=_optimizer(spec, learning_rate, steps_per_epoch * config.epochs),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
+                  metrics=["accuracy"])
+    timer, best = EpochTimer(), KeepBestWeights()
+    started = time.perf_counter()
+    history = model.fit(
+        _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=config.seed),
+        validation_data=_batches(dataset.validation, batch_size=256),
+        epochs=config.epochs, callbacks=[timer, best], verbose=verbose,
+    ).history
+    best.restore(model)
+    wall_seconds = time.perf_counter() - started
+
+    final = _as_float32(model) if precision != "float32" else model
+    final.save(run_dir / "model.keras")
+    _write_history(history, run_dir / "history.csv")
+    plot_curves(history, run_dir / "curves.png")
+    metrics = evaluate_split(final, dataset.test, run_dir, extra_metrics={
+        "epochs": config.epochs,
+        "best_epoch": best.best_epoch,
+        "best_val_accuracy": round(best.best_value, 4),
+        "wall_seconds": round(wall_seconds, 1),
+        "train_seconds": round(timer.train_seconds, 1),
+        "train_images_per_second": round(len(dataset.train) * config.epochs / timer.train_seconds, 1),
+        "precision": precision,
+    })
+    write_json(run_dir / "manifest.json", {
+        "run_id": run_id,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": spec.name,
+        "parameters": {**vars(replace(config, run_id=run_id)), "learning_rate": learning_rate},
+        "seed": config.seed,
+        "precision": precision,
+        "data": _data_record(dataset),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "files": list(RUN_FILES),
+    })
+    return RunResult(run_id=run_id, run_dir=run_dir, metrics=metrics)
+
+
+def _check_config(config: TrainConfig, dataset: Dataset) -> None:
+    if config.epochs < 1:
+        raise FerError(f"--epochs {config.epochs}: expected at least 1")
+    if config.batch_size < 1:
+        raise FerError(f"--batch-size {config.batch_size}: expected at least 1")
+    if dataset.train is None or dataset.validation is None:
+        raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
+
+
+def _optimizer(spec: ModelSpec, learning_rate: float, total_steps: int):
+    """Constant Adam for the seed (as published); AdamW with warm-up + cosine otherwise."""
+    if spec.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    warmup = max(1, min(total_steps // 10, 500))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate / 10, decay_steps=max(1, total_steps - warmup),
+        warmup_target=learning_rate, warmup_steps=warmup, alpha=0.01)
+    return keras.optimizers.AdamW(schedule, weight_decay=spec.weight_decay)
+
+
+def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None):
+    """A tf.data pipeline of (raw float pixels, one-hot labels), prefetched."""
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((split.images[..., None], split.labels))
+    if shuffle_seed is not None:
+        data = data.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size).map(
+        lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES)),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def _as_float32(model: keras.Model) -> keras.Model:
+    """A float32 copy for saving: inference is then fast on every CPU, bf16 or not."""
+    def float32_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=float32_layer)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _write_history(history: dict, path: Path) -> None:
+    keys = list(history)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *keys])
+        for epoch, values in enumerate(zip(*(history[k] for k in keys), strict=True), start=1):
+            writer.writerow([epoch, *(f"{float(v):.6g}" for v in values)])
+
+
+def _data_record(dataset: Dataset) -> dict:
+    return {
+        "source": dataset.source,
+        "sha256": dataset.sha256,
+        "validation": dataset.validation_origin,
+        "counts": {name: split.class_counts()
+                   for name, split in (("train", dataset.train), ("validation", dataset.validation),
+                                       ("test", dataset.test))},
+    }
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Time spent in training steps only (validation excluded), for images/s."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_seconds = 0.0
+        self._epoch_start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self.train_seconds += time.perf_counter() - self._epoch_start
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remember the weights of the epoch with the best validation accuracy."""
+
+    def __init__(self, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.monitor = monitor
+        self.best_value = -np.inf
+        self.best_epoch = 0
+        self._weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best_value:
+            self.best_value, self.best_epoch = float(value), epoch + 1
+            self._weights = self.model.get_weights()
+
+    def restore(self, model: keras.Model) -> None:
+        if self._weights is not None:
+            model.set_weights(self._weights)
