@@ -26,6 +26,24 @@ app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, pu
 ExistingFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
 
 
+def _load_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up banners (oneDNN, absl) sent to /dev/null.
+
+    TF_CPP_MIN_LOG_LEVEL does not silence them in TF 2.21, and they would bury the
+    one-line errors this CLI promises.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _settings() -> Settings:
     return Settings.from_env()
 
@@ -90,16 +108,13 @@ def train(
 def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings):
     from fer.data import load_dataset
     from fer.fetch import resolve_data
-    from fer.models import get_spec
-    from fer.precision import choose_precision
 
-    get_spec(config.model)
-    choose_precision(config.precision)
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
     dataset = load_dataset(source, val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=settings.data_dir)
+    _load_tensorflow()  # only once the data is known to be good
     from fer.train import train as train_run
 
     return train_run(dataset, config, verbose=1 if sys.stdout.isatty() else 2)
@@ -120,6 +135,7 @@ def evaluate(
     source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                           endpoint_url=settings.endpoint_url)
     dataset = load_dataset(source, cache_dir=settings.data_dir, require_train=False)
+    _load_tensorflow()
     from fer.evaluate import evaluate_split
     from fer.models import load_model
 
@@ -139,6 +155,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""
+    _load_tensorflow()
     from fer.models import load_model
     from fer.predict import predict_files
 
@@ -158,6 +175,7 @@ def predict(
 @app.command("models")
 def list_models() -> None:
     """List the model registry."""
+    _load_tensorflow()
     from fer.models import REGISTRY
 
     for spec in REGISTRY.values():
@@ -166,7 +184,7 @@ def list_models() -> None:
 
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 1."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # level 2 still prints oneDNN banners
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         app()

@@ -247,6 +247,8 @@ def _split_plain_csv(data: bytes) -> tuple[list[str], np.ndarray, list[str]] | N
     header_end = data.find(b"\n")
     if header_end < 0 or data[:header_end].strip().decode("latin-1") != "emotion,pixels,Usage":
         return None
+    if b'"' in data:
+        return None
     buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
     body = buffer[header_end + 1:]
     line_ends = np.flatnonzero(body == 10)

@@ -42,11 +42,11 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResu
     """Fit ``config.model`` on ``dataset`` and write ``config.out_dir/<run-id>/``."""
     _check_config(config, dataset)
     spec = get_spec(config.model)
+    precision = choose_precision(config.precision)
     run_id = config.run_id or new_run_id(config.model)
     run_dir = Path(config.out_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     keras.utils.set_random_seed(config.seed)
-    precision = choose_precision(config.precision)
     learning_rate = config.learning_rate or spec.learning_rate
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
 
@@ -60,7 +60,7 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResu
     history = model.fit(
         _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=config.seed),
         validation_data=_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=[timer, best], verbose=verbose,
+        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
     wall_seconds = time.perf_counter() - started

@@ -1,0 +1,106 @@
+"""Shared fixtures: small datasets the tests generate, and a subset of the real archive."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fer.labels import CLASS_NAMES
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013.zip"
+
+# A distinct grey level per class: a loaded image's pixel value reveals which class folder
+# or CSV label it came from, so any swap of two classes shows up in the tests.
+CLASS_SHADE = {name: 20 + 30 * i for i, name in enumerate(CLASS_NAMES)}
+
+
+def shaded_image(class_name: str, *, size: int = 48) -> np.ndarray:
+    return np.full((size, size), CLASS_SHADE[class_name], dtype=np.uint8)
+
+
+def encode_image(image: np.ndarray, suffix: str = ".png") -> bytes:
+    import cv2
+
+    ok, encoded = cv2.imencode(suffix, image)
+    assert ok
+    return encoded.tobytes()
+
+
+def csv_row(label: int, image: np.ndarray, usage: str) -> str:
+    return f"{label},{' '.join(map(str, image.ravel().tolist()))},{usage}"
+
+
+def write_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def shaded_csv(tmp_path) -> Path:
+    """A CSV with 3 rows per class and usage, each image shaded by its class."""
+    rows = [csv_row(label, shaded_image(name), usage)
+            for usage in ("Training", "PublicTest", "PrivateTest")
+            for label, name in enumerate(CLASS_NAMES) for _ in range(3)]
+    return write_csv(tmp_path / "fer2013.csv", rows)
+
+
+def write_image_tree(root: Path, *, per_class: int = 3, splits=("train", "test")) -> Path:
+    """``root/<split>/<class>/<n>.png``, each image shaded by its class."""
+    for split in splits:
+        for name in CLASS_NAMES:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(per_class):
+                (folder / f"{n}.png").write_bytes(encode_image(shaded_image(name)))
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    return write_image_tree(tmp_path / "layout")
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                handle.write(path, path.relative_to(folder).as_posix())
+    return archive
+
+
+@pytest.fixture(scope="session")
+def fer_subset(tmp_path_factory) -> Path:
+    """A stratified subset of ../shared/data/fer2013.zip, as a zip in the same layout.
+
+    ``FER_TEST_TRAIN_PER_CLASS`` (default 60) and ``FER_TEST_TEST_PER_CLASS`` (default 20)
+    images per class; disgust is capped by what the archive has.
+    """
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"{SHARED_ARCHIVE} not present")
+    quota = {"train": int(os.environ.get("FER_TEST_TRAIN_PER_CLASS", 60)),
+             "test": int(os.environ.get("FER_TEST_TEST_PER_CLASS", 20))}
+    target = tmp_path_factory.mktemp("subset") / "fer2013-subset.zip"
+    taken: dict[tuple[str, str], int] = {}
+    with zipfile.ZipFile(SHARED_ARCHIVE) as source, zipfile.ZipFile(target, "w") as out:
+        for name in source.namelist():
+            parts = name.split("/")
+            if len(parts) != 3 or not parts[2]:
+                continue
+            key = (parts[0], parts[1])
+            if taken.get(key, 0) < quota[parts[0]]:
+                out.writestr(name, source.read(name))
+                taken[key] = taken.get(key, 0) + 1
+    return target
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """An empty FER_DATA_DIR for the test (the user's cache is never touched)."""
+    folder = tmp_path / "fer-data"
+    monkeypatch.setenv("FER_DATA_DIR", str(folder))
+    return folder
+

@@ -1,0 +1,125 @@
+"""The `fer` CLI as a user runs it: one-line errors, and the end-to-end train/evaluate/predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import encode_image, shaded_image, write_image_tree
+
+from fer.labels import CLASS_NAMES
+from fer.train import RUN_FILES
+
+FER = [str(Path(sys.executable).parent / "fer")]
+
+
+def run_fer(*args: str, env: dict | None = None, cwd: Path | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*FER, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout, check=False)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit code 1, a single 'error:' line on stderr matching pattern, no traceback."""
+    import re
+
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_csv_is_one_line_error(tmp_path, data_dir):
+    """`fer train --data bad.csv` names the file and line, exits 1, prints no traceback."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("emotion,pixels,Usage\n9," + " ".join(["1"] * 2304) + ",Training\n")
+    assert_one_line_error(run_fer("train", "--data", bad), r"bad\.csv, line 2: emotion '9'")
+
+
+def test_unknown_class_folder_is_one_line_error(tmp_path, data_dir):
+    root = write_image_tree(tmp_path / "layout", per_class=1)
+    (root / "train" / "bored").mkdir()
+    (root / "train" / "bored" / "x.png").write_bytes(encode_image(shaded_image("sad")))
+    assert_one_line_error(run_fer("train", "--data", root), r"unknown class folder 'bored'")
+
+
+def test_zip_slip_is_one_line_error(tmp_path, data_dir):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("../../evil.png", b"x")
+    assert_one_line_error(run_fer("fetch-data", "--source", archive), r"zip-slip")
+
+
+def test_unknown_model_is_one_line_error(tmp_path, data_dir):
+    root = write_image_tree(tmp_path / "layout", per_class=1)
+    assert_one_line_error(run_fer("train", "--data", root, "--model", "resnet"),
+                          r"unknown model 'resnet'")
+
+
+def test_usage_errors_are_reported_by_click(tmp_path):
+    """Out-of-range numbers and missing files are rejected before anything runs."""
+    result = run_fer("train", "--epochs", "0")
+    assert result.returncode == 2 and "Invalid value for '--epochs'" in result.stderr
+    result = run_fer("predict", tmp_path / "none.jpg", "--model", tmp_path / "none.keras")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.integration
+def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset):
+    """fetch-data, train 1 epoch, evaluate and predict on a real FER2013 subset."""
+    fetched = run_fer("fetch-data", "--source", fer_subset)
+    assert fetched.returncode == 0, fetched.stderr
+
+    trained = run_fer("train", "--epochs", "1", "--batch-size", "32", "--out", tmp_path / "runs")
+    assert trained.returncode == 0, trained.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+    assert "val_accuracy" in trained.stdout  # per-epoch progress with validation accuracy
+
+    with zipfile.ZipFile(fer_subset) as handle:
+        test_counts = {n: sum(1 for e in handle.namelist() if e.startswith(f"test/{n}/"))
+                       for n in CLASS_NAMES}
+    report = json.loads((run_dir / "classification_report.json").read_text())
+    assert {n: int(report[n]["support"]) for n in CLASS_NAMES} == test_counts
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["epochs"] == 1
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["parameters"]["batch_size"] == 32
+
+    evaluated = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
+                        "--out", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr
+    for name in ("classification_report.txt", "classification_report.json",
+                 "confusion_matrix.png", "metrics.json"):
+        assert (tmp_path / "eval" / name).exists()
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == \
+        metrics["accuracy"]
+
+    with zipfile.ZipFile(fer_subset) as handle:
+        face = handle.read(next(n for n in handle.namelist() if n.startswith("test/happy/")))
+    import cv2
+
+    gray = cv2.imdecode(np.frombuffer(face, np.uint8), cv2.IMREAD_GRAYSCALE)
+    big = cv2.copyMakeBorder(cv2.resize(gray, (192, 192)), 64, 64, 64, 64,
+                             cv2.BORDER_CONSTANT, value=128)
+    (tmp_path / "face.png").write_bytes(encode_image(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)))
+    (tmp_path / "small.jpg").write_bytes(face)
+    predicted = run_fer("predict", tmp_path / "face.png", tmp_path / "small.jpg",
+                        "--model", run_dir / "model.keras", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    records = json.loads(predicted.stdout)
+    assert [Path(r["file"]).name for r in records] == ["face.png", "small.jpg"]
+    assert all(r["emotion"] in CLASS_NAMES for r in records)
+
+    faces = run_fer("predict", tmp_path / "face.png", "--model", run_dir / "model.keras",
+                    "--faces", "--json")
+    assert faces.returncode == 0, faces.stderr
+    for record in json.loads(faces.stdout):
+        assert len(record["box"]) == 4 and record["emotion"] in CLASS_NAMES

@@ -1,0 +1,63 @@
+"""fer.fetch: local and http sources are copied, verified, unpacked safely and made current."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+
+import pytest
+from conftest import write_image_tree, zip_folder
+
+from fer.data import file_sha256
+from fer.errors import DataError, FerError
+from fer.fetch import current_source, fetch_data, resolve_data
+
+
+@pytest.fixture
+def layout_zip(tmp_path):
+    return zip_folder(write_image_tree(tmp_path / "layout"), tmp_path / "archive.zip")
+
+
+def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
+    """fetch-data unpacks an archive under the data folder and later runs reuse it."""
+    data_dir = tmp_path / "data"
+    fetched = fetch_data(str(layout_zip), data_dir=data_dir, sha256=file_sha256(layout_zip))
+    assert (fetched.path / "train" / "happy" / "0.png").exists()
+    assert data_dir in fetched.path.parents
+    assert current_source(data_dir) == fetched.path
+    assert resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x") == fetched.path
+    assert list((data_dir / "decoded").glob("*.npz"))
+
+
+def test_sha256_mismatch_is_refused(tmp_path, layout_zip):
+    with pytest.raises(DataError, match=r"archive\.zip: sha256 is [0-9a-f]{64}, expected 0{64}"):
+        fetch_data(str(layout_zip), data_dir=tmp_path / "d", sha256="0" * 64)
+
+
+def test_missing_local_source(tmp_path):
+    with pytest.raises(DataError, match=r"nothing\.zip: no such file or folder"):
+        fetch_data(str(tmp_path / "nothing.zip"), data_dir=tmp_path / "d")
+
+
+def test_http_download_with_progress(tmp_path, layout_zip):
+    """An http URL on loopback is downloaded with progress reports, then unpacked."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    seen = []
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/archive.zip?dl=1"
+        fetched = fetch_data(url, data_dir=tmp_path / "d", progress=lambda d, t: seen.append((d, t)))
+    finally:
+        server.shutdown()
+    assert (fetched.path / "test" / "sad").is_dir()
+    assert seen[-1] == (layout_zip.stat().st_size, layout_zip.stat().st_size)
+
+
+def test_unreachable_url_is_one_clear_error(tmp_path):
+    """A dead URL fails with the URL and a hint, and leaves no partial file behind."""
+    with pytest.raises(FerError, match=r"127\.0\.0\.1:9/fer2013\.csv: download failed"):
+        fetch_data("http://127.0.0.1:9/fer2013.csv", data_dir=tmp_path / "d")
+    assert not list((tmp_path / "d" / "downloads").glob("*"))

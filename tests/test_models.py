@@ -1,0 +1,58 @@
+"""fer.models: the registry, the faithful seed model, and self-describing saved models."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from fer.errors import FerError
+from fer.labels import CLASS_NAMES
+from fer.models import REGISTRY, class_names_of, get_spec, load_model
+
+
+def test_seed_model_is_the_original_layer_for_layer():
+    """The seed CNN has the original's 4,496,903 parameters and conv stack."""
+    model = get_spec("seed").build()
+    assert model.count_params() == 4_496_903
+    convs = [(l.filters, l.kernel_size) for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert convs == [(32, (3, 3)), (64, (3, 3)), (128, (5, 5)), (512, (3, 3)), (512, (3, 3))]
+    dense = [l.units for l in model.layers if isinstance(l, keras.layers.Dense)]
+    assert dense == [256, 512, 7]
+    assert get_spec("seed").learning_rate == 1e-4 and get_spec("seed").optimizer == "adam"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_models_take_raw_pixels_and_return_probabilities(name):
+    """Every model maps raw 0-255 48x48 pixels to 7 probabilities in the canonical order."""
+    model = get_spec(name).build()
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype("float32")
+    probabilities = np.asarray(model(pixels, training=False))
+    assert probabilities.shape == (4, 7)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert class_names_of(model) == list(CLASS_NAMES)
+
+
+def test_saved_model_carries_class_order_and_preprocessing(tmp_path):
+    """A saved model reloads with its class order and gives the same outputs on raw pixels."""
+    model = get_spec("default").build()
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    assert class_names_of(loaded) == list(CLASS_NAMES)
+    assert np.allclose(model(pixels, training=False), loaded(pixels, training=False), atol=1e-5)
+
+
+def test_unknown_model_name_lists_the_registry():
+    """A typo in --model names the valid choices."""
+    with pytest.raises(FerError, match=r"unknown model 'vgg' \(expected one of default, seed"):
+        get_spec("vgg")
+
+
+def test_load_model_errors_are_one_line(tmp_path):
+    """Missing and corrupt model files name the path."""
+    with pytest.raises(FerError, match=r"missing\.keras: model file not found"):
+        load_model(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(FerError, match=r"junk\.keras: not a loadable Keras model"):
+        load_model(tmp_path / "junk.keras")

@@ -1,0 +1,35 @@
+"""fer.precision: precision follows the hardware unless the user overrides it."""
+
+import pytest
+
+from fer.errors import FerError
+from fer.precision import choose_precision, cpu_flags
+
+
+@pytest.mark.parametrize(("flags", "gpu", "expected"), [
+    ({"avx2", "avx512f"}, False, "float32"),
+    ({"avx2", "avx512_bf16"}, False, "mixed_bfloat16"),
+    ({"amx_bf16"}, False, "mixed_bfloat16"),
+    ({"avx2"}, True, "mixed_float16"),
+])
+def test_auto_precision_follows_cpu_flags_and_gpu(flags, gpu, expected):
+    """bf16 only where the CPU has native bf16; float16 on GPUs; float32 otherwise."""
+    assert choose_precision("auto", flags=flags, gpu=gpu) == expected
+
+
+def test_explicit_precision_overrides_detection():
+    """--precision float32 wins even on a bf16 CPU."""
+    assert choose_precision("float32", flags={"avx512_bf16"}, gpu=False) == "float32"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(FerError, match=r"--precision half: expected one of auto, float32"):
+        choose_precision("half")
+
+
+def test_cpu_flags_reads_proc_cpuinfo_format(tmp_path):
+    """Flags come from the 'flags' line of /proc/cpuinfo; a missing file gives no flags."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "none") == set()

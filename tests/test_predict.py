@@ -1,0 +1,58 @@
+"""fer.predict: any image file becomes a 48x48 grayscale input; faces are found first on request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import encode_image
+
+from fer.errors import FerError
+from fer.labels import CLASS_NAMES
+from fer.models import get_spec
+from fer.predict import detect_faces, predict_files, read_grayscale, to_model_input
+
+
+@pytest.fixture(scope="module")
+def model():
+    return get_spec("default").build()
+
+
+def test_images_of_any_size_and_colour_are_classified(tmp_path, model):
+    """A colour PNG, a large JPEG and a 48x48 grey image each get one prediction."""
+    rng = np.random.default_rng(0)
+    files = {
+        "colour.png": encode_image(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8), ".png"),
+        "large.jpg": encode_image(rng.integers(0, 256, (400, 300), dtype=np.uint8), ".jpg"),
+        "small.png": encode_image(rng.integers(0, 256, (48, 48), dtype=np.uint8), ".png"),
+    }
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    predictions = predict_files(model, paths)
+    assert [p.file for p in predictions] == [str(p) for p in paths]
+    for p in predictions:
+        assert set(p.probabilities) == set(CLASS_NAMES) and p.box is None
+        assert p.emotion == max(p.probabilities, key=p.probabilities.get)
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
+    """Model input is always 48x48 uint8 grayscale."""
+    (tmp_path / "c.png").write_bytes(encode_image(np.full((30, 70, 3), 200, np.uint8), ".png"))
+    gray = read_grayscale(tmp_path / "c.png")
+    assert gray.shape == (30, 70)
+    assert to_model_input(gray).shape == (48, 48)
+
+
+def test_undecodable_file_is_named(tmp_path, model):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FerError, match=r"notes\.txt: not a decodable image"):
+        predict_files(model, [tmp_path / "notes.txt"])
+
+
+def test_no_faces_in_a_blank_image(tmp_path, model):
+    """--faces on an image without faces gives no predictions instead of guessing."""
+    (tmp_path / "blank.png").write_bytes(encode_image(np.full((200, 200), 128, np.uint8)))
+    assert detect_faces(np.full((200, 200), 128, np.uint8)) == []
+    assert predict_files(model, [tmp_path / "blank.png"], faces=True) == []

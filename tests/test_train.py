@@ -1,0 +1,78 @@
+"""fer.train: a run folder is complete, selects on validation, and records its provenance."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import CLASS_SHADE
+
+from fer.config import TrainConfig
+from fer.data import Dataset, Split
+from fer.errors import FerError
+from fer.labels import CLASS_NAMES
+from fer.models import load_model
+from fer.train import RUN_FILES, train
+
+
+def shaded_split(per_class: int, seed: int) -> Split:
+    """Noisy images whose brightness encodes the class: learnable in one epoch."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(7), per_class)
+    shades = np.array([CLASS_SHADE[n] for n in CLASS_NAMES])[labels]
+    noise = rng.integers(-10, 11, (len(labels), 48, 48))
+    return Split(images=np.clip(shades[:, None, None] + noise, 0, 255).astype(np.uint8),
+                 labels=labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset() -> Dataset:
+    return Dataset(source="generated", sha256="0" * 64, train=shaded_split(20, 1),
+                   validation=shaded_split(5, 2), test=shaded_split(5, 3))
+
+
+def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset):
+    """One epoch writes all run files; metrics and manifest carry the documented keys."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
+    result = train(tiny_dataset, config, verbose=0)
+    assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(RUN_FILES)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class_recall", "epochs", "wall_seconds",
+                "train_images_per_second"):
+        assert key in metrics
+    assert set(metrics["per_class_recall"]) == set(CLASS_NAMES)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["parameters"]["epochs"] == 2 and manifest["seed"] == 3
+    assert manifest["data"]["sha256"] == "0" * 64 and manifest["precision"] == "float32"
+    assert {"python", "keras", "numpy", "scikit-learn"} <= set(manifest["versions"])
+    assert "git_commit" in manifest
+    history = (result.run_dir / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and len(history) == 3
+
+
+def test_mixed_precision_run_saves_a_float32_model(tmp_path, tiny_dataset):
+    """bf16 training saves float32 weights, so inference is fast on CPUs without bf16."""
+    config = TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path, precision="mixed_bfloat16")
+    result = train(tiny_dataset, config, verbose=0)
+    model = load_model(result.run_dir / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert json.loads((result.run_dir / "manifest.json").read_text())["precision"] == "mixed_bfloat16"
+
+
+def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
+    """The saved weights are those of the epoch with the best validation accuracy."""
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    result = train(tiny_dataset, config, verbose=0)
+    history = np.genfromtxt(result.run_dir / "history.csv", delimiter=",", names=True)
+    assert result.metrics["best_epoch"] == int(np.argmax(history["val_accuracy"])) + 1
+    assert result.metrics["best_val_accuracy"] == pytest.approx(history["val_accuracy"].max(), abs=1e-4)
+
+
+def test_test_only_dataset_cannot_be_trained(tmp_path, tiny_dataset):
+    """Training needs train and validation splits; the error names the source."""
+    test_only = Dataset(source="t.zip", sha256="1" * 64, test=tiny_dataset.test)
+    with pytest.raises(FerError, match=r"t\.zip: has no train split"):
+        train(test_only, TrainConfig(epochs=1, out_dir=tmp_path), verbose=0)
+    keras.backend.clear_session()
