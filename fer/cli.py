@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,19 @@ from fer.errors import FerError
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-ExistingFile = Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True)]
+reports_app = typer.Typer(help="Runs published to object storage: list, show, get.",
+                          no_args_is_help=True)
+app.add_typer(reports_app, name="reports")
+
+StorageOption = Annotated[str | None, typer.Option(
+    "--storage", help="s3://bucket/prefix, file://path or a folder; default: $FER_STORAGE "
+                      "or ./artifacts")]
+EndpointOption = Annotated[str | None, typer.Option(
+    "--endpoint-url", help="S3 endpoint (MinIO etc.); default: $AWS_ENDPOINT_URL")]
+CreateBucketOption = Annotated[bool, typer.Option(
+    "--create-bucket", help="create the bucket if it does not exist")]
+ForceChampionOption = Annotated[bool, typer.Option(
+    "--force-champion", help="make this run the champion even if it scores lower")]
 
 
 def _load_tensorflow() -> None:
@@ -44,8 +57,28 @@ def _load_tensorflow() -> None:
         os.close(devnull)
 
 
-def _settings() -> Settings:
-    return Settings.from_env()
+def _settings(*, storage: str | None = None, endpoint_url: str | None = None) -> Settings:
+    """Environment first, then the command's own options on top."""
+    settings = Settings.from_env()
+    return replace(settings, storage=storage or settings.storage,
+                   endpoint_url=endpoint_url or settings.endpoint_url)
+
+
+def _store(settings: Settings, *, create_bucket: bool = False):
+    from fer.storage import open_store
+
+    return open_store(settings.storage, endpoint_url=settings.endpoint_url,
+                      create_bucket=create_bucket)
+
+
+def _publish(run_dir: Path, settings: Settings, *, create_bucket: bool,
+             force_champion: bool) -> None:
+    from fer.storage import publish_run
+
+    result = publish_run(run_dir, _store(settings, create_bucket=create_bucket),
+                         force_champion=force_champion)
+    typer.echo(f"published {result.run_id} to {result.location}"
+               + (" (new champion)" if result.became_champion else ""))
 
 
 @contextmanager
@@ -92,17 +125,28 @@ def train(
         help="peak learning rate; default: the model's own")] = None,
     precision: Annotated[str, typer.Option(
         help="auto | float32 | mixed_bfloat16 | mixed_float16")] = "auto",
+    publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
+    storage: StorageOption = None,
+    endpoint_url: EndpointOption = None,
+    create_bucket: CreateBucketOption = False,
+    force_champion: ForceChampionOption = False,
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
                          val_fraction=val_fraction, learning_rate=learning_rate,
                          precision=precision, out_dir=out)
-    result = _train_locally(config, data=data, settings=_settings())
+    settings = _settings(storage=storage, endpoint_url=endpoint_url)
+    if publish:
+        _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
+    result = _train_locally(config, data=data, settings=settings)
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "
                f"macro-F1 {metrics['macro_f1']:.4f}, "
                f"{metrics['train_images_per_second']:.0f} train images/s\n"
                f"files in {result.run_dir}")
+    if publish:
+        _publish(result.run_dir, settings, create_bucket=create_bucket,
+                 force_champion=force_champion)
 
 
 def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings):
@@ -170,6 +214,83 @@ def predict(
         ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
         typer.echo(f"{p.file}{where}: {p.emotion} ("
                    + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
+
+
+@app.command()
+def publish(
+    run_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                            help="a run folder made by `fer train`")],
+    storage: StorageOption = None,
+    endpoint_url: EndpointOption = None,
+    create_bucket: CreateBucketOption = False,
+    force_champion: ForceChampionOption = False,
+) -> None:
+    """Publish a run folder (made here or elsewhere) to object storage; safe to repeat."""
+    _publish(run_dir, _settings(storage=storage, endpoint_url=endpoint_url),
+             create_bucket=create_bucket, force_champion=force_champion)
+
+
+@reports_app.command("list")
+def reports_list(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON for machines")] = False,
+    storage: StorageOption = None,
+    endpoint_url: EndpointOption = None,
+) -> None:
+    """Published runs, newest first, with test accuracy and macro-F1."""
+    from fer.storage import list_runs
+
+    runs = list_runs(_store(_settings(storage=storage, endpoint_url=endpoint_url)))
+    if as_json:
+        typer.echo(json.dumps([vars(r) for r in runs], indent=2, default=str))
+        return
+    if not runs:
+        typer.echo("no published runs")
+        return
+    typer.echo(f"{'run id':36s} {'created':25s} {'model':14s} {'epochs':>6s} "
+               f"{'accuracy':>8s} {'macro-F1':>8s}  markers")
+    for r in runs:
+        markers = " ".join(m for m, on in (("champion", r.is_champion), ("latest", r.is_latest)) if on)
+        typer.echo(f"{r.run_id:36s} {str(r.created):25s} {str(r.model):14s} {str(r.epochs):>6s} "
+                   f"{_fmt(r.accuracy):>8s} {_fmt(r.macro_f1):>8s}  {markers}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+@reports_app.command("show")
+def reports_show(
+    ref: Annotated[str, typer.Argument(help="run id, 'latest' or 'champion'")] = "latest",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON for machines")] = False,
+    storage: StorageOption = None,
+    endpoint_url: EndpointOption = None,
+) -> None:
+    """Print a published run's classification report and metrics."""
+    from fer.storage import read_report
+
+    report = read_report(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref)
+    if as_json:
+        typer.echo(json.dumps({"run_id": report.run_id, "report": report.text,
+                               "metrics": report.metrics}, indent=2))
+        return
+    m = report.metrics
+    typer.echo(f"run {report.run_id}: test accuracy {_fmt(m.get('accuracy'))}, "
+               f"macro-F1 {_fmt(m.get('macro_f1'))}, epochs {m.get('epochs', '-')}\n")
+    typer.echo(report.text.rstrip())
+
+
+@reports_app.command("get")
+def reports_get(
+    ref: Annotated[str, typer.Argument(help="run id, 'latest' or 'champion'")],
+    dest: Annotated[Path, typer.Option(help="folder that receives <run-id>/")] = Path("."),
+    storage: StorageOption = None,
+    endpoint_url: EndpointOption = None,
+) -> None:
+    """Download every artifact of a published run, verifying each sha256."""
+    from fer.storage import download_run
+
+    folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref, dest)
+    typer.echo(f"downloaded to {folder} (sha256 verified)")
 
 
 @app.command("models")

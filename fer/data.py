@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import tarfile
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -313,8 +312,9 @@ def _parse_pixels(region: np.ndarray, *, rows: int) -> np.ndarray | None:
             cut += 1
         cuts.append(cut)
     cuts.append(len(region))
+    chunks = [region[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        parts = list(pool.map(_parse_pixel_chunk, [region[a:b] for a, b in zip(cuts, cuts[1:])]))
+        parts = list(pool.map(_parse_pixel_chunk, chunks))
     if any(p is None for p in parts):
         return None
     values = np.concatenate(parts)

@@ -34,6 +34,16 @@ def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.
     return canonical
 
 
+def evaluate_run(run_dir: Path, test: Split) -> dict:
+    """Score a run folder's model on the test split; merge into its training metrics."""
+    from fer.models import load_model
+
+    metrics_path = run_dir / "metrics.json"
+    training = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return evaluate_split(load_model(run_dir / "model.keras"), test, run_dir,
+                          extra_metrics=training)
+
+
 def evaluate_split(model, split: Split, out_dir: Path, *, batch_size: int = 256,
                    extra_metrics: dict | None = None) -> dict:
     """Write the classification report (txt/json), confusion matrix and metrics.json."""
@@ -42,9 +52,8 @@ def evaluate_split(model, split: Split, out_dir: Path, *, batch_size: int = 256,
     probabilities = predict_probabilities(model, split.images, batch_size=batch_size)
     seconds = time.perf_counter() - started
     predicted = to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
-    metrics = write_reports(split.labels, predicted, out_dir)
+    metrics = {**(extra_metrics or {}), **write_reports(split.labels, predicted, out_dir)}
     metrics["test_images_per_second"] = round(len(split) / seconds, 1)
-    metrics.update(extra_metrics or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -88,7 +88,7 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
         return _download_http(source, downloads / _download_name(source), progress=progress)
     if url.scheme == "s3":
         return _download_s3(url.netloc, url.path.lstrip("/"), downloads / _download_name(source),
-                            endpoint_url=endpoint_url, progress=progress)
+                            endpoint_url=endpoint_url)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{source}: no such file or folder (expected a path, an http(s) URL "
@@ -131,25 +131,14 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
     return target
 
 
-def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None,
-                 progress: Progress | None) -> Path:
-    from fer.storage import s3_client, translate_s3_errors
+def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None) -> Path:
+    """``s3://bucket/key`` through the same client settings as publishing (path-style, retries)."""
+    from fer.storage import S3Store
 
     if target.exists():
         return target
-    client = s3_client(endpoint_url=endpoint_url)
     partial = target.with_name(target.name + ".part")
-    with translate_s3_errors(f"s3://{bucket}/{key}"):
-        total = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-        done = 0
-
-        def callback(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress:
-                progress(done, total)
-
-        client.download_file(bucket, key, str(partial), Callback=callback)
+    S3Store(bucket, endpoint_url=endpoint_url).download(key, partial)
     os.replace(partial, target)
     return target
 

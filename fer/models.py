@@ -145,7 +145,8 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("default", build_default, learning_rate=2e-3, optimizer="adamw",
-                  label_smoothing=0.1, weight_decay=5e-4, description="fer's CPU-efficient CNN (the CLI default)"),
+                  label_smoothing=0.1, weight_decay=5e-4,
+                  description="fer's CPU-efficient CNN (the CLI default)"),
         ModelSpec("seed", build_seed, learning_rate=1e-4, optimizer="adam",
                   description="the original script's CNN, faithful (Adam 1e-4)"),
         ModelSpec("mini-xception", build_mini_xception, learning_rate=1e-3, optimizer="adam",

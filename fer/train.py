@@ -19,7 +19,7 @@ import numpy as np
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
-from fer.evaluate import evaluate_split
+from fer.evaluate import evaluate_run
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
 from fer.models import ModelSpec, get_spec
@@ -39,7 +39,17 @@ class RunResult:
 
 
 def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult:
-    """Fit ``config.model`` on ``dataset`` and write ``config.out_dir/<run-id>/``."""
+    """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder."""
+    run = fit(dataset, config, verbose=verbose)
+    metrics = evaluate_run(run.run_dir, dataset.test)
+    return RunResult(run_id=run.run_id, run_dir=run.run_dir, metrics=metrics)
+
+
+def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult:
+    """Train on train, select the epoch on validation; write model, history, curves, manifest.
+
+    The test split is not touched here; ``fer.evaluate.evaluate_run`` scores it afterwards.
+    """
     _check_config(config, dataset)
     spec = get_spec(config.model)
     precision = choose_precision(config.precision)
@@ -65,11 +75,10 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResu
     best.restore(model)
     wall_seconds = time.perf_counter() - started
 
-    final = _as_float32(model) if precision != "float32" else model
-    final.save(run_dir / "model.keras")
+    (_as_float32(model) if precision != "float32" else model).save(run_dir / "model.keras")
     _write_history(history, run_dir / "history.csv")
     plot_curves(history, run_dir / "curves.png")
-    metrics = evaluate_split(final, dataset.test, run_dir, extra_metrics={
+    training_metrics = {
         "epochs": config.epochs,
         "best_epoch": best.best_epoch,
         "best_val_accuracy": round(best.best_value, 4),
@@ -77,7 +86,8 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResu
         "train_seconds": round(timer.train_seconds, 1),
         "train_images_per_second": round(len(dataset.train) * config.epochs / timer.train_seconds, 1),
         "precision": precision,
-    })
+    }
+    write_json(run_dir / "metrics.json", training_metrics)
     write_json(run_dir / "manifest.json", {
         "run_id": run_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -91,7 +101,7 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResu
         "machine": machine(),
         "files": list(RUN_FILES),
     })
-    return RunResult(run_id=run_id, run_dir=run_dir, metrics=metrics)
+    return RunResult(run_id=run_id, run_dir=run_dir, metrics=training_metrics)
 
 
 def _check_config(config: TrainConfig, dataset: Dataset) -> None:

@@ -77,11 +77,16 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset):
     fetched = run_fer("fetch-data", "--source", fer_subset)
     assert fetched.returncode == 0, fetched.stderr
 
-    trained = run_fer("train", "--epochs", "1", "--batch-size", "32", "--out", tmp_path / "runs")
+    storage = {"FER_STORAGE": str(tmp_path / "artifacts")}
+    trained = run_fer("train", "--epochs", "1", "--batch-size", "32", "--out", tmp_path / "runs",
+                      "--publish", env=storage)
     assert trained.returncode == 0, trained.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
     assert "val_accuracy" in trained.stdout  # per-epoch progress with validation accuracy
+    shown = run_fer("reports", "show", "latest", env=storage)
+    assert shown.returncode == 0 and f"run {run_dir.name}" in shown.stdout
+    assert (run_dir / "classification_report.txt").read_text().strip() in shown.stdout
 
     with zipfile.ZipFile(fer_subset) as handle:
         test_counts = {n: sum(1 for e in handle.namelist() if e.startswith(f"test/{n}/"))

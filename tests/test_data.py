@@ -9,8 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import (CLASS_SHADE, csv_row, encode_image, shaded_image, write_csv,
-                      write_image_tree, zip_folder)
+from conftest import CLASS_SHADE, csv_row, encode_image, shaded_image, write_csv, write_image_tree, zip_folder
 
 from fer.data import Split, load_dataset, read_splits, safe_extract, split_validation
 from fer.errors import DataError

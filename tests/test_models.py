@@ -15,9 +15,9 @@ def test_seed_model_is_the_original_layer_for_layer():
     """The seed CNN has the original's 4,496,903 parameters and conv stack."""
     model = get_spec("seed").build()
     assert model.count_params() == 4_496_903
-    convs = [(l.filters, l.kernel_size) for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    convs = [(c.filters, c.kernel_size) for c in model.layers if isinstance(c, keras.layers.Conv2D)]
     assert convs == [(32, (3, 3)), (64, (3, 3)), (128, (5, 5)), (512, (3, 3)), (512, (3, 3))]
-    dense = [l.units for l in model.layers if isinstance(l, keras.layers.Dense)]
+    dense = [d.units for d in model.layers if isinstance(d, keras.layers.Dense)]
     assert dense == [256, 512, 7]
     assert get_spec("seed").learning_rate == 1e-4 and get_spec("seed").optimizer == "adam"
 

@@ -1,0 +1,97 @@
+"""`fer publish` and `fer reports` as a user runs them, on a local folder and on real S3."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import s3server
+from s3server import BUCKET, free_port
+from test_cli import assert_one_line_error, run_fer
+from test_storage import local_files, make_run
+
+s3_server = s3server.s3_server
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def storage_env(request, tmp_path) -> dict[str, str]:
+    """Environment for a `fer` subprocess: FER_STORAGE plus, for S3, endpoint and keys."""
+    if request.param == "local":
+        return {"FER_STORAGE": str(tmp_path / "artifacts")}
+    server = request.getfixturevalue("s3_server")
+    return server.env(storage=f"s3://{BUCKET}/{uuid.uuid4().hex}")
+
+
+def test_publish_list_show_get(tmp_path, storage_env):
+    """Two runs published; list marks champion/latest; show and get return the right run."""
+    good = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70, minute=0)
+    worse = make_run(tmp_path / "runs", "20250101-010000-default-bbbb", accuracy=0.60, minute=60)
+    for run in (good, worse):
+        published = run_fer("publish", run, env=storage_env)
+        assert published.returncode == 0, published.stderr
+        assert f"published {run.name}" in published.stdout
+
+    listing = run_fer("reports", "list", env=storage_env)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[1].startswith(worse.name) and lines[1].rstrip().endswith("latest")
+    assert lines[2].startswith(good.name) and "0.7000" in lines[2] and "champion" in lines[2]
+    records = json.loads(run_fer("reports", "list", "--json", env=storage_env).stdout)
+    assert [r["run_id"] for r in records] == [worse.name, good.name]
+
+    champion = run_fer("reports", "show", "champion", env=storage_env)
+    assert champion.returncode == 0 and f"report of {good.name}" in champion.stdout
+    latest = run_fer("reports", "show", "latest", env=storage_env)
+    assert f"report of {worse.name}" in latest.stdout and "test accuracy 0.6000" in latest.stdout
+
+    fetched = run_fer("reports", "get", good.name, "--dest", tmp_path / "down", env=storage_env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert local_files(tmp_path / "down" / good.name) == local_files(good)
+
+
+def test_missing_run_is_one_line_error(tmp_path, storage_env):
+    assert_one_line_error(run_fer("reports", "show", "no-such-run", env=storage_env),
+                          r"no-such-run")
+
+
+def test_empty_store_lists_nothing(storage_env):
+    listing = run_fer("reports", "list", env=storage_env)
+    assert listing.returncode == 0 and "no published runs" in listing.stdout
+
+
+@pytest.mark.integration
+def test_wrong_credentials_fail_fast_without_leaking_the_secret(tmp_path, s3_server):
+    """A wrong secret key: one line, exit 1, in bounded time, and the secret is never printed."""
+    env = s3_server.env(storage=f"s3://{BUCKET}/x")
+    env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret-Zq81"
+    run = make_run(tmp_path / "runs", "20250101-000000-default-cccc", accuracy=0.5)
+    started = time.monotonic()
+    result = run_fer("publish", run, env=env)
+    assert time.monotonic() - started < 60
+    assert_one_line_error(result, r"denied|credentials|signature")
+    assert "wrong-secret-Zq81" not in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_dead_endpoint_is_one_line_error(tmp_path, s3_server):
+    env = {**s3_server.env(storage=f"s3://{BUCKET}/x"),
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    started = time.monotonic()
+    result = run_fer("reports", "list", env=env)
+    assert time.monotonic() - started < 60
+    assert_one_line_error(result, r"cannot reach S3 endpoint")
+    assert s3_server.secret_key not in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_missing_bucket_needs_create_bucket(tmp_path, s3_server):
+    """A missing bucket is named with the fix; --create-bucket creates it and publishes."""
+    bucket = f"fer-new-{uuid.uuid4().hex[:8]}"
+    env = s3_server.env(storage=f"s3://{bucket}/team")
+    run = make_run(tmp_path / "runs", "20250101-000000-default-dddd", accuracy=0.5)
+    assert_one_line_error(run_fer("publish", run, env=env),
+                          rf"bucket '{bucket}' does not exist .*--create-bucket")
+    created = run_fer("publish", run, "--create-bucket", env=env)
+    assert created.returncode == 0, created.stderr
