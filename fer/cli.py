@@ -112,9 +112,14 @@ def fetch_data(
 
 @app.command()
 def train(
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1)] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 64,
-    model: Annotated[str, typer.Option(help="registry name (see `fer models`)")] = "default",
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", "-e", min=1, help="default: the profile's (20)")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", "-b", min=1, help="default: the profile's (64)")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="registry name (see `fer models`); default: the profile's (default)")] = None,
+    profile: Annotated[str, typer.Option(
+        help="preset: default | fast | best (see README); explicit options win")] = "default",
     data: Annotated[str | None, typer.Option(
         help="file, folder, archive or URL; default: the fetched dataset")] = None,
     out: Annotated[Path, typer.Option(help="folder that receives runs/<run-id>/")] = Path("runs"),
@@ -132,9 +137,13 @@ def train(
     force_champion: ForceChampionOption = False,
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
-                         val_fraction=val_fraction, learning_rate=learning_rate,
-                         precision=precision, out_dir=out)
+    from fer.profiles import get_profile
+
+    given = {"epochs": epochs, "batch_size": batch_size, "model": model}
+    options = {**get_profile(profile).train_options,
+               **{key: value for key, value in given.items() if value is not None}}
+    config = TrainConfig(**options, seed=seed, val_fraction=val_fraction,
+                         learning_rate=learning_rate, precision=precision, out_dir=out)
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after

@@ -35,6 +35,77 @@ class ClassNames(layers.Layer):
         return {**super().get_config(), "class_names": self.class_names}
 
 
+@keras.saving.register_keras_serializable(package="fer")
+class PixelUnshuffle(layers.Layer):
+    """Space-to-depth: (48, 48, c) -> (24, 24, 4c) without losing a pixel.
+
+    Convolutions then start at 24x24, a quarter of the full-resolution cost on a CPU.
+    """
+
+    def __init__(self, factor: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        f = self.factor
+        _, height, width, channels = inputs.shape
+        x = keras.ops.reshape(inputs, (-1, height // f, f, width // f, f, channels))
+        x = keras.ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        return keras.ops.reshape(x, (-1, height // f, width // f, f * f * channels))
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        f = self.factor
+        return (batch, height // f, width // f, f * f * channels)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="fer")
+class RandomAffine(layers.Layer):
+    """Random flip, rotation, zoom and shift as one resampling op, in training only.
+
+    Keras' RandomFlip/RandomRotation/RandomZoom/RandomTranslation each resample the batch;
+    on a 2-core CPU those passes cost a fifth of a small model's training step.
+    ``rotation`` is in radians, ``zoom`` and ``shift`` are fractions of the image size.
+    """
+
+    def __init__(self, *, rotation: float = 0.0, zoom: float = 0.0, shift: float = 0.0,
+                 flip: bool = True, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rotation, self.zoom, self.shift, self.flip, self.seed = rotation, zoom, shift, flip, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        ops = keras.ops
+        batch = ops.shape(images)[0]
+        height, width = images.shape[1], images.shape[2]
+
+        def uniform(low, high):
+            return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
+
+        angle = uniform(-self.rotation, self.rotation)
+        scale = uniform(1.0 - self.zoom, 1.0 + self.zoom)
+        mirror = ops.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0) if self.flip else ops.ones((batch,))
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        # Output pixel (x, y) samples input point A (x - cx, y - cy) + centre + shift.
+        a0, a1 = ops.cos(angle) * mirror / scale, -ops.sin(angle) / scale
+        b0, b1 = ops.sin(angle) * mirror / scale, ops.cos(angle) / scale
+        a2 = cx - a0 * cx - a1 * cy + uniform(-self.shift, self.shift) * width
+        b2 = cy - b0 * cx - b1 * cy + uniform(-self.shift, self.shift) * height
+        zeros = ops.zeros((batch,))
+        transform = ops.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+        return ops.image.affine_transform(images, transform, interpolation="bilinear",
+                                          fill_mode="nearest")
+
+    def get_config(self):
+        return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
+                "shift": self.shift, "flip": self.flip, "seed": self.seed}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: the builder and the optimiser settings it was tuned with."""
@@ -119,19 +190,21 @@ def _conv_bn_relu(x, filters: int):
     return layers.Activation("relu")(x)
 
 
-def build_default(widths: Sequence[int] = (32, 64, 128, 256)) -> keras.Model:
-    """fer's default: a VGG-style CNN that downsamples early, so most work is at 24x24 and below.
+def build_default(widths: Sequence[int] = (64, 128, 256)) -> keras.Model:
+    """fer's default: a VGG-style CNN on a space-to-depth stem.
 
-    Two 3x3 conv-BN-ReLU blocks per stage; the 48x48 stage has a single thin conv because
-    full-resolution convolutions dominate CPU time while adding little accuracy.
+    The 48x48 input is folded into 24x24x4 (no pixel lost), so no convolution runs at full
+    resolution, where a CPU spends most of its time for little accuracy. Two 3x3
+    conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels; global average pooling; a small
+    dense head.
     """
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = layers.Rescaling(1 / 255.0)(inputs)
-    for layer in _augmentation(rotation=0.04, shift=0.1, zoom=0.1):
-        x = layer(x)
-    x = _conv_bn_relu(x, widths[0])
-    for filters in widths[1:]:
-        x = layers.MaxPooling2D(2)(x)
+    x = RandomAffine(rotation=0.25, zoom=0.1, shift=0.1, dtype="float32")(x)
+    x = PixelUnshuffle(2)(x)
+    for stage, filters in enumerate(widths):
+        if stage:
+            x = layers.MaxPooling2D(2)(x)
         x = _conv_bn_relu(x, filters)
         x = _conv_bn_relu(x, filters)
     x = layers.GlobalAveragePooling2D()(x)
@@ -145,7 +218,7 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("default", build_default, learning_rate=2e-3, optimizer="adamw",
-                  label_smoothing=0.1, weight_decay=5e-4,
+                  label_smoothing=0.1, weight_decay=0.05,
                   description="fer's CPU-efficient CNN (the CLI default)"),
         ModelSpec("seed", build_seed, learning_rate=1e-4, optimizer="adam",
                   description="the original script's CNN, faithful (Adam 1e-4)"),

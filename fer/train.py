@@ -76,7 +76,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     wall_seconds = time.perf_counter() - started
 
     (_as_float32(model) if precision != "float32" else model).save(run_dir / "model.keras")
-    _write_history(history, run_dir / "history.csv")
+    _write_history({**history, "elapsed_seconds": timer.elapsed}, run_dir / "history.csv")
     plot_curves(history, run_dir / "curves.png")
     training_metrics = {
         "epochs": config.epochs,
@@ -168,18 +168,26 @@ def _data_record(dataset: Dataset) -> dict:
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Time spent in training steps only (validation excluded), for images/s."""
+    """Time in training steps only (validation excluded) for images/s, and the wall clock
+    at each epoch's end (``elapsed_seconds`` in history.csv, for time-to-accuracy)."""
 
     def __init__(self):
         super().__init__()
         self.train_seconds = 0.0
-        self._epoch_start = 0.0
+        self.elapsed: list[float] = []
+        self._epoch_start = self._train_start = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._train_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
 
     def on_test_begin(self, logs=None):
         self.train_seconds += time.perf_counter() - self._epoch_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.elapsed.append(round(time.perf_counter() - self._train_start, 2))
 
 
 class KeepBestWeights(keras.callbacks.Callback):

@@ -56,3 +56,38 @@ def test_load_model_errors_are_one_line(tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     with pytest.raises(FerError, match=r"junk\.keras: not a loadable Keras model"):
         load_model(tmp_path / "junk.keras")
+
+
+def test_random_affine_is_identity_at_inference_and_varies_in_training():
+    """Augmentation never touches inference inputs; in training it moves pixels."""
+    from fer.models import RandomAffine
+
+    images = np.zeros((4, 48, 48, 1), "float32")
+    images[:, 10:20, 5:15] = 1.0
+    layer = RandomAffine(rotation=0.25, zoom=0.1, shift=0.1, seed=1)
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+    augmented = np.asarray(layer(images, training=True))
+    assert all(not np.allclose(augmented[i], images[i]) for i in range(4))
+
+
+def test_flip_only_affine_mirrors_or_keeps_each_image():
+    """With no rotation/zoom/shift, each image is either itself or its mirror, exactly."""
+    from fer.models import RandomAffine
+
+    images = np.random.default_rng(0).random((16, 48, 48, 1)).astype("float32")
+    out = np.asarray(RandomAffine(flip=True, seed=3)(images, training=True))
+    mirrored = [np.allclose(out[i], images[i, :, ::-1], atol=1e-5) for i in range(16)]
+    kept = [np.allclose(out[i], images[i], atol=1e-5) for i in range(16)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert any(mirrored) and any(kept)
+
+
+def test_pixel_unshuffle_keeps_every_pixel():
+    """Space-to-depth is a permutation: the same values, a quarter of the positions."""
+    from fer.models import PixelUnshuffle
+
+    images = np.arange(2 * 48 * 48, dtype="float32").reshape(2, 48, 48, 1)
+    folded = np.asarray(PixelUnshuffle(2)(images))
+    assert folded.shape == (2, 24, 24, 4)
+    assert np.array_equal(np.sort(folded.ravel()), np.sort(images.ravel()))
+    assert folded[0, 0, 0].tolist() == [0.0, 1.0, 48.0, 49.0]

@@ -1,0 +1,52 @@
+"""Shared pieces of the benchmark scripts: the machine record and the seed reference."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import time
+
+import numpy as np
+
+from fer.data import Split
+from fer.manifest import machine
+
+
+def machine_line() -> str:
+    info = machine()
+    flags = ",".join(info["bf16_flags"]) or "no bf16 flags"
+    return (f"machine: {info['cpu']} | {info['cores']} cores | {flags} | "
+            f"{dt.date.today().isoformat()} | TF_NUM_INTRAOP_THREADS="
+            f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")
+
+
+def measure_training_throughput(model_name: str, train: Split, *, batch_size: int, steps: int,
+                                precision: str) -> float:
+    """Images/s of ``steps`` training steps (after 3 warm-up steps) on real training images."""
+    import keras
+
+    from fer.models import get_spec
+    from fer.precision import dtype_policy
+    from fer.train import _batches
+
+    spec = get_spec(model_name)
+    with dtype_policy(precision):
+        model = spec.build()
+    model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate),
+                  loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
+    batches = _batches(train, batch_size=batch_size, shuffle_seed=0).repeat()
+    model.fit(batches, steps_per_epoch=3, epochs=1, verbose=0)
+    started = time.perf_counter()
+    model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def one_epoch_of_steps(train: Split, batch_size: int) -> int:
+    return math.ceil(len(train) / batch_size)
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None or not np.isfinite(seconds):
+        return "never"
+    return f"{seconds:.0f} s ({seconds / 60:.1f} min)"

@@ -1,0 +1,78 @@
+"""Inference throughput (batch) and single-image latency: fer's model vs the mini-Xception peer.
+
+Both are measured in the same run on the same test images; fer's figures are printed as
+ratios to the peer's. Usage:
+
+    python benchmarks/inference_benchmark.py --data ../shared/data/fer2013.zip [--model runs/<id>/model.keras]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import machine_line
+
+from fer.data import load_dataset
+
+
+def batch_throughput(model, images: np.ndarray, *, batch_size: int, repeats: int = 3) -> float:
+    """Images/s of ``model.predict`` over the whole array (best of ``repeats``, after warm-up)."""
+    pixels = images[..., None].astype("float32")
+    model.predict(pixels[:batch_size], batch_size=batch_size, verbose=0)
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict(pixels, batch_size=batch_size, verbose=0)
+        best = max(best, len(pixels) / (time.perf_counter() - started))
+    return best
+
+
+def single_image_latency_ms(model, image: np.ndarray, *, calls: int = 200) -> float:
+    """Median model time for one image through a compiled forward pass."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False))
+    pixels = tf.constant(image[None, ..., None].astype("float32"))
+    for _ in range(10):
+        forward(pixels)
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        forward(pixels).numpy()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="a trained fer model; default: an untrained "
+                                                   "default model (same compute)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+
+    from fer.models import get_spec, load_model
+
+    print(machine_line(), flush=True)
+    test = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache",
+                        require_train=False).test
+    ours = load_model(args.model) if args.model else get_spec("default").build()
+    models = {"mini-xception": get_spec("mini-xception").build(), "fer default": ours}
+    results = {}
+    for name, model in models.items():
+        throughput = batch_throughput(model, test.images, batch_size=args.batch_size)
+        latency = single_image_latency_ms(model, test.images[0])
+        results[name] = (throughput, latency)
+        print(f"{name:14s} {throughput:8.0f} images/s (batch {args.batch_size}, "
+              f"{len(test)} images)   one image: {latency:.2f} ms", flush=True)
+    peer, mine = results["mini-xception"], results["fer default"]
+    print(f"ratios: throughput {mine[0] / peer[0]:.2f}x the peer's; latency {mine[1] / peer[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

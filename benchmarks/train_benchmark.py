@@ -1,0 +1,81 @@
+"""Train a profile on the real data and compare its speed with the seed model's, same run.
+
+Prints test accuracy, macro-F1, wall time, training images/s, the time at which validation
+accuracy first crossed 63%, and the seed model's training images/s measured here over one
+epoch's worth of steps, with the ratios. Usage:
+
+    python benchmarks/train_benchmark.py --data ../shared/data/fer2013.zip --profile default
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+from common import fmt_seconds, machine_line, measure_training_throughput, one_epoch_of_steps
+
+from fer.config import TrainConfig
+from fer.data import load_dataset
+from fer.precision import choose_precision
+from fer.profiles import PROFILES
+from fer.train import train
+
+SEED_EPOCHS = 20
+HEADLINE = 0.63
+
+
+def first_crossing(history_csv: Path, threshold: float) -> float | None:
+    with open(history_csv) as handle:
+        for row in csv.DictReader(handle):
+            if float(row["val_accuracy"]) >= threshold:
+                return float(row["elapsed_seconds"])
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    parser.add_argument("--seed-steps", type=int, help="default: one epoch's worth (batch 64)")
+    parser.add_argument("--skip-seed", action="store_true", help="no seed reference (no ratios)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench")
+    args = parser.parse_args()
+
+    print(machine_line(), flush=True)
+    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    precision = choose_precision("auto")
+    seed_ips = None
+    if not args.skip_seed:
+        steps = args.seed_steps or one_epoch_of_steps(dataset.train, 64)
+        seed_ips = measure_training_throughput("seed", dataset.train, batch_size=64, steps=steps,
+                                               precision=precision)
+        print(f"seed: {seed_ips:.1f} train images/s over {steps} steps of 64 ({precision})",
+              flush=True)
+
+    profile = PROFILES[args.profile]
+    config = TrainConfig(**{**profile.train_options, "out_dir": args.out,
+                            **({"epochs": args.epochs} if args.epochs else {})})
+    result = train(dataset, config, verbose=2)
+    m = result.metrics
+    crossing = first_crossing(result.run_dir / "history.csv", HEADLINE)
+    print(f"profile {args.profile}: model {config.model}, {config.epochs} epochs, "
+          f"batch {config.batch_size}, {m['precision']}")
+    print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+    print("per-class recall " + json.dumps(m["per_class_recall"]))
+    print(f"wall {fmt_seconds(m['wall_seconds'])}, training {m['train_images_per_second']:.1f} "
+          f"images/s, validation first >= {HEADLINE:.0%} at {fmt_seconds(crossing)}")
+    if seed_ips:
+        seed_20 = SEED_EPOCHS * len(dataset.train) / seed_ips
+        print(f"ratios: training images/s {m['train_images_per_second'] / seed_ips:.2f}x the seed's; "
+              f"wall time {m['wall_seconds'] / seed_20:.3f} of the seed's {SEED_EPOCHS} epochs "
+              f"(projected {fmt_seconds(seed_20)})"
+              + (f"; time to {HEADLINE:.0%} = {crossing / seed_20:.3f} of it" if crossing else ""))
+    print(f"run folder: {result.run_dir}")
+
+
+if __name__ == "__main__":
+    main()

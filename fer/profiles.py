@@ -1,0 +1,37 @@
+"""Named training presets: ``fer train --profile fast|default|best``.
+
+A profile only fills in options the user did not give; explicit flags always win.
+The numbers each profile reaches are measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fer.errors import FerError
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    train_options: dict
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("default", "the headline run: 20 epochs, batch 64, the default model",
+                {"epochs": 20, "batch_size": 64, "model": "default"}),
+        Profile("fast", "a short schedule for the 63% headline in minutes",
+                {"epochs": 6, "batch_size": 128, "model": "default"}),
+        Profile("best", "a longer schedule for the best single-model accuracy",
+                {"epochs": 50, "batch_size": 64, "model": "default"}),
+    )
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise FerError(f"unknown profile '{name}' (expected one of {', '.join(PROFILES)})")
+    return PROFILES[name]
