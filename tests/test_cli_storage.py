@@ -95,3 +95,17 @@ def test_missing_bucket_needs_create_bucket(tmp_path, s3_server):
                           rf"bucket '{bucket}' does not exist .*--create-bucket")
     created = run_fer("publish", run, "--create-bucket", env=env)
     assert created.returncode == 0, created.stderr
+
+
+@pytest.mark.integration
+def test_fetch_data_from_s3(tmp_path, s3_server, fer_subset):
+    """`fer fetch-data --source s3://bucket/key` downloads through the S3 endpoint and unpacks."""
+    key = f"datasets/{uuid.uuid4().hex}/fer2013-subset.zip"
+    s3_server.client().upload_file(str(fer_subset), BUCKET, key)
+    env = {**s3_server.env(), "FER_DATA_DIR": str(tmp_path / "data")}
+    fetched = run_fer("fetch-data", "--source", f"s3://{BUCKET}/{key}", env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert "dataset ready" in fetched.stdout
+    assert list((tmp_path / "data" / "sources").glob("*/test/happy/*.jpg"))
+    missing = run_fer("fetch-data", "--source", f"s3://{BUCKET}/nope.zip", env=env)
+    assert_one_line_error(missing, r"nope\.zip")
