@@ -76,3 +76,15 @@ def test_test_only_dataset_cannot_be_trained(tmp_path, tiny_dataset):
     with pytest.raises(FerError, match=r"t\.zip: has no train split"):
         train(test_only, TrainConfig(epochs=1, out_dir=tmp_path), verbose=0)
     keras.backend.clear_session()
+
+
+def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
+    """Rare classes weigh more, frequent ones less; the average weight per sample stays 1."""
+    from fer.train import class_weights
+
+    labels = np.repeat(np.arange(7), [400, 40, 400, 800, 400, 300, 500])
+    split = Split(images=np.zeros((len(labels), 2, 2), np.uint8), labels=labels)
+    weights = class_weights(split, "sqrt")
+    assert weights[1] == weights.max() and weights[3] == weights.min()
+    assert np.average(weights[labels]) == pytest.approx(1.0, abs=1e-5)
+    assert class_weights(split, "none") is None
