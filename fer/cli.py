@@ -110,41 +110,68 @@ def fetch_data(
                f"cached under {settings.data_dir}")
 
 
+EpochsOption = Annotated[int | None, typer.Option(
+    "--epochs", "-e", min=1, help="default: the profile's (20)")]
+BatchSizeOption = Annotated[int | None, typer.Option(
+    "--batch-size", "-b", min=1, help="default: the profile's (64)")]
+ModelOption = Annotated[str | None, typer.Option(
+    help="registry name (see `fer models`); default: the profile's (default)")]
+ProfileOption = Annotated[str, typer.Option(
+    help="preset: default | fast | best (see README); explicit options win")]
+DataOption = Annotated[str | None, typer.Option(
+    help="file, folder, archive, URL or s3://; default: the fetched dataset")]
+OutOption = Annotated[Path, typer.Option(help="folder that receives runs/<run-id>/")]
+SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuffling")]
+ValFractionOption = Annotated[float, typer.Option(
+    min=0.01, max=0.9, help="fraction of train carved out for validation")]
+LearningRateOption = Annotated[float | None, typer.Option(
+    min=0.0, help="peak learning rate; default: the model's own")]
+PrecisionOption = Annotated[str, typer.Option(
+    help="auto | float32 | mixed_bfloat16 | mixed_float16")]
+
+
+def _profile_options(profile: str, **given) -> dict:
+    """The profile's epochs/batch size/model, overridden by whatever the user gave."""
+    from fer.profiles import get_profile
+
+    return {**get_profile(profile).train_options,
+            **{key: value for key, value in given.items() if value is not None}}
+
+
 @app.command()
 def train(
-    epochs: Annotated[int | None, typer.Option(
-        "--epochs", "-e", min=1, help="default: the profile's (20)")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", "-b", min=1, help="default: the profile's (64)")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="registry name (see `fer models`); default: the profile's (default)")] = None,
-    profile: Annotated[str, typer.Option(
-        help="preset: default | fast | best (see README); explicit options win")] = "default",
-    data: Annotated[str | None, typer.Option(
-        help="file, folder, archive or URL; default: the fetched dataset")] = None,
-    out: Annotated[Path, typer.Option(help="folder that receives runs/<run-id>/")] = Path("runs"),
-    seed: Annotated[int, typer.Option(help="seeds the split, weights and shuffling")] = 1337,
-    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.9,
-        help="fraction of train carved out for validation")] = 0.1,
-    learning_rate: Annotated[float | None, typer.Option(min=0.0,
-        help="peak learning rate; default: the model's own")] = None,
-    precision: Annotated[str, typer.Option(
-        help="auto | float32 | mixed_bfloat16 | mixed_float16")] = "auto",
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    model: ModelOption = None,
+    profile: ProfileOption = "default",
+    data: DataOption = None,
+    out: OutOption = Path("runs"),
+    seed: SeedOption = 1337,
+    val_fraction: ValFractionOption = 0.1,
+    learning_rate: LearningRateOption = None,
+    precision: PrecisionOption = "auto",
     publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
     storage: StorageOption = None,
     endpoint_url: EndpointOption = None,
     create_bucket: CreateBucketOption = False,
     force_champion: ForceChampionOption = False,
+    remote: Annotated[bool, typer.Option(
+        help="run on a Prefect worker: trigger the 'retrain' deployment instead")] = False,
+    wait: Annotated[bool, typer.Option(
+        help="with --remote: follow the run to the end and print its report")] = False,
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
-    from fer.profiles import get_profile
-
-    given = {"epochs": epochs, "batch_size": batch_size, "model": model}
-    options = {**get_profile(profile).train_options,
-               **{key: value for key, value in given.items() if value is not None}}
+    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model)
+    settings = _settings(storage=storage, endpoint_url=endpoint_url)
+    if remote:
+        parameters = {**options, "seed": seed, "val_fraction": val_fraction,
+                      "precision": precision, "data": data, "storage": storage,
+                      "learning_rate": learning_rate, "create_bucket": create_bucket or None}
+        _train_remotely({k: v for k, v in parameters.items() if v is not None}, wait=wait,
+                        settings=settings)
+        return
     config = TrainConfig(**options, seed=seed, val_fraction=val_fraction,
                          learning_rate=learning_rate, precision=precision, out_dir=out)
-    settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
     result = _train_locally(config, data=data, settings=settings)
@@ -156,6 +183,73 @@ def train(
     if publish:
         _publish(result.run_dir, settings, create_bucket=create_bucket,
                  force_champion=force_champion)
+
+
+def _import_flows(module: str):
+    """flows/ needs Prefect, which only the orchestration extra installs."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise FerError(f"{module} needs Prefect ({exc}); install it with "
+                       "`pip install 'fer[orchestration]'`") from None
+
+
+def _train_remotely(parameters: dict, *, wait: bool, settings: Settings) -> None:
+    remote = _import_flows("flows.remote")
+    run = remote.trigger_retrain(parameters, wait=wait,
+                                 on_state=lambda state: typer.echo(f"state: {state}"))
+    typer.echo(f"flow run {run.flow_run_id} ({run.name}): {run.state}\n{run.url}")
+    if not wait:
+        return
+    from fer.storage import read_report
+
+    run_id = (run.result or {}).get("run_id", "latest")
+    report = read_report(_store(settings), run_id)
+    typer.echo(f"\npublished run {report.run_id}: test accuracy "
+               f"{_fmt(report.metrics.get('accuracy'))}, macro-F1 "
+               f"{_fmt(report.metrics.get('macro_f1'))}\n\n{report.text.rstrip()}")
+
+
+@app.command()
+def retrain(
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    model: ModelOption = None,
+    profile: ProfileOption = "default",
+    data: DataOption = None,
+    out: OutOption = Path("runs"),
+    seed: SeedOption = 1337,
+    val_fraction: ValFractionOption = 0.1,
+    learning_rate: LearningRateOption = None,
+    precision: PrecisionOption = "auto",
+    storage: StorageOption = None,
+    create_bucket: CreateBucketOption = False,
+) -> None:
+    """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
+    flows_retrain = _import_flows("flows.retrain")
+    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model)
+    result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
+                                   val_fraction=val_fraction, learning_rate=learning_rate,
+                                   out_dir=str(out), precision=precision,
+                                   create_bucket=create_bucket)
+    typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
+               f"{result['macro_f1']:.4f}; published to {result['location']}"
+               + (" (new champion)" if result["became_champion"] else ""))
+
+
+@app.command()
+def deploy(
+    project_dir: Annotated[Path, typer.Option(
+        exists=True, file_okay=False, help="checkout holding deploy/prefect.yaml")] = Path("."),
+    name: Annotated[list[str] | None, typer.Option(
+        "--name", help="only these deployments (repeatable); default: all")] = None,
+) -> None:
+    """Register the Prefect deployments in deploy/prefect.yaml (work pool `fer`)."""
+    flows_deploy = _import_flows("flows.deploy")
+    for registered in flows_deploy.deploy_all(project_dir.resolve(), names=name or None):
+        typer.echo(f"deployed {registered}")
 
 
 def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings):

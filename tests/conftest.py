@@ -72,18 +72,14 @@ def zip_folder(folder: Path, archive: Path) -> Path:
     return archive
 
 
-@pytest.fixture(scope="session")
-def fer_subset(tmp_path_factory) -> Path:
-    """A stratified subset of ../shared/data/fer2013.zip, as a zip in the same layout.
+def subset_of_shared_archive(target: Path, *, train_per_class: int, test_per_class: int) -> Path:
+    """The first N images per class and split of ../shared/data/fer2013.zip, same layout.
 
-    ``FER_TEST_TRAIN_PER_CLASS`` (default 60) and ``FER_TEST_TEST_PER_CLASS`` (default 20)
-    images per class; disgust is capped by what the archive has.
+    Skips the test where the archive is absent; disgust is capped by what it has.
     """
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"{SHARED_ARCHIVE} not present")
-    quota = {"train": int(os.environ.get("FER_TEST_TRAIN_PER_CLASS", 60)),
-             "test": int(os.environ.get("FER_TEST_TEST_PER_CLASS", 20))}
-    target = tmp_path_factory.mktemp("subset") / "fer2013-subset.zip"
+    quota = {"train": train_per_class, "test": test_per_class}
     taken: dict[tuple[str, str], int] = {}
     with zipfile.ZipFile(SHARED_ARCHIVE) as source, zipfile.ZipFile(target, "w") as out:
         for name in source.namelist():
@@ -95,6 +91,18 @@ def fer_subset(tmp_path_factory) -> Path:
                 out.writestr(name, source.read(name))
                 taken[key] = taken.get(key, 0) + 1
     return target
+
+
+@pytest.fixture(scope="session")
+def fer_subset(tmp_path_factory) -> Path:
+    """A stratified subset of the real archive for end-to-end tests.
+
+    ``FER_TEST_TRAIN_PER_CLASS`` (default 60) and ``FER_TEST_TEST_PER_CLASS`` (default 20).
+    """
+    return subset_of_shared_archive(
+        tmp_path_factory.mktemp("subset") / "fer2013-subset.zip",
+        train_per_class=int(os.environ.get("FER_TEST_TRAIN_PER_CLASS", 60)),
+        test_per_class=int(os.environ.get("FER_TEST_TEST_PER_CLASS", 20)))
 
 
 @pytest.fixture

@@ -1,0 +1,188 @@
+"""Start a run of the ``retrain`` deployment on a Prefect server and follow it to the end.
+
+The server is the one ``PREFECT_API_URL`` names; a worker polling work pool ``fer`` runs the
+flow. Problems a user can fix (no server, no deployment, no worker, a failed run) raise
+``FerError`` with the one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, StateType, WorkPoolStatus
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import PREFECT_API_URL
+from prefect.utilities.urls import url_for
+
+from fer.errors import FerError
+
+DEPLOYMENT = "retrain/retrain"
+POLL_SECONDS = 5.0
+PICKUP_TIMEOUT_S = 120.0
+_WAITING_FOR_WORKER = {"Scheduled", "Late"}  # SCHEDULED states no worker has touched yet
+
+StateCallback = Callable[[str], None]
+"""Called with the state name each time a followed run changes state."""
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """A flow run on the server: where to see it, its state, and its result once complete."""
+
+    flow_run_id: str
+    name: str
+    url: str
+    state: str
+    result: dict | None = None
+
+
+def require_api() -> str:
+    """The Prefect API URL, checked to answer; a FerError naming the URL when it does not."""
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise FerError(
+            "PREFECT_API_URL is not set, so there is no Prefect server to send runs to; start "
+            "one with `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+            ", or train in-process with `fer retrain`"
+        )
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise FerError(f"cannot reach the Prefect API at {url} ({problem}); check that the "
+                       "server is running and PREFECT_API_URL is right")
+    return url
+
+
+def trigger_retrain(
+    parameters: Mapping[str, Any],
+    *,
+    wait: bool = False,
+    deployment: str = DEPLOYMENT,
+    poll_seconds: float = POLL_SECONDS,
+    pickup_timeout_s: float = PICKUP_TIMEOUT_S,
+    on_state: StateCallback | None = None,
+) -> RemoteRun:
+    """Start a run of ``deployment`` with ``parameters``; with ``wait``, follow it to the end.
+
+    Never blocks on the server: the run is created and this returns at once unless ``wait``.
+    """
+    api_url = require_api()
+    try:
+        flow_run = run_deployment(deployment, parameters=dict(parameters), timeout=0,
+                                  as_subflow=False)
+    except ObjectNotFound:
+        raise FerError(f"deployment {deployment!r} not found at {api_url}; register it with "
+                       "`fer deploy`") from None
+    except PrefectHTTPStatusError as exc:
+        raise FerError(f"deployment {deployment!r} refused parameters {dict(parameters)}: "
+                       f"{_detail(exc)}") from None
+    if not wait:
+        return _describe(flow_run)
+    return follow_run(flow_run.id, poll_seconds=poll_seconds, pickup_timeout_s=pickup_timeout_s,
+                      on_state=on_state)
+
+
+def follow_run(
+    flow_run_id: UUID | str,
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    pickup_timeout_s: float = PICKUP_TIMEOUT_S,
+    on_state: StateCallback | None = None,
+) -> RemoteRun:
+    """Poll a flow run until it is final; its result when it completed.
+
+    Raises FerError when the run is still unclaimed after ``pickup_timeout_s`` and no worker
+    polls its pool (a run queued behind another training, with a worker online, is waited
+    for), or when the run ends failed, crashed or cancelled.
+    """
+    started, seen, picked_up = time.monotonic(), None, False
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                flow_run = client.read_flow_run(UUID(str(flow_run_id)))
+            except httpx.TransportError as exc:
+                raise FerError(f"lost the Prefect API at {PREFECT_API_URL.value()} ({exc}) while "
+                               f"following flow run {flow_run_id}; the run goes on without "
+                               "us: see it in the Prefect UI") from None
+            state = flow_run.state
+            if state is not None and state.name != seen:
+                seen = state.name
+                if on_state:
+                    on_state(state.name)
+            picked_up = picked_up or not _waiting_for_worker(flow_run)
+            if state is not None and state.is_final():
+                return _finish(flow_run)
+            if (not picked_up and time.monotonic() - started > pickup_timeout_s
+                    and not _worker_online(client, flow_run.work_pool_name)):
+                raise FerError(_not_picked_up(flow_run, pickup_timeout_s))
+            time.sleep(poll_seconds)
+
+
+def _waiting_for_worker(flow_run: FlowRun) -> bool:
+    state = flow_run.state
+    return state is None or (state.type == StateType.SCHEDULED
+                             and state.name in _WAITING_FOR_WORKER)
+
+
+def _worker_online(client, pool: str | None) -> bool:
+    """Whether any worker polls ``pool`` (the server marks a pool READY while one does)."""
+    if pool is None:
+        return False
+    try:
+        return client.read_work_pool(pool).status == WorkPoolStatus.READY
+    except ObjectNotFound:
+        return False
+
+
+def _not_picked_up(flow_run: FlowRun, timeout_s: float) -> str:
+    pool = flow_run.work_pool_name or "fer"
+    return (f"no worker picked up flow run {flow_run.name} ({flow_run.id}) in {timeout_s:g}s; "
+            f"start one with `prefect worker start --pool {pool}` (the run stays queued and "
+            f"starts then; cancel it with `prefect flow-run cancel {flow_run.id}`)")
+
+
+def _finish(flow_run: FlowRun) -> RemoteRun:
+    state = flow_run.state
+    if not state.is_completed():
+        raise FerError(f"flow run {flow_run.name} ({flow_run.id}) ended {state.name}: "
+                       f"{state.message or 'no message'}; logs: {_url(flow_run)}")
+    return _describe(flow_run, result=_result(flow_run))
+
+
+def _result(flow_run: FlowRun) -> dict | None:
+    """The flow's return value when its result storage is reachable from here, else None.
+
+    A worker on another machine (the container) keeps results on its own disk.
+    """
+    try:
+        value = flow_run.state.result(raise_on_failure=False, retry_result_failure=False)
+    except Exception:  # missing or unreadable result storage: the run id is enough
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _describe(flow_run: FlowRun, *, result: dict | None = None) -> RemoteRun:
+    state = flow_run.state.name if flow_run.state else "Unknown"
+    return RemoteRun(flow_run_id=str(flow_run.id), name=flow_run.name, url=_url(flow_run),
+                     state=state, result=result)
+
+
+def _url(flow_run: FlowRun) -> str:
+    api_url = PREFECT_API_URL.value() or ""
+    return (url_for(flow_run)
+            or f"{api_url.removesuffix('/api')}/runs/flow-run/{flow_run.id}")
+
+
+def _detail(exc: PrefectHTTPStatusError) -> str:
+    try:
+        detail = exc.response.json().get("detail", "")
+    except ValueError:
+        detail = exc.response.text
+    return " ".join(str(detail).split()) or str(exc.response.status_code)

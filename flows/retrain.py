@@ -1,0 +1,132 @@
+"""The ``retrain`` flow: fetch data, train, evaluate, publish; each task one call into ``fer``.
+
+Tasks hand each other paths (as ``str``) and small records, never arrays: the dataset is
+decoded from fer's cache wherever it is needed. TensorFlow is imported inside the tasks, so
+loading this file (``prefect deploy`` does, for the parameter schema) stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
+from fer.errors import DataError
+from fer.storage import REPORT, PublishResult
+
+NETWORK_RETRIES = 3
+NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
+
+
+def _unless_bad_data(task, task_run, state) -> bool:
+    """Retry network and storage failures; a malformed dataset will not fix itself."""
+    return not isinstance(state.data, DataError)
+
+
+@task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
+      retry_condition_fn=_unless_bad_data)
+def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> str:
+    """Bring the data source into the local cache; the local path of the dataset."""
+    from fer.fetch import resolve_data
+
+    return str(resolve_data(data, data_dir=Path(data_dir), default_source=DEFAULT_SOURCE_URL,
+                            endpoint_url=endpoint_url))
+
+
+@task
+def train(source: str, config: TrainConfig, *, data_dir: str) -> str:
+    """Fit a model on the source's train split; the run folder it wrote."""
+    from fer.data import load_dataset
+
+    dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
+                           cache_dir=Path(data_dir))
+    from fer.train import fit  # TensorFlow loads only once the data is known to be good
+
+    return str(fit(dataset, config, verbose=2).run_dir)
+
+
+@task
+def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
+    """Score the run's model on the test split and write its reports; the metrics."""
+    from fer.data import load_dataset
+    from fer.evaluate import evaluate_run
+
+    dataset = load_dataset(Path(source), cache_dir=Path(data_dir), require_train=False)
+    return evaluate_run(Path(run_dir), dataset.test)
+
+
+@task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
+      retry_condition_fn=_unless_bad_data)
+def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
+            create_bucket: bool) -> PublishResult:
+    """Upload the run folder to the store and move its latest/champion pointers."""
+    from fer.storage import open_store, publish_run
+
+    store = open_store(storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
+    return publish_run(Path(run_dir), store)
+
+
+@flow(name="retrain", log_prints=True, persist_result=True)
+def retrain(
+    epochs: int = 20,
+    batch_size: int = 64,
+    model: str = "default",
+    data: str | None = None,
+    storage: str | None = None,
+    seed: int = 1337,
+    val_fraction: float = 0.1,
+    learning_rate: float | None = None,
+    out_dir: str = "runs",
+    precision: str = "auto",
+    create_bucket: bool = False,
+) -> dict:
+    """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE.
+
+    Returns the published run's id, location, whether it became the champion, and its
+    test accuracy and macro-F1.
+    """
+    settings = Settings.from_env()
+    data_dir = str(settings.data_dir)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
+                         val_fraction=val_fraction, learning_rate=learning_rate,
+                         precision=precision, out_dir=Path(out_dir))
+
+    source = fetch_data(data, data_dir=data_dir, endpoint_url=settings.endpoint_url)
+    run_dir = train(source, config, data_dir=data_dir)
+    metrics = evaluate(run_dir, source, data_dir=data_dir)
+    _post_report(Path(run_dir), metrics)
+    published = publish(run_dir, storage=storage or settings.storage,
+                        endpoint_url=settings.endpoint_url, create_bucket=create_bucket)
+    create_link_artifact(key="published-run", link=published.location,
+                         link_text=f"run {published.run_id}",
+                         description="Where the run's model, reports and manifest were published.")
+    print(f"published run {published.run_id} to {published.location}"
+          + (" (new champion)" if published.became_champion else ""))
+    return {
+        "run_id": published.run_id,
+        "became_champion": published.became_champion,
+        "location": published.location,
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+    }
+
+
+def _post_report(run_dir: Path, metrics: dict) -> None:
+    """The classification report and a metrics table, posted before publishing.
+
+    Posting first means a run whose upload fails still shows how good it was.
+    """
+    report = (run_dir / REPORT).read_text()
+    create_markdown_artifact(
+        key="classification-report",
+        markdown=f"## Classification report: run `{run_dir.name}`\n\n```text\n{report}```\n",
+        description="sklearn classification report on the test split.",
+    )
+    rows = [{"metric": "accuracy", "value": metrics["accuracy"]},
+            {"metric": "macro_f1", "value": metrics["macro_f1"]}]
+    rows += [{"metric": f"recall {name}", "value": recall}
+             for name, recall in metrics["per_class_recall"].items()]
+    create_table_artifact(key="test-metrics", table=rows,
+                          description=f"Test-split metrics of run {run_dir.name}.")

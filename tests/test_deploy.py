@@ -1,0 +1,166 @@
+"""flows.deploy and the container: deployments as declared, one training at a time, a worker.
+
+Runs against a real ``prefect server start`` (tests/prefect_server.py); the worker is started
+with the exact command of docker/Dockerfile's CMD.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy, WorkerStatus
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from s3server import free_port
+
+from fer.errors import FerError
+from flows.deploy import PREFECT_FILE, deploy_all, read_deployments
+
+# One real Prefect server for the session: fixtures prefect_api, deployed, start_fer_worker.
+pytest_plugins = ["prefect_server"]
+integration = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "docker" / "compose.yaml"
+
+
+def read(name: str):
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+@integration
+def test_deploy_registers_both_deployments_on_pool_fer(deployed):
+    """Both deployments exist, run flows/retrain.py from this checkout, on pool `fer`."""
+    assert deployed == ["retrain/retrain", "retrain/retrain-weekly"]
+    for name in deployed:
+        deployment = read(name)
+        assert deployment.work_pool_name == "fer"
+        assert deployment.entrypoint == "flows/retrain.py:retrain"
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert {"epochs", "batch_size", "model", "data", "storage"} <= set(deployment.parameters)
+    assert read("retrain/retrain").schedules == []
+
+
+@integration
+def test_weekly_deployment_has_a_cron_schedule_in_utc(deployed):
+    (schedule,) = read("retrain/retrain-weekly").schedules
+    assert schedule.schedule.cron == "0 3 * * 1"
+    assert schedule.schedule.timezone == "UTC"
+    assert schedule.slug == "weekly-monday-0300" and schedule.active
+
+
+@integration
+def test_runs_are_limited_to_one_at_a_time(deployed):
+    """Each deployment queues (ENQUEUE) behind its own running flow; the pool runs one flow."""
+    for name in deployed:
+        deployment = read(name)
+        assert deployment.global_concurrency_limit.limit == 1
+        assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("fer")
+    assert pool.type == "process" and pool.concurrency_limit == 1
+
+
+@integration
+def test_deploying_again_updates_in_place(deployed):
+    """The schedule slug keeps one schedule; ids stay, so run history stays attached."""
+    before = {name: read(name).id for name in deployed}
+    assert deploy_all(REPO, names=["retrain-weekly"]) == ["retrain/retrain-weekly"]
+    weekly = read("retrain/retrain-weekly")
+    assert weekly.id == before["retrain/retrain-weekly"] and len(weekly.schedules) == 1
+    assert read("retrain/retrain").id == before["retrain/retrain"]
+
+
+@integration
+def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api):
+    """The command docker/compose.yaml's `deploy` service runs, from a shell."""
+    command = yaml.safe_load(COMPOSE.read_text())["services"]["deploy"]["command"]
+    assert command[:3] == ["python", "-m", "flows.deploy"]
+    done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=REPO,
+                          env={**os.environ, **prefect_api.client_env()},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "deployed retrain/retrain"
+
+
+@integration
+def test_container_command_starts_a_worker_polling_pool_fer(deployed, start_fer_worker,
+                                                            tmp_path):
+    """The image's CMD comes up, registers with pool `fer`, and answers its healthcheck."""
+    worker = start_fer_worker(log_path=tmp_path / "worker.log", env={})
+    try:
+        name = worker.wait_for_log(r"Worker '(ProcessWorker [0-9a-f-]+)' started!", timeout=90)[1]
+        with get_client(sync_client=True) as client:
+            workers = {w.name: w for w in client.read_workers_for_work_pool("fer")}
+        assert workers[name].status == WorkerStatus.ONLINE
+        port = worker.env["PREFECT_WORKER_WEBSERVER_PORT"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as health:
+            assert health.status == 200
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("names, message", [
+    (["nightly"], r"no deployment named 'nightly' in deploy/prefect.yaml; expected one of "
+                  r"retrain, retrain-weekly"),
+    (["retrain", "weekly"], r"no deployment named 'weekly'"),
+])
+def test_unknown_deployment_names_are_refused(names, message):
+    with pytest.raises(FerError, match=message):
+        deploy_all(REPO, names=names)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("deployments: [", r"prefect\.yaml is not valid YAML"),
+    ("name: fer\n", r"prefect\.yaml declares no deployments"),
+    ("deployments:\n  - name: retrain\n", r"deployments\[0\] needs a name and a work_pool\.name"),
+])
+def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
+    (tmp_path / PREFECT_FILE).parent.mkdir()
+    (tmp_path / PREFECT_FILE).write_text(text)
+    with pytest.raises(FerError, match=message):
+        deploy_all(tmp_path)
+
+
+def test_missing_prefect_yaml_names_the_file(tmp_path):
+    with pytest.raises(FerError, match=r"cannot read .*deploy/prefect\.yaml \(No such file"):
+        read_deployments(tmp_path / PREFECT_FILE)
+
+
+def test_deploy_without_a_server_says_how_to_start_one():
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(FerError, match=r"PREFECT_API_URL is not set.*prefect server start"):
+            deploy_all(REPO)
+
+
+def test_deploy_to_a_dead_server_names_its_url():
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: dead}):
+        with pytest.raises(FerError, match=rf"cannot reach the Prefect API at {re.escape(dead)}"):
+            deploy_all(REPO)
+
+
+def test_compose_variables_are_all_in_env_example():
+    """Every ${VAR} compose.yaml reads has a local default in docker/.env.example."""
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE.read_text()))
+    example = Path(REPO / "docker" / ".env.example").read_text()
+    defined = set(re.findall(r"^([A-Z0-9_]+)=", example, flags=re.MULTILINE))
+    assert used and used <= defined, f"missing in .env.example: {sorted(used - defined)}"
+
+
+def test_compose_worker_gets_what_fer_and_prefect_read():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    environment = services["worker"]["environment"]
+    assert environment["FER_STORAGE"] == "s3://fer-artifacts/prod"
+    assert environment["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert environment["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(environment)
+    assert "command" not in services["worker"]  # it runs the image's CMD, tested above

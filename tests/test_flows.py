@@ -1,0 +1,298 @@
+"""flows.retrain and flows.remote: the retrain flow in-process, and as deployment runs on a worker.
+
+Every training here is one epoch on 20 images per class, run one at a time. Deployment runs
+go through a real Prefect server, a real process worker started with the Docker image's
+command, and a real S3 server (SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import s3server
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from s3server import BUCKET, free_port
+
+import flows.retrain as retrain_module
+from fer.errors import DataError, FerError
+from fer.storage import LocalStore, PublishResult, list_runs, open_store, read_report
+from flows.deploy import ensure_work_pool
+from flows.remote import follow_run, trigger_retrain
+from flows.retrain import NETWORK_RETRIES, fetch_data, publish, retrain
+
+# One Prefect server for the session: prefect_api, deployed, start_fer_worker, tiny_fer_zip ...
+pytest_plugins = ["prefect_server"]
+# ... and the S3 server fixtures (assigned, not imported, so test arguments may shadow them).
+s3_server = s3server.s3_server
+s3_env = s3server.s3_env
+integration = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"epochs": 1, "batch_size": 32, "model": "default"}
+
+
+def task_runs(flow_run_id) -> dict:
+    """The flow run's task runs by task name (fetch_data, train, evaluate, publish)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run for run in runs}
+
+
+def artifacts(flow_run_id) -> dict:
+    """The flow run's keyed artifacts (the ones the flow posts), by key."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in found if artifact.key}
+
+
+def flow_run(flow_run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(uuid.UUID(str(flow_run_id)))
+
+
+def write_run_folder(folder: Path, run_id: str, *, accuracy: float) -> Path:
+    """The files publishing needs, as `fer train` writes them."""
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(
+        {"run_id": run_id, "created": "2025-01-06T03:00:00+00:00", "model": "default"}))
+    (folder / "metrics.json").write_text(json.dumps({"accuracy": accuracy, "macro_f1": 0.1}))
+    (folder / "classification_report.txt").write_text("macro avg 0.1\n")
+    return folder
+
+
+# --- task bodies ------------------------------------------------------------------------------
+
+
+def test_fetch_data_passes_a_local_source_through(tiny_fer_zip, data_dir):
+    assert fetch_data.fn(str(tiny_fer_zip), data_dir=str(data_dir), endpoint_url=None) == str(
+        tiny_fer_zip)
+
+
+@integration
+def test_fetch_data_names_a_missing_remote_source(s3_env, data_dir):
+    with pytest.raises(FerError, match=r"missing\.zip"):
+        fetch_data.fn(f"s3://{BUCKET}/missing.zip", data_dir=str(data_dir),
+                      endpoint_url=s3_env.endpoint_url)
+
+
+def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
+    run_dir = write_run_folder(tmp_path / "runs" / "r1", "r1", accuracy=0.5)
+    result = publish.fn(str(run_dir), storage=str(tmp_path / "store"), endpoint_url=None,
+                        create_bucket=False)
+    assert result == PublishResult("r1", True, str(tmp_path / "store" / "runs" / "r1"))
+    assert read_report(LocalStore(tmp_path / "store"), "latest").text == "macro avg 0.1\n"
+
+
+# --- the flow, in-process ---------------------------------------------------------------------
+
+
+@integration
+def test_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
+    """No PREFECT_API_URL: Prefect runs a temporary local server, as `fer retrain` does."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), FER_DATA_DIR=str(tmp_path / "data"),
+               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    script = ("import json, sys; from flows.retrain import retrain; "
+              "print(json.dumps(retrain(**json.loads(sys.argv[1]))))")
+    parameters = {**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path / "runs")}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(parameters)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result) == {"run_id", "became_champion", "location", "accuracy", "macro_f1"}
+    store = LocalStore(tmp_path / "artifacts")
+    assert [run.run_id for run in list_runs(store)] == [result["run_id"]]
+    report = read_report(store, "latest")
+    assert report.run_id == result["run_id"] and report.metrics["accuracy"] == result["accuracy"]
+    assert (tmp_path / "runs" / result["run_id"] / "model.keras").is_file()
+
+
+@integration
+def test_training_error_fails_the_flow_with_fers_message(prefect_api, tiny_fer_zip, data_dir,
+                                                         tmp_path):
+    state = retrain(epochs=0, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed()
+    assert "--epochs 0: expected at least 1" in state.message
+    assert "publish" not in task_runs(state.state_details.flow_run_id)
+
+
+@integration
+def test_bad_dataset_is_not_retried(prefect_api, s3_env, data_dir, tmp_path):
+    """A download that is not a dataset fails at once: retrying cannot fix the data."""
+    s3_env.client().put_object(Bucket=BUCKET, Key="junk.zip", Body=b"not a zip archive")
+    state = retrain(data=f"s3://{BUCKET}/junk.zip", storage=str(tmp_path / "store"),
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError):
+        state.result()
+    assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 1
+
+
+@integration
+def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tiny_fer_zip,
+                                                         data_dir, tmp_path, monkeypatch):
+    """A dead S3 endpoint: publish is retried (not the training), then the flow fails clearly."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setattr(retrain_module, "publish", publish.with_options(retry_delay_seconds=0))
+    state = retrain(**TINY, data=str(tiny_fer_zip), storage=f"s3://{BUCKET}/dead",
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed()
+    assert f"cannot reach S3 endpoint {dead}" in state.message
+    flow_run_id = state.state_details.flow_run_id
+    runs = task_runs(flow_run_id)
+    assert runs["publish"].run_count == NETWORK_RETRIES + 1
+    assert runs["train"].run_count == 1
+    # The report is posted before publishing, so a run that failed to upload still shows it.
+    assert set(artifacts(flow_run_id)) == {"classification-report", "test-metrics"}
+
+
+# --- deployment runs on a worker --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def storage_url() -> str:
+    return f"s3://{BUCKET}/flows-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def worker(deployed, start_fer_worker, s3_server, storage_url, tmp_path_factory):
+    """One worker for pool `fer`, started with the image's command, publishing to S3."""
+    home = tmp_path_factory.mktemp("worker")
+    env = {**s3_server.env(storage=storage_url), "FER_DATA_DIR": str(home / "data"),
+           "AWS_CONFIG_FILE": str(home / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials")}
+    process = start_fer_worker(log_path=home / "worker.log", env=env)
+    process.wait_for_log(r"Worker '.*' started!", timeout=90)
+    yield process
+    process.stop()
+
+
+def follow(run, **options):
+    return follow_run(run.flow_run_id, poll_seconds=1, pickup_timeout_s=90, **options)
+
+
+@integration
+def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, storage_url,
+                                                                tiny_fer_zip, tmp_path):
+    seen = []
+    run = trigger_retrain({**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path)},
+                          wait=True, poll_seconds=1, pickup_timeout_s=90, on_state=seen.append)
+    assert run.state == "Completed" and seen[-1] == "Completed" and "Running" in seen
+    assert run.url.endswith(f"/runs/flow-run/{run.flow_run_id}")
+    store = open_store(storage_url, endpoint_url=s3_env.endpoint_url)
+    assert run.result["run_id"] in [summary.run_id for summary in list_runs(store)]
+    report = read_report(store, "latest")
+    assert report.run_id == run.result["run_id"] and "macro avg" in report.text
+    assert run.result["location"] == f"{storage_url}/runs/{run.result['run_id']}/"
+    posted = artifacts(run.flow_run_id)
+    assert set(posted) == {"classification-report", "test-metrics", "published-run"}
+    assert report.text in posted["classification-report"].data
+    assert run.result["location"] in posted["published-run"].data
+
+
+@integration
+def test_fer_train_remote_wait_prints_the_published_report(worker, prefect_api, s3_server,
+                                                           storage_url, tiny_fer_zip, tmp_path):
+    """`fer train --epochs 1 --remote --wait` as a user types it: run on the worker, report back."""
+    fer = str(Path(sys.executable).parent / "fer")
+    env = {**os.environ, **prefect_api.client_env(), **s3_server.env(storage=storage_url)}
+    command = [fer, "train", "--epochs", "1", "--batch-size", "32", "--data", str(tiny_fer_zip),
+               "--remote", "--wait"]
+    trained = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                             check=False)
+    assert trained.returncode == 0, trained.stderr
+    assert "/runs/flow-run/" in trained.stdout and "state: Completed" in trained.stdout
+    assert "published run " in trained.stdout and "macro avg" in trained.stdout
+    run_id = trained.stdout.split("published run ", 1)[1].split(":", 1)[0]
+    shown = subprocess.run([fer, "reports", "show", "latest"], capture_output=True, text=True,
+                           env=env, timeout=120, check=False)
+    assert shown.returncode == 0 and f"run {run_id}:" in shown.stdout
+    assert "macro avg" in shown.stdout
+
+
+@integration
+def test_triggered_and_scheduled_runs_never_overlap(worker, tiny_fer_zip, tmp_path):
+    """A run of each deployment, started together, train one after the other."""
+    parameters = {**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path)}
+    first = trigger_retrain(parameters, wait=False)
+    second = trigger_retrain(parameters, wait=False, deployment="retrain/retrain-weekly")
+    assert first.state == second.state == "Scheduled"
+    assert follow(first).state == follow(second).state == "Completed"
+    earlier, later = sorted((flow_run(first.flow_run_id), flow_run(second.flow_run_id)),
+                            key=lambda run: run.start_time)
+    assert earlier.end_time <= later.start_time
+
+
+@integration
+def test_a_deployment_queues_its_own_second_run(worker, tmp_path):
+    """Without the pool limit, the deployment's own limit makes the second run wait (ENQUEUE).
+
+    The runs fail fast on missing data, and that failure reaches the caller as a FerError.
+    """
+    parameters = {"data": str(tmp_path / "missing.zip"), "out_dir": str(tmp_path)}
+    with get_client(sync_client=True) as client:
+        client.update_work_pool("fer", WorkPoolUpdate(concurrency_limit=None))
+    try:
+        runs = [trigger_retrain(parameters, wait=False) for _ in range(2)]
+        for run in runs:
+            with pytest.raises(FerError, match=r"ended Failed: .*missing\.zip: data source not "
+                                               r"found.*; logs: http"):
+                follow(run)
+    finally:
+        ensure_work_pool("fer", concurrency_limit=1)
+    first, second = sorted((flow_run(run.flow_run_id) for run in runs),
+                           key=lambda run: run.start_time)
+    assert first.end_time <= second.start_time
+    with get_client(sync_client=True) as client:
+        waited = [client.read_flow_run_states(run.id) for run in (first, second)]
+    assert any(state.name == "AwaitingConcurrencySlot" for states in waited for state in states)
+
+
+@integration
+def test_a_run_no_worker_picks_up_is_reported(deployed, prefect_api):
+    """A deployment on a pool nobody polls: the error says which pool and how to start a worker."""
+    ensure_work_pool("fer-idle", concurrency_limit=None)
+    with get_client(sync_client=True) as client:
+        retrain_deployment = client.read_deployment_by_name("retrain/retrain")
+        client.create_deployment(flow_id=retrain_deployment.flow_id, name="idle",
+                                 work_pool_name="fer-idle",
+                                 entrypoint=retrain_deployment.entrypoint)
+    with pytest.raises(FerError, match=r"no worker picked up flow run .* in 2s; start one with "
+                                       r"`prefect worker start --pool fer-idle`"):
+        trigger_retrain({}, wait=True, deployment="retrain/idle", poll_seconds=0.5,
+                        pickup_timeout_s=2)
+
+
+@integration
+def test_an_unknown_deployment_says_how_to_register_it(prefect_api):
+    with pytest.raises(FerError, match=r"deployment 'retrain/nightly' not found at .*; register "
+                                       r"it with `fer deploy`"):
+        trigger_retrain({}, deployment="retrain/nightly")
+
+
+@integration
+def test_parameters_of_the_wrong_type_are_refused(deployed):
+    with pytest.raises(FerError, match=r"deployment 'retrain/retrain' refused parameters "
+                                       r"\{'epochs': 'many'\}: .*'many' is not of type 'integer'"):
+        trigger_retrain({"epochs": "many"})
+
+
+def test_triggering_without_a_server_says_how_to_start_one():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(FerError, match=r"PREFECT_API_URL is not set"):
+            trigger_retrain(TINY)
+
