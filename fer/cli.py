@@ -228,6 +228,7 @@ def retrain(
     create_bucket: CreateBucketOption = False,
 ) -> None:
     """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
+    _load_tensorflow()
     flows_retrain = _import_flows("flows.retrain")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model)
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
