@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    parser.add_argument("--model", help="override the profile's model")
     parser.add_argument("--seed-steps", type=int, help="default: one epoch's worth (batch 64)")
     parser.add_argument("--skip-seed", action="store_true", help="no seed reference (no ratios)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench")
@@ -58,7 +59,8 @@ def main() -> None:
 
     profile = PROFILES[args.profile]
     config = TrainConfig(**{**profile.train_options, "out_dir": args.out,
-                            **({"epochs": args.epochs} if args.epochs else {})})
+                            **({"epochs": args.epochs} if args.epochs else {}),
+                            **({"model": args.model} if args.model else {})})
     result = train(dataset, config, verbose=2)
     m = result.metrics
     crossing = first_crossing(result.run_dir / "history.csv", HEADLINE)

@@ -7,6 +7,7 @@ correctly. Augmentation layers are active only in training.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,10 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("default", build_default, learning_rate=2e-3, optimizer="adamw",
                   label_smoothing=0.1, weight_decay=0.05, class_weighting="sqrt",
                   description="fer's CPU-efficient CNN (the CLI default)"),
+        ModelSpec("default-narrow", functools.partial(build_default, widths=(48, 96, 192)),
+                  learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1, weight_decay=0.05,
+                  class_weighting="sqrt",
+                  description="the default at 3/4 width: ~4x the seed's speed (see BENCHMARKS.md)"),
         ModelSpec("seed", build_seed, learning_rate=1e-4, optimizer="adam",
                   description="the original script's CNN, faithful (Adam 1e-4)"),
         ModelSpec("mini-xception", build_mini_xception, learning_rate=1e-3, optimizer="adam",
