@@ -45,7 +45,8 @@ def test_saved_model_carries_class_order_and_preprocessing(tmp_path):
 
 def test_unknown_model_name_lists_the_registry():
     """A typo in --model names the valid choices."""
-    with pytest.raises(FerError, match=r"unknown model 'vgg' \(expected one of default, seed"):
+    with pytest.raises(FerError,
+                       match=r"unknown model 'vgg' \(expected one of default, default-narrow, seed"):
         get_spec("vgg")
 
 
