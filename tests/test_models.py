@@ -46,7 +46,7 @@ def test_saved_model_carries_class_order_and_preprocessing(tmp_path):
 def test_unknown_model_name_lists_the_registry():
     """A typo in --model names the valid choices."""
     with pytest.raises(FerError,
-                       match=r"unknown model 'vgg' \(expected one of default, default-narrow, seed"):
+                       match=r"unknown model 'vgg' \(expected one of default, wide, seed"):
         get_spec("vgg")
 
 
