@@ -280,8 +280,9 @@ def evaluate(
     from fer.fetch import resolve_data
 
     settings = _settings()
-    source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
-                          endpoint_url=settings.endpoint_url)
+    with _download_progress() as progress:
+        source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
+                              endpoint_url=settings.endpoint_url, progress=progress)
     dataset = load_dataset(source, cache_dir=settings.data_dir, require_train=False)
     _load_tensorflow()
     from fer.evaluate import evaluate_split

@@ -101,7 +101,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         "versions": package_versions(),
         "git_commit": git_commit(),
         "machine": machine(),
-        "files": list(RUN_FILES),
+        "artifacts": list(RUN_FILES),
     })
     return RunResult(run_id=run_id, run_dir=run_dir, metrics=training_metrics)
 
