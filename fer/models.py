@@ -107,6 +107,39 @@ class RandomAffine(layers.Layer):
                 "shift": self.shift, "flip": self.flip, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="fer")
+class FusedBatchNorm(layers.BatchNormalization):
+    """BatchNormalization whose training pass is TensorFlow's fused kernel.
+
+    Keras 3 normalises a training batch with separate moment, subtract, scale and cast ops
+    (and as many in the gradient). On a 2-core CPU in bfloat16 those made a 48-96-192 CNN's
+    training step 1.6x slower than the single FusedBatchNormV3 op, which oneDNN runs in
+    bfloat16 directly. At inference the same op normalises with the moving statistics,
+    which lets TensorFlow's graph optimiser fold it into the preceding convolution.
+    Channels-last 4-D inputs with scale and centre only; anything else takes Keras' path.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        fusable = len(inputs.shape) == 4 and self.axis in (-1, 3) and self.center and self.scale
+        if not fusable:
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        outputs, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=tf.cast(self.gamma, "float32"), offset=tf.cast(self.beta, "float32"),
+            mean=tf.constant([], "float32") if training else tf.cast(self.moving_mean, "float32"),
+            variance=(tf.constant([], "float32") if training
+                      else tf.cast(self.moving_variance, "float32")),
+            epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
+            is_training=bool(training))
+        if training:
+            for moving, batch in ((self.moving_mean, batch_mean),
+                                  (self.moving_variance, batch_variance)):
+                moving.assign(moving * self.momentum
+                              + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
+        return outputs
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: the builder and the optimiser settings it was tuned with."""
@@ -188,7 +221,7 @@ def build_mini_xception() -> keras.Model:
 
 def _conv_bn_relu(x, filters: int):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = FusedBatchNorm()(x)
     return layers.Activation("relu")(x)
 
 

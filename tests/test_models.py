@@ -92,3 +92,47 @@ def test_pixel_unshuffle_keeps_every_pixel():
     assert folded.shape == (2, 24, 24, 4)
     assert np.array_equal(np.sort(folded.ravel()), np.sort(images.ravel()))
     assert folded[0, 0, 0].tolist() == [0.0, 1.0, 48.0, 49.0]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_trains_like_keras_batch_norm(policy):
+    """The fused training pass gives Keras' outputs, gradients and moving mean (a speed-up only)."""
+    import tensorflow as tf
+
+    from fer.models import FusedBatchNorm
+    from fer.precision import dtype_policy
+
+    images = tf.constant(np.random.default_rng(2).normal(1.0, 3.0, (16, 6, 6, 5)).astype("float32"))
+    with dtype_policy(policy):
+        reference, fused = keras.layers.BatchNormalization(), FusedBatchNorm()
+    for layer in (reference, fused):
+        layer.build(images.shape)
+    weights = tf.range(5, dtype="float32")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(images)
+        outputs = [layer(images, training=True) for layer in (reference, fused)]
+        losses = [tf.reduce_sum(tf.cast(y, "float32") ** 2 * weights) for y in outputs]
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    assert outputs[1].dtype == outputs[0].dtype
+    assert np.allclose(tf.cast(outputs[0], "float32"), tf.cast(outputs[1], "float32"), atol=tolerance)
+    grads = [tape.gradient(loss, images) for loss in losses]
+    assert np.allclose(grads[0], grads[1], atol=tolerance * 10, rtol=1e-2)
+    assert np.allclose(reference.moving_mean, fused.moving_mean, atol=1e-6)
+    assert not np.allclose(fused.moving_mean, 0.0)
+    # The moving variance is updated from the unbiased batch variance (n/(n-1) of Keras').
+    n = 16 * 6 * 6
+    expected = 0.99 + 0.01 * (np.asarray(reference.moving_variance) - 0.99) / 0.01 * n / (n - 1)
+    assert np.allclose(fused.moving_variance, expected, rtol=1e-4)
+
+
+def test_fused_batch_norm_uses_moving_statistics_at_inference():
+    """At inference the layer normalises with the moving statistics, as Keras' layer does."""
+    from fer.models import FusedBatchNorm
+
+    layer = FusedBatchNorm()
+    layer.build((None, 4, 4, 2))
+    layer.moving_mean.assign([1.0, -1.0])
+    layer.moving_variance.assign([4.0, 0.25])
+    images = np.ones((1, 4, 4, 2), "float32")
+    out = np.asarray(layer(images, training=False))
+    assert np.allclose(out[..., 0], 0.0, atol=1e-3) and np.allclose(out[..., 1], 4.0, atol=1e-2)
