@@ -1,7 +1,8 @@
 """Inference throughput (batch) and single-image latency: fer's model vs the mini-Xception peer.
 
-Both are measured in the same run on the same test images; fer's figures are printed as
-ratios to the peer's. Usage:
+Both are measured in the same run on the same test images, in float32 and in the precision
+`fer predict` picks on this machine (``auto``: bf16 on CPUs with bf16 instructions); fer's
+figures at ``auto`` are printed as ratios to the peer's faster ones. Usage:
 
     python benchmarks/inference_benchmark.py --data ../shared/data/fer2013.zip [--model runs/<id>/model.keras]
 """
@@ -56,22 +57,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
-    from fer.models import get_spec, load_model
+    from fer.models import get_spec, load_model, with_precision
+    from fer.precision import choose_precision
 
     print(machine_line(), flush=True)
     test = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache",
                         require_train=False).test
     ours = load_model(args.model) if args.model else get_spec("default").build()
-    models = {"mini-xception": get_spec("mini-xception").build(), "fer default": ours}
+    peer = get_spec("mini-xception").build()
+    auto = choose_precision("auto")  # what `fer predict`/`fer evaluate` use on this machine
+    precisions = ["float32"] + ([auto] if auto != "float32" else [])
     results = {}
-    for name, model in models.items():
-        throughput = batch_throughput(model, test.images, batch_size=args.batch_size)
-        latency = single_image_latency_ms(model, test.images[0])
-        results[name] = (throughput, latency)
-        print(f"{name:14s} {throughput:8.0f} images/s (batch {args.batch_size}, "
-              f"{len(test)} images)   one image: {latency:.2f} ms", flush=True)
-    peer, mine = results["mini-xception"], results["fer default"]
-    print(f"ratios: throughput {mine[0] / peer[0]:.2f}x the peer's; latency {mine[1] / peer[1]:.2f}x")
+    for name, model in (("mini-xception", peer), ("fer", ours)):
+        for precision in precisions:
+            variant = model if precision == "float32" else with_precision(model, precision)
+            throughput = batch_throughput(variant, test.images, batch_size=args.batch_size)
+            latency = single_image_latency_ms(variant, test.images[0])
+            results[name, precision] = (throughput, latency)
+            print(f"{name:14s} {precision:15s} {throughput:8.0f} images/s (batch "
+                  f"{args.batch_size}, {len(test)} images)   one image: {latency:.2f} ms",
+                  flush=True)
+    # The peer at its faster precision, fer at the one `fer predict` picks here ("auto").
+    peer_best = max((results["mini-xception", p] for p in precisions), key=lambda r: r[0])
+    mine = results["fer", auto]
+    print(f"ratios (fer at auto = {auto} vs the peer at its faster precision): throughput "
+          f"{mine[0] / peer_best[0]:.2f}x the peer's; latency {mine[1] / peer_best[1]:.2f}x")
 
 
 if __name__ == "__main__":

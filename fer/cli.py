@@ -128,10 +128,16 @@ LearningRateOption = Annotated[float | None, typer.Option(
     min=0.0, help="peak learning rate; default: the model's own")]
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
+InferencePrecisionOption = Annotated[str, typer.Option(
+    help="auto (bf16 on CPUs with bf16 instructions, else float32) | float32 | mixed_bfloat16 "
+         "| mixed_float16")]
+TtaOption = Annotated[bool | None, typer.Option(
+    "--tta/--no-tta", help="save a model that averages each image with its mirror (twice the "
+                           "inference cost); default: the profile's (on for best)")]
 
 
 def _profile_options(profile: str, **given) -> dict:
-    """The profile's epochs/batch size/model, overridden by whatever the user gave."""
+    """The profile's training options, overridden by whatever the user gave."""
     from fer.profiles import get_profile
 
     return {**get_profile(profile).train_options,
@@ -150,6 +156,7 @@ def train(
     val_fraction: ValFractionOption = 0.1,
     learning_rate: LearningRateOption = None,
     precision: PrecisionOption = "auto",
+    tta: TtaOption = None,
     publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
     storage: StorageOption = None,
     endpoint_url: EndpointOption = None,
@@ -161,17 +168,18 @@ def train(
         help="with --remote: follow the run to the end and print its report")] = False,
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
-    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model)
+    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
+                               learning_rate=learning_rate, tta=tta)
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if remote:
         parameters = {**options, "seed": seed, "val_fraction": val_fraction,
                       "precision": precision, "data": data, "storage": storage,
-                      "learning_rate": learning_rate, "create_bucket": create_bucket or None}
+                      "create_bucket": create_bucket or None}
         _train_remotely({k: v for k, v in parameters.items() if v is not None}, wait=wait,
                         settings=settings)
         return
     config = TrainConfig(**options, seed=seed, val_fraction=val_fraction,
-                         learning_rate=learning_rate, precision=precision, out_dir=out)
+                         precision=precision, out_dir=out)
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
     result = _train_locally(config, data=data, settings=settings)
@@ -224,15 +232,17 @@ def retrain(
     val_fraction: ValFractionOption = 0.1,
     learning_rate: LearningRateOption = None,
     precision: PrecisionOption = "auto",
+    tta: TtaOption = None,
     storage: StorageOption = None,
     create_bucket: CreateBucketOption = False,
 ) -> None:
     """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
     _load_tensorflow()
     flows_retrain = _import_flows("flows.retrain")
-    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model)
+    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
+                               learning_rate=learning_rate, tta=tta)
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
-                                   val_fraction=val_fraction, learning_rate=learning_rate,
+                                   val_fraction=val_fraction,
                                    out_dir=str(out), precision=precision,
                                    create_bucket=create_bucket)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
@@ -274,6 +284,7 @@ def evaluate(
     data: Annotated[str | None, typer.Option(help="source whose test split is scored")] = None,
     out: Annotated[Path | None, typer.Option(help="report folder; default: beside the model")]
         = None,
+    precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Score a saved model on a source's test split and write the report files."""
     from fer.data import load_dataset
@@ -287,9 +298,12 @@ def evaluate(
     _load_tensorflow()
     from fer.evaluate import evaluate_split
     from fer.models import load_model
+    from fer.precision import choose_precision
 
     out = out or model.parent / "evaluation"
-    metrics = evaluate_split(load_model(model), dataset.test, out)
+    precision = choose_precision(precision)
+    metrics = evaluate_split(load_model(model, precision=precision), dataset.test, out,
+                             extra_metrics={"inference_precision": precision})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
                f"on {metrics['test_samples']} images\nreports in {out}")
 
@@ -302,13 +316,16 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
     faces: Annotated[bool, typer.Option(help="detect faces first, classify each")] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""
     _load_tensorflow()
     from fer.models import load_model
+    from fer.precision import choose_precision
     from fer.predict import predict_files
 
-    predictions = predict_files(load_model(model), images, faces=faces, batch_size=batch_size)
+    loaded = load_model(model, precision=choose_precision(precision))
+    predictions = predict_files(loaded, images, faces=faces, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
         return

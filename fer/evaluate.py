@@ -34,14 +34,19 @@ def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.
     return canonical
 
 
-def evaluate_run(run_dir: Path, test: Split) -> dict:
-    """Score a run folder's model on the test split; merge into its training metrics."""
+def evaluate_run(run_dir: Path, test: Split, *, precision: str | None = None) -> dict:
+    """Score a run folder's model on the test split; merge into its training metrics.
+
+    The model computes in ``precision`` (a resolved Keras policy); None: the precision the
+    run trained in, so the report shows what inference on that machine gives.
+    """
     from fer.models import load_model
 
     metrics_path = run_dir / "metrics.json"
     training = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return evaluate_split(load_model(run_dir / "model.keras"), test, run_dir,
-                          extra_metrics=training)
+    precision = precision or training.get("precision", "float32")
+    return evaluate_split(load_model(run_dir / "model.keras", precision=precision), test,
+                          run_dir, extra_metrics={**training, "inference_precision": precision})
 
 
 def evaluate_split(model, split: Split, out_dir: Path, *, batch_size: int = 256,

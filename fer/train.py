@@ -22,7 +22,7 @@ from fer.errors import FerError
 from fer.evaluate import evaluate_run
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, get_spec
+from fer.models import ModelSpec, get_spec, with_flip_averaging, with_precision
 from fer.plots import plot_curves
 from fer.precision import choose_precision, dtype_policy
 
@@ -76,7 +76,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     best.restore(model)
     wall_seconds = time.perf_counter() - started
 
-    (_as_float32(model) if precision != "float32" else model).save(run_dir / "model.keras")
+    export = with_precision(model, "float32") if precision != "float32" else model
+    (with_flip_averaging(export) if config.tta else export).save(run_dir / "model.keras")
     _write_history({**history, "elapsed_seconds": timer.elapsed}, run_dir / "history.csv")
     plot_curves(history, run_dir / "curves.png")
     training_metrics = {
@@ -88,6 +89,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         "train_images_per_second": round(len(dataset.train) * config.epochs / timer.train_seconds, 1),
         "precision": precision,
         "class_weighting": spec.class_weighting,
+        "test_time_augmentation": "flip" if config.tta else "none",
     }
     write_json(run_dir / "metrics.json", training_metrics)
     write_json(run_dir / "manifest.json", {
@@ -150,16 +152,6 @@ def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None,
 
     data = data.batch(batch_size).map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
-
-
-def _as_float32(model: keras.Model) -> keras.Model:
-    """A float32 copy for saving: inference is then fast on every CPU, bf16 or not."""
-    def float32_layer(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(model, clone_function=float32_layer)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def _write_history(history: dict, path: Path) -> None:

@@ -81,6 +81,7 @@ def retrain(
     out_dir: str = "runs",
     precision: str = "auto",
     create_bucket: bool = False,
+    tta: bool = False,
 ) -> dict:
     """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE.
 
@@ -91,7 +92,7 @@ def retrain(
     data_dir = str(settings.data_dir)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
                          val_fraction=val_fraction, learning_rate=learning_rate,
-                         precision=precision, out_dir=Path(out_dir))
+                         precision=precision, tta=tta, out_dir=Path(out_dir))
 
     source = fetch_data(data, data_dir=data_dir, endpoint_url=settings.endpoint_url)
     run_dir = train(source, config, data_dir=data_dir)

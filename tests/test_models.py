@@ -136,3 +136,32 @@ def test_fused_batch_norm_uses_moving_statistics_at_inference():
     images = np.ones((1, 4, 4, 2), "float32")
     out = np.asarray(layer(images, training=False))
     assert np.allclose(out[..., 0], 0.0, atol=1e-3) and np.allclose(out[..., 1], 4.0, atol=1e-2)
+
+
+def test_flip_averaging_is_the_mean_of_both_views_and_survives_saving(tmp_path):
+    """The TTA model predicts the mean over image and mirror, keeps its class order, reloads."""
+    from fer.models import with_flip_averaging
+
+    model = get_spec("default").build()
+    tta = with_flip_averaging(model)
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    expected = (model(pixels) + model(pixels[:, :, ::-1])) / 2
+    assert np.allclose(tta(pixels), expected, atol=1e-6)
+    assert not np.allclose(model(pixels), expected, atol=1e-4)
+    tta.save(tmp_path / "tta.keras")
+    loaded = load_model(tmp_path / "tta.keras")
+    assert class_names_of(loaded) == list(CLASS_NAMES)
+    assert np.allclose(loaded(pixels), expected, atol=1e-5)
+
+
+def test_loading_in_bf16_computes_in_bf16_and_agrees_with_float32(tmp_path):
+    """load_model(precision=...) recasts the layers, keeps the weights and a float32 softmax."""
+    model = get_spec("default").build()
+    model.save(tmp_path / "model.keras")
+    bf16 = load_model(tmp_path / "model.keras", precision="mixed_bfloat16")
+    assert bf16.get_layer("probabilities").dtype_policy.name == "float32"
+    assert {layer.dtype_policy.name for layer in bf16.layers if layer.weights} == {"mixed_bfloat16"}
+    pixels = np.random.default_rng(5).integers(0, 256, (8, 48, 48, 1)).astype("float32")
+    out = np.asarray(bf16(pixels, training=False))
+    assert out.dtype == np.float32
+    assert np.allclose(out, model(pixels, training=False), atol=2e-2)

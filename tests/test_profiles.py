@@ -18,6 +18,23 @@ def test_profiles_name_registered_models(name):
     assert PROFILES[name].train_options["model"] in REGISTRY
 
 
+def test_best_profile_saves_a_flip_averaging_model():
+    """`--profile best` turns test-time flip averaging on; the others keep single-view models."""
+    assert PROFILES["best"].train_options["tta"] is True
+    assert not PROFILES["default"].train_options.get("tta") and not PROFILES["fast"].train_options.get("tta")
+
+
+def test_profile_options_are_train_config_fields():
+    """Every profile key is a TrainConfig field, so `fer train --profile X` can build its config."""
+    from dataclasses import fields
+
+    from fer.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    for profile in PROFILES.values():
+        assert set(profile.train_options) <= names, profile.name
+
+
 def test_unknown_profile():
     with pytest.raises(FerError, match=r"unknown profile 'huge' \(expected one of default, fast"):
         get_profile("huge")

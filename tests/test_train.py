@@ -61,6 +61,22 @@ def test_mixed_precision_run_saves_a_float32_model(tmp_path, tiny_dataset):
     assert json.loads((result.run_dir / "manifest.json").read_text())["precision"] == "mixed_bfloat16"
 
 
+def test_tta_run_saves_a_flip_averaging_float32_model(tmp_path, tiny_dataset):
+    """--tta (bf16 training) saves a float32 model that averages each image with its mirror."""
+    config = TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path, precision="mixed_bfloat16",
+                         tta=True)
+    result = train(tiny_dataset, config, verbose=0)
+    model = load_model(result.run_dir / "model.keras")
+    assert model.get_layer("flip_average") is not None
+    core = model.get_layer("default")
+    assert {layer.dtype_policy.name for layer in core.layers} == {"float32"}
+    pixels = tiny_dataset.test.images[:4, ..., None].astype("float32")
+    expected = (core(pixels) + core(pixels[:, :, ::-1])) / 2
+    assert np.allclose(model(pixels), expected, atol=1e-6)
+    assert result.metrics["test_time_augmentation"] == "flip"
+    assert json.loads((result.run_dir / "manifest.json").read_text())["parameters"]["tta"] is True
+
+
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
     """The saved weights are those of the epoch with the best validation accuracy."""
     config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
