@@ -58,9 +58,9 @@ def main() -> None:
               flush=True)
 
     profile = PROFILES[args.profile]
-    config = TrainConfig(**{**profile.train_options, "out_dir": args.out,
-                            **({"epochs": args.epochs} if args.epochs else {}),
-                            **({"model": args.model} if args.model else {})})
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("model", args.model))
+                 if value}
+    config = TrainConfig(**profile.options_with(**overrides), out_dir=args.out)
     result = train(dataset, config, verbose=2)
     m = result.metrics
     crossing = first_crossing(result.run_dir / "history.csv", HEADLINE)

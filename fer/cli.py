@@ -125,7 +125,7 @@ SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuf
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
-    min=0.0, help="peak learning rate; default: the model's own")]
+    min=0.0, help="peak learning rate; default: the profile's (fast: 4e-3), else the model's own")]
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(
@@ -140,8 +140,8 @@ def _profile_options(profile: str, **given) -> dict:
     """The profile's training options, overridden by whatever the user gave."""
     from fer.profiles import get_profile
 
-    return {**get_profile(profile).train_options,
-            **{key: value for key, value in given.items() if value is not None}}
+    return get_profile(profile).options_with(
+        **{key: value for key, value in given.items() if value is not None})
 
 
 @app.command()
@@ -289,6 +289,9 @@ def evaluate(
     """Score a saved model on a source's test split and write the report files."""
     from fer.data import load_dataset
     from fer.fetch import resolve_data
+    from fer.precision import check_precision, choose_precision
+
+    check_precision(precision)  # before any download
 
     settings = _settings()
     with _download_progress() as progress:
@@ -298,7 +301,6 @@ def evaluate(
     _load_tensorflow()
     from fer.evaluate import evaluate_split
     from fer.models import load_model
-    from fer.precision import choose_precision
 
     out = out or model.parent / "evaluation"
     precision = choose_precision(precision)
@@ -319,9 +321,11 @@ def predict(
     precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""
+    from fer.precision import check_precision, choose_precision
+
+    check_precision(precision)
     _load_tensorflow()
     from fer.models import load_model
-    from fer.precision import choose_precision
     from fer.predict import predict_files
 
     loaded = load_model(model, precision=choose_precision(precision))

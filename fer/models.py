@@ -17,6 +17,7 @@ from keras import layers
 
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES, IMAGE_SIZE
+from fer.precision import choose_precision
 
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 
@@ -116,14 +117,22 @@ class FusedBatchNorm(layers.BatchNormalization):
     training step 1.6x slower than the single FusedBatchNormV3 op, which oneDNN runs in
     bfloat16 directly. At inference the same op normalises with the moving statistics,
     which lets TensorFlow's graph optimiser fold it into the preceding convolution.
-    Channels-last 4-D inputs with scale and centre only; anything else takes Keras' path.
+    One difference: the moving variance is updated with the unbiased batch variance
+    (n/(n-1) times Keras'). Channels-last 4-D float inputs with scale and centre, no renorm,
+    no sync, no mask; anything else takes Keras' path.
     """
 
+    FUSABLE_DTYPES = frozenset({"float16", "bfloat16", "float32"})
+
     def call(self, inputs, training=None, mask=None):
-        fusable = len(inputs.shape) == 4 and self.axis in (-1, 3) and self.center and self.scale
+        fusable = (len(inputs.shape) == 4 and self.axis in (-1, 3) and self.center and self.scale
+                   and not self.renorm and not self.synchronized and mask is None
+                   and keras.backend.standardize_dtype(inputs.dtype) in self.FUSABLE_DTYPES)
         if not fusable:
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
+
+        training = bool(training) and self.trainable  # frozen layers use moving statistics
 
         outputs, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
             x=inputs, scale=tf.cast(self.gamma, "float32"), offset=tf.cast(self.beta, "float32"),
@@ -131,7 +140,7 @@ class FusedBatchNorm(layers.BatchNormalization):
             variance=(tf.constant([], "float32") if training
                       else tf.cast(self.moving_variance, "float32")),
             epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
-            is_training=bool(training))
+            is_training=training)
         if training:
             for moving, batch in ((self.moving_mean, batch_mean),
                                   (self.moving_variance, batch_variance)):
@@ -155,8 +164,8 @@ def with_precision(model: keras.Model, policy: str) -> keras.Model:
     """A copy of ``model`` (same weights) that computes in the Keras dtype policy ``policy``.
 
     Models are saved in float32, which runs everywhere; on a CPU with bf16 instructions the
-    default model predicts 3.6x faster in mixed_bfloat16 with the same test accuracy
-    (BENCHMARKS.md). The softmax and what follows it stay float32 whatever the policy.
+    default model predicts about 3.6x faster in mixed_bfloat16 with the same test accuracy
+    (BENCHMARKS.md, inference). The softmax and what follows it stay float32.
     """
     def rebuild(layer):
         dtype = "float32" if layer.name in FLOAT32_OUTPUT_LAYERS else policy
@@ -319,8 +328,9 @@ def get_spec(name: str) -> ModelSpec:
 def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
     """Load a saved fer model; the registered ClassNames layer makes this self-contained.
 
-    ``precision`` is a resolved policy (see fer.precision.choose_precision) to compute in.
+    ``precision`` is what it computes in: a Keras policy or ``auto`` (fer.precision).
     """
+    precision = choose_precision(precision)
     path = Path(path)
     if not path.is_file():
         raise FerError(f"{path}: model file not found (expected a model.keras from `fer train`)")

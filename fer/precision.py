@@ -34,11 +34,16 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def check_precision(requested: str) -> None:
+    """Refuse an unknown precision name (cheap: no TensorFlow import)."""
+    if requested not in PRECISIONS:
+        raise FerError(f"--precision {requested}: expected one of {', '.join(PRECISIONS)}")
+
+
 def choose_precision(requested: str = "auto", *, flags: set[str] | None = None,
                      gpu: bool | None = None) -> str:
     """Resolve ``auto`` to mixed_float16 (GPU), mixed_bfloat16 (bf16 CPU) or float32."""
-    if requested not in PRECISIONS:
-        raise FerError(f"--precision {requested}: expected one of {', '.join(PRECISIONS)}")
+    check_precision(requested)
     if requested != "auto":
         return requested
     if has_gpu() if gpu is None else gpu:

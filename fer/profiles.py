@@ -17,6 +17,17 @@ class Profile:
     description: str
     train_options: dict
 
+    def options_with(self, **given) -> dict:
+        """The profile's options with the user's on top.
+
+        A profile's learning rate is tuned for its own model and batch size: it is dropped
+        when the user picks another model, which then trains at its own rate.
+        """
+        options = dict(self.train_options)
+        if given.get("model", options["model"]) != options["model"]:
+            options.pop("learning_rate", None)
+        return {**options, **given}
+
 
 PROFILES: dict[str, Profile] = {
     p.name: p

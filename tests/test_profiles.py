@@ -35,6 +35,15 @@ def test_profile_options_are_train_config_fields():
         assert set(profile.train_options) <= names, profile.name
 
 
+def test_user_options_win_over_the_profile():
+    """--no-tta turns best's averaging off; another --model drops the profile's tuned rate."""
+    assert PROFILES["best"].options_with(tta=False)["tta"] is False
+    assert PROFILES["fast"].options_with()["learning_rate"] == 4e-3
+    assert PROFILES["fast"].options_with(learning_rate=1e-3)["learning_rate"] == 1e-3
+    assert "learning_rate" not in PROFILES["fast"].options_with(model="seed")
+    assert PROFILES["fast"].options_with(model="default")["learning_rate"] == 4e-3
+
+
 def test_unknown_profile():
     with pytest.raises(FerError, match=r"unknown profile 'huge' \(expected one of default, fast"):
         get_profile("huge")
