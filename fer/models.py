@@ -164,7 +164,7 @@ def with_precision(model: keras.Model, policy: str) -> keras.Model:
     """A copy of ``model`` (same weights) that computes in the Keras dtype policy ``policy``.
 
     Models are saved in float32, which runs everywhere; on a CPU with bf16 instructions the
-    default model predicts about 3.6x faster in mixed_bfloat16 with the same test accuracy
+    default model predicts 3.1-3.6x faster in mixed_bfloat16 with the same test accuracy
     (BENCHMARKS.md, inference). The softmax and what follows it stay float32.
     """
     def rebuild(layer):
