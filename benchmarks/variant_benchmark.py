@@ -27,6 +27,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "low-regularisation": ({"dropout": 0.1}, {"weight_decay": 0.01}),
     "flat": ({"flatten_head": True}, {}),
     "deep-last": ({"last_stage_convs": 3}, {}),
+    "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
 }
 
 
