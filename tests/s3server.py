@@ -220,7 +220,7 @@ class SeaweedS3:
                 self._process = None
                 raise RuntimeError(f"weed mini exited early; log:\n{self._log_tail()}")
             try:
-                client.list_buckets()
+                self._read_one_object_per_bucket(client)
                 return
             except Exception:  # any failure means "not yet"
                 if time.monotonic() > deadline:
@@ -230,6 +230,18 @@ class SeaweedS3:
                         f"log:\n{self._log_tail()}"
                     ) from None
                 time.sleep(0.2)
+
+    @staticmethod
+    def _read_one_object_per_bucket(client) -> None:
+        """Ready means stored data reads back, not only that the S3 API answers.
+
+        After a restart, weed answers listings before its volumes have registered with the
+        master; a GET then fails with InternalError for a while.
+        """
+        for bucket in client.list_buckets().get("Buckets", []):
+            listing = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1)
+            for item in listing.get("Contents", []):
+                client.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"].read()
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
