@@ -321,15 +321,15 @@ def predict(
     precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""
-    from fer.precision import check_precision, choose_precision
+    from fer.precision import check_precision
 
-    check_precision(precision)
+    check_precision(precision)  # before TensorFlow loads
     _load_tensorflow()
     from fer.models import load_model
     from fer.predict import predict_files
 
-    loaded = load_model(model, precision=choose_precision(precision))
-    predictions = predict_files(loaded, images, faces=faces, batch_size=batch_size)
+    predictions = predict_files(load_model(model, precision=precision), images, faces=faces,
+                                batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
         return

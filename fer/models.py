@@ -276,27 +276,33 @@ def _conv_bn_relu(x, filters: int):
     return layers.Activation("relu")(x)
 
 
-def build_default(widths: Sequence[int] = (48, 96, 192)) -> keras.Model:
+def build_default(widths: Sequence[int] = (48, 96, 192), *,
+                  convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
+                  flatten_head: bool = False,
+                  conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
+                  ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
 
     The 48x48 input is folded into 24x24x4 (no pixel lost), so no convolution runs at full
     resolution, where a CPU spends most of its time for little accuracy. Two 3x3
     conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels; global average pooling; a small
-    dense head.
+    dense head. The keyword options exist for the recipe experiments of
+    benchmarks/variant_benchmark.py; the registry uses their defaults.
     """
+    conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = layers.Rescaling(1 / 255.0)(inputs)
     x = RandomAffine(rotation=0.25, zoom=0.1, shift=0.1, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
-    for stage, filters in enumerate(widths):
+    for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
         if stage:
             x = layers.MaxPooling2D(2)(x)
-        x = _conv_bn_relu(x, filters)
-        x = _conv_bn_relu(x, filters)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(0.3)(x)
+        for _ in range(convs):
+            x = conv_block(x, filters)
+    x = layers.Flatten()(x) if flatten_head else layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(dropout)(x)
     x = layers.Dense(256, activation="relu")(x)
-    x = layers.Dropout(0.3)(x)
+    x = layers.Dropout(dropout)(x)
     return _finish(inputs, layers.Dense(len(CLASS_NAMES))(x), name="default")
 
 
