@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "flat": ({"flatten_head": True}, {}),
     "deep-last": ({"convs_per_stage": (2, 2, 3)}, {}),
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
+    "widths-40": ({"widths": (40, 80, 160)}, {}),
+    "widths-32": ({"widths": (32, 64, 128)}, {}),
+    "widths-32-2-views": ({"widths": (32, 64, 128)}, {"augmentation_views": 2}),
+    "sgd-nesterov": ({}, {"optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 5e-4}),
 }
 
 
@@ -60,14 +64,14 @@ def register(name: str):
     return REGISTRY[name]
 
 
-def steps_per_second(name: str, *, batch_size: int, steps: int) -> float:
+def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str = "auto") -> float:
     """Training images/s of the variant on random pixels (model compute only, no data)."""
     import keras
     import numpy as np
 
     from fer.precision import choose_precision, dtype_policy
 
-    with dtype_policy(choose_precision("auto")):
+    with dtype_policy(choose_precision(precision)):
         model = register(name).build()
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     rng = np.random.default_rng(0)
@@ -87,13 +91,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps-only", action="store_true",
                         help="time 60 training steps per variant instead of training")
+    parser.add_argument("--precision", default="auto",
+                        help="--steps-only: auto (from the CPU flags), float32 or mixed_bfloat16")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-variants")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     if args.steps_only:
         for name in args.variant:
-            ips = steps_per_second(name, batch_size=args.batch_size, steps=60)
-            print(f"{name}: {ips:.0f} training images/s (batch {args.batch_size})", flush=True)
+            ips = steps_per_second(name, batch_size=args.batch_size, steps=60,
+                                   precision=args.precision)
+            print(f"{name}: {ips:.0f} training images/s (batch {args.batch_size}, "
+                  f"{args.precision})", flush=True)
         return
     if args.data is None:
         parser.error("--data is required to train")
