@@ -46,8 +46,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
     "widths-40": ({"widths": (40, 80, 160)}, {}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
-    "widths-32-2-views": ({"widths": (32, 64, 128)}, {"augmentation_views": 2}),
-    "sgd-nesterov": ({}, {"optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 5e-4}),
 }
 
 

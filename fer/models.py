@@ -198,11 +198,10 @@ class ModelSpec:
     name: str
     build: Callable[[], keras.Model]
     learning_rate: float
-    optimizer: str  # "adam" | "adamw" | "sgd" (Nesterov momentum 0.9)
+    optimizer: str  # "adam" | "adamw"
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
-    augmentation_views: int = 1  # differently augmented copies of each image per batch
     description: str = ""
 
 

@@ -69,8 +69,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     started = time.perf_counter()
     history = model.fit(
         _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=config.seed,
-                 class_weights=class_weights(dataset.train, spec.class_weighting),
-                 views=spec.augmentation_views),
+                 class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=_batches(dataset.validation, batch_size=256),
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
@@ -119,17 +118,13 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
 
 
 def _optimizer(spec: ModelSpec, learning_rate: float, total_steps: int):
-    """Constant Adam for the seed (as published); otherwise warm-up + cosine decay, with
-    AdamW or SGD with Nesterov momentum (both with decoupled weight decay)."""
+    """Constant Adam for the seed (as published); AdamW with warm-up + cosine otherwise."""
     if spec.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate)
     warmup = max(1, min(total_steps // 10, 500))
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=learning_rate / 10, decay_steps=max(1, total_steps - warmup),
         warmup_target=learning_rate, warmup_steps=warmup, alpha=0.01)
-    if spec.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
-                                    weight_decay=spec.weight_decay)
     return keras.optimizers.AdamW(schedule, weight_decay=spec.weight_decay)
 
 
@@ -143,13 +138,8 @@ def class_weights(split: Split, scheme: str) -> np.ndarray | None:
 
 
 def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None,
-             class_weights: np.ndarray | None = None, views: int = 1):
-    """A tf.data pipeline of (raw float pixels, one-hot labels[, sample weights]), prefetched.
-
-    With ``views`` > 1 every batch holds each of its ``batch_size`` images that many times;
-    the model's augmentation layer draws a different transform for each copy ("batch
-    augmentation", Hoffer et al. 2019): more learning per epoch for more compute per epoch.
-    """
+             class_weights: np.ndarray | None = None):
+    """A tf.data pipeline of (raw float pixels, one-hot labels[, sample weights]), prefetched."""
     import tensorflow as tf
 
     data = tf.data.Dataset.from_tensor_slices((split.images[..., None], split.labels))
@@ -157,8 +147,6 @@ def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None,
         data = data.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def to_model(x, y):
-        if views > 1:
-            x, y = tf.concat([x] * views, axis=0), tf.concat([y] * views, axis=0)
         batch = (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES))
         return batch if class_weights is None else (*batch, tf.gather(class_weights, y))
 

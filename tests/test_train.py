@@ -104,32 +104,3 @@ def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
     assert weights[1] == weights.max() and weights[3] == weights.min()
     assert np.average(weights[labels]) == pytest.approx(1.0, abs=1e-5)
     assert class_weights(split, "none") is None
-
-
-def test_augmentation_views_repeat_each_image_in_its_batch():
-    """With 2 views a batch of 4 images holds each image, label and weight twice."""
-    from fer.train import _batches
-
-    split = shaded_split(2, 4)
-    weights = np.arange(1, 8, dtype=np.float32)
-    pixels, labels, sample_weights = next(iter(
-        _batches(split, batch_size=4, class_weights=weights, views=2)))
-    assert pixels.shape == (8, 48, 48, 1) and labels.shape == (8, 7)
-    assert np.array_equal(pixels[:4], pixels[4:]) and np.array_equal(labels[:4], labels[4:])
-    assert np.array_equal(sample_weights[:4], sample_weights[4:])
-    assert np.array_equal(pixels[:4, ..., 0], split.images[:4])
-
-
-def test_sgd_recipe_gets_nesterov_momentum_and_weight_decay():
-    """A spec with optimizer "sgd" trains with Nesterov SGD and its decoupled weight decay."""
-    import dataclasses
-
-    from fer.models import get_spec
-    from fer.train import _optimizer
-
-    spec = dataclasses.replace(get_spec("default"), optimizer="sgd", weight_decay=5e-4)
-    optimizer = _optimizer(spec, 0.05, total_steps=100)
-    assert isinstance(optimizer, keras.optimizers.SGD)
-    assert optimizer.nesterov and optimizer.momentum == 0.9 and optimizer.weight_decay == 5e-4
-    assert isinstance(_optimizer(get_spec("default"), 2e-3, total_steps=100),
-                      keras.optimizers.AdamW)
