@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
     "widths-40": ({"widths": (40, 80, 160)}, {}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
+    "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
 }
 
 
