@@ -19,6 +19,8 @@ from pathlib import Path
 
 from common import machine_line
 
+from fer.precision import PRECISIONS, choose_precision
+
 
 def _keras_bn_block(x, filters: int):
     """conv-BN-ReLU with Keras' own BatchNormalization (what FusedBatchNorm replaced)."""
@@ -44,7 +46,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "flat": ({"flatten_head": True}, {}),
     "deep-last": ({"convs_per_stage": (2, 2, 3)}, {}),
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
-    "widths-40": ({"widths": (40, 80, 160)}, {}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
     "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
 }
@@ -63,14 +64,14 @@ def register(name: str):
     return REGISTRY[name]
 
 
-def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str = "auto") -> float:
+def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) -> float:
     """Training images/s of the variant on random pixels (model compute only, no data)."""
     import keras
     import numpy as np
 
-    from fer.precision import choose_precision, dtype_policy
+    from fer.precision import dtype_policy
 
-    with dtype_policy(choose_precision(precision)):
+    with dtype_policy(precision):
         model = register(name).build()
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     rng = np.random.default_rng(0)
@@ -90,17 +91,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps-only", action="store_true",
                         help="time 60 training steps per variant instead of training")
-    parser.add_argument("--precision", default="auto",
-                        help="--steps-only: auto (from the CPU flags), float32 or mixed_bfloat16")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: from the CPU flags, as fer train picks it")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-variants")
     args = parser.parse_args()
     print(machine_line(), flush=True)
+    precision = choose_precision(args.precision)
     if args.steps_only:
         for name in args.variant:
             ips = steps_per_second(name, batch_size=args.batch_size, steps=60,
-                                   precision=args.precision)
-            print(f"{name}: {ips:.0f} training images/s (batch {args.batch_size}, "
-                  f"{args.precision})", flush=True)
+                                   precision=precision)
+            print(f"{name}: {ips:.0f} training images/s (batch {args.batch_size}, {precision})",
+                  flush=True)
         return
     if args.data is None:
         parser.error("--data is required to train")
@@ -113,7 +115,8 @@ def main() -> None:
     for name in args.variant:
         register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
-                                            batch_size=args.batch_size, out_dir=args.out),
+                                            batch_size=args.batch_size, out_dir=args.out,
+                                            precision=precision),
                        verbose=2)
         keys = ("best_epoch", "best_val_accuracy", "accuracy", "macro_f1",
                 "train_images_per_second", "wall_seconds")
