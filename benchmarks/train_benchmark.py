@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--epochs", type=int, help="override the profile's epochs")
     parser.add_argument("--model", help="override the profile's model")
+    parser.add_argument("--ensemble", type=int, help="override the profile's ensemble size")
     parser.add_argument("--seed-steps", type=int, help="default: one epoch's worth (batch 64)")
     parser.add_argument("--skip-seed", action="store_true", help="no seed reference (no ratios)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench")
@@ -58,14 +59,18 @@ def main() -> None:
               flush=True)
 
     profile = PROFILES[args.profile]
-    overrides = {key: value for key, value in (("epochs", args.epochs), ("model", args.model))
-                 if value}
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("model", args.model),
+                                               ("ensemble", args.ensemble)) if value}
     config = TrainConfig(**profile.options_with(**overrides), out_dir=args.out)
     result = train(dataset, config, verbose=2)
     m = result.metrics
     crossing = first_crossing(result.run_dir / "history.csv", HEADLINE)
     print(f"profile {args.profile}: model {config.model}, {config.epochs} epochs, "
-          f"batch {config.batch_size}, {m['precision']}")
+          f"batch {config.batch_size}, ensemble {config.ensemble}, tta {config.tta}, "
+          f"{m['precision']}")
+    if "saved_model_val_accuracy" in m:
+        print(f"validation: first model {m['best_val_accuracy']:.4f}, saved (averaged) model "
+              f"{m['saved_model_val_accuracy']:.4f}")
     print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
     print("per-class recall " + json.dumps(m["per_class_recall"]))
     print(f"wall {fmt_seconds(m['wall_seconds'])}, training {m['train_images_per_second']:.1f} "

@@ -131,6 +131,9 @@ PrecisionOption = Annotated[str, typer.Option(
 InferencePrecisionOption = Annotated[str, typer.Option(
     help="auto (bf16 on CPUs with bf16 instructions, else float32) | float32 | mixed_bfloat16 "
          "| mixed_float16")]
+EnsembleOption = Annotated[int | None, typer.Option(
+    min=1, help="train N models from seeds seed..seed+N-1 on the same split and save their "
+                "average (N times the training and inference cost); default: the profile's (1)")]
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="save a model that averages each image with its mirror (twice the "
                            "inference cost); default: the profile's (on for best)")]
@@ -157,6 +160,7 @@ def train(
     learning_rate: LearningRateOption = None,
     precision: PrecisionOption = "auto",
     tta: TtaOption = None,
+    ensemble: EnsembleOption = None,
     publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
     storage: StorageOption = None,
     endpoint_url: EndpointOption = None,
@@ -169,7 +173,7 @@ def train(
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
-                               learning_rate=learning_rate, tta=tta)
+                               learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if remote:
         parameters = {**options, "seed": seed, "val_fraction": val_fraction,
@@ -233,6 +237,7 @@ def retrain(
     learning_rate: LearningRateOption = None,
     precision: PrecisionOption = "auto",
     tta: TtaOption = None,
+    ensemble: EnsembleOption = None,
     storage: StorageOption = None,
     create_bucket: CreateBucketOption = False,
 ) -> None:
@@ -240,7 +245,7 @@ def retrain(
     _load_tensorflow()
     flows_retrain = _import_flows("flows.retrain")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
-                               learning_rate=learning_rate, tta=tta)
+                               learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
                                    val_fraction=val_fraction,
                                    out_dir=str(out), precision=precision,

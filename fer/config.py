@@ -54,5 +54,6 @@ class TrainConfig:
     learning_rate: float | None = None  # None: the model's own default
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
     tta: bool = False  # save a model that averages each image with its mirror (2x inference)
+    ensemble: int = 1  # members trained from seeds seed, seed+1, ...; the saved model averages them
     out_dir: Path = Path("runs")
     run_id: str | None = None  # None: generated from the time and model name

@@ -9,14 +9,18 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def plot_curves(history: Mapping[str, Sequence[float]], path: Path) -> Path:
-    """Loss and accuracy per epoch, train solid and validation dotted, like the original."""
+def plot_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Path) -> Path:
+    """Loss and accuracy per epoch, train solid and validation dotted, like the original;
+    an ensemble's members share the axes, one colour each."""
     figure = Figure(figsize=(12, 4.5), layout="constrained")
-    epochs = np.arange(1, len(history["loss"]) + 1)
     for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
-        axis.plot(epochs, history[metric], label=f"train {metric}")
-        if f"val_{metric}" in history:
-            axis.plot(epochs, history[f"val_{metric}"], ":", label=f"validation {metric}")
+        for number, history in enumerate(histories, start=1):
+            member = f"member {number} " if len(histories) > 1 else ""
+            epochs = np.arange(1, len(history[metric]) + 1)
+            line, = axis.plot(epochs, history[metric], label=f"{member}train {metric}")
+            if f"val_{metric}" in history:
+                axis.plot(epochs, history[f"val_{metric}"], ":", color=line.get_color(),
+                          label=f"{member}validation {metric}")
         axis.set(title=f"{metric.capitalize()} per epoch", xlabel="epoch", ylabel=metric)
         axis.legend()
     figure.savefig(path, dpi=100)

@@ -19,10 +19,10 @@ import numpy as np
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
-from fer.evaluate import evaluate_run
+from fer.evaluate import evaluate_run, predict_probabilities, to_canonical
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, get_spec, with_flip_averaging, with_precision
+from fer.models import ModelSpec, averaging, class_names_of, get_spec, with_precision
 from fer.plots import plot_curves
 from fer.precision import choose_precision, dtype_policy
 
@@ -48,6 +48,8 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResu
 def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult:
     """Train on train, select the epoch on validation; write model, history, curves, manifest.
 
+    With ``config.ensemble`` > 1 the members train one after another from seeds
+    ``seed``, ``seed + 1``, ... on the same split, and the saved model averages them.
     The test split is not touched here; ``fer.evaluate.evaluate_run`` scores it afterwards.
     """
     _check_config(config, dataset)
@@ -56,41 +58,25 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     run_id = config.run_id or new_run_id(config.model)
     run_dir = Path(config.out_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    keras.utils.set_random_seed(config.seed)
     learning_rate = config.learning_rate or spec.learning_rate
-    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
 
-    with dtype_policy(precision):
-        model = spec.build()
-    model.compile(optimizer=_optimizer(spec, learning_rate, steps_per_epoch * config.epochs),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
-                  metrics=["accuracy"])
-    timer, best = EpochTimer(), KeepBestWeights()
     started = time.perf_counter()
-    history = model.fit(
-        _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=config.seed,
-                 class_weights=class_weights(dataset.train, spec.class_weighting)),
-        validation_data=_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
-    ).history
-    best.restore(model)
+    members = [_fit_member(dataset, config, spec, precision=precision,
+                           learning_rate=learning_rate, seed=config.seed + number,
+                           started=started, verbose=verbose)
+               for number in range(config.ensemble)]
     wall_seconds = time.perf_counter() - started
 
-    export = with_precision(model, "float32") if precision != "float32" else model
-    (with_flip_averaging(export) if config.tta else export).save(run_dir / "model.keras")
-    _write_history({**history, "elapsed_seconds": timer.elapsed}, run_dir / "history.csv")
-    plot_curves(history, run_dir / "curves.png")
-    training_metrics = {
-        "epochs": config.epochs,
-        "best_epoch": best.best_epoch,
-        "best_val_accuracy": round(best.best_value, 4),
-        "wall_seconds": round(wall_seconds, 1),
-        "train_seconds": round(timer.train_seconds, 1),
-        "train_images_per_second": round(len(dataset.train) * config.epochs / timer.train_seconds, 1),
-        "precision": precision,
-        "class_weighting": spec.class_weighting,
-        "test_time_augmentation": "flip" if config.tta else "none",
-    }
+    saved = averaging([with_precision(m.model, "float32") if precision != "float32" else m.model
+                       for m in members], flip=config.tta)
+    saved.save(run_dir / "model.keras")
+    _write_history([m.history for m in members], run_dir / "history.csv")
+    plot_curves([m.history for m in members], run_dir / "curves.png")
+    training_metrics = _training_metrics(members, config, dataset, precision=precision,
+                                         spec=spec, wall_seconds=wall_seconds)
+    if len(members) > 1 or config.tta:  # what averaging adds, measured where selection happens
+        training_metrics["saved_model_val_accuracy"] = round(
+            _accuracy(saved, dataset.validation), 4)
     write_json(run_dir / "metrics.json", training_metrics)
     write_json(run_dir / "manifest.json", {
         "run_id": run_id,
@@ -108,11 +94,76 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     return RunResult(run_id=run_id, run_dir=run_dir, metrics=training_metrics)
 
 
+@dataclass
+class Member:
+    """One trained network: its weights restored to its best validation epoch."""
+
+    seed: int
+    model: keras.Model
+    history: dict
+    best_epoch: int
+    best_val_accuracy: float
+    train_seconds: float
+
+
+def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
+                learning_rate: float, seed: int, started: float, verbose: int) -> Member:
+    keras.utils.set_random_seed(seed)
+    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
+    with dtype_policy(precision):
+        model = spec.build()
+    model.compile(optimizer=_optimizer(spec, learning_rate, steps_per_epoch * config.epochs),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
+                  metrics=["accuracy"])
+    timer, best = EpochTimer(started), KeepBestWeights()
+    history = model.fit(
+        _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
+                 class_weights=class_weights(dataset.train, spec.class_weighting)),
+        validation_data=_batches(dataset.validation, batch_size=256),
+        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
+    ).history
+    best.restore(model)
+    return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
+                  best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
+                  train_seconds=timer.train_seconds)
+
+
+def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,
+                      precision: str, spec: ModelSpec, wall_seconds: float) -> dict:
+    """metrics.json's training half; an ensemble also lists each member's selection."""
+    train_seconds = sum(m.train_seconds for m in members)
+    metrics = {
+        "epochs": config.epochs,
+        "best_epoch": members[0].best_epoch,
+        "best_val_accuracy": round(members[0].best_val_accuracy, 4),
+        "wall_seconds": round(wall_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": round(
+            len(dataset.train) * config.epochs * len(members) / train_seconds, 1),
+        "precision": precision,
+        "class_weighting": spec.class_weighting,
+        "test_time_augmentation": "flip" if config.tta else "none",
+    }
+    if len(members) > 1:
+        metrics["ensemble"] = [{"seed": m.seed, "best_epoch": m.best_epoch,
+                                "best_val_accuracy": round(m.best_val_accuracy, 4)}
+                               for m in members]
+    return metrics
+
+
+def _accuracy(model: keras.Model, split: Split) -> float:
+    probabilities = predict_probabilities(model, split.images)
+    predicted = to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
+    return float(np.mean(predicted == split.labels))
+
+
 def _check_config(config: TrainConfig, dataset: Dataset) -> None:
     if config.epochs < 1:
         raise FerError(f"--epochs {config.epochs}: expected at least 1")
     if config.batch_size < 1:
         raise FerError(f"--batch-size {config.batch_size}: expected at least 1")
+    if config.ensemble < 1:
+        raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
 
@@ -154,13 +205,18 @@ def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None,
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-def _write_history(history: dict, path: Path) -> None:
-    keys = list(history)
+def _write_history(histories: list[dict], path: Path) -> None:
+    """One row per epoch; an ensemble's file has a ``member`` column and a row block each."""
+    keys = list(histories[0])
+    member_column = ["member"] if len(histories) > 1 else []
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch", *keys])
-        for epoch, values in enumerate(zip(*(history[k] for k in keys), strict=True), start=1):
-            writer.writerow([epoch, *(f"{float(v):.6g}" for v in values)])
+        writer.writerow(["epoch", *member_column, *keys])
+        for member, history in enumerate(histories, start=1):
+            rows = zip(*(history[k] for k in keys), strict=True)
+            for epoch, values in enumerate(rows, start=1):
+                writer.writerow([epoch, *([member] if member_column else []),
+                                 *(f"{float(v):.6g}" for v in values)])
 
 
 def _data_record(dataset: Dataset) -> dict:
@@ -176,16 +232,20 @@ def _data_record(dataset: Dataset) -> dict:
 
 class EpochTimer(keras.callbacks.Callback):
     """Time in training steps only (validation excluded) for images/s, and the wall clock
-    at each epoch's end (``elapsed_seconds`` in history.csv, for time-to-accuracy)."""
+    at each epoch's end (``elapsed_seconds`` in history.csv, for time-to-accuracy),
+    counted from ``started`` (a ``time.perf_counter()`` value; default: when fit begins),
+    so an ensemble's later members continue the clock of the run."""
 
-    def __init__(self):
+    def __init__(self, started: float | None = None):
         super().__init__()
         self.train_seconds = 0.0
         self.elapsed: list[float] = []
-        self._epoch_start = self._train_start = 0.0
+        self._started = started
+        self._epoch_start = 0.0
 
     def on_train_begin(self, logs=None):
-        self._train_start = time.perf_counter()
+        if self._started is None:
+            self._started = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -194,7 +254,7 @@ class EpochTimer(keras.callbacks.Callback):
         self.train_seconds += time.perf_counter() - self._epoch_start
 
     def on_epoch_end(self, epoch, logs=None):
-        self.elapsed.append(round(time.perf_counter() - self._train_start, 2))
+        self.elapsed.append(round(time.perf_counter() - self._started, 2))
 
 
 class KeepBestWeights(keras.callbacks.Callback):

@@ -82,6 +82,7 @@ def retrain(
     precision: str = "auto",
     create_bucket: bool = False,
     tta: bool = False,
+    ensemble: int = 1,
 ) -> dict:
     """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE.
 
@@ -92,7 +93,8 @@ def retrain(
     data_dir = str(settings.data_dir)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
                          val_fraction=val_fraction, learning_rate=learning_rate,
-                         precision=precision, tta=tta, out_dir=Path(out_dir))
+                         precision=precision, tta=tta, ensemble=ensemble,
+                         out_dir=Path(out_dir))
 
     source = fetch_data(data, data_dir=data_dir, endpoint_url=settings.endpoint_url)
     run_dir = train(source, config, data_dir=data_dir)

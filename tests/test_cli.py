@@ -67,6 +67,8 @@ def test_usage_errors_are_reported_by_click(tmp_path):
     """Out-of-range numbers and missing files are rejected before anything runs."""
     result = run_fer("train", "--epochs", "0")
     assert result.returncode == 2 and "Invalid value for '--epochs'" in result.stderr
+    result = run_fer("train", "--ensemble", "0")
+    assert result.returncode == 2 and "Invalid value for '--ensemble'" in result.stderr
     result = run_fer("predict", tmp_path / "none.jpg", "--model", tmp_path / "none.keras")
     assert result.returncode == 2 and "does not exist" in result.stderr
 

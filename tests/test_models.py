@@ -145,10 +145,10 @@ def test_fused_batch_norm_uses_moving_statistics_at_inference():
 
 def test_flip_averaging_is_the_mean_of_both_views_and_survives_saving(tmp_path):
     """The TTA model predicts the mean over image and mirror, keeps its class order, reloads."""
-    from fer.models import HorizontalFlip, with_flip_averaging
+    from fer.models import HorizontalFlip, averaging
 
     model = get_spec("default").build()
-    tta = with_flip_averaging(model)
+    tta = averaging([model], flip=True)
     pixels = np.random.default_rng(4).integers(0, 256, (3, 48, 48, 1)).astype("float32")
     assert np.array_equal(HorizontalFlip()(pixels), pixels[:, :, ::-1])  # the second view
     expected = (model(pixels) + model(pixels[:, :, ::-1])) / 2
@@ -170,3 +170,33 @@ def test_loading_in_bf16_computes_in_bf16_and_agrees_with_float32(tmp_path):
     out = np.asarray(bf16(pixels, training=False))
     assert out.dtype == np.float32
     assert np.allclose(out, model(pixels, training=False), atol=2e-2)
+
+
+def test_averaging_several_models_is_the_mean_of_each_and_survives_saving(tmp_path):
+    """An ensemble predicts the mean over its members (and mirrors), reloads, keeps the order."""
+    from fer.models import averaging
+
+    members = [get_spec("default").build() for _ in range(2)]
+    pixels = np.random.default_rng(6).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    ensemble = averaging(members, flip=True)
+    views = [m(p) for m in members for p in (pixels, pixels[:, :, ::-1])]
+    expected = sum(np.asarray(v) for v in views) / 4
+    assert np.allclose(ensemble(pixels), expected, atol=1e-6)
+    assert [layer.name for layer in ensemble.layers if isinstance(layer, keras.Model)] == \
+        ["default_1", "default_2"]
+    ensemble.save(tmp_path / "ensemble.keras")
+    loaded = load_model(tmp_path / "ensemble.keras", precision="mixed_bfloat16")
+    assert class_names_of(loaded) == list(CLASS_NAMES)
+    assert np.allclose(loaded(pixels), expected, atol=2e-2)
+    assert averaging(members[:1]) is members[0]  # nothing to average: the model itself
+
+
+def test_averaging_refuses_models_with_different_class_orders():
+    """Averaging columns that mean different emotions would be silently wrong."""
+    from fer.models import ClassNames, averaging
+
+    model = get_spec("default").build()
+    reordered = keras.Model(model.inputs, ClassNames(list(reversed(CLASS_NAMES)), name="class_names")(
+        model.get_layer("probabilities").output))
+    with pytest.raises(FerError, match="disagree on the class order"):
+        averaging([model, reordered])

@@ -67,7 +67,7 @@ def test_tta_run_saves_a_flip_averaging_float32_model(tmp_path, tiny_dataset):
                          tta=True)
     result = train(tiny_dataset, config, verbose=0)
     model = load_model(result.run_dir / "model.keras")
-    assert model.get_layer("flip_average") is not None
+    assert model.get_layer("average") is not None
     core = model.get_layer("default")
     assert {layer.dtype_policy.name for layer in core.layers} == {"float32"}
     pixels = tiny_dataset.test.images[:4, ..., None].astype("float32")
@@ -75,6 +75,34 @@ def test_tta_run_saves_a_flip_averaging_float32_model(tmp_path, tiny_dataset):
     assert np.allclose(model(pixels), expected, atol=1e-6)
     assert result.metrics["test_time_augmentation"] == "flip"
     assert json.loads((result.run_dir / "manifest.json").read_text())["parameters"]["tta"] is True
+
+
+def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_average(
+        tmp_path, tiny_dataset):
+    """--ensemble 2: two members (seeds 5, 6) on one split; the model averages both; history,
+    metrics and images/s account for both."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=5, precision="float32",
+                         ensemble=2)
+    result = train(tiny_dataset, config, verbose=0)
+    model = load_model(result.run_dir / "model.keras")
+    first, second = model.get_layer("default_1"), model.get_layer("default_2")
+    assert not np.allclose(first.get_weights()[0], second.get_weights()[0])  # different seeds
+    pixels = tiny_dataset.test.images[:4, ..., None].astype("float32")
+    assert np.allclose(model(pixels), (first(pixels) + second(pixels)) / 2, atol=1e-6)
+    metrics = result.metrics
+    assert [m["seed"] for m in metrics["ensemble"]] == [5, 6]
+    assert 0.0 <= metrics["saved_model_val_accuracy"] <= 1.0
+    assert metrics["train_images_per_second"] == pytest.approx(
+        len(tiny_dataset.train) * 2 * 2 / metrics["train_seconds"], rel=0.01)
+    history = np.genfromtxt(result.run_dir / "history.csv", delimiter=",", names=True)
+    assert list(history["member"]) == [1, 1, 2, 2] and list(history["epoch"]) == [1, 2, 1, 2]
+    assert np.all(np.diff(history["elapsed_seconds"]) > 0)  # one clock for the whole run
+    assert json.loads((result.run_dir / "manifest.json").read_text())["parameters"]["ensemble"] == 2
+
+
+def test_an_ensemble_of_zero_is_refused(tmp_path, tiny_dataset):
+    with pytest.raises(FerError, match=r"--ensemble 0: expected at least 1"):
+        train(tiny_dataset, TrainConfig(epochs=1, ensemble=0, out_dir=tmp_path), verbose=0)
 
 
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
