@@ -1,0 +1,80 @@
+"""Score the average of saved runs' models, with and without flip averaging.
+
+What `fer train --ensemble N` would save, measured from runs already trained (members
+from different seeds on the same split): validation accuracy (where the choice is made)
+and test accuracy, macro-F1 and per-class recall beside each member alone. Usage:
+
+    python benchmarks/ensemble_benchmark.py --data ../shared/data/fer2013.zip \
+        --run runs/<id-1> --run runs/<id-2>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import machine_line
+
+from fer.data import load_dataset
+from fer.evaluate import predict_probabilities, to_canonical
+from fer.models import averaging, class_names_of, load_model, with_precision
+from fer.precision import PRECISIONS, choose_precision
+
+
+def single_view(model):
+    """The one-view network inside a model saved with flip averaging (itself otherwise)."""
+    import keras
+
+    from fer.models import ClassNames
+
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not nested:
+        return model
+    if len(nested) > 1:
+        raise SystemExit(f"{model.name}: already an ensemble; pass its members' runs instead")
+    core = nested[0]
+    outputs = ClassNames(class_names_of(model), name="class_names")(core.output)
+    return keras.Model(core.inputs, outputs, name=core.name)
+
+
+def scores(model, split) -> dict:
+    from sklearn.metrics import f1_score, recall_score
+
+    predicted = to_canonical(predict_probabilities(model, split.images),
+                             class_names_of(model)).argmax(axis=1)
+    return {"accuracy": round(float(np.mean(predicted == split.labels)), 4),
+            "macro_f1": round(float(f1_score(split.labels, predicted, average="macro")), 4),
+            "recall": [round(float(r), 3) for r in recall_score(split.labels, predicted,
+                                                                average=None)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--run", type=Path, action="append", required=True,
+                        help="a run folder (repeat for each member)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    args = parser.parse_args()
+    print(machine_line(), flush=True)
+    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    precision = choose_precision(args.precision)
+    members = [single_view(load_model(run / "model.keras")) for run in args.run]
+    candidates = [(f"member {run.name}", [member]) for run, member in zip(args.run, members,
+                                                                           strict=True)]
+    candidates.append((f"average of {len(members)}", members))
+    for label, models in candidates:
+        for flip in (False, True):
+            model = averaging(models, flip=flip)
+            if precision != "float32":
+                model = with_precision(model, precision)
+            validation, test = scores(model, dataset.validation), scores(model, dataset.test)
+            print(f"{label}{' + flip' if flip else ''}: validation {validation['accuracy']:.4f}"
+                  f"  test {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
+                  f"test recall {json.dumps(test['recall'])}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
