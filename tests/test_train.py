@@ -100,6 +100,21 @@ def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_aver
     assert json.loads((result.run_dir / "manifest.json").read_text())["parameters"]["ensemble"] == 2
 
 
+def test_an_ensemble_member_is_the_single_run_of_its_seed(tmp_path, tiny_dataset):
+    """Member 2 of `--ensemble 2 --seed 5` is exactly the run `--seed 6` on the same split, so
+    runs trained apart average into the ensemble the option would train
+    (benchmarks/ensemble_benchmark.py relies on this)."""
+    options = dict(epochs=2, batch_size=16, precision="float32")
+    ensemble = train(tiny_dataset, TrainConfig(seed=5, ensemble=2, out_dir=tmp_path / "e",
+                                               **options), verbose=0)
+    single = train(tiny_dataset, TrainConfig(seed=6, out_dir=tmp_path / "s", **options), verbose=0)
+    member = load_model(ensemble.run_dir / "model.keras").get_layer("default_2")
+    alone = load_model(single.run_dir / "model.keras")
+    assert all(np.array_equal(a, b) for a, b in zip(member.get_weights(), alone.get_weights(),
+                                                    strict=True))
+    assert ensemble.metrics["ensemble"][1]["best_val_accuracy"] == single.metrics["best_val_accuracy"]
+
+
 def test_an_ensemble_of_zero_is_refused(tmp_path, tiny_dataset):
     with pytest.raises(FerError, match=r"--ensemble 0: expected at least 1"):
         train(tiny_dataset, TrainConfig(epochs=1, ensemble=0, out_dir=tmp_path), verbose=0)
