@@ -5,7 +5,7 @@ from different seeds on the same split): validation accuracy (where the choice i
 and test accuracy, macro-F1 and per-class recall beside each member alone. Usage:
 
     python benchmarks/ensemble_benchmark.py --data ../shared/data/fer2013.zip \
-        --run runs/<id-1> --run runs/<id-2>
+        --run runs/<id-1> --run runs/<id-2> [--save ensemble.keras]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, action="append", required=True,
                         help="a run folder (repeat for each member)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--save", type=Path, help="also write the average of all runs with flip "
+                        "averaging (float32, what `--ensemble N --tta` saves) to this .keras file")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
@@ -74,6 +76,9 @@ def main() -> None:
             print(f"{label}{' + flip' if flip else ''}: validation {validation['accuracy']:.4f}"
                   f"  test {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
                   f"test recall {json.dumps(test['recall'])}", flush=True)
+    if args.save:
+        averaging(members, flip=True).save(args.save)
+        print(f"saved {args.save}")
 
 
 if __name__ == "__main__":
