@@ -18,10 +18,14 @@ def test_profiles_name_registered_models(name):
     assert PROFILES[name].train_options["model"] in REGISTRY
 
 
-def test_best_profile_saves_a_flip_averaging_model():
-    """`--profile best` turns test-time flip averaging on; the others keep single-view models."""
+def test_best_profile_saves_a_flip_averaging_ensemble():
+    """`--profile best` averages several models and each image's mirror (the measured best);
+    the others keep single, single-view models, which are cheaper to train and to run."""
     assert PROFILES["best"].train_options["tta"] is True
-    assert not PROFILES["default"].train_options.get("tta") and not PROFILES["fast"].train_options.get("tta")
+    assert PROFILES["best"].train_options["ensemble"] > 1
+    for name in ("default", "fast"):
+        assert not PROFILES[name].train_options.get("tta")
+        assert PROFILES[name].train_options.get("ensemble", 1) == 1
 
 
 def test_profile_options_are_train_config_fields():
@@ -36,8 +40,10 @@ def test_profile_options_are_train_config_fields():
 
 
 def test_user_options_win_over_the_profile():
-    """--no-tta turns best's averaging off; another --model drops the profile's tuned rate."""
+    """--no-tta / --ensemble 1 turn best's averaging off; another --model drops the profile's
+    tuned rate."""
     assert PROFILES["best"].options_with(tta=False)["tta"] is False
+    assert PROFILES["best"].options_with(ensemble=1)["ensemble"] == 1
     assert PROFILES["fast"].options_with()["learning_rate"] == 4e-3
     assert PROFILES["fast"].options_with(learning_rate=1e-3)["learning_rate"] == 1e-3
     assert "learning_rate" not in PROFILES["fast"].options_with(model="seed")
