@@ -40,6 +40,27 @@ def single_view(model):
     return keras.Model(core.inputs, outputs, name=core.name)
 
 
+def shared_split(runs: list[Path]) -> tuple[str, float, int]:
+    """The data sha256, validation fraction and split seed every run was trained with.
+
+    Averaging runs trained on different splits would score some members on images they
+    trained on (`fer train --seed` seeds the split too): such runs are refused. Members of
+    one ensemble come from `train_benchmark.py --profile P --member K`.
+    """
+    splits = {}
+    for run in runs:
+        manifest = json.loads((run / "manifest.json").read_text())
+        parameters = manifest["parameters"]
+        origin = manifest["data"]["validation"]
+        seed = int(origin.rsplit("seed ", 1)[1].rstrip(")")) if "seed " in origin else None
+        splits[run] = (manifest["data"]["sha256"], parameters["val_fraction"], seed)
+    if len(set(splits.values())) != 1:
+        listing = "; ".join(f"{run}: data {sha[:8]}, validation {fraction} seed {seed}"
+                            for run, (sha, fraction, seed) in splits.items())
+        raise SystemExit(f"the runs were trained on different splits: {listing}")
+    return next(iter(splits.values()))
+
+
 def scores(model, split) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
@@ -61,12 +82,18 @@ def main() -> None:
                         "averaging (float32, what `--ensemble N --tta` saves) to this .keras file")
     args = parser.parse_args()
     print(machine_line(), flush=True)
-    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    sha256, fraction, seed = shared_split(args.run)
+    dataset = load_dataset(args.data, val_fraction=fraction, seed=seed,
+                           cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    if dataset.sha256 != sha256:
+        raise SystemExit(f"{args.data}: sha256 {dataset.sha256[:8]}..., but the runs were "
+                         f"trained on {sha256[:8]}...")
     precision = choose_precision(args.precision)
     members = [single_view(load_model(run / "model.keras")) for run in args.run]
     candidates = [(f"member {run.name}", [member]) for run, member in zip(args.run, members,
                                                                            strict=True)]
-    candidates.append((f"average of {len(members)}", members))
+    if len(members) > 1:
+        candidates.append((f"average of {len(members)}", members))
     for label, models in candidates:
         for flip in (False, True):
             model = averaging(models, flip=flip)

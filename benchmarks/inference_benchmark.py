@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5, help="alternating throughput rounds")
     args = parser.parse_args()
+    if args.rounds < 1 or args.batch_size < 1:
+        parser.error("--rounds and --batch-size: expected at least 1")
 
     from fer.models import get_spec, load_model, with_precision
     from fer.precision import choose_precision

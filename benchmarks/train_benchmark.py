@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--skip-seed", action="store_true", help="no seed reference (no ratios)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench")
     args = parser.parse_args()
+    for option in ("epochs", "ensemble", "member"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} {getattr(args, option)}: expected at least 1")
 
     print(machine_line(), flush=True)
     dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
@@ -65,7 +68,8 @@ def main() -> None:
 
     profile = PROFILES[args.profile]
     overrides = {key: value for key, value in (("epochs", args.epochs), ("model", args.model),
-                                               ("ensemble", args.ensemble)) if value}
+                                               ("ensemble", args.ensemble))
+                 if value is not None}
     config = TrainConfig(**profile.options_with(**overrides), out_dir=args.out)
     if args.member:
         if not 1 <= args.member <= config.ensemble:

@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
     "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
+    "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
 }
 
 

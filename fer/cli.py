@@ -133,7 +133,8 @@ InferencePrecisionOption = Annotated[str, typer.Option(
          "| mixed_float16")]
 EnsembleOption = Annotated[int | None, typer.Option(
     min=1, help="train N models from seeds seed..seed+N-1 on the same split and save their "
-                "average (N times the training and inference cost); default: the profile's (1)")]
+                "average (N times the training and inference cost); default: the profile's "
+                "(3 for best, else 1)")]
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="save a model that averages each image with its mirror (twice the "
                            "inference cost); default: the profile's (on for best)")]

@@ -293,7 +293,8 @@ def _conv_bn_relu(x, filters: int):
 
 def build_default(widths: Sequence[int] = (48, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
-                  flatten_head: bool = False,
+                  flatten_head: bool = False, rotation: float = 0.25, zoom: float = 0.1,
+                  shift: float = 0.1,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -307,7 +308,7 @@ def build_default(widths: Sequence[int] = (48, 96, 192), *,
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = layers.Rescaling(1 / 255.0)(inputs)
-    x = RandomAffine(rotation=0.25, zoom=0.1, shift=0.1, dtype="float32")(x)
+    x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
         if stage:

@@ -60,11 +60,12 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     run_dir.mkdir(parents=True, exist_ok=False)
     learning_rate = config.learning_rate or spec.learning_rate
 
-    started = time.perf_counter()
-    members = [_fit_member(dataset, config, spec, precision=precision,
-                           learning_rate=learning_rate, seed=config.seed + number,
-                           started=started, verbose=verbose)
-               for number in range(config.ensemble)]
+    started, members = time.perf_counter(), []
+    for number in range(config.ensemble):
+        members.append(_fit_member(
+            dataset, config, spec, precision=precision, learning_rate=learning_rate,
+            seed=config.seed + number, clock=members[0].clock if members else None,
+            verbose=verbose))
     wall_seconds = time.perf_counter() - started
 
     saved = averaging([with_precision(m.model, "float32") if precision != "float32" else m.model
@@ -104,10 +105,11 @@ class Member:
     best_epoch: int
     best_val_accuracy: float
     train_seconds: float
+    clock: float  # perf_counter() when member 1 began training: history's elapsed_seconds is from here
 
 
 def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
-                learning_rate: float, seed: int, started: float, verbose: int) -> Member:
+                learning_rate: float, seed: int, clock: float | None, verbose: int) -> Member:
     keras.utils.set_random_seed(seed)
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
     with dtype_policy(precision):
@@ -115,7 +117,7 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     model.compile(optimizer=_optimizer(spec, learning_rate, steps_per_epoch * config.epochs),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
-    timer, best = EpochTimer(started), KeepBestWeights()
+    timer, best = EpochTimer(clock), KeepBestWeights()
     history = model.fit(
         _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
                  class_weights=class_weights(dataset.train, spec.class_weighting)),
@@ -125,7 +127,7 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     best.restore(model)
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
                   best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
-                  train_seconds=timer.train_seconds)
+                  train_seconds=timer.train_seconds, clock=timer.started)
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,
@@ -234,18 +236,18 @@ class EpochTimer(keras.callbacks.Callback):
     """Time in training steps only (validation excluded) for images/s, and the wall clock
     at each epoch's end (``elapsed_seconds`` in history.csv, for time-to-accuracy),
     counted from ``started`` (a ``time.perf_counter()`` value; default: when fit begins),
-    so an ensemble's later members continue the clock of the run."""
+    so an ensemble's later members continue the clock of its first."""
 
     def __init__(self, started: float | None = None):
         super().__init__()
         self.train_seconds = 0.0
         self.elapsed: list[float] = []
-        self._started = started
+        self.started = started
         self._epoch_start = 0.0
 
     def on_train_begin(self, logs=None):
-        if self._started is None:
-            self._started = time.perf_counter()
+        if self.started is None:
+            self.started = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -254,7 +256,7 @@ class EpochTimer(keras.callbacks.Callback):
         self.train_seconds += time.perf_counter() - self._epoch_start
 
     def on_epoch_end(self, epoch, logs=None):
-        self.elapsed.append(round(time.perf_counter() - self._started, 2))
+        self.elapsed.append(round(time.perf_counter() - self.started, 2))
 
 
 class KeepBestWeights(keras.callbacks.Callback):

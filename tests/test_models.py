@@ -200,3 +200,22 @@ def test_averaging_refuses_models_with_different_class_orders():
         model.get_layer("probabilities").output))
     with pytest.raises(FerError, match="disagree on the class order"):
         averaging([model, reordered])
+
+
+def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tmp_path):
+    """Models saved by earlier versions name their averaging layer "flip_average"; loading
+    them in bf16 keeps it float32, like the softmax."""
+    from keras import layers
+
+    from fer.models import ClassNames, HorizontalFlip
+
+    model = get_spec("default").build()
+    core = keras.Model(model.inputs, model.get_layer("probabilities").output, name="default")
+    inputs = keras.Input((48, 48, 1), name="pixels")
+    averaged = layers.Average(name="flip_average")([core(inputs), core(HorizontalFlip()(inputs))])
+    old = keras.Model(inputs, ClassNames(CLASS_NAMES, name="class_names")(averaged))
+    old.save(tmp_path / "old.keras")
+    loaded = load_model(tmp_path / "old.keras", precision="mixed_bfloat16")
+    assert loaded.get_layer("flip_average").dtype_policy.name == "float32"
+    pixels = np.random.default_rng(7).integers(0, 256, (2, 48, 48, 1)).astype("float32")
+    assert np.allclose(loaded(pixels), old(pixels), atol=2e-2)

@@ -40,10 +40,8 @@ def test_profile_options_are_train_config_fields():
 
 
 def test_user_options_win_over_the_profile():
-    """--no-tta / --ensemble 1 turn best's averaging off; another --model drops the profile's
-    tuned rate."""
+    """--no-tta turns best's averaging off; another --model drops the profile's tuned rate."""
     assert PROFILES["best"].options_with(tta=False)["tta"] is False
-    assert PROFILES["best"].options_with(ensemble=1)["ensemble"] == 1
     assert PROFILES["fast"].options_with()["learning_rate"] == 4e-3
     assert PROFILES["fast"].options_with(learning_rate=1e-3)["learning_rate"] == 1e-3
     assert "learning_rate" not in PROFILES["fast"].options_with(model="seed")
