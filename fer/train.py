@@ -110,6 +110,7 @@ class Member:
 
 def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
                 learning_rate: float, seed: int, clock: float | None, verbose: int) -> Member:
+    """One network from ``seed`` (weights, augmentation, shuffling); the split is the dataset's."""
     keras.utils.set_random_seed(seed)
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
     with dtype_policy(precision):
@@ -132,7 +133,8 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,
                       precision: str, spec: ModelSpec, wall_seconds: float) -> dict:
-    """metrics.json's training half; an ensemble also lists each member's selection."""
+    """metrics.json's training half. ``best_epoch``/``best_val_accuracy`` are member 1's (a
+    single run's as before); an ensemble lists every member's under ``ensemble``."""
     train_seconds = sum(m.train_seconds for m in members)
     metrics = {
         "epochs": config.epochs,
