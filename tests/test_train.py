@@ -104,19 +104,22 @@ def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_aver
 
 
 def test_an_ensemble_member_is_the_single_run_of_its_seed(tmp_path, tiny_dataset):
-    """Member 2 of `--ensemble 2 --seed 5` is exactly the run `--seed 6` on the same split, so
-    runs trained apart average into the ensemble the option would train
-    (benchmarks/ensemble_benchmark.py relies on this). Exact equality assumes TensorFlow's
-    CPU kernels are deterministic for a fixed seed, as they are for this float32 model."""
+    """Member 2 of `--ensemble 2 --seed 5` is the run `--seed 6` on the same split, so runs
+    trained apart average into the ensemble the option would train
+    (benchmarks/ensemble_benchmark.py relies on this). The weights agree to float rounding:
+    TensorFlow may sum gradients in another order from one run to the next, while a wrong
+    seed or split would change them completely."""
     options = dict(epochs=2, batch_size=16, precision="float32")
     ensemble = train(tiny_dataset, TrainConfig(seed=5, ensemble=2, out_dir=tmp_path / "e",
                                                **options), verbose=0)
     single = train(tiny_dataset, TrainConfig(seed=6, out_dir=tmp_path / "s", **options), verbose=0)
-    member = load_model(ensemble.run_dir / "model.keras").get_layer("default_2")
+    first, member = (load_model(ensemble.run_dir / "model.keras").get_layer(f"default_{k}")
+                     for k in (1, 2))
     alone = load_model(single.run_dir / "model.keras")
-    assert all(np.array_equal(a, b) for a, b in zip(member.get_weights(), alone.get_weights(),
-                                                    strict=True))
-    assert ensemble.metrics["ensemble"][1]["best_val_accuracy"] == single.metrics["best_val_accuracy"]
+    pairs = list(zip(member.get_weights(), alone.get_weights(), strict=True))
+    worst = max(float(np.max(np.abs(a - b))) for a, b in pairs)
+    assert all(np.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in pairs), worst
+    assert not np.allclose(first.get_weights()[0], alone.get_weights()[0], rtol=1e-3, atol=1e-4)
 
 
 def test_an_ensemble_of_zero_is_refused(tmp_path, tiny_dataset):
