@@ -19,7 +19,7 @@ import numpy as np
 from common import machine_line
 
 from fer.data import load_dataset
-from fer.evaluate import predict_probabilities, to_canonical
+from fer.evaluate import predict_labels
 from fer.models import averaging, class_names_of, load_model, with_precision
 from fer.precision import PRECISIONS, choose_precision
 
@@ -64,8 +64,7 @@ def shared_split(runs: list[Path]) -> tuple[str, float, int]:
 def scores(model, split) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
-    predicted = to_canonical(predict_probabilities(model, split.images),
-                             class_names_of(model)).argmax(axis=1)
+    predicted = predict_labels(model, split.images)
     return {"accuracy": round(float(np.mean(predicted == split.labels)), 4),
             "macro_f1": round(float(f1_score(split.labels, predicted, average="macro")), 4),
             "recall": [round(float(r), 3) for r in recall_score(split.labels, predicted,

@@ -23,6 +23,12 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
     return np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
 
 
+def predict_labels(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Predicted class indices in CLASS_NAMES order, whatever the model's own order."""
+    probabilities = predict_probabilities(model, images, batch_size=batch_size)
+    return to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
+
+
 def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.ndarray:
     """Reorder columns from the model's class order to CLASS_NAMES, by name."""
     unknown = [n for n in model_class_names if n not in CLASS_INDEX]
@@ -54,9 +60,8 @@ def evaluate_split(model, split: Split, out_dir: Path, *, batch_size: int = 256,
     """Write the classification report (txt/json), confusion matrix and metrics.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    probabilities = predict_probabilities(model, split.images, batch_size=batch_size)
+    predicted = predict_labels(model, split.images, batch_size=batch_size)
     seconds = time.perf_counter() - started
-    predicted = to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
     metrics = {**(extra_metrics or {}), **write_reports(split.labels, predicted, out_dir)}
     metrics["test_images_per_second"] = round(len(split) / seconds, 1)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

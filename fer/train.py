@@ -19,10 +19,10 @@ import numpy as np
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
-from fer.evaluate import evaluate_run, predict_probabilities, to_canonical
+from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, averaging, class_names_of, get_spec, with_precision
+from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.plots import plot_curves
 from fer.precision import choose_precision, dtype_policy
 
@@ -76,8 +76,9 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     training_metrics = _training_metrics(members, config, dataset, precision=precision,
                                          spec=spec, wall_seconds=wall_seconds)
     if len(members) > 1 or config.tta:  # what averaging adds, measured where selection happens
+        predicted = predict_labels(saved, dataset.validation.images)
         training_metrics["saved_model_val_accuracy"] = round(
-            _accuracy(saved, dataset.validation), 4)
+            float(np.mean(predicted == dataset.validation.labels)), 4)
     write_json(run_dir / "metrics.json", training_metrics)
     write_json(run_dir / "manifest.json", {
         "run_id": run_id,
@@ -153,12 +154,6 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
                                 "best_val_accuracy": round(m.best_val_accuracy, 4)}
                                for m in members]
     return metrics
-
-
-def _accuracy(model: keras.Model, split: Split) -> float:
-    probabilities = predict_probabilities(model, split.images)
-    predicted = to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
-    return float(np.mean(predicted == split.labels))
 
 
 def _check_config(config: TrainConfig, dataset: Dataset) -> None:
