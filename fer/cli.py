@@ -111,21 +111,23 @@ def fetch_data(
 
 
 EpochsOption = Annotated[int | None, typer.Option(
-    "--epochs", "-e", min=1, help="default: the profile's (20)")]
+    "--epochs", "-e", min=1, help="default: the profile's (default 20, fast 12, best 60)")]
 BatchSizeOption = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", min=1, help="default: the profile's (64)")]
+    "--batch-size", "-b", min=1, help="default: the profile's (default 64, fast 256, best 64)")]
 ModelOption = Annotated[str | None, typer.Option(
     help="registry name (see `fer models`); default: the profile's (default)")]
 ProfileOption = Annotated[str, typer.Option(
     help="preset: default | fast | best (see README); explicit options win")]
 DataOption = Annotated[str | None, typer.Option(
     help="file, folder, archive, URL or s3://; default: the fetched dataset")]
-OutOption = Annotated[Path, typer.Option(help="folder that receives runs/<run-id>/")]
+OutOption = Annotated[Path, typer.Option(
+    help="folder that receives <run-id>/ (with --remote: a folder on the worker)")]
+DEFAULT_OUT = Path("runs")
 SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuffling")]
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
-    min=0.0, help="peak learning rate; default: the profile's (fast: 4e-3), else the model's own")]
+    help="peak learning rate (> 0); default: the profile's (fast: 4e-3), else the model's own")]
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(
@@ -155,7 +157,7 @@ def train(
     model: ModelOption = None,
     profile: ProfileOption = "default",
     data: DataOption = None,
-    out: OutOption = Path("runs"),
+    out: OutOption = DEFAULT_OUT,
     seed: SeedOption = 1337,
     val_fraction: ValFractionOption = 0.1,
     learning_rate: LearningRateOption = None,
@@ -173,18 +175,25 @@ def train(
         help="with --remote: follow the run to the end and print its report")] = False,
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
+    if wait and not remote:
+        raise typer.BadParameter("only follows a run started with --remote", param_hint="--wait")
+    if remote and endpoint_url:
+        raise typer.BadParameter("the worker uses its own AWS_ENDPOINT_URL; set it where the "
+                                 "worker runs", param_hint="--endpoint-url")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
-    settings = _settings(storage=storage, endpoint_url=endpoint_url)
+    config = TrainConfig(**options, seed=seed, val_fraction=val_fraction,
+                         precision=precision, out_dir=out)
+    _check_training_options(config)
     if remote:
         parameters = {**options, "seed": seed, "val_fraction": val_fraction,
                       "precision": precision, "data": data, "storage": storage,
-                      "create_bucket": create_bucket or None}
-        _train_remotely({k: v for k, v in parameters.items() if v is not None}, wait=wait,
-                        settings=settings)
+                      "out_dir": str(out) if out != DEFAULT_OUT else None,
+                      "create_bucket": create_bucket or None,
+                      "force_champion": force_champion or None}
+        _train_remotely({k: v for k, v in parameters.items() if v is not None}, wait=wait)
         return
-    config = TrainConfig(**options, seed=seed, val_fraction=val_fraction,
-                         precision=precision, out_dir=out)
+    settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
     result = _train_locally(config, data=data, settings=settings)
@@ -209,17 +218,28 @@ def _import_flows(module: str):
                        "`pip install 'fer[orchestration]'`") from None
 
 
-def _train_remotely(parameters: dict, *, wait: bool, settings: Settings) -> None:
+def _check_training_options(config: TrainConfig) -> None:
+    """A misspelt model or precision fails here, before any download or server round trip."""
+    from fer.precision import check_precision
+
+    check_precision(config.precision)
+    _load_tensorflow()  # the model registry lives with the Keras builders
+    from fer.train import check_config
+
+    check_config(config)
+
+
+def _train_remotely(parameters: dict, *, wait: bool) -> None:
     remote = _import_flows("flows.remote")
     run = remote.trigger_retrain(parameters, wait=wait,
                                  on_state=lambda state: typer.echo(f"state: {state}"))
     typer.echo(f"flow run {run.flow_run_id} ({run.name}): {run.state}\n{run.url}")
     if not wait:
         return
-    from fer.storage import read_report
-
-    run_id = (run.result or {}).get("run_id", "latest")
-    report = read_report(_store(settings), run_id)
+    report = run.report
+    if report is None:
+        raise FerError(f"flow run {run.name} completed but posted no classification report; "
+                       f"see {run.url}")
     typer.echo(f"\npublished run {report.run_id}: test accuracy "
                f"{_fmt(report.metrics.get('accuracy'))}, macro-F1 "
                f"{_fmt(report.metrics.get('macro_f1'))}\n\n{report.text.rstrip()}")
@@ -232,7 +252,7 @@ def retrain(
     model: ModelOption = None,
     profile: ProfileOption = "default",
     data: DataOption = None,
-    out: OutOption = Path("runs"),
+    out: OutOption = DEFAULT_OUT,
     seed: SeedOption = 1337,
     val_fraction: ValFractionOption = 0.1,
     learning_rate: LearningRateOption = None,
@@ -241,16 +261,18 @@ def retrain(
     ensemble: EnsembleOption = None,
     storage: StorageOption = None,
     create_bucket: CreateBucketOption = False,
+    force_champion: ForceChampionOption = False,
 ) -> None:
     """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
-    _load_tensorflow()
-    flows_retrain = _import_flows("flows.retrain")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
+    _check_training_options(TrainConfig(**options, seed=seed, val_fraction=val_fraction,
+                                        precision=precision, out_dir=out))
+    flows_retrain = _import_flows("flows.retrain")
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
                                    val_fraction=val_fraction,
                                    out_dir=str(out), precision=precision,
-                                   create_bucket=create_bucket)
+                                   create_bucket=create_bucket, force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
                f"{result['macro_f1']:.4f}; published to {result['location']}"
                + (" (new champion)" if result["became_champion"] else ""))
@@ -278,7 +300,6 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings)
                               endpoint_url=settings.endpoint_url, progress=progress)
     dataset = load_dataset(source, val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=settings.data_dir)
-    _load_tensorflow()  # only once the data is known to be good
     from fer.train import train as train_run
 
     return train_run(dataset, config, verbose=1 if sys.stdout.isatty() else 2)

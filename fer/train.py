@@ -24,7 +24,7 @@ from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
 from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.plots import plot_curves
-from fer.precision import choose_precision, dtype_policy
+from fer.precision import check_precision, choose_precision, dtype_policy
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
@@ -58,7 +58,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     run_id = config.run_id or new_run_id(config.model)
     run_dir = Path(config.out_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    learning_rate = config.learning_rate or spec.learning_rate
+    learning_rate = (spec.learning_rate if config.learning_rate is None
+                     else config.learning_rate)
 
     started, members = time.perf_counter(), []
     for number in range(config.ensemble):
@@ -156,13 +157,22 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
     return metrics
 
 
-def _check_config(config: TrainConfig, dataset: Dataset) -> None:
+def check_config(config: TrainConfig) -> None:
+    """Refuse impossible options (numbers, model or precision names) before any data is read."""
     if config.epochs < 1:
         raise FerError(f"--epochs {config.epochs}: expected at least 1")
     if config.batch_size < 1:
         raise FerError(f"--batch-size {config.batch_size}: expected at least 1")
     if config.ensemble < 1:
         raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
+    if config.learning_rate is not None and not config.learning_rate > 0:
+        raise FerError(f"--learning-rate {config.learning_rate}: expected a number above 0")
+    get_spec(config.model)
+    check_precision(config.precision)
+
+
+def _check_config(config: TrainConfig, dataset: Dataset) -> None:
+    check_config(config)
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
 

@@ -7,6 +7,7 @@ flow. Problems a user can fix (no server, no deployment, no worker, a failed run
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType, WorkPoolStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
@@ -22,6 +24,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.utilities.urls import url_for
 
 from fer.errors import FerError
+from flows.retrain import METRICS_ARTIFACT, REPORT_ARTIFACT, parse_report_markdown
 
 DEPLOYMENT = "retrain/retrain"
 POLL_SECONDS = 5.0
@@ -33,14 +36,25 @@ StateCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class PostedReport:
+    """The test report a retrain run posted to the server, whichever store it published to."""
+
+    run_id: str
+    text: str
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class RemoteRun:
-    """A flow run on the server: where to see it, its state, and its result once complete."""
+    """A flow run on the server: where to see it, its state, and once complete its result and
+    report."""
 
     flow_run_id: str
     name: str
     url: str
     state: str
     result: dict | None = None
+    report: PostedReport | None = None
 
 
 def require_api() -> str:
@@ -118,7 +132,7 @@ def follow_run(
                     on_state(state.name)
             picked_up = picked_up or not _waiting_for_worker(flow_run)
             if state is not None and state.is_final():
-                return _finish(flow_run)
+                return _finish(client, flow_run)
             if (not picked_up and time.monotonic() - started > pickup_timeout_s
                     and not _worker_online(client, flow_run.work_pool_name)):
                 raise FerError(_not_picked_up(flow_run, pickup_timeout_s))
@@ -148,12 +162,25 @@ def _not_picked_up(flow_run: FlowRun, timeout_s: float) -> str:
             f"starts then; cancel it with `prefect flow-run cancel {flow_run.id}`)")
 
 
-def _finish(flow_run: FlowRun) -> RemoteRun:
+def _finish(client, flow_run: FlowRun) -> RemoteRun:
     state = flow_run.state
     if not state.is_completed():
         raise FerError(f"flow run {flow_run.name} ({flow_run.id}) ended {state.name}: "
                        f"{state.message or 'no message'}; logs: {_url(flow_run)}")
-    return _describe(flow_run, result=_result(flow_run))
+    return _describe(flow_run, result=_result(flow_run), report=_posted_report(client, flow_run))
+
+
+def _posted_report(client, flow_run: FlowRun) -> PostedReport | None:
+    """The report and metrics the flow posted as artifacts; None when it posted none."""
+    posted = client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    by_key = {artifact.key: artifact.data for artifact in posted if artifact.key}
+    parsed = parse_report_markdown(by_key.get(REPORT_ARTIFACT) or "")
+    if parsed is None:
+        return None
+    rows = json.loads(by_key.get(METRICS_ARTIFACT) or "[]")
+    metrics = {row["metric"]: row["value"] for row in rows}
+    return PostedReport(run_id=parsed[0], text=parsed[1], metrics=metrics)
 
 
 def _result(flow_run: FlowRun) -> dict | None:
@@ -168,10 +195,11 @@ def _result(flow_run: FlowRun) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _describe(flow_run: FlowRun, *, result: dict | None = None) -> RemoteRun:
+def _describe(flow_run: FlowRun, *, result: dict | None = None,
+              report: PostedReport | None = None) -> RemoteRun:
     state = flow_run.state.name if flow_run.state else "Unknown"
     return RemoteRun(flow_run_id=str(flow_run.id), name=flow_run.name, url=_url(flow_run),
-                     state=state, result=result)
+                     state=state, result=result, report=report)
 
 
 def _url(flow_run: FlowRun) -> str:

@@ -7,6 +7,7 @@ loading this file (``prefect deploy`` does, for the parameter schema) stays chea
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prefect import flow, task
@@ -18,6 +19,8 @@ from fer.storage import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
+REPORT_ARTIFACT = "classification-report"
+METRICS_ARTIFACT = "test-metrics"
 
 
 def _unless_bad_data(task, task_run, state) -> bool:
@@ -60,12 +63,12 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
       retry_condition_fn=_unless_bad_data)
 def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
-            create_bucket: bool) -> PublishResult:
+            create_bucket: bool, force_champion: bool = False) -> PublishResult:
     """Upload the run folder to the store and move its latest/champion pointers."""
     from fer.storage import open_store, publish_run
 
     store = open_store(storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
-    return publish_run(Path(run_dir), store)
+    return publish_run(Path(run_dir), store, force_champion=force_champion)
 
 
 @flow(name="retrain", log_prints=True, persist_result=True)
@@ -83,6 +86,7 @@ def retrain(
     create_bucket: bool = False,
     tta: bool = False,
     ensemble: int = 1,
+    force_champion: bool = False,
 ) -> dict:
     """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE.
 
@@ -101,7 +105,8 @@ def retrain(
     metrics = evaluate(run_dir, source, data_dir=data_dir)
     _post_report(Path(run_dir), metrics)
     published = publish(run_dir, storage=storage or settings.storage,
-                        endpoint_url=settings.endpoint_url, create_bucket=create_bucket)
+                        endpoint_url=settings.endpoint_url, create_bucket=create_bucket,
+                        force_champion=force_champion)
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
@@ -119,17 +124,33 @@ def retrain(
 def _post_report(run_dir: Path, metrics: dict) -> None:
     """The classification report and a metrics table, posted before publishing.
 
-    Posting first means a run whose upload fails still shows how good it was.
+    Posting first means a run whose upload fails still shows how good it was; and the server
+    keeps them, so `fer train --remote --wait` can print them whatever store the worker used.
     """
     report = (run_dir / REPORT).read_text()
     create_markdown_artifact(
-        key="classification-report",
-        markdown=f"## Classification report: run `{run_dir.name}`\n\n```text\n{report}```\n",
+        key=REPORT_ARTIFACT, markdown=report_markdown(run_dir.name, report),
         description="sklearn classification report on the test split.",
     )
     rows = [{"metric": "accuracy", "value": metrics["accuracy"]},
             {"metric": "macro_f1", "value": metrics["macro_f1"]}]
     rows += [{"metric": f"recall {name}", "value": recall}
              for name, recall in metrics["per_class_recall"].items()]
-    create_table_artifact(key="test-metrics", table=rows,
+    create_table_artifact(key=METRICS_ARTIFACT, table=rows,
                           description=f"Test-split metrics of run {run_dir.name}.")
+
+
+def report_markdown(run_id: str, report: str) -> str:
+    """The report artifact's text; ``parse_report_markdown`` reads it back."""
+    return f"## Classification report: run `{run_id}`\n\n```text\n{report}```\n"
+
+
+def parse_report_markdown(markdown: str) -> tuple[str, str] | None:
+    """(run id, report text) from a ``report_markdown`` text; None for any other text."""
+    found = _REPORT_MARKDOWN.fullmatch(markdown)
+    return (found["run_id"], found["report"]) if found else None
+
+
+_REPORT_MARKDOWN = re.compile(
+    r"## Classification report: run `(?P<run_id>[^`]+)`\n\n```text\n(?P<report>.*)```\n",
+    re.DOTALL)

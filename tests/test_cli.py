@@ -63,6 +63,27 @@ def test_unknown_model_is_one_line_error(tmp_path, data_dir):
                           r"unknown model 'resnet'")
 
 
+@pytest.mark.parametrize(("option", "pattern"), [
+    (["--model", "resnet"], r"unknown model 'resnet'"),
+    (["--precision", "fp8"], r"--precision fp8: expected one of auto"),
+    (["--learning-rate", "0"], r"--learning-rate 0\.0: expected a number above 0"),
+])
+@pytest.mark.parametrize("command", [["train"], ["train", "--remote"], ["retrain"]])
+def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, command, option,
+                                                           pattern):
+    """A typo costs no download, decode or server round trip: the data named does not exist."""
+    result = run_fer(*command, "--data", tmp_path / "missing.csv", *option)
+    assert_one_line_error(result, pattern)
+
+
+def test_remote_only_options_are_usage_errors():
+    """--wait follows a remote run; --endpoint-url cannot reach a remote worker."""
+    result = run_fer("train", "--wait")
+    assert result.returncode == 2 and "only follows a run started with --remote" in result.stderr
+    result = run_fer("train", "--remote", "--endpoint-url", "http://127.0.0.1:9")
+    assert result.returncode == 2 and "own AWS_ENDPOINT_URL" in result.stderr
+
+
 def test_usage_errors_are_reported_by_click(tmp_path):
     """Out-of-range numbers and missing files are rejected before anything runs."""
     result = run_fer("train", "--epochs", "0")

@@ -26,7 +26,8 @@ from fer.errors import DataError, FerError
 from fer.storage import LocalStore, PublishResult, list_runs, open_store, read_report
 from flows.deploy import ensure_work_pool
 from flows.remote import follow_run, trigger_retrain
-from flows.retrain import NETWORK_RETRIES, fetch_data, publish, retrain
+from flows.retrain import (NETWORK_RETRIES, fetch_data, parse_report_markdown, publish,
+                           report_markdown, retrain)
 
 # One Prefect server for the session: prefect_api, deployed, start_fer_worker, tiny_fer_zip ...
 pytest_plugins = ["prefect_server"]
@@ -90,6 +91,25 @@ def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
                         create_bucket=False)
     assert result == PublishResult("r1", True, str(tmp_path / "store" / "runs" / "r1"))
     assert read_report(LocalStore(tmp_path / "store"), "latest").text == "macro avg 0.1\n"
+
+
+def test_publish_can_force_the_champion(tmp_path):
+    """`fer retrain --force-champion`: a lower-scoring run still becomes the champion."""
+    store = str(tmp_path / "store")
+    for run_id, accuracy, force in (("r1", 0.6, False), ("r2", 0.5, False), ("r3", 0.4, True)):
+        run_dir = write_run_folder(tmp_path / "runs" / run_id, run_id, accuracy=accuracy)
+        result = publish.fn(str(run_dir), storage=store, endpoint_url=None, create_bucket=False,
+                            force_champion=force)
+        assert result.became_champion == (run_id != "r2")
+    assert read_report(LocalStore(tmp_path / "store"), "champion").run_id == "r3"
+
+
+def test_report_markdown_reads_back_what_was_posted():
+    """`fer train --remote --wait` prints the report it reads back from the posted artifact."""
+    text = "              precision    recall  f1-score   support\n\n       angry       0.55\n"
+    assert parse_report_markdown(report_markdown("20261130-1-default-ab12", text)) == (
+        "20261130-1-default-ab12", text)
+    assert parse_report_markdown("## something else\n") is None
 
 
 # --- the flow, in-process ---------------------------------------------------------------------
@@ -205,12 +225,17 @@ def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, 
 @integration
 def test_fer_train_remote_wait_prints_the_published_report(worker, prefect_api, s3_server,
                                                            storage_url, tiny_fer_zip, tmp_path):
-    """`fer train --epochs 1 --remote --wait` as a user types it: run on the worker, report back."""
+    """`fer train --epochs 1 --remote --wait` as a user types it: run on the worker, report back.
+
+    The user's own FER_STORAGE is not where the worker publishes: the report comes from the
+    server, not from a store the user may not even be able to reach.
+    """
     fer = str(Path(sys.executable).parent / "fer")
     env = {**os.environ, **prefect_api.client_env(), **s3_server.env(storage=storage_url)}
+    here = {**env, "FER_STORAGE": str(tmp_path / "my-own-store")}
     command = [fer, "train", "--epochs", "1", "--batch-size", "32", "--data", str(tiny_fer_zip),
                "--remote", "--wait"]
-    trained = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+    trained = subprocess.run(command, capture_output=True, text=True, env=here, timeout=600,
                              check=False)
     assert trained.returncode == 0, trained.stderr
     assert "/runs/flow-run/" in trained.stdout and "state: Completed" in trained.stdout
