@@ -458,7 +458,8 @@ def _read_run_folder(folder: Path) -> _LocalRun:
     run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)
     _check_created(manifest.get("created"), source=folder / MANIFEST)
     _check_accuracy(metrics.get("accuracy"), source=folder / METRICS)
-    return _LocalRun(folder, run_id, manifest, metrics, _describe_files(folder))
+    names = _artifact_names(folder, manifest.get("artifacts"))
+    return _LocalRun(folder, run_id, manifest, metrics, _describe_files(folder, names))
 
 
 def _read_json_file(folder: Path, name: str) -> dict[str, Any]:
@@ -503,13 +504,28 @@ def _check_accuracy(value: Any, *, source: Path) -> float:
     return float(value)
 
 
-def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every artifact (all files but the manifest), by relative name."""
-    paths = sorted(p for p in folder.rglob("*") if p.is_file())
-    names = [p.relative_to(folder).as_posix() for p in paths]
+def _artifact_names(folder: Path, listed: Any) -> list[str]:
+    """The files to publish: those the manifest lists as artifacts, else every file.
+
+    Listing keeps later additions out of the published run, e.g. the `evaluation/` folder
+    `fer evaluate` writes beside the model by default.
+    """
+    if listed is None:
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise FerError(f"{folder / MANIFEST}: artifacts {listed!r} must be a list of file names")
+    missing = [name for name in listed if not (folder / name).is_file()]
+    if missing:
+        raise FerError(f"run folder {folder} has no {', '.join(missing)} (listed in {MANIFEST}); "
+                       "only complete runs written by `fer train` can be published")
+    return sorted(listed)
+
+
+def _describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each named artifact (the manifest is not one), by relative name."""
     return {
-        name: {"size": path.stat().st_size, "sha256": _sha256(path)}
-        for name, path in zip(names, paths, strict=True)
+        name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+        for name in names
         if name != MANIFEST
     }
 

@@ -137,6 +137,10 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset):
     bad = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
                   "--precision", "fp8")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --precision fp8: expected")
+    beside = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset)
+    assert beside.returncode == 0 and (run_dir / "evaluation" / "metrics.json").is_file()
+    again = run_fer("publish", run_dir, env=storage)  # evaluation/ is not part of the run
+    assert again.returncode == 0, again.stderr
 
     with zipfile.ZipFile(fer_subset) as handle:
         face = handle.read(next(n for n in handle.namelist() if n.startswith("test/happy/")))

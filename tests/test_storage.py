@@ -284,6 +284,29 @@ def test_publish_refuses_bad_run_metadata(tmp_path, runs, file, patch, message):
         publish_run(folder, LocalStore(tmp_path / "artifacts"))
 
 
+def test_publish_uploads_only_the_artifacts_the_manifest_lists(store, runs):
+    """`fer evaluate` writes evaluation/ into the run folder; publishing leaves it out."""
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    listed = sorted(local_files(folder))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "artifacts": listed}))
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "classification_report.txt").write_text("other data\n")
+    publish_run(folder, store)
+    assert sorted(resolve_run(store, "run-a").manifest["files"]) == listed
+    publish_run(folder, store)  # still the same files: harmless, not "different files"
+
+
+def test_publish_names_a_listed_artifact_that_is_missing(tmp_path, runs):
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(
+        {**manifest, "artifacts": ["model.keras", "confusion_matrix.png"]}))
+    (folder / "confusion_matrix.png").unlink()
+    with pytest.raises(FerError, match=r"run-a has no confusion_matrix\.png \(listed in manifest"):
+        publish_run(folder, LocalStore(tmp_path / "artifacts"))
+
+
 # --- opening stores -------------------------------------------------------------------------
 
 
