@@ -401,8 +401,11 @@ class _LocalRun:
 def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) -> PublishResult:
     """Upload a run folder, then its manifest, then move the pointers; safe to repeat.
 
-    ``latest`` moves to the newest run by ``created``; ``champion`` moves when the run's test
-    accuracy is at least the current champion's, or always with ``force_champion``.
+    ``latest`` moves to the newest run by ``created``; ``champion`` moves when the run was
+    trained on the same data as the current champion and its saved model's validation
+    accuracy is at least the champion's, or always with ``force_champion``. Choosing on test
+    accuracy would be choosing the model on the test set; across different data neither
+    figure compares.
     """
     run = _read_run_folder(Path(run_dir))
     remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
@@ -430,8 +433,8 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
     latest = _read_pointer(store, "latest")
     if latest is None or _when(record["created"]) >= _when(latest.get("created")):
         store.put_bytes("latest.json", _dump(record))
-    champion = _read_pointer(store, "champion")
-    becomes = force_champion or champion is None or _accuracy(record) >= _accuracy(champion)
+    champion = _champion_record(store)
+    becomes = force_champion or champion is None or _beats(record, champion)
     if becomes:
         store.put_bytes("champion.json", _dump(record))
     return becomes
@@ -446,7 +449,37 @@ def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
         "model": remote.get("model"),
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics.get("macro_f1"),
+        "val_accuracy": _validation_accuracy(metrics),
+        "data_sha256": (remote.get("data") or {}).get("sha256"),
     }
+
+
+def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
+    """The saved model's validation accuracy (averaged models record it apart), if known."""
+    for key in ("saved_model_val_accuracy", "best_val_accuracy"):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _champion_record(store: Store) -> dict[str, Any] | None:
+    """The champion pointer; one written before pointers held validation accuracy is rebuilt
+    from its run's manifest (None when that run is gone)."""
+    champion = _read_pointer(store, "champion")
+    if champion is None or "val_accuracy" in champion:
+        return champion
+    run_id = champion.get("run_id")
+    manifest = _load_manifest(store, run_id) if isinstance(run_id, str) else None
+    return _pointer_record(manifest) if manifest is not None else None
+
+
+def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
+    """Same data and validation accuracy at least the champion's; unknowns never win."""
+    if record["data_sha256"] is None or record["data_sha256"] != champion.get("data_sha256"):
+        return False
+    ours, theirs = record["val_accuracy"], champion.get("val_accuracy")
+    return ours is not None and (theirs is None or ours >= theirs)
 
 
 def _read_run_folder(folder: Path) -> _LocalRun:
@@ -735,8 +768,3 @@ def _when(created: Any) -> datetime:
         return _parse_time(created)
     except (TypeError, ValueError):
         return datetime.min.replace(tzinfo=UTC)
-
-
-def _accuracy(record: dict[str, Any]) -> float:
-    value = record.get("accuracy")
-    return float(value) if isinstance(value, int | float) else float("-inf")

@@ -36,8 +36,12 @@ integration = pytest.mark.integration
 
 
 def make_run(root: Path, run_id: str, *, accuracy: float, minute: int = 0,
-             big: bool = False) -> Path:
-    """A run folder as `fer train` writes it, with dummy artifact bytes."""
+             big: bool = False, val_accuracy: float | None = None,
+             data_sha256: str = "0" * 64) -> Path:
+    """A run folder as `fer train` writes it, with dummy artifact bytes.
+
+    The validation accuracy (what the champion is chosen on) is the test accuracy unless given.
+    """
     folder = root / run_id
     folder.mkdir(parents=True)
     (folder / "model.keras").write_bytes(os.urandom(BIG if big else 2048))
@@ -48,11 +52,12 @@ def make_run(root: Path, run_id: str, *, accuracy: float, minute: int = 0,
     (folder / "classification_report.json").write_text(json.dumps({"accuracy": accuracy}))
     metrics = {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "epochs": 2,
                "per_class_recall": {"happy": accuracy}, "wall_seconds": 3.5,
-               "train_images_per_second": 1000.0}
+               "train_images_per_second": 1000.0,
+               "best_val_accuracy": accuracy if val_accuracy is None else val_accuracy}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     manifest = {"run_id": run_id, "created": (T0 + timedelta(minutes=minute)).isoformat(),
                 "model": "default", "parameters": {"epochs": 2, "batch_size": 64},
-                "data": {"source": "fer2013.csv", "sha256": "0" * 64},
+                "data": {"source": "fer2013.csv", "sha256": data_sha256},
                 "versions": {"python": "3.11"}, "seed": 1337, "precision": "float32",
                 "git_commit": "abc123"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -150,7 +155,8 @@ def pointers(store) -> tuple[str, str]:
 
 
 def test_champion_moves_only_for_better_or_equal_run(store, runs):
-    """latest always moves to the newest run; champion only for accuracy >= the champion's."""
+    """latest always moves to the newest run; champion only for validation accuracy >= the
+    champion's."""
     assert publish_run(make_run(runs, "r1", accuracy=0.60, minute=1), store).became_champion
     assert not publish_run(make_run(runs, "r2", accuracy=0.55, minute=2), store).became_champion
     assert pointers(store) == ("r2", "r1")
@@ -158,6 +164,34 @@ def test_champion_moves_only_for_better_or_equal_run(store, runs):
     assert pointers(store) == ("r3", "r3")
     flags = {s.run_id: (s.is_latest, s.is_champion) for s in list_runs(store)}
     assert flags == {"r3": (True, True), "r2": (False, False), "r1": (False, False)}
+
+
+def test_champion_is_chosen_on_validation_never_on_test(store, runs):
+    """A run that scores higher on test but lower on validation does not become the champion."""
+    publish_run(make_run(runs, "r1", accuracy=0.50, val_accuracy=0.60, minute=1), store)
+    lucky = make_run(runs, "r2", accuracy=0.70, val_accuracy=0.59, minute=2)
+    assert not publish_run(lucky, store).became_champion
+    assert pointers(store) == ("r2", "r1")
+
+
+def test_champion_compares_only_runs_on_the_same_data(store, runs):
+    """A run on other data (a subset, a new release) cannot unseat the champion by itself."""
+    publish_run(make_run(runs, "full", accuracy=0.60, minute=1), store)
+    subset = make_run(runs, "subset", accuracy=0.90, minute=2, data_sha256="1" * 64)
+    assert not publish_run(subset, store).became_champion
+    assert pointers(store) == ("subset", "full")
+
+
+def test_champion_pointer_from_before_validation_accuracy_is_read_from_its_manifest(store, runs):
+    """A champion.json without val_accuracy (older fer) is compared through its run's manifest."""
+    publish_run(make_run(runs, "old", accuracy=0.50, val_accuracy=0.65, minute=1), store)
+    record = json.loads(store.get_bytes("champion.json"))
+    del record["val_accuracy"], record["data_sha256"]
+    store.put_bytes("champion.json", json.dumps(record).encode())
+    assert not publish_run(make_run(runs, "new", accuracy=0.70, val_accuracy=0.64, minute=2),
+                           store).became_champion
+    assert publish_run(make_run(runs, "newer", accuracy=0.40, val_accuracy=0.66, minute=3),
+                       store).became_champion
 
 
 def test_force_champion_overrides_accuracy(store, runs):
