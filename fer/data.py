@@ -434,12 +434,18 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     return value
 
 
-def _stat_stamp(source: Path) -> list[int]:
+def _stat_stamp(source: Path) -> list[int] | str:
+    """What changes whenever the content may have: size and mtime, and for a folder also
+    every file's path (moving an image to another class folder changes its label)."""
     if source.is_file():
         st = source.stat()
         return [st.st_size, st.st_mtime_ns]
-    stats = [p.stat() for p in source.rglob("*") if p.is_file()]
-    return [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(source).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest()
 
 
 def _cache_path(cache_dir: Path, digest: str) -> Path:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import CLASS_SHADE, csv_row, encode_image, shaded_image, write_csv, write_image_tree, zip_folder
 
+import fer.data
 from fer.data import Split, load_dataset, read_splits, safe_extract, split_validation
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
@@ -105,14 +106,31 @@ def test_validation_split_is_stratified_and_seeded():
     assert not set(val_a.images[:, 0, 0]) & set(train_a.images[:, 0, 0])
 
 
-def test_decoded_cache_is_used_on_second_load(tmp_path, shaded_csv):
-    """The second load reads the sha256-keyed npz cache and returns identical arrays."""
+def test_decoded_cache_is_used_on_second_load(tmp_path, shaded_csv, monkeypatch):
+    """The second load reads the sha256-keyed npz cache (no decoding) and returns the same."""
     cache = tmp_path / "cache"
     first = load_dataset(shaded_csv, cache_dir=cache)
     assert len(list((cache / "decoded").glob(f"{first.sha256}*.npz"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although the cache holds this source")
+
+    monkeypatch.setattr(fer.data, "read_splits", no_decoding)
     second = load_dataset(shaded_csv, cache_dir=cache)
     assert np.array_equal(first.train.images, second.train.images)
     assert np.array_equal(first.test.labels, second.test.labels)
+
+
+def test_moving_an_image_to_another_class_folder_is_seen(tmp_path):
+    """Relabelling by `mv` keeps file count, sizes and mtimes; the cache must still notice."""
+    root = write_image_tree(tmp_path / "layout", per_class=3)
+    cache = tmp_path / "cache"
+    before = load_dataset(root, cache_dir=cache)
+    (root / "train" / "sad" / "0.png").rename(root / "train" / "neutral" / "moved.png")
+    after = load_dataset(root, cache_dir=cache)
+    assert after.sha256 != before.sha256
+    train, validation = after.train.class_counts(), after.validation.class_counts()
+    assert (train["sad"] + validation["sad"], train["neutral"] + validation["neutral"]) == (2, 4)
 
 
 def test_empty_class_is_a_warning_not_a_crash(tmp_path, caplog):
