@@ -41,6 +41,8 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     local = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest != sha256.lower():
+        if local.is_file():
+            local.unlink()  # our copy: the next fetch downloads it again
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
     dataset_path = _unpack(local, data_dir=data_dir, digest=digest) if is_archive(local) else local
@@ -96,10 +98,16 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     if path.is_dir():
         return path.resolve()
     target = downloads / path.name
-    if not target.exists() or target.stat().st_size != path.stat().st_size:
-        shutil.copyfile(path, target.with_suffix(target.suffix + ".part"))
-        os.replace(target.with_suffix(target.suffix + ".part"), target)
+    if not target.exists() or _stamp(target) != _stamp(path):  # an edited source is copied again
+        partial = target.with_suffix(target.suffix + ".part")
+        shutil.copy2(path, partial)  # keeps the mtime, so the stamps match next time
+        os.replace(partial, target)
     return target
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _download_name(source: str) -> str:
@@ -127,6 +135,10 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         reason = getattr(exc, "reason", exc)
         raise FerError(f"{url}: download failed ({reason}); check the URL and your network, "
                        "or pass a local file with --source") from None
+    if total is not None and done != total:  # a dropped connection ends the read quietly
+        partial.unlink(missing_ok=True)
+        raise FerError(f"{url}: download incomplete ({done} of {total} bytes); run the command "
+                       "again, or pass a local file with --source")
     os.replace(partial, target)
     return target
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
+import time
 
 import pytest
 from conftest import write_image_tree, zip_folder
@@ -31,8 +33,21 @@ def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
 
 
 def test_sha256_mismatch_is_refused(tmp_path, layout_zip):
+    """A bad copy is refused and not kept, so fetching again really fetches again."""
     with pytest.raises(DataError, match=r"archive\.zip: sha256 is [0-9a-f]{64}, expected 0{64}"):
         fetch_data(str(layout_zip), data_dir=tmp_path / "d", sha256="0" * 64)
+    assert not list((tmp_path / "d" / "downloads").glob("*"))
+
+
+def test_an_edited_local_source_is_copied_again(tmp_path, shaded_csv):
+    """Fixing a label keeps the file size; the new content must still replace the old copy."""
+    first = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")
+    text = shaded_csv.read_text()
+    shaded_csv.write_text(text.replace("\n3,", "\n4,", 1))
+    os.utime(shaded_csv, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")
+    assert second.sha256 != first.sha256
+    assert file_sha256(tmp_path / "d" / "downloads" / "fer2013.csv") == file_sha256(shaded_csv)
 
 
 def test_missing_local_source(tmp_path):
@@ -54,6 +69,32 @@ def test_http_download_with_progress(tmp_path, layout_zip):
         server.shutdown()
     assert (fetched.path / "test" / "sad").is_dir()
     assert seen[-1] == (layout_zip.stat().st_size, layout_zip.stat().st_size)
+
+
+class _Truncating(http.server.BaseHTTPRequestHandler):
+    """Promises 1,000 bytes, sends 10, hangs up: a connection dropped mid-download."""
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"emotion,pi")
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_truncated_download_is_refused_and_not_kept(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Truncating)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(FerError, match=r"fer2013\.csv: download incomplete \(10 of 1000"):
+            fetch_data(f"http://127.0.0.1:{server.server_port}/fer2013.csv",
+                       data_dir=tmp_path / "d")
+    finally:
+        server.shutdown()
+    assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 
 def test_unreachable_url_is_one_clear_error(tmp_path):
