@@ -382,12 +382,10 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         if class_folder not in CLASS_INDEX:
             raise DataError(f"{origin}: entry '{name}' is in unknown class folder "
                             f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")
-        pixels = cv2.imdecode(np.frombuffer(read(), dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+        pixels = decode_grayscale(read())
         if pixels is None:
             raise DataError(f"{origin}: entry '{name}' is not a decodable image (expected jpg or png)")
-        if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
-            pixels = cv2.resize(pixels, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
-        images[split].append(pixels)
+        images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
     splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
               for s in SPLIT_FOLDERS if images[s]}
@@ -395,6 +393,27 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         raise DataError(f"{origin}: no images found (empty source; expected train/<class>/*.jpg "
                         "and test/<class>/*.jpg, or a fer2013.csv)")
     return splits
+
+
+def decode_grayscale(data: bytes) -> np.ndarray | None:
+    """Image bytes as 8-bit grayscale at their own size; None when OpenCV cannot decode them
+    (an empty file included: OpenCV raises on an empty buffer instead of saying None)."""
+    import cv2
+
+    if not data:
+        return None
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def to_model_input(gray: np.ndarray) -> np.ndarray:
+    """Resize to the 48x48 the models take, the same way for training and prediction:
+    area interpolation when shrinking (keeps detail), linear when enlarging."""
+    import cv2
+
+    if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return gray
+    interpolation = cv2.INTER_AREA if min(gray.shape) > IMAGE_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(gray, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
 
 
 def _is_noise(parts: tuple[str, ...]) -> bool:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fer.data import decode_grayscale, to_model_input
 from fer.errors import FerError
 from fer.evaluate import predict_probabilities
-from fer.labels import IMAGE_SIZE
 from fer.models import class_names_of
 
 FACE_CASCADE = "haarcascade_frontalface_default.xml"
@@ -28,26 +28,14 @@ class Prediction:
 
 def read_grayscale(path: Path) -> np.ndarray:
     """Any image file OpenCV can decode, as 8-bit grayscale at its own size."""
-    import cv2
-
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = path.read_bytes()
     except OSError as exc:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
-    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    image = decode_grayscale(data)
     if image is None:
         raise FerError(f"{path}: not a decodable image (expected jpg, png, bmp, webp, ...)")
     return image
-
-
-def to_model_input(gray: np.ndarray) -> np.ndarray:
-    """Resize to the 48x48 the models take (area interpolation keeps detail when shrinking)."""
-    import cv2
-
-    if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        return gray
-    interpolation = cv2.INTER_AREA if min(gray.shape) > IMAGE_SIZE else cv2.INTER_LINEAR
-    return cv2.resize(gray, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
 
 
 def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:

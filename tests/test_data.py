@@ -194,10 +194,11 @@ def test_unknown_class_folder(tmp_path):
         read_splits(root)
 
 
-def test_undecodable_image(tmp_path):
-    """A file that is not an image is named."""
+@pytest.mark.parametrize("content", [b"this is not a jpeg", b""], ids=["text", "empty"])
+def test_undecodable_image(tmp_path, content):
+    """A file that is not an image (an empty one too: OpenCV raises on those) is named."""
     root = write_image_tree(tmp_path / "t")
-    (root / "test" / "happy" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (root / "test" / "happy" / "broken.jpg").write_bytes(content)
     with pytest.raises(DataError, match=r"entry 'test/happy/broken\.jpg' is not a decodable image"):
         read_splits(root)
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from conftest import encode_image
 
+from fer.data import read_splits, to_model_input
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES
 from fer.models import get_spec
-from fer.predict import detect_faces, predict_files, read_grayscale, to_model_input
+from fer.predict import detect_faces, predict_files, read_grayscale
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,21 @@ def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
     assert to_model_input(gray).shape == (48, 48)
 
 
-def test_undecodable_file_is_named(tmp_path, model):
-    (tmp_path / "notes.txt").write_text("hello")
+def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path):
+    """Train and predict share one resize, so a saved model sees what it was trained on."""
+    rng = np.random.default_rng(0)
+    odd = rng.integers(0, 256, (30, 100), dtype=np.uint8)  # enlarged on one side
+    for split in ("train", "test"):
+        (tmp_path / "layout" / split / "happy").mkdir(parents=True)
+        (tmp_path / "layout" / split / "happy" / "odd.png").write_bytes(encode_image(odd))
+    trained_on = read_splits(tmp_path / "layout")["test"].images[0]
+    assert np.array_equal(trained_on, to_model_input(read_grayscale(
+        tmp_path / "layout" / "test" / "happy" / "odd.png")))
+
+
+@pytest.mark.parametrize("content", [b"hello", b""], ids=["text", "empty"])
+def test_undecodable_file_is_named(tmp_path, model, content):
+    (tmp_path / "notes.txt").write_bytes(content)
     with pytest.raises(FerError, match=r"notes\.txt: not a decodable image"):
         predict_files(model, [tmp_path / "notes.txt"])
 
