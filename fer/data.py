@@ -35,7 +35,7 @@ PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE
 CSV_USAGES = ("Training", "PublicTest", "PrivateTest")
 SPLIT_FOLDERS = ("train", "test")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-CACHE_FORMAT = 1  # bump when the decoded layout changes, so old caches are ignored
+CACHE_FORMAT = 2  # bump when decoding changes (2: one resize for train and predict), so old caches are ignored
 
 
 @dataclass(frozen=True)
