@@ -19,6 +19,7 @@ import logging
 import os
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ def _archive_entries(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]
             for info in handle.infolist():
                 check_entry_name(info.filename, archive=archive)
             for info in members:
-                yield info.filename, (lambda info=info: handle.read(info))
+                yield info.filename, _entry_reader(archive, info.filename,
+                                                   lambda info=info: handle.read(info))
         else:
             handle = tarfile.open(archive)
             members = handle.getmembers()
@@ -177,9 +179,27 @@ def _archive_entries(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]
                     check_entry_name(member.linkname, archive=archive)
             for member in members:
                 if member.isfile():
-                    yield member.name, (lambda m=member: handle.extractfile(m).read())
+                    yield member.name, _entry_reader(archive, member.name,
+                                                     lambda m=member: handle.extractfile(m).read())
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
         raise DataError(f"{archive}: not a readable archive ({exc})") from None
+
+
+def _entry_reader(archive: Path, name: str, read: Callable[[], bytes]) -> Callable[[], bytes]:
+    """``read``, with the failures of one damaged entry (bad CRC, truncated data, encryption,
+    an unsupported compression) named instead of raised as tracebacks.
+
+    Entries are read lazily, after the archive's index was checked, so this cannot be one
+    ``try`` around the loop above.
+    """
+    def checked() -> bytes:
+        try:
+            return read()
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, RuntimeError,
+                NotImplementedError, OSError) as exc:
+            raise DataError(f"{archive}: entry '{name}' cannot be read ({exc})") from None
+
+    return checked
 
 
 def check_entry_name(name: str, *, archive: Path) -> str:

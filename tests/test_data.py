@@ -262,6 +262,22 @@ def test_missing_source_and_unsupported_type(tmp_path):
         read_splits(tmp_path / "data.parquet")
 
 
+@pytest.mark.parametrize("layout", ["csv", "images"])
+def test_damaged_zip_entry_is_named(tmp_path, shaded_csv, layout):
+    """An intact index with damaged entry data (bad CRC) names the entry, no traceback."""
+    archive = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as handle:
+        if layout == "csv":
+            handle.writestr("fer2013.csv", shaded_csv.read_bytes())
+        else:
+            handle.writestr("train/happy/0.png", encode_image(shaded_image("happy")))
+    data = bytearray(archive.read_bytes())
+    data[100] ^= 0xFF  # inside the first entry's stored bytes, after its 30-byte local header
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"damaged\.zip: entry '.*' cannot be read \(Bad CRC"):
+        read_splits(archive)
+
+
 def test_corrupt_zip(tmp_path):
     """A truncated or non-zip .zip is named as unreadable."""
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
