@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fer.data import Split
+from fer.errors import FerError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 from fer.models import class_names_of
 from fer.plots import plot_confusion_matrix
@@ -33,7 +34,8 @@ def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.
     """Reorder columns from the model's class order to CLASS_NAMES, by name."""
     unknown = [n for n in model_class_names if n not in CLASS_INDEX]
     if unknown:
-        raise ValueError(f"model classes {unknown} are not in {CLASS_NAMES}")
+        raise FerError(f"the model's classes {unknown} are not FER2013 classes "
+                       f"(expected names from {', '.join(CLASS_NAMES)})")
     canonical = np.zeros((len(probabilities), len(CLASS_NAMES)), dtype=probabilities.dtype)
     for column, name in enumerate(model_class_names):
         canonical[:, CLASS_INDEX[name]] = probabilities[:, column]

@@ -8,6 +8,7 @@ correctly. Augmentation layers are active only in training.
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,8 +359,11 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
         raise FerError(f"{path}: model file not found (expected a model.keras from `fer train`)")
     try:
         model = keras.models.load_model(path, compile=False)
-    except (ValueError, OSError) as exc:
-        raise FerError(f"{path}: not a loadable Keras model ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        # Keras 3 says KeyError for a zip without config.json, TypeError for unknown layers.
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FerError(f"{path}: not a loadable Keras model ({reason}); expected a model.keras "
+                       "from `fer train`") from None
     return model if precision == "float32" else with_precision(model, precision)
 
 

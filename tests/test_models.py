@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -57,6 +59,10 @@ def test_load_model_errors_are_one_line(tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     with pytest.raises(FerError, match=r"junk\.keras: not a loadable Keras model"):
         load_model(tmp_path / "junk.keras")
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as handle:  # a zip, but no model in it
+        handle.writestr("metadata.json", "{}")
+    with pytest.raises(FerError, match=r"empty\.keras: not a loadable Keras model \(.*config"):
+        load_model(tmp_path / "empty.keras")
 
 
 def test_random_affine_is_identity_at_inference_and_varies_in_training():
