@@ -328,8 +328,10 @@ def _parse_pixels(region: np.ndarray, *, rows: int) -> np.ndarray | None:
     cuts = [0]
     while cuts[-1] + chunk_bytes < len(region):
         cut = cuts[-1] + chunk_bytes
-        while region[cut] != 32:
+        while cut < len(region) and region[cut] != 32:
             cut += 1
+        if cut == len(region):  # no space left to cut at: the rest is one chunk
+            break
         cuts.append(cut)
     cuts.append(len(region))
     chunks = [region[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]

@@ -155,6 +155,8 @@ GOOD = " ".join(["7"] * 2304)
     (f"7,{GOOD},Training", r"line 3: emotion '7' is not a label 0-6"),
     (f"happy,{GOOD},Training", r"line 3: emotion 'happy' is not a label 0-6"),
     (f"0,{GOOD},Validation", r"line 3: unknown Usage 'Validation'"),
+    # 3 MiB without a space: the parallel parse finds nowhere to cut it into chunks
+    (f"0,{'7' * (3 << 20)},Training", r"line 3: 1 pixel values, expected 2304"),
 ])
 def test_bad_csv_rows_name_file_and_line(tmp_path, row, message):
     """Each malformed CSV row is reported with its file and line and the rule it broke."""
