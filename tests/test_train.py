@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import CLASS_SHADE
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
+from fer.evaluate import predict_labels
 from fer.labels import CLASS_NAMES
 from fer.models import load_model
 from fer.train import RUN_FILES, train
@@ -34,20 +36,25 @@ def tiny_dataset() -> Dataset:
 
 
 def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset):
-    """One epoch writes all run files; metrics and manifest carry the documented keys."""
+    """Two epochs write all run files; metrics and manifest carry the keys README documents."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
     result = train(tiny_dataset, config, verbose=0)
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(RUN_FILES)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    for key in ("accuracy", "macro_f1", "per_class_recall", "epochs", "wall_seconds",
-                "train_images_per_second"):
-        assert key in metrics
+    assert set(metrics) == {
+        "accuracy", "macro_f1", "per_class_recall", "per_class_support", "test_samples",
+        "epochs", "best_epoch", "best_val_accuracy", "wall_seconds", "train_seconds",
+        "train_images_per_second", "test_images_per_second", "precision", "inference_precision",
+        "test_time_augmentation", "class_weighting"}
+    assert metrics["epochs"] == 2 and metrics["test_samples"] == len(tiny_dataset.test)
     assert set(metrics["per_class_recall"]) == set(CLASS_NAMES)
+    assert sum(metrics["per_class_support"].values()) == len(tiny_dataset.test)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["epochs"] == 2 and manifest["seed"] == 3
     assert manifest["data"]["sha256"] == "0" * 64 and manifest["precision"] == "float32"
     assert {"python", "keras", "numpy", "scikit-learn"} <= set(manifest["versions"])
-    assert "git_commit" in manifest
+    commit = manifest["git_commit"]
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
     history = (result.run_dir / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and len(history) == 3
 
@@ -128,12 +135,27 @@ def test_an_ensemble_of_zero_is_refused(tmp_path, tiny_dataset):
 
 
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
-    """The saved weights are those of the epoch with the best validation accuracy."""
-    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
-    result = train(tiny_dataset, config, verbose=0)
+    """The saved weights are those of the epoch with the best validation accuracy.
+
+    Shuffled validation labels make validation accuracy wander, so the best epoch is not the
+    last one and saving the last weights would score differently.
+    """
+    rng = np.random.default_rng(0)
+    wandering = Dataset(source="generated", sha256="0" * 64, train=tiny_dataset.train,
+                        validation=Split(images=tiny_dataset.validation.images,
+                                         labels=rng.permutation(tiny_dataset.validation.labels)),
+                        test=tiny_dataset.test)
+    config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
+    result = train(wandering, config, verbose=0)
     history = np.genfromtxt(result.run_dir / "history.csv", delimiter=",", names=True)
-    assert result.metrics["best_epoch"] == int(np.argmax(history["val_accuracy"])) + 1
-    assert result.metrics["best_val_accuracy"] == pytest.approx(history["val_accuracy"].max(), abs=1e-4)
+    best = int(np.argmax(history["val_accuracy"]))
+    assert result.metrics["best_epoch"] == best + 1 < config.epochs
+    assert history["val_accuracy"][-1] < history["val_accuracy"][best]
+    saved = load_model(result.run_dir / "model.keras")
+    validation = wandering.validation
+    saved_accuracy = float(np.mean(predict_labels(saved, validation.images) == validation.labels))
+    assert saved_accuracy == pytest.approx(history["val_accuracy"][best], abs=1e-4)
+    assert result.metrics["best_val_accuracy"] == pytest.approx(saved_accuracy, abs=1e-4)
 
 
 def test_test_only_dataset_cannot_be_trained(tmp_path, tiny_dataset):
