@@ -73,9 +73,11 @@ def zip_folder(folder: Path, archive: Path) -> Path:
 
 
 def subset_of_shared_archive(target: Path, *, train_per_class: int, test_per_class: int) -> Path:
-    """The first N images per class and split of ../shared/data/fer2013.zip, same layout.
+    """The first N + k images of the k-th class (CSV order) per split of
+    ../shared/data/fer2013.zip, same layout.
 
-    Skips the test where the archive is absent; disgust is capped by what it has.
+    Every class has its own count, so a test comparing per-class counts catches any two
+    classes swapped. Skips the test where the archive is absent.
     """
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"{SHARED_ARCHIVE} not present")
@@ -87,7 +89,7 @@ def subset_of_shared_archive(target: Path, *, train_per_class: int, test_per_cla
             if len(parts) != 3 or not parts[2]:
                 continue
             key = (parts[0], parts[1])
-            if taken.get(key, 0) < quota[parts[0]]:
+            if taken.get(key, 0) < quota[parts[0]] + CLASS_NAMES.index(parts[1]):
                 out.writestr(name, source.read(name))
                 taken[key] = taken.get(key, 0) + 1
     return target

@@ -309,11 +309,18 @@ def test_csv_and_image_layout_of_same_data_agree(tmp_path, fer_subset):
 
 
 def test_real_subset_labels_follow_folder_names(fer_subset):
-    """Counts per class name in the real archive subset match what was put in per folder."""
-    counts = read_splits(fer_subset)["test"].class_counts()
+    """Counts per class name in the real archive subset match what was put in per folder.
+
+    The subset gives each class its own count, so any two labels swapped would show here.
+    """
+    splits = read_splits(fer_subset)
     with zipfile.ZipFile(fer_subset) as handle:
-        for name in CLASS_NAMES:
-            assert counts[name] == sum(1 for n in handle.namelist() if n.startswith(f"test/{name}/"))
+        names = handle.namelist()
+    for split in ("train", "test"):
+        in_folders = {name: sum(1 for n in names if n.startswith(f"{split}/{name}/"))
+                      for name in CLASS_NAMES}
+        assert len(set(in_folders.values())) == len(CLASS_NAMES)
+        assert splits[split].class_counts() == in_folders
     assert CLASS_INDEX["neutral"] == 6
 
 
