@@ -36,7 +36,7 @@ PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE
 CSV_USAGES = ("Training", "PublicTest", "PrivateTest")
 SPLIT_FOLDERS = ("train", "test")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-CACHE_FORMAT = 2  # bump when decoding changes (2: one resize for train and predict), so old caches are ignored
+CACHE_FORMAT = 2  # bump when decoding changes (2: one resize for train and predict)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Dataset:
     test: Split
     train: Split | None = None
     validation: Split | None = None
-    validation_origin: str = "none"  # "source" or "carved from train"
+    validation_origin: str = "none"  # "source" (the CSV's PublicTest) or "carved from train (0.1, seed N)"
 
 
 # --------------------------------------------------------------------------- loading
@@ -392,8 +392,6 @@ def _check_pixel_row(text: str, *, line: int, origin: str) -> None:
 
 def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, origin: str) -> dict[str, Split]:
     """Decode ``<split>/<class>/<image>`` entries (an optional top folder is allowed)."""
-    import cv2
-
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
     labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
     for name, read in entries:

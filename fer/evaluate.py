@@ -14,9 +14,6 @@ from fer.labels import CLASS_INDEX, CLASS_NAMES
 from fer.models import class_names_of
 from fer.plots import plot_confusion_matrix
 
-REPORT_FILES = ("classification_report.txt", "classification_report.json",
-                "confusion_matrix.png", "metrics.json")
-
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for uint8 images (n, 48, 48), in the model's own class order."""

@@ -1,4 +1,4 @@
-"""Choose the numeric precision for training from the hardware, never blindly.
+"""Choose the numeric precision for training and inference from the hardware, never blindly.
 
 bfloat16 mixed precision trains 1.4-1.7x faster than float32 on CPUs with native bf16
 instructions (AVX512_BF16 / AMX_BF16) and ~10x slower on CPUs without them; on GPUs,

@@ -26,8 +26,14 @@ from fer.errors import DataError, FerError
 from fer.storage import LocalStore, PublishResult, list_runs, open_store, read_report
 from flows.deploy import ensure_work_pool
 from flows.remote import follow_run, trigger_retrain
-from flows.retrain import (NETWORK_RETRIES, fetch_data, parse_report_markdown, publish,
-                           report_markdown, retrain)
+from flows.retrain import (
+    NETWORK_RETRIES,
+    fetch_data,
+    parse_report_markdown,
+    publish,
+    report_markdown,
+    retrain,
+)
 
 # One Prefect server for the session: prefect_api, deployed, start_fer_worker, tiny_fer_zip ...
 pytest_plugins = ["prefect_server"]
