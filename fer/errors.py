@@ -14,4 +14,12 @@ class DataError(FerError):
 
 
 class StorageError(FerError):
-    """Object storage that cannot be reached, authenticated against, or read."""
+    """Object storage that cannot be reached, authenticated against, or read.
+
+    ``transient``: a failure that may pass by itself (a timeout, a refused connection, a 5xx),
+    so retrying is worth it; denied access or a missing bucket is not.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient

@@ -241,7 +241,8 @@ class S3Store:
         try:
             yield
         except (bce.ClientError, bce.BotoCoreError, Boto3Error) as exc:
-            raise StorageError(self._explain(exc, action)) from exc
+            raise StorageError(self._explain(exc, action),
+                               transient=_is_transient(_root_cause(exc))) from exc
 
     def _explain(self, exc: BaseException, action: str) -> str:
         cause = _root_cause(exc)
@@ -270,6 +271,17 @@ class S3Store:
                     f"their permissions on bucket '{self.bucket}'")
         message = exc.response.get("Error", {}).get("Message", "")
         return f"S3 at {self.endpoint} refused {action}: {code} {_one_line(message)}".rstrip()
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
+                    "SlowDown", "RequestTimeout"}
+
+
+def _is_transient(cause: BaseException) -> bool:
+    """Whether trying again later may succeed: the server was unreachable, slow or failing."""
+    if isinstance(cause, bce.ClientError):
+        return _error_code(cause) in _TRANSIENT_CODES
+    return not isinstance(cause, bce.NoCredentialsError | bce.PartialCredentialsError)
 
 
 _AUTH_CODES = {

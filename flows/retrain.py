@@ -14,7 +14,7 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
-from fer.errors import DataError
+from fer.errors import DataError, StorageError
 from fer.storage import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
@@ -23,13 +23,17 @@ REPORT_ARTIFACT = "classification-report"
 METRICS_ARTIFACT = "test-metrics"
 
 
-def _unless_bad_data(task, task_run, state) -> bool:
-    """Retry network and storage failures; a malformed dataset will not fix itself."""
-    return not isinstance(state.data, DataError)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry network and storage hiccups; a malformed dataset, denied access or a missing
+    bucket will not fix themselves, and retrying them only delays the failure by minutes."""
+    error = state.data
+    if isinstance(error, StorageError):
+        return error.transient
+    return not isinstance(error, DataError)
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_unless_bad_data)
+      retry_condition_fn=_worth_retrying)
 def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> str:
     """Bring the data source into the local cache; the local path of the dataset."""
     from fer.fetch import resolve_data
@@ -61,7 +65,7 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_unless_bad_data)
+      retry_condition_fn=_worth_retrying)
 def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
             create_bucket: bool, force_champion: bool = False) -> PublishResult:
     """Upload the run folder to the store and move its latest/champion pointers."""

@@ -184,6 +184,17 @@ def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tin
     assert set(artifacts(flow_run_id)) == {"classification-report", "test-metrics"}
 
 
+@integration
+def test_denied_access_is_not_retried(prefect_api, s3_env, tiny_fer_zip, data_dir, tmp_path,
+                                      monkeypatch):
+    """A wrong secret key fails publish at once: retries would only wait 130 s to fail again."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + uuid.uuid4().hex)
+    state = retrain(**TINY, data=str(tiny_fer_zip), storage=f"s3://{BUCKET}/denied",
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed() and "denied access" in state.message
+    assert task_runs(state.state_details.flow_run_id)["publish"].run_count == 1
+
+
 # --- deployment runs on a worker --------------------------------------------------------------
 
 

@@ -399,6 +399,7 @@ def test_wrong_credentials_fail_fast_without_leaking(s3_env, monkeypatch):
         open_store(f"s3://{BUCKET}/p", endpoint_url=s3_env.endpoint_url)
     assert time.monotonic() - start < 30
     assert_one_clean_line(error, wrong, s3_env.secret_key)
+    assert not error.value.transient  # retrying will not fix a wrong key
 
 
 @integration
@@ -406,8 +407,10 @@ def test_missing_credentials_are_named(s3_env, monkeypatch):
     """No credentials at all is reported as such, not as a network or bucket problem."""
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(StorageError, match=r"no usable AWS credentials .* AWS_ACCESS_KEY_ID"):
+    with pytest.raises(StorageError, match=r"no usable AWS credentials .* AWS_ACCESS_KEY_ID"
+                       ) as error:
         open_store(f"s3://{BUCKET}/p", endpoint_url=s3_env.endpoint_url)
+    assert not error.value.transient
 
 
 @integration
@@ -420,6 +423,7 @@ def test_dead_endpoint_fails_fast(s3_env):
         open_store(f"s3://{BUCKET}/p", endpoint_url=endpoint)
     assert time.monotonic() - start < 30
     assert_one_clean_line(error, s3_env.secret_key)
+    assert error.value.transient  # the server may be back in a minute: worth a retry
 
 
 @integration
