@@ -164,3 +164,21 @@ def test_compose_worker_gets_what_fer_and_prefect_read():
     assert environment["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(environment)
     assert "command" not in services["worker"]  # it runs the image's CMD, tested above
+
+
+def test_the_image_build_context_holds_every_package_it_installs():
+    """Each COPY source passes .dockerignore, and every package pyproject installs is copied.
+
+    No Docker engine here, so this is the check that a moved or new package reaches the image.
+    """
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    copied = [source.rstrip("/") for line in dockerfile.splitlines()
+              if line.startswith("COPY ") and "--from" not in line
+              for source in line.split()[1:-1]]
+    admitted = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.startswith("!")}
+    assert set(copied) <= admitted, set(copied) - admitted
+    pyproject = (REPO / "pyproject.toml").read_text()
+    packages = re.search(r"include = \[(.*)\]", pyproject)[1]
+    top_level = {name.strip(' "').split(".")[0] for name in packages.split(",")}
+    assert top_level <= set(copied), top_level - set(copied)
