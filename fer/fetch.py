@@ -41,8 +41,8 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     local = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest != sha256.lower():
-        if local.is_file():
-            local.unlink()  # our copy: the next fetch downloads it again
+        if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
+            local.unlink()  # our copy (never the user's own file): the next fetch gets it again
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
     dataset_path = _unpack(local, data_dir=data_dir, digest=digest) if is_archive(local) else local

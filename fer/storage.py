@@ -281,7 +281,8 @@ def _is_transient(cause: BaseException) -> bool:
     """Whether trying again later may succeed: the server was unreachable, slow or failing."""
     if isinstance(cause, bce.ClientError):
         return _error_code(cause) in _TRANSIENT_CODES
-    return not isinstance(cause, bce.NoCredentialsError | bce.PartialCredentialsError)
+    return not isinstance(cause, bce.NoCredentialsError | bce.PartialCredentialsError
+                          | bce.SSLError | bce.ParamValidationError)
 
 
 _AUTH_CODES = {
@@ -463,6 +464,7 @@ def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
         "macro_f1": metrics.get("macro_f1"),
         "val_accuracy": _validation_accuracy(metrics),
         "data_sha256": (remote.get("data") or {}).get("sha256"),
+        "validation": (remote.get("data") or {}).get("validation"),
     }
 
 
@@ -479,7 +481,7 @@ def _champion_record(store: Store) -> dict[str, Any] | None:
     """The champion pointer; one written before pointers held validation accuracy is rebuilt
     from its run's manifest (None when that run is gone)."""
     champion = _read_pointer(store, "champion")
-    if champion is None or "val_accuracy" in champion:
+    if champion is None or "validation" in champion:
         return champion
     run_id = champion.get("run_id")
     manifest = _load_manifest(store, run_id) if isinstance(run_id, str) else None
@@ -487,9 +489,11 @@ def _champion_record(store: Store) -> dict[str, Any] | None:
 
 
 def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """Same data and validation accuracy at least the champion's; unknowns never win."""
-    if record["data_sha256"] is None or record["data_sha256"] != champion.get("data_sha256"):
-        return False
+    """Same data, same validation split (fraction and seed) and validation accuracy at least
+    the champion's; unknowns never win."""
+    for key in ("data_sha256", "validation"):
+        if record[key] is None or record[key] != champion.get(key):
+            return False
     ours, theirs = record["val_accuracy"], champion.get("val_accuracy")
     return ours is not None and (theirs is None or ours >= theirs)
 
@@ -559,6 +563,10 @@ def _artifact_names(folder: Path, listed: Any) -> list[str]:
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
         raise FerError(f"{folder / MANIFEST}: artifacts {listed!r} must be a list of file names")
+    outside = [name for name in listed
+               if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts]
+    if outside:
+        raise FerError(f"{folder / MANIFEST}: artifacts {outside} point outside the run folder")
     missing = [name for name in listed if not (folder / name).is_file()]
     if missing:
         raise FerError(f"run folder {folder} has no {', '.join(missing)} (listed in {MANIFEST}); "

@@ -2,7 +2,8 @@
 
 Problems a user can fix (``FerError``) print as one ``error:`` line and exit 1, without a
 traceback. Heavy imports (TensorFlow) happen inside the commands that need them, so
-``fer --help`` and bad-input errors are instant.
+``fer --help`` is instant; `train` and `retrain` load TensorFlow first to check the model
+name against the registry, then read data.
 """
 
 from __future__ import annotations

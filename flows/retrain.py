@@ -14,7 +14,7 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
-from fer.errors import DataError, StorageError
+from fer.errors import DataError, FerError, StorageError
 from fer.storage import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
@@ -23,17 +23,26 @@ REPORT_ARTIFACT = "classification-report"
 METRICS_ARTIFACT = "test-metrics"
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry network and storage hiccups; a malformed dataset, denied access or a missing
-    bucket will not fix themselves, and retrying them only delays the failure by minutes."""
+def _fetch_worth_retrying(task, task_run, state) -> bool:
+    """Retry network and storage hiccups (a failed download included); a malformed dataset,
+    denied access or a missing bucket will not fix themselves, and retrying them only
+    delays the failure by minutes."""
     error = state.data
     if isinstance(error, StorageError):
         return error.transient
     return not isinstance(error, DataError)
 
 
+def _publish_worth_retrying(task, task_run, state) -> bool:
+    """Retry storage hiccups only; a bad run folder or bad credentials fail at once."""
+    error = state.data
+    if isinstance(error, StorageError):
+        return error.transient
+    return not isinstance(error, FerError)
+
+
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_worth_retrying)
+      retry_condition_fn=_fetch_worth_retrying)
 def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> str:
     """Bring the data source into the local cache; the local path of the dataset."""
     from fer.fetch import resolve_data
@@ -65,7 +74,7 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_worth_retrying)
+      retry_condition_fn=_publish_worth_retrying)
 def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
             create_bucket: bool, force_champion: bool = False) -> PublishResult:
     """Upload the run folder to the store and move its latest/champion pointers."""

@@ -77,7 +77,8 @@ def subset_of_shared_archive(target: Path, *, train_per_class: int, test_per_cla
     ../shared/data/fer2013.zip, same layout.
 
     Every class has its own count, so a test comparing per-class counts catches any two
-    classes swapped. Skips the test where the archive is absent.
+    classes swapped (while N stays under disgust's 436 train / 111 test images, which cap
+    it). Skips the test where the archive is absent.
     """
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"{SHARED_ARCHIVE} not present")

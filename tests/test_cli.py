@@ -76,6 +76,31 @@ def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, c
     assert_one_line_error(result, pattern)
 
 
+def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
+    """`fer train --remote` hands the worker what the user chose, profile filled in."""
+    from typer.testing import CliRunner
+
+    import flows.remote
+    from fer_cli.main import app
+
+    sent = {}
+
+    def trigger(parameters, **options):
+        sent.update(parameters)
+        return flows.remote.RemoteRun("id", "run-name", "http://ui/run", "Scheduled")
+
+    monkeypatch.setattr(flows.remote, "trigger_retrain", trigger)
+    result = CliRunner().invoke(app, ["train", "--remote", "--profile", "best", "--epochs", "5",
+                                      "--force-champion", "--out", "/srv/runs",
+                                      "--storage", "s3://bucket/prefix"])
+    assert result.exit_code == 0, result.output
+    assert sent == {"epochs": 5, "batch_size": 64, "model": "default", "tta": True,
+                    "ensemble": 3, "seed": 1337, "val_fraction": 0.1, "precision": "auto",
+                    "storage": "s3://bucket/prefix", "out_dir": "/srv/runs",
+                    "force_champion": True}
+    assert "http://ui/run" in result.output
+
+
 def test_remote_only_options_are_usage_errors():
     """--wait follows a remote run; --endpoint-url cannot reach a remote worker."""
     result = run_fer("train", "--wait")

@@ -70,8 +70,10 @@ def write_run_folder(folder: Path, run_id: str, *, accuracy: float) -> Path:
     """The files publishing needs, as `fer train` writes them."""
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps(
-        {"run_id": run_id, "created": "2025-01-06T03:00:00+00:00", "model": "default"}))
-    (folder / "metrics.json").write_text(json.dumps({"accuracy": accuracy, "macro_f1": 0.1}))
+        {"run_id": run_id, "created": "2025-01-06T03:00:00+00:00", "model": "default",
+         "data": {"sha256": "0" * 64, "validation": "carved from train (0.1, seed 1337)"}}))
+    (folder / "metrics.json").write_text(json.dumps(
+        {"accuracy": accuracy, "macro_f1": 0.1, "best_val_accuracy": accuracy}))
     (folder / "classification_report.txt").write_text("macro avg 0.1\n")
     return folder
 
@@ -100,7 +102,10 @@ def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
 
 
 def test_publish_can_force_the_champion(tmp_path):
-    """`fer retrain --force-champion`: a lower-scoring run still becomes the champion."""
+    """`fer retrain --force-champion`: a lower-scoring run still becomes the champion.
+
+    r2 scores lower and is not; r3 scores lower still and is, because it is forced.
+    """
     store = str(tmp_path / "store")
     for run_id, accuracy, force in (("r1", 0.6, False), ("r2", 0.5, False), ("r3", 0.4, True)):
         run_dir = write_run_folder(tmp_path / "runs" / run_id, run_id, accuracy=accuracy)

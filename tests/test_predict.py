@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import encode_image
 
+import fer.predict
 from fer.data import read_splits, to_model_input
 from fer.errors import FerError
+from fer.evaluate import predict_probabilities
 from fer.labels import CLASS_NAMES
 from fer.models import get_spec
 from fer.predict import detect_faces, predict_files, read_grayscale
@@ -46,16 +48,25 @@ def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
     assert to_model_input(gray).shape == (48, 48)
 
 
-def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path):
-    """Train and predict share one resize, so a saved model sees what it was trained on."""
+def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path, model,
+                                                                    monkeypatch):
+    """`fer predict` feeds the model exactly the pixels training would have read from the
+    same odd-sized file: one resize for both, so a saved model sees what it was trained on."""
     rng = np.random.default_rng(0)
     odd = rng.integers(0, 256, (30, 100), dtype=np.uint8)  # enlarged on one side
     for split in ("train", "test"):
         (tmp_path / "layout" / split / "happy").mkdir(parents=True)
         (tmp_path / "layout" / split / "happy" / "odd.png").write_bytes(encode_image(odd))
-    trained_on = read_splits(tmp_path / "layout")["test"].images[0]
-    assert np.array_equal(trained_on, to_model_input(read_grayscale(
-        tmp_path / "layout" / "test" / "happy" / "odd.png")))
+    trained_on = read_splits(tmp_path / "layout")["test"].images
+    fed = []
+
+    def spy(model, images, **options):
+        fed.append(images.copy())
+        return predict_probabilities(model, images, **options)
+
+    monkeypatch.setattr(fer.predict, "predict_probabilities", spy)
+    predict_files(model, [tmp_path / "layout" / "test" / "happy" / "odd.png"])
+    assert np.array_equal(fed[0], trained_on)
 
 
 @pytest.mark.parametrize("content", [b"hello", b""], ids=["text", "empty"])

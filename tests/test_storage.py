@@ -37,7 +37,8 @@ integration = pytest.mark.integration
 
 def make_run(root: Path, run_id: str, *, accuracy: float, minute: int = 0,
              big: bool = False, val_accuracy: float | None = None,
-             data_sha256: str = "0" * 64) -> Path:
+             data_sha256: str = "0" * 64,
+             validation: str = "carved from train (0.1, seed 1337)") -> Path:
     """A run folder as `fer train` writes it, with dummy artifact bytes.
 
     The validation accuracy (what the champion is chosen on) is the test accuracy unless given.
@@ -57,7 +58,8 @@ def make_run(root: Path, run_id: str, *, accuracy: float, minute: int = 0,
     (folder / "metrics.json").write_text(json.dumps(metrics))
     manifest = {"run_id": run_id, "created": (T0 + timedelta(minutes=minute)).isoformat(),
                 "model": "default", "parameters": {"epochs": 2, "batch_size": 64},
-                "data": {"source": "fer2013.csv", "sha256": data_sha256},
+                "data": {"source": "fer2013.csv", "sha256": data_sha256,
+                         "validation": validation},
                 "versions": {"python": "3.11"}, "seed": 1337, "precision": "float32",
                 "git_commit": "abc123"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -180,13 +182,25 @@ def test_champion_compares_only_runs_on_the_same_data(store, runs):
     subset = make_run(runs, "subset", accuracy=0.90, minute=2, data_sha256="1" * 64)
     assert not publish_run(subset, store).became_champion
     assert pointers(store) == ("subset", "full")
+    small = make_run(runs, "small-validation", accuracy=0.90, minute=3,
+                     validation="carved from train (0.01, seed 1337)")
+    assert not publish_run(small, store).became_champion  # 1% of train: other, noisier images
+    assert pointers(store) == ("small-validation", "full")
+
+
+def test_artifacts_listed_outside_the_run_folder_are_refused(tmp_path, runs):
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "artifacts": ["../x"]}))
+    with pytest.raises(FerError, match=r"artifacts \['\.\./x'\] point outside the run folder"):
+        publish_run(folder, LocalStore(tmp_path / "artifacts"))
 
 
 def test_champion_pointer_from_before_validation_accuracy_is_read_from_its_manifest(store, runs):
     """A champion.json without val_accuracy (older fer) is compared through its run's manifest."""
     publish_run(make_run(runs, "old", accuracy=0.50, val_accuracy=0.65, minute=1), store)
     record = json.loads(store.get_bytes("champion.json"))
-    del record["val_accuracy"], record["data_sha256"]
+    del record["val_accuracy"], record["data_sha256"], record["validation"]
     store.put_bytes("champion.json", json.dumps(record).encode())
     assert not publish_run(make_run(runs, "new", accuracy=0.70, val_accuracy=0.64, minute=2),
                            store).became_champion

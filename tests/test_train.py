@@ -145,12 +145,17 @@ def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
                         validation=Split(images=tiny_dataset.validation.images,
                                          labels=rng.permutation(tiny_dataset.validation.labels)),
                         test=tiny_dataset.test)
-    config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
-    result = train(wandering, config, verbose=0)
-    history = np.genfromtxt(result.run_dir / "history.csv", delimiter=",", names=True)
-    best = int(np.argmax(history["val_accuracy"]))
-    assert result.metrics["best_epoch"] == best + 1 < config.epochs
-    assert history["val_accuracy"][-1] < history["val_accuracy"][best]
+    for seed in range(3, 9):  # the first seed whose last epoch is not its best (usually 3)
+        config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=seed,
+                             precision="float32")
+        result = train(wandering, config, verbose=0)
+        history = np.genfromtxt(result.run_dir / "history.csv", delimiter=",", names=True)
+        best = int(np.argmax(history["val_accuracy"]))
+        assert result.metrics["best_epoch"] == best + 1
+        if history["val_accuracy"][-1] < history["val_accuracy"][best]:
+            break
+    else:
+        pytest.fail("six seeds each ended on their best epoch; the check needs one that did not")
     saved = load_model(result.run_dir / "model.keras")
     validation = wandering.validation
     saved_accuracy = float(np.mean(predict_labels(saved, validation.images) == validation.labels))
