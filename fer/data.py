@@ -231,10 +231,10 @@ def is_archive(path: Path) -> bool:
 def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
     """Parse the original ``emotion,pixels,Usage`` CSV (vectorised; errors name the line)."""
     columns = _split_plain_csv(data) or _split_csv_with_pandas(data, origin=origin)
-    emotions, pixel_region, usages = columns
+    emotions, pixel_region, usages, lines = columns
     if not emotions:
         raise DataError(f"{origin}: the CSV has a header but no rows (empty source)")
-    labels = _parse_labels(emotions, origin=origin)
+    labels = _parse_labels(emotions, lines=lines, origin=origin)
     images = _parse_pixels(pixel_region, rows=len(emotions))
     if images is None:
         _diagnose_pixels(data, origin=origin)
@@ -242,7 +242,7 @@ def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
     unknown = ~np.isin(usage, CSV_USAGES)
     if unknown.any():
         row = int(np.argmax(unknown))
-        raise DataError(f"{origin}, line {row + 2}: unknown Usage '{usage[row]}' "
+        raise DataError(f"{origin}, line {lines[row]}: unknown Usage '{usage[row]}' "
                         f"(expected one of {', '.join(CSV_USAGES)})")
     has_private = bool((usage == "PrivateTest").any())
     mapping = {"Training": "train",
@@ -256,10 +256,15 @@ def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
     return splits
 
 
-def _split_plain_csv(data: bytes) -> tuple[list[str], np.ndarray, list[str]] | None:
+CsvColumns = tuple[list[str], np.ndarray, list[str], np.ndarray]
+"""emotions, the pixel text as one byte region, usages, and each row's line in the file."""
+
+
+def _split_plain_csv(data: bytes) -> CsvColumns | None:
     """Columns of an unquoted ``emotion,pixels,Usage`` file without copying the pixels.
 
-    Returns None for anything else (quotes, other column order), which the pandas path reads.
+    Returns None for anything else (quotes, other column order, blank lines between rows),
+    which the pandas path reads.
     The pixel bytes are parsed in place: the text between one row's pixels and the next
     (``,Training\\n3,``) is overwritten with spaces so one pass tokenises every row.
     """
@@ -274,7 +279,9 @@ def _split_plain_csv(data: bytes) -> tuple[list[str], np.ndarray, list[str]] | N
     if len(line_ends) == 0 or line_ends[-1] != len(body) - 1:
         line_ends = np.append(line_ends, len(body))
     line_starts = np.concatenate(([0], line_ends[:-1] + 1))
-    keep = line_ends > line_starts  # blank lines at the end
+    keep = line_ends > line_starts
+    if not keep.all() and keep[np.argmin(keep):].any():
+        return None  # a blank line between rows: the pandas path keeps the line numbers right
     line_starts, line_ends = line_starts[keep], line_ends[keep]
     commas = np.flatnonzero(body == 44)
     if len(commas) != 2 * len(line_starts) or len(line_starts) == 0:
@@ -289,14 +296,24 @@ def _split_plain_csv(data: bytes) -> tuple[list[str], np.ndarray, list[str]] | N
               for s, e in zip(second, line_ends, strict=True)]
     for end_of_pixels, start_of_next in zip(second[:-1], first[1:], strict=True):
         body[end_of_pixels:start_of_next + 1] = 32
-    return emotions, body[first[0] + 1:second[-1]], usages
+    return (emotions, body[first[0] + 1:second[-1]], usages,
+            np.arange(2, len(emotions) + 2))
 
 
-def _split_csv_with_pandas(data: bytes, *, origin: str) -> tuple[list[str], np.ndarray, list[str]]:
+def _split_csv_with_pandas(data: bytes, *, origin: str) -> CsvColumns:
+    frame, lines = _read_csv_frame(data, origin=origin)
+    pixels = " ".join(frame["pixels"]).encode("latin-1")
+    return (frame["emotion"].tolist(), np.frombuffer(bytearray(pixels), dtype=np.uint8),
+            frame["Usage"].str.strip().tolist(), lines)
+
+
+def _read_csv_frame(data: bytes, *, origin: str):
+    """The CSV's non-blank rows as strings, and the line each came from (blank lines count)."""
     import pandas as pd
 
     try:
-        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
+                            skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{origin}: not a readable CSV ({exc})") from None
     frame.columns = [c.strip() for c in frame.columns]
@@ -304,12 +321,11 @@ def _split_csv_with_pandas(data: bytes, *, origin: str) -> tuple[list[str], np.n
     if missing:
         raise DataError(f"{origin}: missing column(s) {', '.join(missing)} "
                         "(expected the header emotion,pixels,Usage)")
-    pixels = " ".join(frame["pixels"]).encode("latin-1")
-    return (frame["emotion"].tolist(), np.frombuffer(bytearray(pixels), dtype=np.uint8),
-            frame["Usage"].str.strip().tolist())
+    blank = (frame.apply(lambda column: column.str.strip()) == "").all(axis=1)
+    return frame[~blank], np.flatnonzero(~blank.to_numpy()) + 2
 
 
-def _parse_labels(emotions: list[str], *, origin: str) -> np.ndarray:
+def _parse_labels(emotions: list[str], *, lines: np.ndarray, origin: str) -> np.ndarray:
     text = np.char.strip(np.asarray(emotions, dtype=str))
     is_int = np.char.isdigit(text)
     values = np.where(is_int, text, "-1").astype(np.int64)
@@ -317,7 +333,7 @@ def _parse_labels(emotions: list[str], *, origin: str) -> np.ndarray:
     if bad.any():
         row = int(np.argmax(bad))
         legend = ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
-        raise DataError(f"{origin}, line {row + 2}: emotion '{text[row]}' is not a label "
+        raise DataError(f"{origin}, line {lines[row]}: emotion '{text[row]}' is not a label "
                         f"0-{NUM_CLASSES - 1} ({legend})")
     return values
 
@@ -365,11 +381,9 @@ def _parse_pixel_chunk(chunk: np.ndarray) -> np.ndarray | None:
 
 def _diagnose_pixels(data: bytes, *, origin: str) -> None:
     """Slow path, only after the fast parse failed: find and name the first bad row."""
-    import pandas as pd
-
-    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    for row, text in enumerate(frame["pixels"]):
-        _check_pixel_row(text, line=row + 2, origin=origin)
+    frame, lines = _read_csv_frame(data, origin=origin)
+    for line, text in zip(lines, frame["pixels"], strict=True):
+        _check_pixel_row(text, line=int(line), origin=origin)
     raise DataError(f"{origin}: the pixels column could not be parsed")
 
 

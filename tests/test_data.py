@@ -165,6 +165,21 @@ def test_bad_csv_rows_name_file_and_line(tmp_path, row, message):
         read_splits(path)
 
 
+@pytest.mark.parametrize("row", [f"7,{GOOD},Training", f"0,{GOOD},Validation",
+                                 f"0,{GOOD}x,Training"], ids=["emotion", "usage", "pixels"])
+def test_line_numbers_count_blank_lines(tmp_path, row):
+    """A blank line between rows is skipped, but the bad row is still named by its real line."""
+    path = write_csv(tmp_path / "bad.csv", [f"0,{GOOD},PublicTest", "", row])
+    with pytest.raises(DataError, match=r"bad\.csv, line 4: "):
+        read_splits(path)
+
+
+def test_blank_lines_between_rows_are_skipped(tmp_path):
+    path = write_csv(tmp_path / "ok.csv", [f"0,{GOOD},Training", "", f"3,{GOOD},PublicTest", ""])
+    splits = read_splits(path)
+    assert splits["train"].labels.tolist() == [0] and splits["test"].labels.tolist() == [3]
+
+
 def test_quoted_csv_reads_like_plain(tmp_path):
     """Quoted fields (as some exports write them) parse the same via the robust path."""
     path = tmp_path / "q.csv"
