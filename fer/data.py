@@ -321,7 +321,7 @@ def _read_csv_frame(data: bytes, *, origin: str):
     if missing:
         raise DataError(f"{origin}: missing column(s) {', '.join(missing)} "
                         "(expected the header emotion,pixels,Usage)")
-    blank = (frame.apply(lambda column: column.str.strip()) == "").all(axis=1)
+    blank = (frame == "").all(axis=1)
     return frame[~blank], np.flatnonzero(~blank.to_numpy()) + 2
 
 
