@@ -596,6 +596,7 @@ class RunSummary:
     epochs: int | None
     accuracy: float
     macro_f1: float | None
+    val_accuracy: float | None  # what the champion is chosen on
     is_champion: bool
     is_latest: bool
 
@@ -648,6 +649,7 @@ def _summary(manifest: dict[str, Any], *, latest: str | None, champion: str | No
         epochs=epochs,
         accuracy=metrics["accuracy"],
         macro_f1=metrics.get("macro_f1"),
+        val_accuracy=_validation_accuracy(metrics),
         is_champion=manifest["run_id"] == champion,
         is_latest=manifest["run_id"] == latest,
     )

@@ -390,7 +390,8 @@ def reports_list(
     storage: StorageOption = None,
     endpoint_url: EndpointOption = None,
 ) -> None:
-    """Published runs, newest first, with test accuracy and macro-F1."""
+    """Published runs, newest first: test accuracy, macro-F1, and the validation accuracy the
+    champion is chosen on."""
     from fer.storage import list_runs
 
     runs = list_runs(_store(_settings(storage=storage, endpoint_url=endpoint_url)))
@@ -401,11 +402,12 @@ def reports_list(
         typer.echo("no published runs")
         return
     typer.echo(f"{'run id':36s} {'created':25s} {'model':14s} {'epochs':>6s} "
-               f"{'accuracy':>8s} {'macro-F1':>8s}  markers")
+               f"{'accuracy':>8s} {'macro-F1':>8s} {'val acc':>8s}  markers")
     for r in runs:
         markers = " ".join(m for m, on in (("champion", r.is_champion), ("latest", r.is_latest)) if on)
         typer.echo(f"{r.run_id:36s} {str(r.created):25s} {str(r.model):14s} {str(r.epochs):>6s} "
-                   f"{_fmt(r.accuracy):>8s} {_fmt(r.macro_f1):>8s}  {markers}")
+                   f"{_fmt(r.accuracy):>8s} {_fmt(r.macro_f1):>8s} {_fmt(r.val_accuracy):>8s}"
+                   f"  {markers}")
 
 
 def _fmt(value) -> str:

@@ -26,7 +26,8 @@ def storage_env(request, tmp_path) -> dict[str, str]:
 
 def test_publish_list_show_get(tmp_path, storage_env):
     """Two runs published; list marks champion/latest; show and get return the right run."""
-    good = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70, minute=0)
+    good = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70, minute=0,
+                    val_accuracy=0.66)
     worse = make_run(tmp_path / "runs", "20250101-010000-default-bbbb", accuracy=0.60, minute=60)
     for run in (good, worse):
         published = run_fer("publish", run, env=storage_env)
@@ -38,8 +39,10 @@ def test_publish_list_show_get(tmp_path, storage_env):
     lines = listing.stdout.splitlines()
     assert lines[1].startswith(worse.name) and lines[1].rstrip().endswith("latest")
     assert lines[2].startswith(good.name) and "0.7000" in lines[2] and "champion" in lines[2]
+    assert "val acc" in lines[0] and "0.6600" in lines[2]  # the figure the champion is chosen on
     records = json.loads(run_fer("reports", "list", "--json", env=storage_env).stdout)
     assert [r["run_id"] for r in records] == [worse.name, good.name]
+    assert records[1]["val_accuracy"] == 0.66
 
     champion = run_fer("reports", "show", "champion", env=storage_env)
     assert champion.returncode == 0 and f"report of {good.name}" in champion.stdout
