@@ -58,6 +58,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     run_id = config.run_id or new_run_id(config.model)
     run_dir = Path(config.out_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
+    commit = git_commit()  # the code that trains, not whatever is checked out hours later
     learning_rate = (spec.learning_rate if config.learning_rate is None
                      else config.learning_rate)
 
@@ -90,7 +91,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         "precision": precision,
         "data": _data_record(dataset),
         "versions": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "machine": machine(),
         "artifacts": list(RUN_FILES),
     })
