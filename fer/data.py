@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import zipfile
 import zlib
@@ -523,6 +524,9 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+    for stale in path.parent.glob(f"{digest}.v*.npz"):  # older formats are never read again
+        if stale != path and re.fullmatch(rf"{digest}\.v\d+\.npz", stale.name):
+            stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)
 
 
 def _read_json(path: Path) -> dict:

@@ -121,6 +121,17 @@ def test_decoded_cache_is_used_on_second_load(tmp_path, shaded_csv, monkeypatch)
     assert np.array_equal(first.test.labels, second.test.labels)
 
 
+def test_a_cache_of_an_older_format_is_replaced(tmp_path, shaded_csv):
+    """A cache written before a decoding change is decoded again and the old file removed."""
+    cache = tmp_path / "cache"
+    first = load_dataset(shaded_csv, cache_dir=cache)
+    (current,) = (cache / "decoded").glob(f"{first.sha256}*.npz")
+    old = current.with_name(f"{first.sha256}.v0.npz")
+    current.rename(old)
+    load_dataset(shaded_csv, cache_dir=cache)
+    assert [p.name for p in (cache / "decoded").glob("*.npz")] == [current.name]
+
+
 def test_moving_an_image_to_another_class_folder_is_seen(tmp_path):
     """Relabelling by `mv` keeps file count, sizes and mtimes; the cache must still notice."""
     root = write_image_tree(tmp_path / "layout", per_class=3)
