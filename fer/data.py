@@ -469,7 +469,7 @@ def file_sha256(path: Path) -> str:
 
 def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
-    stamp = _stat_stamp(source)
+    stamp = stat_stamp(source)
     index_path = cache_dir / "sha256-index.json" if cache_dir else None
     index = _read_json(index_path) if index_path else {}
     key = str(source.resolve())
@@ -488,7 +488,7 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     return value
 
 
-def _stat_stamp(source: Path) -> list[int] | str:
+def stat_stamp(source: Path) -> list[int] | str:
     """What changes whenever the content may have: size and mtime, and for a folder also
     every file's path (moving an image to another class folder changes its label)."""
     if source.is_file():

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer.data import file_sha256, is_archive, load_dataset, safe_extract
+from fer.data import file_sha256, is_archive, load_dataset, safe_extract, stat_stamp
 from fer.errors import DataError, FerError
 
 Progress = Callable[[int, int | None], None]
@@ -98,16 +98,11 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     if path.is_dir():
         return path.resolve()
     target = downloads / path.name
-    if not target.exists() or _stamp(target) != _stamp(path):  # an edited source is copied again
+    if not target.exists() or stat_stamp(target) != stat_stamp(path):  # an edited source is copied again
         partial = target.with_suffix(target.suffix + ".part")
         shutil.copy2(path, partial)  # keeps the mtime, so the stamps match next time
         os.replace(partial, target)
     return target
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
 
 
 def _download_name(source: str) -> str:

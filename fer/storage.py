@@ -455,7 +455,7 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
 
 def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
     """What a pointer holds: enough to compare runs without reading their manifests."""
-    metrics = remote["metrics"]
+    metrics, data = remote["metrics"], remote.get("data") or {}
     return {
         "run_id": remote["run_id"],
         "created": remote["created"],
@@ -463,8 +463,8 @@ def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics.get("macro_f1"),
         "val_accuracy": _validation_accuracy(metrics),
-        "data_sha256": (remote.get("data") or {}).get("sha256"),
-        "validation": (remote.get("data") or {}).get("validation"),
+        "data_sha256": data.get("sha256"),
+        "validation": data.get("validation"),
     }
 
 
@@ -563,8 +563,7 @@ def _artifact_names(folder: Path, listed: Any) -> list[str]:
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
         raise FerError(f"{folder / MANIFEST}: artifacts {listed!r} must be a list of file names")
-    outside = [name for name in listed
-               if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts]
+    outside = [name for name in listed if _escapes_run_folder(name)]
     if outside:
         raise FerError(f"{folder / MANIFEST}: artifacts {outside} point outside the run folder")
     missing = [name for name in listed if not (folder / name).is_file()]
@@ -721,10 +720,15 @@ def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Pa
 
 def _safe_parts(name: str, *, run: PublishedRun) -> tuple[str, ...]:
     """A manifest's file name as path parts, refusing anything that escapes the run folder."""
-    parts = PurePosixPath(name).parts
-    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+    if _escapes_run_folder(name):
         raise StorageError(f"manifest of run '{run.run_id}' names an unsafe file path {name!r}")
-    return parts
+    return PurePosixPath(name).parts
+
+
+def _escapes_run_folder(name: str) -> bool:
+    """Whether a file name from a manifest is empty, absolute or climbs out with '..'."""
+    path = PurePosixPath(name)
+    return not path.parts or path.is_absolute() or ".." in path.parts
 
 
 def _verify(digest: str, *, run: PublishedRun, name: str) -> None:

@@ -183,9 +183,8 @@ def train(
                                  "worker runs", param_hint="--endpoint-url")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
-    config = TrainConfig(**options, seed=seed, val_fraction=val_fraction,
-                         precision=precision, out_dir=out)
-    _check_training_options(config)
+    config = _checked_config(options, seed=seed, val_fraction=val_fraction,
+                             precision=precision, out=out)
     if remote:
         parameters = {**options, "seed": seed, "val_fraction": val_fraction,
                       "precision": precision, "data": data, "storage": storage,
@@ -219,15 +218,20 @@ def _import_flows(module: str):
                        "`pip install 'fer[orchestration]'`") from None
 
 
-def _check_training_options(config: TrainConfig) -> None:
-    """A misspelt model or precision fails here, before any download or server round trip."""
+def _checked_config(options: dict, *, seed: int, val_fraction: float, precision: str,
+                    out: Path) -> TrainConfig:
+    """The run's TrainConfig, checked before any download or server round trip (a misspelt
+    model or precision fails here)."""
     from fer.precision import check_precision
 
-    check_precision(config.precision)
+    check_precision(precision)
+    config = TrainConfig(**options, seed=seed, val_fraction=val_fraction, precision=precision,
+                         out_dir=out)
     _load_tensorflow()  # the model registry lives with the Keras builders
     from fer.train import check_config
 
     check_config(config)
+    return config
 
 
 def _train_remotely(parameters: dict, *, wait: bool) -> None:
@@ -267,8 +271,7 @@ def retrain(
     """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
-    _check_training_options(TrainConfig(**options, seed=seed, val_fraction=val_fraction,
-                                        precision=precision, out_dir=out))
+    _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
     flows_retrain = _import_flows("flows.retrain")
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
                                    val_fraction=val_fraction,

@@ -23,26 +23,21 @@ REPORT_ARTIFACT = "classification-report"
 METRICS_ARTIFACT = "test-metrics"
 
 
-def _fetch_worth_retrying(task, task_run, state) -> bool:
-    """Retry network and storage hiccups (a failed download included); a malformed dataset,
-    denied access or a missing bucket will not fix themselves, and retrying them only
-    delays the failure by minutes."""
-    error = state.data
-    if isinstance(error, StorageError):
-        return error.transient
-    return not isinstance(error, DataError)
+def _retry_unless(permanent: type[Exception]):
+    """A retry condition: storage errors retry when transient, other errors unless they are
+    ``permanent``. Denied access, a missing bucket, a malformed dataset or a bad run folder
+    will not fix themselves, and retrying them only delays the failure by minutes."""
+    def worth_retrying(task, task_run, state) -> bool:
+        error = state.data
+        if isinstance(error, StorageError):
+            return error.transient
+        return not isinstance(error, permanent)
 
-
-def _publish_worth_retrying(task, task_run, state) -> bool:
-    """Retry storage hiccups only; a bad run folder or bad credentials fail at once."""
-    error = state.data
-    if isinstance(error, StorageError):
-        return error.transient
-    return not isinstance(error, FerError)
+    return worth_retrying
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_fetch_worth_retrying)
+      retry_condition_fn=_retry_unless(DataError))  # a failed download retries
 def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> str:
     """Bring the data source into the local cache; the local path of the dataset."""
     from fer.fetch import resolve_data
@@ -74,7 +69,7 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_publish_worth_retrying)
+      retry_condition_fn=_retry_unless(FerError))
 def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
             create_bucket: bool, force_champion: bool = False) -> PublishResult:
     """Upload the run folder to the store and move its latest/champion pointers."""
