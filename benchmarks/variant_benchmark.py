@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "deep-last": ({"convs_per_stage": (2, 2, 3)}, {}),
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
+    "widths-40": ({"widths": (40, 80, 160)}, {}),
+    "widths-48": ({"widths": (48, 96, 192)}, {}),  # the previous default (`default-48`)
     "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
     "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
 }
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="needed unless --steps-only")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="training seed (weights, augmentation, order); the split stays seed 1337")
     parser.add_argument("--steps-only", action="store_true",
                         help="time 60 training steps per variant instead of training")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -117,6 +121,7 @@ def main() -> None:
         register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
                                             batch_size=args.batch_size, out_dir=args.out,
+                                            seed=args.seed,
                                             precision=precision),
                        verbose=2)
         keys = ("best_epoch", "best_val_accuracy", "accuracy", "macro_f1",
