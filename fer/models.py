@@ -303,10 +303,9 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     The 48x48 input is folded into 24x24x4 (no pixel lost), so no convolution runs at full
     resolution, where a CPU spends most of its time for little accuracy. Two 3x3
     conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels; global average pooling; a small
-    dense head. Widths are multiples of 32: with 48 channels at 24x24 (the previous default,
-    kept as `default-48`) the model trained 1.5x slower than with 32 on an AVX512_BF16 CPU,
-    far more than its 22% more multiply-adds explain, at equal validation accuracy
-    (BENCHMARKS.md).
+    dense head. 32 channels in the first stage, not 48 (the previous default, kept as
+    `default-48`): 18% fewer multiply-adds, ~1.1x the training and ~1.2x the inference
+    images/s on a 2-core CPU, at equal validation accuracy (BENCHMARKS.md).
     The keyword options exist for the recipe experiments of
     benchmarks/variant_benchmark.py; the registry uses their defaults.
     """
