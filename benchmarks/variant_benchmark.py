@@ -51,7 +51,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "widths-48": ({"widths": (48, 96, 192)}, {}),  # the previous default (`default-48`)
     "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
     "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
-    "random-erasing": ({"erase": 0.5}, {}),
 }
 
 

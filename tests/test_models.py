@@ -236,17 +236,3 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
     assert loaded.get_layer("flip_average").dtype_policy.name == "float32"
     pixels = np.random.default_rng(7).integers(0, 256, (2, 48, 48, 1)).astype("float32")
     assert np.allclose(loaded(pixels), old(pixels), atol=2e-2)
-
-
-def test_random_erasing_fills_one_rectangle_in_training_only():
-    """Random erasing (a recipe experiment) replaces one rectangle per chosen image with noise
-    and leaves inference input untouched."""
-    from fer.models import RandomErasing
-
-    images = np.full((16, 48, 48, 1), 0.5, "float32")
-    erased = np.asarray(RandomErasing(1.0, seed=3)(images, training=True))[..., 0] != 0.5
-    for mask in erased:
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
-        assert 0.0 < mask.mean() < 0.3  # 2-25% of the area, up to rounding to whole pixels
-    assert np.array_equal(np.asarray(RandomErasing(1.0)(images, training=False)), images)
