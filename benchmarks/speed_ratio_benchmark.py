@@ -1,0 +1,91 @@
+"""A model's training speed against the seed model's, in matched phases of a throttled VM.
+
+The 2-core VMs this project is measured on are CPU-throttled by their host with a period of
+about 5.1 s: a throttled stretch of training does the same work per image and then waits for
+the next period (BENCHMARKS.md, "The throttled phase"). A ratio of two figures measured one
+after the other (train_benchmark.py) then depends on which phase each model drew. This
+script alternates `fit` windows of the seed and the model on the same real training
+batches, many times, and compares each model's fastest window (its unthrottled speed, as
+near as the windows get to it). Throttled windows end on period boundaries, so their
+images/s are rounded figures; the median over all windows is printed for reference only.
+Usage:
+
+    python benchmarks/speed_ratio_benchmark.py --data ../shared/data/fer2013.zip --seconds 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine_line
+
+from fer.precision import PRECISIONS, choose_precision
+
+
+def build(model_name: str, precision: str):
+    import keras
+
+    from fer.models import get_spec
+    from fer.precision import dtype_policy
+
+    spec = get_spec(model_name)
+    with dtype_policy(precision):
+        model = spec.build()
+    model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate),
+                  loss=keras.losses.CategoricalCrossentropy())
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed-steps", type=int, default=24, help="steps per seed window")
+    parser.add_argument("--model-steps", type=int, default=96, help="steps per model window")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    args = parser.parse_args()
+
+    from fer.data import load_dataset
+    from fer.train import _batches
+
+    precision = choose_precision(args.precision)
+    print(machine_line(), precision)
+    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    batches = _batches(dataset.train, batch_size=args.batch_size, shuffle_seed=0).repeat()
+    models = {"seed": build("seed", precision), args.model: build(args.model, precision)}
+    steps = {"seed": args.seed_steps, args.model: args.model_steps}
+    rates: dict[str, list[float]] = {name: [] for name in models}
+
+    def window(name: str) -> float:
+        started = time.perf_counter()
+        models[name].fit(batches, steps_per_epoch=steps[name], epochs=1, verbose=0)
+        return steps[name] * args.batch_size / (time.perf_counter() - started)
+
+    for name in models:  # compile and warm up
+        window(name)
+    began = time.perf_counter()
+    while time.perf_counter() - began < args.seconds:
+        line = []
+        for name in models:
+            rates[name].append(window(name))
+            line.append(f"{name} {rates[name][-1]:7.1f}")
+        print(f"{time.perf_counter() - began:6.1f} s  " + " | ".join(line) + "  images/s",
+              flush=True)
+
+    seed, model = rates["seed"], rates[args.model]
+    print(f"windows: {len(seed)} each")
+    print(f"fastest window: seed {max(seed):.1f}, {args.model} {max(model):.1f} images/s, "
+          f"ratio {max(model) / max(seed):.2f}x")
+    print(f"median of all windows: seed {statistics.median(seed):.1f}, {args.model} "
+          f"{statistics.median(model):.1f} images/s, ratio "
+          f"{statistics.median(model) / statistics.median(seed):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
