@@ -326,21 +326,24 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     return _finish(inputs, layers.Dense(len(CLASS_NAMES))(x), name="default")
 
 
+def _default_recipe(name: str, widths: Sequence[int], description: str) -> ModelSpec:
+    """The default CNN at the given widths with the recipe it was tuned with."""
+    return ModelSpec(name, functools.partial(build_default, widths=widths), learning_rate=2e-3,
+                     optimizer="adamw", label_smoothing=0.1, weight_decay=0.05,
+                     class_weighting="sqrt", description=description)
+
+
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("default", build_default, learning_rate=2e-3, optimizer="adamw",
-                  label_smoothing=0.1, weight_decay=0.05, class_weighting="sqrt",
-                  description="fer's CPU-efficient CNN, 32-96-192 channels (the CLI default)"),
-        ModelSpec("default-48", functools.partial(build_default, widths=(48, 96, 192)),
-                  learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1, weight_decay=0.05,
-                  class_weighting="sqrt",
-                  description="the previous default, 48-96-192 channels: the `best` profile's "
-                              "members, as measured"),
-        ModelSpec("wide", functools.partial(build_default, widths=(64, 128, 256)),
-                  learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1, weight_decay=0.05,
-                  class_weighting="sqrt",
-                  description="the default at 64-128-256 channels (2.2x its multiply-adds), for long runs"),
+        _default_recipe("default", (32, 96, 192),
+                        "fer's CPU-efficient CNN, 32-96-192 channels (the CLI default)"),
+        _default_recipe("default-48", (48, 96, 192),
+                        "the previous default, 48-96-192 channels: the `best` profile's "
+                        "members, as measured"),
+        _default_recipe("wide", (64, 128, 256),
+                        "the default at 64-128-256 channels (2.2x its multiply-adds), "
+                        "for long runs"),
         ModelSpec("seed", build_seed, learning_rate=1e-4, optimizer="adam",
                   description="the original script's CNN, faithful (Adam 1e-4)"),
         ModelSpec("mini-xception", build_mini_xception, learning_rate=1e-3, optimizer="adam",
