@@ -1,16 +1,22 @@
-"""Shared pieces of the benchmark scripts: the machine record and the seed reference."""
+"""Shared pieces of the benchmark scripts: the machine record, the data cache and the seed
+reference."""
 
 from __future__ import annotations
 
 import datetime as dt
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from fer.data import Split
 from fer.manifest import machine
+
+# The decoded dataset, shared by all benchmark scripts (decoding FER2013 takes a while).
+BENCH_CACHE = Path(tempfile.gettempdir()) / "fer-bench-cache"
 
 
 def machine_line() -> str:
@@ -21,25 +27,38 @@ def machine_line() -> str:
             f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")
 
 
-def measure_training_throughput(model_name: str, train: Split, *, batch_size: int, steps: int,
-                                precision: str) -> float:
-    """Images/s of ``steps`` training steps (after 3 warm-up steps) on real training images."""
+def compiled_model(model_name: str, precision: str, *, metrics: tuple[str, ...] = ()):
+    """The registered model, built in ``precision`` and compiled for timing: Adam at its
+    learning rate (the seed's own optimiser; the others' AdamW costs about the same)."""
     import keras
 
     from fer.models import get_spec
     from fer.precision import dtype_policy
-    from fer.train import _batches
 
     spec = get_spec(model_name)
     with dtype_policy(precision):
         model = spec.build()
     model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate),
-                  loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
-    batches = _batches(train, batch_size=batch_size, shuffle_seed=0).repeat()
-    model.fit(batches, steps_per_epoch=3, epochs=1, verbose=0)
+                  loss=keras.losses.CategoricalCrossentropy(), metrics=list(metrics))
+    return model
+
+
+def fit_images_per_second(model, batches, *, steps: int, batch_size: int) -> float:
+    """Images/s of one `fit` over ``steps`` batches of ``batches`` (a repeating tf.data)."""
     started = time.perf_counter()
     model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0)
     return steps * batch_size / (time.perf_counter() - started)
+
+
+def measure_training_throughput(model_name: str, train: Split, *, batch_size: int, steps: int,
+                                precision: str) -> float:
+    """Images/s of ``steps`` training steps (after 3 warm-up steps) on real training images."""
+    from fer.train import _batches
+
+    model = compiled_model(model_name, precision, metrics=("accuracy",))
+    batches = _batches(train, batch_size=batch_size, shuffle_seed=0).repeat()
+    model.fit(batches, steps_per_epoch=3, epochs=1, verbose=0)
+    return fit_images_per_second(model, batches, steps=steps, batch_size=batch_size)
 
 
 def one_epoch_of_steps(train: Split, batch_size: int) -> int:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import machine_line
+from common import BENCH_CACHE, machine_line
 
 from fer.data import load_dataset
 from fer.evaluate import predict_labels
@@ -83,7 +82,7 @@ def main() -> None:
     print(machine_line(), flush=True)
     sha256, fraction, seed = shared_split(args.run)
     dataset = load_dataset(args.data, val_fraction=fraction, seed=seed,
-                           cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+                           cache_dir=BENCH_CACHE)
     if dataset.sha256 != sha256:
         raise SystemExit(f"{args.data}: sha256 {dataset.sha256[:8]}..., but the runs were "
                          f"trained on {sha256[:8]}...")

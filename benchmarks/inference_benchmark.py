@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine_line
+from common import BENCH_CACHE, machine_line
 
 from fer.data import load_dataset
 
@@ -59,7 +58,7 @@ def main() -> None:
     from fer.precision import choose_precision
 
     print(machine_line(), flush=True)
-    test = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache",
+    test = load_dataset(args.data, cache_dir=BENCH_CACHE,
                         require_train=False).test
     ours = load_model(args.model) if args.model else get_spec("default").build()
     peer = get_spec("mini-xception").build()

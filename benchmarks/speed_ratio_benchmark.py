@@ -17,27 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line
+from common import BENCH_CACHE, compiled_model, fit_images_per_second, machine_line
 
 from fer.precision import PRECISIONS, choose_precision
-
-
-def build(model_name: str, precision: str):
-    import keras
-
-    from fer.models import get_spec
-    from fer.precision import dtype_policy
-
-    spec = get_spec(model_name)
-    with dtype_policy(precision):
-        model = spec.build()
-    model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate),
-                  loss=keras.losses.CategoricalCrossentropy())
-    return model
 
 
 def main() -> None:
@@ -56,16 +41,15 @@ def main() -> None:
 
     precision = choose_precision(args.precision)
     print(machine_line(), precision)
-    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     batches = _batches(dataset.train, batch_size=args.batch_size, shuffle_seed=0).repeat()
-    models = {"seed": build("seed", precision), args.model: build(args.model, precision)}
+    models = {name: compiled_model(name, precision) for name in ("seed", args.model)}
     steps = {"seed": args.seed_steps, args.model: args.model_steps}
     rates: dict[str, list[float]] = {name: [] for name in models}
 
     def window(name: str) -> float:
-        started = time.perf_counter()
-        models[name].fit(batches, steps_per_epoch=steps[name], epochs=1, verbose=0)
-        return steps[name] * args.batch_size / (time.perf_counter() - started)
+        return fit_images_per_second(models[name], batches, steps=steps[name],
+                                     batch_size=args.batch_size)
 
     for name in models:  # compile and warm up
         window(name)

@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import fmt_seconds, machine_line, measure_training_throughput, one_epoch_of_steps
+from common import BENCH_CACHE, fmt_seconds, machine_line, measure_training_throughput, one_epoch_of_steps
 
 from fer.config import TrainConfig
 from fer.data import load_dataset
@@ -56,7 +56,7 @@ def main() -> None:
             parser.error(f"--{option} {getattr(args, option)}: expected at least 1")
 
     print(machine_line(), flush=True)
-    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     precision = choose_precision("auto")
     seed_ips = None
     if not args.skip_seed:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line
+from common import BENCH_CACHE, machine_line
 
 from fer.precision import PRECISIONS, choose_precision
 
@@ -116,7 +116,7 @@ def main() -> None:
     from fer.data import load_dataset
     from fer.train import train
 
-    dataset = load_dataset(args.data, cache_dir=Path(tempfile.gettempdir()) / "fer-bench-cache")
+    dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     for name in args.variant:
         register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
