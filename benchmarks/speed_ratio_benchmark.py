@@ -22,13 +22,16 @@ from pathlib import Path
 
 from common import BENCH_CACHE, compiled_model, fit_images_per_second, machine_line
 
+from fer.models import REGISTRY
 from fer.precision import PRECISIONS, choose_precision
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", default="default")
+    parser.add_argument("--model", default="default",
+                        choices=sorted(name for name in REGISTRY if name != "seed"),
+                        help="the model timed against the seed")
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed-steps", type=int, default=24, help="steps per seed window")
