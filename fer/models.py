@@ -218,6 +218,7 @@ class ModelSpec:
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
+    ema_momentum: float | None = None  # validate and keep an exponential average of the weights
     description: str = ""
 
 

@@ -122,11 +122,14 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
+    # With weight averaging, validation and the kept weights are the average's: the swap
+    # callback must run before KeepBestWeights at each epoch's end.
+    averaging = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if spec.ema_momentum else []
     history = model.fit(
         _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
                  class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
+        epochs=config.epochs, callbacks=[timer, *averaging, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
@@ -186,7 +189,8 @@ def _optimizer(spec: ModelSpec, learning_rate: float, total_steps: int):
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=learning_rate / 10, decay_steps=max(1, total_steps - warmup),
         warmup_target=learning_rate, warmup_steps=warmup, alpha=0.01)
-    return keras.optimizers.AdamW(schedule, weight_decay=spec.weight_decay)
+    ema = {"use_ema": True, "ema_momentum": spec.ema_momentum} if spec.ema_momentum else {}
+    return keras.optimizers.AdamW(schedule, weight_decay=spec.weight_decay, **ema)
 
 
 def class_weights(split: Split, scheme: str) -> np.ndarray | None:
