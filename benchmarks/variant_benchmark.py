@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
     "ema-0.999": ({}, {"ema_momentum": 0.999}),
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
+    "inverse-class-weights": ({}, {"class_weighting": "inverse"}),
+    "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
 }
 
 

@@ -217,7 +217,7 @@ class ModelSpec:
     optimizer: str  # "adam" | "adamw"
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
-    class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
+    class_weighting: str = "none"  # "none" | "sqrt" | "inverse": (mean count / class count)[**0.5]
     ema_momentum: float | None = None  # validate and keep an exponential average of the weights
     description: str = ""
 

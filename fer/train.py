@@ -194,11 +194,13 @@ def _optimizer(spec: ModelSpec, learning_rate: float, total_steps: int):
 
 
 def class_weights(split: Split, scheme: str) -> np.ndarray | None:
-    """Per-class loss weights; "sqrt" lifts rare classes (disgust) without drowning the rest."""
+    """Per-class loss weights, normalised to a mean sample weight of 1. "sqrt" lifts rare
+    classes (disgust) without drowning the rest; "inverse" weighs every class equally."""
     if scheme == "none":
         return None
     counts = np.bincount(split.labels, minlength=NUM_CLASSES).astype(np.float64)
-    weights = np.sqrt(counts[counts > 0].mean() / np.maximum(counts, 1))
+    weights = counts[counts > 0].mean() / np.maximum(counts, 1)
+    weights = np.sqrt(weights) if scheme == "sqrt" else weights
     return (weights / np.average(weights, weights=counts)).astype(np.float32)
 
 
