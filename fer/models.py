@@ -295,7 +295,7 @@ def _conv_bn_relu(x, filters: int):
 
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
-                  flatten_head: bool = False, rotation: float = 0.25, zoom: float = 0.1,
+                  head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
                   shift: float = 0.1,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
@@ -320,7 +320,14 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
             x = layers.MaxPooling2D(2)(x)
         for _ in range(convs):
             x = conv_block(x, filters)
-    x = layers.Flatten()(x) if flatten_head else layers.GlobalAveragePooling2D()(x)
+    # The head sees the last 6x6 stage averaged to a head_grid x head_grid grid (1: global
+    # average pooling; 6: the whole map flattened), so a grid > 1 keeps where a feature was.
+    if head_grid == 1:
+        x = layers.GlobalAveragePooling2D()(x)
+    else:
+        if x.shape[1] > head_grid:
+            x = layers.AveragePooling2D(x.shape[1] // head_grid)(x)
+        x = layers.Flatten()(x)
     x = layers.Dropout(dropout)(x)
     x = layers.Dense(256, activation="relu")(x)
     x = layers.Dropout(dropout)(x)
