@@ -52,9 +52,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "widths-48": ({"widths": (48, 96, 192)}, {}),  # the previous default (`default-48`)
     "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
     "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
-    "ema-0.999": ({}, {"ema_momentum": 0.999}),
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
-    "inverse-class-weights": ({}, {"class_weighting": "inverse"}),
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
 }
 
