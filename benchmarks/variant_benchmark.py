@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
+    "dropout-0.5": ({"dropout": 0.5}, {}),
 }
 
 
