@@ -10,7 +10,7 @@ import pytest
 
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES
-from fer.models import REGISTRY, class_names_of, get_spec, load_model
+from fer.models import REGISTRY, build_default, class_names_of, get_spec, load_model
 
 
 def test_seed_model_is_the_original_layer_for_layer():
@@ -33,6 +33,15 @@ def test_default_model_is_32_96_192_and_default_48_keeps_the_previous_widths():
 
     assert conv_widths(get_spec("default").build()) == [32, 32, 96, 96, 192, 192]
     assert conv_widths(get_spec("default-48").build()) == [48, 48, 96, 96, 192, 192]
+
+
+@pytest.mark.parametrize("head_grid, features", [(1, 192), (3, 3 * 3 * 192), (6, 6 * 6 * 192)])
+def test_default_head_sees_the_last_stage_on_the_grid_asked_for(head_grid, features):
+    """head_grid 1 is global average pooling (the registry's default); a larger grid keeps
+    where on the face a feature was (the `head-grid-3` and `flat` variants)."""
+    model = build_default(head_grid=head_grid)
+    head = next(layer for layer in model.layers if isinstance(layer, keras.layers.Dense))
+    assert head.input.shape[-1] == features
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
