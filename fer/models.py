@@ -319,14 +319,12 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
             x = layers.MaxPooling2D(2)(x)
         for _ in range(convs):
             x = conv_block(x, filters)
-    # The head sees the last 6x6 stage averaged to a head_grid x head_grid grid (1: global
-    # average pooling; 6: the whole map flattened), so a grid > 1 keeps where a feature was.
+    # The head sees the last 6x6 stage averaged to a head_grid x head_grid grid (a divisor
+    # of 6; 1: global average pooling), so a grid > 1 keeps where a feature was.
     if head_grid == 1:
         x = layers.GlobalAveragePooling2D()(x)
     else:
-        if x.shape[1] > head_grid:
-            x = layers.AveragePooling2D(x.shape[1] // head_grid)(x)
-        x = layers.Flatten()(x)
+        x = layers.Flatten()(layers.AveragePooling2D(x.shape[1] // head_grid)(x))
     x = layers.Dropout(dropout)(x)
     x = layers.Dense(256, activation="relu")(x)
     x = layers.Dropout(dropout)(x)
