@@ -55,6 +55,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
+    "standardize": ({"standardize": True}, {}),
+    "residual": ({"residual": True}, {}),
+    "calm-final-3": ({}, {"calm_final_epochs": 3}),
+    "calm-final-6": ({}, {"calm_final_epochs": 6}),
 }
 
 
