@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "head-grid-3": ({"head_grid": 3}, {}),
     "deep-last": ({"convs_per_stage": (2, 2, 3)}, {}),
     "peak-lr-4e-3": ({}, {"learning_rate": 4e-3}),
+    "peak-lr-1e-3": ({}, {"learning_rate": 1e-3}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
     "widths-40": ({"widths": (40, 80, 160)}, {}),
     "widths-48": ({"widths": (48, 96, 192)}, {}),  # the previous default (`default-48`)
@@ -55,10 +56,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
-    "standardize": ({"standardize": True}, {}),
-    "residual": ({"residual": True}, {}),
-    "calm-final-3": ({}, {"calm_final_epochs": 3}),
-    "calm-final-6": ({}, {"calm_final_epochs": 6}),
 }
 
 

@@ -22,7 +22,7 @@ from fer.errors import FerError
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, RandomAffine, averaging, get_spec, with_precision
+from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
 
@@ -122,12 +122,11 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
-    calm = GeometricAugmentationOff(from_epoch=max(0, config.epochs - spec.calm_final_epochs))
     history = model.fit(
         _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
                  class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=[timer, best, calm], shuffle=False, verbose=verbose,
+        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
@@ -289,31 +288,3 @@ class KeepBestWeights(keras.callbacks.Callback):
     def restore(self, model: keras.Model) -> None:
         if self._weights is not None:
             model.set_weights(self._weights)
-
-
-class GeometricAugmentationOff(keras.callbacks.Callback):
-    """From epoch ``from_epoch`` (0-based) on, train without rotation, zoom and shift
-    (mirroring stays): the last epochs fit the images as they will be seen at inference.
-
-    The augmentation's ranges are Python numbers baked into the traced training step, so
-    the step is traced again; the ranges are restored when training ends.
-    """
-
-    def __init__(self, from_epoch: int):
-        super().__init__()
-        self.from_epoch = from_epoch
-        self._saved: list[tuple[RandomAffine, tuple[float, float, float]]] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch != self.from_epoch:
-            return
-        for layer in self.model.layers:
-            if isinstance(layer, RandomAffine):
-                self._saved.append((layer, (layer.rotation, layer.zoom, layer.shift)))
-                layer.rotation = layer.zoom = layer.shift = 0.0
-        self.model.make_train_function(force=True)
-
-    def on_train_end(self, logs=None):
-        for layer, (rotation, zoom, shift) in self._saved:
-            layer.rotation, layer.zoom, layer.shift = rotation, zoom, shift
-        self._saved.clear()

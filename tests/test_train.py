@@ -181,22 +181,3 @@ def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
     assert weights[1] == weights.max() and weights[3] == weights.min()
     assert np.average(weights[labels]) == pytest.approx(1.0, abs=1e-5)
     assert class_weights(split, "none") is None
-
-
-def test_geometric_augmentation_is_off_from_the_chosen_epoch_and_restored_after():
-    """The traced training step sees rotation, zoom and shift switched off (its loss, how far
-    the augmented images are from the originals, becomes 0) and the ranges come back."""
-    from fer.models import RandomAffine
-    from fer.train import GeometricAugmentationOff
-
-    inputs = keras.Input((48, 48, 1))
-    augment = RandomAffine(rotation=0.25, zoom=0.1, shift=0.1, flip=False, seed=1)
-    identity = keras.layers.DepthwiseConv2D(1, depthwise_initializer="ones", use_bias=False)
-    model = keras.Model(inputs, identity(augment(inputs)))
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    images = np.random.default_rng(0).uniform(0, 1, (32, 48, 48, 1)).astype("float32")
-    losses = model.fit(images, images, epochs=3, batch_size=16, verbose=0,
-                       callbacks=[GeometricAugmentationOff(from_epoch=1)]).history["loss"]
-    assert losses[0] > 0.01
-    assert losses[1] == losses[2] == 0.0
-    assert (augment.rotation, augment.zoom, augment.shift) == (0.25, 0.1, 0.1)
