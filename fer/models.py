@@ -151,6 +151,16 @@ class FusedBatchNorm(layers.BatchNormalization):
 
 
 @keras.saving.register_keras_serializable(package="fer")
+class PerImageStandardize(layers.Layer):
+    """Each image to zero mean and unit variance: removes its brightness and contrast."""
+
+    def call(self, inputs):
+        mean = keras.ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
+        std = keras.ops.std(inputs, axis=(1, 2, 3), keepdims=True)
+        return (inputs - mean) / keras.ops.maximum(std, 1e-3)
+
+
+@keras.saving.register_keras_serializable(package="fer")
 class HorizontalFlip(layers.Layer):
     """Mirror images left to right (the second view of flip test-time augmentation)."""
 
@@ -295,7 +305,7 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1,
+                  shift: float = 0.1, standardize: bool = False,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -311,7 +321,8 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
-    x = layers.Rescaling(1 / 255.0)(inputs)
+    x = (PerImageStandardize(dtype="float32")(inputs) if standardize
+         else layers.Rescaling(1 / 255.0)(inputs))
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
