@@ -245,3 +245,22 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
     assert loaded.get_layer("flip_average").dtype_policy.name == "float32"
     pixels = np.random.default_rng(7).integers(0, 256, (2, 48, 48, 1)).astype("float32")
     assert np.allclose(loaded(pixels), old(pixels), atol=2e-2)
+
+
+def test_standardize_option_gives_each_image_zero_mean_and_unit_variance():
+    """build_default(standardize=True) replaces /255 with per-image standardisation, in
+    float32 whatever the policy (bfloat16 statistics of 0-255 pixels lost accuracy)."""
+    from fer.models import PerImageStandardize
+    from fer.precision import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):
+        model = build_default(standardize=True)
+    layer = next(x for x in model.layers if isinstance(x, PerImageStandardize))
+    assert layer.compute_dtype == "float32"
+    rng = np.random.default_rng(0)
+    contrast = np.array([0.2, 1.0, 0.6], "float32")[:, None, None, None]
+    images = rng.uniform(0, 255, (3, 48, 48, 1)).astype("float32") * contrast
+    standardized = keras.ops.convert_to_numpy(layer(images))
+    np.testing.assert_allclose(standardized.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(standardized.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
+    assert not any(isinstance(x, PerImageStandardize) for x in build_default().layers)
