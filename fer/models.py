@@ -154,8 +154,8 @@ class FusedBatchNorm(layers.BatchNormalization):
 class PerImageStandardize(layers.Layer):
     """Each image to zero mean and unit variance: removes its brightness and contrast.
 
-    ``build_default(standardize=True)``, an input option under trial (BENCHMARKS.md, session
-    9): +0.6 points of validation over two seeds, in float32; not the default yet.
+    ``build_default(standardize=True)``: an input option under trial, not the default yet;
+    BENCHMARKS.md (session 9) has its runs and what it still needs.
     """
 
     def call(self, inputs):
