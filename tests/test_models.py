@@ -264,3 +264,17 @@ def test_standardize_option_gives_each_image_zero_mean_and_unit_variance():
     np.testing.assert_allclose(standardized.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(standardized.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
     assert not any(isinstance(x, PerImageStandardize) for x in build_default().layers)
+
+
+def test_standardization_stays_float32_when_a_saved_model_is_loaded_in_bfloat16(tmp_path):
+    """`fer predict`/`evaluate` in auto precision recast every layer to bf16; the per-image
+    statistics must stay float32 there too, or predictions drift from the trained model's."""
+    from fer.models import PerImageStandardize
+
+    model = build_default(standardize=True)
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras", precision="mixed_bfloat16")
+    layer = next(x for x in loaded.layers if isinstance(x, PerImageStandardize))
+    assert layer.compute_dtype == "float32"
+    assert loaded.get_layer("probabilities").compute_dtype == "float32"
+    assert any(x.compute_dtype == "bfloat16" for x in loaded.layers)  # the rest was recast
