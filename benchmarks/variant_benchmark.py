@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
-    "standardize-f32": ({"standardize": True}, {}),
+    "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
 }
 
 

@@ -247,14 +247,15 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
     assert np.allclose(loaded(pixels), old(pixels), atol=2e-2)
 
 
-def test_standardize_option_gives_each_image_zero_mean_and_unit_variance():
-    """build_default(standardize=True) replaces /255 with per-image standardisation, in
-    float32 whatever the policy (bfloat16 statistics of 0-255 pixels lost accuracy)."""
+def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
+    """The default model scales its input per image (not /255), in float32 whatever the
+    policy (bfloat16 statistics of 0-255 pixels lost accuracy); the 48-96-192 and 64-128-256
+    models keep the /255 they were measured with."""
     from fer.models import PerImageStandardize
     from fer.precision import dtype_policy
 
     with dtype_policy("mixed_bfloat16"):
-        model = build_default(standardize=True)
+        model = get_spec("default").build()
     layer = next(x for x in model.layers if isinstance(x, PerImageStandardize))
     assert layer.compute_dtype == "float32"
     rng = np.random.default_rng(0)
@@ -263,7 +264,10 @@ def test_standardize_option_gives_each_image_zero_mean_and_unit_variance():
     standardized = keras.ops.convert_to_numpy(layer(images))
     np.testing.assert_allclose(standardized.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(standardized.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
-    assert not any(isinstance(x, PerImageStandardize) for x in build_default().layers)
+    for name in ("default-48", "wide"):
+        model = get_spec(name).build()
+        assert not any(isinstance(x, PerImageStandardize) for x in model.layers)
+        assert any(isinstance(x, keras.layers.Rescaling) for x in model.layers)
 
 
 def test_standardization_stays_float32_when_a_saved_model_is_loaded_in_bfloat16(tmp_path):
@@ -271,7 +275,7 @@ def test_standardization_stays_float32_when_a_saved_model_is_loaded_in_bfloat16(
     statistics must stay float32 there too, or predictions drift from the trained model's."""
     from fer.models import PerImageStandardize
 
-    model = build_default(standardize=True)
+    model = get_spec("default").build()
     model.save(tmp_path / "model.keras")
     loaded = load_model(tmp_path / "model.keras", precision="mixed_bfloat16")
     layer = next(x for x in loaded.layers if isinstance(x, PerImageStandardize))
