@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
+    "equalize": ({"equalize": True}, {}),
 }
 
 

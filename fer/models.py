@@ -172,6 +172,33 @@ class PerImageStandardize(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="fer")
+class HistogramEqualize(layers.Layer):
+    """Experiment (session 10): each image's histogram equalised, then centred and scaled.
+
+    A pixel becomes the fraction of its image's pixels darker than it (ties count half), so
+    every image spans the same uniform range whatever its lighting: a non-linear version of
+    PerImageStandardize. Float32 whatever dtype it is given, like that layer.
+    """
+
+    LEVELS = 256
+    UNIFORM_STD = 12 ** -0.5  # standard deviation of a uniform variable on [0, 1]
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**kwargs, "dtype": "float32"})
+
+    def call(self, inputs):
+        ops = keras.ops
+        pixels = ops.shape(inputs)[1] * ops.shape(inputs)[2] * ops.shape(inputs)[3]
+        levels = ops.cast(ops.clip(ops.round(ops.reshape(inputs, (ops.shape(inputs)[0], -1))),
+                                   0, self.LEVELS - 1), "int32")
+        counts = ops.cast(ops.bincount(levels, minlength=self.LEVELS), "float32")
+        below_or_at = ops.cumsum(counts, axis=-1)
+        rank = ops.take_along_axis(below_or_at - counts / 2, levels, axis=-1)
+        equalised = rank / ops.cast(pixels, "float32")
+        return ops.reshape((equalised - 0.5) / self.UNIFORM_STD, ops.shape(inputs))
+
+
+@keras.saving.register_keras_serializable(package="fer")
 class HorizontalFlip(layers.Layer):
     """Mirror images left to right (the second view of flip test-time augmentation)."""
 
@@ -316,7 +343,7 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1, standardize: bool = True,
+                  shift: float = 0.1, standardize: bool = True, equalize: bool = False,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -335,8 +362,11 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
-    x = (PerImageStandardize()(inputs) if standardize
-         else layers.Rescaling(1 / 255.0)(inputs))
+    if equalize:  # experiment: replaces either scaling
+        x = HistogramEqualize()(inputs)
+    else:
+        x = (PerImageStandardize()(inputs) if standardize
+             else layers.Rescaling(1 / 255.0)(inputs))
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
