@@ -50,14 +50,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "peak-lr-1e-3": ({}, {"learning_rate": 1e-3}),
     "widths-32": ({"widths": (32, 64, 128)}, {}),
     "widths-40": ({"widths": (40, 80, 160)}, {}),
-    "widths-48": ({"widths": (48, 96, 192)}, {}),  # the previous default (`default-48`)
+    "widths-48": ({"widths": (48, 96, 192)}, {}),  # `default-48`'s widths, standardised input
     "single-first-conv": ({"convs_per_stage": (1, 2, 2)}, {}),
     "light-augmentation": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05}, {}),
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}),
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
-    "equalize": ({"equalize": True}, {}),
 }
 
 

@@ -154,7 +154,7 @@ class FusedBatchNorm(layers.BatchNormalization):
 class PerImageStandardize(layers.Layer):
     """Each image to zero mean and unit variance: removes its brightness and contrast.
 
-    The default model's input scaling since session 10: instead of /255 it scored higher
+    The default model's input scaling (session 10): instead of /255 it scored higher
     validation accuracy on three seeds out of three at the same training speed; test
     accuracy was unchanged (BENCHMARKS.md).
     It computes in float32 whatever dtype it is given, because ``with_precision`` hands the
@@ -169,33 +169,6 @@ class PerImageStandardize(layers.Layer):
         mean = keras.ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
         std = keras.ops.std(inputs, axis=(1, 2, 3), keepdims=True)
         return (inputs - mean) / keras.ops.maximum(std, 1e-3)
-
-
-@keras.saving.register_keras_serializable(package="fer")
-class HistogramEqualize(layers.Layer):
-    """Experiment (session 10): each image's histogram equalised, then centred and scaled.
-
-    A pixel becomes the fraction of its image's pixels darker than it (ties count half), so
-    every image spans the same uniform range whatever its lighting: a non-linear version of
-    PerImageStandardize. Float32 whatever dtype it is given, like that layer.
-    """
-
-    LEVELS = 256
-    UNIFORM_STD = 12 ** -0.5  # standard deviation of a uniform variable on [0, 1]
-
-    def __init__(self, **kwargs):
-        super().__init__(**{**kwargs, "dtype": "float32"})
-
-    def call(self, inputs):
-        ops = keras.ops
-        pixels = ops.shape(inputs)[1] * ops.shape(inputs)[2] * ops.shape(inputs)[3]
-        levels = ops.cast(ops.clip(ops.round(ops.reshape(inputs, (ops.shape(inputs)[0], -1))),
-                                   0, self.LEVELS - 1), "int32")
-        counts = ops.cast(ops.bincount(levels, minlength=self.LEVELS), "float32")
-        below_or_at = ops.cumsum(counts, axis=-1)
-        rank = ops.take_along_axis(below_or_at - counts / 2, levels, axis=-1)
-        equalised = rank / ops.cast(pixels, "float32")
-        return ops.reshape((equalised - 0.5) / self.UNIFORM_STD, ops.shape(inputs))
 
 
 @keras.saving.register_keras_serializable(package="fer")
@@ -343,7 +316,7 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1, standardize: bool = True, equalize: bool = False,
+                  shift: float = 0.1, standardize: bool = True,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -351,22 +324,17 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     Each image is standardised to zero mean and unit variance (``standardize=False``: /255,
     as the 48-96-192 and 64-128-256 models were measured), then folded into 24x24x4 (no
     pixel lost), so no convolution runs at full resolution, where a CPU spends most of its
-    time for little accuracy. Two 3x3
-    conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels; global average pooling; a small
-    dense head. 32 channels in the first stage, not 48 (the previous default, kept as
-    `default-48`): 18% fewer multiply-adds, ~1.1x the training and ~1.2x the inference
-    images/s on a 2-core CPU, at equal validation accuracy (BENCHMARKS.md).
-    The keyword options exist for the recipe experiments of
+    time for little accuracy. Two 3x3 conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels;
+    global average pooling; a small dense head. 32 channels in the first stage, not 48 (the
+    previous default, kept as `default-48`): 18% fewer multiply-adds, ~1.1x the training
+    and ~1.2x the inference images/s on a 2-core CPU, at equal validation accuracy
+    (BENCHMARKS.md). The keyword options exist for the recipe experiments of
     benchmarks/variant_benchmark.py; the registry uses their defaults, except /255 input for
     the wider models, as measured.
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
-    if equalize:  # experiment: replaces either scaling
-        x = HistogramEqualize()(inputs)
-    else:
-        x = (PerImageStandardize()(inputs) if standardize
-             else layers.Rescaling(1 / 255.0)(inputs))
+    x = PerImageStandardize()(inputs) if standardize else layers.Rescaling(1 / 255.0)(inputs)
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
@@ -392,9 +360,8 @@ def _default_recipe(name: str, widths: Sequence[int], description: str,
     20-epoch runs (BENCHMARKS.md): without label smoothing validation fell 1.4 points, at 0.2
     it equalled 0.1; full inverse-frequency class weights cost 3.7 points."""
     return ModelSpec(name, functools.partial(build_default, widths=widths, **build_options),
-                     learning_rate=2e-3,
-                     optimizer="adamw", label_smoothing=0.1, weight_decay=0.05,
-                     class_weighting="sqrt", description=description)
+                     learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1,
+                     weight_decay=0.05, class_weighting="sqrt", description=description)
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -403,7 +370,7 @@ REGISTRY: dict[str, ModelSpec] = {
         _default_recipe("default", (32, 96, 192),
                         "fer's CPU-efficient CNN, 32-96-192 channels (the CLI default)"),
         _default_recipe("default-48", (48, 96, 192),
-                        "48-96-192 channels, /255 input (the default until session 6): "
+                        "48-96-192 channels, /255 input (the previous default): "
                         "the `best` profile's members, as measured", standardize=False),
         _default_recipe("wide", (64, 128, 256),
                         "the default at 64-128-256 channels (2.2x its multiply-adds), "
