@@ -284,4 +284,3 @@ def test_standardization_stays_float32_when_a_saved_model_is_loaded_in_bfloat16(
         ["float32"]
     assert loaded.get_layer("probabilities").compute_dtype == "float32"
     assert any(x.compute_dtype == "bfloat16" for x in loaded.layers)  # the rest was recast
-
