@@ -154,12 +154,10 @@ class FusedBatchNorm(layers.BatchNormalization):
 class PerImageStandardize(layers.Layer):
     """Each image to zero mean and unit variance: removes its brightness and contrast.
 
-    The default model's input scaling (session 10): instead of /255 it scored higher
-    validation accuracy on three seeds out of three at the same training speed; test
-    accuracy was unchanged (BENCHMARKS.md).
-    It computes in float32 whatever dtype it is given, because ``with_precision`` hands the
-    inference policy to every layer: in bfloat16 the statistics of 0-255 pixels lose
-    precision, and saved models scored 0.1 points lower on validation that way.
+    The default model's input scaling; BENCHMARKS.md (session 10) has the runs that chose it.
+    It computes in float32 whatever dtype it is given, so that ``with_precision``, which
+    hands the inference policy to every layer, cannot recast it: bfloat16 statistics of
+    0-255 pixels lose precision (and accuracy).
     """
 
     def __init__(self, **kwargs):
@@ -188,7 +186,9 @@ def with_precision(model: keras.Model, policy: str) -> keras.Model:
 
     Models are saved in float32, which runs everywhere; on a CPU with bf16 instructions the
     default model predicts 3.1-3.6x faster in mixed_bfloat16 with the same test accuracy
-    (BENCHMARKS.md, inference). The softmax and what follows it stay float32.
+    (BENCHMARKS.md, inference). The softmax and what follows it stay float32, named in
+    FLOAT32_OUTPUT_LAYERS; fer's own layers that must stay float32 (PerImageStandardize)
+    pin their dtype themselves.
     """
     def rebuild(layer):
         dtype = "float32" if layer.name in FLOAT32_OUTPUT_LAYERS else policy
@@ -321,8 +321,8 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
 
-    Each image is standardised to zero mean and unit variance (``standardize=False``: /255,
-    as the 48-96-192 and 64-128-256 models were measured), then folded into 24x24x4 (no
+    Each image is standardised to zero mean and unit variance (``standardize=False``:
+    divided by 255), then folded into 24x24x4 (no
     pixel lost), so no convolution runs at full resolution, where a CPU spends most of its
     time for little accuracy. Two 3x3 conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels;
     global average pooling; a small dense head. 32 channels in the first stage, not 48 (the
@@ -330,7 +330,7 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     and ~1.2x the inference images/s on a 2-core CPU, at equal validation accuracy
     (BENCHMARKS.md). The keyword options exist for the recipe experiments of
     benchmarks/variant_benchmark.py; the registry uses their defaults, except /255 input for
-    the wider models, as measured.
+    the 48-96-192 and 64-128-256 models, as they were measured.
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
