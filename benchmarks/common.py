@@ -14,6 +14,9 @@ import numpy as np
 
 from fer.data import Split
 from fer.manifest import machine
+from fer.precision import ONEDNN_SWITCH, prefer_onednn
+
+prefer_onednn()  # measure what `fer train` runs; every script imports this before TensorFlow
 
 # The decoded dataset, shared by all benchmark scripts (decoding FER2013 takes a while).
 BENCH_CACHE = Path(tempfile.gettempdir()) / "fer-bench-cache"
@@ -24,7 +27,9 @@ def machine_line() -> str:
     flags = ",".join(info["bf16_flags"]) or "no bf16 flags"
     return (f"machine: {info['cpu']} | {info['cores']} cores | {flags} | "
             f"{dt.date.today().isoformat()} | TF_NUM_INTRAOP_THREADS="
-            f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")
+            f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')} | oneDNN "
+            f"{'on' if info['onednn'] else 'off'} ({ONEDNN_SWITCH}="
+            f"{os.environ.get(ONEDNN_SWITCH, 'unset')})")
 
 
 def compiled_model(model_name: str, precision: str, *, metrics: tuple[str, ...] = ()):

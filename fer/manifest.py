@@ -12,7 +12,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from fer.precision import BF16_FLAGS, cpu_flags
+from fer.precision import BF16_FLAGS, cpu_flags, onednn_enabled
 
 TRACKED_PACKAGES = ("fer", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas",
                     "scikit-learn", "matplotlib", "opencv-python-headless", "boto3")
@@ -55,7 +55,7 @@ def machine() -> dict:
     except OSError:
         cpu_model = platform.processor()
     return {"cpu": cpu_model, "cores": os.cpu_count(), "platform": platform.platform(),
-            "bf16_flags": sorted(cpu_flags() & BF16_FLAGS)}
+            "bf16_flags": sorted(cpu_flags() & BF16_FLAGS), "onednn": onednn_enabled()}
 
 
 def jsonable(value):

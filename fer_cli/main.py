@@ -21,6 +21,7 @@ import typer
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import FerError
+from fer.precision import prefer_onednn
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -465,6 +466,7 @@ def list_models() -> None:
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 1."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # level 2 still prints oneDNN banners
+    prefer_onednn()  # before any command imports TensorFlow
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         app()

@@ -15,6 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import DataError, FerError, StorageError
+from fer.precision import prefer_onednn
 from fer.storage import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
@@ -101,6 +102,7 @@ def retrain(
     Returns the published run's id, location, whether it became the champion, and its
     test accuracy and macro-F1.
     """
+    prefer_onednn()  # the tasks import TensorFlow later, in this process
     settings = Settings.from_env()
     data_dir = str(settings.data_dir)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,

@@ -120,8 +120,9 @@ def test_usage_errors_are_reported_by_click(tmp_path):
 
 
 @pytest.mark.integration
-def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset):
+def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monkeypatch):
     """fetch-data, train 1 epoch, evaluate and predict on a real FER2013 subset."""
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)  # the CLI's own choice
     fetched = run_fer("fetch-data", "--source", fer_subset)
     assert fetched.returncode == 0, fetched.stderr
 
@@ -145,6 +146,7 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset):
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["epochs"] == 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["batch_size"] == 32
+    assert manifest["machine"]["onednn"] is True  # asked for before TensorFlow was imported
 
     evaluated = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
                         "--out", tmp_path / "eval")

@@ -129,7 +129,8 @@ def test_report_markdown_reads_back_what_was_posted():
 @integration
 def test_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     """No PREFECT_API_URL: Prefect runs a temporary local server, as `fer retrain` does."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("PREFECT_") and key != "TF_ENABLE_ONEDNN_OPTS"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), FER_DATA_DIR=str(tmp_path / "data"),
                FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
@@ -146,6 +147,8 @@ def test_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     report = read_report(store, "latest")
     assert report.run_id == result["run_id"] and report.metrics["accuracy"] == result["accuracy"]
     assert (tmp_path / "runs" / result["run_id"] / "model.keras").is_file()
+    manifest = json.loads((tmp_path / "runs" / result["run_id"] / "manifest.json").read_text())
+    assert manifest["machine"]["onednn"] is True  # the flow asked before its tasks loaded TF
 
 
 @integration

@@ -3,7 +3,7 @@
 import pytest
 
 from fer.errors import FerError
-from fer.precision import choose_precision, cpu_flags
+from fer.precision import ONEDNN_SWITCH, choose_precision, cpu_flags, prefer_onednn
 
 
 @pytest.mark.parametrize(("flags", "gpu", "expected"), [
@@ -33,3 +33,11 @@ def test_cpu_flags_reads_proc_cpuinfo_format(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
     assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "none") == set()
+
+
+def test_onednn_is_asked_for_unless_the_user_chose():
+    """TF_ENABLE_ONEDNN_OPTS=1 by default; a user's 0 (to reproduce an old run) is kept."""
+    unset, chosen = {}, {ONEDNN_SWITCH: "0"}
+    prefer_onednn(unset)
+    prefer_onednn(chosen)
+    assert unset == {ONEDNN_SWITCH: "1"} and chosen == {ONEDNN_SWITCH: "0"}
