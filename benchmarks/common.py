@@ -14,9 +14,7 @@ import numpy as np
 
 from fer.data import Split
 from fer.manifest import machine
-from fer.precision import ONEDNN_SWITCH, prefer_onednn
-
-prefer_onednn()  # measure what `fer train` runs; every script imports this before TensorFlow
+from fer.precision import ONEDNN_SWITCH
 
 # The decoded dataset, shared by all benchmark scripts (decoding FER2013 takes a while).
 BENCH_CACHE = Path(tempfile.gettempdir()) / "fer-bench-cache"

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from common import BENCH_CACHE, compiled_model, fit_images_per_second, machine_line
 
-from fer.models import REGISTRY
-from fer.precision import PRECISIONS, choose_precision
+from fer.precision import PRECISIONS, choose_precision, prefer_onednn
 
 
 def main() -> None:
+    prefer_onednn()  # as `fer train` does, before TensorFlow loads
+    from fer.models import REGISTRY
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", default="default",

@@ -21,9 +21,8 @@ from common import BENCH_CACHE, fmt_seconds, machine_line, measure_training_thro
 
 from fer.config import TrainConfig
 from fer.data import load_dataset
-from fer.precision import choose_precision
+from fer.precision import choose_precision, prefer_onednn
 from fer.profiles import PROFILES
-from fer.train import train
 
 SEED_EPOCHS = 20
 HEADLINE = 0.63
@@ -38,6 +37,9 @@ def first_crossing(history_csv: Path, threshold: float) -> float | None:
 
 
 def main() -> None:
+    prefer_onednn()  # as `fer train` does, before TensorFlow loads
+    from fer.train import train
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")

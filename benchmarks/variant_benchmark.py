@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import BENCH_CACHE, machine_line
 
-from fer.precision import PRECISIONS, choose_precision
+from fer.precision import PRECISIONS, choose_precision, prefer_onednn
 
 
 def _keras_bn_block(x, filters: int):
@@ -93,6 +93,7 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
 
 
 def main() -> None:
+    prefer_onednn()  # as `fer train` does, before TensorFlow loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), required=True)
     parser.add_argument("--data", type=Path, help="needed unless --steps-only")

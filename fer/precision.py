@@ -2,8 +2,8 @@
 
 bfloat16 mixed precision trains 1.4-1.7x faster than float32 on CPUs with native bf16
 instructions (AVX512_BF16 / AMX_BF16) and ~10x slower on CPUs without them; on GPUs,
-mixed float16 is the fast path. Separately, TensorFlow's oneDNN CPU kernels are asked for
-wherever TensorFlow would leave them off (see ``prefer_onednn``).
+mixed float16 is the fast path. Separately, training asks for TensorFlow's oneDNN CPU
+kernels wherever TensorFlow would leave them off (see ``prefer_onednn``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 
 def prefer_onednn(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Ask for TensorFlow's oneDNN CPU kernels unless the user set ``TF_ENABLE_ONEDNN_OPTS``.
+    """For training: ask for TensorFlow's oneDNN CPU kernels unless the user set
+    ``TF_ENABLE_ONEDNN_OPTS``.
 
-    TensorFlow 2.21 turns them on by itself only on CPUs with AVX-512 extensions; on an
-    AVX2-only AMD EPYC they were off, and turning them on trained both the seed and the
-    default model about 1.35x faster in float32 (BENCHMARKS.md). Call it before TensorFlow
-    is imported: TensorFlow reads the switch once, at import.
+    TensorFlow 2.21 turns them on by itself only on CPUs with AVX-512 extensions. On an
+    AVX2-only AMD EPYC they were off, and turning them on trained the default model 1.5x
+    faster in float32 at the same accuracy. Inference is left to TensorFlow's own choice:
+    there oneDNN took one image through the default model in 18 ms instead of 3.5 ms and
+    gained nothing in batches (BENCHMARKS.md). Call it before TensorFlow is imported:
+    TensorFlow reads the switch once, at import.
     """
     environ.setdefault(ONEDNN_SWITCH, "1")
 

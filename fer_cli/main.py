@@ -21,7 +21,6 @@ import typer
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import FerError
-from fer.precision import prefer_onednn
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -222,12 +221,14 @@ def _import_flows(module: str):
 def _checked_config(options: dict, *, seed: int, val_fraction: float, precision: str,
                     out: Path) -> TrainConfig:
     """The run's TrainConfig, checked before any download or server round trip (a misspelt
-    model or precision fails here)."""
-    from fer.precision import check_precision
+    model or precision fails here). The training commands load TensorFlow here, so this is
+    where they ask for its oneDNN kernels."""
+    from fer.precision import check_precision, prefer_onednn
 
     check_precision(precision)
     config = TrainConfig(**options, seed=seed, val_fraction=val_fraction, precision=precision,
                          out_dir=out)
+    prefer_onednn()
     _load_tensorflow()  # the model registry lives with the Keras builders
     from fer.train import check_config
 
@@ -466,7 +467,6 @@ def list_models() -> None:
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 1."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # level 2 still prints oneDNN banners
-    prefer_onednn()  # before any command imports TensorFlow
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         app()
