@@ -35,12 +35,13 @@ def prefer_onednn(environ: MutableMapping[str, str] = os.environ) -> None:
     """For training: ask for TensorFlow's oneDNN CPU kernels unless the user set
     ``TF_ENABLE_ONEDNN_OPTS``.
 
-    TensorFlow 2.21 decides by itself from the CPU's features. On an AVX2-only AMD EPYC it
-    left them off, and turning them on trained the default model 1.5x faster in float32 at
-    the same accuracy. Inference is left to TensorFlow's own choice:
-    there oneDNN took one image through the default model in 18-19 ms instead of 2.4-3.5 ms
-    and gained nothing in batches (BENCHMARKS.md). Call it before TensorFlow is imported:
-    TensorFlow reads the switch once, at import.
+    TensorFlow turns them on by itself only where the CPU has AVX512_VNNI, AVX512_BF16,
+    AVX_VNNI or AMX (``DefaultOneDnnPolicy`` in its tensorflow/core/util/port.cc), so the
+    bf16 CPUs already have them. On an AVX2-only AMD EPYC they were off, and turning them
+    on trained the default model 1.5x faster in float32 at the same accuracy. Inference is
+    left to TensorFlow's own choice: there oneDNN took one image through the default model
+    in 18-19 ms instead of 2.4-3.5 ms and gained nothing in batches (BENCHMARKS.md). Call it
+    before TensorFlow is imported: TensorFlow reads the switch once, at import.
     """
     environ.setdefault(ONEDNN_SWITCH, "1")
 
