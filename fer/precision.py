@@ -37,11 +37,10 @@ def prefer_onednn(environ: MutableMapping[str, str] = os.environ) -> None:
 
     TensorFlow turns them on by itself only where the CPU has AVX512_VNNI, AVX512_BF16,
     AVX_VNNI or AMX (``DefaultOneDnnPolicy`` in its tensorflow/core/util/port.cc), so the
-    bf16 CPUs already have them. On an AVX2-only AMD EPYC they were off, and turning them
-    on trained the default model 1.5x faster in float32 at the same accuracy. Inference is
-    left to TensorFlow's own choice: there oneDNN took one image through the default model
-    in 18-19 ms instead of 2.4-3.5 ms and gained nothing in batches (BENCHMARKS.md). Call it
-    before TensorFlow is imported: TensorFlow reads the switch once, at import.
+    bf16 CPUs already have them. On an AVX2-only CPU they are off, and turning them on made
+    training faster at the same accuracy; one-image inference got several times slower, so
+    inference is left to TensorFlow's own choice (figures: BENCHMARKS.md). Call it before
+    TensorFlow is imported: TensorFlow reads the switch once, at import.
     """
     environ.setdefault(ONEDNN_SWITCH, "1")
 
