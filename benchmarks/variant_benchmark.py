@@ -59,69 +59,20 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
-    "pca-first-conv": ({}, {}),  # first conv = the patches' principal directions, frozen
-    "pca-init": ({}, {}),  # the same as a starting point, trained on
+    "pca-first-conv": ({}, {"first_conv": "pca"}),  # the `default-pca` model (fer.models)
 }
 
 
-# name -> whether the PCA first convolution trains on (variants that need the training images)
-PCA_VARIANTS: dict[str, bool] = {"pca-first-conv": False, "pca-init": True}
-
-
-def pca_kernel(images, *, filters: int = 32, sample: int = 2000):
-    """First-conv filters from the training images' patch statistics (Jordan's airbench).
-
-    The default model's first convolution sees 3x3 patches of the standardised,
-    space-to-depth input (36 values). Its filters become the patches' top ``filters / 2``
-    principal directions, each scaled to unit variance, and their negatives (so that the
-    ReLU after it keeps both signs): the network starts from a whitened view of the faces
-    instead of random filters.
-    """
-    import keras
-    import numpy as np
-
-    from fer.models import PixelUnshuffle, build_default
-
-    model = build_default()
-    unshuffle = next(layer for layer in model.layers if isinstance(layer, PixelUnshuffle))
-    front = keras.Model(model.inputs, unshuffle.output)  # augmentation is off in predict
-    folded = front.predict(images[:sample, :, :, None].astype("float32"), verbose=0)
-    windows = np.lib.stride_tricks.sliding_window_view(folded, (3, 3), axis=(1, 2))
-    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 9 * folded.shape[-1])
-    patches = patches - patches.mean(axis=0)
-    eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
-    order = np.argsort(eigenvalues)[::-1][: filters // 2]
-    top = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + 1e-2)
-    kernel = np.concatenate([top, -top], axis=1)
-    return kernel.reshape(3, 3, folded.shape[-1], filters).astype("float32")
-
-
-def _with_first_conv(kernel, *, trainable: bool):
-    """The default model with its first convolution set to ``kernel`` (frozen unless trainable)."""
-    import keras
-
-    from fer.models import build_default
-
-    model = build_default()
-    first = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
-    first.kernel.assign(kernel)
-    first.trainable = trainable
-    return model
-
-
-def register(name: str, *, train_images=None):
+def register(name: str):
     """Add the variant to fer's registry (in this process only) under its own name."""
     import functools
 
     from fer.models import REGISTRY, build_default
 
     build_options, spec_options = VARIANTS[name]
-    build = functools.partial(build_default, **build_options)
-    if name in PCA_VARIANTS:
-        build = functools.partial(_with_first_conv, pca_kernel(train_images),
-                                  trainable=PCA_VARIANTS[name])
-    REGISTRY[name] = dataclasses.replace(REGISTRY["default"], name=name, build=build,
-                                         **spec_options)
+    REGISTRY[name] = dataclasses.replace(
+        REGISTRY["default"], name=name, build=functools.partial(build_default, **build_options),
+        **spec_options)
     return REGISTRY[name]
 
 
@@ -130,12 +81,16 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     import keras
     import numpy as np
 
+    from fer.models import pca_first_conv
     from fer.precision import dtype_policy
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (batch_size * steps, 48, 48, 1)).astype("float32")
+    spec = register(name)
     with dtype_policy(precision):
-        model = register(name, train_images=pixels[..., 0]).build()
+        model = spec.build()
+    if spec.first_conv == "pca":  # frozen, as in training: no gradient for its kernel
+        pca_first_conv(model, pixels[..., 0])
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     labels = keras.utils.to_categorical(rng.integers(0, 7, batch_size * steps), 7)
     model.fit(pixels[:batch_size * 5], labels[:batch_size * 5], batch_size=batch_size, verbose=0)
@@ -179,7 +134,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     for name in args.variant:
-        register(name, train_images=dataset.train.images)
+        register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
                                             batch_size=args.batch_size, out_dir=args.out,
                                             seed=args.seed, learning_rate=args.learning_rate,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from fer.errors import FerError
@@ -239,6 +240,7 @@ class ModelSpec:
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
+    first_conv: str = "random"  # "random" | "pca": set from the training images (pca_first_conv)
     description: str = ""
 
 
@@ -354,14 +356,48 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     return _finish(inputs, layers.Dense(len(CLASS_NAMES))(x), name="default")
 
 
-def _default_recipe(name: str, widths: Sequence[int], description: str,
-                    **build_options) -> ModelSpec:
+def pca_first_conv(model: keras.Model, images: np.ndarray, *, sample: int = 2000) -> None:
+    """Set the first convolution after the space-to-depth stem from ``images``, and freeze it.
+
+    Its filters become the principal directions of the 3x3 patches it sees (the first
+    ``sample`` images, standardised and folded as the model does), each scaled to unit
+    variance, half of them as they are and half negated so that the ReLU keeps both
+    signs: the whitening layer of Keller Jordan's airbench. The network then starts from a
+    decorrelated view of the faces instead of random filters and fits faster early on, which
+    pays in the `fast` profile's 12 epochs; after 20 epochs random filters have caught up
+    (BENCHMARKS.md, session 13).
+    """
+    unshuffle = next((layer for layer in model.layers if isinstance(layer, PixelUnshuffle)), None)
+    convs = [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    if unshuffle is None or not convs:
+        raise ValueError(f"model '{model.name}' has no space-to-depth stem and convolution")
+    first = convs[0]
+    height, width, channels, filters = first.kernel.shape
+    if filters % 2:
+        raise ValueError(f"{first.name}: pca_first_conv needs an even number of filters")
+    front = keras.Model(model.inputs, unshuffle.output)  # augmentation is off in predict
+    folded = front.predict(images[:sample, :, :, None].astype("float32"), verbose=0)
+    windows = np.lib.stride_tricks.sliding_window_view(
+        folded.astype("float32"), (height, width), axis=(1, 2))  # (n, rows, cols, c, h, w)
+    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, height * width * channels)
+    patches = patches - patches.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+    order = np.argsort(eigenvalues)[::-1][: filters // 2]
+    top = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + 1e-2)
+    kernel = np.concatenate([top, -top], axis=1).reshape(first.kernel.shape)
+    first.kernel.assign(kernel.astype("float32"))
+    first.trainable = False
+
+
+def _default_recipe(name: str, widths: Sequence[int], description: str, *,
+                    first_conv: str = "random", **build_options) -> ModelSpec:
     """The default CNN at the given widths with the recipe it was tuned with. Measured on
     20-epoch runs (BENCHMARKS.md): without label smoothing validation fell 1.4 points, at 0.2
     it equalled 0.1; full inverse-frequency class weights cost 3.7 points."""
     return ModelSpec(name, functools.partial(build_default, widths=widths, **build_options),
                      learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1,
-                     weight_decay=0.05, class_weighting="sqrt", description=description)
+                     weight_decay=0.05, class_weighting="sqrt", first_conv=first_conv,
+                     description=description)
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -369,6 +405,10 @@ REGISTRY: dict[str, ModelSpec] = {
     for spec in (
         _default_recipe("default", (32, 96, 192),
                         "fer's CPU-efficient CNN, 32-96-192 channels (the CLI default)"),
+        _default_recipe("default-pca", (32, 96, 192),
+                        "the default with its first convolution set from the training "
+                        "images' patch statistics and frozen: the `fast` profile's model",
+                        first_conv="pca"),
         _default_recipe("default-48", (48, 96, 192),
                         "48-96-192 channels, /255 input (the previous default): "
                         "the `best` profile's members, as measured", standardize=False),

@@ -67,8 +67,8 @@ def test_saved_model_carries_class_order_and_preprocessing(tmp_path):
 
 def test_unknown_model_name_lists_the_registry():
     """A typo in --model names the valid choices."""
-    with pytest.raises(FerError,
-                       match=r"unknown model 'vgg' \(expected one of default, default-48, wide, seed"):
+    with pytest.raises(FerError, match=r"unknown model 'vgg' \(expected one of "
+                                       r"default, default-pca, default-48, wide, seed"):
         get_spec("vgg")
 
 
@@ -284,3 +284,29 @@ def test_standardization_stays_float32_when_a_saved_model_is_loaded_in_bfloat16(
         ["float32"]
     assert loaded.get_layer("probabilities").compute_dtype == "float32"
     assert any(x.compute_dtype == "bfloat16" for x in loaded.layers)  # the rest was recast
+
+
+def test_pca_first_conv_whitens_the_patches_it_sees_and_is_frozen():
+    """The `fast` profile's model starts from a decorrelated view of its training images:
+    the first convolution's responses to their patches have unit variance and no
+    correlation, the second half of its filters are the first half negated (so the ReLU
+    keeps both signs), and the layer is out of the trainable weights."""
+    from fer.models import pca_first_conv
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(300, 50, 50))
+    images = (noise[:, 1:-1, 1:-1] + noise[:, :-2, 1:-1] + noise[:, 1:-1, :-2]) * 40 + 128
+    images = np.clip(images, 0, 255).astype(np.uint8)  # neighbouring pixels correlated
+    model = build_default()
+    pca_first_conv(model, images)
+    first = next(x for x in model.layers if isinstance(x, keras.layers.Conv2D))
+    assert not first.trainable
+    assert not any(w is first.kernel for w in model.trainable_weights)
+    kernel = keras.ops.convert_to_numpy(first.kernel)
+    np.testing.assert_allclose(kernel[..., 16:], -kernel[..., :16])
+    responses = keras.ops.convert_to_numpy(keras.Model(model.inputs, first.output)(
+        images[:, :, :, None].astype("float32")))[:, 1:-1, 1:-1, :16].reshape(-1, 16)
+    covariance = np.cov(responses, rowvar=False)
+    np.testing.assert_allclose(np.diag(covariance), 1.0, atol=0.1)
+    off_diagonal = covariance - np.diag(np.diag(covariance))
+    assert np.abs(off_diagonal).max() < 0.05

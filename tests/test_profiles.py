@@ -45,7 +45,8 @@ def test_user_options_win_over_the_profile():
     assert PROFILES["fast"].options_with()["learning_rate"] == 4e-3
     assert PROFILES["fast"].options_with(learning_rate=1e-3)["learning_rate"] == 1e-3
     assert "learning_rate" not in PROFILES["fast"].options_with(model="seed")
-    assert PROFILES["fast"].options_with(model="default")["learning_rate"] == 4e-3
+    assert PROFILES["fast"].options_with(model="default-pca")["learning_rate"] == 4e-3
+    assert "learning_rate" not in PROFILES["fast"].options_with(model="default")
 
 
 def test_unknown_profile():

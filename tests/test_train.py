@@ -185,3 +185,24 @@ def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
     assert weights[1] == weights.max() and weights[3] == weights.min()
     assert np.average(weights[labels]) == pytest.approx(1.0, abs=1e-5)
     assert class_weights(split, "none") is None
+
+
+def test_a_pca_first_conv_model_is_set_from_the_training_images_and_stays_frozen(
+        tmp_path, tiny_dataset):
+    """`default-pca` (the fast profile's model) sets its first convolution from the training
+    split before fitting; the saved model still has exactly those filters after training."""
+    from fer.models import build_default, pca_first_conv
+
+    expected = build_default()
+    pca_first_conv(expected, tiny_dataset.train.images)
+    config = TrainConfig(model="default-pca", epochs=2, batch_size=16, out_dir=tmp_path,
+                         seed=3, precision="float32")
+    result = train(tiny_dataset, config, verbose=0)
+
+    def first_kernel(model):
+        first = next(x for x in model.layers if isinstance(x, keras.layers.Conv2D))
+        return keras.ops.convert_to_numpy(first.kernel)
+
+    saved = load_model(result.run_dir / "model.keras")
+    np.testing.assert_allclose(first_kernel(saved), first_kernel(expected), atol=1e-6)
+    assert not np.allclose(first_kernel(saved), first_kernel(build_default()))
