@@ -359,8 +359,9 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
 def pca_first_conv(model: keras.Model, images: np.ndarray, *, sample: int = 2000) -> None:
     """Set the first convolution after the space-to-depth stem from ``images``, and freeze it.
 
-    Its filters become the principal directions of the 3x3 patches it sees (the first
-    ``sample`` images, standardised and folded as the model does), each scaled to unit
+    Its filters become the principal directions of the 3x3 patches it sees (in ``sample``
+    images spread evenly over ``images``, since a source may list them class by class;
+    standardised and folded as the model does), each scaled to unit
     variance, half of them as they are and half negated so that the ReLU keeps both
     signs: the whitening layer of Keller Jordan's airbench. The network then starts from a
     decorrelated view of the faces instead of random filters and fits faster early on, which
@@ -375,8 +376,9 @@ def pca_first_conv(model: keras.Model, images: np.ndarray, *, sample: int = 2000
     height, width, channels, filters = first.kernel.shape
     if filters % 2:
         raise ValueError(f"{first.name}: pca_first_conv needs an even number of filters")
+    spread = images[np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)]
     front = keras.Model(model.inputs, unshuffle.output)  # augmentation is off in predict
-    folded = front.predict(images[:sample, :, :, None].astype("float32"), verbose=0)
+    folded = front.predict(spread[:, :, :, None].astype("float32"), verbose=0)
     windows = np.lib.stride_tricks.sliding_window_view(
         folded.astype("float32"), (height, width), axis=(1, 2))  # (n, rows, cols, c, h, w)
     patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, height * width * channels)
