@@ -81,7 +81,6 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     import keras
     import numpy as np
 
-    from fer.models import pca_first_conv
     from fer.precision import dtype_policy
 
     rng = np.random.default_rng(0)
@@ -89,8 +88,7 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     spec = register(name)
     with dtype_policy(precision):
         model = spec.build()
-    if spec.first_conv == "pca":  # frozen, as in training: no gradient for its kernel
-        pca_first_conv(model, pixels[..., 0])
+    spec.prepare(model, pixels[..., 0])  # as in training (a frozen first conv has no gradient)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     labels = keras.utils.to_categorical(rng.integers(0, 7, batch_size * steps), 7)
     model.fit(pixels[:batch_size * 5], labels[:batch_size * 5], batch_size=batch_size, verbose=0)

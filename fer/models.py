@@ -243,6 +243,11 @@ class ModelSpec:
     first_conv: str = "random"  # "random" | "pca": set from the training images (pca_first_conv)
     description: str = ""
 
+    def prepare(self, model: keras.Model, train_images: np.ndarray) -> None:
+        """Set what this recipe takes from the training images before fitting (first_conv)."""
+        if self.first_conv == "pca":
+            pca_first_conv(model, train_images)
+
 
 def _finish(inputs, logits, *, name: str) -> keras.Model:
     probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)

@@ -22,7 +22,7 @@ from fer.errors import FerError
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, averaging, get_spec, pca_first_conv, with_precision
+from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
 
@@ -118,8 +118,7 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
     with dtype_policy(precision):
         model = spec.build()
-    if spec.first_conv == "pca":
-        pca_first_conv(model, dataset.train.images)
+    spec.prepare(model, dataset.train.images)
     model.compile(optimizer=_optimizer(spec, learning_rate, steps_per_epoch * config.epochs),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
