@@ -206,3 +206,48 @@ def test_a_pca_first_conv_model_is_set_from_the_training_images_and_stays_frozen
     saved = load_model(result.run_dir / "model.keras")
     np.testing.assert_allclose(first_kernel(saved), first_kernel(expected), atol=1e-6)
     assert not np.allclose(first_kernel(saved), first_kernel(build_default()))
+
+
+def test_progressive_resizing_trains_the_first_epochs_small_then_at_full_size():
+    """ProgressiveResizing: round(fraction x epochs) epochs at the low size, then 48x48."""
+    from fer.models import TrainingResolution, build_default
+    from fer.train import ProgressiveResizing
+
+    class SizeSeen(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                layer = next(x for x in self.model.layers if isinstance(x, TrainingResolution))
+                self.sizes.append(int(keras.ops.convert_to_numpy(layer.size)))
+
+    split = square_split(4, 1)
+    model = build_default(resizable="resize")
+    model.compile(optimizer="adamw", loss="categorical_crossentropy")
+    seen = SizeSeen()
+    model.fit(split.images[..., None].astype("float32"), keras.utils.to_categorical(split.labels, 7),
+              batch_size=14, epochs=5, verbose=0,
+              callbacks=[ProgressiveResizing(32, 0.6, epochs=5), seen])
+    assert seen.sizes == [32, 32, 32, 48, 48]
+
+
+def test_a_low_resolution_recipe_trains_and_saves_a_full_size_model(
+        tmp_path, tiny_dataset, monkeypatch):
+    """A spec with low_resolution epochs runs end to end; its saved model takes 48x48."""
+    import dataclasses
+    import functools
+
+    from fer.models import REGISTRY, build_default
+
+    spec = dataclasses.replace(REGISTRY["default"], name="low-res",
+                               build=functools.partial(build_default, resizable="resize"),
+                               low_resolution=(32, 0.5))
+    monkeypatch.setitem(REGISTRY, "low-res", spec)
+    config = TrainConfig(model="low-res", epochs=2, batch_size=16, out_dir=tmp_path, seed=3,
+                         precision="float32")
+    result = train(tiny_dataset, config, verbose=0)
+    saved = load_model(result.run_dir / "model.keras")
+    assert saved.predict(tiny_dataset.test.images[..., None], verbose=0).shape == (35, 7)
+    assert result.metrics["test_samples"] == 35
