@@ -60,11 +60,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
     "pca-first-conv": ({}, {"first_conv": "pca"}),  # the `default-pca` model (fer.models)
-    # progressive resizing: the first two thirds of the epochs on 36x36 images, shrunk whole
-    # or cut at random from the 48x48 face (fer.models.TrainingResolution)
-    "pca-low-res-36": ({"resizable": "resize"},
-                       {"first_conv": "pca", "low_resolution": (36, 2 / 3)}),
-    "pca-crop-36": ({"resizable": "crop"}, {"first_conv": "pca", "low_resolution": (36, 2 / 3)}),
 }
 
 

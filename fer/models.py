@@ -52,9 +52,7 @@ class PixelUnshuffle(layers.Layer):
 
     def call(self, inputs):
         f = self.factor
-        channels = inputs.shape[-1]
-        # The size is read at run time: TrainingResolution changes it from epoch to epoch.
-        height, width = keras.ops.shape(inputs)[1], keras.ops.shape(inputs)[2]
+        _, height, width, channels = inputs.shape
         x = keras.ops.reshape(inputs, (-1, height // f, f, width // f, f, channels))
         x = keras.ops.transpose(x, (0, 1, 3, 2, 4, 5))
         return keras.ops.reshape(x, (-1, height // f, width // f, f * f * channels))
@@ -62,7 +60,7 @@ class PixelUnshuffle(layers.Layer):
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape
         f = self.factor
-        return (batch, height and height // f, width and width // f, f * f * channels)
+        return (batch, height // f, width // f, f * f * channels)
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor}
@@ -110,52 +108,6 @@ class RandomAffine(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
                 "shift": self.shift, "flip": self.flip, "seed": self.seed}
-
-
-@keras.saving.register_keras_serializable(package="fer")
-class TrainingResolution(layers.Layer):
-    """In training, make each batch ``size`` x ``size`` pixels; at inference, pass it on.
-
-    Progressive resizing (fast.ai's DAWNBench recipe): early epochs learn from smaller
-    images at a fraction of the cost, the last epochs at full size. ``mode`` "resize"
-    shrinks the whole face; "crop" cuts a random ``size`` x ``size`` window from each image
-    (same scale, less context). fer.train's ``ProgressiveResizing`` callback sets ``size``
-    at each epoch's start; a saved model still takes, and predicts on, the 48x48 image.
-    """
-
-    MODES = ("resize", "crop")
-
-    def __init__(self, mode: str = "resize", seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(f"TrainingResolution mode '{mode}': expected one of {self.MODES}")
-        self.mode, self.seed = mode, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.size = self.add_weight(shape=(), dtype="int32", trainable=False, name="size",
-                                    initializer=keras.initializers.Constant(INPUT_SHAPE[0]))
-
-    def call(self, images, training=None):
-        if not training:
-            return images
-        import tensorflow as tf
-
-        size = tf.convert_to_tensor(self.size)
-        if self.mode == "resize":
-            return tf.image.resize(images, tf.stack([size, size]), method="bilinear",
-                                   antialias=True)
-        batch, full = tf.shape(images)[0], images.shape[1]
-        slack = tf.cast(full - size, "float32")  # top-left corners on whole pixels
-        corners = tf.floor(keras.random.uniform((batch, 2), 0.0, 1.0, seed=self.seed_generator)
-                           * (slack + 1.0)) / (full - 1)
-        extent = tf.cast(size - 1, "float32") / (full - 1)
-        boxes = tf.concat([corners, corners + extent], axis=1)
-        return tf.image.crop_and_resize(images, boxes, tf.range(batch), tf.stack([size, size]))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="fer")
@@ -289,9 +241,6 @@ class ModelSpec:
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
     first_conv: str = "random"  # "random" | "pca": set from the training images (pca_first_conv)
-    # (size, fraction): the first fraction of the epochs trains on size x size images
-    # (the model needs a TrainingResolution layer); None: every epoch at 48x48.
-    low_resolution: tuple[int, float] | None = None
     description: str = ""
 
     def prepare(self, model: keras.Model, train_images: np.ndarray) -> None:
@@ -374,7 +323,7 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1, standardize: bool = True, resizable: str | None = None,
+                  shift: float = 0.1, standardize: bool = True,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -394,8 +343,6 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = PerImageStandardize()(inputs) if standardize else layers.Rescaling(1 / 255.0)(inputs)
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
-    if resizable:  # "resize" | "crop", for recipes with low_resolution epochs
-        x = TrainingResolution(resizable, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
         if stage:
@@ -450,16 +397,14 @@ def pca_first_conv(model: keras.Model, images: np.ndarray, *, sample: int = 2000
 
 
 def _default_recipe(name: str, widths: Sequence[int], description: str, *,
-                    first_conv: str = "random", low_resolution: tuple[int, float] | None = None,
-                    **build_options) -> ModelSpec:
+                    first_conv: str = "random", **build_options) -> ModelSpec:
     """The default CNN at the given widths with the recipe it was tuned with. Measured on
     20-epoch runs (BENCHMARKS.md): without label smoothing validation fell 1.4 points, at 0.2
     it equalled 0.1; full inverse-frequency class weights cost 3.7 points."""
-    build = functools.partial(build_default, widths=widths,
-                              resizable="resize" if low_resolution else None, **build_options)
-    return ModelSpec(name, build, learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1,
+    return ModelSpec(name, functools.partial(build_default, widths=widths, **build_options),
+                     learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1,
                      weight_decay=0.05, class_weighting="sqrt", first_conv=first_conv,
-                     low_resolution=low_resolution, description=description)
+                     description=description)
 
 
 REGISTRY: dict[str, ModelSpec] = {

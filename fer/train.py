@@ -22,7 +22,7 @@ from fer.errors import FerError
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, TrainingResolution, averaging, get_spec, with_precision
+from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
 
@@ -123,14 +123,11 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
-    callbacks = [timer, best]
-    if spec.low_resolution:
-        callbacks.append(ProgressiveResizing(*spec.low_resolution, epochs=config.epochs))
     history = model.fit(
         _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
                  class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=verbose,
+        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
@@ -271,20 +268,6 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.elapsed.append(round(time.perf_counter() - self.started, 2))
-
-
-class ProgressiveResizing(keras.callbacks.Callback):
-    """Train the first ``fraction`` of the epochs on ``size`` x ``size`` images, the rest at
-    full size: sets the model's TrainingResolution layer at each epoch's start."""
-
-    def __init__(self, size: int, fraction: float, *, epochs: int):
-        super().__init__()
-        self.size, self.low_epochs = size, round(fraction * epochs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        layer = next(layer for layer in self.model.layers
-                     if isinstance(layer, TrainingResolution))
-        layer.size.assign(self.size if epoch < self.low_epochs else layer.input.shape[1])
 
 
 class KeepBestWeights(keras.callbacks.Callback):

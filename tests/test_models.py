@@ -120,54 +120,6 @@ def test_pixel_unshuffle_keeps_every_pixel():
     assert folded[0, 0, 0].tolist() == [0.0, 1.0, 48.0, 49.0]
 
 
-def test_training_resolution_shrinks_training_batches_only():
-    """Progressive resizing's layer: training batches come out at ``size``, smoothly
-    resampled; inference inputs pass untouched, so a saved model takes 48x48 pixels."""
-    from fer.models import TrainingResolution
-
-    images = np.random.default_rng(0).random((3, 48, 48, 1)).astype("float32")
-    layer = TrainingResolution()
-    assert np.array_equal(np.asarray(layer(images, training=True)), images)  # starts at 48
-    layer.size.assign(36)
-    assert np.array_equal(np.asarray(layer(images, training=False)), images)
-    shrunk = np.asarray(layer(images, training=True))
-    assert shrunk.shape == (3, 36, 36, 1)
-    np.testing.assert_allclose(shrunk.mean(axis=(1, 2, 3)), images.mean(axis=(1, 2, 3)),
-                               atol=0.01)
-
-
-def test_training_crops_are_whole_pixel_windows_of_each_image():
-    """Crop mode cuts a size x size window, exact pixels at a random place per image."""
-    from fer.models import TrainingResolution
-
-    images = np.arange(8 * 48 * 48, dtype="float32").reshape(8, 48, 48, 1)
-    layer = TrainingResolution("crop", seed=1)
-    layer.size.assign(36)
-    crops = np.asarray(layer(images, training=True))
-    assert crops.shape == (8, 36, 36, 1)
-    corners = set()
-    for image, crop in zip(images, crops, strict=True):
-        row, col = np.argwhere(image[..., 0] == crop[0, 0, 0])[0]
-        np.testing.assert_array_equal(crop, image[row:row + 36, col:col + 36])
-        corners.add((row, col))
-    assert len(corners) > 1
-    assert np.array_equal(np.asarray(layer(images, training=False)), images)
-
-
-def test_pixel_unshuffle_folds_whatever_size_it_is_given():
-    """Progressive resizing hands the stem 36x36 batches in training, 48x48 otherwise."""
-    from fer.models import PixelUnshuffle
-
-    model = build_default(resizable="resize")
-    stem = keras.Model(model.inputs, next(
-        x for x in model.layers if isinstance(x, PixelUnshuffle)).output)
-    resize = next(x for x in model.layers if type(x).__name__ == "TrainingResolution")
-    resize.size.assign(36)
-    pixels = np.full((2, 48, 48, 1), 100.0, "float32")
-    assert stem(pixels, training=True).shape == (2, 18, 18, 4)
-    assert stem(pixels, training=False).shape == (2, 24, 24, 4)
-
-
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_trains_like_keras_batch_norm(policy):
     """The fused training pass gives Keras' outputs, gradients and moving mean (a speed-up only)."""
