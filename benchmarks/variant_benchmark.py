@@ -13,7 +13,6 @@ never on test. Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import tempfile
@@ -40,30 +39,6 @@ def _no_bn_block(x, filters: int):
     return layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
 
 
-def _squeeze_excite_block(x, filters: int):
-    """conv-BN-ReLU, then squeeze-and-excitation (Hu et al. 2018): each channel rescaled by a
-    gate computed from the whole image's channel means (reduction 8)."""
-    from keras import layers
-
-    from fer.models import _conv_bn_relu
-
-    x = _conv_bn_relu(x, filters)
-    gate = layers.GlobalAveragePooling2D(keepdims=True)(x)
-    gate = layers.Dense(max(8, filters // 8), activation="relu")(gate)
-    gate = layers.Dense(filters, activation="sigmoid")(gate)
-    return layers.Multiply()([x, gate])
-
-
-def _silu_block(x, filters: int):
-    """conv-BN-SiLU: the smooth activation of EfficientNet in place of ReLU."""
-    from keras import layers
-
-    from fer.models import FusedBatchNorm
-
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    return layers.Activation("silu")(FusedBatchNorm()(x))
-
-
 # name -> (fer.models.build_default options, registry spec options)
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
@@ -85,36 +60,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
     "pca-first-conv": ({}, {"first_conv": "pca"}),  # the `default-pca` model (fer.models)
-    "squeeze-excite": ({"conv_block": _squeeze_excite_block}, {}),
-    "silu": ({"conv_block": _silu_block}, {}),
-    "decay-kernels-only": ({}, {}),  # see OPTIMIZER_CHANGES
 }
-
-
-def _decay_kernels_only(optimizer):
-    """AdamW decays convolution and dense kernels only, not normalisation scales and
-    offsets or biases (the usual practice: decaying those shrinks the features, not the
-    model's effective capacity)."""
-    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    return optimizer
-
-
-# name -> a change to the optimizer fer.train builds (applied by `train_variant`)
-OPTIMIZER_CHANGES = {"decay-kernels-only": _decay_kernels_only}
-
-
-@contextlib.contextmanager
-def optimizer_change(change):
-    """While inside, fer.train builds its optimizer, then passes it through ``change``."""
-    import fer.train
-
-    built = fer.train._optimizer
-    if change is not None:
-        fer.train._optimizer = lambda *args, **kwargs: change(built(*args, **kwargs))
-    try:
-        yield
-    finally:
-        fer.train._optimizer = built
 
 
 def register(name: str):
@@ -187,11 +133,11 @@ def main() -> None:
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     for name in args.variant:
         register(name)
-        config = TrainConfig(model=name, epochs=args.epochs, batch_size=args.batch_size,
-                             out_dir=args.out, seed=args.seed,
-                             learning_rate=args.learning_rate, precision=precision)
-        with optimizer_change(OPTIMIZER_CHANGES.get(name)):
-            result = train(dataset, config, verbose=2)
+        result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
+                                            batch_size=args.batch_size, out_dir=args.out,
+                                            seed=args.seed, learning_rate=args.learning_rate,
+                                            precision=precision),
+                       verbose=2)
         keys = ("best_epoch", "best_val_accuracy", "accuracy", "macro_f1",
                 "train_images_per_second", "wall_seconds")
         print(f"{name}: " + json.dumps({k: result.metrics[k] for k in keys}), flush=True)
