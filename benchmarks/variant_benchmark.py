@@ -60,6 +60,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
     "pca-first-conv": ({}, {"first_conv": "pca"}),  # the `default-pca` model (fer.models)
+    "adamw": ({}, {"optimizer": "adamw"}),
+    "muon": ({}, {"optimizer": "muon"}),
+    "pca-first-conv-adamw": ({}, {"first_conv": "pca", "optimizer": "adamw"}),
+    "pca-first-conv-muon": ({}, {"first_conv": "pca", "optimizer": "muon"}),
 }
 
 
@@ -81,6 +85,7 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     import keras
     import numpy as np
 
+    from fer.optimizers import build_optimizer
     from fer.precision import dtype_policy
 
     rng = np.random.default_rng(0)
@@ -89,7 +94,9 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     with dtype_policy(precision):
         model = spec.build()
     spec.prepare(model, pixels[..., 0])  # as in training (a frozen first conv has no gradient)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
+    optimizer = build_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
+                                weight_decay=spec.weight_decay, total_steps=steps + 5)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     labels = keras.utils.to_categorical(rng.integers(0, 7, batch_size * steps), 7)
     model.fit(pixels[:batch_size * 5], labels[:batch_size * 5], batch_size=batch_size, verbose=0)
     started = time.perf_counter()

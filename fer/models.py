@@ -236,7 +236,7 @@ class ModelSpec:
     name: str
     build: Callable[[], keras.Model]
     learning_rate: float
-    optimizer: str  # "adam" | "adamw"
+    optimizer: str  # "adam" | "adamw" | "muon" (fer.optimizers.OPTIMIZERS)
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
@@ -397,12 +397,13 @@ def pca_first_conv(model: keras.Model, images: np.ndarray, *, sample: int = 2000
 
 
 def _default_recipe(name: str, widths: Sequence[int], description: str, *,
-                    first_conv: str = "random", **build_options) -> ModelSpec:
+                    first_conv: str = "random", optimizer: str = "adamw",
+                    **build_options) -> ModelSpec:
     """The default CNN at the given widths with the recipe it was tuned with. Measured on
     20-epoch runs (BENCHMARKS.md): without label smoothing validation fell 1.4 points, at 0.2
     it equalled 0.1; full inverse-frequency class weights cost 3.7 points."""
     return ModelSpec(name, functools.partial(build_default, widths=widths, **build_options),
-                     learning_rate=2e-3, optimizer="adamw", label_smoothing=0.1,
+                     learning_rate=2e-3, optimizer=optimizer, label_smoothing=0.1,
                      weight_decay=0.05, class_weighting="sqrt", first_conv=first_conv,
                      description=description)
 
@@ -411,7 +412,8 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         _default_recipe("default", (32, 96, 192),
-                        "fer's CPU-efficient CNN, 32-96-192 channels (the CLI default)"),
+                        "fer's CPU-efficient CNN, 32-96-192 channels, trained with Muon on "
+                        "its convolutions (the CLI default)", optimizer="muon"),
         _default_recipe("default-pca", (32, 96, 192),
                         "the default with its first convolution set from the training "
                         "images' patch statistics and frozen: the `fast` profile's model",

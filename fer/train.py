@@ -23,6 +23,7 @@ from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
 from fer.models import ModelSpec, averaging, get_spec, with_precision
+from fer.optimizers import build_optimizer
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
 
@@ -119,7 +120,9 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     with dtype_policy(precision):
         model = spec.build()
     spec.prepare(model, dataset.train.images)
-    model.compile(optimizer=_optimizer(spec, learning_rate, steps_per_epoch * config.epochs),
+    model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=learning_rate,
+                                            weight_decay=spec.weight_decay,
+                                            total_steps=steps_per_epoch * config.epochs),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
@@ -177,17 +180,6 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
     check_config(config)
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
-
-
-def _optimizer(spec: ModelSpec, learning_rate: float, total_steps: int):
-    """Constant Adam for the seed (as published); AdamW with warm-up + cosine otherwise."""
-    if spec.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    warmup = max(1, min(total_steps // 10, 500))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate / 10, decay_steps=max(1, total_steps - warmup),
-        warmup_target=learning_rate, warmup_steps=warmup, alpha=0.01)
-    return keras.optimizers.AdamW(schedule, weight_decay=spec.weight_decay)
 
 
 def class_weights(split: Split, scheme: str) -> np.ndarray | None:
