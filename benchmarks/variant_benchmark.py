@@ -95,7 +95,8 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
         model = spec.build()
     spec.prepare(model, pixels[..., 0])  # as in training (a frozen first conv has no gradient)
     optimizer = build_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
-                                weight_decay=spec.weight_decay, total_steps=steps + 5)
+                                weight_decay=spec.weight_decay, total_steps=steps + 5,
+                                precision=precision)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     labels = keras.utils.to_categorical(rng.integers(0, 7, batch_size * steps), 7)
     model.fit(pixels[:batch_size * 5], labels[:batch_size * 5], batch_size=batch_size, verbose=0)

@@ -122,7 +122,8 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     spec.prepare(model, dataset.train.images)
     model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=learning_rate,
                                             weight_decay=spec.weight_decay,
-                                            total_steps=steps_per_epoch * config.epochs),
+                                            total_steps=steps_per_epoch * config.epochs,
+                                            precision=precision),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()

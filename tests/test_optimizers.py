@@ -18,12 +18,15 @@ def skewed_gradient(rows: int, columns: int, seed: int = 0) -> np.ndarray:
     return (left * np.geomspace(100, 1, columns)) @ right.T
 
 
-def test_conv_muon_moves_every_direction_of_a_kernel_alike():
+@pytest.mark.parametrize("newton_schulz_dtype", ["float32", "bfloat16"])
+def test_conv_muon_moves_every_direction_of_a_kernel_alike(newton_schulz_dtype):
     """A 4-D kernel's update is the orthogonalised gradient: its singular values are close to
-    each other although the gradient's span two orders of magnitude."""
+    each other although the gradient's span two orders of magnitude (in bfloat16 too, as
+    mixed_bfloat16 runs it)."""
     kernel = keras.Variable(np.zeros((3, 3, 4, 8), "float32"))
     gradient = skewed_gradient(36, 8).reshape(3, 3, 4, 8).astype("float32")
-    optimizer = ConvMuon(learning_rate=1.0, weight_decay=None, rms_rate=None)
+    optimizer = ConvMuon(learning_rate=1.0, weight_decay=None, rms_rate=None,
+                         newton_schulz_dtype=newton_schulz_dtype)
     optimizer.apply_gradients([(gradient, kernel)])
     singular = np.linalg.svd(-kernel.numpy().reshape(36, 8), compute_uv=False)
     assert singular.max() / singular.min() < 2 and 0.5 < singular.min() < singular.max() < 1.5
@@ -57,6 +60,17 @@ def test_conv_muon_update_is_scaled_to_adamw_size():
 def test_build_optimizer_makes_each_kind(kind, expected):
     optimizer = build_optimizer(kind, learning_rate=1e-3, weight_decay=0.05, total_steps=100)
     assert type(optimizer) is expected
+
+
+@pytest.mark.parametrize("precision, newton_schulz_dtype", [
+    ("float32", "float32"), ("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float32")])
+def test_muon_runs_newton_schulz_in_bfloat16_only_under_mixed_bfloat16(
+        precision, newton_schulz_dtype):
+    optimizer = build_optimizer("muon", learning_rate=1e-3, weight_decay=0.05,
+                                total_steps=100, precision=precision)
+    assert optimizer.newton_schulz_dtype == newton_schulz_dtype
+    assert keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)
+                                        ).newton_schulz_dtype == newton_schulz_dtype
 
 
 def test_build_optimizer_refuses_an_unknown_kind():
