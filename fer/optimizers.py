@@ -51,8 +51,9 @@ class ConvMuon(keras.optimizers.Muon):
     decay carry over. Keras' own Muon leaves 4-D kernels to AdamW and takes 2-D dense kernels;
     this one takes convolutions only (the dense head stays on AdamW), as measured: on the
     20-epoch default it fits faster per epoch than AdamW (BENCHMARKS.md, session 16).
-    ``newton_schulz_dtype`` is the precision of those steps: bfloat16 halves their cost
-    where the CPU has bf16 instructions and makes it ten times higher where it has not.
+    ``newton_schulz_dtype`` is the precision of those steps: bfloat16 under mixed_bfloat16,
+    as Muon's reference implementation runs them (their cost on a bf16 CPU is not measured
+    yet), float32 elsewhere (bf16 arithmetic trained 10x slower on the AVX2-only CPU).
     """
 
     def __init__(self, *args, newton_schulz_dtype: str = "float32", **kwargs):
