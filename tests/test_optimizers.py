@@ -60,6 +60,8 @@ def test_conv_muon_update_is_scaled_to_adamw_size():
 def test_build_optimizer_makes_each_kind(kind, expected):
     optimizer = build_optimizer(kind, learning_rate=1e-3, weight_decay=0.05, total_steps=100)
     assert type(optimizer) is expected
+    if kind == "muon":  # the spec's weight decay on both halves, not Keras' default 0.004
+        assert optimizer.weight_decay == optimizer.adam_weight_decay == 0.05
 
 
 @pytest.mark.parametrize("precision, newton_schulz_dtype", [
