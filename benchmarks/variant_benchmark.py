@@ -59,8 +59,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "label-smoothing-0.2": ({}, {"label_smoothing": 0.2}),
     "dropout-0.5": ({"dropout": 0.5}, {}),
     "rescale-255": ({"standardize": False}, {}),  # the input scaling before session 10
-    # the `default-pca` model (fer.models), which trains with AdamW as it was measured
+    # the `default-pca` model (fer.models) as sessions 13-16 measured it, with AdamW
     "pca-first-conv": ({}, {"first_conv": "pca", "optimizer": "adamw"}),
+    # `default-pca` since session 17, with Muon
     "pca-first-conv-muon": ({}, {"first_conv": "pca", "optimizer": "muon"}),
     # `default` trains with Muon since session 16: the variants above change that recipe,
     # so figures measured before it (BENCHMARKS.md) are AdamW's; `adamw` is that default

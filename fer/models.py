@@ -415,9 +415,10 @@ REGISTRY: dict[str, ModelSpec] = {
                         "fer's CPU-efficient CNN, 32-96-192 channels, trained with Muon on "
                         "its convolutions (the CLI default)", optimizer="muon"),
         _default_recipe("default-pca", (32, 96, 192),
-                        "the default with its first convolution set from the training "
-                        "images' patch statistics and frozen: the `fast` profile's model",
-                        first_conv="pca"),
+                        "the default (Muon too) with its first convolution set from the "
+                        "training images' patch statistics and frozen: the `fast` profile's "
+                        "model",
+                        first_conv="pca", optimizer="muon"),
         _default_recipe("default-48", (48, 96, 192),
                         "48-96-192 channels, /255 input (the previous default): "
                         "the `best` profile's members, as measured", standardize=False),
