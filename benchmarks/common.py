@@ -43,6 +43,7 @@ def compiled_model(model_name: str, precision: str, *, metrics: tuple[str, ...] 
     spec = get_spec(model_name)
     with dtype_policy(precision):
         model = spec.build()
+    # total_steps only shapes the learning-rate schedule, which does not change a step's cost
     optimizer = build_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
                                 weight_decay=spec.weight_decay, total_steps=100_000,
                                 precision=precision)
