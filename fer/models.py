@@ -337,7 +337,8 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     and ~1.2x the inference images/s on a 2-core CPU, at equal validation accuracy
     (BENCHMARKS.md). The keyword options exist for the recipe experiments of
     benchmarks/variant_benchmark.py; the registry uses their defaults, except /255 input for
-    the 48-96-192 and 64-128-256 models, as they were measured.
+    the 48-96-192 and 64-128-256 models, as they were measured, and the lighter augmentation
+    and dropout of `default-pca`, the short schedule's model.
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
