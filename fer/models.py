@@ -415,7 +415,7 @@ REGISTRY: dict[str, ModelSpec] = {
         _default_recipe("default", (32, 96, 192),
                         "fer's CPU-efficient CNN, 32-96-192 channels, trained with Muon on "
                         "its convolutions (the CLI default)", optimizer="muon"),
-        # A short schedule underfits (training accuracy about validation's at 8 epochs),
+        # A short schedule underfits (training accuracy about validation's after 8 epochs),
         # so the `fast` profile's model is regularised less: flips and 5% shifts only,
         # dropout 0.1 (BENCHMARKS.md, session 18).
         _default_recipe("default-pca", (32, 96, 192),

@@ -112,7 +112,7 @@ def fetch_data(
 
 
 EpochsOption = Annotated[int | None, typer.Option(
-    "--epochs", "-e", min=1, help="default: the profile's (default 20, fast 8, best 60)")]
+    "--epochs", "-e", min=1, help="default: the profile's (default 20, fast 9, best 60)")]
 BatchSizeOption = Annotated[int | None, typer.Option(
     "--batch-size", "-b", min=1, help="default: the profile's (default 64, fast 256, best 64)")]
 ModelOption = Annotated[str | None, typer.Option(

@@ -287,7 +287,7 @@ def test_standardization_stays_float32_when_a_saved_model_is_loaded_in_bfloat16(
 
 
 def test_fast_profiles_model_is_regularised_less_than_the_default():
-    """`default-pca` trains for the `fast` profile's 8 epochs, where the default's
+    """`default-pca` trains for the `fast` profile's short schedule, where the default's
     augmentation and dropout held training accuracy down to validation's: it flips and
     shifts (no rotation or zoom) and drops less, while `default` keeps its full recipe."""
     from fer.models import RandomAffine
