@@ -112,9 +112,9 @@ def fetch_data(
 
 
 EpochsOption = Annotated[int | None, typer.Option(
-    "--epochs", "-e", min=1, help="default: the profile's (default 20, fast 9, best 60)")]
+    "--epochs", "-e", min=1, help="default: the profile's (default 20, fast 8, best 60)")]
 BatchSizeOption = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", min=1, help="default: the profile's (default 64, fast 256, best 64)")]
+    "--batch-size", "-b", min=1, help="default: the profile's (default 64, fast 128, best 64)")]
 ModelOption = Annotated[str | None, typer.Option(
     help="registry name (see `fer models`); default: the profile's (default)")]
 ProfileOption = Annotated[str, typer.Option(
@@ -128,7 +128,7 @@ SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuf
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
-    help="peak learning rate (> 0); default: the profile's (fast: 4e-3), else the model's own")]
+    help="peak learning rate (> 0); default: the profile's (fast: 3e-3), else the model's own")]
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(

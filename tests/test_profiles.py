@@ -51,10 +51,11 @@ def test_profile_options_are_train_config_fields():
 def test_user_options_win_over_the_profile():
     """--no-tta turns best's averaging off; another --model drops the profile's tuned rate."""
     assert PROFILES["best"].options_with(tta=False)["tta"] is False
-    assert PROFILES["fast"].options_with()["learning_rate"] == 4e-3
-    assert PROFILES["fast"].options_with(learning_rate=1e-3)["learning_rate"] == 1e-3
+    tuned = PROFILES["fast"].train_options["learning_rate"]
+    assert PROFILES["fast"].options_with()["learning_rate"] == tuned
+    assert PROFILES["fast"].options_with(learning_rate=tuned / 4)["learning_rate"] == tuned / 4
     assert "learning_rate" not in PROFILES["fast"].options_with(model="seed")
-    assert PROFILES["fast"].options_with(model="default-pca")["learning_rate"] == 4e-3
+    assert PROFILES["fast"].options_with(model="default-pca")["learning_rate"] == tuned
     assert "learning_rate" not in PROFILES["fast"].options_with(model="default")
 
 
