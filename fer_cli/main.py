@@ -21,6 +21,7 @@ import typer
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import FerError
+from fer.profiles import PROFILES
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -111,14 +112,24 @@ def fetch_data(
                f"cached under {settings.data_dir}")
 
 
+def _profiles_help(option: str) -> str:
+    """Each profile's value of a train option, read from fer.profiles so --help cannot go
+    stale when a profile changes."""
+    values = ", ".join(f"{p.name} {p.train_options[option]:g}"
+                       if isinstance(p.train_options[option], float)
+                       else f"{p.name} {p.train_options[option]}"
+                       for p in PROFILES.values() if option in p.train_options)
+    return f"default: the profile's ({values})"
+
+
 EpochsOption = Annotated[int | None, typer.Option(
-    "--epochs", "-e", min=1, help="default: the profile's (default 20, fast 8, best 60)")]
+    "--epochs", "-e", min=1, help=_profiles_help("epochs"))]
 BatchSizeOption = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", min=1, help="default: the profile's (default 64, fast 128, best 64)")]
+    "--batch-size", "-b", min=1, help=_profiles_help("batch_size"))]
 ModelOption = Annotated[str | None, typer.Option(
-    help="registry name (see `fer models`); default: the profile's (default)")]
+    help=f"registry name (see `fer models`); {_profiles_help('model')}")]
 ProfileOption = Annotated[str, typer.Option(
-    help="preset: default | fast | best (see README); explicit options win")]
+    help=f"preset: {' | '.join(PROFILES)} (see README); explicit options win")]
 DataOption = Annotated[str | None, typer.Option(
     help="file, folder, archive, URL or s3://; default: the fetched dataset")]
 OutOption = Annotated[Path, typer.Option(
@@ -128,7 +139,7 @@ SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuf
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
-    help="peak learning rate (> 0); default: the profile's (fast: 3e-3), else the model's own")]
+    help=f"peak learning rate (> 0); {_profiles_help('learning_rate')}, else the model's own")]
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(

@@ -36,6 +36,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_train_help_shows_each_profiles_settings():
+    """`fer train --help` states the epochs, batch size and learning rate each profile
+    trains with, as fer.profiles defines them (the help once named a stale schedule)."""
+    from fer.profiles import PROFILES
+
+    result = run_fer("train", "--help", env={"COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    fast = PROFILES["fast"].train_options
+    assert f"fast {fast['epochs']}," in result.stdout
+    assert f"fast {fast['batch_size']}," in result.stdout
+    assert f"fast {fast['learning_rate']:g})" in result.stdout
+    assert f"best {PROFILES['best'].train_options['epochs']})" in result.stdout
+
+
 def test_bad_csv_is_one_line_error(tmp_path, data_dir):
     """`fer train --data bad.csv` names the file and line, exits 1, prints no traceback."""
     bad = tmp_path / "bad.csv"
