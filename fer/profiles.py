@@ -39,8 +39,7 @@ PROFILES: dict[str, Profile] = {
                         "with a first convolution set from the training images, which fits "
                         "faster early on, and lighter augmentation and dropout; saved with "
                         "flip test-time averaging (twice the inference cost; it raised test "
-                        "accuracy on 16 of the 17 short-schedule models measured and "
-                        "validation on 16)",
+                        "accuracy on most short-schedule models measured: see BENCHMARKS.md)",
                 {"epochs": 8, "batch_size": 128, "model": "default-pca", "learning_rate": 3e-3,
                  "tta": True}),
         Profile("best", "the best accuracy measured: three `default-48` models (48-96-192 "

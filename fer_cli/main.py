@@ -115,9 +115,10 @@ def fetch_data(
 def _profiles_help(option: str) -> str:
     """Each profile's value of a train option, read from fer.profiles so --help cannot go
     stale when a profile changes."""
-    values = ", ".join(f"{p.name} {p.train_options[option]:g}"
-                       if isinstance(p.train_options[option], float)
-                       else f"{p.name} {p.train_options[option]}"
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    values = ", ".join(f"{p.name} {shown(p.train_options[option])}"
                        for p in PROFILES.values() if option in p.train_options)
     return f"default: the profile's ({values})"
 
