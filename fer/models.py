@@ -426,8 +426,8 @@ REGISTRY: dict[str, ModelSpec] = {
                         first_conv="pca", optimizer="muon", rotation=0.0, zoom=0.0,
                         shift=0.05, dropout=0.1),
         _default_recipe("default-48", (48, 96, 192),
-                        "48-96-192 channels, /255 input (the previous default): "
-                        "the `best` profile's members, as measured", standardize=False),
+                        "48-96-192 channels, /255 input, AdamW (the previous default; "
+                        "the `best` profile's members until session 20)", standardize=False),
         _default_recipe("wide", (64, 128, 256),
                         "the default at 64-128-256 channels (2.2x its multiply-adds), "
                         "/255 input as measured, for long runs", standardize=False),

@@ -108,7 +108,7 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
                                       "--force-champion", "--out", "/srv/runs",
                                       "--storage", "s3://bucket/prefix"])
     assert result.exit_code == 0, result.output
-    assert sent == {"epochs": 5, "batch_size": 64, "model": "default-48", "tta": True,
+    assert sent == {"epochs": 5, "batch_size": 64, "model": "default", "tta": True,
                     "ensemble": 3, "seed": 1337, "val_fraction": 0.1, "precision": "auto",
                     "storage": "s3://bucket/prefix", "out_dir": "/srv/runs",
                     "force_champion": True}
