@@ -187,6 +187,44 @@ def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
     assert class_weights(split, "none") is None
 
 
+def test_mixup_blends_images_labels_and_weights_alike():
+    """Each mixed example is w * itself + (1 - w) * one other example of the batch, with the
+    same w for its pixels, label and loss weight, and w between 0 and 1."""
+    from fer.train import mix_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (7, 48, 48, 1)).astype("float32")
+    labels = np.eye(7, dtype="float32")  # one example per class: its label share is its w
+    weights = np.arange(1, 8, dtype="float32")
+    mixed_images, mixed_labels, mixed_weights = (t.numpy() for t in mix_batch(
+        (images, labels, weights), alpha=0.4, seed=np.array([3, 4])))
+    assert np.allclose(mixed_labels.sum(axis=1), 1.0)
+    assert ((mixed_labels > 0.01) & (mixed_labels < 0.99)).any(), "some labels are mixtures"
+    for own in range(7):
+        w = mixed_labels[own, own]
+        others = [k for k in range(7) if k != own and mixed_labels[own, k] > 0]
+        partner = others[0] if others else own  # mixed with itself: a copy
+        assert len(others) <= 1 and 0.0 <= w <= 1.0
+        assert np.allclose(mixed_images[own], w * images[own] + (1 - w) * images[partner],
+                           atol=1e-2)
+        assert mixed_weights[own] == pytest.approx(w * weights[own] + (1 - w) * weights[partner],
+                                                   abs=1e-4)
+
+
+def test_mixup_training_batches_repeat_with_their_seed():
+    """A training seed repeats its mixed batches (runs are reproducible); another seed differs."""
+    from fer.train import _batches
+
+    split = square_split(4, 5)
+
+    def labels_of_first_batch(seed):
+        batch = next(iter(_batches(split, batch_size=28, shuffle_seed=seed, mixup=0.4)))
+        return batch[1].numpy()
+
+    assert np.array_equal(labels_of_first_batch(7), labels_of_first_batch(7))
+    assert not np.array_equal(labels_of_first_batch(7), labels_of_first_batch(8))
+
+
 def test_a_pca_first_conv_model_is_set_from_the_training_images_and_stays_frozen(
         tmp_path, tiny_dataset):
     """`default-pca` (the fast profile's model) sets its first convolution from the training
