@@ -138,6 +138,9 @@ def main() -> None:
                         help="time 60 training steps per variant instead of training")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: from the CPU flags, as fer train picks it")
+    parser.add_argument("--teacher", type=Path,
+                        help="a saved model whose probabilities the training targets blend in")
+    parser.add_argument("--teacher-weight", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-variants")
     args = parser.parse_args()
     print(machine_line(), flush=True)
@@ -162,7 +165,8 @@ def main() -> None:
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
                                             batch_size=args.batch_size, out_dir=args.out,
                                             seed=args.seed, learning_rate=args.learning_rate,
-                                            precision=precision),
+                                            precision=precision, teacher=args.teacher,
+                                            teacher_weight=args.teacher_weight),
                        verbose=2)
         keys = ("best_epoch", "best_val_accuracy", "accuracy", "macro_f1",
                 "train_images_per_second", "wall_seconds")

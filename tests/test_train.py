@@ -187,6 +187,39 @@ def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
     assert class_weights(split, "none") is None
 
 
+def test_training_targets_blend_the_label_with_the_teachers_probabilities(
+        tmp_path, tiny_dataset):
+    """With a teacher each training target is (1 - w) * one-hot label + w * the teacher's
+    probabilities for that image, in the canonical class order; without one, the label."""
+    from fer.evaluate import predict_probabilities
+    from fer.models import build_default
+    from fer.train import training_targets
+
+    teacher = build_default()
+    teacher.save(tmp_path / "teacher.keras")
+    split = tiny_dataset.train
+    one_hot = np.eye(7)[split.labels]
+    config = TrainConfig(teacher=tmp_path / "teacher.keras", teacher_weight=0.3)
+    targets = training_targets(split, config, precision="float32")
+    expected = 0.7 * one_hot + 0.3 * predict_probabilities(teacher, split.images)
+    assert targets.shape == (len(split), 7) and np.allclose(targets.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(targets, expected, atol=1e-5)
+    assert np.array_equal(training_targets(split, TrainConfig(), precision="float32"), one_hot)
+
+
+def test_a_run_trains_on_its_teachers_targets_and_records_the_teacher(tmp_path, tiny_dataset):
+    """A run with a teacher (here a first run's model) trains, and its manifest names it."""
+    first = train(tiny_dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "a",
+                                            precision="float32"), verbose=0)
+    teacher = first.run_dir / "model.keras"
+    result = train(tiny_dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "b",
+                                             precision="float32", teacher=teacher), verbose=0)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["parameters"]["teacher"] == str(teacher)
+    assert manifest["parameters"]["teacher_weight"] == 0.5
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
 def test_mixup_blends_images_labels_and_weights_alike():
     """Each mixed example is w * itself + (1 - w) * one other example of the batch, with the
     same w for its pixels, label and loss weight, and w between 0 and 1."""
