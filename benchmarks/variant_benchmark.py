@@ -78,10 +78,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # does the 20-epoch default underfit too (training accuracy 0.689 against validation
     # 0.6675, session 16)? `pca-muon-light`'s augmentation and dropout on `default`
     "muon-light": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05, "dropout": 0.1}, {}),
-    # the `best` profile's 60-epoch members fit their augmented training images to 0.80
-    # against 0.67-0.68 validation (session 20): mixup as a regulariser for long schedules
-    "mixup-0.2": ({}, {"mixup": 0.2}),
-    "mixup-0.4": ({}, {"mixup": 0.4}),
 }
 
 
@@ -138,9 +134,6 @@ def main() -> None:
                         help="time 60 training steps per variant instead of training")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: from the CPU flags, as fer train picks it")
-    parser.add_argument("--teacher", type=Path,
-                        help="a saved model whose probabilities the training targets blend in")
-    parser.add_argument("--teacher-weight", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-variants")
     args = parser.parse_args()
     print(machine_line(), flush=True)
@@ -165,8 +158,7 @@ def main() -> None:
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
                                             batch_size=args.batch_size, out_dir=args.out,
                                             seed=args.seed, learning_rate=args.learning_rate,
-                                            precision=precision, teacher=args.teacher,
-                                            teacher_weight=args.teacher_weight),
+                                            precision=precision),
                        verbose=2)
         keys = ("best_epoch", "best_val_accuracy", "accuracy", "macro_f1",
                 "train_images_per_second", "wall_seconds")

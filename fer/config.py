@@ -55,7 +55,5 @@ class TrainConfig:
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
     tta: bool = False  # save a model that averages each image with its mirror (2x inference)
     ensemble: int = 1  # members trained from seeds seed, seed+1, ...; the saved model averages them
-    teacher: Path | None = None  # a saved fer model whose probabilities the training targets blend in
-    teacher_weight: float = 0.5  # the teacher's share of each training target (the label's: the rest)
     out_dir: Path = Path("runs")
     run_id: str | None = None  # None: generated from the time and model name

@@ -241,7 +241,6 @@ class ModelSpec:
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
     first_conv: str = "random"  # "random" | "pca": set from the training images (pca_first_conv)
-    mixup: float = 0.0  # Beta(a, a) of mixup's mixing weights; 0: off (fer.train._batches)
     description: str = ""
 
     def prepare(self, model: keras.Model, train_images: np.ndarray) -> None:

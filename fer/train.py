@@ -19,10 +19,10 @@ import numpy as np
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
-from fer.evaluate import evaluate_run, predict_labels, predict_probabilities, to_canonical
+from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
-from fer.models import ModelSpec, averaging, class_names_of, get_spec, load_model, with_precision
+from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.optimizers import build_optimizer
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
@@ -63,11 +63,10 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     learning_rate = (spec.learning_rate if config.learning_rate is None
                      else config.learning_rate)
 
-    targets = training_targets(dataset.train, config, precision=precision)
     started, members = time.perf_counter(), []
     for number in range(config.ensemble):
         members.append(_fit_member(
-            dataset, config, spec, targets, precision=precision, learning_rate=learning_rate,
+            dataset, config, spec, precision=precision, learning_rate=learning_rate,
             seed=config.seed + number, clock=members[0].clock if members else None,
             verbose=verbose))
     wall_seconds = time.perf_counter() - started
@@ -113,9 +112,8 @@ class Member:
     clock: float  # perf_counter() when member 1 began training: history's elapsed_seconds is from here
 
 
-def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, targets: np.ndarray,
-                *, precision: str, learning_rate: float, seed: int, clock: float | None,
-                verbose: int) -> Member:
+def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
+                learning_rate: float, seed: int, clock: float | None, verbose: int) -> Member:
     """One network from ``seed`` (weights, augmentation, shuffling); the split is the dataset's."""
     keras.utils.set_random_seed(seed)
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
@@ -130,9 +128,8 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, targets:
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
     history = model.fit(
-        _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed, targets=targets,
-                 class_weights=class_weights(dataset.train, spec.class_weighting),
-                 mixup=spec.mixup),
+        _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
+                 class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=_batches(dataset.validation, batch_size=256),
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
@@ -197,76 +194,21 @@ def class_weights(split: Split, scheme: str) -> np.ndarray | None:
     return (weights / np.average(weights, weights=counts)).astype(np.float32)
 
 
-def training_targets(split: Split, config: TrainConfig, *, precision: str) -> np.ndarray:
-    """Each training image's target distribution: its one-hot label, or with
-    ``config.teacher`` the label blended with the teacher's probabilities for the image
-    (knowledge distillation, Hinton et al. 2015; computed once, on the un-augmented images).
-    """
-    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[split.labels]
-    if config.teacher is None:
-        return one_hot
-    teacher = load_model(Path(config.teacher), precision=precision)
-    probabilities = to_canonical(predict_probabilities(teacher, split.images),
-                                 class_names_of(teacher))
-    return ((1.0 - config.teacher_weight) * one_hot
-            + config.teacher_weight * probabilities).astype(np.float32)
-
-
 def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None,
-             class_weights: np.ndarray | None = None, mixup: float = 0.0,
-             targets: np.ndarray | None = None):
-    """A tf.data pipeline of (raw float pixels, targets[, sample weights]), prefetched.
-
-    ``targets`` are per-image class distributions (``training_targets``); default: one-hot
-    labels. With ``mixup`` > 0 (training only: it needs ``shuffle_seed``) each batch is
-    mixed with a permutation of itself (``mix_batch``).
-    """
+             class_weights: np.ndarray | None = None):
+    """A tf.data pipeline of (raw float pixels, one-hot labels[, sample weights]), prefetched."""
     import tensorflow as tf
 
-    if targets is None:
-        targets = np.eye(NUM_CLASSES, dtype=np.float32)[split.labels]
-    data = tf.data.Dataset.from_tensor_slices((split.images[..., None], targets, split.labels))
+    data = tf.data.Dataset.from_tensor_slices((split.images[..., None], split.labels))
     if shuffle_seed is not None:
         data = data.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
 
-    def to_model(x, target, y):
-        batch = (tf.cast(x, tf.float32), target)
+    def to_model(x, y):
+        batch = (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES))
         return batch if class_weights is None else (*batch, tf.gather(class_weights, y))
 
     data = data.batch(batch_size).map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
-    if mixup > 0:
-        if shuffle_seed is None:
-            raise ValueError("mixup mixes training batches: give a shuffle_seed")
-        seeds = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
-        data = tf.data.Dataset.zip(data, seeds.batch(2)).map(
-            lambda batch, seed: mix_batch(batch, alpha=mixup, seed=seed),
-            num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
-
-
-def mix_batch(batch: tuple, *, alpha: float, seed) -> tuple:
-    """Mixup (Zhang et al. 2018): each example becomes ``w * itself + (1 - w) * another
-    example of the batch``, its pixels, one-hot label and loss weight alike, with
-    ``w ~ Beta(alpha, alpha)`` per example. A regulariser for long schedules, where the
-    default model fits its augmented training images well past validation accuracy.
-    ``seed`` is a stateless-random seed of shape (2,), so a training seed repeats its run.
-    """
-    import tensorflow as tf
-
-    images = batch[0]
-    count = tf.shape(images)[0]
-    gamma_seed_a, gamma_seed_b, order_seed = tf.unstack(
-        tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3))
-    gamma_a = tf.random.stateless_gamma([count], gamma_seed_a, alpha=alpha)
-    gamma_b = tf.random.stateless_gamma([count], gamma_seed_b, alpha=alpha)
-    weight = gamma_a / tf.maximum(gamma_a + gamma_b, 1e-12)
-    partner = tf.argsort(tf.random.stateless_uniform([count], order_seed))
-
-    def mixed(tensor):
-        w = tf.reshape(weight, [-1] + [1] * (len(tensor.shape) - 1))
-        return w * tensor + (1.0 - w) * tf.gather(tensor, partner)
-
-    return tuple(mixed(tensor) for tensor in batch)
 
 
 def _write_history(histories: list[dict], path: Path) -> None:
