@@ -78,8 +78,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # does the 20-epoch default underfit too (training accuracy 0.689 against validation
     # 0.6675, session 16)? `pca-muon-light`'s augmentation and dropout on `default`
     "muon-light": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05, "dropout": 0.1}, {}),
-    # histogram equalisation before the standardisation: every face over the full tonal range
-    "equalize": ({"equalize": True}, {}),
 }
 
 

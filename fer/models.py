@@ -171,28 +171,6 @@ class PerImageStandardize(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="fer")
-class HistogramEqualize(layers.Layer):
-    """Each pixel replaced by the fraction of its image's pixels at or below it (the
-    image's empirical CDF, in (0, 1]): classic histogram equalisation, which spreads every
-    face over the full tonal range whatever its lighting. Computed in float32.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**{**kwargs, "dtype": "float32"})
-
-    def call(self, inputs):
-        import tensorflow as tf
-
-        flat = tf.reshape(inputs, (tf.shape(inputs)[0], -1))
-        ranks = tf.searchsorted(tf.sort(flat, axis=1), flat, side="right")
-        cdf = tf.cast(ranks, tf.float32) / tf.cast(tf.shape(flat)[1], tf.float32)
-        return tf.reshape(cdf, tf.shape(inputs))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-
-@keras.saving.register_keras_serializable(package="fer")
 class HorizontalFlip(layers.Layer):
     """Mirror images left to right (the second view of flip test-time augmentation)."""
 
@@ -345,7 +323,7 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1, standardize: bool = True, equalize: bool = False,
+                  shift: float = 0.1, standardize: bool = True,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -364,8 +342,7 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
-    x = HistogramEqualize()(inputs) if equalize else inputs
-    x = PerImageStandardize()(x) if standardize else layers.Rescaling(1 / 255.0)(x)
+    x = PerImageStandardize()(inputs) if standardize else layers.Rescaling(1 / 255.0)(inputs)
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
