@@ -78,6 +78,16 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # does the 20-epoch default underfit too (training accuracy 0.689 against validation
     # 0.6675, session 16)? `pca-muon-light`'s augmentation and dropout on `default`
     "muon-light": ({"rotation": 0.1, "zoom": 0.05, "shift": 0.05, "dropout": 0.1}, {}),
+    # more capacity for `best`'s 60-epoch members (session 22): a fourth stage at 3x3,
+    # wider stages, or a third convolution in every stage
+    "four-stage": ({"widths": (32, 96, 192, 384), "convs_per_stage": (2, 2, 2, 2)}, {}),
+    "wide-four-stage": ({"widths": (64, 128, 256, 512), "convs_per_stage": (2, 2, 2, 2)}, {}),
+    "widths-64": ({"widths": (64, 128, 256)}, {}),
+    # Muon's Newton-Schulz steps halved widths-64's training images/s on the AMX machine
+    "widths-64-adamw": ({"widths": (64, 128, 256)}, {"optimizer": "adamw"}),
+    "four-stage-adamw": ({"widths": (32, 96, 192, 384), "convs_per_stage": (2, 2, 2, 2)},
+                         {"optimizer": "adamw"}),
+    "deep-333": ({"convs_per_stage": (3, 3, 3)}, {}),
 }
 
 
