@@ -44,7 +44,7 @@ PROFILES: dict[str, Profile] = {
                  "tta": True}),
         Profile("best", "the best accuracy measured: three `wide` models (64-128-256 "
                         "channels, AdamW) of 60 epochs (consecutive seeds) averaged, with flip "
-                        "test-time averaging; about 1.2 h on a 2-core Intel CPU with AMX, "
+                        "test-time averaging; 1.2-1.8 h on a 2-core Intel CPU with AMX, "
                         "longer without it",
                 {"epochs": 60, "batch_size": 64, "model": "wide", "tta": True,
                  "ensemble": 3}),
