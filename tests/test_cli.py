@@ -95,6 +95,7 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     from typer.testing import CliRunner
 
     import flows.remote
+    from fer.profiles import PROFILES
     from fer_cli.main import app
 
     sent = {}
@@ -108,7 +109,8 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
                                       "--force-champion", "--out", "/srv/runs",
                                       "--storage", "s3://bucket/prefix"])
     assert result.exit_code == 0, result.output
-    assert sent == {"epochs": 5, "batch_size": 64, "model": "default", "tta": True,
+    assert sent == {"epochs": 5, "batch_size": 64, "tta": True,
+                    "model": PROFILES["best"].train_options["model"],
                     "ensemble": 3, "seed": 1337, "val_fraction": 0.1, "precision": "auto",
                     "storage": "s3://bucket/prefix", "out_dir": "/srv/runs",
                     "force_champion": True}
