@@ -87,10 +87,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "widths-64-adamw": ({"widths": (64, 128, 256)}, {"optimizer": "adamw"}),
     # wider still for `best` (session 24): about 2.2x widths-64-adamw's multiply-adds
     "widths-96-adamw": ({"widths": (96, 192, 384)}, {"optimizer": "adamw"}),
-    # random erasing (Zhong et al. 2020) on `wide`: its 60-epoch members fit training images
-    # to 0.83 against 0.68 validation (session 24; at 20 epochs it under-fit, session 7)
-    "widths-64-adamw-erasing": ({"widths": (64, 128, 256), "erase": 0.5},
-                                {"optimizer": "adamw"}),
     "four-stage-adamw": ({"widths": (32, 96, 192, 384), "convs_per_stage": (2, 2, 2, 2)},
                          {"optimizer": "adamw"}),
     "deep-333": ({"convs_per_stage": (3, 3, 3)}, {}),

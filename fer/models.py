@@ -8,7 +8,6 @@ correctly. Augmentation layers are active only in training.
 from __future__ import annotations
 
 import functools
-import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,52 +108,6 @@ class RandomAffine(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
                 "shift": self.shift, "flip": self.flip, "seed": self.seed}
-
-
-@keras.saving.register_keras_serializable(package="fer")
-class RandomErasing(layers.Layer):
-    """In training, replace a random rectangle of some images with noise.
-
-    Random erasing (Zhong et al. 2020): with probability ``probability`` per image, a
-    rectangle of 2-25% of the image area, aspect ratio 0.3-3.3, is filled with standard
-    normal noise (the pixels are standardised by then), so the model cannot lean on one
-    facial region. A recipe experiment for `best`'s long schedules (session 24).
-    """
-
-    def __init__(self, probability: float = 0.5, *, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.probability, self.seed = probability, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=None):
-        if not training or not self.probability:
-            return images
-        ops = keras.ops
-        batch = ops.shape(images)[0]
-        height, width = images.shape[1], images.shape[2]
-
-        def uniform(shape, low=0.0, high=1.0):
-            return keras.random.uniform(shape, low, high, seed=self.seed_generator)
-
-        def per_image(values):
-            return ops.reshape(values, (-1, 1, 1, 1))
-
-        area = uniform((batch,), 0.02, 0.25) * height * width
-        aspect = ops.exp(uniform((batch,), math.log(0.3), math.log(3.3)))
-        box_h = ops.minimum(ops.sqrt(area * aspect), height)
-        box_w = ops.minimum(ops.sqrt(area / aspect), width)
-        top = per_image(uniform((batch,)) * (height - box_h))
-        left = per_image(uniform((batch,)) * (width - box_w))
-        rows = ops.reshape(ops.arange(height, dtype="float32"), (1, height, 1, 1))
-        cols = ops.reshape(ops.arange(width, dtype="float32"), (1, 1, width, 1))
-        inside = ((rows >= top) & (rows < top + per_image(box_h))
-                  & (cols >= left) & (cols < left + per_image(box_w))
-                  & per_image(uniform((batch,)) < self.probability))
-        noise = keras.random.normal(ops.shape(images), seed=self.seed_generator)
-        return ops.where(inside, noise, images)
-
-    def get_config(self):
-        return {**super().get_config(), "probability": self.probability, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="fer")
@@ -370,7 +323,7 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1, standardize: bool = True, erase: float = 0.0,
+                  shift: float = 0.1, standardize: bool = True,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
@@ -391,8 +344,6 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = PerImageStandardize()(inputs) if standardize else layers.Rescaling(1 / 255.0)(inputs)
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
-    if erase:
-        x = RandomErasing(erase, dtype="float32")(x)
     x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
         if stage:
