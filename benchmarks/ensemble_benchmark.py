@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def shared_split(runs: list[Path]) -> tuple[str, float, int]:
         manifest = json.loads((run / "manifest.json").read_text())
         parameters = manifest["parameters"]
         origin = manifest["data"]["validation"]
-        seed = int(origin.rsplit("seed ", 1)[1].rstrip(")")) if "seed " in origin else None
+        found = re.search(r"seed (\d+)", origin)
+        seed = int(found.group(1)) if found else None
         splits[run] = (manifest["data"]["sha256"], parameters["val_fraction"], seed)
     if len(set(splits.values())) != 1:
         listing = "; ".join(f"{run}: data {sha[:8]}, validation {fraction} seed {seed}"
