@@ -89,10 +89,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "widths-64-adamw": ({"widths": (64, 128, 256)}, {"optimizer": "adamw"}),
     # wider still for `best` (session 24): about 2.2x widths-64-adamw's multiply-adds
     "widths-96-adamw": ({"widths": (96, 192, 384)}, {"optimizer": "adamw"}),
-    # SGD + Nesterov on `wide`'s long schedule (session 25; at 20 epochs on the default it
-    # cost 0.9 points, session 3): peak 0.05, weight decay 5e-4, the same warm-up + cosine
-    "widths-64-sgd": ({"widths": (64, 128, 256)},
-                      {"optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 5e-4}),
     "four-stage-adamw": ({"widths": (32, 96, 192, 384), "convs_per_stage": (2, 2, 2, 2)},
                          {"optimizer": "adamw"}),
     "deep-333": ({"convs_per_stage": (3, 3, 3)}, {}),
@@ -106,33 +102,10 @@ def register(name: str):
     from fer.models import REGISTRY, build_default
 
     build_options, spec_options = VARIANTS[name]
-    if spec_options.get("optimizer") == "sgd":
-        _allow_sgd()
     REGISTRY[name] = dataclasses.replace(
         REGISTRY["default"], name=name, build=functools.partial(build_default, **build_options),
         **spec_options)
     return REGISTRY[name]
-
-
-def _allow_sgd() -> None:
-    """Let `fer.train` build the "sgd" optimiser too (`optimizer_with_sgd`)."""
-    import fer.train
-
-    fer.train.build_optimizer = optimizer_with_sgd
-
-
-def optimizer_with_sgd(kind: str, *, learning_rate: float, weight_decay: float,
-                       total_steps: int, precision: str = "float32"):
-    """fer's optimisers plus "sgd": SGD + Nesterov momentum 0.9 on fer's warm-up + cosine."""
-    import keras
-
-    from fer.optimizers import build_optimizer, warmup_cosine
-
-    if kind != "sgd":
-        return build_optimizer(kind, learning_rate=learning_rate, weight_decay=weight_decay,
-                               total_steps=total_steps, precision=precision)
-    return keras.optimizers.SGD(warmup_cosine(learning_rate, total_steps), momentum=0.9,
-                                nesterov=True, weight_decay=weight_decay)
 
 
 def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) -> float:
@@ -140,6 +113,7 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     import keras
     import numpy as np
 
+    from fer.optimizers import build_optimizer
     from fer.precision import dtype_policy
 
     rng = np.random.default_rng(0)
@@ -148,9 +122,9 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
     with dtype_policy(precision):
         model = spec.build()
     spec.prepare(model, pixels[..., 0])  # as in training (a frozen first conv has no gradient)
-    optimizer = optimizer_with_sgd(spec.optimizer, learning_rate=spec.learning_rate,
-                                   weight_decay=spec.weight_decay, total_steps=steps + 5,
-                                   precision=precision)
+    optimizer = build_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
+                                weight_decay=spec.weight_decay, total_steps=steps + 5,
+                                precision=precision)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     labels = keras.utils.to_categorical(rng.integers(0, 7, batch_size * steps), 7)
     model.fit(pixels[:batch_size * 5], labels[:batch_size * 5], batch_size=batch_size, verbose=0)
