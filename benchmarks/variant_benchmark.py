@@ -172,7 +172,8 @@ def main() -> None:
 
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     if args.refit:
-        dataset = refit_dataset(dataset)
+        dataset = fold_validation_into_train(dataset)
+        keep_last_epoch()
     for name in args.variant:
         register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
@@ -185,24 +186,29 @@ def main() -> None:
         print(f"{name}: " + json.dumps({k: result.metrics[k] for k in keys}), flush=True)
 
 
-def refit_dataset(dataset):
-    """The dataset with validation folded into train, and `fer.train` set to keep the last
-    epoch's weights instead of the best on validation (which is now in-sample)."""
+def fold_validation_into_train(dataset):
+    """The dataset with its validation images added to train (validation stays, in-sample)."""
     import numpy as np
 
-    import fer.train
     from fer.data import Split
+
+    train, validation = dataset.train, dataset.validation
+    merged = Split(images=np.concatenate([train.images, validation.images]),
+                   labels=np.concatenate([train.labels, validation.labels]))
+    return dataclasses.replace(dataset, train=merged,
+                               validation_origin=dataset.validation_origin + ", folded into train")
+
+
+def keep_last_epoch() -> None:
+    """Make `fer.train` keep the last epoch's weights (in this process only): with validation
+    inside train, its accuracy cannot choose the epoch."""
+    import fer.train
 
     class KeepLastWeights(fer.train.KeepBestWeights):
         def on_epoch_end(self, epoch, logs=None):
             self.best_value, self.best_epoch = float((logs or {}).get(self.monitor, 0)), epoch + 1
 
     fer.train.KeepBestWeights = KeepLastWeights
-    train, validation = dataset.train, dataset.validation
-    merged = Split(images=np.concatenate([train.images, validation.images]),
-                   labels=np.concatenate([train.labels, validation.labels]))
-    return dataclasses.replace(dataset, train=merged,
-                               validation_origin=dataset.validation_origin + ", folded into train")
 
 
 if __name__ == "__main__":
