@@ -92,6 +92,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "four-stage-adamw": ({"widths": (32, 96, 192, 384), "convs_per_stage": (2, 2, 2, 2)},
                          {"optimizer": "adamw"}),
     "deep-333": ({"convs_per_stage": (3, 3, 3)}, {}),
+    # session 26: the literature's 72-73% VGG nets convolve at 48x48 first; `best`'s
+    # members fold the image to 24x24x4. A 32-channel stage at full resolution ahead of the
+    # `wide` stages, or `wide` with a fourth stage at 3x3, each ~1.35x wide's multiply-adds
+    "full-res-wide-adamw": ({"widths": (32, 64, 128, 256), "convs_per_stage": (2, 2, 2, 2),
+                             "space_to_depth": False}, {"optimizer": "adamw"}),
+    "wide-four-stage-adamw": ({"widths": (64, 128, 256, 512), "convs_per_stage": (2, 2, 2, 2)},
+                              {"optimizer": "adamw"}),
 }
 
 

@@ -323,14 +323,14 @@ def _conv_bn_relu(x, filters: int):
 def build_default(widths: Sequence[int] = (32, 96, 192), *,
                   convs_per_stage: Sequence[int] = (2, 2, 2), dropout: float = 0.3,
                   head_grid: int = 1, rotation: float = 0.25, zoom: float = 0.1,
-                  shift: float = 0.1, standardize: bool = True,
+                  shift: float = 0.1, standardize: bool = True, space_to_depth: bool = True,
                   conv_block: Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
                   ) -> keras.Model:
     """fer's default: a VGG-style CNN on a space-to-depth stem.
 
     Each image is standardised to zero mean and unit variance (``standardize=False``:
-    divided by 255), then folded into 24x24x4 (no
-    pixel lost), so no convolution runs at full resolution, where a CPU spends most of its
+    divided by 255), then folded into 24x24x4 (no pixel lost; ``space_to_depth=False`` keeps
+    48x48x1), so no convolution runs at full resolution, where a CPU spends most of its
     time for little accuracy. Two 3x3 conv-BN-ReLU blocks per stage at 24, 12 and 6 pixels;
     global average pooling; a small dense head. 32 channels in the first stage, not 48 (the
     previous default, kept as `default-48`): 18% fewer multiply-adds, ~1.1x the training
@@ -344,14 +344,16 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = PerImageStandardize()(inputs) if standardize else layers.Rescaling(1 / 255.0)(inputs)
     x = RandomAffine(rotation=rotation, zoom=zoom, shift=shift, dtype="float32")(x)
-    x = PixelUnshuffle(2)(x)
+    if space_to_depth:
+        x = PixelUnshuffle(2)(x)
     for stage, (filters, convs) in enumerate(zip(widths, convs_per_stage, strict=True)):
         if stage:
             x = layers.MaxPooling2D(2)(x)
         for _ in range(convs):
             x = conv_block(x, filters)
-    # The head sees the last 6x6 stage averaged to a head_grid x head_grid grid (a divisor
-    # of 6; 1: global average pooling), so a grid > 1 keeps where a feature was.
+    # The head sees the last stage (6x6 with three stages) averaged to a head_grid x head_grid
+    # grid (a divisor of its side; 1: global average pooling), so a grid > 1 keeps where a
+    # feature was.
     if head_grid == 1:
         x = layers.GlobalAveragePooling2D()(x)
     else:

@@ -44,6 +44,20 @@ def test_default_head_sees_the_last_stage_on_the_grid_asked_for(head_grid, featu
     assert head.input.shape[-1] == features
 
 
+@pytest.mark.parametrize("space_to_depth, first_side", [(True, 24), (False, 48)])
+def test_default_folds_the_image_unless_asked_to_convolve_at_full_resolution(space_to_depth,
+                                                                          first_side):
+    """The space-to-depth stem makes the first convolution run at 24x24x4; without it (the
+    `full-res-wide-adamw` experiment) it sees the 48x48 image; either way three poolings
+    follow for four stages."""
+    model = build_default(widths=(32, 64, 128, 256), convs_per_stage=(2, 2, 2, 2),
+                          space_to_depth=space_to_depth)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs[0].input.shape[1:] == ((first_side, first_side, 4) if space_to_depth
+                                        else (first_side, first_side, 1))
+    assert convs[-1].output.shape[1] == first_side // 8
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_models_take_raw_pixels_and_return_probabilities(name):
     """Every model maps raw 0-255 48x48 pixels to 7 probabilities in the canonical order."""
