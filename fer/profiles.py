@@ -42,11 +42,11 @@ PROFILES: dict[str, Profile] = {
                         "accuracy on most short-schedule models measured: see BENCHMARKS.md)",
                 {"epochs": 8, "batch_size": 128, "model": "default-pca", "learning_rate": 3e-3,
                  "tta": True}),
-        Profile("best", "the best accuracy measured: three `wide` models (64-128-256 "
-                        "channels, AdamW) of 60 epochs (consecutive seeds) averaged, with flip "
-                        "test-time averaging; 1.2-1.8 h on a 2-core Intel CPU with AMX, "
-                        "longer without it",
-                {"epochs": 60, "batch_size": 64, "model": "wide", "tta": True,
+        Profile("best", "the best accuracy measured: three `wide-full-res` models "
+                        "(32 channels at 48x48, then 64-128-256; AdamW) of 60 epochs "
+                        "(consecutive seeds) averaged, with flip test-time averaging; about "
+                        "2-4 h on a 2-core Intel CPU with AMX, longer without it",
+                {"epochs": 60, "batch_size": 64, "model": "wide-full-res", "tta": True,
                  "ensemble": 3}),
     )
 }

@@ -44,18 +44,17 @@ def test_default_head_sees_the_last_stage_on_the_grid_asked_for(head_grid, featu
     assert head.input.shape[-1] == features
 
 
-@pytest.mark.parametrize("space_to_depth, first_side", [(True, 24), (False, 48)])
-def test_default_folds_the_image_unless_asked_to_convolve_at_full_resolution(space_to_depth,
-                                                                          first_side):
-    """The space-to-depth stem makes the first convolution run at 24x24x4; without it (the
-    `full-res-wide-adamw` experiment) it sees the 48x48 image; either way three poolings
-    follow for four stages."""
-    model = build_default(widths=(32, 64, 128, 256), convs_per_stage=(2, 2, 2, 2),
-                          space_to_depth=space_to_depth)
+@pytest.mark.parametrize("name, first_input", [("wide", (24, 24, 4)),
+                                               ("wide-full-res", (48, 48, 1))])
+def test_wide_folds_the_image_and_wide_full_res_convolves_it_at_full_resolution(name,
+                                                                               first_input):
+    """`wide` folds each image to 24x24x4 before its first convolution (space-to-depth,
+    cheap on CPUs); `wide-full-res`, `best`'s model, convolves the 48x48 image itself, as
+    the published 72-73% networks do. Both end on a 6x6 stage of 256 channels."""
+    model = get_spec(name).build()
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert convs[0].input.shape[1:] == ((first_side, first_side, 4) if space_to_depth
-                                        else (first_side, first_side, 1))
-    assert convs[-1].output.shape[1] == first_side // 8
+    assert convs[0].input.shape[1:] == first_input
+    assert convs[-1].output.shape[1:] == (6, 6, 256)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -82,7 +81,8 @@ def test_saved_model_carries_class_order_and_preprocessing(tmp_path):
 def test_unknown_model_name_lists_the_registry():
     """A typo in --model names the valid choices."""
     with pytest.raises(FerError, match=r"unknown model 'vgg' \(expected one of "
-                                       r"default, default-pca, default-48, wide, seed"):
+                                       r"default, default-pca, default-48, wide, "
+                                       r"wide-full-res, seed"):
         get_spec("vgg")
 
 
@@ -263,8 +263,9 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
 
 def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
     """The default model scales its input per image (not /255), in float32 whatever the
-    policy (bfloat16 statistics of 0-255 pixels lost accuracy); so does `wide`, the `best`
-    profile's model since session 23; `default-48` keeps the /255 it was measured with."""
+    policy (bfloat16 statistics of 0-255 pixels lost accuracy); so do `wide`, the `best`
+    profile's model in sessions 23-25, and `wide-full-res`, its model since session 26;
+    `default-48` keeps the /255 it was measured with."""
     from fer.models import PerImageStandardize
     from fer.precision import dtype_policy
 
@@ -280,8 +281,9 @@ def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
     standardized = keras.ops.convert_to_numpy(layer(images))
     np.testing.assert_allclose(standardized.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(standardized.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
-    wide = get_spec("wide").build()
-    assert sum(isinstance(x, PerImageStandardize) for x in wide.layers) == 1
+    for name in ("wide", "wide-full-res"):
+        wide = get_spec(name).build()
+        assert sum(isinstance(x, PerImageStandardize) for x in wide.layers) == 1
     previous = get_spec("default-48").build()
     assert not any(isinstance(x, PerImageStandardize) for x in previous.layers)
     assert any(isinstance(x, keras.layers.Rescaling) for x in previous.layers)
