@@ -436,8 +436,8 @@ REGISTRY: dict[str, ModelSpec] = {
                         "the default at 64-128-256 channels (2.2x its multiply-adds), "
                         "AdamW: the `best` profile's members until session 26"),
         # The published 72-73% networks convolve at 48x48 first. Here that cost half the
-        # training images/s and raised validation accuracy by 1.3-1.6 points per member at
-        # 60 epochs (session 26).
+        # training images/s and raised validation accuracy by 0.7-1.6 points per member at
+        # 60 epochs on three seeds (session 26).
         _default_recipe("wide-full-res", (32, 64, 128, 256),
                         "`wide` behind a stage of 32 channels at full resolution (48x48, "
                         "no space-to-depth fold), AdamW, about half `wide`'s training "
