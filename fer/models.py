@@ -435,13 +435,13 @@ REGISTRY: dict[str, ModelSpec] = {
         _default_recipe("wide", (64, 128, 256),
                         "the default at 64-128-256 channels (2.2x its multiply-adds), "
                         "AdamW: the `best` profile's members until session 26"),
-        # The published 72-73% networks convolve at 48x48 first. Here that cost half the
-        # training images/s and raised validation accuracy by 0.7-1.6 points per member at
-        # 60 epochs on three seeds (session 26).
+        # The published 72-73% networks convolve at 48x48 first. Here that raised
+        # validation accuracy by 0.7-1.6 points per member at 60 epochs on three seeds, for
+        # 1-2x `wide`'s training time (session 26; not measured side by side).
         _default_recipe("wide-full-res", (32, 64, 128, 256),
                         "`wide` behind a stage of 32 channels at full resolution (48x48, "
-                        "no space-to-depth fold), AdamW, about half `wide`'s training "
-                        "images/s: the `best` profile's members",
+                        "no space-to-depth fold), AdamW, 1-2x `wide`'s training time: "
+                        "the `best` profile's members",
                         convs_per_stage=(2, 2, 2, 2), space_to_depth=False),
         ModelSpec("seed", build_seed, learning_rate=1e-4, optimizer="adam",
                   description="the original script's CNN, faithful (Adam 1e-4)"),
