@@ -99,8 +99,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 # Variants the registry has since taken in, measured under these names (BENCHMARKS.md):
-# session 26's 32-channel stage at 48x48 ahead of `wide`'s stages is `wide-full-res`.
-REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res"}
+# session 26's 32-channel stage at 48x48 ahead of `wide`'s stages is `wide-full-res`;
+# session 27's 16-channel one ahead of the default's stages kept its name.
+REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res", "default-full-res": "default-full-res"}
 
 
 def register(name: str):

@@ -44,17 +44,19 @@ def test_default_head_sees_the_last_stage_on_the_grid_asked_for(head_grid, featu
     assert head.input.shape[-1] == features
 
 
-@pytest.mark.parametrize("name, first_input", [("wide", (24, 24, 4)),
-                                               ("wide-full-res", (48, 48, 1))])
-def test_wide_folds_the_image_and_wide_full_res_convolves_it_at_full_resolution(name,
-                                                                               first_input):
-    """`wide` folds each image to 24x24x4 before its first convolution (space-to-depth,
-    cheap on CPUs); `wide-full-res`, `best`'s model, convolves the 48x48 image itself, as
-    the published 72-73% networks do. Both end on a 6x6 stage of 256 channels."""
+@pytest.mark.parametrize("name, first_input, last_output", [
+    ("default", (24, 24, 4), (6, 6, 192)), ("default-full-res", (48, 48, 1), (6, 6, 192)),
+    ("wide", (24, 24, 4), (6, 6, 256)), ("wide-full-res", (48, 48, 1), (6, 6, 256))])
+def test_fold_models_fold_the_image_and_full_res_models_convolve_it_at_full_resolution(
+        name, first_input, last_output):
+    """`default` and `wide` fold each image to 24x24x4 before their first convolution
+    (space-to-depth, cheap on CPUs); their `-full-res` versions (`wide-full-res` is `best`'s
+    model) convolve the 48x48 image itself, as the published 72-73% networks do, and end on
+    the same last stage as the model they extend."""
     model = get_spec(name).build()
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert convs[0].input.shape[1:] == first_input
-    assert convs[-1].output.shape[1:] == (6, 6, 256)
+    assert convs[-1].output.shape[1:] == last_output
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -82,7 +84,7 @@ def test_unknown_model_name_lists_the_registry():
     """A typo in --model names the valid choices."""
     with pytest.raises(FerError, match=r"unknown model 'vgg' \(expected one of "
                                        r"default, default-pca, default-48, wide, "
-                                       r"wide-full-res, seed"):
+                                       r"wide-full-res, default-full-res, seed"):
         get_spec("vgg")
 
 
@@ -264,8 +266,8 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
 def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
     """The default model scales its input per image (not /255), in float32 whatever the
     policy (bfloat16 statistics of 0-255 pixels lost accuracy); so do `wide`, the `best`
-    profile's model in sessions 23-25, and `wide-full-res`, its model since session 26;
-    `default-48` keeps the /255 it was measured with."""
+    profile's model in sessions 23-25, `wide-full-res`, its model since session 26, and
+    `default-full-res`; `default-48` keeps the /255 it was measured with."""
     from fer.models import PerImageStandardize
     from fer.precision import dtype_policy
 
@@ -281,7 +283,7 @@ def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
     standardized = keras.ops.convert_to_numpy(layer(images))
     np.testing.assert_allclose(standardized.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(standardized.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
-    for name in ("wide", "wide-full-res"):
+    for name in ("wide", "wide-full-res", "default-full-res"):
         wide = get_spec(name).build()
         assert sum(isinstance(x, PerImageStandardize) for x in wide.layers) == 1
     previous = get_spec("default-48").build()
