@@ -444,8 +444,9 @@ REGISTRY: dict[str, ModelSpec] = {
                         "the `best` profile's members",
                         convs_per_stage=(2, 2, 2, 2), space_to_depth=False),
         # The same lever for the 20-epoch default: a 16-channel stage at 48x48 in place of
-        # the fold raised test accuracy 1.5-1.7 points and macro-F1 1.0-1.8 on two seeds
-        # (validation +0.3 / +1.0), for ~1.2x the multiply-adds (session 27, AMD Zen 4).
+        # the fold raised validation on three seeds (+0.3 to +1.0 points) and test accuracy
+        # by 0.9 points on average (+1.5, +1.7, -0.4), for ~1.2x the multiply-adds
+        # (session 27, AMD Zen 4). Not the default: see BENCHMARKS.md.
         _default_recipe("default-full-res", (16, 32, 96, 192),
                         "the default (Muon) behind a stage of 16 channels at full resolution "
                         "(48x48, no space-to-depth fold), ~1.2x its multiply-adds",
