@@ -98,20 +98,24 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
                               {"optimizer": "adamw"}),
 }
 
-# Variants the registry has since taken in, measured under these names (BENCHMARKS.md):
-# session 26's 32-channel stage at 48x48 ahead of `wide`'s stages is `wide-full-res`;
-# session 27's 16-channel one ahead of the default's stages kept its name.
-REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res", "default-full-res": "default-full-res"}
+# Variants the registry has since taken in under another name, measured under these names
+# (BENCHMARKS.md): session 26's 32-channel stage at 48x48 ahead of `wide`'s stages is
+# `wide-full-res`. Registry models can be given by their own names too (session 27's
+# `default-full-res`).
+REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res"}
 
 
 def register(name: str):
-    """Add the variant to fer's registry (in this process only) under its own name."""
+    """Add the variant to fer's registry (in this process only) under its own name; a
+    registry model that is not a variant is used as it is."""
     import functools
 
     from fer.models import REGISTRY, build_default
 
     if name in REGISTERED_AS:
         REGISTRY[name] = dataclasses.replace(REGISTRY[REGISTERED_AS[name]], name=name)
+        return REGISTRY[name]
+    if name not in VARIANTS:
         return REGISTRY[name]
     build_options, spec_options = VARIANTS[name]
     REGISTRY[name] = dataclasses.replace(
@@ -148,7 +152,10 @@ def steps_per_second(name: str, *, batch_size: int, steps: int, precision: str) 
 def main() -> None:
     prefer_onednn()  # as `fer train` does, before TensorFlow loads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", choices=sorted([*VARIANTS, *REGISTERED_AS]),
+    from fer.models import REGISTRY  # after prefer_onednn: it loads TensorFlow
+
+    parser.add_argument("--variant", action="append",
+                        choices=sorted({*VARIANTS, *REGISTERED_AS, *REGISTRY}),
                         required=True)
     parser.add_argument("--data", type=Path, help="needed unless --steps-only")
     parser.add_argument("--epochs", type=int, default=20)
