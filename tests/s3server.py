@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import boto3
@@ -27,6 +27,15 @@ from botocore.config import Config
 ACCESS_KEY = "fer-test-access"
 BUCKET = "fer-test"
 START_TIMEOUT_S = 60.0
+START_ATTEMPTS = 3
+
+
+# What ``weed mini`` logs when a port is taken: its own check before starting, or the bind.
+_PORT_TAKEN = re.compile(r"address already in use|port \d+ .* is not available")
+
+
+class PortTakenError(RuntimeError):
+    """``weed`` exited because one of its ports was taken between our probe and its bind."""
 
 # Every listener ``weed mini`` opens; the defaults (8333, 9333, ...) collide between sessions.
 _PORT_FLAGS = (
@@ -57,15 +66,54 @@ def weed_executable() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct loopback ports, held open together so none is handed out twice."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _quiet_range() -> range:
+    """Ports below the ephemeral range, so no outgoing connection can take one.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range; between our
+    probe and ``weed``'s own bind, any client socket on the machine may be given it
+    ("bind: address already in use" broke CI once). Ports below that range are only ever
+    taken by an explicit listener, which the probe sees.
+    """
+    low, _high = _ephemeral_range()
+    return range(10000, max(low, 20001))
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_ports(count: int, *, span: int = 0) -> list[int]:
+    """Distinct loopback ports nothing listens on, from the quiet range.
+
+    With ``span``, each port's ``port + span`` twin is free and in range too.
+    """
+    quiet = _quiet_range()
+    candidates = range(quiet.start, quiet.stop - span)
+    ports: list[int] = []
+    for _ in range(100 * count):
+        port = secrets.choice(candidates)
+        twins = {port, port + span}
+        if twins & set(ports) or any(p + span in twins for p in ports):
+            continue
+        if all(_bindable(p) for p in twins):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free ports in {quiet.start}-{quiet.stop - 1} on 127.0.0.1")
 
 
 def _free_admin_pair() -> tuple[int, int]:
@@ -74,17 +122,8 @@ def _free_admin_pair() -> tuple[int, int]:
     The embedded worker of ``weed mini`` dials the admin gRPC port as ``admin.port + 10000``
     whatever ``-admin.port.grpc`` says, so both must be ours.
     """
-    for _ in range(200):
-        (port,) = _free_ports(1)
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port, port + 10000
-    raise RuntimeError("no free admin port pair on 127.0.0.1")
+    (port,) = _free_ports(1, span=10000)
+    return port, port + 10000
 
 
 def free_port() -> int:
@@ -108,10 +147,19 @@ class SeaweedS3:
         self.data_dir = Path(data_dir)
         self.access_key = ACCESS_KEY
         self.secret_key = secret_key or "fer-test-" + secrets.token_hex(12)
-        ports = _free_ports(len(_PORT_FLAGS))
-        self.ports = dict(zip(_PORT_FLAGS, ports, strict=True))
-        self.ports["admin.port"], self.ports["admin.port.grpc"] = _free_admin_pair()
+        self.ports = self._pick_ports()
         self._process: subprocess.Popen[bytes] | None = None
+        self._ever_ready = False
+        self._log_start = 0
+
+    @staticmethod
+    def _pick_ports() -> dict[str, int]:
+        """A free port for every listener, no two alike."""
+        while True:
+            ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+            ports["admin.port"], ports["admin.port.grpc"] = _free_admin_pair()
+            if len(set(ports.values())) == len(ports):
+                return ports
 
     @property
     def endpoint_url(self) -> str:
@@ -151,20 +199,36 @@ class SeaweedS3:
         ]
 
     def start(self) -> SeaweedS3:
-        """Start the server and wait until an authenticated S3 call succeeds."""
+        """Start the server and wait until an authenticated S3 call succeeds.
+
+        On its first start, a server that dies because a port was taken in the meantime is
+        started again on fresh ports; a restart keeps its ports, as its clients expect.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                self._ever_ready = True
+                return self
+            except PortTakenError:
+                if self._ever_ready or attempt == START_ATTEMPTS:
+                    raise
+                self.ports = self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> None:
         if self._process is not None:
-            return self
+            return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key,
                "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with self.log_path.open("ab") as log:
+            self._log_start = log.tell()  # this start's own lines begin here
             self._process = subprocess.Popen(
                 self.command(), cwd=self.data_dir, env=env, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         self._wait_ready()
-        return self
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server: SIGTERM with a grace period, or SIGKILL at once when ``kill``."""
@@ -218,7 +282,10 @@ class SeaweedS3:
         while True:
             if self._process is not None and self._process.poll() is not None:
                 self._process = None
-                raise RuntimeError(f"weed mini exited early; log:\n{self._log_tail()}")
+                self._remove_sockets()
+                log = self._log_tail()
+                error = PortTakenError if _PORT_TAKEN.search(log) else RuntimeError
+                raise error(f"weed mini exited early; log:\n{log}")
             try:
                 self._read_one_object_per_bucket(client)
                 return
@@ -245,7 +312,10 @@ class SeaweedS3:
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                text = log.read().decode(errors="replace")
+            return "\n".join(text.splitlines()[-lines:])
         except OSError:
             return "(no log)"
 

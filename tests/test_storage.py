@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -476,6 +477,27 @@ def test_server_killed_mid_publish_then_publish_again(tmp_path, monkeypatch, run
         assert pointers(store) == ("old", "old")
         assert publish_run(new, store).became_champion
         assert pointers(store) == ("new", "new")
+
+
+@integration
+def test_test_server_moves_to_fresh_ports_when_one_was_taken_before_it_bound(tmp_path):
+    """A port taken between the probe and weed's bind costs a retry, not a red CI run.
+
+    CI once lost every S3 test to "bind: address already in use" on the volume port.
+    """
+    server = SeaweedS3(tmp_path / "seaweedfs")
+    taken = server.ports["volume.port"]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen(1)
+        with server:
+            assert server.ports["volume.port"] != taken
+            server.create_bucket(BUCKET)
+            client = server.client()
+            client.put_object(Bucket=BUCKET, Key="k", Body=b"v")
+            assert client.get_object(Bucket=BUCKET, Key="k")["Body"].read() == b"v"
+    assert re.search(rf"port {taken} .* is not available|:{taken}: bind: address already in use",
+                     server.log_path.read_text())
 
 
 @integration
