@@ -62,10 +62,10 @@ def fit_images_per_second(model, batches, *, steps: int, batch_size: int) -> flo
 def measure_training_throughput(model_name: str, train: Split, *, batch_size: int, steps: int,
                                 precision: str) -> float:
     """Images/s of ``steps`` training steps (after 3 warm-up steps) on real training images."""
-    from fer.train import _batches
+    from fer.pipeline import training_batches
 
     model = compiled_model(model_name, precision, metrics=("accuracy",))
-    batches = _batches(train, batch_size=batch_size, shuffle_seed=0).repeat()
+    batches = training_batches(train, batch_size=batch_size, shuffle_seed=0).repeat()
     model.fit(batches, steps_per_epoch=3, epochs=1, verbose=0)
     return fit_images_per_second(model, batches, steps=steps, batch_size=batch_size)
 

@@ -42,12 +42,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from fer.data import load_dataset
-    from fer.train import _batches
+    from fer.pipeline import training_batches
 
     precision = choose_precision(args.precision)
     print(machine_line(), precision)
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
-    batches = _batches(dataset.train, batch_size=args.batch_size, shuffle_seed=0).repeat()
+    batches = training_batches(dataset.train, batch_size=args.batch_size, shuffle_seed=0).repeat()
     models = {name: compiled_model(name, precision) for name in ("seed", args.model)}
     steps = {"seed": args.seed_steps, args.model: args.model_steps}
     rates: dict[str, list[float]] = {name: [] for name in models}

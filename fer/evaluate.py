@@ -12,13 +12,13 @@ from fer.data import Split
 from fer.errors import FerError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 from fer.models import class_names_of
+from fer.pipeline import image_batches
 from fer.plots import plot_confusion_matrix
 
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for uint8 images (n, 48, 48), in the model's own class order."""
-    batch = images.reshape(-1, images.shape[1], images.shape[2], 1).astype("float32")
-    return np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
+    return np.asarray(model.predict(image_batches(images, batch_size=batch_size), verbose=0))
 
 
 def predict_labels(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

@@ -24,6 +24,7 @@ from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
 from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.optimizers import build_optimizer
+from fer.pipeline import training_batches
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
 
@@ -128,9 +129,9 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
     history = model.fit(
-        _batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
+        training_batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
                  class_weights=class_weights(dataset.train, spec.class_weighting)),
-        validation_data=_batches(dataset.validation, batch_size=256),
+        validation_data=training_batches(dataset.validation, batch_size=256),
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
@@ -192,23 +193,6 @@ def class_weights(split: Split, scheme: str) -> np.ndarray | None:
     counts = np.bincount(split.labels, minlength=NUM_CLASSES).astype(np.float64)
     weights = np.sqrt(counts[counts > 0].mean() / np.maximum(counts, 1))
     return (weights / np.average(weights, weights=counts)).astype(np.float32)
-
-
-def _batches(split: Split, *, batch_size: int, shuffle_seed: int | None = None,
-             class_weights: np.ndarray | None = None):
-    """A tf.data pipeline of (raw float pixels, one-hot labels[, sample weights]), prefetched."""
-    import tensorflow as tf
-
-    data = tf.data.Dataset.from_tensor_slices((split.images[..., None], split.labels))
-    if shuffle_seed is not None:
-        data = data.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
-
-    def to_model(x, y):
-        batch = (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES))
-        return batch if class_weights is None else (*batch, tf.gather(class_weights, y))
-
-    data = data.batch(batch_size).map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
-    return data.prefetch(tf.data.AUTOTUNE)
 
 
 def _write_history(histories: list[dict], path: Path) -> None:
