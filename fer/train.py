@@ -130,7 +130,7 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     timer, best = EpochTimer(clock), KeepBestWeights()
     history = model.fit(
         training_batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
-                 class_weights=class_weights(dataset.train, spec.class_weighting)),
+                         class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=training_batches(dataset.validation, batch_size=256),
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
