@@ -66,13 +66,12 @@ def weed_executable() -> str:
     return found
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999)."""
+def _ephemeral_start() -> int:
+    """The lowest local port the kernel gives outgoing connections (Linux default 32768)."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _quiet_range() -> range:
@@ -83,8 +82,7 @@ def _quiet_range() -> range:
     ("bind: address already in use" broke CI once). Ports below that range are only ever
     taken by an explicit listener, which the probe sees.
     """
-    low, _high = _ephemeral_range()
-    return range(10000, max(low, 20001))
+    return range(10000, max(_ephemeral_start(), 20001))
 
 
 def _bindable(port: int) -> bool:
@@ -96,39 +94,37 @@ def _bindable(port: int) -> bool:
         return True
 
 
-def _free_ports(count: int, *, span: int = 0) -> list[int]:
-    """Distinct loopback ports nothing listens on, from the quiet range.
-
-    With ``span``, each port's ``port + span`` twin is free and in range too.
-    """
+def _free_ports(count: int, *, span: int = 0, taken: set[int]) -> list[int]:
+    """``count`` loopback ports from the quiet range that nothing listens on and that are
+    not in ``taken``; with ``span``, each port's ``port + span`` twin is free too. Every
+    port handed out (twins included) is added to ``taken``."""
     quiet = _quiet_range()
     candidates = range(quiet.start, quiet.stop - span)
     ports: list[int] = []
     for _ in range(100 * count):
-        port = secrets.choice(candidates)
-        twins = {port, port + span}
-        if twins & set(ports) or any(p + span in twins for p in ports):
+        twins = {port := secrets.choice(candidates), port + span}
+        if twins & taken or not all(_bindable(p) for p in twins):
             continue
-        if all(_bindable(p) for p in twins):
-            ports.append(port)
-            if len(ports) == count:
-                return ports
+        taken |= twins
+        ports.append(port)
+        if len(ports) == count:
+            return ports
     raise RuntimeError(f"no {count} free ports in {quiet.start}-{quiet.stop - 1} on 127.0.0.1")
 
 
-def _free_admin_pair() -> tuple[int, int]:
+def _free_admin_pair(taken: set[int]) -> tuple[int, int]:
     """An admin port whose +10000 twin is free too.
 
     The embedded worker of ``weed mini`` dials the admin gRPC port as ``admin.port + 10000``
     whatever ``-admin.port.grpc`` says, so both must be ours.
     """
-    (port,) = _free_ports(1, span=10000)
+    (port,) = _free_ports(1, span=10000, taken=taken)
     return port, port + 10000
 
 
 def free_port() -> int:
     """A loopback port with nothing listening on it: a dead S3 endpoint for tests."""
-    return _free_ports(1)[0]
+    return _free_ports(1, taken=set())[0]
 
 
 def _die_with_parent() -> None:
@@ -155,11 +151,10 @@ class SeaweedS3:
     @staticmethod
     def _pick_ports() -> dict[str, int]:
         """A free port for every listener, no two alike."""
-        while True:
-            ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
-            ports["admin.port"], ports["admin.port.grpc"] = _free_admin_pair()
-            if len(set(ports.values())) == len(ports):
-                return ports
+        taken: set[int] = set()
+        admin, admin_grpc = _free_admin_pair(taken)
+        ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS), taken=taken), strict=True))
+        return {**ports, "admin.port": admin, "admin.port.grpc": admin_grpc}
 
     @property
     def endpoint_url(self) -> str:
@@ -207,13 +202,13 @@ class SeaweedS3:
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 self._start_once()
-                self._ever_ready = True
-                return self
+                break
             except PortTakenError:
                 if self._ever_ready or attempt == START_ATTEMPTS:
                     raise
                 self.ports = self._pick_ports()
-        raise AssertionError("unreachable")
+        self._ever_ready = True
+        return self
 
     def _start_once(self) -> None:
         if self._process is not None:
