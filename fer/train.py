@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fer.batchnorm import recalibrate_if_better
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
@@ -111,6 +112,7 @@ class Member:
     best_val_accuracy: float
     train_seconds: float
     clock: float  # perf_counter() when member 1 began training: history's elapsed_seconds is from here
+    batch_norm_recalibration: dict | None  # fer.batchnorm.Recalibration.as_record(); None: not in the recipe
 
 
 def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
@@ -135,15 +137,19 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
+    recalibration = (recalibrate_if_better(model, dataset.train.images, dataset.validation)
+                     if spec.recalibrate_batch_norm else None)
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
                   best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
-                  train_seconds=timer.train_seconds, clock=timer.started)
+                  train_seconds=timer.train_seconds, clock=timer.started,
+                  batch_norm_recalibration=recalibration and recalibration.as_record())
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,
                       precision: str, spec: ModelSpec, wall_seconds: float) -> dict:
-    """metrics.json's training half. ``best_epoch``/``best_val_accuracy`` are member 1's (a
-    single run's as before); an ensemble lists every member's under ``ensemble``."""
+    """metrics.json's training half. ``best_epoch``/``best_val_accuracy`` and
+    ``batch_norm_recalibration`` are member 1's (a single run's as before); an ensemble
+    lists every member's under ``ensemble``."""
     train_seconds = sum(m.train_seconds for m in members)
     metrics = {
         "epochs": config.epochs,
@@ -156,10 +162,12 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
         "precision": precision,
         "class_weighting": spec.class_weighting,
         "test_time_augmentation": "flip" if config.tta else "none",
+        "batch_norm_recalibration": members[0].batch_norm_recalibration,
     }
     if len(members) > 1:
         metrics["ensemble"] = [{"seed": m.seed, "best_epoch": m.best_epoch,
-                                "best_val_accuracy": round(m.best_val_accuracy, 4)}
+                                "best_val_accuracy": round(m.best_val_accuracy, 4),
+                                "batch_norm_recalibration": m.batch_norm_recalibration}
                                for m in members]
     return metrics
 
