@@ -241,11 +241,10 @@ class ModelSpec:
     weight_decay: float = 0.0
     class_weighting: str = "none"  # "none" | "sqrt": loss weight sqrt(mean count / class count)
     first_conv: str = "random"  # "random" | "pca": set from the training images (pca_first_conv)
-    # After training, keep the best of: the best epoch; it with batch-norm statistics from
-    # clean training images; the last quarter's epochs averaged, with such statistics
-    # (fer.selection), on validation accuracy. Off for the seed and the peer: their
-    # published recipes keep the best epoch.
-    recalibrate_and_average: bool = False
+    # After training, batch-norm statistics from clean training images, kept if validation
+    # accuracy does not fall (fer.batchnorm). Off for the seed and the peer: their published
+    # recipes.
+    recalibrate_batch_norm: bool = False
     description: str = ""
 
     def prepare(self, model: keras.Model, train_images: np.ndarray) -> None:
@@ -413,7 +412,7 @@ def _default_recipe(name: str, widths: Sequence[int], description: str, *,
     return ModelSpec(name, functools.partial(build_default, widths=widths, **build_options),
                      learning_rate=2e-3, optimizer=optimizer, label_smoothing=0.1,
                      weight_decay=0.05, class_weighting="sqrt", first_conv=first_conv,
-                     recalibrate_and_average=True, description=description)
+                     recalibrate_batch_norm=True, description=description)
 
 
 REGISTRY: dict[str, ModelSpec] = {

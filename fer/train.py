@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fer.batchnorm import recalibrate_if_better
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
@@ -27,7 +28,6 @@ from fer.optimizers import build_optimizer
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
 from fer.precision import check_precision, choose_precision, dtype_policy
-from fer.selection import AverageOfLastEpochs, KeepBestWeights, averaged_epochs, choose_final_weights
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
@@ -112,7 +112,7 @@ class Member:
     best_val_accuracy: float
     train_seconds: float
     clock: float  # perf_counter() when member 1 began training: history's elapsed_seconds is from here
-    final_weights: dict | None  # choose_final_weights' record; None: the recipe keeps the best epoch
+    batch_norm_recalibration: dict | None  # fer.batchnorm.Recalibration.as_record(); None: not in the recipe
 
 
 def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
@@ -130,28 +130,25 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
     timer, best = EpochTimer(clock), KeepBestWeights()
-    average = (AverageOfLastEpochs(averaged_epochs(config.epochs), epochs=config.epochs)
-               if spec.recalibrate_and_average else None)
     history = model.fit(
         training_batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
                          class_weights=class_weights(dataset.train, spec.class_weighting)),
         validation_data=training_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=[timer, best, *([average] if average else [])],
-        shuffle=False, verbose=verbose,
+        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
-    final_weights = (choose_final_weights(model, dataset, best=best, average=average)
-                     if average else None)
+    recalibration = (recalibrate_if_better(model, dataset.train.images, dataset.validation)
+                     if spec.recalibrate_batch_norm else None)
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
                   best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
                   train_seconds=timer.train_seconds, clock=timer.started,
-                  final_weights=final_weights)
+                  batch_norm_recalibration=recalibration and recalibration.as_record())
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,
                       precision: str, spec: ModelSpec, wall_seconds: float) -> dict:
     """metrics.json's training half. ``best_epoch``/``best_val_accuracy`` and
-    ``final_weights`` are member 1's (a single run's as before); an ensemble
+    ``batch_norm_recalibration`` are member 1's (a single run's as before); an ensemble
     lists every member's under ``ensemble``."""
     train_seconds = sum(m.train_seconds for m in members)
     metrics = {
@@ -165,12 +162,12 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
         "precision": precision,
         "class_weighting": spec.class_weighting,
         "test_time_augmentation": "flip" if config.tta else "none",
-        "final_weights": members[0].final_weights,
+        "batch_norm_recalibration": members[0].batch_norm_recalibration,
     }
     if len(members) > 1:
         metrics["ensemble"] = [{"seed": m.seed, "best_epoch": m.best_epoch,
                                 "best_val_accuracy": round(m.best_val_accuracy, 4),
-                                "final_weights": m.final_weights}
+                                "batch_norm_recalibration": m.batch_norm_recalibration}
                                for m in members]
     return metrics
 
@@ -256,3 +253,24 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.elapsed.append(round(time.perf_counter() - self.started, 2))
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remember the weights of the epoch with the best validation accuracy."""
+
+    def __init__(self, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.monitor = monitor
+        self.best_value = -np.inf
+        self.best_epoch = 0
+        self._weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best_value:
+            self.best_value, self.best_epoch = float(value), epoch + 1
+            self._weights = self.model.get_weights()
+
+    def restore(self, model: keras.Model) -> None:
+        if self._weights is not None:
+            model.set_weights(self._weights)

@@ -1,12 +1,45 @@
-"""fer.batchnorm: statistics from clean images, layer by layer in graph order."""
+"""fer.batchnorm: statistics from clean images, in layer order, kept only if validation agrees."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-from tiny_models import faces, moving, norms, small_model
+import pytest
 
-from fer.batchnorm import recalibrate
+from fer.batchnorm import recalibrate, recalibrate_if_better
+from fer.data import Split
+from fer.evaluate import predict_labels
+from fer.labels import CLASS_NAMES
+from fer.models import ClassNames, FusedBatchNorm, RandomAffine
+
+
+def small_model(seed: int = 0) -> keras.Model:
+    """Augmentation and dropout (both off at inference), then two normalised convolutions:
+    a FusedBatchNorm (the default's) and Keras' own layer."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((48, 48, 1))
+    x = RandomAffine(rotation=0.3, shift=0.1)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=4)(x)
+    x = keras.layers.Activation("relu")(FusedBatchNorm()(x))
+    x = keras.layers.Dropout(0.5)(x)
+    x = keras.layers.Conv2D(8, 3, strides=2)(x)
+    x = keras.layers.Activation("relu")(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Dense(len(CLASS_NAMES))(keras.layers.GlobalAveragePooling2D()(x))
+    outputs = ClassNames(CLASS_NAMES, name="class_names")(keras.layers.Softmax()(x))
+    return keras.Model(inputs, outputs)
+
+
+def faces(count: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 48, 48)).astype(np.uint8)
+
+
+def norms(model):
+    return [x for x in model.layers if isinstance(x, keras.layers.BatchNormalization)]
+
+
+def moving(layer) -> tuple[np.ndarray, np.ndarray]:
+    return (keras.ops.convert_to_numpy(layer.moving_mean),
+            keras.ops.convert_to_numpy(layer.moving_variance))
 
 
 def test_each_layer_gets_the_moments_of_its_clean_inputs_in_graph_order():
@@ -34,3 +67,49 @@ def test_a_sample_is_spread_over_the_images_not_taken_from_the_front():
     recalibrate(model, images[:10])
     front_mean = moving(norms(model)[0])[0]
     assert not np.allclose(sampled_mean, front_mean, atol=1e-3)
+
+
+def validation_labelled_by(model: keras.Model, images: np.ndarray) -> Split:
+    return Split(images=images, labels=predict_labels(model, images))
+
+
+def test_new_statistics_are_put_back_when_validation_accuracy_falls():
+    """Validation labelled with the model's own predictions scores 1.0 before; recalibrating
+    from very different images changes predictions, so the old statistics must return."""
+    model = small_model()
+    validation = validation_labelled_by(model, faces(60, seed=2))
+    before = [moving(layer) for layer in norms(model)]
+
+    result = recalibrate_if_better(model, faces(60, seed=3) // 8, validation)
+
+    assert result.val_accuracy_before == 1.0 and result.val_accuracy_after < 1.0
+    assert not result.kept
+    for layer, (mean, variance) in zip(norms(model), before, strict=True):
+        np.testing.assert_array_equal(moving(layer)[0], mean)
+        np.testing.assert_array_equal(moving(layer)[1], variance)
+    assert result.as_record()["kept"] is False
+
+
+def test_new_statistics_are_kept_when_validation_accuracy_does_not_fall():
+    """Validation labelled with the recalibrated model's predictions: accuracy rises, so the
+    new statistics stay."""
+    images = faces(60, seed=3)
+    recalibrated = small_model()
+    recalibrate(recalibrated, images)
+    validation = validation_labelled_by(recalibrated, faces(60, seed=2))
+    model = small_model()
+
+    result = recalibrate_if_better(model, images, validation)
+
+    assert result.kept and result.val_accuracy_after == 1.0 > result.val_accuracy_before
+    for layer, expected in zip(norms(model), norms(recalibrated), strict=True):
+        np.testing.assert_allclose(moving(layer)[0], moving(expected)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, recalibrates", [("default", True), ("default-pca", True),
+                                                 ("wide-full-res", True), ("seed", False),
+                                                 ("mini-xception", False)])
+def test_the_projects_recipes_recalibrate_and_the_published_ones_do_not(name, recalibrates):
+    from fer.models import get_spec
+
+    assert get_spec(name).recalibrate_batch_norm is recalibrates

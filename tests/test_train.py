@@ -49,15 +49,11 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset):
         "accuracy", "macro_f1", "per_class_recall", "per_class_support", "test_samples",
         "epochs", "best_epoch", "best_val_accuracy", "wall_seconds", "train_seconds",
         "train_images_per_second", "test_images_per_second", "precision", "inference_precision",
-        "test_time_augmentation", "class_weighting", "final_weights"}
+        "test_time_augmentation", "class_weighting", "batch_norm_recalibration"}
     assert metrics["epochs"] == 2 and metrics["test_samples"] == len(tiny_dataset.test)
-    choice = metrics["final_weights"]  # the default recipe's last step: fer.selection
-    assert choice["val_accuracy"]["best_epoch"] == metrics["best_val_accuracy"]
-    assert choice["averaged_epochs"] == 1
-    saved = load_model(result.run_dir / "model.keras")  # the chosen weights are the saved ones
-    validation = tiny_dataset.validation
-    assert np.mean(predict_labels(saved, validation.images) == validation.labels) == \
-        pytest.approx(choice["val_accuracy"][choice["chosen"]], abs=1e-4)
+    recalibration = metrics["batch_norm_recalibration"]  # the default recipe's last step
+    assert set(recalibration) == {"kept", "val_accuracy_before", "val_accuracy_after", "seconds"}
+    assert recalibration["val_accuracy_before"] == metrics["best_val_accuracy"]
     assert set(metrics["per_class_recall"]) == set(CLASS_NAMES)
     assert sum(metrics["per_class_support"].values()) == len(tiny_dataset.test)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
