@@ -7,8 +7,8 @@ the statistics once, layer by layer, from clean training images under the kept w
 removes that mismatch ("precise BN", Wu & Johnson 2021, "Rethinking 'Batch' in
 BatchNorm"). On the 20-epoch default and `default-full-res` models (three training seeds
 each) it raised validation accuracy every time and test accuracy by 0.4 points on average;
-macro-F1 moved both ways on the default (BENCHMARKS.md, session 29). Whether a run keeps the new statistics is decided on the
-validation split, like everything else a run chooses.
+macro-F1 moved both ways on the default (BENCHMARKS.md, session 29). Whether a run keeps
+the new statistics is decided on the validation split, like everything else a run chooses.
 """
 
 from __future__ import annotations
