@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from fer.data import Split
+from fer.data import Split, spread_sample
 from fer.evaluate import predict_labels
 from fer.pipeline import image_batches
 
@@ -51,7 +51,7 @@ def recalibrate(model: keras.Model, images: np.ndarray, *, sample: int = SAMPLE_
     graph order, so each layer sees its inputs as normalised by the layers before it, with
     their new statistics.
     """
-    spread = images[np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)]
+    spread = spread_sample(images, sample)
     norms = _batch_norms(model)
     for norm in norms:
         mean, variance = _input_moments(model, norm, spread, batch_size=batch_size)
@@ -88,6 +88,7 @@ def recalibrate_if_better(model: keras.Model, images: np.ndarray, validation: Sp
     """Recalibrate ``model`` from ``images``; keep the new statistics only if validation
     accuracy does not fall, else put the old ones back."""
     started = time.perf_counter()
+    # Scored here, not taken from Keras' history, so that before and after are measured alike.
     before = float(np.mean(predict_labels(model, validation.images) == validation.labels))
     norms = _batch_norms(model)
     saved = [(keras.ops.convert_to_numpy(layer.moving_mean),

@@ -114,6 +114,12 @@ def _assemble(source: Path, digest: str, splits: dict[str, Split], *, val_fracti
                    validation=validation, validation_origin=origin)
 
 
+def spread_sample(images: np.ndarray, count: int) -> np.ndarray:
+    """``count`` of ``images`` (all if fewer) spread evenly over them, not the first ones:
+    a source may list its images class by class."""
+    return images[np.linspace(0, len(images) - 1, min(count, len(images))).astype(int)]
+
+
 def split_validation(split: Split, *, fraction: float, seed: int) -> tuple[Split, Split]:
     """Stratified, seeded split: the same data and seed always give the same indices."""
     rng = np.random.default_rng(seed)

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from fer.data import spread_sample
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES, IMAGE_SIZE
 from fer.precision import choose_precision
@@ -388,7 +389,7 @@ def pca_first_conv(model: keras.Model, images: np.ndarray, *, sample: int = 2000
     height, width, channels, filters = first.kernel.shape
     if filters % 2:
         raise ValueError(f"{first.name}: pca_first_conv needs an even number of filters")
-    spread = images[np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)]
+    spread = spread_sample(images, sample)
     front = keras.Model(model.inputs, unshuffle.output)  # augmentation is off in predict
     folded = front.predict(spread[:, :, :, None].astype("float32"), verbose=0)
     windows = np.lib.stride_tricks.sliding_window_view(

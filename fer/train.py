@@ -142,7 +142,7 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
                   best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
                   train_seconds=timer.train_seconds, clock=timer.started,
-                  batch_norm_recalibration=recalibration and recalibration.as_record())
+                  batch_norm_recalibration=None if recalibration is None else recalibration.as_record())
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,

@@ -362,3 +362,14 @@ def test_large_csv_parses_quickly(tmp_path):
     elapsed = time.perf_counter() - started
     assert np.array_equal(splits["train"].images.reshape(5000, -1), pixels)
     assert elapsed < 3.0
+
+
+def test_a_spread_sample_reaches_both_ends_and_never_exceeds_the_images():
+    """pca_first_conv and the batch-norm recalibration sample this way: class-ordered sources
+    must not give them the first class only."""
+    from fer.data import spread_sample
+
+    images = np.arange(100)
+    sample = spread_sample(images, 5)
+    assert sample[0] == 0 and sample[-1] == 99 and len(sample) == 5
+    assert len(spread_sample(images, 1000)) == 100
