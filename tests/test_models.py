@@ -46,6 +46,7 @@ def test_default_head_sees_the_last_stage_on_the_grid_asked_for(head_grid, featu
 
 @pytest.mark.parametrize("name, first_input, last_output", [
     ("default", (24, 24, 4), (6, 6, 192)), ("default-full-res", (48, 48, 1), (6, 6, 192)),
+    ("default-full-res-single", (48, 48, 1), (6, 6, 192)),
     ("wide", (24, 24, 4), (6, 6, 256)), ("wide-full-res", (48, 48, 1), (6, 6, 256))])
 def test_fold_models_fold_the_image_and_full_res_models_convolve_it_at_full_resolution(
         name, first_input, last_output):
@@ -57,6 +58,18 @@ def test_fold_models_fold_the_image_and_full_res_models_convolve_it_at_full_reso
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert convs[0].input.shape[1:] == first_input
     assert convs[-1].output.shape[1:] == last_output
+
+
+@pytest.mark.parametrize("name, convolutions", [
+    ("default-full-res", 2), ("default-full-res-single", 1), ("default", 0)])
+def test_full_res_stage_sizes(name, convolutions):
+    """`default-full-res-single` halves `default-full-res`'s 48x48 stage to one 16-channel
+    convolution (its cost is what session 30 measured), and `default` has none there."""
+    model = get_spec(name).build()
+    full_res = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+                and layer.output.shape[1] == 48]
+    assert len(full_res) == convolutions
+    assert all(layer.filters == 16 for layer in full_res)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -84,7 +97,8 @@ def test_unknown_model_name_lists_the_registry():
     """A typo in --model names the valid choices."""
     with pytest.raises(FerError, match=r"unknown model 'vgg' \(expected one of "
                                        r"default, default-pca, default-48, wide, "
-                                       r"wide-full-res, default-full-res, seed"):
+                                       r"wide-full-res, default-full-res, "
+                                       r"default-full-res-single, seed"):
         get_spec("vgg")
 
 
@@ -267,7 +281,7 @@ def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
     """The default model scales its input per image (not /255), in float32 whatever the
     policy (bfloat16 statistics of 0-255 pixels lost accuracy); so do `wide`, the `best`
     profile's model in sessions 23-25, `wide-full-res`, its model since session 26, and
-    `default-full-res`; `default-48` keeps the /255 it was measured with."""
+    `default-full-res` (and `-single`); `default-48` keeps the /255 it was measured with."""
     from fer.models import PerImageStandardize
     from fer.precision import dtype_policy
 
@@ -283,7 +297,7 @@ def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():
     standardized = keras.ops.convert_to_numpy(layer(images))
     np.testing.assert_allclose(standardized.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
     np.testing.assert_allclose(standardized.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
-    for name in ("wide", "wide-full-res", "default-full-res"):
+    for name in ("wide", "wide-full-res", "default-full-res", "default-full-res-single"):
         wide = get_spec(name).build()
         assert sum(isinstance(x, PerImageStandardize) for x in wide.layers) == 1
     previous = get_spec("default-48").build()
