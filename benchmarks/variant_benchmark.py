@@ -97,8 +97,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "wide-four-stage-adamw": ({"widths": (64, 128, 256, 512), "convs_per_stage": (2, 2, 2, 2)},
                               {"optimizer": "adamw"}),
     # session 30: a cheaper full-resolution stage than `default-full-res` (two 16-channel
-    # convolutions at 48x48, ~1.2x the default's multiply-adds): 8 channels, ~1.05x, trained
-    # at half the default's images/s (oneDNN's 8-channel convolutions); one 16-channel
+    # convolutions at 48x48, ~1.2x the default's multiply-adds): 8 channels, ~1.05x, ran its
+    # training steps at half the default's images/s (probably oneDNN's 8-channel
+    # convolutions); one 16-channel
     # convolution is `full-res-single-16` below
     "full-res-8": ({"widths": (8, 32, 96, 192), "convs_per_stage": (2, 2, 2, 2),
                     "space_to_depth": False}, {}),
@@ -106,9 +107,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 
 # Variants the registry has since taken in under another name, measured under these names
 # (BENCHMARKS.md): session 26's 32-channel stage at 48x48 ahead of `wide`'s stages is
-# `wide-full-res`, session 30's single 16-channel convolution at 48x48 ahead of the default's
-# stages is `default-full-res-single`. Registry models can be given by their own names too (session 27's
-# `default-full-res`).
+# `wide-full-res`, session 30's single 16-channel convolution at 48x48 ahead of the
+# default's stages is `default-full-res-single`. Registry models can be given by their own
+# names too (session 27's `default-full-res`).
 REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res",
                  "full-res-single-16": "default-full-res-single"}  # session 30
 
