@@ -457,10 +457,10 @@ REGISTRY: dict[str, ModelSpec] = {
                         "(48x48, no space-to-depth fold), ~1.2x its multiply-adds",
                         optimizer="muon", convs_per_stage=(2, 2, 2, 2), space_to_depth=False),
         # Half that stage: one 16-channel convolution at 48x48, ~1.05x the default's
-        # multiply-adds. Validation rose on three seeds (+0.2 to +1.5 points), test accuracy
-        # by 0.5 points on average (+2.1, +0.1, -0.6), at the default's training speed, but
-        # at ~0.8x its inference images/s, under the peer's in two of three runs (session 30, AMD
-        # Zen 4): opt-in.
+        # multiply-adds. Validation rose on four seeds (+0.2 to +1.5 points), test accuracy
+        # by 0.9 points on average (+2.1, +0.1, -0.6, +2.1), at about the default's
+        # training speed, but at ~0.8x its inference images/s, under the peer's in two of
+        # three runs (session 30, AMD Zen 4): opt-in.
         _default_recipe("default-full-res-single", (16, 32, 96, 192),
                         "the default (Muon) behind one 16-channel convolution at full "
                         "resolution (48x48, no space-to-depth fold), ~1.05x its multiply-adds",
