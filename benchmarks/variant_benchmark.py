@@ -99,8 +99,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # session 30: a cheaper full-resolution stage than `default-full-res` (two 16-channel
     # convolutions at 48x48, ~1.2x the default's multiply-adds): 8 channels, ~1.05x, ran its
     # training steps at half the default's images/s (probably oneDNN's 8-channel
-    # convolutions); one 16-channel
-    # convolution is `full-res-single-16` below
+    # convolutions); one 16-channel convolution is `full-res-single-16` below
     "full-res-8": ({"widths": (8, 32, 96, 192), "convs_per_stage": (2, 2, 2, 2),
                     "space_to_depth": False}, {}),
 }
@@ -111,7 +110,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 # default's stages is `default-full-res-single`. Registry models can be given by their own
 # names too (session 27's `default-full-res`).
 REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res",
-                 "full-res-single-16": "default-full-res-single"}  # session 30
+                 "full-res-single-16": "default-full-res-single"}
 
 
 def register(name: str):
