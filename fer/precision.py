@@ -82,6 +82,19 @@ def choose_precision(requested: str = "auto", *, flags: set[str] | None = None,
     return "mixed_bfloat16" if flags & BF16_FLAGS else "float32"
 
 
+def precision_reason(requested: str, chosen: str, *, flags: set[str] | None = None) -> str:
+    """Why ``chosen`` was picked, in words for a run's log: the user's choice, a GPU, or the
+    CPU's bf16 flags (present or missing)."""
+    if requested != "auto":
+        return "as asked"
+    if chosen == "mixed_float16":
+        return "auto: a GPU"
+    present = sorted((cpu_flags() if flags is None else flags) & BF16_FLAGS)
+    if present:
+        return f"auto: the CPU has {', '.join(present)}"
+    return f"auto: the CPU has no {' or '.join(sorted(BF16_FLAGS))}"
+
+
 @contextlib.contextmanager
 def dtype_policy(name: str) -> Iterator[None]:
     """Build layers under ``name``, then restore the previous global policy."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -27,11 +28,13 @@ from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.optimizers import build_optimizer
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
-from fer.precision import check_precision, choose_precision, dtype_policy
+from fer.precision import check_precision, choose_precision, dtype_policy, precision_reason
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
              "manifest.json")
+
+log = logging.getLogger(__name__)  # progress for a person watching; the run folder has the record
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,15 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     learning_rate = (spec.learning_rate if config.learning_rate is None
                      else config.learning_rate)
 
+    log.info("training %s: %d epoch%s, batch %d, %s (%s); %d training and %d validation "
+             "images; seed %d; run folder %s", spec.name, config.epochs,
+             "" if config.epochs == 1 else "s", config.batch_size, precision,
+             precision_reason(config.precision, precision), len(dataset.train),
+             len(dataset.validation), config.seed, run_dir)
     started, members = time.perf_counter(), []
     for number in range(config.ensemble):
+        if config.ensemble > 1:
+            log.info("member %d of %d (seed %d)", number + 1, config.ensemble, config.seed + number)
         members.append(_fit_member(
             dataset, config, spec, precision=precision, learning_rate=learning_rate,
             seed=config.seed + number, clock=members[0].clock if members else None,
@@ -84,6 +94,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         predicted = predict_labels(saved, dataset.validation.images)
         training_metrics["saved_model_val_accuracy"] = round(
             float(np.mean(predicted == dataset.validation.labels)), 4)
+        log.info("saved model (%s): validation accuracy %.4f", _averaged(len(members), config.tta),
+                 training_metrics["saved_model_val_accuracy"])
     write_json(run_dir / "metrics.json", training_metrics)
     write_json(run_dir / "manifest.json", {
         "run_id": run_id,
@@ -137,12 +149,24 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
+    log.info("best validation accuracy %.4f at epoch %d of %d", best.best_value, best.best_epoch,
+             config.epochs)
     recalibration = (recalibrate_if_better(model, dataset.train.images, dataset.validation)
                      if spec.recalibrate_batch_norm else None)
+    if recalibration is not None:
+        log.info("batch-norm statistics from clean training images: validation %.4f -> %.4f, %s",
+                 recalibration.val_accuracy_before, recalibration.val_accuracy_after,
+                 "kept" if recalibration.kept else "not kept (validation fell)")
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
                   best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
                   train_seconds=timer.train_seconds, clock=timer.started,
                   batch_norm_recalibration=None if recalibration is None else recalibration.as_record())
+
+
+def _averaged(members: int, flip: bool) -> str:
+    """What the saved model averages, in words: "3 members, each with its mirror"."""
+    views = ", each with its mirror" if flip else ""
+    return (f"{members} members{views}" if members > 1 else "each image with its mirror")
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,

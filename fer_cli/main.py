@@ -85,11 +85,15 @@ def _publish(run_dir: Path, settings: Settings, *, create_bucket: bool,
 
 @contextmanager
 def _download_progress():
-    """A rich progress bar fed by the core's (done, total) callback."""
+    """A rich progress bar fed by the core's (done, total) callback: on stderr, and only on a
+    terminal (elsewhere it would leave a blank line in the output)."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    console = Console(stderr=True)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), transient=True) as bar:
+                  TransferSpeedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
         task = bar.add_task("downloading", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
@@ -479,10 +483,26 @@ def list_models() -> None:
         typer.echo(f"{spec.name:{width}s} {spec.description}")
 
 
+class _LogLines(logging.Formatter):
+    """fer's progress lines as they are; warnings (from any library) prefixed "warning:"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def _configure_logging() -> None:
+    """To stderr: fer's own progress (INFO), and warnings from everything else."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogLines())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("fer").setLevel(logging.INFO)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 1."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # level 2 still prints oneDNN banners
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    _configure_logging()
     try:
         app()
     except FerError as exc:

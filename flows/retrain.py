@@ -7,10 +7,13 @@ loading this file (``prefect deploy`` does, for the parameter schema) stays chea
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
@@ -47,16 +50,48 @@ def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> 
                             endpoint_url=endpoint_url))
 
 
+class _ToRunLog(logging.Handler):
+    """Hands each record to a Prefect run logger, which stores it with the run."""
+
+    def __init__(self, run_logger: logging.LoggerAdapter) -> None:
+        super().__init__()
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def fer_log_in_run_log() -> Iterator[None]:
+    """Inside a task: fer's progress lines (what trains, in what precision and why, what
+    each member chose) go to the task run's log, so the run's page and `prefect flow-run
+    logs` show them; Keras' epoch lines go to the worker's stdout only. They stop
+    propagating meanwhile, so a terminal running the flow (`fer retrain`) shows them once."""
+    fer_logger = logging.getLogger("fer")
+    handler = _ToRunLog(get_run_logger())
+    level, propagate = fer_logger.level, fer_logger.propagate
+    fer_logger.addHandler(handler)
+    fer_logger.setLevel(logging.INFO)
+    fer_logger.propagate = False
+    try:
+        yield
+    finally:
+        fer_logger.removeHandler(handler)
+        fer_logger.setLevel(level)
+        fer_logger.propagate = propagate
+
+
 @task
 def train(source: str, config: TrainConfig, *, data_dir: str) -> str:
     """Fit a model on the source's train split; the run folder it wrote."""
     from fer.data import load_dataset
 
-    dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
-                           cache_dir=Path(data_dir))
-    from fer.train import fit  # TensorFlow loads only once the data is known to be good
+    with fer_log_in_run_log():
+        dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
+                               cache_dir=Path(data_dir))
+        from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
-    return str(fit(dataset, config, verbose=2).run_dir)
+        return str(fit(dataset, config, verbose=2).run_dir)
 
 
 @task

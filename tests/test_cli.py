@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -149,6 +150,11 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
     assert "val_accuracy" in trained.stdout  # per-epoch progress with validation accuracy
+    # what trains, its precision and why, and what the run chose, on stderr, unprefixed
+    assert re.search(r"^training default: 1 epoch, batch 32, (float32|mixed_bfloat16) \(auto: ",
+                     trained.stderr, re.MULTILINE), trained.stderr
+    assert re.search(r"^best validation accuracy 0\.\d{4} at epoch 1 of 1$", trained.stderr,
+                     re.MULTILINE), trained.stderr
     shown = run_fer("reports", "show", "latest", env=storage)
     assert shown.returncode == 0 and f"run {run_dir.name}" in shown.stdout
     assert (run_dir / "classification_report.txt").read_text().strip() in shown.stdout

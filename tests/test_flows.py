@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +19,12 @@ import pytest
 import s3server
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from s3server import BUCKET, free_port
 
 import flows.retrain as retrain_module
@@ -59,6 +65,19 @@ def artifacts(flow_run_id) -> dict:
         found = client.read_artifacts(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {artifact.key: artifact for artifact in found if artifact.key}
+
+
+def run_log(flow_run_id, *, containing: str, timeout: float = 30.0) -> list[str]:
+    """The flow run's log messages as the server stores them, once one ``containing`` the
+    text has arrived (the run's process sends its log in batches, shortly after the state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            found = [entry.message for entry in client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(str(flow_run_id))])))]
+        if any(containing in message for message in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
 
 
 def flow_run(flow_run_id):
@@ -149,6 +168,8 @@ def test_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     assert (tmp_path / "runs" / result["run_id"] / "model.keras").is_file()
     manifest = json.loads((tmp_path / "runs" / result["run_id"] / "manifest.json").read_text())
     assert manifest["machine"]["onednn"] is True  # the flow asked before its tasks loaded TF
+    # fer's progress lines reach the task run's log (Prefect echoes it on the console), once
+    assert done.stderr.count("training default: 1 epoch, batch 32, ") == 1, done.stderr[-3000:]
 
 
 @integration
@@ -245,6 +266,8 @@ def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, 
     assert set(posted) == {"classification-report", "test-metrics", "published-run"}
     assert report.text in posted["classification-report"].data
     assert run.result["location"] in posted["published-run"].data
+    logged = run_log(run.flow_run_id, containing="best validation accuracy")
+    assert any(m.startswith("training default: 1 epoch, batch 32, ") for m in logged), logged
 
 
 @integration

@@ -3,7 +3,13 @@
 import pytest
 
 from fer.errors import FerError
-from fer.precision import ONEDNN_SWITCH, choose_precision, cpu_flags, prefer_onednn
+from fer.precision import (
+    ONEDNN_SWITCH,
+    choose_precision,
+    cpu_flags,
+    precision_reason,
+    prefer_onednn,
+)
 
 
 @pytest.mark.parametrize(("flags", "gpu", "expected"), [
@@ -41,3 +47,14 @@ def test_onednn_is_asked_for_unless_the_user_chose():
     prefer_onednn(unset)
     prefer_onednn(chosen)
     assert unset == {ONEDNN_SWITCH: "1"} and chosen == {ONEDNN_SWITCH: "0"}
+
+
+@pytest.mark.parametrize(("requested", "chosen", "flags", "reason"), [
+    ("auto", "mixed_bfloat16", {"avx2", "avx512_bf16"}, "auto: the CPU has avx512_bf16"),
+    ("auto", "float32", {"avx2"}, "auto: the CPU has no amx_bf16 or avx512_bf16"),
+    ("auto", "mixed_float16", {"avx2"}, "auto: a GPU"),
+    ("float32", "float32", {"avx512_bf16"}, "as asked"),
+])
+def test_precision_reason_names_what_decided(requested, chosen, flags, reason):
+    """A run's log says why it computes in its precision: the flags found, or the user."""
+    assert precision_reason(requested, chosen, flags=flags) == reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import keras
@@ -92,12 +93,30 @@ def test_tta_run_saves_a_flip_averaging_float32_model(tmp_path, tiny_dataset):
 
 
 def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_average(
-        tmp_path, tiny_dataset):
+        tmp_path, tiny_dataset, caplog):
     """--ensemble 2: two members (seeds 5, 6) on one split; the model averages both; history,
-    metrics and images/s account for both."""
+    metrics and images/s account for both; the log says what trains, in what precision and
+    why, and what each member and the saved model chose."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=5, precision="float32",
                          ensemble=2)
-    result = train(tiny_dataset, config, verbose=0)
+    with caplog.at_level(logging.INFO, logger="fer.train"):
+        result = train(tiny_dataset, config, verbose=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fer.train"]
+    assert lines[0].startswith(f"training default: 2 epochs, batch 16, float32 (as asked); "
+                               f"{len(tiny_dataset.train)} training and "
+                               f"{len(tiny_dataset.validation)} validation images; seed 5; ")
+    assert [line for line in lines if line.startswith("member")] == [
+        "member 1 of 2 (seed 5)", "member 2 of 2 (seed 6)"]
+    for member in result.metrics["ensemble"]:
+        assert (f"best validation accuracy {member['best_val_accuracy']:.4f} at epoch "
+                f"{member['best_epoch']} of 2") in lines
+        recalibration = member["batch_norm_recalibration"]
+        assert (f"batch-norm statistics from clean training images: validation "
+                f"{recalibration['val_accuracy_before']:.4f} -> "
+                f"{recalibration['val_accuracy_after']:.4f}, "
+                + ("kept" if recalibration["kept"] else "not kept (validation fell)")) in lines
+    assert lines[-1] == (f"saved model (2 members): validation accuracy "
+                         f"{result.metrics['saved_model_val_accuracy']:.4f}")
     model = load_model(result.run_dir / "model.keras")
     first, second = model.get_layer("default_1"), model.get_layer("default_2")
     assert not np.allclose(first.get_weights()[0], second.get_weights()[0])  # different seeds
