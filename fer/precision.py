@@ -73,26 +73,23 @@ def check_precision(requested: str) -> None:
 def choose_precision(requested: str = "auto", *, flags: set[str] | None = None,
                      gpu: bool | None = None) -> str:
     """Resolve ``auto`` to mixed_float16 (GPU), mixed_bfloat16 (bf16 CPU) or float32."""
+    return resolve_precision(requested, flags=flags, gpu=gpu)[0]
+
+
+def resolve_precision(requested: str = "auto", *, flags: set[str] | None = None,
+                      gpu: bool | None = None) -> tuple[str, str]:
+    """``choose_precision``'s answer and why, in words for a run's log: the user's choice,
+    a GPU, or the CPU's bf16 flags found or not (a person wondering why a run is slow
+    looks there first)."""
     check_precision(requested)
     if requested != "auto":
-        return requested
+        return requested, "as asked"
     if has_gpu() if gpu is None else gpu:
-        return "mixed_float16"
-    flags = cpu_flags() if flags is None else flags
-    return "mixed_bfloat16" if flags & BF16_FLAGS else "float32"
-
-
-def precision_reason(requested: str, chosen: str, *, flags: set[str] | None = None) -> str:
-    """Why ``chosen`` was picked, in words for a run's log: the user's choice, a GPU, or the
-    CPU's bf16 flags (present or missing)."""
-    if requested != "auto":
-        return "as asked"
-    if chosen == "mixed_float16":
-        return "auto: a GPU"
+        return "mixed_float16", "auto: a GPU"
     present = sorted((cpu_flags() if flags is None else flags) & BF16_FLAGS)
     if present:
-        return f"auto: the CPU has {', '.join(present)}"
-    return f"auto: the CPU has no {' or '.join(sorted(BF16_FLAGS))}"
+        return "mixed_bfloat16", f"auto: the CPU has {', '.join(present)}"
+    return "float32", f"auto: no bf16 instructions found ({', '.join(sorted(BF16_FLAGS))})"
 
 
 @contextlib.contextmanager

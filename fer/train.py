@@ -28,7 +28,7 @@ from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.optimizers import build_optimizer
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
-from fer.precision import check_precision, choose_precision, dtype_policy, precision_reason
+from fer.precision import check_precision, dtype_policy, resolve_precision
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
@@ -60,7 +60,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     """
     _check_config(config, dataset)
     spec = get_spec(config.model)
-    precision = choose_precision(config.precision)
+    precision, why = resolve_precision(config.precision)
     run_id = config.run_id or new_run_id(config.model)
     run_dir = Path(config.out_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -68,11 +68,11 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     learning_rate = (spec.learning_rate if config.learning_rate is None
                      else config.learning_rate)
 
-    log.info("training %s: %d epoch%s, batch %d, %s (%s); %d training and %d validation "
-             "images; seed %d; run folder %s", spec.name, config.epochs,
-             "" if config.epochs == 1 else "s", config.batch_size, precision,
-             precision_reason(config.precision, precision), len(dataset.train),
-             len(dataset.validation), config.seed, run_dir)
+    averaged = _averaged(config)
+    log.info("training model %s: %s, batch size %d, %s (%s); %d training and %d validation "
+             "images; seed %d%s; run folder %s", spec.name, _count(config.epochs, "epoch"),
+             config.batch_size, precision, why, len(dataset.train), len(dataset.validation),
+             config.seed, f"; the saved model averages {averaged}" if averaged else "", run_dir)
     started, members = time.perf_counter(), []
     for number in range(config.ensemble):
         if config.ensemble > 1:
@@ -94,7 +94,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         predicted = predict_labels(saved, dataset.validation.images)
         training_metrics["saved_model_val_accuracy"] = round(
             float(np.mean(predicted == dataset.validation.labels)), 4)
-        log.info("saved model (%s): validation accuracy %.4f", _averaged(len(members), config.tta),
+        log.info("saved model (the average of %s): validation accuracy %.4f", averaged,
                  training_metrics["saved_model_val_accuracy"])
     write_json(run_dir / "metrics.json", training_metrics)
     write_json(run_dir / "manifest.json", {
@@ -154,7 +154,8 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     recalibration = (recalibrate_if_better(model, dataset.train.images, dataset.validation)
                      if spec.recalibrate_batch_norm else None)
     if recalibration is not None:
-        log.info("batch-norm statistics from clean training images: validation %.4f -> %.4f, %s",
+        log.info("batch-norm statistics recomputed from un-augmented training images: "
+                 "validation accuracy %.4f -> %.4f, %s",
                  recalibration.val_accuracy_before, recalibration.val_accuracy_after,
                  "kept" if recalibration.kept else "not kept (validation fell)")
     return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
@@ -163,10 +164,17 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                   batch_norm_recalibration=None if recalibration is None else recalibration.as_record())
 
 
-def _averaged(members: int, flip: bool) -> str:
-    """What the saved model averages, in words: "3 members, each with its mirror"."""
-    views = ", each with its mirror" if flip else ""
-    return (f"{members} members{views}" if members > 1 else "each image with its mirror")
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _averaged(config: TrainConfig) -> str:
+    """What the saved model averages, for the log ("3 members, each with its mirror"); empty
+    for a single network."""
+    members = _count(config.ensemble, "member") if config.ensemble > 1 else ""
+    if config.tta:
+        return f"{members}, each with its mirror" if members else "each image and its mirror"
+    return members
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,

@@ -86,7 +86,7 @@ def _publish(run_dir: Path, settings: Settings, *, create_bucket: bool,
 @contextmanager
 def _download_progress():
     """A rich progress bar fed by the core's (done, total) callback: on stderr, and only on a
-    terminal (elsewhere it would leave a blank line in the output)."""
+    terminal (in a pipe or a log file it would only leave a blank line)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -484,17 +484,30 @@ def list_models() -> None:
 
 
 class _LogLines(logging.Formatter):
-    """fer's progress lines as they are; warnings (from any library) prefixed "warning:"."""
+    """fer's progress lines bare, as a person reads them; a warning or worse from any library
+    led by its level ("warning: ...", "error: ..."), with its traceback if it has one."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        return message
+
+
+def _fer_or_warning(record: logging.LogRecord) -> bool:
+    """fer's own INFO lines pass; other libraries' only from warnings up (a library that sets
+    its logger to INFO would otherwise fill the terminal)."""
+    return (record.levelno >= logging.WARNING or record.name == "fer"
+            or record.name.startswith("fer."))
 
 
 def _configure_logging() -> None:
-    """To stderr: fer's own progress (INFO), and warnings from everything else."""
+    """To stderr, keeping stdout for results: fer's progress, and everyone's warnings."""
     handler = logging.StreamHandler()
     handler.setFormatter(_LogLines())
+    handler.addFilter(_fer_or_warning)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("fer").setLevel(logging.INFO)
 

@@ -58,20 +58,25 @@ class _ToRunLog(logging.Handler):
         self.run_logger = run_logger
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.run_logger.log(record.levelno, record.getMessage())
+        try:
+            self.run_logger.log(record.levelno, record.getMessage(), exc_info=record.exc_info)
+        except Exception:  # a log line must never fail the run; logging reports it on stderr
+            self.handleError(record)
 
 
 @contextlib.contextmanager
 def fer_log_in_run_log() -> Iterator[None]:
-    """Inside a task: fer's progress lines (what trains, in what precision and why, what
-    each member chose) go to the task run's log, so the run's page and `prefect flow-run
-    logs` show them; Keras' epoch lines go to the worker's stdout only. They stop
-    propagating meanwhile, so a terminal running the flow (`fer retrain`) shows them once."""
+    """Inside a flow: fer's log (what trains, in what precision and why, what each member
+    chose; a dataset's warnings) goes to the run's log, so the run's page and `prefect
+    flow-run logs` show it; Keras' epoch lines go to the worker's stdout only. fer's records
+    stop propagating meanwhile, so a terminal running the flow (`fer retrain`) shows them
+    once, through Prefect's console. INFO is let through unless fer's logger already lets
+    more through (DEBUG)."""
     fer_logger = logging.getLogger("fer")
     handler = _ToRunLog(get_run_logger())
     level, propagate = fer_logger.level, fer_logger.propagate
     fer_logger.addHandler(handler)
-    fer_logger.setLevel(logging.INFO)
+    fer_logger.setLevel(min(fer_logger.getEffectiveLevel(), logging.INFO))
     fer_logger.propagate = False
     try:
         yield
@@ -86,12 +91,11 @@ def train(source: str, config: TrainConfig, *, data_dir: str) -> str:
     """Fit a model on the source's train split; the run folder it wrote."""
     from fer.data import load_dataset
 
-    with fer_log_in_run_log():
-        dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
-                               cache_dir=Path(data_dir))
-        from fer.train import fit  # TensorFlow loads only once the data is known to be good
+    dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
+                           cache_dir=Path(data_dir))
+    from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
-        return str(fit(dataset, config, verbose=2).run_dir)
+    return str(fit(dataset, config, verbose=2).run_dir)
 
 
 @task
@@ -145,13 +149,14 @@ def retrain(
                          precision=precision, tta=tta, ensemble=ensemble,
                          out_dir=Path(out_dir))
 
-    source = fetch_data(data, data_dir=data_dir, endpoint_url=settings.endpoint_url)
-    run_dir = train(source, config, data_dir=data_dir)
-    metrics = evaluate(run_dir, source, data_dir=data_dir)
-    _post_report(Path(run_dir), metrics)
-    published = publish(run_dir, storage=storage or settings.storage,
-                        endpoint_url=settings.endpoint_url, create_bucket=create_bucket,
-                        force_champion=force_champion)
+    with fer_log_in_run_log():
+        source = fetch_data(data, data_dir=data_dir, endpoint_url=settings.endpoint_url)
+        run_dir = train(source, config, data_dir=data_dir)
+        metrics = evaluate(run_dir, source, data_dir=data_dir)
+        _post_report(Path(run_dir), metrics)
+        published = publish(run_dir, storage=storage or settings.storage,
+                            endpoint_url=settings.endpoint_url, create_bucket=create_bucket,
+                            force_champion=force_champion)
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -126,6 +127,28 @@ def test_remote_only_options_are_usage_errors():
     assert result.returncode == 2 and "own AWS_ENDPOINT_URL" in result.stderr
 
 
+def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up():
+    """On stderr, fer's INFO lines read as plain sentences; another library's INFO is left
+    out, its warnings and errors say their level, and a logged traceback is kept."""
+    from fer_cli.main import _fer_or_warning, _LogLines
+
+    def record(name, level, message, exc_info=None):
+        return logging.LogRecord(name, level, __file__, 1, message, None, exc_info)
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = sys.exc_info()
+    lines = _LogLines()
+    progress = record("fer.train", logging.INFO, "member 1 of 3 (seed 1337)")
+    assert _fer_or_warning(progress) and lines.format(progress) == "member 1 of 3 (seed 1337)"
+    assert not _fer_or_warning(record("prefect.task_runs", logging.INFO, "Finished"))
+    warned = record("tensorflow", logging.WARNING, "retracing")
+    assert _fer_or_warning(warned) and lines.format(warned) == "warning: retracing"
+    failed = lines.format(record("prefect.flow_runs", logging.ERROR, "task failed", failure))
+    assert failed.startswith("error: task failed\nTraceback") and "ValueError: boom" in failed
+
+
 def test_usage_errors_are_reported_by_click(tmp_path):
     """Out-of-range numbers and missing files are rejected before anything runs."""
     result = run_fer("train", "--epochs", "0")
@@ -151,7 +174,8 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
     assert "val_accuracy" in trained.stdout  # per-epoch progress with validation accuracy
     # what trains, its precision and why, and what the run chose, on stderr, unprefixed
-    assert re.search(r"^training default: 1 epoch, batch 32, (float32|mixed_bfloat16) \(auto: ",
+    assert re.search(r"^training model default: 1 epoch, batch size 32, (float32|mixed_b?float16) "
+                     r"\(auto: ",
                      trained.stderr, re.MULTILINE), trained.stderr
     assert re.search(r"^best validation accuracy 0\.\d{4} at epoch 1 of 1$", trained.stderr,
                      re.MULTILINE), trained.stderr

@@ -169,7 +169,7 @@ def test_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     manifest = json.loads((tmp_path / "runs" / result["run_id"] / "manifest.json").read_text())
     assert manifest["machine"]["onednn"] is True  # the flow asked before its tasks loaded TF
     # fer's progress lines reach the task run's log (Prefect echoes it on the console), once
-    assert done.stderr.count("training default: 1 epoch, batch 32, ") == 1, done.stderr[-3000:]
+    assert done.stderr.count("training model default: 1 epoch, batch size 32, ") == 1, done.stderr[-3000:]
 
 
 @integration
@@ -267,7 +267,7 @@ def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, 
     assert report.text in posted["classification-report"].data
     assert run.result["location"] in posted["published-run"].data
     logged = run_log(run.flow_run_id, containing="best validation accuracy")
-    assert any(m.startswith("training default: 1 epoch, batch 32, ") for m in logged), logged
+    assert any(m.startswith("training model default: 1 epoch, batch size 32, ") for m in logged), logged
 
 
 @integration

@@ -7,8 +7,8 @@ from fer.precision import (
     ONEDNN_SWITCH,
     choose_precision,
     cpu_flags,
-    precision_reason,
     prefer_onednn,
+    resolve_precision,
 )
 
 
@@ -49,12 +49,13 @@ def test_onednn_is_asked_for_unless_the_user_chose():
     assert unset == {ONEDNN_SWITCH: "1"} and chosen == {ONEDNN_SWITCH: "0"}
 
 
-@pytest.mark.parametrize(("requested", "chosen", "flags", "reason"), [
-    ("auto", "mixed_bfloat16", {"avx2", "avx512_bf16"}, "auto: the CPU has avx512_bf16"),
-    ("auto", "float32", {"avx2"}, "auto: the CPU has no amx_bf16 or avx512_bf16"),
-    ("auto", "mixed_float16", {"avx2"}, "auto: a GPU"),
-    ("float32", "float32", {"avx512_bf16"}, "as asked"),
+@pytest.mark.parametrize(("requested", "flags", "gpu", "expected"), [
+    ("auto", {"avx2", "avx512_bf16"}, False, ("mixed_bfloat16", "auto: the CPU has avx512_bf16")),
+    ("auto", {"avx2"}, False,
+     ("float32", "auto: no bf16 instructions found (amx_bf16, avx512_bf16)")),
+    ("auto", {"avx2"}, True, ("mixed_float16", "auto: a GPU")),
+    ("float32", {"avx512_bf16"}, False, ("float32", "as asked")),
 ])
-def test_precision_reason_names_what_decided(requested, chosen, flags, reason):
-    """A run's log says why it computes in its precision: the flags found, or the user."""
-    assert precision_reason(requested, chosen, flags=flags) == reason
+def test_resolved_precision_says_what_decided(requested, flags, gpu, expected):
+    """A run's log says why it computes in its precision: the flags found, a GPU, or the user."""
+    assert resolve_precision(requested, flags=flags, gpu=gpu) == expected

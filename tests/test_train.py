@@ -102,20 +102,21 @@ def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_aver
     with caplog.at_level(logging.INFO, logger="fer.train"):
         result = train(tiny_dataset, config, verbose=0)
     lines = [r.getMessage() for r in caplog.records if r.name == "fer.train"]
-    assert lines[0].startswith(f"training default: 2 epochs, batch 16, float32 (as asked); "
-                               f"{len(tiny_dataset.train)} training and "
-                               f"{len(tiny_dataset.validation)} validation images; seed 5; ")
+    assert lines[0].startswith(f"training model default: 2 epochs, batch size 16, float32 (as "
+                               f"asked); {len(tiny_dataset.train)} training and "
+                               f"{len(tiny_dataset.validation)} validation images; seed 5; the "
+                               f"saved model averages 2 members; run folder {tmp_path}")
     assert [line for line in lines if line.startswith("member")] == [
         "member 1 of 2 (seed 5)", "member 2 of 2 (seed 6)"]
     for member in result.metrics["ensemble"]:
         assert (f"best validation accuracy {member['best_val_accuracy']:.4f} at epoch "
                 f"{member['best_epoch']} of 2") in lines
-        recalibration = member["batch_norm_recalibration"]
-        assert (f"batch-norm statistics from clean training images: validation "
-                f"{recalibration['val_accuracy_before']:.4f} -> "
+        recalibration = member["batch_norm_recalibration"]  # in the default's recipe
+        assert (f"batch-norm statistics recomputed from un-augmented training images: "
+                f"validation accuracy {recalibration['val_accuracy_before']:.4f} -> "
                 f"{recalibration['val_accuracy_after']:.4f}, "
                 + ("kept" if recalibration["kept"] else "not kept (validation fell)")) in lines
-    assert lines[-1] == (f"saved model (2 members): validation accuracy "
+    assert lines[-1] == (f"saved model (the average of 2 members): validation accuracy "
                          f"{result.metrics['saved_model_val_accuracy']:.4f}")
     model = load_model(result.run_dir / "model.keras")
     first, second = model.get_layer("default_1"), model.get_layer("default_2")
