@@ -168,7 +168,7 @@ def test_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     assert (tmp_path / "runs" / result["run_id"] / "model.keras").is_file()
     manifest = json.loads((tmp_path / "runs" / result["run_id"] / "manifest.json").read_text())
     assert manifest["machine"]["onednn"] is True  # the flow asked before its tasks loaded TF
-    # fer's progress lines reach the task run's log (Prefect echoes it on the console), once
+    # fer's progress lines reach the flow run's log (Prefect echoes it on the console), once
     assert done.stderr.count("training model default: 1 epoch, batch size 32, ") == 1, done.stderr[-3000:]
 
 
