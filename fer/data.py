@@ -238,11 +238,11 @@ def is_archive(path: Path) -> bool:
 def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
     """Parse the original ``emotion,pixels,Usage`` CSV (vectorised; errors name the line)."""
     columns = _split_plain_csv(data) or _split_csv_with_pandas(data, origin=origin)
-    emotions, pixel_region, usages, lines = columns
+    emotions, pixel_region, row_starts, usages, lines = columns
     if not emotions:
         raise DataError(f"{origin}: the CSV has a header but no rows (empty source)")
     labels = _parse_labels(emotions, lines=lines, origin=origin)
-    images = _parse_pixels(pixel_region, rows=len(emotions))
+    images = _parse_pixels(pixel_region, row_starts=row_starts)
     if images is None:
         _diagnose_pixels(data, origin=origin)
     usage = np.asarray(usages)
@@ -263,8 +263,9 @@ def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
     return splits
 
 
-CsvColumns = tuple[list[str], np.ndarray, list[str], np.ndarray]
-"""emotions, the pixel text as one byte region, usages, and each row's line in the file."""
+CsvColumns = tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray]
+"""emotions, the pixel text as one byte region (rows separated by spaces), where each row's
+pixels start in it, usages, and each row's line in the file."""
 
 
 def _split_plain_csv(data: bytes) -> CsvColumns | None:
@@ -303,15 +304,17 @@ def _split_plain_csv(data: bytes) -> CsvColumns | None:
               for s, e in zip(second, line_ends, strict=True)]
     for end_of_pixels, start_of_next in zip(second[:-1], first[1:], strict=True):
         body[end_of_pixels:start_of_next + 1] = 32
-    return (emotions, body[first[0] + 1:second[-1]], usages,
+    return (emotions, body[first[0] + 1:second[-1]], first - first[0], usages,
             np.arange(2, len(emotions) + 2))
 
 
 def _split_csv_with_pandas(data: bytes, *, origin: str) -> CsvColumns:
     frame, lines = _read_csv_frame(data, origin=origin)
-    pixels = " ".join(frame["pixels"]).encode("latin-1")
-    return (frame["emotion"].tolist(), np.frombuffer(bytearray(pixels), dtype=np.uint8),
-            frame["Usage"].str.strip().tolist(), lines)
+    # Characters outside latin-1 become '?', which the pixel parse rejects, naming the row.
+    texts = [text.encode("latin-1", errors="replace") for text in frame["pixels"]]
+    row_starts = np.cumsum([0] + [len(text) + 1 for text in texts[:-1]])
+    return (frame["emotion"].tolist(), np.frombuffer(bytearray(b" ".join(texts)), dtype=np.uint8),
+            row_starts, frame["Usage"].str.strip().tolist(), lines)
 
 
 def _read_csv_frame(data: bytes, *, origin: str):
@@ -345,8 +348,13 @@ def _parse_labels(emotions: list[str], *, lines: np.ndarray, origin: str) -> np.
     return values
 
 
-def _parse_pixels(region: np.ndarray, *, rows: int) -> np.ndarray | None:
-    """Tokenise space-separated 0-255 integers; None when anything is off (then diagnose)."""
+def _parse_pixels(region: np.ndarray, *, row_starts: np.ndarray) -> np.ndarray | None:
+    """Tokenise space-separated 0-255 integers, PIXELS_PER_IMAGE per row (each row's text
+    starts at its ``row_starts`` offset); None when anything is off (then diagnose).
+
+    Every row's count is checked, not only the total: a row one value short followed by one
+    a value long would otherwise shift pixels from one face into the next.
+    """
     chunk_bytes = 2 << 20  # cache-sized pieces, split at spaces, parsed on both cores
     cuts = [0]
     while cuts[-1] + chunk_bytes < len(region):
@@ -357,18 +365,34 @@ def _parse_pixels(region: np.ndarray, *, rows: int) -> np.ndarray | None:
             break
         cuts.append(cut)
     cuts.append(len(region))
-    chunks = [region[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+    def parse(start: int, stop: int) -> tuple[np.ndarray, int, np.ndarray] | None:
+        """The chunk's values, and how many of them each row it overlaps holds (from row
+        ``first``): the rows' starts looked up among the values' offsets, in order."""
+        parsed = _parse_pixel_chunk(region[start:stop])
+        if parsed is None:
+            return None
+        values, last_digits = parsed
+        first = int(np.searchsorted(row_starts, start, side="right")) - 1
+        last = int(np.searchsorted(row_starts, stop))
+        values_before = np.searchsorted(last_digits + start, row_starts[first:last])
+        return values, first, np.diff(values_before, append=len(values))
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        parts = list(pool.map(_parse_pixel_chunk, chunks))
+        parts = list(pool.map(parse, cuts[:-1], cuts[1:]))
     if any(p is None for p in parts):
         return None
-    values = np.concatenate(parts)
-    if values.size != rows * PIXELS_PER_IMAGE or values.max() > 255:
+    per_row = np.zeros(len(row_starts), dtype=np.int64)
+    for _, first, counts in parts:
+        per_row[first:first + len(counts)] += counts
+    values = np.concatenate([v for v, _, _ in parts])
+    if (per_row != PIXELS_PER_IMAGE).any() or values.max() > 255:
         return None
-    return values.astype(np.uint8).reshape(rows, IMAGE_SIZE, IMAGE_SIZE)
+    return values.astype(np.uint8).reshape(len(row_starts), IMAGE_SIZE, IMAGE_SIZE)
 
 
-def _parse_pixel_chunk(chunk: np.ndarray) -> np.ndarray | None:
+def _parse_pixel_chunk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The chunk's integers and the offset of each one's last digit in the chunk."""
     padded = np.empty(len(chunk) + 4, dtype=np.uint8)
     padded[:3], padded[3:-1], padded[-1] = 32, chunk, 32
     digits = np.subtract(padded, 48, out=padded)  # spaces wrap around to 240
@@ -383,7 +407,7 @@ def _parse_pixel_chunk(chunk: np.ndarray) -> np.ndarray | None:
     values = digits[ends].astype(np.int16)
     values += digits[ends - 1] * tens * np.int16(10)
     values += digits[ends - 2] * hundreds * np.int16(100)
-    return values
+    return values, ends - 3
 
 
 def _diagnose_pixels(data: bytes, *, origin: str) -> None:
@@ -391,18 +415,25 @@ def _diagnose_pixels(data: bytes, *, origin: str) -> None:
     frame, lines = _read_csv_frame(data, origin=origin)
     for line, text in zip(lines, frame["pixels"], strict=True):
         _check_pixel_row(text, line=int(line), origin=origin)
-    raise DataError(f"{origin}: the pixels column could not be parsed")
+    raise DataError(f"{origin}: the pixels column could not be parsed (expected "
+                    f"{PIXELS_PER_IMAGE} space-separated integers 0-255 per row)")
 
 
 def _check_pixel_row(text: str, *, line: int, origin: str) -> None:
-    tokens = text.split()
+    """Raise the DataError naming the first rule ``text`` breaks: the fast parse's rules,
+    spelled out (values separated by spaces only, 1-3 digits each, at most 255)."""
+    tokens = text.split(" ")
+    tokens = [token for token in tokens if token]
     if len(tokens) != PIXELS_PER_IMAGE:
         raise DataError(f"{origin}, line {line}: {len(tokens)} pixel values, expected "
-                        f"{PIXELS_PER_IMAGE} (48x48)")
+                        f"{PIXELS_PER_IMAGE} (48x48) separated by spaces")
     for position, token in enumerate(tokens):
-        if not token.isdigit():
-            raise DataError(f"{origin}, line {line}: pixel {position + 1} is '{token}', "
+        if not (token.isascii() and token.isdigit()):
+            raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token!r}, "
                             "expected an integer 0-255")
+        if len(token) > 3:
+            raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token}, "
+                            "expected at most 3 digits (0-255)")
         if int(token) > 255:
             raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token}, "
                             "out of range 0-255")

@@ -168,12 +168,29 @@ GOOD = " ".join(["7"] * 2304)
     (f"0,{GOOD},Validation", r"line 3: unknown Usage 'Validation'"),
     # 3 MiB without a space: the parallel parse finds nowhere to cut it into chunks
     (f"0,{'7' * (3 << 20)},Training", r"line 3: 1 pixel values, expected 2304"),
+    (f"0,{GOOD.replace(' ', chr(9))},Training", r"line 3: 1 pixel values, expected 2304 "
+                                                r"\(48x48\) separated by spaces"),
+    (f"0,0255 {GOOD[2:]},Training", r"line 3: pixel 1 is 0255, expected at most 3 digits"),
 ])
 def test_bad_csv_rows_name_file_and_line(tmp_path, row, message):
     """Each malformed CSV row is reported with its file and line and the rule it broke."""
     path = write_csv(tmp_path / "bad.csv", [f"0,{GOOD},PublicTest", row])
     with pytest.raises(DataError, match=rf"bad\.csv, {message}"):
         read_splits(path)
+
+
+@pytest.mark.parametrize(("quote", "good_rows"), [("", 0), ('"', 0), ("", 500)],
+                         ids=["plain", "quoted", "plain-after-500-rows"])
+def test_rows_short_and_long_by_one_are_not_evened_out(tmp_path, quote, good_rows):
+    """A row one value short and a later row one value long add up to the right total;
+    each row is still counted (also across the parser's 2 MiB chunks: 500 rows are ~4.5 MB),
+    so no pixel moves from one face into the next unnoticed."""
+    short, long = " ".join(["7"] * 2303), " ".join(["7"] * 2305)
+    rows = ([f"0,{quote}{GOOD}{quote},PublicTest"] + [f"0,{GOOD},Training"] * good_rows
+            + [f"0,{quote}{short}{quote},Training", f"1,{quote}{long}{quote},Training"])
+    with pytest.raises(DataError, match=rf"bad\.csv, line {3 + good_rows}: 2303 pixel values, "
+                                        "expected 2304"):
+        read_splits(write_csv(tmp_path / "bad.csv", rows))
 
 
 @pytest.mark.parametrize("row", [f"7,{GOOD},Training", f"0,{GOOD},Validation",
