@@ -19,20 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fer.data import file_sha256, is_archive, load_dataset, safe_extract, stat_stamp
-from fer.errors import DataError, FerError
+from fer.errors import DataError, StorageError
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
 
 CURRENT_POINTER = "current.json"
+# 4xx answers that may pass by themselves (a request timeout, too many requests); the other
+# 4xx (not found, forbidden, ...) will not, and retrying them only delays the failure.
+PASSING_HTTP_ERRORS = frozenset({408, 429})
 DOWNLOAD_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
 class FetchedSource:
     path: Path  # a .csv file or a folder with train/ and test/
-    sha256: str
+    sha256: str  # of the dataset at ``path``: what run manifests record
     origin: str
+    file_sha256: str | None  # of the file fetched (an archive, a CSV): what --sha256 checks
 
 
 def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
@@ -47,7 +51,8 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
                         "the download is corrupt or not the file you meant")
     dataset_path = _unpack(local, data_dir=data_dir, digest=digest) if is_archive(local) else local
     dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
-    fetched = FetchedSource(path=dataset_path, sha256=dataset.sha256, origin=source)
+    fetched = FetchedSource(path=dataset_path, sha256=dataset.sha256, origin=source,
+                            file_sha256=digest)
     pointer = {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source}
     (data_dir / CURRENT_POINTER).write_text(json.dumps(pointer, indent=2) + "\n")
     return fetched
@@ -125,15 +130,23 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                     done += len(chunk)
                     if progress:
                         progress(done, total)
+    except urllib.error.HTTPError as exc:
+        partial.unlink(missing_ok=True)
+        answer = f"the server answered HTTP {exc.code} ({exc.reason})"
+        if exc.code in PASSING_HTTP_ERRORS or exc.code >= 500:
+            raise StorageError(f"{url}: download failed ({answer}); try again later, or pass "
+                               "a local file with --source", transient=True) from None
+        raise DataError(f"{url}: {answer}; check the URL, or pass a local file with "
+                        "--source") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        raise FerError(f"{url}: download failed ({reason}); check the URL and your network, "
-                       "or pass a local file with --source") from None
+        raise StorageError(f"{url}: download failed ({reason}); check the URL and your "
+                           "network, or pass a local file with --source", transient=True) from None
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
-        raise FerError(f"{url}: download incomplete ({done} of {total} bytes); run the command "
-                       "again, or pass a local file with --source")
+        raise StorageError(f"{url}: download incomplete ({done} of {total} bytes); run the "
+                           "command again, or pass a local file with --source", transient=True)
     os.replace(partial, target)
     return target
 

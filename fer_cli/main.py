@@ -112,8 +112,15 @@ def fetch_data(
     with _download_progress() as progress:
         fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
                         endpoint_url=endpoint_url or settings.endpoint_url, progress=progress)
-    typer.echo(f"dataset ready: {fetched.path}\nsha256: {fetched.sha256}\n"
-               f"cached under {settings.data_dir}")
+    typer.echo(f"dataset ready: {fetched.path}")
+    if fetched.file_sha256 and fetched.file_sha256 != fetched.sha256:
+        typer.echo(f"sha256 of {Path(source).name or source}: {fetched.file_sha256} "
+                   "(what --sha256 checks)")
+        typer.echo(f"data sha256: {fetched.sha256} (of the unpacked dataset: what run "
+                   "manifests record)")
+    else:
+        typer.echo(f"sha256: {fetched.sha256}")
+    typer.echo(f"cached under {settings.data_dir}")
 
 
 def _profiles_help(option: str) -> str:

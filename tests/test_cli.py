@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import encode_image, shaded_image, write_image_tree
 
+from fer.data import file_sha256
 from fer.labels import CLASS_NAMES
 from fer.train import RUN_FILES
 
@@ -165,6 +166,13 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)  # the CLI's own choice
     fetched = run_fer("fetch-data", "--source", fer_subset)
     assert fetched.returncode == 0, fetched.stderr
+    # The sha256 printed for the file is the one --sha256 accepts next time.
+    archive_sha256 = file_sha256(fer_subset)
+    assert (f"sha256 of fer2013-subset.zip: {archive_sha256} (what --sha256 checks)"
+            in fetched.stdout), fetched.stdout
+    again = run_fer("fetch-data", "--source", fer_subset, "--sha256", archive_sha256)
+    assert again.returncode == 0, again.stderr
+    data_sha256 = re.search(r"^data sha256: ([0-9a-f]{64}) ", fetched.stdout, re.MULTILINE)[1]
 
     storage = {"FER_STORAGE": str(tmp_path / "artifacts")}
     trained = run_fer("train", "--epochs", "1", "--batch-size", "32", "--out", tmp_path / "runs",
@@ -192,6 +200,7 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["epochs"] == 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["batch_size"] == 32
+    assert manifest["data"]["sha256"] == data_sha256  # as fetch-data printed it
     assert manifest["machine"]["onednn"] is True  # asked for before TensorFlow was imported
 
     evaluated = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_image_tree, zip_folder
 
 from fer.data import file_sha256
-from fer.errors import DataError, FerError
+from fer.errors import DataError, FerError, StorageError
 from fer.fetch import current_source, fetch_data, resolve_data
 
 
@@ -29,6 +29,8 @@ def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
     assert data_dir in fetched.path.parents
     assert current_source(data_dir) == fetched.path
     assert resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x") == fetched.path
+    # the archive's digest (what --sha256 checks) and the unpacked folder's (what manifests record)
+    assert fetched.file_sha256 == file_sha256(layout_zip) != fetched.sha256
     assert list((data_dir / "decoded").glob("*.npz"))
 
 
@@ -69,6 +71,37 @@ def test_http_download_with_progress(tmp_path, layout_zip):
         server.shutdown()
     assert (fetched.path / "test" / "sad").is_dir()
     assert seen[-1] == (layout_zip.stat().st_size, layout_zip.stat().st_size)
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the status code its path names: /404/x.zip gets 404."""
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_error(int(self.path.split("/")[1]))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("status", "error", "transient", "message"), [
+    (404, DataError, None, r"HTTP 404 \(Not Found\); check the URL"),
+    (403, DataError, None, r"HTTP 403 \(Forbidden\); check the URL"),
+    (503, StorageError, True, r"download failed \(the server answered HTTP 503 .*try again later"),
+    (429, StorageError, True, r"download failed \(the server answered HTTP 429"),
+])
+def test_http_errors_say_whether_retrying_can_help(tmp_path, status, error, transient, message):
+    """A missing or forbidden file fails for good (the retrain flow does not retry a
+    DataError); a busy or failing server is a transient StorageError, which it retries."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(error, match=message) as raised:
+            fetch_data(f"http://127.0.0.1:{server.server_port}/{status}/fer2013.zip",
+                       data_dir=tmp_path / "d")
+    finally:
+        server.shutdown()
+    assert getattr(raised.value, "transient", None) is transient
+    assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 
 class _Truncating(http.server.BaseHTTPRequestHandler):
