@@ -1,6 +1,8 @@
 """Typed settings: built once at the edge (CLI, flow) and passed into core functions.
 
-Environment variables are read here and nowhere else in the package.
+Environment variables are read here and nowhere else in the package; the one write is
+fer.precision.prefer_onednn, which the edges call to set TensorFlow's oneDNN switch before
+TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -56,4 +58,3 @@ class TrainConfig:
     tta: bool = False  # save a model that averages each image with its mirror (2x inference)
     ensemble: int = 1  # members trained from seeds seed, seed+1, ...; the saved model averages them
     out_dir: Path = Path("runs")
-    run_id: str | None = None  # None: generated from the time and model name

@@ -18,9 +18,9 @@ TRACKED_PACKAGES = ("fer", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pa
                     "scikit-learn", "matplotlib", "opencv-python-headless", "boto3")
 
 
-def new_run_id(model: str, *, now: dt.datetime | None = None) -> str:
+def new_run_id(model: str) -> str:
     """Sortable by time, unique across machines: ``20261125-134501-default-3f9a``."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.UTC)
     return f"{now:%Y%m%d-%H%M%S}-{model}-{secrets.token_hex(2)}"
 
 
@@ -34,9 +34,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def git_commit(directory: Path | None = None) -> str | None:
+def git_commit() -> str | None:
     """The commit of the fer checkout that ran, or None outside a git work tree."""
-    directory = directory or Path(__file__).resolve().parent
+    directory = Path(__file__).resolve().parent
     try:
         result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
                                 capture_output=True, text=True, timeout=5, check=False)

@@ -341,9 +341,9 @@ def build_default(widths: Sequence[int] = (32, 96, 192), *,
     previous default, kept as `default-48`): 18% fewer multiply-adds, ~1.1x the training
     and ~1.2x the inference images/s on a 2-core CPU, at equal validation accuracy
     (BENCHMARKS.md). The keyword options exist for the recipe experiments of
-    benchmarks/variant_benchmark.py; the registry uses their defaults, except /255 input for
-    the 48-96-192 model, as it was measured, and the lighter augmentation
-    and dropout of `default-pca`, the short schedule's model.
+    benchmarks/variant_benchmark.py; the registry's entries set a few of them (other widths,
+    /255 input for the 48-96-192 model, the lighter augmentation and dropout of
+    `default-pca`, a full-resolution first stage), each as REGISTRY says.
     """
     conv_block = conv_block or _conv_bn_relu
     inputs = keras.Input(INPUT_SHAPE, name="pixels")

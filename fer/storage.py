@@ -2,7 +2,8 @@
 
 Both backends hold the same layout under their root or prefix::
 
-    runs/<run-id>/<artifact>        every file of the local run folder
+    runs/<run-id>/<artifact>        each artifact the run's manifest lists (every file of
+                                    the run folder if it lists none)
     runs/<run-id>/manifest.json     the run's manifest + ``files`` + ``metrics``; written LAST
     latest.json, champion.json      pointers; written after the manifest they name
 

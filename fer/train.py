@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -61,7 +61,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
     _check_config(config, dataset)
     spec = get_spec(config.model)
     precision, why = resolve_precision(config.precision)
-    run_id = config.run_id or new_run_id(config.model)
+    run_id = new_run_id(config.model)
     run_dir = Path(config.out_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     commit = git_commit()  # the code that trains, not whatever is checked out hours later
@@ -101,7 +101,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         "run_id": run_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": spec.name,
-        "parameters": {**vars(replace(config, run_id=run_id)), "learning_rate": learning_rate},
+        "parameters": {**vars(config), "learning_rate": learning_rate},
         "seed": config.seed,
         "precision": precision,
         "data": _data_record(dataset),
@@ -290,15 +290,14 @@ class EpochTimer(keras.callbacks.Callback):
 class KeepBestWeights(keras.callbacks.Callback):
     """Remember the weights of the epoch with the best validation accuracy."""
 
-    def __init__(self, monitor: str = "val_accuracy"):
+    def __init__(self):
         super().__init__()
-        self.monitor = monitor
         self.best_value = -np.inf
         self.best_epoch = 0
         self._weights = None
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
+        value = (logs or {}).get("val_accuracy")
         if value is not None and value > self.best_value:
             self.best_value, self.best_epoch = float(value), epoch + 1
             self._weights = self.model.get_weights()

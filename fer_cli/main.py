@@ -123,15 +123,18 @@ def fetch_data(
     typer.echo(f"cached under {settings.data_dir}")
 
 
-def _profiles_help(option: str) -> str:
+def _profiles_help(option: str, *, unset: str | None = None) -> str:
     """Each profile's value of a train option, read from fer.profiles so --help cannot go
-    stale when a profile changes."""
+    stale when a profile changes; ``unset`` names the value of profiles that leave it out."""
     def shown(value) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     values = ", ".join(f"{p.name} {shown(p.train_options[option])}"
                        for p in PROFILES.values() if option in p.train_options)
-    return f"default: the profile's ({values})"
+    otherwise = f"; else {unset}" if unset and len(values.split(", ")) < len(PROFILES) else ""
+    return f"default: the profile's ({values}{otherwise})"
 
 
 EpochsOption = Annotated[int | None, typer.Option(
@@ -159,11 +162,11 @@ InferencePrecisionOption = Annotated[str, typer.Option(
          "| mixed_float16")]
 EnsembleOption = Annotated[int | None, typer.Option(
     min=1, help="train N models from seeds seed..seed+N-1 on the same split and save their "
-                "average (N times the training and inference cost); default: the profile's "
-                "(3 for best, else 1)")]
+                "average (N times the training and inference cost); "
+                f"{_profiles_help('ensemble', unset='1')}")]
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="save a model that averages each image with its mirror (twice the "
-                           "inference cost); default: the profile's (on for best)")]
+                           f"inference cost); {_profiles_help('tta', unset='off')}")]
 
 
 def _profile_options(profile: str, **given) -> dict:

@@ -40,8 +40,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
 
 
 def test_train_help_shows_each_profiles_settings():
-    """`fer train --help` states the epochs, batch size and learning rate each profile
-    trains with, as fer.profiles defines them (the help once named a stale schedule)."""
+    """`fer train --help` states the epochs, batch size, learning rate, flip averaging and
+    ensemble size each profile trains with, as fer.profiles defines them (the help once
+    named a stale schedule)."""
     from fer.profiles import PROFILES
 
     result = run_fer("train", "--help", env={"COLUMNS": "300"})
@@ -51,6 +52,8 @@ def test_train_help_shows_each_profiles_settings():
     assert f"fast {fast['batch_size']}," in result.stdout
     assert f"fast {fast['learning_rate']:g})" in result.stdout
     assert f"best {PROFILES['best'].train_options['epochs']})" in result.stdout
+    assert "(fast on, best on; else off)" in result.stdout  # --tta (the help once said best only)
+    assert f"(best {PROFILES['best'].train_options['ensemble']}; else 1)" in result.stdout
 
 
 def test_bad_csv_is_one_line_error(tmp_path, data_dir):
