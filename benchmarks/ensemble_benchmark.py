@@ -98,7 +98,7 @@ def main() -> None:
         for flip in (False, True):
             model = averaging(models, flip=flip)
             if precision != "float32":
-                model = with_precision(model, precision)
+                model = with_precision(model, policy=precision)
             validation, test = scores(model, dataset.validation), scores(model, dataset.test)
             print(f"{label}{' + flip' if flip else ''}: validation {validation['accuracy']:.4f}"
                   f"  test {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "

@@ -65,7 +65,7 @@ def main() -> None:
     auto = choose_precision("auto")  # what `fer predict`/`fer evaluate` use on this machine
     precisions = ["float32"] + ([auto] if auto != "float32" else [])
     variants = {(name, precision): model if precision == "float32"
-                else with_precision(model, precision)
+                else with_precision(model, policy=precision)
                 for name, model in (("mini-xception", peer), ("fer", ours))
                 for precision in precisions}
     pixels = test.images[..., None].astype("float32")

@@ -83,7 +83,7 @@ def _input_moments(model: keras.Model, norm: keras.layers.Layer, images: np.ndar
     return mean, np.maximum(variance, 0.0)
 
 
-def recalibrate_if_better(model: keras.Model, images: np.ndarray, validation: Split, *,
+def recalibrate_if_better(model: keras.Model, images: np.ndarray, *, validation: Split,
                           sample: int = SAMPLE_IMAGES) -> Recalibration:
     """Recalibrate ``model`` from ``images``; keep the new statistics only if validation
     accuracy does not fall, else put the old ones back."""

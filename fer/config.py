@@ -17,6 +17,9 @@ DEFAULT_SOURCE_URL = "https://www.dropbox.com/s/zi48lkarsg4kbry/fer2013.csv?dl=1
 
 DEFAULT_STORAGE = "./artifacts"
 
+DEFAULT_SEED = 1337
+DEFAULT_VAL_FRACTION = 0.1  # of train, carved out (stratified) where the source has no validation
+
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
     """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux)."""
@@ -51,8 +54,8 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     model: str = "default"
-    seed: int = 1337
-    val_fraction: float = 0.1
+    seed: int = DEFAULT_SEED
+    val_fraction: float = DEFAULT_VAL_FRACTION
     learning_rate: float | None = None  # None: the model's own default
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
     tta: bool = False  # save a model that averages each image with its mirror (2x inference)

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 
@@ -73,8 +74,8 @@ class Dataset:
 def load_dataset(
     source: Path,
     *,
-    val_fraction: float = 0.1,
-    seed: int = 1337,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = DEFAULT_SEED,
     cache_dir: Path | None = None,
     require_train: bool = True,
 ) -> Dataset:

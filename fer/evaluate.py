@@ -51,23 +51,24 @@ def evaluate_run(run_dir: Path, test: Split, *, precision: str | None = None) ->
     training = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     precision = precision or training.get("precision", "float32")
     return evaluate_split(load_model(run_dir / "model.keras", precision=precision), test,
-                          run_dir, extra_metrics={**training, "inference_precision": precision})
+                          out_dir=run_dir,
+                          extra_metrics={**training, "inference_precision": precision})
 
 
-def evaluate_split(model, split: Split, out_dir: Path, *, batch_size: int = 256,
+def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
                    extra_metrics: dict | None = None) -> dict:
     """Write the classification report (txt/json), confusion matrix and metrics.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     predicted = predict_labels(model, split.images, batch_size=batch_size)
     seconds = time.perf_counter() - started
-    metrics = {**(extra_metrics or {}), **write_reports(split.labels, predicted, out_dir)}
+    metrics = {**(extra_metrics or {}), **write_reports(split.labels, predicted, out_dir=out_dir)}
     metrics["test_images_per_second"] = round(len(split) / seconds, 1)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def write_reports(true: np.ndarray, predicted: np.ndarray, out_dir: Path) -> dict:
+def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> dict:
     """sklearn's report with the canonical class names, the confusion matrix, and key metrics."""
     from sklearn.metrics import classification_report, confusion_matrix
 

@@ -183,7 +183,7 @@ class HorizontalFlip(layers.Layer):
 FLOAT32_OUTPUT_LAYERS = frozenset({"probabilities", "class_names", "average", "flip_average"})
 
 
-def with_precision(model: keras.Model, policy: str) -> keras.Model:
+def with_precision(model: keras.Model, *, policy: str) -> keras.Model:
     """A copy of ``model`` (same weights) that computes in the Keras dtype policy ``policy``.
 
     Models are saved in float32, which runs everywhere; on a CPU with bf16 instructions the
@@ -496,7 +496,7 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise FerError(f"{path}: not a loadable Keras model ({reason}); expected a model.keras "
                        "from `fer train`") from None
-    return model if precision == "float32" else with_precision(model, precision)
+    return model if precision == "float32" else with_precision(model, policy=precision)
 
 
 def class_names_of(model: keras.Model) -> list[str]:

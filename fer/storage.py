@@ -693,7 +693,7 @@ def read_report(store: Store, ref: str) -> RunReport:
     return RunReport(run.run_id, data.decode("utf-8"), run.metrics)
 
 
-def download_run(store: Store, ref: str, dest: Path) -> Path:
+def download_run(store: Store, ref: str, *, dest: Path) -> Path:
     """Download every artifact of a run into ``dest/<run-id>/``, checking each sha256."""
     run = resolve_run(store, ref)
     target = Path(dest) / run.run_id

@@ -83,7 +83,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
             verbose=verbose))
     wall_seconds = time.perf_counter() - started
 
-    saved = averaging([with_precision(m.model, "float32") if precision != "float32" else m.model
+    saved = averaging([with_precision(m.model, policy="float32") if precision != "float32" else m.model
                        for m in members], flip=config.tta)
     saved.save(run_dir / "model.keras")
     _write_history([m.history for m in members], run_dir / "history.csv")
@@ -144,14 +144,14 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
     timer, best = EpochTimer(clock), KeepBestWeights()
     history = model.fit(
         training_batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
-                         class_weights=class_weights(dataset.train, spec.class_weighting)),
+                         class_weights=class_weights(dataset.train, scheme=spec.class_weighting)),
         validation_data=training_batches(dataset.validation, batch_size=256),
         epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
     ).history
     best.restore(model)
     log.info("best validation accuracy %.4f at epoch %d of %d", best.best_value, best.best_epoch,
              config.epochs)
-    recalibration = (recalibrate_if_better(model, dataset.train.images, dataset.validation)
+    recalibration = (recalibrate_if_better(model, dataset.train.images, validation=dataset.validation)
                      if spec.recalibrate_batch_norm else None)
     if recalibration is not None:
         log.info("batch-norm statistics recomputed from un-augmented training images: "
@@ -224,7 +224,7 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
 
 
-def class_weights(split: Split, scheme: str) -> np.ndarray | None:
+def class_weights(split: Split, *, scheme: str) -> np.ndarray | None:
     """Per-class loss weights, normalised to a mean sample weight of 1; "sqrt" lifts rare
     classes (disgust) without drowning the rest (full inverse frequency cost 3.7 points of
     validation accuracy and lowered macro-F1 too: BENCHMARKS.md)."""

@@ -149,7 +149,7 @@ DataOption = Annotated[str | None, typer.Option(
     help="file, folder, archive, URL or s3://; default: the fetched dataset")]
 OutOption = Annotated[Path, typer.Option(
     help="folder that receives <run-id>/ (with --remote: a folder on the worker)")]
-DEFAULT_OUT = Path("runs")
+DEFAULT_OUT = TrainConfig.out_dir
 SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuffling")]
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
@@ -185,10 +185,10 @@ def train(
     profile: ProfileOption = "default",
     data: DataOption = None,
     out: OutOption = DEFAULT_OUT,
-    seed: SeedOption = 1337,
-    val_fraction: ValFractionOption = 0.1,
+    seed: SeedOption = TrainConfig.seed,
+    val_fraction: ValFractionOption = TrainConfig.val_fraction,
     learning_rate: LearningRateOption = None,
-    precision: PrecisionOption = "auto",
+    precision: PrecisionOption = TrainConfig.precision,
     tta: TtaOption = None,
     ensemble: EnsembleOption = None,
     publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
@@ -286,13 +286,14 @@ def retrain(
     profile: ProfileOption = "default",
     data: DataOption = None,
     out: OutOption = DEFAULT_OUT,
-    seed: SeedOption = 1337,
-    val_fraction: ValFractionOption = 0.1,
+    seed: SeedOption = TrainConfig.seed,
+    val_fraction: ValFractionOption = TrainConfig.val_fraction,
     learning_rate: LearningRateOption = None,
-    precision: PrecisionOption = "auto",
+    precision: PrecisionOption = TrainConfig.precision,
     tta: TtaOption = None,
     ensemble: EnsembleOption = None,
     storage: StorageOption = None,
+    endpoint_url: EndpointOption = None,
     create_bucket: CreateBucketOption = False,
     force_champion: ForceChampionOption = False,
 ) -> None:
@@ -304,7 +305,8 @@ def retrain(
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
                                    val_fraction=val_fraction,
                                    out_dir=str(out), precision=precision,
-                                   create_bucket=create_bucket, force_champion=force_champion)
+                                   endpoint_url=endpoint_url, create_bucket=create_bucket,
+                                   force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
                f"{result['macro_f1']:.4f}; published to {result['location']}"
                + (" (new champion)" if result["became_champion"] else ""))
@@ -363,7 +365,7 @@ def evaluate(
 
     out = out or model.parent / "evaluation"
     precision = choose_precision(precision)
-    metrics = evaluate_split(load_model(model, precision=precision), dataset.test, out,
+    metrics = evaluate_split(load_model(model, precision=precision), dataset.test, out_dir=out,
                              extra_metrics={"inference_precision": precision})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
                f"on {metrics['test_samples']} images\nreports in {out}")
@@ -478,7 +480,8 @@ def reports_get(
     """Download every artifact of a published run, verifying each sha256."""
     from fer.storage import download_run
 
-    folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref, dest)
+    folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref,
+                          dest=dest)
     typer.echo(f"downloaded to {folder} (sha256 verified)")
 
 

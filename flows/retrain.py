@@ -121,28 +121,31 @@ def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
 
 @flow(name="retrain", log_prints=True, persist_result=True)
 def retrain(
-    epochs: int = 20,
-    batch_size: int = 64,
-    model: str = "default",
+    epochs: int = TrainConfig.epochs,
+    batch_size: int = TrainConfig.batch_size,
+    model: str = TrainConfig.model,
     data: str | None = None,
     storage: str | None = None,
-    seed: int = 1337,
-    val_fraction: float = 0.1,
+    seed: int = TrainConfig.seed,
+    val_fraction: float = TrainConfig.val_fraction,
     learning_rate: float | None = None,
-    out_dir: str = "runs",
-    precision: str = "auto",
+    out_dir: str = str(TrainConfig.out_dir),
+    precision: str = TrainConfig.precision,
     create_bucket: bool = False,
-    tta: bool = False,
-    ensemble: int = 1,
+    tta: bool = TrainConfig.tta,
+    ensemble: int = TrainConfig.ensemble,
     force_champion: bool = False,
+    endpoint_url: str | None = None,
 ) -> dict:
-    """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE.
+    """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE,
+    ``endpoint_url`` None: AWS_ENDPOINT_URL, both where the flow runs.
 
     Returns the published run's id, location, whether it became the champion, and its
     test accuracy and macro-F1.
     """
     prefer_onednn()  # the tasks import TensorFlow later, in this process
     settings = Settings.from_env()
+    endpoint_url = endpoint_url or settings.endpoint_url
     data_dir = str(settings.data_dir)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
                          val_fraction=val_fraction, learning_rate=learning_rate,
@@ -150,12 +153,12 @@ def retrain(
                          out_dir=Path(out_dir))
 
     with fer_log_in_run_log():
-        source = fetch_data(data, data_dir=data_dir, endpoint_url=settings.endpoint_url)
+        source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
         run_dir = train(source, config, data_dir=data_dir)
         metrics = evaluate(run_dir, source, data_dir=data_dir)
         _post_report(Path(run_dir), metrics)
         published = publish(run_dir, storage=storage or settings.storage,
-                            endpoint_url=settings.endpoint_url, create_bucket=create_bucket,
+                            endpoint_url=endpoint_url, create_bucket=create_bucket,
                             force_champion=force_champion)
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",

@@ -80,7 +80,7 @@ def test_new_statistics_are_put_back_when_validation_accuracy_falls():
     validation = validation_labelled_by(model, faces(60, seed=2))
     before = [moving(layer) for layer in norms(model)]
 
-    result = recalibrate_if_better(model, faces(60, seed=3) // 8, validation)
+    result = recalibrate_if_better(model, faces(60, seed=3) // 8, validation=validation)
 
     assert result.val_accuracy_before == 1.0 and result.val_accuracy_after < 1.0
     assert not result.kept
@@ -99,7 +99,7 @@ def test_new_statistics_are_kept_when_validation_accuracy_does_not_fall():
     validation = validation_labelled_by(recalibrated, faces(60, seed=2))
     model = small_model()
 
-    result = recalibrate_if_better(model, images, validation)
+    result = recalibrate_if_better(model, images, validation=validation)
 
     assert result.kept and result.val_accuracy_after == 1.0 > result.val_accuracy_before
     for layer, expected in zip(norms(model), norms(recalibrated), strict=True):

@@ -197,12 +197,13 @@ def test_bad_dataset_is_not_retried(prefect_api, s3_env, data_dir, tmp_path):
 @integration
 def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tiny_fer_zip,
                                                          data_dir, tmp_path, monkeypatch):
-    """A dead S3 endpoint: publish is retried (not the training), then the flow fails clearly."""
+    """A dead S3 endpoint: publish is retried (not the training), then the flow fails clearly.
+    The endpoint is the flow's parameter (as `fer retrain --endpoint-url` passes it), which
+    wins over the live one in AWS_ENDPOINT_URL."""
     dead = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setattr(retrain_module, "publish", publish.with_options(retry_delay_seconds=0))
     state = retrain(**TINY, data=str(tiny_fer_zip), storage=f"s3://{BUCKET}/dead",
-                    out_dir=str(tmp_path / "runs"), return_state=True)
+                    endpoint_url=dead, out_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
     assert f"cannot reach S3 endpoint {dead}" in state.message
     flow_run_id = state.state_details.flow_run_id

@@ -122,7 +122,7 @@ def test_publish_then_read_back_byte_identical(store, runs, tmp_path):
     assert report.text == (folder / "classification_report.txt").read_text()
     assert report.metrics["macro_f1"] == pytest.approx(0.51)
 
-    got = download_run(store, "latest", tmp_path / "download")
+    got = download_run(store, "latest", dest=tmp_path / "download")
     assert got == tmp_path / "download" / "run-a"
     assert local_files(got) == local_files(folder)
     assert len(local_files(got)["model.keras"]) == BIG
@@ -292,7 +292,7 @@ def test_download_detects_sha256_mismatch(store, runs, tmp_path):
     publish_run(make_run(runs, "run-a", accuracy=0.5), store)
     store.put_bytes("runs/run-a/history.csv", b"tampered\n")
     with pytest.raises(StorageError, match=r"history\.csv of run 'run-a' is corrupt: sha256"):
-        download_run(store, "run-a", tmp_path / "download")
+        download_run(store, "run-a", dest=tmp_path / "download")
     assert not (tmp_path / "download" / "run-a" / "history.csv").exists()
 
 

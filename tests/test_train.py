@@ -204,10 +204,10 @@ def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
 
     labels = np.repeat(np.arange(7), [400, 40, 400, 800, 400, 300, 500])
     split = Split(images=np.zeros((len(labels), 2, 2), np.uint8), labels=labels)
-    weights = class_weights(split, "sqrt")
+    weights = class_weights(split, scheme="sqrt")
     assert weights[1] == weights.max() and weights[3] == weights.min()
     assert np.average(weights[labels]) == pytest.approx(1.0, abs=1e-5)
-    assert class_weights(split, "none") is None
+    assert class_weights(split, scheme="none") is None
 
 
 def test_a_pca_first_conv_model_is_set_from_the_training_images_and_stays_frozen(
