@@ -1,29 +1,18 @@
-"""Publish training runs to object storage and read them back: a local folder or S3.
+"""Where published runs are kept: a local folder or an S3 bucket (AWS, MinIO, SeaweedFS).
 
-Both backends hold the same layout under their root or prefix::
-
-    runs/<run-id>/<artifact>        each artifact the run's manifest lists (every file of
-                                    the run folder if it lists none)
-    runs/<run-id>/manifest.json     the run's manifest + ``files`` + ``metrics``; written LAST
-    latest.json, champion.json      pointers; written after the manifest they name
-
-A run without a remote manifest is incomplete and invisible to every reader, so a publish
-that dies halfway leaves nothing a reader can pick up and can simply be repeated.
-The backends only move bytes; publishing, listing and verification live once, above them.
+The backends only move bytes under ``/``-separated keys, each object appearing whole or not
+at all; what the keys mean (the run layout, pointers, verification) is fer.runs, above them.
+Errors are one-line StorageErrors that say whether retrying may help, never with secrets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -34,15 +23,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bce
 from botocore.config import Config
 
-from fer.errors import FerError, StorageError
+from fer.errors import StorageError
 
-MANIFEST = "manifest.json"
-METRICS = "metrics.json"
-REPORT = "classification_report.txt"
-POINTERS = ("latest", "champion")
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -88,7 +72,7 @@ class LocalStore:
 
     def get_bytes(self, key: str) -> bytes | None:
         path = self._path(key)
-        with _local_errors("read", path):
+        with local_errors("read", path):
             try:
                 return path.read_bytes()
             except FileNotFoundError:
@@ -96,12 +80,12 @@ class LocalStore:
 
     def download(self, key: str, dest: Path) -> None:
         source = self._path(key)
-        with _local_errors("read", source):
+        with local_errors("read", source):
             shutil.copyfile(source, dest)
 
     def run_ids(self) -> list[str]:
         runs = self.root / "runs"
-        with _local_errors("list", runs):
+        with local_errors("list", runs):
             if not runs.is_dir():
                 return []
             return sorted(entry.name for entry in runs.iterdir() if entry.is_dir())
@@ -116,7 +100,7 @@ class LocalStore:
         # Write beside the target and rename: readers never see half a file.
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with _local_errors("write", path):
+        with local_errors("write", path):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fill(tmp)
@@ -126,7 +110,8 @@ class LocalStore:
 
 
 @contextmanager
-def _local_errors(verb: str, path: Path) -> Iterator[None]:
+def local_errors(verb: str, path: Path) -> Iterator[None]:
+    """An OSError on ``path`` as one StorageError naming the action, the path and what to check."""
     try:
         yield
     except OSError as exc:
@@ -389,409 +374,3 @@ def _check_bucket(bucket: str, *, url: str) -> str:
             "digits, '.' or '-' as in s3://BUCKET/PREFIX"
         )
     return bucket
-
-
-# --- publishing -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PublishResult:
-    """What ``publish_run`` did: where the run went and whether it is now the champion."""
-
-    run_id: str
-    became_champion: bool
-    location: str
-
-
-@dataclass(frozen=True)
-class _LocalRun:
-    folder: Path
-    run_id: str
-    manifest: dict[str, Any]
-    metrics: dict[str, Any]
-    files: dict[str, dict[str, Any]]
-
-
-def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) -> PublishResult:
-    """Upload a run folder, then its manifest, then move the pointers; safe to repeat.
-
-    ``latest`` moves to the newest run by ``created``; ``champion`` moves when the run was
-    trained on the same data as the current champion and its saved model's validation
-    accuracy is at least the champion's, or always with ``force_champion``. Choosing on test
-    accuracy would be choosing the model on the test set; across different data neither
-    figure compares.
-    """
-    run = _read_run_folder(Path(run_dir))
-    remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
-    published = _load_manifest(store, run.run_id)
-    if published is None:
-        _upload(run, remote, store)
-    elif published.get("files") != run.files:
-        raise StorageError(
-            f"run '{run.run_id}' is already published at {store.url(_run_key(run.run_id, ''))} "
-            "with different files; published runs never change, so give this run a new id"
-        )
-    became_champion = _move_pointers(store, remote, force_champion=force_champion)
-    return PublishResult(run.run_id, became_champion, store.url(_run_key(run.run_id, "")))
-
-
-def _upload(run: _LocalRun, remote: dict[str, Any], store: Store) -> None:
-    # Artifacts first, manifest last: until the manifest lands the run does not exist.
-    for name in run.files:
-        store.put_file(_run_key(run.run_id, name), run.folder / name)
-    store.put_bytes(_run_key(run.run_id, MANIFEST), _dump(remote))
-
-
-def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool) -> bool:
-    record = _pointer_record(remote)
-    latest = _read_pointer(store, "latest")
-    if latest is None or _when(record["created"]) >= _when(latest.get("created")):
-        store.put_bytes("latest.json", _dump(record))
-    champion = _champion_record(store)
-    becomes = force_champion or champion is None or _beats(record, champion)
-    if becomes:
-        store.put_bytes("champion.json", _dump(record))
-    return becomes
-
-
-def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
-    """What a pointer holds: enough to compare runs without reading their manifests."""
-    metrics, data = remote["metrics"], remote.get("data") or {}
-    return {
-        "run_id": remote["run_id"],
-        "created": remote["created"],
-        "model": remote.get("model"),
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics.get("macro_f1"),
-        "val_accuracy": _validation_accuracy(metrics),
-        "data_sha256": data.get("sha256"),
-        "validation": data.get("validation"),
-    }
-
-
-def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
-    """The saved model's validation accuracy (averaged models record it apart), if known."""
-    for key in ("saved_model_val_accuracy", "best_val_accuracy"):
-        value = metrics.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
-def _champion_record(store: Store) -> dict[str, Any] | None:
-    """The champion pointer; one written before pointers held validation accuracy is rebuilt
-    from its run's manifest (None when that run is gone)."""
-    champion = _read_pointer(store, "champion")
-    if champion is None or "validation" in champion:
-        return champion
-    run_id = champion.get("run_id")
-    manifest = _load_manifest(store, run_id) if isinstance(run_id, str) else None
-    return _pointer_record(manifest) if manifest is not None else None
-
-
-def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """Same data, same validation split (fraction and seed) and validation accuracy at least
-    the champion's; unknowns never win."""
-    for key in ("data_sha256", "validation"):
-        if record[key] is None or record[key] != champion.get(key):
-            return False
-    ours, theirs = record["val_accuracy"], champion.get("val_accuracy")
-    return ours is not None and (theirs is None or ours >= theirs)
-
-
-def _read_run_folder(folder: Path) -> _LocalRun:
-    """Check a run folder has what publishing needs; name the folder and file when not."""
-    if not folder.is_dir():
-        raise FerError(f"run folder {folder} does not exist; pass the folder `fer train` wrote")
-    manifest = _read_json_file(folder, MANIFEST)
-    metrics = _read_json_file(folder, METRICS)
-    run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)
-    _check_created(manifest.get("created"), source=folder / MANIFEST)
-    _check_accuracy(metrics.get("accuracy"), source=folder / METRICS)
-    names = _artifact_names(folder, manifest.get("artifacts"))
-    return _LocalRun(folder, run_id, manifest, metrics, _describe_files(folder, names))
-
-
-def _read_json_file(folder: Path, name: str) -> dict[str, Any]:
-    path = folder / name
-    if not path.is_file():
-        raise FerError(
-            f"run folder {folder} has no {name}; only complete runs written by `fer train` "
-            "can be published"
-        )
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FerError(f"{path} is not valid JSON ({exc}); re-run training to rewrite it") from exc
-    if not isinstance(value, dict):
-        raise FerError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _check_run_id(value: Any, *, source: Path | str) -> str:
-    if not isinstance(value, str) or not _RUN_ID.fullmatch(value) or value in POINTERS:
-        raise FerError(
-            f"{source}: run_id {value!r} is not a valid run id; expected letters, digits, "
-            "'.', '_', '+' or '-' (at most 128), and not 'latest' or 'champion'"
-        )
-    return value
-
-
-def _check_created(value: Any, *, source: Path) -> str:
-    try:
-        _parse_time(value)
-    except (TypeError, ValueError):
-        raise FerError(
-            f"{source}: created {value!r} is not an ISO-8601 time such as "
-            "'2024-05-01T12:00:00+00:00'"
-        ) from None
-    return value
-
-
-def _check_accuracy(value: Any, *, source: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise FerError(f"{source}: accuracy {value!r} must be a number between 0 and 1")
-    return float(value)
-
-
-def _artifact_names(folder: Path, listed: Any) -> list[str]:
-    """The files to publish: those the manifest lists as artifacts, else every file.
-
-    Listing keeps later additions out of the published run, e.g. the `evaluation/` folder
-    `fer evaluate` writes beside the model by default.
-    """
-    if listed is None:
-        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
-        raise FerError(f"{folder / MANIFEST}: artifacts {listed!r} must be a list of file names")
-    outside = [name for name in listed if _escapes_run_folder(name)]
-    if outside:
-        raise FerError(f"{folder / MANIFEST}: artifacts {outside} point outside the run folder")
-    missing = [name for name in listed if not (folder / name).is_file()]
-    if missing:
-        raise FerError(f"run folder {folder} has no {', '.join(missing)} (listed in {MANIFEST}); "
-                       "only complete runs written by `fer train` can be published")
-    return sorted(listed)
-
-
-def _describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of each named artifact (the manifest is not one), by relative name."""
-    return {
-        name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-        for name in names
-        if name != MANIFEST
-    }
-
-
-# --- reading --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """One row of a run listing: what a user needs to pick a run."""
-
-    run_id: str
-    created: str
-    model: str | None
-    epochs: int | None
-    accuracy: float
-    macro_f1: float | None
-    val_accuracy: float | None  # what the champion is chosen on
-    is_champion: bool
-    is_latest: bool
-
-
-@dataclass(frozen=True)
-class PublishedRun:
-    """A complete published run: its remote manifest (local manifest + files + metrics)."""
-
-    run_id: str
-    manifest: dict[str, Any]
-
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest.get("files", {})
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.manifest.get("metrics", {})
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """The classification report of a published run, with its metrics."""
-
-    run_id: str
-    text: str
-    metrics: dict[str, Any]
-
-
-def list_runs(store: Store) -> list[RunSummary]:
-    """Every complete run, newest first; one manifest read per run."""
-    latest = _pointer_run_id(store, "latest")
-    champion = _pointer_run_id(store, "champion")
-    manifests = (_load_manifest(store, run_id) for run_id in store.run_ids())
-    summaries = [
-        _summary(manifest, latest=latest, champion=champion)
-        for manifest in manifests
-        if manifest is not None
-    ]
-    return sorted(summaries, key=lambda s: (_when(s.created), s.run_id), reverse=True)
-
-
-def _summary(manifest: dict[str, Any], *, latest: str | None, champion: str | None) -> RunSummary:
-    metrics = manifest.get("metrics", {})
-    epochs = metrics.get("epochs", manifest.get("parameters", {}).get("epochs"))
-    return RunSummary(
-        run_id=manifest["run_id"],
-        created=manifest["created"],
-        model=manifest.get("model"),
-        epochs=epochs,
-        accuracy=metrics["accuracy"],
-        macro_f1=metrics.get("macro_f1"),
-        val_accuracy=_validation_accuracy(metrics),
-        is_champion=manifest["run_id"] == champion,
-        is_latest=manifest["run_id"] == latest,
-    )
-
-
-def resolve_run(store: Store, ref: str) -> PublishedRun:
-    """The complete run a reference names: a run id, ``latest`` or ``champion``."""
-    if ref in POINTERS:
-        run_id = _pointer_run_id(store, ref)
-        if run_id is None:
-            raise StorageError(f"no run is marked '{ref}' in {store.location} yet; publish a run")
-    else:
-        run_id = _check_ref(ref, store=store)
-    manifest = _load_manifest(store, run_id)
-    if manifest is None:
-        raise StorageError(
-            f"run '{run_id}' not found in {store.location}; list the published runs to see "
-            "which exist"
-        )
-    return PublishedRun(run_id, manifest)
-
-
-def _check_ref(ref: str, *, store: Store) -> str:
-    try:
-        return _check_run_id(ref, source=store.location)
-    except FerError as exc:
-        raise StorageError(
-            f"{ref!r} is not a run id, 'latest' or 'champion' (looking in {store.location})"
-        ) from exc
-
-
-def read_report(store: Store, ref: str) -> RunReport:
-    """The ``classification_report.txt`` text and metrics of a published run, verified."""
-    run = resolve_run(store, ref)
-    if REPORT not in run.files:
-        raise StorageError(f"run '{run.run_id}' in {store.location} was published without {REPORT}")
-    data = store.get_bytes(_run_key(run.run_id, REPORT))
-    if data is None:
-        raise StorageError(f"{store.url(_run_key(run.run_id, REPORT))} is missing; publish again")
-    _verify(hashlib.sha256(data).hexdigest(), run=run, name=REPORT)
-    return RunReport(run.run_id, data.decode("utf-8"), run.metrics)
-
-
-def download_run(store: Store, ref: str, *, dest: Path) -> Path:
-    """Download every artifact of a run into ``dest/<run-id>/``, checking each sha256."""
-    run = resolve_run(store, ref)
-    target = Path(dest) / run.run_id
-    with _local_errors("create", target):
-        target.mkdir(parents=True, exist_ok=True)
-    for name in run.files:
-        _download_verified(store, run, name, target=target)
-    with _local_errors("write", target / MANIFEST):
-        (target / MANIFEST).write_bytes(_dump(run.manifest))
-    return target
-
-
-def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Path) -> None:
-    path = target.joinpath(*_safe_parts(name, run=run))
-    partial = path.with_name(path.name + ".part")
-    with _local_errors("write", path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        store.download(_run_key(run.run_id, name), partial)
-        _verify(_sha256(partial), run=run, name=name)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _safe_parts(name: str, *, run: PublishedRun) -> tuple[str, ...]:
-    """A manifest's file name as path parts, refusing anything that escapes the run folder."""
-    if _escapes_run_folder(name):
-        raise StorageError(f"manifest of run '{run.run_id}' names an unsafe file path {name!r}")
-    return PurePosixPath(name).parts
-
-
-def _escapes_run_folder(name: str) -> bool:
-    """Whether a file name from a manifest is empty, absolute or climbs out with '..'."""
-    path = PurePosixPath(name)
-    return not path.parts or path.is_absolute() or ".." in path.parts
-
-
-def _verify(digest: str, *, run: PublishedRun, name: str) -> None:
-    expected = run.files[name]["sha256"]
-    if digest != expected:
-        raise StorageError(
-            f"{name} of run '{run.run_id}' is corrupt: sha256 {digest} does not match the "
-            f"manifest's {expected}; publish the run again"
-        )
-
-
-# --- shared helpers -------------------------------------------------------------------------
-
-
-def _run_key(run_id: str, name: str) -> str:
-    return f"runs/{run_id}/{name}"
-
-
-def _load_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
-    """The remote manifest of a complete run, or ``None`` for a missing or incomplete one."""
-    return _load_json(store, _run_key(run_id, MANIFEST))
-
-
-def _read_pointer(store: Store, name: str) -> dict[str, Any] | None:
-    return _load_json(store, f"{name}.json")
-
-
-def _pointer_run_id(store: Store, name: str) -> str | None:
-    pointer = _read_pointer(store, name)
-    return None if pointer is None else pointer.get("run_id")
-
-
-def _load_json(store: Store, key: str) -> dict[str, Any] | None:
-    data = store.get_bytes(key)
-    if data is None:
-        return None
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        value = None
-    if not isinstance(value, dict):
-        raise StorageError(f"{store.url(key)} is not a JSON object; it was not written by fer")
-    return value
-
-
-def _dump(value: dict[str, Any]) -> bytes:
-    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _parse_time(value: Any) -> datetime:
-    moment = datetime.fromisoformat(value)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _when(created: Any) -> datetime:
-    """A run's creation time for ordering; unreadable times sort oldest."""
-    try:
-        return _parse_time(created)
-    except (TypeError, ValueError):
-        return datetime.min.replace(tzinfo=UTC)

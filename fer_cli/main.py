@@ -75,7 +75,7 @@ def _store(settings: Settings, *, create_bucket: bool = False):
 
 def _publish(run_dir: Path, settings: Settings, *, create_bucket: bool,
              force_champion: bool) -> None:
-    from fer.storage import publish_run
+    from fer.runs import publish_run
 
     result = publish_run(run_dir, _store(settings, create_bucket=create_bucket),
                          force_champion=force_champion)
@@ -425,7 +425,7 @@ def reports_list(
 ) -> None:
     """Published runs, newest first: test accuracy, macro-F1, and the validation accuracy the
     champion is chosen on."""
-    from fer.storage import list_runs
+    from fer.runs import list_runs
 
     runs = list_runs(_store(_settings(storage=storage, endpoint_url=endpoint_url)))
     if as_json:
@@ -457,7 +457,7 @@ def reports_show(
     endpoint_url: EndpointOption = None,
 ) -> None:
     """Print a published run's classification report and metrics."""
-    from fer.storage import read_report
+    from fer.runs import read_report
 
     report = read_report(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref)
     if as_json:
@@ -478,7 +478,7 @@ def reports_get(
     endpoint_url: EndpointOption = None,
 ) -> None:
     """Download every artifact of a published run, verifying each sha256."""
-    from fer.storage import download_run
+    from fer.runs import download_run
 
     folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref,
                           dest=dest)

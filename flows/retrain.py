@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import DataError, FerError, StorageError
 from fer.precision import prefer_onednn
-from fer.storage import REPORT, PublishResult
+from fer.runs import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
@@ -113,7 +113,8 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
 def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
             create_bucket: bool, force_champion: bool = False) -> PublishResult:
     """Upload the run folder to the store and move its latest/champion pointers."""
-    from fer.storage import open_store, publish_run
+    from fer.runs import publish_run
+    from fer.storage import open_store
 
     store = open_store(storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
     return publish_run(Path(run_dir), store, force_champion=force_champion)

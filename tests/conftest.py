@@ -115,3 +115,8 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FER_DATA_DIR", str(folder))
     return folder
 
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """The folder a test's run folders are made in (tests/run_folders.py: make_run)."""
+    return tmp_path / "runs"

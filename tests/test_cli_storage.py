@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 import s3server
+from run_folders import local_files, make_run
 from s3server import BUCKET, free_port
 from test_cli import assert_one_line_error, run_fer
-from test_storage import local_files, make_run
 
 s3_server = s3server.s3_server
 

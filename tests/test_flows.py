@@ -29,7 +29,8 @@ from s3server import BUCKET, free_port
 
 import flows.retrain as retrain_module
 from fer.errors import DataError, FerError
-from fer.storage import LocalStore, PublishResult, list_runs, open_store, read_report
+from fer.runs import PublishResult, list_runs, read_report
+from fer.storage import LocalStore, open_store
 from flows.deploy import ensure_work_pool
 from flows.remote import follow_run, trigger_retrain
 from flows.retrain import (

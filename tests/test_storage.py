@@ -1,359 +1,26 @@
-"""Publishing runs to a local folder and to a real S3 server (SeaweedFS), and reading them back."""
+"""fer.storage: the local-folder and S3 backends (a real SeaweedFS server): opening stores by
+URL, multipart uploads, and S3 failures as one line in bounded time, without secrets."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import socket
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import s3server
+from run_folders import BIG, CrashAfterUploads, make_run, pointers
 from s3server import BUCKET, SeaweedS3, free_port
 
-from fer.errors import FerError, StorageError
-from fer.storage import (
-    LocalStore,
-    S3Store,
-    download_run,
-    list_runs,
-    open_store,
-    publish_run,
-    read_report,
-    resolve_run,
-)
-
-BIG = 9 * 1024 * 1024  # over the 8 MiB multipart threshold
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
+from fer.errors import StorageError
+from fer.runs import list_runs, publish_run
+from fer.storage import LocalStore, S3Store, open_store
 
 # The real S3 server fixtures (assigned, not imported, so test arguments may shadow them).
 s3_server = s3server.s3_server
 s3_env = s3server.s3_env
 integration = pytest.mark.integration
-
-
-def make_run(root: Path, run_id: str, *, accuracy: float, minute: int = 0,
-             big: bool = False, val_accuracy: float | None = None,
-             data_sha256: str = "0" * 64,
-             validation: str = "carved from train (0.1, seed 1337)") -> Path:
-    """A run folder as `fer train` writes it, with dummy artifact bytes.
-
-    The validation accuracy (what the champion is chosen on) is the test accuracy unless given.
-    """
-    folder = root / run_id
-    folder.mkdir(parents=True)
-    (folder / "model.keras").write_bytes(os.urandom(BIG if big else 2048))
-    (folder / "history.csv").write_text("epoch,loss,accuracy\n0,1.9,0.2\n1,1.5,0.4\n")
-    (folder / "curves.png").write_bytes(os.urandom(512))
-    (folder / "confusion_matrix.png").write_bytes(os.urandom(512))
-    (folder / "classification_report.txt").write_text(f"report of {run_id}\naccuracy {accuracy}\n")
-    (folder / "classification_report.json").write_text(json.dumps({"accuracy": accuracy}))
-    metrics = {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "epochs": 2,
-               "per_class_recall": {"happy": accuracy}, "wall_seconds": 3.5,
-               "train_images_per_second": 1000.0,
-               "best_val_accuracy": accuracy if val_accuracy is None else val_accuracy}
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    manifest = {"run_id": run_id, "created": (T0 + timedelta(minutes=minute)).isoformat(),
-                "model": "default", "parameters": {"epochs": 2, "batch_size": 64},
-                "data": {"source": "fer2013.csv", "sha256": data_sha256,
-                         "validation": validation},
-                "versions": {"python": "3.11"}, "seed": 1337, "precision": "float32",
-                "git_commit": "abc123"}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
-
-def local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"}
-
-
-@pytest.fixture(params=["local", pytest.param("s3", marks=integration)])
-def store(request, tmp_path):
-    """An empty store of each backend: a folder, and a fresh prefix on the SeaweedFS server."""
-    if request.param == "local":
-        return open_store(str(tmp_path / "artifacts"))
-    server = request.getfixturevalue("s3_env")
-    return open_store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=server.endpoint_url)
-
-
-@pytest.fixture
-def runs(tmp_path) -> Path:
-    return tmp_path / "runs"
-
-
-class CrashAfterUploads:
-    """A store that fails (or runs ``on_crash``) after N artifact uploads, like a dying publish."""
-
-    def __init__(self, inner, *, uploads: int, on_crash=None) -> None:
-        self.inner, self.left, self.on_crash = inner, uploads, on_crash
-
-    def put_file(self, key, path):
-        if self.left == 0 and self.on_crash is None:
-            raise StorageError("simulated crash")
-        self.inner.put_file(key, path)
-        self.left -= 1
-        if self.left == 0 and self.on_crash is not None:
-            self.on_crash()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-# --- round trip -----------------------------------------------------------------------------
-
-
-def test_publish_then_read_back_byte_identical(store, runs, tmp_path):
-    """Every artifact, the >8 MiB model included, comes back byte for byte."""
-    folder = make_run(runs, "run-a", accuracy=0.61, big=True)
-    result = publish_run(folder, store)
-    assert (result.run_id, result.became_champion) == ("run-a", True)
-    assert result.location == store.url("runs/run-a/")
-
-    [summary] = list_runs(store)
-    assert (summary.run_id, summary.model, summary.epochs) == ("run-a", "default", 2)
-    assert (summary.accuracy, summary.is_champion, summary.is_latest) == (0.61, True, True)
-
-    report = read_report(store, "run-a")
-    assert report.text == (folder / "classification_report.txt").read_text()
-    assert report.metrics["macro_f1"] == pytest.approx(0.51)
-
-    got = download_run(store, "latest", dest=tmp_path / "download")
-    assert got == tmp_path / "download" / "run-a"
-    assert local_files(got) == local_files(folder)
-    assert len(local_files(got)["model.keras"]) == BIG
-
-
-def test_remote_manifest_adds_files_and_metrics(store, runs):
-    """The remote manifest is the local one plus sizes, hashes and metrics of every artifact."""
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    publish_run(folder, store)
-    manifest = resolve_run(store, "run-a").manifest
-    local = json.loads((folder / "manifest.json").read_text())
-    assert {k: manifest[k] for k in local} == local
-    assert manifest["metrics"] == json.loads((folder / "metrics.json").read_text())
-    assert set(manifest["files"]) == set(local_files(folder))
-    assert manifest["files"]["history.csv"]["size"] == (folder / "history.csv").stat().st_size
-
-
-@integration
-def test_large_artifact_uses_multipart_upload(s3_env, runs):
-    """Files over 8 MiB go up as multipart uploads (their ETag carries a part count)."""
-    store = open_store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_env.endpoint_url)
-    publish_run(make_run(runs, "run-a", accuracy=0.5, big=True), store)
-    head = s3_env.client().head_object(Bucket=BUCKET, Key=f"{store.prefix}/runs/run-a/model.keras")
-    assert "-" in head["ETag"]
-    assert head["ContentLength"] == BIG
-
-
-# --- pointers -------------------------------------------------------------------------------
-
-
-def pointers(store) -> tuple[str, str]:
-    return resolve_run(store, "latest").run_id, resolve_run(store, "champion").run_id
-
-
-def test_champion_moves_only_for_better_or_equal_run(store, runs):
-    """latest always moves to the newest run; champion only for validation accuracy >= the
-    champion's."""
-    assert publish_run(make_run(runs, "r1", accuracy=0.60, minute=1), store).became_champion
-    assert not publish_run(make_run(runs, "r2", accuracy=0.55, minute=2), store).became_champion
-    assert pointers(store) == ("r2", "r1")
-    assert publish_run(make_run(runs, "r3", accuracy=0.60, minute=3), store).became_champion
-    assert pointers(store) == ("r3", "r3")
-    flags = {s.run_id: (s.is_latest, s.is_champion) for s in list_runs(store)}
-    assert flags == {"r3": (True, True), "r2": (False, False), "r1": (False, False)}
-
-
-def test_champion_is_chosen_on_validation_never_on_test(store, runs):
-    """A run that scores higher on test but lower on validation does not become the champion."""
-    publish_run(make_run(runs, "r1", accuracy=0.50, val_accuracy=0.60, minute=1), store)
-    lucky = make_run(runs, "r2", accuracy=0.70, val_accuracy=0.59, minute=2)
-    assert not publish_run(lucky, store).became_champion
-    assert pointers(store) == ("r2", "r1")
-
-
-def test_champion_compares_only_runs_on_the_same_data(store, runs):
-    """A run on other data (a subset, a new release) cannot unseat the champion by itself."""
-    publish_run(make_run(runs, "full", accuracy=0.60, minute=1), store)
-    subset = make_run(runs, "subset", accuracy=0.90, minute=2, data_sha256="1" * 64)
-    assert not publish_run(subset, store).became_champion
-    assert pointers(store) == ("subset", "full")
-    small = make_run(runs, "small-validation", accuracy=0.90, minute=3,
-                     validation="carved from train (0.01, seed 1337)")
-    assert not publish_run(small, store).became_champion  # 1% of train: other, noisier images
-    assert pointers(store) == ("small-validation", "full")
-
-
-def test_artifacts_listed_outside_the_run_folder_are_refused(tmp_path, runs):
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "artifacts": ["../x"]}))
-    with pytest.raises(FerError, match=r"artifacts \['\.\./x'\] point outside the run folder"):
-        publish_run(folder, LocalStore(tmp_path / "artifacts"))
-
-
-def test_champion_pointer_from_before_validation_accuracy_is_read_from_its_manifest(store, runs):
-    """A champion.json without val_accuracy (older fer) is compared through its run's manifest."""
-    publish_run(make_run(runs, "old", accuracy=0.50, val_accuracy=0.65, minute=1), store)
-    record = json.loads(store.get_bytes("champion.json"))
-    del record["val_accuracy"], record["data_sha256"], record["validation"]
-    store.put_bytes("champion.json", json.dumps(record).encode())
-    assert not publish_run(make_run(runs, "new", accuracy=0.70, val_accuracy=0.64, minute=2),
-                           store).became_champion
-    assert publish_run(make_run(runs, "newer", accuracy=0.40, val_accuracy=0.66, minute=3),
-                       store).became_champion
-
-
-def test_force_champion_overrides_accuracy(store, runs):
-    """force_champion makes a worse run the champion."""
-    publish_run(make_run(runs, "good", accuracy=0.9, minute=1), store)
-    worse = make_run(runs, "worse", accuracy=0.1, minute=2)
-    result = publish_run(worse, store, force_champion=True)
-    assert result.became_champion
-    assert pointers(store) == ("worse", "worse")
-
-
-def test_list_is_newest_first(store, runs):
-    """list_runs orders by creation time, newest first, whatever the publish order."""
-    publish_run(make_run(runs, "middle", accuracy=0.5, minute=2), store)
-    publish_run(make_run(runs, "newest", accuracy=0.5, minute=3), store)
-    publish_run(make_run(runs, "oldest", accuracy=0.5, minute=1), store)
-    assert [s.run_id for s in list_runs(store)] == ["newest", "middle", "oldest"]
-    assert resolve_run(store, "latest").run_id == "newest"
-
-
-# --- idempotence and incomplete runs --------------------------------------------------------
-
-
-def test_publish_twice_is_harmless(store, runs):
-    """Publishing the same run again changes nothing and succeeds."""
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    first = publish_run(folder, store)
-    manifest = resolve_run(store, "run-a").manifest
-    assert publish_run(folder, store) == first
-    assert resolve_run(store, "run-a").manifest == manifest
-    assert [s.run_id for s in list_runs(store)] == ["run-a"]
-
-
-def test_republish_with_other_files_is_refused(store, runs):
-    """A published run never changes: different files under the same id are refused."""
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    publish_run(folder, store)
-    (folder / "history.csv").write_text("changed\n")
-    with pytest.raises(StorageError, match=r"run 'run-a' is already published .* new id"):
-        publish_run(folder, store)
-
-
-def test_run_without_manifest_is_invisible(store, runs):
-    """Artifacts without a remote manifest are not listed, resolved or downloadable."""
-    publish_run(make_run(runs, "done", accuracy=0.5, minute=1), store)
-    half = make_run(runs, "half", accuracy=0.9, minute=2)
-    for name, data in local_files(half).items():
-        store.put_bytes(f"runs/half/{name}", data)
-    assert [s.run_id for s in list_runs(store)] == ["done"]
-    with pytest.raises(StorageError, match=r"run 'half' not found in .*; list the published runs"):
-        resolve_run(store, "half")
-
-
-def test_crash_mid_publish_leaves_pointers_on_complete_runs(store, runs):
-    """A publish that dies after some uploads is invisible, moves no pointer, and can be redone."""
-    publish_run(make_run(runs, "old", accuracy=0.5, minute=1), store)
-    new = make_run(runs, "new", accuracy=0.9, minute=2)
-    with pytest.raises(StorageError, match="simulated crash"):
-        publish_run(new, CrashAfterUploads(store, uploads=2))
-    assert [s.run_id for s in list_runs(store)] == ["old"]
-    assert pointers(store) == ("old", "old")
-    assert publish_run(new, store).became_champion
-    assert pointers(store) == ("new", "new")
-
-
-# --- reading errors -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("ref", "message"), [
-    ("nope", r"run 'nope' not found in .*; list the published runs"),
-    ("latest", r"no run is marked 'latest' in .* yet; publish a run"),
-    ("champion", r"no run is marked 'champion' in .* yet; publish a run"),
-    ("../etc", r"'../etc' is not a run id, 'latest' or 'champion'"),
-])
-def test_unknown_reference_is_a_clear_error(store, ref, message):
-    """Resolving a missing run or an unset pointer names what was asked and where."""
-    with pytest.raises(StorageError, match=message):
-        resolve_run(store, ref)
-
-
-def test_download_detects_sha256_mismatch(store, runs, tmp_path):
-    """A stored artifact whose bytes differ from the manifest's sha256 is refused by name."""
-    publish_run(make_run(runs, "run-a", accuracy=0.5), store)
-    store.put_bytes("runs/run-a/history.csv", b"tampered\n")
-    with pytest.raises(StorageError, match=r"history\.csv of run 'run-a' is corrupt: sha256"):
-        download_run(store, "run-a", dest=tmp_path / "download")
-    assert not (tmp_path / "download" / "run-a" / "history.csv").exists()
-
-
-def test_report_detects_sha256_mismatch(store, runs):
-    """read_report refuses a report whose bytes do not match the manifest."""
-    publish_run(make_run(runs, "run-a", accuracy=0.5), store)
-    store.put_bytes("runs/run-a/classification_report.txt", b"forged report\n")
-    with pytest.raises(StorageError, match=r"classification_report\.txt of run 'run-a' is corrupt"):
-        read_report(store, "champion")
-
-
-# --- run folder validation ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("missing", ["metrics.json", "manifest.json"])
-def test_publish_refuses_incomplete_run_folder(tmp_path, runs, missing):
-    """A run folder without metrics.json or manifest.json is refused, naming folder and file."""
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    (folder / missing).unlink()
-    store = LocalStore(tmp_path / "artifacts")
-    with pytest.raises(FerError, match=rf"run folder .*run-a has no {missing}"):
-        publish_run(folder, store)
-    assert store.run_ids() == []
-
-
-@pytest.mark.parametrize(("file", "patch", "message"), [
-    ("manifest.json", {"run_id": "latest"}, r"manifest\.json: run_id 'latest' is not a valid"),
-    ("manifest.json", {"run_id": "a/b"}, r"run_id 'a/b' is not a valid run id"),
-    ("manifest.json", {"created": "yesterday"}, r"created 'yesterday' is not an ISO-8601 time"),
-    ("metrics.json", {"accuracy": "high"}, r"metrics\.json: accuracy 'high' must be a number"),
-])
-def test_publish_refuses_bad_run_metadata(tmp_path, runs, file, patch, message):
-    """Unusable run ids, times or accuracies are refused before anything is uploaded."""
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    data = json.loads((folder / file).read_text())
-    (folder / file).write_text(json.dumps({**data, **patch}))
-    with pytest.raises(FerError, match=message):
-        publish_run(folder, LocalStore(tmp_path / "artifacts"))
-
-
-def test_publish_uploads_only_the_artifacts_the_manifest_lists(store, runs):
-    """`fer evaluate` writes evaluation/ into the run folder; publishing leaves it out."""
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    listed = sorted(local_files(folder))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "artifacts": listed}))
-    (folder / "evaluation").mkdir()
-    (folder / "evaluation" / "classification_report.txt").write_text("other data\n")
-    publish_run(folder, store)
-    assert sorted(resolve_run(store, "run-a").manifest["files"]) == listed
-    publish_run(folder, store)  # still the same files: harmless, not "different files"
-
-
-def test_publish_names_a_listed_artifact_that_is_missing(tmp_path, runs):
-    folder = make_run(runs, "run-a", accuracy=0.5)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps(
-        {**manifest, "artifacts": ["model.keras", "confusion_matrix.png"]}))
-    (folder / "confusion_matrix.png").unlink()
-    with pytest.raises(FerError, match=r"run-a has no confusion_matrix\.png \(listed in manifest"):
-        publish_run(folder, LocalStore(tmp_path / "artifacts"))
 
 
 # --- opening stores -------------------------------------------------------------------------
@@ -517,3 +184,13 @@ def test_s3_store_is_the_s3_backend(s3_env):
     store = open_store(f"s3://{BUCKET}/a/b/", endpoint_url=s3_env.endpoint_url)
     assert isinstance(store, S3Store)
     assert (store.bucket, store.prefix, store.location) == (BUCKET, "a/b", f"s3://{BUCKET}/a/b")
+
+
+@integration
+def test_large_artifact_uses_multipart_upload(s3_env, runs):
+    """Files over 8 MiB go up as multipart uploads (their ETag carries a part count)."""
+    store = open_store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=s3_env.endpoint_url)
+    publish_run(make_run(runs, "run-a", accuracy=0.5, big=True), store)
+    head = s3_env.client().head_object(Bucket=BUCKET, Key=f"{store.prefix}/runs/run-a/model.keras")
+    assert "-" in head["ETag"]
+    assert head["ContentLength"] == BIG
