@@ -83,14 +83,10 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
             verbose=verbose))
     wall_seconds = time.perf_counter() - started
 
-    saved = averaging([with_precision(m.model, policy="float32") if precision != "float32" else m.model
-                       for m in members], flip=config.tta)
-    saved.save(run_dir / "model.keras")
-    _write_history([m.history for m in members], run_dir / "history.csv")
-    plot_curves([m.history for m in members], run_dir / "curves.png")
+    saved = _save_model(members, run_dir, precision=precision, tta=config.tta)
     training_metrics = _training_metrics(members, config, dataset, precision=precision,
                                          spec=spec, wall_seconds=wall_seconds)
-    if len(members) > 1 or config.tta:  # what averaging adds, measured where selection happens
+    if averaged:  # what averaging adds, measured where selection happens
         predicted = predict_labels(saved, dataset.validation.images)
         training_metrics["saved_model_val_accuracy"] = round(
             float(np.mean(predicted == dataset.validation.labels)), 4)
@@ -111,6 +107,18 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult
         "artifacts": list(RUN_FILES),
     })
     return RunResult(run_id=run_id, run_dir=run_dir, metrics=training_metrics)
+
+
+def _save_model(members: list[Member], run_dir: Path, *, precision: str,
+                tta: bool) -> keras.Model:
+    """Save the members' average (with ``tta``: over each image and its mirror too) in
+    float32, which loads and runs everywhere, with their history and curves; return it."""
+    saved = averaging([m.model if precision == "float32"
+                       else with_precision(m.model, policy="float32") for m in members], flip=tta)
+    saved.save(run_dir / "model.keras")
+    _write_history([m.history for m in members], run_dir / "history.csv")
+    plot_curves([m.history for m in members], run_dir / "curves.png")
+    return saved
 
 
 @dataclass

@@ -212,12 +212,10 @@ def train(
     config = _checked_config(options, seed=seed, val_fraction=val_fraction,
                              precision=precision, out=out)
     if remote:
-        parameters = {**options, "seed": seed, "val_fraction": val_fraction,
-                      "precision": precision, "data": data, "storage": storage,
-                      "out_dir": str(out) if out != DEFAULT_OUT else None,
-                      "create_bucket": create_bucket or None,
-                      "force_champion": force_champion or None}
-        _train_remotely({k: v for k, v in parameters.items() if v is not None}, wait=wait)
+        _train_remotely(_remote_parameters(
+            options, seed=seed, val_fraction=val_fraction, precision=precision, data=data,
+            storage=storage, out=out, create_bucket=create_bucket,
+            force_champion=force_champion), wait=wait)
         return
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if publish:
@@ -231,6 +229,17 @@ def train(
     if publish:
         _publish(result.run_dir, settings, create_bucket=create_bucket,
                  force_champion=force_champion)
+
+
+def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_champion: bool,
+                       **given) -> dict:
+    """The retrain deployment's parameters for what the user asked: the profile's options and
+    the given values; unset ones are left out, so the deployment's own defaults apply."""
+    parameters = {**options, **given,
+                  "out_dir": str(out) if out != DEFAULT_OUT else None,
+                  "create_bucket": create_bucket or None,
+                  "force_champion": force_champion or None}
+    return {key: value for key, value in parameters.items() if value is not None}
 
 
 def _import_flows(module: str):
