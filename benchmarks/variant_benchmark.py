@@ -234,7 +234,7 @@ def keep_last_epoch() -> None:
 
     class KeepLastWeights(fer.train.KeepBestWeights):
         def on_epoch_end(self, epoch, logs=None):
-            self.best_value, self.best_epoch = float((logs or {}).get(self.monitor, 0)), epoch + 1
+            self.best_value, self.best_epoch = float((logs or {}).get("val_accuracy", 0)), epoch + 1
 
     fer.train.KeepBestWeights = KeepLastWeights
 

@@ -1,0 +1,65 @@
+"""The benchmark scripts behind BENCHMARKS.md still run against fer's current API (nothing
+else imports them): one epoch of a variant with --refit, and one round of inference timing,
+on a small subset of the real archive."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The script as BENCHMARKS.md runs it (from benchmarks/), its data cache under tmp_path."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, name, *map(str, args)], cwd=BENCHMARKS, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.integration
+def test_variant_benchmark_trains_and_refits(tmp_path, fer_subset):
+    """--refit keeps the last epoch through a subclass of fer.train.KeepBestWeights, which
+    broke once when that class changed under it."""
+    done = run_script("variant_benchmark.py", "--data", fer_subset, "--variant", "default",
+                      "--epochs", "1", "--refit", "--out", tmp_path / "runs", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r'^default: \{"best_epoch": 1, "best_val_accuracy": 0\.\d+, "accuracy": ',
+                     done.stdout, re.MULTILINE), done.stdout
+
+
+@pytest.mark.integration
+def test_inference_benchmark_prints_the_ratio_to_the_peer(tmp_path, fer_subset):
+    done = run_script("inference_benchmark.py", "--data", fer_subset, "--rounds", "1",
+                      "--batch-size", "64", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^mini-xception\s+float32\s+\d+ images/s", done.stdout, re.MULTILINE)
+    assert re.search(r"^ratios \(fer at auto = \w+ vs the peer at its faster precision\): "
+                     r"throughput \d+\.\d\dx the peer's", done.stdout, re.MULTILINE), done.stdout
+
+
+@pytest.mark.integration
+def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_average(
+        tmp_path, fer_subset):
+    """train_benchmark.py prints the profile's figures as ratios to the seed model's (timed
+    here over 3 steps, not an epoch), and ensemble_benchmark.py averages the run it wrote."""
+    done = run_script("train_benchmark.py", "--data", fer_subset, "--profile", "fast",
+                      "--epochs", "1", "--seed-steps", "3", "--out", tmp_path / "runs",
+                      tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^seed: \d+\.\d train images/s over 3 steps of 64", done.stdout, re.MULTILINE)
+    assert re.search(r"^ratios: training images/s \d+\.\d\dx the seed's; wall time \d+\.\d{3} of "
+                     r"the seed's 20 epochs", done.stdout, re.MULTILINE), done.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    averaged = run_script("ensemble_benchmark.py", "--data", fer_subset, "--run", run_dir,
+                          "--run", run_dir, "--save", tmp_path / "average.keras",
+                          tmp_path=tmp_path)
+    assert averaged.returncode == 0, averaged.stderr[-3000:]
+    assert re.search(r"^average of 2 \+ flip: validation 0\.\d{4}  test 0\.\d{4}  macro-F1 ",
+                     averaged.stdout, re.MULTILINE), averaged.stdout
+    assert (tmp_path / "average.keras").is_file()
