@@ -38,7 +38,8 @@ PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE
 CSV_USAGES = ("Training", "PublicTest", "PrivateTest")
 SPLIT_FOLDERS = ("train", "test")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-CACHE_FORMAT = 2  # bump when decoding changes (2: one resize for train and predict)
+CACHE_FORMAT = 3  # bump when decoding changes (2: one resize for train and predict; 3: each
+# CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone)
 
 
 @dataclass(frozen=True)
@@ -353,10 +354,10 @@ def _parse_pixels(region: np.ndarray, *, row_starts: np.ndarray) -> np.ndarray |
     """Tokenise space-separated 0-255 integers, PIXELS_PER_IMAGE per row (each row's text
     starts at its ``row_starts`` offset); None when anything is off (then diagnose).
 
-    Every row's count is checked, not only the total: a row one value short followed by one
-    a value long would otherwise shift pixels from one face into the next.
+    Every row's count is checked, not only the total: a row one value short followed by one a
+    value too long would otherwise shift pixels from one face into the next.
     """
-    chunk_bytes = 2 << 20  # cache-sized pieces, split at spaces, parsed on both cores
+    chunk_bytes = 2 << 20  # cache-sized pieces, split at spaces, parsed in parallel
     cuts = [0]
     while cuts[-1] + chunk_bytes < len(region):
         cut = cuts[-1] + chunk_bytes

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -114,7 +115,8 @@ def fetch_data(
                         endpoint_url=endpoint_url or settings.endpoint_url, progress=progress)
     typer.echo(f"dataset ready: {fetched.path}")
     if fetched.file_sha256 and fetched.file_sha256 != fetched.sha256:
-        typer.echo(f"sha256 of {Path(source).name or source}: {fetched.file_sha256} "
+        typer.echo(f"sha256 of {Path(urllib.parse.urlparse(source).path).name or source}: "
+                   f"{fetched.file_sha256} "
                    "(what --sha256 checks)")
         typer.echo(f"data sha256: {fetched.sha256} (of the unpacked dataset: what run "
                    "manifests record)")

@@ -1,5 +1,6 @@
 """The benchmark scripts behind BENCHMARKS.md still run against fer's current API (nothing
-else imports them): one epoch of a variant with --refit, and one round of inference timing,
+else imports them): one epoch of a variant with --refit, one of a profile against the seed
+model timed over a few steps, the average of saved runs, and one round of inference timing,
 on a small subset of the real archive."""
 
 from __future__ import annotations

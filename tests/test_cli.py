@@ -77,12 +77,6 @@ def test_zip_slip_is_one_line_error(tmp_path, data_dir):
     assert_one_line_error(run_fer("fetch-data", "--source", archive), r"zip-slip")
 
 
-def test_unknown_model_is_one_line_error(tmp_path, data_dir):
-    root = write_image_tree(tmp_path / "layout", per_class=1)
-    assert_one_line_error(run_fer("train", "--data", root, "--model", "resnet"),
-                          r"unknown model 'resnet'")
-
-
 @pytest.mark.parametrize(("option", "pattern"), [
     (["--model", "resnet"], r"unknown model 'resnet'"),
     (["--precision", "fp8"], r"--precision fp8: expected one of auto"),

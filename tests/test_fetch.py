@@ -52,7 +52,7 @@ def test_an_edited_local_source_is_copied_again(tmp_path, shaded_csv):
     assert file_sha256(tmp_path / "d" / "downloads" / "fer2013.csv") == file_sha256(shaded_csv)
 
 
-def test_missing_local_source(tmp_path):
+def test_missing_local_source_is_named(tmp_path):
     with pytest.raises(DataError, match=r"nothing\.zip: no such file or folder"):
         fetch_data(str(tmp_path / "nothing.zip"), data_dir=tmp_path / "d")
 
@@ -100,6 +100,7 @@ def test_http_errors_say_whether_retrying_can_help(tmp_path, status, error, tran
                        data_dir=tmp_path / "d")
     finally:
         server.shutdown()
+        server.server_close()
     assert getattr(raised.value, "transient", None) is transient
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 

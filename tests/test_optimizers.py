@@ -58,6 +58,7 @@ def test_conv_muon_update_is_scaled_to_adamw_size():
                                             ("adamw", keras.optimizers.AdamW),
                                             ("muon", ConvMuon)])
 def test_build_optimizer_makes_each_kind(kind, expected):
+    """Each optimiser name a ModelSpec may carry builds that optimiser, with its weight decay."""
     optimizer = build_optimizer(kind, learning_rate=1e-3, weight_decay=0.05, total_steps=100)
     assert type(optimizer) is expected
     if kind == "muon":  # the spec's weight decay on both halves, not Keras' default 0.004

@@ -28,7 +28,7 @@ def test_explicit_precision_overrides_detection():
     assert choose_precision("float32", flags={"avx512_bf16"}, gpu=False) == "float32"
 
 
-def test_unknown_precision_is_refused():
+def test_unknown_precision_is_refused_with_the_valid_names():
     with pytest.raises(FerError, match=r"--precision half: expected one of auto, float32"):
         choose_precision("half")
 

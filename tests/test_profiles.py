@@ -15,6 +15,7 @@ def test_default_profile_is_the_original_interface():
 
 @pytest.mark.parametrize("name", ["default", "fast", "best"])
 def test_profiles_name_registered_models(name):
+    """A profile cannot ship naming a model the registry does not have."""
     assert PROFILES[name].train_options["model"] in REGISTRY
 
 
@@ -59,6 +60,6 @@ def test_user_options_win_over_the_profile():
     assert "learning_rate" not in PROFILES["fast"].options_with(model="default")
 
 
-def test_unknown_profile():
+def test_unknown_profile_lists_the_known_ones():
     with pytest.raises(FerError, match=r"unknown profile 'huge' \(expected one of default, fast"):
         get_profile("huge")
