@@ -87,6 +87,21 @@ def fer_log_in_run_log() -> Iterator[None]:
 
 
 @task
+def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool) -> None:
+    """Open the store before anything else, so that a missing bucket, a wrong key or denied
+    access fails the run in seconds rather than after the training. A store that cannot be
+    reached just now is only warned about: publish retries it when the training is done."""
+    from fer.storage import open_store
+
+    try:
+        open_store(storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
+    except StorageError as exc:
+        if not exc.transient:
+            raise
+        get_run_logger().warning("%s; training anyway, publishing will try again", exc)
+
+
+@task
 def train(source: str, config: TrainConfig, *, data_dir: str) -> str:
     """Fit a model on the source's train split; the run folder it wrote."""
     from fer.data import load_dataset
@@ -147,7 +162,7 @@ def retrain(
     """
     prefer_onednn()  # the tasks import TensorFlow later, in this process
     settings = Settings.from_env()
-    endpoint_url = endpoint_url or settings.endpoint_url
+    storage, endpoint_url = storage or settings.storage, endpoint_url or settings.endpoint_url
     data_dir = str(settings.data_dir)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
                          val_fraction=val_fraction, learning_rate=learning_rate,
@@ -155,13 +170,13 @@ def retrain(
                          out_dir=Path(out_dir))
 
     with fer_log_in_run_log():
+        check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
         source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
         run_dir = train(source, config, data_dir=data_dir)
         metrics = evaluate(run_dir, source, data_dir=data_dir)
         _post_report(Path(run_dir), metrics)
-        published = publish(run_dir, storage=storage or settings.storage,
-                            endpoint_url=endpoint_url, create_bucket=create_bucket,
-                            force_champion=force_champion)
+        published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
+                            create_bucket=create_bucket, force_champion=force_champion)
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")

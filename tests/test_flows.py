@@ -209,6 +209,11 @@ def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tin
     assert f"cannot reach S3 endpoint {dead}" in state.message
     flow_run_id = state.state_details.flow_run_id
     runs = task_runs(flow_run_id)
+    # The endpoint was already dead when the run began: a warning, not a failure, since a
+    # store that is down for a moment may be back when the training is done.
+    assert runs["check_storage"].state.is_completed()
+    assert any(f"cannot reach S3 endpoint {dead}" in line and "training anyway" in line
+               for line in run_log(flow_run_id, containing="training anyway"))
     assert runs["publish"].run_count == NETWORK_RETRIES + 1
     assert runs["train"].run_count == 1
     # The report is posted before publishing, so a run that failed to upload still shows it.
@@ -216,14 +221,24 @@ def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tin
 
 
 @integration
-def test_denied_access_is_not_retried(prefect_api, s3_env, tiny_fer_zip, data_dir, tmp_path,
-                                      monkeypatch):
-    """A wrong secret key fails publish at once: retries would only wait 130 s to fail again."""
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + uuid.uuid4().hex)
-    state = retrain(**TINY, data=str(tiny_fer_zip), storage=f"s3://{BUCKET}/denied",
+@pytest.mark.parametrize(("secret", "bucket", "message"), [
+    ("wrong", BUCKET, "denied access"),
+    (None, "no-such-bucket", "bucket 'no-such-bucket' does not exist"),
+])
+def test_a_store_that_will_not_work_fails_the_run_before_training(
+        prefect_api, s3_env, tiny_fer_zip, data_dir, tmp_path, monkeypatch, secret, bucket,
+        message):
+    """A wrong secret key or a missing bucket fails the run in its first task, once: no
+    download, no training to throw away, no retries that would only wait 130 s."""
+    if secret:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"{secret}-{uuid.uuid4().hex}")
+    state = retrain(**TINY, data=str(tiny_fer_zip), storage=f"s3://{bucket}/early",
                     out_dir=str(tmp_path / "runs"), return_state=True)
-    assert state.is_failed() and "denied access" in state.message
-    assert task_runs(state.state_details.flow_run_id)["publish"].run_count == 1
+    assert state.is_failed() and message in state.message
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["check_storage"].run_count == 1
+    assert {"fetch_data", "train", "publish"}.isdisjoint(runs)
+    assert not (tmp_path / "runs").exists()
 
 
 # --- deployment runs on a worker --------------------------------------------------------------
