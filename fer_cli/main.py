@@ -309,6 +309,9 @@ def retrain(
     force_champion: ForceChampionOption = False,
 ) -> None:
     """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
+    # The temporary server Prefect starts here would send its usage analytics, and log an
+    # error where the machine is offline; PREFECT_SERVER_ANALYTICS_ENABLED=true turns them on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
@@ -508,11 +511,16 @@ def list_models() -> None:
 
 
 class _LogLines(logging.Formatter):
-    """fer's progress lines bare, as a person reads them; a warning or worse from any library
-    led by its level ("warning: ...", "error: ..."), with its traceback if it has one."""
+    """fer's progress lines bare, as a person reads them; a Prefect run's lines led by the
+    run's name, as Prefect prints them; a warning or worse from any library led by its level
+    ("warning: ...", "error: ..."), with its traceback if it has one."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
+        if getattr(record, "task_run_name", None):
+            message = f"Task run '{record.task_run_name}' - {message}"
+        elif getattr(record, "flow_run_name", None):
+            message = f"Flow run '{record.flow_run_name}' - {message}"
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
         if record.exc_info:
@@ -520,18 +528,26 @@ class _LogLines(logging.Formatter):
         return message
 
 
-def _fer_or_warning(record: logging.LogRecord) -> bool:
-    """fer's own INFO lines pass; other libraries' only from warnings up (a library that sets
-    its logger to INFO would otherwise fill the terminal)."""
+# The loggers of a Prefect flow run and its task runs: the run's states, and fer's progress
+# lines, which the retrain flow forwards into its run's log (flows/retrain.py).
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def _shown_on_console(record: logging.LogRecord) -> bool:
+    """fer's own INFO lines pass, and a Prefect run's (`fer retrain`); other libraries' only
+    from warnings up (a library that sets its logger to INFO would otherwise fill the
+    terminal, Prefect's server among them)."""
     return (record.levelno >= logging.WARNING or record.name == "fer"
-            or record.name.startswith("fer."))
+            or record.name.startswith("fer.") or record.name in PREFECT_RUN_LOGGERS)
 
 
 def _configure_logging() -> None:
-    """To stderr, keeping stdout for results: fer's progress, and everyone's warnings."""
+    """To stderr, keeping stdout for results: fer's progress, a Prefect run's lines, and
+    everyone's warnings. Prefect, imported later, then leaves the root logger to this
+    handler and its own loggers propagate to it."""
     handler = logging.StreamHandler()
     handler.setFormatter(_LogLines())
-    handler.addFilter(_fer_or_warning)
+    handler.addFilter(_shown_on_console)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("fer").setLevel(logging.INFO)
 

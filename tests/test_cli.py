@@ -126,12 +126,16 @@ def test_remote_only_options_are_usage_errors():
 
 
 def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up():
-    """On stderr, fer's INFO lines read as plain sentences; another library's INFO is left
-    out, its warnings and errors say their level, and a logged traceback is kept."""
-    from fer_cli.main import _fer_or_warning, _LogLines
+    """On stderr, fer's INFO lines read as plain sentences and a Prefect run's lead with the
+    run's name; another library's INFO (Prefect's server too) is left out, its warnings and
+    errors say their level, and a logged traceback is kept."""
+    from fer_cli.main import _LogLines
+    from fer_cli.main import _shown_on_console as shown
 
-    def record(name, level, message, exc_info=None):
-        return logging.LogRecord(name, level, __file__, 1, message, None, exc_info)
+    def record(name, level, message, exc_info=None, **extra):
+        made = logging.LogRecord(name, level, __file__, 1, message, None, exc_info)
+        made.__dict__.update(extra)
+        return made
 
     try:
         raise ValueError("boom")
@@ -139,10 +143,16 @@ def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up(
         failure = sys.exc_info()
     lines = _LogLines()
     progress = record("fer.train", logging.INFO, "member 1 of 3 (seed 1337)")
-    assert _fer_or_warning(progress) and lines.format(progress) == "member 1 of 3 (seed 1337)"
-    assert not _fer_or_warning(record("prefect.task_runs", logging.INFO, "Finished"))
+    assert shown(progress) and lines.format(progress) == "member 1 of 3 (seed 1337)"
+    task = record("prefect.task_runs", logging.INFO, "Finished", task_run_name="train-1a2",
+                  flow_run_name="calm-otter")
+    assert shown(task) and lines.format(task) == "Task run 'train-1a2' - Finished"
+    flow = record("prefect.flow_runs", logging.INFO, "Beginning", flow_run_name="calm-otter")
+    assert shown(flow) and lines.format(flow) == "Flow run 'calm-otter' - Beginning"
+    assert not shown(record("prefect.server.api.server", logging.INFO, "Started"))
+    assert not shown(record("httpx", logging.INFO, "HTTP Request: GET"))
     warned = record("tensorflow", logging.WARNING, "retracing")
-    assert _fer_or_warning(warned) and lines.format(warned) == "warning: retracing"
+    assert shown(warned) and lines.format(warned) == "warning: retracing"
     failed = lines.format(record("prefect.flow_runs", logging.ERROR, "task failed", failure))
     assert failed.startswith("error: task failed\nTraceback") and "ValueError: boom" in failed
 
