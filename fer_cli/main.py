@@ -308,9 +308,11 @@ def retrain(
     create_bucket: CreateBucketOption = False,
     force_champion: ForceChampionOption = False,
 ) -> None:
-    """Run the Prefect retrain flow in this process: fetch, train, evaluate, publish."""
+    """Run the Prefect retrain flow in this process: check the store, fetch, train, evaluate,
+    publish."""
     # The temporary server Prefect starts here would send its usage analytics, and log an
-    # error where the machine is offline; PREFECT_SERVER_ANALYTICS_ENABLED=true turns them on.
+    # error where the machine is offline; PREFECT_SERVER_ANALYTICS_ENABLED=true set in the
+    # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)

@@ -1,4 +1,5 @@
-"""The ``retrain`` flow: fetch data, train, evaluate, publish; each task one call into ``fer``.
+"""The ``retrain`` flow: check the store, fetch data, train, evaluate, publish; each task one
+call into ``fer``.
 
 Tasks hand each other paths (as ``str``) and small records, never arrays: the dataset is
 decoded from fer's cache wherever it is needed. TensorFlow is imported inside the tasks, so
@@ -69,9 +70,9 @@ def fer_log_in_run_log() -> Iterator[None]:
     """Inside a flow: fer's log (what trains, in what precision and why, what each member
     chose; a dataset's warnings) goes to the run's log, so the run's page and `prefect
     flow-run logs` show it; Keras' epoch lines go to the worker's stdout only. fer's records
-    stop propagating meanwhile, so a terminal running the flow (`fer retrain`) shows them
-    once, through Prefect's console. INFO is let through unless fer's logger already lets
-    more through (DEBUG)."""
+    stop propagating meanwhile, so a terminal running the flow shows them once, through the
+    root logger's handler (Prefect's console; under `fer retrain`, the CLI's). INFO is let
+    through unless fer's logger already lets more through (DEBUG)."""
     fer_logger = logging.getLogger("fer")
     handler = _ToRunLog(get_run_logger())
     level, propagate = fer_logger.level, fer_logger.propagate
