@@ -1,6 +1,7 @@
 """Dataset sources: the original ``fer2013.csv`` and Kaggle's image-folder layout.
 
-Both forms arrive plain, as a folder, or inside a .zip/.tar(.gz) archive. Labels are
+Both forms arrive plain, as a folder, or inside a .zip/.tar(.gz) archive (the CSV parser
+itself is fer.csv_reader). Labels are
 mapped to ``fer.labels.CLASS_NAMES`` by name, never by position. Decoded arrays are
 cached as ``.npz`` keyed by the source's sha256 so a second load costs milliseconds.
 
@@ -13,7 +14,6 @@ The test split is never used for model selection.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -22,20 +22,18 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
+from fer.csv_reader import read_fer_csv
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
-PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE
-CSV_USAGES = ("Training", "PublicTest", "PrivateTest")
 SPLIT_FOLDERS = ("train", "test")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 CACHE_FORMAT = 3  # bump when decoding changes (2: one resize for train and predict; 3: each
@@ -148,18 +146,23 @@ def read_splits(source: Path) -> dict[str, Split]:
     if source.is_dir():
         csvs = sorted(source.glob("*.csv"))
         if not any((source / s).is_dir() for s in SPLIT_FOLDERS) and len(csvs) == 1:
-            return read_fer_csv(csvs[0].read_bytes(), origin=str(csvs[0]))
+            return _csv_splits(csvs[0].read_bytes(), origin=str(csvs[0]))
         return read_image_layout(_folder_entries(source), origin=str(source))
     if name.endswith(".csv"):
-        return read_fer_csv(source.read_bytes(), origin=str(source))
+        return _csv_splits(source.read_bytes(), origin=str(source))
     if name.endswith(ARCHIVE_SUFFIXES):
         entries = list(_archive_entries(source))
         csvs = [(n, read) for n, read in entries if n.lower().endswith(".csv")]
         if len(csvs) == 1:
-            return read_fer_csv(csvs[0][1](), origin=f"{source}!{csvs[0][0]}")
+            return _csv_splits(csvs[0][1](), origin=f"{source}!{csvs[0][0]}")
         return read_image_layout(iter(entries), origin=str(source))
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     "or a folder with train/ and test/)")
+
+
+def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
+    return {name: Split(images=images, labels=labels)
+            for name, (images, labels) in read_fer_csv(data, origin=origin).items()}
 
 
 def _folder_entries(root: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
@@ -232,213 +235,6 @@ def safe_extract(archive: Path, dest: Path) -> Path:
 
 def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-# --------------------------------------------------------------------------- CSV
-
-
-def read_fer_csv(data: bytes, *, origin: str) -> dict[str, Split]:
-    """Parse the original ``emotion,pixels,Usage`` CSV (vectorised; errors name the line)."""
-    columns = _split_plain_csv(data) or _split_csv_with_pandas(data, origin=origin)
-    emotions, pixel_region, row_starts, usages, lines = columns
-    if not emotions:
-        raise DataError(f"{origin}: the CSV has a header but no rows (empty source)")
-    labels = _parse_labels(emotions, lines=lines, origin=origin)
-    images = _parse_pixels(pixel_region, row_starts=row_starts)
-    if images is None:
-        _diagnose_pixels(data, origin=origin)
-    usage = np.asarray(usages)
-    unknown = ~np.isin(usage, CSV_USAGES)
-    if unknown.any():
-        row = int(np.argmax(unknown))
-        raise DataError(f"{origin}, line {lines[row]}: unknown Usage '{usage[row]}' "
-                        f"(expected one of {', '.join(CSV_USAGES)})")
-    has_private = bool((usage == "PrivateTest").any())
-    mapping = {"Training": "train",
-               "PublicTest": "validation" if has_private else "test",
-               "PrivateTest": "test"}
-    splits = {}
-    for usage_name, split_name in mapping.items():
-        mask = usage == usage_name
-        if mask.any():
-            splits[split_name] = Split(images=images[mask], labels=labels[mask])
-    return splits
-
-
-CsvColumns = tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray]
-"""emotions, the pixel text as one byte region (rows separated by spaces), where each row's
-pixels start in it, usages, and each row's line in the file."""
-
-
-def _split_plain_csv(data: bytes) -> CsvColumns | None:
-    """Columns of an unquoted ``emotion,pixels,Usage`` file without copying the pixels.
-
-    Returns None for anything else (quotes, other column order, blank lines between rows),
-    which the pandas path reads.
-    The pixel bytes are parsed in place: the text between one row's pixels and the next
-    (``,Training\\n3,``) is overwritten with spaces so one pass tokenises every row.
-    """
-    header_end = data.find(b"\n")
-    if header_end < 0 or data[:header_end].strip().decode("latin-1") != "emotion,pixels,Usage":
-        return None
-    if b'"' in data:
-        return None
-    buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
-    body = buffer[header_end + 1:]
-    line_ends = np.flatnonzero(body == 10)
-    if len(line_ends) == 0 or line_ends[-1] != len(body) - 1:
-        line_ends = np.append(line_ends, len(body))
-    line_starts = np.concatenate(([0], line_ends[:-1] + 1))
-    keep = line_ends > line_starts
-    if not keep.all() and keep[np.argmin(keep):].any():
-        return None  # a blank line between rows: the pandas path keeps the line numbers right
-    line_starts, line_ends = line_starts[keep], line_ends[keep]
-    commas = np.flatnonzero(body == 44)
-    if len(commas) != 2 * len(line_starts) or len(line_starts) == 0:
-        return None
-    first, second = commas[0::2], commas[1::2]
-    if not ((first > line_starts) & (second < line_ends)).all() or \
-            not (first[1:] > line_ends[:-1]).all():
-        return None
-    raw = data[header_end + 1:]
-    emotions = [raw[s:e].decode("latin-1") for s, e in zip(line_starts, first, strict=True)]
-    usages = [raw[s + 1:e].decode("latin-1").strip()
-              for s, e in zip(second, line_ends, strict=True)]
-    for end_of_pixels, start_of_next in zip(second[:-1], first[1:], strict=True):
-        body[end_of_pixels:start_of_next + 1] = 32
-    return (emotions, body[first[0] + 1:second[-1]], first - first[0], usages,
-            np.arange(2, len(emotions) + 2))
-
-
-def _split_csv_with_pandas(data: bytes, *, origin: str) -> CsvColumns:
-    frame, lines = _read_csv_frame(data, origin=origin)
-    # Characters outside latin-1 become '?', which the pixel parse rejects, naming the row.
-    texts = [text.encode("latin-1", errors="replace") for text in frame["pixels"]]
-    row_starts = np.cumsum([0] + [len(text) + 1 for text in texts[:-1]])
-    return (frame["emotion"].tolist(), np.frombuffer(bytearray(b" ".join(texts)), dtype=np.uint8),
-            row_starts, frame["Usage"].str.strip().tolist(), lines)
-
-
-def _read_csv_frame(data: bytes, *, origin: str):
-    """The CSV's non-blank rows as strings, and the line each came from (blank lines count)."""
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
-                            skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{origin}: not a readable CSV ({exc})") from None
-    frame.columns = [c.strip() for c in frame.columns]
-    missing = [c for c in ("emotion", "pixels", "Usage") if c not in frame.columns]
-    if missing:
-        raise DataError(f"{origin}: missing column(s) {', '.join(missing)} "
-                        "(expected the header emotion,pixels,Usage)")
-    blank = (frame == "").all(axis=1)
-    return frame[~blank], np.flatnonzero(~blank.to_numpy()) + 2
-
-
-def _parse_labels(emotions: list[str], *, lines: np.ndarray, origin: str) -> np.ndarray:
-    text = np.char.strip(np.asarray(emotions, dtype=str))
-    is_int = np.char.isdigit(text)
-    values = np.where(is_int, text, "-1").astype(np.int64)
-    bad = (values < 0) | (values >= NUM_CLASSES)
-    if bad.any():
-        row = int(np.argmax(bad))
-        legend = ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
-        raise DataError(f"{origin}, line {lines[row]}: emotion '{text[row]}' is not a label "
-                        f"0-{NUM_CLASSES - 1} ({legend})")
-    return values
-
-
-def _parse_pixels(region: np.ndarray, *, row_starts: np.ndarray) -> np.ndarray | None:
-    """Tokenise space-separated 0-255 integers, PIXELS_PER_IMAGE per row (each row's text
-    starts at its ``row_starts`` offset); None when anything is off (then diagnose).
-
-    Every row's count is checked, not only the total: a row one value short followed by one a
-    value too long would otherwise shift pixels from one face into the next.
-    """
-    chunk_bytes = 2 << 20  # cache-sized pieces, split at spaces, parsed in parallel
-    cuts = [0]
-    while cuts[-1] + chunk_bytes < len(region):
-        cut = cuts[-1] + chunk_bytes
-        while cut < len(region) and region[cut] != 32:
-            cut += 1
-        if cut == len(region):  # no space left to cut at: the rest is one chunk
-            break
-        cuts.append(cut)
-    cuts.append(len(region))
-
-    def parse(start: int, stop: int) -> tuple[np.ndarray, int, np.ndarray] | None:
-        """The chunk's values, and how many of them each row it overlaps holds (from row
-        ``first``): the rows' starts looked up among the values' offsets, in order."""
-        parsed = _parse_pixel_chunk(region[start:stop])
-        if parsed is None:
-            return None
-        values, last_digits = parsed
-        first = int(np.searchsorted(row_starts, start, side="right")) - 1
-        last = int(np.searchsorted(row_starts, stop))
-        values_before = np.searchsorted(last_digits + start, row_starts[first:last])
-        return values, first, np.diff(values_before, append=len(values))
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        parts = list(pool.map(parse, cuts[:-1], cuts[1:]))
-    if any(p is None for p in parts):
-        return None
-    per_row = np.zeros(len(row_starts), dtype=np.int64)
-    for _, first, counts in parts:
-        per_row[first:first + len(counts)] += counts
-    values = np.concatenate([v for v, _, _ in parts])
-    if (per_row != PIXELS_PER_IMAGE).any() or values.max() > 255:
-        return None
-    return values.astype(np.uint8).reshape(len(row_starts), IMAGE_SIZE, IMAGE_SIZE)
-
-
-def _parse_pixel_chunk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """The chunk's integers and the offset of each one's last digit in the chunk."""
-    padded = np.empty(len(chunk) + 4, dtype=np.uint8)
-    padded[:3], padded[3:-1], padded[-1] = 32, chunk, 32
-    digits = np.subtract(padded, 48, out=padded)  # spaces wrap around to 240
-    is_digit = digits < 10
-    if not (is_digit | (digits == 240)).all():
-        return None
-    ends = np.flatnonzero(is_digit[:-1] > is_digit[1:])
-    tens = is_digit[ends - 1]
-    hundreds = tens & is_digit[ends - 2]
-    if (hundreds & is_digit[ends - 3]).any():
-        return None  # four or more digits
-    values = digits[ends].astype(np.int16)
-    values += digits[ends - 1] * tens * np.int16(10)
-    values += digits[ends - 2] * hundreds * np.int16(100)
-    return values, ends - 3
-
-
-def _diagnose_pixels(data: bytes, *, origin: str) -> None:
-    """Slow path, only after the fast parse failed: find and name the first bad row."""
-    frame, lines = _read_csv_frame(data, origin=origin)
-    for line, text in zip(lines, frame["pixels"], strict=True):
-        _check_pixel_row(text, line=int(line), origin=origin)
-    raise DataError(f"{origin}: the pixels column could not be parsed (expected "
-                    f"{PIXELS_PER_IMAGE} space-separated integers 0-255 per row)")
-
-
-def _check_pixel_row(text: str, *, line: int, origin: str) -> None:
-    """Raise the DataError naming the first rule ``text`` breaks: the fast parse's rules,
-    spelled out (values separated by spaces only, 1-3 digits each, at most 255)."""
-    tokens = text.split(" ")
-    tokens = [token for token in tokens if token]
-    if len(tokens) != PIXELS_PER_IMAGE:
-        raise DataError(f"{origin}, line {line}: {len(tokens)} pixel values, expected "
-                        f"{PIXELS_PER_IMAGE} (48x48) separated by spaces")
-    for position, token in enumerate(tokens):
-        if not (token.isascii() and token.isdigit()):
-            raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token!r}, "
-                            "expected an integer 0-255")
-        if len(token) > 3:
-            raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token}, "
-                            "expected at most 3 digits (0-255)")
-        if int(token) > 255:
-            raise DataError(f"{origin}, line {line}: pixel {position + 1} is {token}, "
-                            "out of range 0-255")
 
 
 # --------------------------------------------------------------------------- image layout
