@@ -120,3 +120,9 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 def runs(tmp_path) -> Path:
     """The folder a test's run folders are made in (tests/run_folders.py: make_run)."""
     return tmp_path / "runs"
+
+
+def assert_labels_match_shades(split) -> None:
+    """Every image carries its class's shade: fails if any two classes were swapped."""
+    for image, label in zip(split.images, split.labels, strict=True):
+        assert int(image[0, 0]) == CLASS_SHADE[CLASS_NAMES[label]]
