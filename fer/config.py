@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 DEFAULT_SOURCE_URL = "https://www.dropbox.com/s/zi48lkarsg4kbry/fer2013.csv?dl=1"
@@ -45,6 +45,12 @@ class Settings:
             storage=env.get("FER_STORAGE") or DEFAULT_STORAGE,
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
         )
+
+    def with_options(self, *, storage: str | None = None,
+                     endpoint_url: str | None = None) -> Settings:
+        """These settings with a command's or a flow's own options on top (None: keep)."""
+        return replace(self, storage=storage or self.storage,
+                       endpoint_url=endpoint_url or self.endpoint_url)
 
 
 @dataclass(frozen=True)

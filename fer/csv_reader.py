@@ -210,8 +210,7 @@ def _diagnose_pixels(data: bytes, *, origin: str) -> None:
 def _check_pixel_row(text: str, *, line: int, origin: str) -> None:
     """Raise the DataError naming the first rule ``text`` breaks: the fast parse's rules,
     spelled out (values separated by spaces only, 1-3 digits each, at most 255)."""
-    tokens = text.split(" ")
-    tokens = [token for token in tokens if token]
+    tokens = [token for token in text.split(" ") if token]
     if len(tokens) != PIXELS_PER_IMAGE:
         raise DataError(f"{origin}, line {line}: {len(tokens)} pixel values, expected "
                         f"{PIXELS_PER_IMAGE} (48x48) separated by spaces")

@@ -14,7 +14,8 @@ class DataError(FerError):
 
 
 class StorageError(FerError):
-    """Object storage that cannot be reached, authenticated against, or read.
+    """Object storage, or a dataset's download server, that cannot be reached,
+    authenticated against, or read.
 
     ``transient``: a failure that may pass by itself (a timeout, a refused connection, a 5xx),
     so retrying is worth it; denied access or a missing bucket is not.

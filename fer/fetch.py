@@ -110,9 +110,14 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     return target
 
 
+def source_name(source: str) -> str:
+    """The file name a source (path or URL) ends in, without a ``?dl=1`` tail; "" if none."""
+    return Path(urllib.parse.urlparse(source).path).name
+
+
 def _download_name(source: str) -> str:
-    """A stable file name per URL that keeps the extension (``?dl=1`` tails dropped)."""
-    name = Path(urllib.parse.urlparse(source).path).name or "download"
+    """A stable file name per URL that keeps the extension."""
+    name = source_name(source) or "download"
     return f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
 
 

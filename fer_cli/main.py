@@ -12,9 +12,7 @@ import json
 import logging
 import os
 import sys
-import urllib.parse
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -62,9 +60,7 @@ def _load_tensorflow() -> None:
 
 def _settings(*, storage: str | None = None, endpoint_url: str | None = None) -> Settings:
     """Environment first, then the command's own options on top."""
-    settings = Settings.from_env()
-    return replace(settings, storage=storage or settings.storage,
-                   endpoint_url=endpoint_url or settings.endpoint_url)
+    return Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
 
 
 def _store(settings: Settings, *, create_bucket: bool = False):
@@ -108,15 +104,15 @@ def fetch_data(
 ) -> None:
     """Download (or copy), verify, unpack and decode a dataset once; later runs reuse it."""
     from fer.fetch import fetch_data as fetch
+    from fer.fetch import source_name
 
-    settings = _settings()
+    settings = _settings(endpoint_url=endpoint_url)
     with _download_progress() as progress:
         fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
-                        endpoint_url=endpoint_url or settings.endpoint_url, progress=progress)
+                        endpoint_url=settings.endpoint_url, progress=progress)
     typer.echo(f"dataset ready: {fetched.path}")
     if fetched.file_sha256 and fetched.file_sha256 != fetched.sha256:
-        typer.echo(f"sha256 of {Path(urllib.parse.urlparse(source).path).name or source}: "
-                   f"{fetched.file_sha256} "
+        typer.echo(f"sha256 of {source_name(source) or source}: {fetched.file_sha256} "
                    "(what --sha256 checks)")
         typer.echo(f"data sha256: {fetched.sha256} (of the unpacked dataset: what run "
                    "manifests record)")
@@ -125,17 +121,19 @@ def fetch_data(
     typer.echo(f"cached under {settings.data_dir}")
 
 
-def _profiles_help(option: str, *, unset: str | None = None) -> str:
+def _profiles_help(option: str) -> str:
     """Each profile's value of a train option, read from fer.profiles so --help cannot go
-    stale when a profile changes; ``unset`` names the value of profiles that leave it out."""
+    stale when a profile changes; profiles that leave it out train with TrainConfig's."""
     def shown(value) -> str:
         if isinstance(value, bool):
             return "on" if value else "off"
         return f"{value:g}" if isinstance(value, float) else str(value)
 
-    values = ", ".join(f"{p.name} {shown(p.train_options[option])}"
-                       for p in PROFILES.values() if option in p.train_options)
-    otherwise = f"; else {unset}" if unset and len(values.split(", ")) < len(PROFILES) else ""
+    setting = [p for p in PROFILES.values() if option in p.train_options]
+    values = ", ".join(f"{p.name} {shown(p.train_options[option])}" for p in setting)
+    fallback = getattr(TrainConfig, option)
+    otherwise = ("" if len(setting) == len(PROFILES) or fallback is None
+                 else f"; else {shown(fallback)}")
     return f"default: the profile's ({values}{otherwise})"
 
 
@@ -165,10 +163,10 @@ InferencePrecisionOption = Annotated[str, typer.Option(
 EnsembleOption = Annotated[int | None, typer.Option(
     min=1, help="train N models from seeds seed..seed+N-1 on the same split and save their "
                 "average (N times the training and inference cost); "
-                f"{_profiles_help('ensemble', unset='1')}")]
+                f"{_profiles_help('ensemble')}")]
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="save a model that averages each image with its mirror (twice the "
-                           f"inference cost); {_profiles_help('tta', unset='off')}")]
+                           f"inference cost); {_profiles_help('tta')}")]
 
 
 def _profile_options(profile: str, **given) -> dict:

@@ -162,8 +162,8 @@ def retrain(
     test accuracy and macro-F1.
     """
     prefer_onednn()  # the tasks import TensorFlow later, in this process
-    settings = Settings.from_env()
-    storage, endpoint_url = storage or settings.storage, endpoint_url or settings.endpoint_url
+    settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
+    storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
                          val_fraction=val_fraction, learning_rate=learning_rate,

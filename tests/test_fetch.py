@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import write_image_tree, zip_folder
@@ -57,30 +59,39 @@ def test_missing_local_source_is_named(tmp_path):
         fetch_data(str(tmp_path / "nothing.zip"), data_dir=tmp_path / "d")
 
 
-def test_http_download_with_progress(tmp_path, layout_zip):
-    """An http URL on loopback is downloaded with progress reports, then unpacked."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+@contextlib.contextmanager
+def serving(handler) -> Iterator[str]:
+    """An HTTP server on loopback answering with ``handler``; yields its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    seen = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/archive.zip?dl=1"
-        fetched = fetch_data(url, data_dir=tmp_path / "d", progress=lambda d, t: seen.append((d, t)))
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+        server.server_close()
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_download_with_progress(tmp_path, layout_zip):
+    """An http URL on loopback is downloaded with progress reports, then unpacked."""
+    seen = []
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(tmp_path))) as base:
+        fetched = fetch_data(f"{base}/archive.zip?dl=1", data_dir=tmp_path / "d",
+                             progress=lambda d, t: seen.append((d, t)))
     assert (fetched.path / "test" / "sad").is_dir()
     assert seen[-1] == (layout_zip.stat().st_size, layout_zip.stat().st_size)
 
 
-class _Answering(http.server.BaseHTTPRequestHandler):
+class _Answering(_Quiet):
     """Answers every request with the status code its path names: /404/x.zip gets 404."""
 
     def do_GET(self):  # noqa: N802 (the http.server API)
         self.send_error(int(self.path.split("/")[1]))
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.mark.parametrize(("status", "error", "transient", "message"), [
@@ -92,20 +103,13 @@ class _Answering(http.server.BaseHTTPRequestHandler):
 def test_http_errors_say_whether_retrying_can_help(tmp_path, status, error, transient, message):
     """A missing or forbidden file fails for good (the retrain flow does not retry a
     DataError); a busy or failing server is a transient StorageError, which it retries."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(error, match=message) as raised:
-            fetch_data(f"http://127.0.0.1:{server.server_port}/{status}/fer2013.zip",
-                       data_dir=tmp_path / "d")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Answering) as base, pytest.raises(error, match=message) as raised:
+        fetch_data(f"{base}/{status}/fer2013.zip", data_dir=tmp_path / "d")
     assert getattr(raised.value, "transient", None) is transient
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 
-class _Truncating(http.server.BaseHTTPRequestHandler):
+class _Truncating(_Quiet):
     """Promises 1,000 bytes, sends 10, hangs up: a connection dropped mid-download."""
 
     def do_GET(self):  # noqa: N802 (the http.server API)
@@ -115,19 +119,11 @@ class _Truncating(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"emotion,pi")
         self.close_connection = True
 
-    def log_message(self, *args):
-        pass
-
 
 def test_truncated_download_is_refused_and_not_kept(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Truncating)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(FerError, match=r"fer2013\.csv: download incomplete \(10 of 1000"):
-            fetch_data(f"http://127.0.0.1:{server.server_port}/fer2013.csv",
-                       data_dir=tmp_path / "d")
-    finally:
-        server.shutdown()
+    with serving(_Truncating) as base, pytest.raises(
+            FerError, match=r"fer2013\.csv: download incomplete \(10 of 1000"):
+        fetch_data(f"{base}/fer2013.csv", data_dir=tmp_path / "d")
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 

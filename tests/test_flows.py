@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from s3server import BUCKET, free_port
+from test_cli import FER
 
 import flows.retrain as retrain_module
 from fer.errors import DataError, FerError
@@ -157,8 +158,7 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), FER_DATA_DIR=str(tmp_path / "data"),
                FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
-    fer = Path(sys.executable).parent / "fer"
-    done = subprocess.run([str(fer), "retrain", "--epochs", str(TINY["epochs"]), "--batch-size",
+    done = subprocess.run([*FER, "retrain", "--epochs", str(TINY["epochs"]), "--batch-size",
                            str(TINY["batch_size"]), "--model", TINY["model"], "--data",
                            str(tiny_fer_zip), "--out", str(tmp_path / "runs")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -11,21 +11,24 @@ from fer.precision import (
     resolve_precision,
 )
 
+NO_BF16 = "auto: no bf16 instructions found (amx_bf16, avx512_bf16)"
 
-@pytest.mark.parametrize(("flags", "gpu", "expected"), [
-    ({"avx2", "avx512f"}, False, "float32"),
-    ({"avx2", "avx512_bf16"}, False, "mixed_bfloat16"),
-    ({"amx_bf16"}, False, "mixed_bfloat16"),
-    ({"avx2"}, True, "mixed_float16"),
+
+@pytest.mark.parametrize(("requested", "flags", "gpu", "precision", "why"), [
+    ("auto", {"avx2", "avx512f"}, False, "float32", NO_BF16),
+    ("auto", {"avx2"}, False, "float32", NO_BF16),
+    ("auto", {"avx2", "avx512_bf16"}, False, "mixed_bfloat16", "auto: the CPU has avx512_bf16"),
+    ("auto", {"amx_bf16"}, False, "mixed_bfloat16", "auto: the CPU has amx_bf16"),
+    ("auto", {"avx2"}, True, "mixed_float16", "auto: a GPU"),
+    # --precision float32 wins even on a bf16 CPU
+    ("float32", {"avx512_bf16"}, False, "float32", "as asked"),
 ])
-def test_auto_precision_follows_cpu_flags_and_gpu(flags, gpu, expected):
-    """bf16 only where the CPU has native bf16; float16 on GPUs; float32 otherwise."""
-    assert choose_precision("auto", flags=flags, gpu=gpu) == expected
-
-
-def test_explicit_precision_overrides_detection():
-    """--precision float32 wins even on a bf16 CPU."""
-    assert choose_precision("float32", flags={"avx512_bf16"}, gpu=False) == "float32"
+def test_precision_follows_cpu_flags_and_gpu_unless_asked_and_says_why(requested, flags, gpu,
+                                                                       precision, why):
+    """bf16 only where the CPU has native bf16; float16 on GPUs; float32 otherwise; the
+    user's choice wins. A run's log says why: the flags found, a GPU, or the user."""
+    assert resolve_precision(requested, flags=flags, gpu=gpu) == (precision, why)
+    assert choose_precision(requested, flags=flags, gpu=gpu) == precision
 
 
 def test_unknown_precision_is_refused_with_the_valid_names():
@@ -47,15 +50,3 @@ def test_onednn_is_asked_for_unless_the_user_chose():
     prefer_onednn(unset)
     prefer_onednn(chosen)
     assert unset == {ONEDNN_SWITCH: "1"} and chosen == {ONEDNN_SWITCH: "0"}
-
-
-@pytest.mark.parametrize(("requested", "flags", "gpu", "expected"), [
-    ("auto", {"avx2", "avx512_bf16"}, False, ("mixed_bfloat16", "auto: the CPU has avx512_bf16")),
-    ("auto", {"avx2"}, False,
-     ("float32", "auto: no bf16 instructions found (amx_bf16, avx512_bf16)")),
-    ("auto", {"avx2"}, True, ("mixed_float16", "auto: a GPU")),
-    ("float32", {"avx512_bf16"}, False, ("float32", "as asked")),
-])
-def test_resolved_precision_says_what_decided(requested, flags, gpu, expected):
-    """A run's log says why it computes in its precision: the flags found, a GPU, or the user."""
-    assert resolve_precision(requested, flags=flags, gpu=gpu) == expected
