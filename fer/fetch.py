@@ -28,6 +28,9 @@ CURRENT_POINTER = "current.json"
 # 4xx answers that may pass by themselves (a request timeout, too many requests); the other
 # 4xx (not found, forbidden, ...) will not, and retrying them only delays the failure.
 PASSING_HTTP_ERRORS = frozenset({408, 429})
+# 5xx answers that say the server cannot serve this request at all (not implemented, HTTP
+# version not supported): asking again gets the same answer. Other 5xx are outages.
+LASTING_SERVER_ERRORS = frozenset({501, 505})
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -138,7 +141,8 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
     except urllib.error.HTTPError as exc:
         partial.unlink(missing_ok=True)
         answer = f"the server answered HTTP {exc.code} ({exc.reason})"
-        if exc.code in PASSING_HTTP_ERRORS or exc.code >= 500:
+        if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
+                                               and exc.code not in LASTING_SERVER_ERRORS):
             raise StorageError(f"{url}: download failed ({answer}); try again later, or pass "
                                "a local file with --source", transient=True) from None
         raise DataError(f"{url}: {answer}; check the URL, or pass a local file with "

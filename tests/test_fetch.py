@@ -99,10 +99,12 @@ class _Answering(_Quiet):
     (403, DataError, None, r"HTTP 403 \(Forbidden\); check the URL"),
     (503, StorageError, True, r"download failed \(the server answered HTTP 503 .*try again later"),
     (429, StorageError, True, r"download failed \(the server answered HTTP 429"),
+    (501, DataError, None, r"HTTP 501 \(Not Implemented\); check the URL"),
 ])
 def test_http_errors_say_whether_retrying_can_help(tmp_path, status, error, transient, message):
-    """A missing or forbidden file fails for good (the retrain flow does not retry a
-    DataError); a busy or failing server is a transient StorageError, which it retries."""
+    """A missing or forbidden file, or a server that cannot serve the request at all (501),
+    fails for good (the retrain flow does not retry a DataError); a busy or failing server
+    is a transient StorageError, which it retries."""
     with serving(_Answering) as base, pytest.raises(error, match=message) as raised:
         fetch_data(f"{base}/{status}/fer2013.zip", data_dir=tmp_path / "d")
     assert getattr(raised.value, "transient", None) is transient
