@@ -13,6 +13,8 @@ the new statistics is decided on the validation split, like everything else a ru
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -53,11 +55,33 @@ def recalibrate(model: keras.Model, images: np.ndarray, *, sample: int = SAMPLE_
     """
     spread = spread_sample(images, sample)
     norms = _batch_norms(model)
-    for norm in norms:
-        mean, variance = _input_moments(model, norm, spread, batch_size=batch_size)
-        norm.moving_mean.assign(mean.astype(norm.moving_mean.dtype))
-        norm.moving_variance.assign(variance.astype(norm.moving_variance.dtype))
+    with _expected_retracing():
+        for norm in norms:
+            mean, variance = _input_moments(model, norm, spread, batch_size=batch_size)
+            norm.moving_mean.assign(mean.astype(norm.moving_mean.dtype))
+            norm.moving_variance.assign(variance.astype(norm.moving_variance.dtype))
     return len(norms)
+
+
+class _DropRetracingWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _expected_retracing():
+    """Silence TensorFlow's retracing warning while the per-layer models run.
+
+    Each layer gets a new moments model, so each traces its predict function once by
+    design. On a small training split (a batch or two per layer) every predict call is
+    then a trace, and TensorFlow warns about "excessive" retracing that is not there.
+    """
+    logger, dropping = logging.getLogger("tensorflow"), _DropRetracingWarnings()
+    logger.addFilter(dropping)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropping)
 
 
 def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:

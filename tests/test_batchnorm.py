@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -113,3 +115,35 @@ def test_the_projects_recipes_recalibrate_and_the_published_ones_do_not(name, re
     from fer.models import get_spec
 
     assert get_spec(name).recalibrate_batch_norm is recalibrates
+
+
+def deep_model(layers: int) -> keras.Model:
+    """``layers`` normalised convolutions in a row: one new moments model each."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Conv2D(4, 3, strides=4)(inputs)
+    for _ in range(layers):
+        x = FusedBatchNorm()(keras.layers.Conv2D(4, 3, padding="same")(x))
+    x = keras.layers.Dense(len(CLASS_NAMES))(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, keras.layers.Softmax()(x))
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_small_split_recalibrates_without_tensorflows_retracing_warning():
+    """One new model per layer traces once by design; with one batch per layer TensorFlow
+    would call that excessive retracing, and `fer train` would print it on a small dataset."""
+    tensorflow_log, records = logging.getLogger("tensorflow"), Records()
+    tensorflow_log.addHandler(records)
+    try:
+        assert recalibrate(deep_model(8), faces(16), batch_size=16) == 8
+    finally:
+        tensorflow_log.removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m]
