@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from run_folders import make_run
 from s3server import BUCKET, free_port
 from test_cli import FER
 
@@ -89,18 +90,6 @@ def flow_run(flow_run_id):
         return client.read_flow_run(uuid.UUID(str(flow_run_id)))
 
 
-def write_run_folder(folder: Path, run_id: str, *, accuracy: float) -> Path:
-    """The files publishing needs, as `fer train` writes them."""
-    folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps(
-        {"run_id": run_id, "created": "2025-01-06T03:00:00+00:00", "model": "default",
-         "data": {"sha256": "0" * 64, "validation": "carved from train (0.1, seed 1337)"}}))
-    (folder / "metrics.json").write_text(json.dumps(
-        {"accuracy": accuracy, "macro_f1": 0.1, "best_val_accuracy": accuracy}))
-    (folder / "classification_report.txt").write_text("macro avg 0.1\n")
-    return folder
-
-
 # --- task bodies ------------------------------------------------------------------------------
 
 
@@ -117,11 +106,12 @@ def test_fetch_data_names_a_missing_remote_source(s3_env, data_dir):
 
 
 def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
-    run_dir = write_run_folder(tmp_path / "runs" / "r1", "r1", accuracy=0.5)
+    run_dir = make_run(tmp_path / "runs", "r1", accuracy=0.5)
     result = publish.fn(str(run_dir), storage=str(tmp_path / "store"), endpoint_url=None,
                         create_bucket=False)
     assert result == PublishResult("r1", True, str(tmp_path / "store" / "runs" / "r1"))
-    assert read_report(LocalStore(tmp_path / "store"), "latest").text == "macro avg 0.1\n"
+    assert read_report(LocalStore(tmp_path / "store"), "latest").text == (
+        run_dir / "classification_report.txt").read_text()
 
 
 def test_publish_can_force_the_champion(tmp_path):
@@ -131,7 +121,7 @@ def test_publish_can_force_the_champion(tmp_path):
     """
     store = str(tmp_path / "store")
     for run_id, accuracy, force in (("r1", 0.6, False), ("r2", 0.5, False), ("r3", 0.4, True)):
-        run_dir = write_run_folder(tmp_path / "runs" / run_id, run_id, accuracy=accuracy)
+        run_dir = make_run(tmp_path / "runs", run_id, accuracy=accuracy)
         result = publish.fn(str(run_dir), storage=store, endpoint_url=None, create_bucket=False,
                             force_champion=force)
         assert result.became_champion == (run_id != "r2")
