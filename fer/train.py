@@ -18,6 +18,14 @@ import keras
 import numpy as np
 
 from fer.batchnorm import recalibrate_if_better
+from fer.checkpoint import (
+    EpochCheckpoint,
+    MemberCheckpoint,
+    MemberProgress,
+    ResumableRun,
+    finish_run,
+    start_run,
+)
 from fer.config import TrainConfig
 from fer.data import Dataset, Split
 from fer.errors import FerError
@@ -44,69 +52,97 @@ class RunResult:
     metrics: dict
 
 
-def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult:
+def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
+          resume: ResumableRun | None = None) -> RunResult:
     """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder."""
-    run = fit(dataset, config, verbose=verbose)
+    run = fit(dataset, config, verbose=verbose, resume=resume)
     metrics = evaluate_run(run.run_dir, dataset.test)
     return RunResult(run_id=run.run_id, run_dir=run.run_dir, metrics=metrics)
 
 
-def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1) -> RunResult:
+def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
+        resume: ResumableRun | None = None) -> RunResult:
     """Train on train, select the epoch on validation; write model, history, curves, manifest.
 
     With ``config.ensemble`` > 1 the members train one after another from seeds
     ``seed``, ``seed + 1``, ... on the same split, and the saved model averages them.
+    The run folder's checkpoint keeps each finished epoch until the manifest is written;
+    ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped before.
     The test split is not touched here; ``fer.evaluate.evaluate_run`` scores it afterwards.
     """
     _check_config(config, dataset)
     spec = get_spec(config.model)
-    precision, why = resolve_precision(config.precision)
-    run_id = new_run_id(config.model)
-    run_dir = Path(config.out_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    commit = git_commit()  # the code that trains, not whatever is checked out hours later
-    learning_rate = (spec.learning_rate if config.learning_rate is None
-                     else config.learning_rate)
-
+    run, why = (_new_run(config, dataset, spec) if resume is None
+                else _resumed_run(resume, dataset))
     averaged = _averaged(config)
-    log.info("training model %s: %s, batch size %d, %s (%s); %d training and %d validation "
-             "images; seed %d%s; run folder %s", spec.name, _count(config.epochs, "epoch"),
-             config.batch_size, precision, why, len(dataset.train), len(dataset.validation),
-             config.seed, f"; the saved model averages {averaged}" if averaged else "", run_dir)
-    started, members = time.perf_counter(), []
-    for number in range(config.ensemble):
-        if config.ensemble > 1:
-            log.info("member %d of %d (seed %d)", number + 1, config.ensemble, config.seed + number)
-        members.append(_fit_member(
-            dataset, config, spec, precision=precision, learning_rate=learning_rate,
-            seed=config.seed + number, clock=members[0].clock if members else None,
-            verbose=verbose))
-    wall_seconds = time.perf_counter() - started
+    log.info("%s model %s: %s, batch size %d, %s (%s); %d training and %d validation "
+             "images; seed %d%s; run folder %s", "training" if resume is None else "resuming",
+             spec.name, _count(config.epochs, "epoch"), config.batch_size, run.precision, why,
+             len(dataset.train), len(dataset.validation), config.seed,
+             f"; the saved model averages {averaged}" if averaged else "", run.run_dir)
+    members: list[Member] = []
+    try:
+        for number in range(1, config.ensemble + 1):
+            if config.ensemble > 1:
+                log.info("member %d of %d (seed %d)", number, config.ensemble,
+                         config.seed + number - 1)
+            members.append(_fit_member(dataset, run, spec, number=number,
+                                       clock=members[-1].clock if members else None,
+                                       verbose=verbose))
+    except (Exception, KeyboardInterrupt):
+        log.info("training stopped; `fer train --resume %s` continues it from its last "
+                 "finished epoch", run.run_dir)
+        raise
 
-    saved = _save_model(members, run_dir, precision=precision, tta=config.tta)
-    training_metrics = _training_metrics(members, config, dataset, precision=precision,
-                                         spec=spec, wall_seconds=wall_seconds)
+    saved = _save_model(members, run.run_dir, precision=run.precision, tta=config.tta)
+    training_metrics = _training_metrics(members, config, dataset, precision=run.precision,
+                                         spec=spec)
     if averaged:  # what averaging adds, measured where selection happens
         predicted = predict_labels(saved, dataset.validation.images)
         training_metrics["saved_model_val_accuracy"] = round(
             float(np.mean(predicted == dataset.validation.labels)), 4)
         log.info("saved model (the average of %s): validation accuracy %.4f", averaged,
                  training_metrics["saved_model_val_accuracy"])
-    write_json(run_dir / "metrics.json", training_metrics)
-    write_json(run_dir / "manifest.json", {
-        "run_id": run_id,
+    write_json(run.run_dir / "metrics.json", training_metrics)
+    resumed = {f"member {n}": m.resumed_at for n, m in enumerate(members, start=1) if m.resumed_at}
+    write_json(run.run_dir / "manifest.json", {
+        "run_id": run.run_dir.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": spec.name,
-        "parameters": {**vars(config), "learning_rate": learning_rate},
+        "parameters": {**vars(config), "learning_rate": run.learning_rate},
         "seed": config.seed,
-        "precision": precision,
+        "precision": run.precision,
         "data": _data_record(dataset),
         "versions": package_versions(),
-        "git_commit": commit,
+        "git_commit": run.git_commit,
         "machine": machine(),
+        **({"resumed_at_epochs": resumed} if resumed else {}),
         "artifacts": list(RUN_FILES),
     })
-    return RunResult(run_id=run_id, run_dir=run_dir, metrics=training_metrics)
+    finish_run(run.run_dir)
+    return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
+
+
+def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec) -> tuple[ResumableRun, str]:
+    """A new run folder, with the record a resume needs; and why this precision."""
+    precision, why = resolve_precision(config.precision)
+    run = ResumableRun(
+        run_dir=Path(config.out_dir) / new_run_id(config.model), config=config,
+        precision=precision,
+        learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
+        data_source=dataset.source, data_sha256=dataset.sha256,
+        git_commit=git_commit())  # the code that trains, not whatever is checked out hours later
+    run.run_dir.mkdir(parents=True, exist_ok=False)
+    start_run(run)
+    return run, why
+
+
+def _resumed_run(run: ResumableRun, dataset: Dataset) -> tuple[ResumableRun, str]:
+    if dataset.sha256 != run.data_sha256:
+        raise FerError(f"{run.run_dir}: the run trained on data with sha256 "
+                       f"{run.data_sha256[:12]}..., but {dataset.source} has "
+                       f"{dataset.sha256[:12]}...; resume it with the same data")
+    return run, "as the run started"
 
 
 def _save_model(members: list[Member], run_dir: Path, *, precision: str,
@@ -131,31 +167,53 @@ class Member:
     best_epoch: int
     best_val_accuracy: float
     train_seconds: float
+    wall_seconds: float  # training with its validation passes and recalibration
     clock: float  # perf_counter() when member 1 began training: history's elapsed_seconds is from here
     batch_norm_recalibration: dict | None  # fer.batchnorm.Recalibration.as_record(); None: not in the recipe
+    resumed_at: list[int]  # the epochs after which training stopped and was resumed
 
 
-def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, precision: str,
-                learning_rate: float, seed: int, clock: float | None, verbose: int) -> Member:
-    """One network from ``seed`` (weights, augmentation, shuffling); the split is the dataset's."""
+def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number: int,
+                clock: float | None, verbose: int) -> Member:
+    """Member ``number`` (from seed ``seed + number - 1``: weights, augmentation, shuffling;
+    the split is the dataset's), continued from its checkpoint where it has one."""
+    config, seed = run.config, run.config.seed + number - 1
+    checkpoint = MemberCheckpoint(run.run_dir, number)
+    progress, started = checkpoint.progress(), time.perf_counter()
+    wall_before = progress.wall_seconds  # spent on this member before a stop
     keras.utils.set_random_seed(seed)
-    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
-    with dtype_policy(precision):
+    with dtype_policy(run.precision):
         model = spec.build()
+    if progress.finished:
+        model.set_weights(checkpoint.final_weights(progress))
+        log.info("trained before the stop: best validation accuracy %.4f at epoch %d of %d",
+                 progress.best_value, progress.best_epoch, config.epochs)
+        return _member(model, progress, seed=seed, clock=started - progress.elapsed[-1])
     spec.prepare(model, dataset.train.images)
-    model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=learning_rate,
+    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
+    model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=run.learning_rate,
                                             weight_decay=spec.weight_decay,
                                             total_steps=steps_per_epoch * config.epochs,
-                                            precision=precision),
+                                            precision=run.precision),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
                   metrics=["accuracy"])
-    timer, best = EpochTimer(clock), KeepBestWeights()
-    history = model.fit(
-        training_batches(dataset.train, batch_size=config.batch_size, shuffle_seed=seed,
+    if progress.epochs_done:
+        checkpoint.restore(model, progress)
+        progress.resumed_at.append(progress.epochs_done)
+        log.info("resuming after epoch %d of %d", progress.epochs_done, config.epochs)
+    timer = EpochTimer(started - progress.elapsed[-1] if progress.elapsed else clock,
+                       train_seconds=progress.train_seconds, elapsed=progress.elapsed)
+    best = KeepBestWeights(progress.best_value, progress.best_epoch,
+                           checkpoint.best_weights(progress))
+    saver = EpochCheckpoint(checkpoint, progress, timer=timer, best=best,
+                            wall_before=wall_before, started=started)
+    model.fit(  # a resumed member reshuffles from a seed of its own, not replaying epoch 1's order
+        training_batches(dataset.train, batch_size=config.batch_size,
+                         shuffle_seed=seed + progress.epochs_done,
                          class_weights=class_weights(dataset.train, scheme=spec.class_weighting)),
         validation_data=training_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, callbacks=[timer, best], shuffle=False, verbose=verbose,
-    ).history
+        epochs=config.epochs, initial_epoch=progress.epochs_done, callbacks=[timer, best, saver],
+        shuffle=False, verbose=verbose)
     best.restore(model)
     log.info("best validation accuracy %.4f at epoch %d of %d", best.best_value, best.best_epoch,
              config.epochs)
@@ -166,10 +224,19 @@ def _fit_member(dataset: Dataset, config: TrainConfig, spec: ModelSpec, *, preci
                  "validation accuracy %.4f -> %.4f, %s",
                  recalibration.val_accuracy_before, recalibration.val_accuracy_after,
                  "kept" if recalibration.kept else "not kept (validation fell)")
-    return Member(seed=seed, model=model, history={**history, "elapsed_seconds": timer.elapsed},
-                  best_epoch=best.best_epoch, best_val_accuracy=best.best_value,
-                  train_seconds=timer.train_seconds, clock=timer.started,
-                  batch_norm_recalibration=None if recalibration is None else recalibration.as_record())
+        progress.batch_norm_recalibration = recalibration.as_record()
+    progress.wall_seconds = wall_before + time.perf_counter() - started
+    checkpoint.save_final(model, progress)
+    return _member(model, progress, seed=seed, clock=timer.started)
+
+
+def _member(model: keras.Model, progress: MemberProgress, *, seed: int, clock: float) -> Member:
+    return Member(seed=seed, model=model,
+                  history={**progress.history, "elapsed_seconds": progress.elapsed},
+                  best_epoch=progress.best_epoch, best_val_accuracy=progress.best_value,
+                  train_seconds=progress.train_seconds, wall_seconds=progress.wall_seconds,
+                  clock=clock, batch_norm_recalibration=progress.batch_norm_recalibration,
+                  resumed_at=progress.resumed_at)
 
 
 def _count(number: int, noun: str) -> str:
@@ -186,7 +253,7 @@ def _averaged(config: TrainConfig) -> str:
 
 
 def _training_metrics(members: list[Member], config: TrainConfig, dataset: Dataset, *,
-                      precision: str, spec: ModelSpec, wall_seconds: float) -> dict:
+                      precision: str, spec: ModelSpec) -> dict:
     """metrics.json's training half. ``best_epoch``/``best_val_accuracy`` and
     ``batch_norm_recalibration`` are member 1's (a single run's as before); an ensemble
     lists every member's under ``ensemble``."""
@@ -195,7 +262,7 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
         "epochs": config.epochs,
         "best_epoch": members[0].best_epoch,
         "best_val_accuracy": round(members[0].best_val_accuracy, 4),
-        "wall_seconds": round(wall_seconds, 1),
+        "wall_seconds": round(sum(m.wall_seconds for m in members), 1),
         "train_seconds": round(train_seconds, 1),
         "train_images_per_second": round(
             len(dataset.train) * config.epochs * len(members) / train_seconds, 1),
@@ -272,12 +339,14 @@ class EpochTimer(keras.callbacks.Callback):
     """Time in training steps only (validation excluded) for images/s, and the wall clock
     at each epoch's end (``elapsed_seconds`` in history.csv, for time-to-accuracy),
     counted from ``started`` (a ``time.perf_counter()`` value; default: when fit begins),
-    so an ensemble's later members continue the clock of its first."""
+    so an ensemble's later members continue the clock of its first. A resumed member
+    starts from the ``train_seconds`` and ``elapsed`` it had reached."""
 
-    def __init__(self, started: float | None = None):
+    def __init__(self, started: float | None = None, *, train_seconds: float = 0.0,
+                 elapsed: list[float] = ()):
         super().__init__()
-        self.train_seconds = 0.0
-        self.elapsed: list[float] = []
+        self.train_seconds = train_seconds
+        self.elapsed: list[float] = list(elapsed)
         self.started = started
         self._epoch_start = 0.0
 
@@ -296,20 +365,22 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 class KeepBestWeights(keras.callbacks.Callback):
-    """Remember the weights of the epoch with the best validation accuracy."""
+    """Remember the weights of the epoch with the best validation accuracy (a resumed
+    member starts from the best it had reached)."""
 
-    def __init__(self):
+    def __init__(self, best_value: float = -np.inf, best_epoch: int = 0,
+                 weights: list[np.ndarray] | None = None):
         super().__init__()
-        self.best_value = -np.inf
-        self.best_epoch = 0
-        self._weights = None
+        self.best_value = best_value
+        self.best_epoch = best_epoch
+        self.weights = weights
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get("val_accuracy")
         if value is not None and value > self.best_value:
             self.best_value, self.best_epoch = float(value), epoch + 1
-            self._weights = self.model.get_weights()
+            self.weights = self.model.get_weights()
 
     def restore(self, model: keras.Model) -> None:
-        if self._weights is not None:
-            model.set_weights(self._weights)
+        if self.weights is not None:
+            model.set_weights(self.weights)

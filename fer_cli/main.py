@@ -179,6 +179,7 @@ def _profile_options(profile: str, **given) -> dict:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     epochs: EpochsOption = None,
     batch_size: BatchSizeOption = None,
     model: ModelOption = None,
@@ -200,6 +201,10 @@ def train(
         help="run on a Prefect worker: trigger the 'retrain' deployment instead")] = False,
     wait: Annotated[bool, typer.Option(
         help="with --remote: follow the run to the end and print its report")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        exists=True, file_okay=False,
+        help="continue the run in this folder (runs/<run-id>) from its last finished epoch, "
+             "with the options and data it started with")] = None,
 ) -> None:
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
     if wait and not remote:
@@ -207,10 +212,13 @@ def train(
     if remote and endpoint_url:
         raise typer.BadParameter("the worker uses its own AWS_ENDPOINT_URL; set it where the "
                                  "worker runs", param_hint="--endpoint-url")
-    options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
-                               learning_rate=learning_rate, tta=tta, ensemble=ensemble)
-    config = _checked_config(options, seed=seed, val_fraction=val_fraction,
-                             precision=precision, out=out)
+    if resume is not None:
+        _check_resume_alone(ctx, remote=remote)
+    else:
+        options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
+                                   learning_rate=learning_rate, tta=tta, ensemble=ensemble)
+        config = _checked_config(options, seed=seed, val_fraction=val_fraction,
+                                 precision=precision, out=out)
     if remote:
         _train_remotely(_remote_parameters(
             options, seed=seed, val_fraction=val_fraction, precision=precision, data=data,
@@ -220,7 +228,8 @@ def train(
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
-    result = _train_locally(config, data=data, settings=settings)
+    result = (_resume_locally(resume, settings=settings) if resume is not None
+              else _train_locally(config, data=data, settings=settings))
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "
                f"macro-F1 {metrics['macro_f1']:.4f}, "
@@ -229,6 +238,20 @@ def train(
     if publish:
         _publish(result.run_dir, settings, create_bucket=create_bucket,
                  force_champion=force_champion)
+
+
+# What a run records when it starts, so --resume takes none of them.
+RECORDED_OPTIONS = ("epochs", "batch_size", "model", "profile", "data", "out", "seed",
+                    "val_fraction", "learning_rate", "precision", "tta", "ensemble")
+
+
+def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
+    given = [name for name in RECORDED_OPTIONS  # by name: Typer ships its own copy of Click
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    if given or remote:
+        named = ", ".join("--" + name.replace("_", "-") for name in [*given, *["remote"] * remote])
+        raise typer.BadParameter(f"continues the run with the options and data it started "
+                                 f"with; leave out {named}", param_hint="--resume")
 
 
 def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_champion: bool,
@@ -351,6 +374,21 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings)
     from fer.train import train as train_run
 
     return train_run(dataset, config, verbose=1 if sys.stdout.isatty() else 2)
+
+
+def _resume_locally(run_dir: Path, *, settings: Settings):
+    from fer.precision import prefer_onednn
+
+    prefer_onednn()
+    _load_tensorflow()
+    from fer.checkpoint import read_run
+    from fer.data import load_dataset
+    from fer.train import train as train_run
+
+    run = read_run(run_dir)
+    dataset = load_dataset(Path(run.data_source), val_fraction=run.config.val_fraction,
+                           seed=run.config.seed, cache_dir=settings.data_dir)
+    return train_run(dataset, run.config, verbose=1 if sys.stdout.isatty() else 2, resume=run)
 
 
 @app.command()

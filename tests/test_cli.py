@@ -167,6 +167,41 @@ def test_usage_errors_are_reported_by_click(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+def test_resume_takes_no_options_of_its_own(tmp_path):
+    """--resume continues with the options the run recorded; giving others is a usage error."""
+    result = run_fer("train", "--resume", tmp_path, "--epochs", "3", "--seed", "2")
+    assert result.returncode == 2, result.stderr
+    assert "leave out --epochs, --seed" in " ".join(result.stderr.split())
+
+
+@pytest.mark.integration
+def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, monkeypatch):
+    """A run stopped by Ctrl-C after epoch 1 of 3, then `fer train --resume runs/<id>` as a
+    user types it: it reads the data the run recorded, trains epochs 2-3, scores the test
+    split and leaves the complete run folder."""
+    from test_checkpoint import EpochSpy
+
+    from fer.config import TrainConfig
+    from fer.data import load_dataset
+    from fer.train import train
+
+    dataset = load_dataset(fer_subset, cache_dir=data_dir)
+    EpochSpy(monkeypatch, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, TrainConfig(epochs=3, out_dir=tmp_path / "runs"), verbose=0)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+
+    result = run_fer("train", "--resume", run_dir)
+
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch 1 of 3" in result.stderr
+    assert f"run {run_dir.name}: test accuracy" in result.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_at_epochs"] == {"member 1": [1]}
+    assert manifest["data"]["source"] == str(fer_subset)
+
+
 @pytest.mark.integration
 def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monkeypatch):
     """fetch-data, train 1 epoch, evaluate and predict on a real FER2013 subset."""

@@ -1,0 +1,205 @@
+"""Where an unfinished training run stands, kept in its run folder so it can be resumed.
+
+A `best` run trains three 60-epoch networks: hours on two CPU cores, all lost to a reboot,
+an out-of-memory kill or Ctrl-C. After every epoch the run folder's ``checkpoint/`` gets
+the network's weights with its optimizer state (Keras' weights file holds both), the best
+epoch's weights so far, and a small JSON record of the member's history and clocks; a
+finished member keeps its final weights there. ``fer train --resume runs/<id>`` continues
+from the last finished epoch, and a resumed ensemble trains only the members left. The
+folder is removed once the run's model, history and manifest are written.
+
+The random streams of augmentation and dropout continue where they stopped (their states
+are saved with each epoch); the shuffling starts a stream of its own at the resumed epoch
+(tf.data's cannot be wound forward), so a resumed run sees its training images in other
+batches than an uninterrupted one would, and ends close to it but not bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from fer.config import TrainConfig
+from fer.errors import FerError
+
+FOLDER = "checkpoint"
+RUN_RECORD = "run.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ResumableRun:
+    """What a run recorded when it started: enough to train the rest of it."""
+
+    run_dir: Path
+    config: TrainConfig
+    precision: str  # as resolved when the run started, not re-resolved on another machine
+    learning_rate: float
+    data_source: str
+    data_sha256: str
+    git_commit: str | None
+
+
+def start_run(run: ResumableRun) -> None:
+    """Record a new run's settings before its first epoch."""
+    folder = run.run_dir / FOLDER
+    folder.mkdir()
+    record = {"format": FORMAT, "config": {**dataclasses.asdict(run.config),
+                                           "out_dir": str(run.config.out_dir)},
+              "precision": run.precision, "learning_rate": run.learning_rate,
+              "data": {"source": run.data_source, "sha256": run.data_sha256},
+              "git_commit": run.git_commit}
+    _write_json(folder / RUN_RECORD, record)
+
+
+def read_run(run_dir: Path) -> ResumableRun:
+    """The run ``run_dir`` was training, for ``fer train --resume``."""
+    path = Path(run_dir) / FOLDER / RUN_RECORD
+    if not path.is_file():
+        finished = (Path(run_dir) / "manifest.json").is_file()
+        raise FerError(f"{run_dir}: nothing to resume: " + (
+            "its training finished (the manifest is written)" if finished else
+            f"no {FOLDER}/{RUN_RECORD} (expected the folder of a `fer train` run that stopped "
+            "before its end)"))
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
+        options = record["config"]
+        config = TrainConfig(**{**options, "out_dir": Path(run_dir).parent})
+        return ResumableRun(run_dir=Path(run_dir), config=config, precision=record["precision"],
+                            learning_rate=float(record["learning_rate"]),
+                            data_source=record["data"]["source"],
+                            data_sha256=record["data"]["sha256"],
+                            git_commit=record.get("git_commit"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
+
+
+def finish_run(run_dir: Path) -> None:
+    """The run's files are written: its checkpoint is no longer needed."""
+    shutil.rmtree(Path(run_dir) / FOLDER, ignore_errors=True)
+
+
+@dataclass
+class MemberProgress:
+    """One member's training so far; ``epochs_done`` 0 is a member not yet begun."""
+
+    epochs_done: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+    elapsed: list[float] = field(default_factory=list)  # wall clock at each epoch's end
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # this member's, over every process that trained it
+    best_value: float = -math.inf
+    best_epoch: int = 0
+    weights_file: str | None = None  # the last epoch's weights and optimizer state
+    random_states: list[list[int]] = field(default_factory=list)  # augmentation's, dropout's
+    best_file: str | None = None
+    finished: bool = False  # trained, its best epoch restored, its recalibration decided
+    batch_norm_recalibration: dict | None = None
+    resumed_at: list[int] = field(default_factory=list)  # epochs after which it was resumed
+
+
+class MemberCheckpoint:
+    """``checkpoint/member-K/``: one member's progress and weights."""
+
+    def __init__(self, run_dir: Path, number: int):
+        self.folder = Path(run_dir) / FOLDER / f"member-{number}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._state = self.folder / "state.json"
+
+    def progress(self) -> MemberProgress:
+        if not self._state.is_file():
+            return MemberProgress()
+        try:
+            return MemberProgress(**json.loads(self._state.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise FerError(f"{self._state}: unreadable checkpoint ({exc})") from None
+
+    def restore(self, model: keras.Model, progress: MemberProgress) -> None:
+        """The last finished epoch's weights and optimizer state (the model is compiled)."""
+        if progress.weights_file is None:
+            return
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self.folder / progress.weights_file)
+        for variable, state in zip(_random_states(model), progress.random_states, strict=True):
+            variable.assign(np.asarray(state, dtype=variable.dtype))
+
+    def best_weights(self, progress: MemberProgress) -> list[np.ndarray] | None:
+        return None if progress.best_file is None else self._arrays(progress.best_file)
+
+    def final_weights(self, progress: MemberProgress) -> list[np.ndarray]:
+        return self._arrays("final.npz")
+
+    def save_epoch(self, model: keras.Model, progress: MemberProgress, *,
+                   best_weights: list[np.ndarray] | None) -> None:
+        """After an epoch: its weights (and the best epoch's, when it is the best), then the
+        record that names them, so a stop between two writes leaves the last epoch whole."""
+        progress.weights_file = f"epoch-{progress.epochs_done}.weights.h5"
+        model.save_weights(self.folder / progress.weights_file)
+        progress.random_states = [np.asarray(v).tolist() for v in _random_states(model)]
+        if best_weights is not None and progress.best_epoch == progress.epochs_done:
+            progress.best_file = f"best-{progress.best_epoch}.npz"
+            np.savez(self.folder / progress.best_file, *best_weights)
+        self._commit(progress)
+
+    def save_final(self, model: keras.Model, progress: MemberProgress) -> None:
+        np.savez(self.folder / "final.npz", *model.get_weights())
+        progress.finished, progress.weights_file, progress.best_file = True, None, None
+        self._commit(progress)
+
+    def _commit(self, progress: MemberProgress) -> None:
+        _write_json(self._state, dataclasses.asdict(progress))
+        keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
+        for path in self.folder.iterdir():
+            if path.name not in keep:
+                path.unlink()
+
+    def _arrays(self, name: str) -> list[np.ndarray]:
+        with np.load(self.folder / name) as arrays:
+            return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def _random_states(model: keras.Model) -> list:
+    """The states of the model's random layers (augmentation, dropout), which Keras' weights
+    file leaves out: without them a resumed run would replay its first epochs' draws."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Written aside and moved into place: a stop mid-write leaves the previous record."""
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the member's progress after every epoch; runs after the callbacks it reads
+    (the epoch timer and the best-weights keeper)."""
+
+    def __init__(self, checkpoint: MemberCheckpoint, progress: MemberProgress, *, timer, best,
+                 wall_before: float, started: float):
+        super().__init__()
+        self.checkpoint, self.progress, self.timer, self.best = checkpoint, progress, timer, best
+        self._wall_before, self._started = wall_before, started
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress = self.progress
+        for key, value in (logs or {}).items():
+            progress.history.setdefault(key, []).append(float(value))
+        progress.epochs_done = epoch + 1
+        progress.elapsed = list(self.timer.elapsed)
+        progress.train_seconds = self.timer.train_seconds
+        progress.wall_seconds = self._wall_before + time.perf_counter() - self._started
+        progress.best_value, progress.best_epoch = self.best.best_value, self.best.best_epoch
+        self.checkpoint.save_epoch(self.model, progress, best_weights=self.best.weights)

@@ -1,0 +1,135 @@
+"""fer.checkpoint: a run stopped mid-training resumes from its last finished epoch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_train import square_split
+
+import fer.train
+from fer.checkpoint import FOLDER, read_run
+from fer.config import TrainConfig
+from fer.data import Dataset
+from fer.errors import FerError
+from fer.models import load_model
+from fer.train import RUN_FILES, train
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return Dataset(source="generated", sha256="0" * 64, train=square_split(20, 1),
+                   validation=square_split(5, 2), test=square_split(5, 3))
+
+
+class EpochSpy:
+    """Patched over the epoch timer's on_epoch_begin: records what each epoch starts from,
+    and raises KeyboardInterrupt (Ctrl-C) at the start of epoch ``stop_at`` of member
+    ``stop_member`` (both 1-based), once."""
+
+    def __init__(self, monkeypatch, *, stop_at: int | None = None, stop_member: int = 1):
+        self.begun: list[dict] = []
+        self.stop_at, self.stop_member, self._members = stop_at, stop_member, 0
+        original = fer.train.EpochTimer.on_epoch_begin
+
+        def on_epoch_begin(timer, epoch, logs=None):
+            model = timer.model
+            if epoch == 0 or not self.begun or self.begun[-1]["model"] is not model:
+                self._members += 1
+            if self.stop_at == epoch + 1 and self._members == self.stop_member:
+                self.stop_at = None
+                raise KeyboardInterrupt
+            self.begun.append({"model": model, "epoch": epoch + 1,
+                               "iterations": int(model.optimizer.iterations),
+                               "random_states": [np.asarray(v).tolist() for v in model.variables
+                                                 if v.path.endswith("seed_generator_state")]})
+            original(timer, epoch, logs)
+
+        monkeypatch.setattr(fer.train.EpochTimer, "on_epoch_begin", on_epoch_begin)
+
+
+def stopped_run(tmp_path, dataset, config, spy):
+    """Train until the spy's Ctrl-C; the run folder it left."""
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, config, verbose=0)
+    (run_dir,) = tmp_path.iterdir()
+    return run_dir
+
+
+def state(run_dir, member: int = 1) -> dict:
+    return json.loads((run_dir / FOLDER / f"member-{member}" / "state.json").read_text())
+
+
+def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, dataset, monkeypatch,
+                                                             caplog):
+    """Ctrl-C at the start of epoch 3 of 4 keeps epochs 1-2; --resume trains 3 and 4 from
+    their weights, optimizer state (the learning-rate schedule's step) and random streams,
+    then writes the complete run folder with all four epochs and removes the checkpoint."""
+    config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
+    spy = EpochSpy(monkeypatch, stop_at=3)
+    with caplog.at_level("INFO", logger="fer"):
+        run_dir = stopped_run(tmp_path, dataset, config, spy)
+    assert f"`fer train --resume {run_dir}` continues it" in caplog.text  # told how to go on
+    before = state(run_dir)
+    assert before["epochs_done"] == 2 and not before["finished"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [FOLDER]
+    steps = spy.begun[-1]["iterations"] - spy.begun[-2]["iterations"]  # per epoch
+
+    result = train(dataset, read_run(run_dir).config, verbose=0, resume=read_run(run_dir))
+
+    resumed = spy.begun[2]
+    assert resumed["epoch"] == 3 and resumed["iterations"] == 2 * steps  # not from step 0
+    assert resumed["random_states"] == before["random_states"]  # not epoch 1's draws again
+    assert result.run_dir == run_dir
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+    history = np.genfromtxt(run_dir / "history.csv", delimiter=",", names=True)
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    np.testing.assert_allclose(history["val_accuracy"][:2], before["history"]["val_accuracy"],
+                               rtol=1e-5)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_at_epochs"] == {"member 1": [2]}
+    assert result.metrics["epochs"] == 4 and 1 <= result.metrics["best_epoch"] <= 4
+
+
+def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, dataset, monkeypatch):
+    """Member 1 finished before the stop: the resumed run reuses its final weights and
+    trains member 2 alone."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=5, ensemble=2,
+                         precision="float32")
+    spy = EpochSpy(monkeypatch, stop_at=1, stop_member=2)
+    run_dir = stopped_run(tmp_path, dataset, config, spy)
+    assert state(run_dir, 1)["finished"]
+    assert not (run_dir / FOLDER / "member-2" / "state.json").exists()  # no epoch finished
+    with np.load(run_dir / FOLDER / "member-1" / "final.npz") as arrays:
+        member_1 = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    trained_before = len(spy.begun)
+
+    result = train(dataset, config, verbose=0, resume=read_run(run_dir))
+
+    assert len(spy.begun) - trained_before == 2  # member 2's two epochs, nothing of member 1
+    saved = load_model(run_dir / "model.keras").get_layer("default_1").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(saved, member_1, strict=True))
+    assert [m["seed"] for m in result.metrics["ensemble"]] == [5, 6]
+    history = np.genfromtxt(run_dir / "history.csv", delimiter=",", names=True)
+    assert list(history["member"]) == [1, 1, 2, 2]
+
+
+def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, dataset, monkeypatch):
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    other = Dataset(source="other.zip", sha256="f" * 64, train=dataset.train,
+                    validation=dataset.validation, test=dataset.test)
+    with pytest.raises(FerError, match=r"sha256 000000000000\.\.\., but other\.zip has "
+                                        r"ffffffffffff\.\.\.; resume it with the same data"):
+        train(other, config, verbose=0, resume=read_run(run_dir))
+
+
+def test_only_a_stopped_run_can_be_resumed(tmp_path, dataset):
+    """A finished run (its checkpoint removed) and a folder fer did not train say why."""
+    finished = train(dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "runs",
+                                          precision="float32"), verbose=0).run_dir
+    with pytest.raises(FerError, match=r"nothing to resume: its training finished"):
+        read_run(finished)
+    with pytest.raises(FerError, match=r"nothing to resume: no checkpoint/run\.json"):
+        read_run(tmp_path)
