@@ -138,7 +138,8 @@ class MemberCheckpoint:
     def best_weights(self, progress: MemberProgress) -> list[np.ndarray] | None:
         return None if progress.best_file is None else self._arrays(progress.best_file)
 
-    def final_weights(self, progress: MemberProgress) -> list[np.ndarray]:
+    def final_weights(self) -> list[np.ndarray]:
+        """A finished member's weights: its best epoch's, with the statistics it kept."""
         return self._arrays("final.npz")
 
     def save_epoch(self, model: keras.Model, progress: MemberProgress, *,

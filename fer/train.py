@@ -70,6 +70,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped before.
     The test split is not touched here; ``fer.evaluate.evaluate_run`` scores it afterwards.
     """
+    if resume is not None and config != resume.config:
+        raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
     _check_config(config, dataset)
     spec = get_spec(config.model)
     run, why = (_new_run(config, dataset, spec) if resume is None
@@ -185,18 +187,12 @@ def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number:
     with dtype_policy(run.precision):
         model = spec.build()
     if progress.finished:
-        model.set_weights(checkpoint.final_weights(progress))
+        model.set_weights(checkpoint.final_weights())
         log.info("trained before the stop: best validation accuracy %.4f at epoch %d of %d",
                  progress.best_value, progress.best_epoch, config.epochs)
         return _member(model, progress, seed=seed, clock=started - progress.elapsed[-1])
     spec.prepare(model, dataset.train.images)
-    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
-    model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=run.learning_rate,
-                                            weight_decay=spec.weight_decay,
-                                            total_steps=steps_per_epoch * config.epochs,
-                                            precision=run.precision),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
-                  metrics=["accuracy"])
+    _compile(model, spec, run, steps=math.ceil(len(dataset.train) / config.batch_size) * config.epochs)
     if progress.epochs_done:
         checkpoint.restore(model, progress)
         progress.resumed_at.append(progress.epochs_done)
@@ -207,13 +203,15 @@ def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number:
                            checkpoint.best_weights(progress))
     saver = EpochCheckpoint(checkpoint, progress, timer=timer, best=best,
                             wall_before=wall_before, started=started)
-    model.fit(  # a resumed member reshuffles from a seed of its own, not replaying epoch 1's order
-        training_batches(dataset.train, batch_size=config.batch_size,
-                         shuffle_seed=seed + progress.epochs_done,
-                         class_weights=class_weights(dataset.train, scheme=spec.class_weighting)),
-        validation_data=training_batches(dataset.validation, batch_size=256),
-        epochs=config.epochs, initial_epoch=progress.epochs_done, callbacks=[timer, best, saver],
-        shuffle=False, verbose=verbose)
+    if progress.epochs_done < config.epochs:  # else it stopped after its last epoch
+        model.fit(  # a resumed member reshuffles from a seed of its own, not replaying epoch 1's
+            training_batches(dataset.train, batch_size=config.batch_size,
+                             shuffle_seed=seed + progress.epochs_done,
+                             class_weights=class_weights(dataset.train,
+                                                         scheme=spec.class_weighting)),
+            validation_data=training_batches(dataset.validation, batch_size=256),
+            epochs=config.epochs, initial_epoch=progress.epochs_done,
+            callbacks=[timer, best, saver], shuffle=False, verbose=verbose)
     best.restore(model)
     log.info("best validation accuracy %.4f at epoch %d of %d", best.best_value, best.best_epoch,
              config.epochs)
@@ -228,6 +226,15 @@ def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number:
     progress.wall_seconds = wall_before + time.perf_counter() - started
     checkpoint.save_final(model, progress)
     return _member(model, progress, seed=seed, clock=timer.started)
+
+
+def _compile(model: keras.Model, spec: ModelSpec, run: ResumableRun, *, steps: int) -> None:
+    """The recipe's optimiser (its schedule spans the run's ``steps``), loss and metric."""
+    model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=run.learning_rate,
+                                            weight_decay=spec.weight_decay, total_steps=steps,
+                                            precision=run.precision),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing),
+                  metrics=["accuracy"])
 
 
 def _member(model: keras.Model, progress: MemberProgress, *, seed: int, clock: float) -> Member:

@@ -133,3 +133,27 @@ def test_only_a_stopped_run_can_be_resumed(tmp_path, dataset):
         read_run(finished)
     with pytest.raises(FerError, match=r"nothing to resume: no checkpoint/run\.json"):
         read_run(tmp_path)
+
+
+def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, dataset, monkeypatch):
+    """Stopped during the batch-norm recalibration that follows the last epoch: the resumed
+    run trains nothing, recalibrates, and writes the run folder."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    recalibrate, calls = fer.train.recalibrate_if_better, []
+
+    def stop_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return recalibrate(*args, **kwargs)
+
+    monkeypatch.setattr(fer.train, "recalibrate_if_better", stop_once)
+    spy = EpochSpy(monkeypatch)
+    run_dir = stopped_run(tmp_path, dataset, config, spy)
+    assert state(run_dir)["epochs_done"] == 2 and len(spy.begun) == 2
+
+    result = train(dataset, config, verbose=0, resume=read_run(run_dir))
+
+    assert len(spy.begun) == 2 and len(calls) == 2
+    assert result.metrics["batch_norm_recalibration"] is not None
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
