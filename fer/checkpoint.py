@@ -21,15 +21,17 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from fer.config import TrainConfig
 from fer.errors import FerError
+
+if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
+    import keras
 
 FOLDER = "checkpoint"
 RUN_RECORD = "run.json"
@@ -183,24 +185,3 @@ def _write_json(path: Path, payload: dict) -> None:
     partial.write_text(json.dumps(payload, indent=1) + "\n")
     os.replace(partial, path)
 
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the member's progress after every epoch; runs after the callbacks it reads
-    (the epoch timer and the best-weights keeper)."""
-
-    def __init__(self, checkpoint: MemberCheckpoint, progress: MemberProgress, *, timer, best,
-                 wall_before: float, started: float):
-        super().__init__()
-        self.checkpoint, self.progress, self.timer, self.best = checkpoint, progress, timer, best
-        self._wall_before, self._started = wall_before, started
-
-    def on_epoch_end(self, epoch, logs=None):
-        progress = self.progress
-        for key, value in (logs or {}).items():
-            progress.history.setdefault(key, []).append(float(value))
-        progress.epochs_done = epoch + 1
-        progress.elapsed = list(self.timer.elapsed)
-        progress.train_seconds = self.timer.train_seconds
-        progress.wall_seconds = self._wall_before + time.perf_counter() - self._started
-        progress.best_value, progress.best_epoch = self.best.best_value, self.best.best_epoch
-        self.checkpoint.save_epoch(self.model, progress, best_weights=self.best.weights)

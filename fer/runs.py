@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fer.errors import FerError, StorageError
 from fer.storage import Store, local_errors
 
@@ -158,6 +159,9 @@ def _read_run_folder(folder: Path) -> _LocalRun:
 def _read_json_file(folder: Path, name: str) -> dict[str, Any]:
     path = folder / name
     if not path.is_file():
+        if (folder / CHECKPOINT_FOLDER).is_dir():
+            raise FerError(f"run folder {folder} has no {name}: its training stopped before "
+                           f"the end; `fer train --resume {folder}` finishes it")
         raise FerError(
             f"run folder {folder} has no {name}; only complete runs written by `fer train` "
             "can be published"

@@ -19,7 +19,6 @@ import numpy as np
 
 from fer.batchnorm import recalibrate_if_better
 from fer.checkpoint import (
-    EpochCheckpoint,
     MemberCheckpoint,
     MemberProgress,
     ResumableRun,
@@ -391,3 +390,25 @@ class KeepBestWeights(keras.callbacks.Callback):
     def restore(self, model: keras.Model) -> None:
         if self.weights is not None:
             model.set_weights(self.weights)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the member's progress to its checkpoint after every epoch; runs after the
+    callbacks it reads (the epoch timer and the best-weights keeper)."""
+
+    def __init__(self, checkpoint: MemberCheckpoint, progress: MemberProgress, *, timer, best,
+                 wall_before: float, started: float):
+        super().__init__()
+        self.checkpoint, self.progress, self.timer, self.best = checkpoint, progress, timer, best
+        self._wall_before, self._started = wall_before, started
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress = self.progress
+        for key, value in (logs or {}).items():
+            progress.history.setdefault(key, []).append(float(value))
+        progress.epochs_done = epoch + 1
+        progress.elapsed = list(self.timer.elapsed)
+        progress.train_seconds = self.timer.train_seconds
+        progress.wall_seconds = self._wall_before + time.perf_counter() - self._started
+        progress.best_value, progress.best_epoch = self.best.best_value, self.best.best_epoch
+        self.checkpoint.save_epoch(self.model, progress, best_weights=self.best.weights)

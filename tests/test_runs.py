@@ -230,6 +230,15 @@ def test_publish_refuses_incomplete_run_folder(tmp_path, runs, missing):
     assert store.run_ids() == []
 
 
+def test_publishing_a_stopped_run_says_how_to_finish_it(tmp_path, runs):
+    """A run stopped mid-training has its checkpoint and no manifest yet."""
+    folder = runs / "run-a"
+    (folder / "checkpoint" / "member-1").mkdir(parents=True)
+    with pytest.raises(FerError, match=r"run-a has no manifest\.json: its training stopped "
+                                       r"before the end; `fer train --resume .*run-a` finishes it"):
+        publish_run(folder, LocalStore(tmp_path / "artifacts"))
+
+
 @pytest.mark.parametrize(("file", "patch", "message"), [
     ("manifest.json", {"run_id": "latest"}, r"manifest\.json: run_id 'latest' is not a valid"),
     ("manifest.json", {"run_id": "a/b"}, r"run_id 'a/b' is not a valid run id"),
