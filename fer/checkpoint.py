@@ -16,6 +16,7 @@ batches than an uninterrupted one would, and ends close to it but not bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,8 +40,8 @@ FORMAT = 1
 
 
 @dataclass(frozen=True)
-class ResumableRun:
-    """What a run recorded when it started: enough to train the rest of it."""
+class RunRecord:
+    """What a run records when it starts: enough to train the rest of it after a stop."""
 
     run_dir: Path
     config: TrainConfig
@@ -51,40 +52,47 @@ class ResumableRun:
     git_commit: str | None
 
 
-def start_run(run: ResumableRun) -> None:
-    """Record a new run's settings before its first epoch."""
+def start_run(run: RunRecord) -> None:
+    """Record a new run's settings before its first epoch (its folder is its out_dir's)."""
     folder = run.run_dir / FOLDER
     folder.mkdir()
-    record = {"format": FORMAT, "config": {**dataclasses.asdict(run.config),
-                                           "out_dir": str(run.config.out_dir)},
+    options = {k: v for k, v in dataclasses.asdict(run.config).items() if k != "out_dir"}
+    record = {"format": FORMAT, "config": options,
               "precision": run.precision, "learning_rate": run.learning_rate,
               "data": {"source": run.data_source, "sha256": run.data_sha256},
               "git_commit": run.git_commit}
     _write_json(folder / RUN_RECORD, record)
 
 
-def read_run(run_dir: Path) -> ResumableRun:
+def read_run(run_dir: Path) -> RunRecord:
     """The run ``run_dir`` was training, for ``fer train --resume``."""
-    path = Path(run_dir) / FOLDER / RUN_RECORD
+    run_dir = Path(run_dir).resolve()  # `--resume .` from inside it: its name is the run id
+    path = run_dir / FOLDER / RUN_RECORD
     if not path.is_file():
-        finished = (Path(run_dir) / "manifest.json").is_file()
-        raise FerError(f"{run_dir}: nothing to resume: " + (
-            "its training finished (the manifest is written)" if finished else
-            f"no {FOLDER}/{RUN_RECORD} (expected the folder of a `fer train` run that stopped "
-            "before its end)"))
+        raise FerError(f"{run_dir}: nothing to resume: {_why_not_resumable(run_dir)}")
     try:
         record = json.loads(path.read_text())
         if record.get("format") != FORMAT:
             raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
         options = record["config"]
-        config = TrainConfig(**{**options, "out_dir": Path(run_dir).parent})
-        return ResumableRun(run_dir=Path(run_dir), config=config, precision=record["precision"],
+        config = TrainConfig(**{**options, "out_dir": run_dir.parent})
+        return RunRecord(run_dir=run_dir, config=config, precision=record["precision"],
                             learning_rate=float(record["learning_rate"]),
                             data_source=record["data"]["source"],
                             data_sha256=record["data"]["sha256"],
                             git_commit=record.get("git_commit"))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
+
+
+def _why_not_resumable(run_dir: Path) -> str:
+    if not (run_dir / "manifest.json").is_file():
+        return (f"no {FOLDER}/{RUN_RECORD} (expected the folder of a `fer train` run that "
+                "stopped before its end)")
+    if not (run_dir / "classification_report.txt").is_file():  # stopped while scoring the test split
+        return (f"its training finished; `fer evaluate --model {run_dir / 'model.keras'}` "
+                "writes the test reports it lacks")
+    return "its training finished (the manifest is written)"
 
 
 def finish_run(run_dir: Path) -> None:
@@ -120,6 +128,7 @@ class MemberCheckpoint:
         self._state = self.folder / "state.json"
 
     def progress(self) -> MemberProgress:
+        """What the member reached before a stop; a new member's is empty."""
         if not self._state.is_file():
             return MemberProgress()
         try:
@@ -133,11 +142,13 @@ class MemberCheckpoint:
             return
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(self.folder / progress.weights_file)
-        for variable, state in zip(_random_states(model), progress.random_states, strict=True):
-            variable.assign(np.asarray(state, dtype=variable.dtype))
+        with self._readable(progress.weights_file):
+            model.load_weights(self.folder / progress.weights_file)
+            for variable, state in zip(_random_states(model), progress.random_states, strict=True):
+                variable.assign(np.asarray(state, dtype=variable.dtype))
 
     def best_weights(self, progress: MemberProgress) -> list[np.ndarray] | None:
+        """The best epoch's weights so far; None before any epoch improved."""
         return None if progress.best_file is None else self._arrays(progress.best_file)
 
     def final_weights(self) -> list[np.ndarray]:
@@ -150,14 +161,16 @@ class MemberCheckpoint:
         record that names them, so a stop between two writes leaves the last epoch whole."""
         progress.weights_file = f"epoch-{progress.epochs_done}.weights.h5"
         model.save_weights(self.folder / progress.weights_file)
+        _flush(self.folder / progress.weights_file)
         progress.random_states = [np.asarray(v).tolist() for v in _random_states(model)]
         if best_weights is not None and progress.best_epoch == progress.epochs_done:
             progress.best_file = f"best-{progress.best_epoch}.npz"
-            np.savez(self.folder / progress.best_file, *best_weights)
+            _save_arrays(self.folder / progress.best_file, best_weights)
         self._commit(progress)
 
     def save_final(self, model: keras.Model, progress: MemberProgress) -> None:
-        np.savez(self.folder / "final.npz", *model.get_weights())
+        """The finished member's weights; its epoch files are no longer needed."""
+        _save_arrays(self.folder / "final.npz", model.get_weights())
         progress.finished, progress.weights_file, progress.best_file = True, None, None
         self._commit(progress)
 
@@ -169,8 +182,17 @@ class MemberCheckpoint:
                 path.unlink()
 
     def _arrays(self, name: str) -> list[np.ndarray]:
-        with np.load(self.folder / name) as arrays:
+        with self._readable(name), np.load(self.folder / name) as arrays:
             return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+    @contextlib.contextmanager
+    def _readable(self, name: str):
+        """A damaged checkpoint file (a crash mid-write, another model) as one line."""
+        try:
+            yield
+        except (OSError, ValueError, KeyError) as exc:
+            raise FerError(f"{self.folder / name}: unreadable checkpoint ({exc}); delete "
+                           f"{self.folder} to train this member again") from None
 
 
 def _random_states(model: keras.Model) -> list:
@@ -179,9 +201,21 @@ def _random_states(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
+def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
+    np.savez(path, *arrays)
+    _flush(path)
+
+
+def _flush(path: Path) -> None:
+    """On disk before the record names it, so a power loss cannot leave a named file empty."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _write_json(path: Path, payload: dict) -> None:
     """Written aside and moved into place: a stop mid-write leaves the previous record."""
     partial = path.with_name(path.name + ".part")
     partial.write_text(json.dumps(payload, indent=1) + "\n")
+    _flush(partial)
     os.replace(partial, path)
 

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fer.batchnorm import recalibrate_if_better
 from fer.checkpoint import (
     MemberCheckpoint,
     MemberProgress,
-    ResumableRun,
+    RunRecord,
     finish_run,
     start_run,
 )
@@ -52,7 +53,7 @@ class RunResult:
 
 
 def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
-          resume: ResumableRun | None = None) -> RunResult:
+          resume: RunRecord | None = None) -> RunResult:
     """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder."""
     run = fit(dataset, config, verbose=verbose, resume=resume)
     metrics = evaluate_run(run.run_dir, dataset.test)
@@ -60,7 +61,7 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
 
 
 def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
-        resume: ResumableRun | None = None) -> RunResult:
+        resume: RunRecord | None = None) -> RunResult:
     """Train on train, select the epoch on validation; write model, history, curves, manifest.
 
     With ``config.ensemble`` > 1 the members train one after another from seeds
@@ -90,6 +91,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
             members.append(_fit_member(dataset, run, spec, number=number,
                                        clock=members[-1].clock if members else None,
                                        verbose=verbose))
+    except FerError:
+        raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
     except (Exception, KeyboardInterrupt):
         log.info("training stopped; `fer train --resume %s` continues it from its last "
                  "finished epoch", run.run_dir)
@@ -124,25 +127,35 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
 
 
-def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec) -> tuple[ResumableRun, str]:
+def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec) -> tuple[RunRecord, str]:
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
-    run = ResumableRun(
+    run = RunRecord(
         run_dir=Path(config.out_dir) / new_run_id(config.model), config=config,
         precision=precision,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
-        data_source=dataset.source, data_sha256=dataset.sha256,
+        data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
         git_commit=git_commit())  # the code that trains, not whatever is checked out hours later
     run.run_dir.mkdir(parents=True, exist_ok=False)
     start_run(run)
     return run, why
 
 
-def _resumed_run(run: ResumableRun, dataset: Dataset) -> tuple[ResumableRun, str]:
+def _absolute(source: str) -> str:
+    """A local source as an absolute path, so a resume from another folder finds it."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def _resumed_run(run: RunRecord, dataset: Dataset) -> tuple[RunRecord, str]:
+    """The stopped run, checked against the data it is resumed on; its recorded precision."""
     if dataset.sha256 != run.data_sha256:
         raise FerError(f"{run.run_dir}: the run trained on data with sha256 "
                        f"{run.data_sha256[:12]}..., but {dataset.source} has "
-                       f"{dataset.sha256[:12]}...; resume it with the same data")
+                       f"{dataset.sha256[:12]}... now; it can only resume on the data it began with")
+    commit = git_commit()
+    if commit != run.git_commit:
+        log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
+                    "the first)", run.run_dir.name, commit, run.git_commit)
     return run, "as the run started"
 
 
@@ -169,12 +182,12 @@ class Member:
     best_val_accuracy: float
     train_seconds: float
     wall_seconds: float  # training with its validation passes and recalibration
-    clock: float  # perf_counter() when member 1 began training: history's elapsed_seconds is from here
+    clock: float  # the perf_counter() value history's elapsed_seconds counts from (member 1's start)
     batch_norm_recalibration: dict | None  # fer.batchnorm.Recalibration.as_record(); None: not in the recipe
     resumed_at: list[int]  # the epochs after which training stopped and was resumed
 
 
-def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number: int,
+def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: int,
                 clock: float | None, verbose: int) -> Member:
     """Member ``number`` (from seed ``seed + number - 1``: weights, augmentation, shuffling;
     the split is the dataset's), continued from its checkpoint where it has one."""
@@ -198,8 +211,8 @@ def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number:
         log.info("resuming after epoch %d of %d", progress.epochs_done, config.epochs)
     timer = EpochTimer(started - progress.elapsed[-1] if progress.elapsed else clock,
                        train_seconds=progress.train_seconds, elapsed=progress.elapsed)
-    best = KeepBestWeights(progress.best_value, progress.best_epoch,
-                           checkpoint.best_weights(progress))
+    best = KeepBestWeights(best_value=progress.best_value, best_epoch=progress.best_epoch,
+                           weights=checkpoint.best_weights(progress))
     saver = EpochCheckpoint(checkpoint, progress, timer=timer, best=best,
                             wall_before=wall_before, started=started)
     if progress.epochs_done < config.epochs:  # else it stopped after its last epoch
@@ -227,7 +240,7 @@ def _fit_member(dataset: Dataset, run: ResumableRun, spec: ModelSpec, *, number:
     return _member(model, progress, seed=seed, clock=timer.started)
 
 
-def _compile(model: keras.Model, spec: ModelSpec, run: ResumableRun, *, steps: int) -> None:
+def _compile(model: keras.Model, spec: ModelSpec, run: RunRecord, *, steps: int) -> None:
     """The recipe's optimiser (its schedule spans the run's ``steps``), loss and metric."""
     model.compile(optimizer=build_optimizer(spec.optimizer, learning_rate=run.learning_rate,
                                             weight_decay=spec.weight_decay, total_steps=steps,
@@ -349,7 +362,7 @@ class EpochTimer(keras.callbacks.Callback):
     starts from the ``train_seconds`` and ``elapsed`` it had reached."""
 
     def __init__(self, started: float | None = None, *, train_seconds: float = 0.0,
-                 elapsed: list[float] = ()):
+                 elapsed: Sequence[float] = ()):
         super().__init__()
         self.train_seconds = train_seconds
         self.elapsed: list[float] = list(elapsed)
@@ -374,7 +387,7 @@ class KeepBestWeights(keras.callbacks.Callback):
     """Remember the weights of the epoch with the best validation accuracy (a resumed
     member starts from the best it had reached)."""
 
-    def __init__(self, best_value: float = -np.inf, best_epoch: int = 0,
+    def __init__(self, *, best_value: float = -np.inf, best_epoch: int = 0,
                  weights: list[np.ndarray] | None = None):
         super().__init__()
         self.best_value = best_value
@@ -396,8 +409,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the member's progress to its checkpoint after every epoch; runs after the
     callbacks it reads (the epoch timer and the best-weights keeper)."""
 
-    def __init__(self, checkpoint: MemberCheckpoint, progress: MemberProgress, *, timer, best,
-                 wall_before: float, started: float):
+    def __init__(self, checkpoint: MemberCheckpoint, progress: MemberProgress, *,
+                 timer: EpochTimer, best: KeepBestWeights, wall_before: float, started: float):
         super().__init__()
         self.checkpoint, self.progress, self.timer, self.best = checkpoint, progress, timer, best
         self._wall_before, self._started = wall_before, started

@@ -248,10 +248,12 @@ RECORDED_OPTIONS = ("epochs", "batch_size", "model", "profile", "data", "out", "
 def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
     given = [name for name in RECORDED_OPTIONS  # by name: Typer ships its own copy of Click
              if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
-    if given or remote:
-        named = ", ".join("--" + name.replace("_", "-") for name in [*given, *["remote"] * remote])
-        raise typer.BadParameter(f"continues the run with the options and data it started "
-                                 f"with; leave out {named}", param_hint="--resume")
+    if remote:
+        given.append("remote")
+    if given:
+        named = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise typer.BadParameter(f"takes the options and data the run recorded; leave out "
+                                 f"{named}", param_hint="--resume")
 
 
 def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_champion: bool,
@@ -279,19 +281,26 @@ def _import_flows(module: str):
 def _checked_config(options: dict, *, seed: int, val_fraction: float, precision: str,
                     out: Path) -> TrainConfig:
     """The run's TrainConfig, checked before any download or server round trip (a misspelt
-    model or precision fails here). The training commands load TensorFlow here, so this is
-    where they ask for its oneDNN kernels."""
-    from fer.precision import check_precision, prefer_onednn
+    model or precision fails here)."""
+    from fer.precision import check_precision
 
     check_precision(precision)
     config = TrainConfig(**options, seed=seed, val_fraction=val_fraction, precision=precision,
                          out_dir=out)
+    _check_training(config)
+    return config
+
+
+def _check_training(config: TrainConfig) -> None:
+    """The training commands load TensorFlow here, so this is where they ask for its oneDNN
+    kernels; the model registry lives with the Keras builders."""
+    from fer.precision import prefer_onednn
+
     prefer_onednn()
-    _load_tensorflow()  # the model registry lives with the Keras builders
+    _load_tensorflow()
     from fer.train import check_config
 
     check_config(config)
-    return config
 
 
 def _train_remotely(parameters: dict, *, wait: bool) -> None:
@@ -373,22 +382,29 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings)
                            cache_dir=settings.data_dir)
     from fer.train import train as train_run
 
-    return train_run(dataset, config, verbose=1 if sys.stdout.isatty() else 2)
+    return train_run(dataset, config, verbose=_keras_verbosity())
 
 
 def _resume_locally(run_dir: Path, *, settings: Settings):
-    from fer.precision import prefer_onednn
-
-    prefer_onednn()
-    _load_tensorflow()
+    """The stopped run's training, on the data source it recorded."""
     from fer.checkpoint import read_run
+
+    run = read_run(run_dir)
+    if not Path(run.data_source).exists():
+        raise FerError(f"{run.run_dir}: the data it trained on, {run.data_source}, is gone; "
+                       "the run can only resume on that data")
+    _check_training(run.config)
     from fer.data import load_dataset
     from fer.train import train as train_run
 
-    run = read_run(run_dir)
     dataset = load_dataset(Path(run.data_source), val_fraction=run.config.val_fraction,
                            seed=run.config.seed, cache_dir=settings.data_dir)
-    return train_run(dataset, run.config, verbose=1 if sys.stdout.isatty() else 2, resume=run)
+    return train_run(dataset, run.config, verbose=_keras_verbosity(), resume=run)
+
+
+def _keras_verbosity() -> int:
+    """A progress bar on a terminal; one line per epoch in logs."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,8 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, dataset, 
     assert sorted(p.name for p in run_dir.iterdir()) == [FOLDER]
     steps = spy.begun[-1]["iterations"] - spy.begun[-2]["iterations"]  # per epoch
 
+    monkeypatch.chdir(run_dir)
+    assert read_run(Path(".")).run_dir == run_dir  # `fer train --resume .` from inside it
     result = train(dataset, read_run(run_dir).config, verbose=0, resume=read_run(run_dir))
 
     resumed = spy.begun[2]
@@ -121,15 +124,21 @@ def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, dataset, monke
     other = Dataset(source="other.zip", sha256="f" * 64, train=dataset.train,
                     validation=dataset.validation, test=dataset.test)
     with pytest.raises(FerError, match=r"sha256 000000000000\.\.\., but other\.zip has "
-                                        r"ffffffffffff\.\.\.; resume it with the same data"):
+                                        r"ffffffffffff\.\.\. now; it can only resume on the "
+                                        r"data it began with"):
         train(other, config, verbose=0, resume=read_run(run_dir))
 
 
 def test_only_a_stopped_run_can_be_resumed(tmp_path, dataset):
-    """A finished run (its checkpoint removed) and a folder fer did not train say why."""
+    """A finished run (its checkpoint removed), one stopped while scoring the test split,
+    and a folder fer did not train say why, and what to do instead."""
     finished = train(dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "runs",
                                           precision="float32"), verbose=0).run_dir
-    with pytest.raises(FerError, match=r"nothing to resume: its training finished"):
+    with pytest.raises(FerError, match=r"nothing to resume: its training finished \(the manifest"):
+        read_run(finished)
+    (finished / "classification_report.txt").unlink()
+    with pytest.raises(FerError, match=r"its training finished; `fer evaluate --model "
+                                       r".*model\.keras` writes the test reports it lacks"):
         read_run(finished)
     with pytest.raises(FerError, match=r"nothing to resume: no checkpoint/run\.json"):
         read_run(tmp_path)
@@ -157,3 +166,15 @@ def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, dataset, mo
     assert len(spy.begun) == 2 and len(calls) == 2
     assert result.metrics["batch_norm_recalibration"] is not None
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, dataset, monkeypatch):
+    """A weights file cut short (a crash of the machine mid-write) names the file and what
+    to delete, instead of an h5py traceback."""
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    weights = run_dir / FOLDER / "member-1" / state(run_dir)["weights_file"]
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(FerError, match=r"epoch-1\.weights\.h5: unreadable checkpoint .*; delete "
+                                       r".*member-1 to train this member again"):
+        train(dataset, config, verbose=0, resume=read_run(run_dir))
