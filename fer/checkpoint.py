@@ -30,6 +30,7 @@ import numpy as np
 
 from fer.config import TrainConfig
 from fer.errors import FerError
+from fer.manifest import write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
     import keras
@@ -61,7 +62,7 @@ def start_run(run: RunRecord) -> None:
               "precision": run.precision, "learning_rate": run.learning_rate,
               "data": {"source": run.data_source, "sha256": run.data_sha256},
               "git_commit": run.git_commit}
-    _write_json(folder / RUN_RECORD, record)
+    write_json(folder / RUN_RECORD, record)
 
 
 def read_run(run_dir: Path) -> RunRecord:
@@ -77,10 +78,10 @@ def read_run(run_dir: Path) -> RunRecord:
         options = record["config"]
         config = TrainConfig(**{**options, "out_dir": run_dir.parent})
         return RunRecord(run_dir=run_dir, config=config, precision=record["precision"],
-                            learning_rate=float(record["learning_rate"]),
-                            data_source=record["data"]["source"],
-                            data_sha256=record["data"]["sha256"],
-                            git_commit=record.get("git_commit"))
+                         learning_rate=float(record["learning_rate"]),
+                         data_source=record["data"]["source"],
+                         data_sha256=record["data"]["sha256"],
+                         git_commit=record.get("git_commit"))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
 
@@ -175,7 +176,7 @@ class MemberCheckpoint:
         self._commit(progress)
 
     def _commit(self, progress: MemberProgress) -> None:
-        _write_json(self._state, dataclasses.asdict(progress))
+        write_json(self._state, dataclasses.asdict(progress))
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
             if path.name not in keep:
@@ -210,12 +211,3 @@ def _flush(path: Path) -> None:
     """On disk before the record names it, so a power loss cannot leave a named file empty."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Written aside and moved into place: a stop mid-write leaves the previous record."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(payload, indent=1) + "\n")
-    _flush(partial)
-    os.replace(partial, path)
-

@@ -31,6 +31,7 @@ from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
+from fer.manifest import write_json
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
         value = file_sha256(source)
     if index_path:
         index[key] = {"stamp": stamp, "sha256": value}
-        _write_json_atomic(index_path, index)
+        write_json(index_path, index)
     return value
 
 
@@ -369,10 +370,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)

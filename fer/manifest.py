@@ -70,5 +70,13 @@ def jsonable(value):
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
+    """Written beside ``path``, flushed to disk and renamed into place: a stop or a power
+    loss mid-write leaves the previous file (or none), never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with open(partial, "w") as handle:
+        handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
     return path

@@ -147,6 +147,9 @@ def _read_run_folder(folder: Path) -> _LocalRun:
     """Check a run folder has what publishing needs; name the folder and file when not."""
     if not folder.is_dir():
         raise FerError(f"run folder {folder} does not exist; pass the folder `fer train` wrote")
+    if not (folder / MANIFEST).is_file() and (folder / CHECKPOINT_FOLDER).is_dir():
+        raise FerError(f"run folder {folder} has no {MANIFEST}: its training stopped before "
+                       f"the end; `fer train --resume {folder}` finishes it")
     manifest = _read_json_file(folder, MANIFEST)
     metrics = _read_json_file(folder, METRICS)
     run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)
@@ -159,9 +162,6 @@ def _read_run_folder(folder: Path) -> _LocalRun:
 def _read_json_file(folder: Path, name: str) -> dict[str, Any]:
     path = folder / name
     if not path.is_file():
-        if (folder / CHECKPOINT_FOLDER).is_dir():
-            raise FerError(f"run folder {folder} has no {name}: its training stopped before "
-                           f"the end; `fer train --resume {folder}` finishes it")
         raise FerError(
             f"run folder {folder} has no {name}; only complete runs written by `fer train` "
             "can be published"

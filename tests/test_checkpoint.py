@@ -7,21 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import square_split
 
 import fer.train
-from fer.checkpoint import FOLDER, read_run
+from fer.checkpoint import FOLDER, _random_states, read_run
 from fer.config import TrainConfig
 from fer.data import Dataset
 from fer.errors import FerError
 from fer.models import load_model
 from fer.train import RUN_FILES, train
-
-
-@pytest.fixture(scope="module")
-def dataset() -> Dataset:
-    return Dataset(source="generated", sha256="0" * 64, train=square_split(20, 1),
-                   validation=square_split(5, 2), test=square_split(5, 3))
 
 
 class EpochSpy:
@@ -43,8 +36,8 @@ class EpochSpy:
                 raise KeyboardInterrupt
             self.begun.append({"model": model, "epoch": epoch + 1,
                                "iterations": int(model.optimizer.iterations),
-                               "random_states": [np.asarray(v).tolist() for v in model.variables
-                                                 if v.path.endswith("seed_generator_state")]})
+                               "random_states": [np.asarray(v).tolist()
+                                                 for v in _random_states(model)]})
             original(timer, epoch, logs)
 
         monkeypatch.setattr(fer.train.EpochTimer, "on_epoch_begin", on_epoch_begin)
@@ -62,7 +55,7 @@ def state(run_dir, member: int = 1) -> dict:
     return json.loads((run_dir / FOLDER / f"member-{member}" / "state.json").read_text())
 
 
-def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, dataset, monkeypatch,
+def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, tiny_dataset, monkeypatch,
                                                              caplog):
     """Ctrl-C at the start of epoch 3 of 4 keeps epochs 1-2; --resume trains 3 and 4 from
     their weights, optimizer state (the learning-rate schedule's step) and random streams,
@@ -70,7 +63,7 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, dataset, 
     config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
     spy = EpochSpy(monkeypatch, stop_at=3)
     with caplog.at_level("INFO", logger="fer"):
-        run_dir = stopped_run(tmp_path, dataset, config, spy)
+        run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
     assert f"`fer train --resume {run_dir}` continues it" in caplog.text  # told how to go on
     before = state(run_dir)
     assert before["epochs_done"] == 2 and not before["finished"]
@@ -79,7 +72,7 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, dataset, 
 
     monkeypatch.chdir(run_dir)
     assert read_run(Path(".")).run_dir == run_dir  # `fer train --resume .` from inside it
-    result = train(dataset, read_run(run_dir).config, verbose=0, resume=read_run(run_dir))
+    result = train(tiny_dataset, read_run(run_dir).config, verbose=0, resume=read_run(run_dir))
 
     resumed = spy.begun[2]
     assert resumed["epoch"] == 3 and resumed["iterations"] == 2 * steps  # not from step 0
@@ -95,20 +88,20 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, dataset, 
     assert result.metrics["epochs"] == 4 and 1 <= result.metrics["best_epoch"] <= 4
 
 
-def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, dataset, monkeypatch):
+def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, tiny_dataset, monkeypatch):
     """Member 1 finished before the stop: the resumed run reuses its final weights and
     trains member 2 alone."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=5, ensemble=2,
                          precision="float32")
     spy = EpochSpy(monkeypatch, stop_at=1, stop_member=2)
-    run_dir = stopped_run(tmp_path, dataset, config, spy)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
     assert state(run_dir, 1)["finished"]
     assert not (run_dir / FOLDER / "member-2" / "state.json").exists()  # no epoch finished
     with np.load(run_dir / FOLDER / "member-1" / "final.npz") as arrays:
         member_1 = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
     trained_before = len(spy.begun)
 
-    result = train(dataset, config, verbose=0, resume=read_run(run_dir))
+    result = train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
     assert len(spy.begun) - trained_before == 2  # member 2's two epochs, nothing of member 1
     saved = load_model(run_dir / "model.keras").get_layer("default_1").get_weights()
@@ -118,21 +111,21 @@ def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, dataset, monk
     assert list(history["member"]) == [1, 1, 2, 2]
 
 
-def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, dataset, monkeypatch):
+def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, tiny_dataset, monkeypatch):
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
-    run_dir = stopped_run(tmp_path, dataset, config, EpochSpy(monkeypatch, stop_at=2))
-    other = Dataset(source="other.zip", sha256="f" * 64, train=dataset.train,
-                    validation=dataset.validation, test=dataset.test)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    other = Dataset(source="other.zip", sha256="f" * 64, train=tiny_dataset.train,
+                    validation=tiny_dataset.validation, test=tiny_dataset.test)
     with pytest.raises(FerError, match=r"sha256 000000000000\.\.\., but other\.zip has "
                                         r"ffffffffffff\.\.\. now; it can only resume on the "
                                         r"data it began with"):
         train(other, config, verbose=0, resume=read_run(run_dir))
 
 
-def test_only_a_stopped_run_can_be_resumed(tmp_path, dataset):
+def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
     """A finished run (its checkpoint removed), one stopped while scoring the test split,
     and a folder fer did not train say why, and what to do instead."""
-    finished = train(dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "runs",
+    finished = train(tiny_dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "runs",
                                           precision="float32"), verbose=0).run_dir
     with pytest.raises(FerError, match=r"nothing to resume: its training finished \(the manifest"):
         read_run(finished)
@@ -144,7 +137,7 @@ def test_only_a_stopped_run_can_be_resumed(tmp_path, dataset):
         read_run(tmp_path)
 
 
-def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, dataset, monkeypatch):
+def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, tiny_dataset, monkeypatch):
     """Stopped during the batch-norm recalibration that follows the last epoch: the resumed
     run trains nothing, recalibrates, and writes the run folder."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
@@ -158,23 +151,23 @@ def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, dataset, mo
 
     monkeypatch.setattr(fer.train, "recalibrate_if_better", stop_once)
     spy = EpochSpy(monkeypatch)
-    run_dir = stopped_run(tmp_path, dataset, config, spy)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
     assert state(run_dir)["epochs_done"] == 2 and len(spy.begun) == 2
 
-    result = train(dataset, config, verbose=0, resume=read_run(run_dir))
+    result = train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
     assert len(spy.begun) == 2 and len(calls) == 2
     assert result.metrics["batch_norm_recalibration"] is not None
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
 
 
-def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, dataset, monkeypatch):
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkeypatch):
     """A weights file cut short (a crash of the machine mid-write) names the file and what
     to delete, instead of an h5py traceback."""
     config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
-    run_dir = stopped_run(tmp_path, dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
     weights = run_dir / FOLDER / "member-1" / state(run_dir)["weights_file"]
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(FerError, match=r"epoch-1\.weights\.h5: unreadable checkpoint .*; delete "
                                        r".*member-1 to train this member again"):
-        train(dataset, config, verbose=0, resume=read_run(run_dir))
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))

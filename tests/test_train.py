@@ -19,27 +19,6 @@ from fer.models import load_model
 from fer.train import RUN_FILES, train
 
 
-def square_split(per_class: int, seed: int) -> Split:
-    """Noisy images whose class is the size of a bright centred square (6 to 42 pixels).
-
-    Not a uniform shade per class: the default model standardises each image, which would
-    erase it. A centred square survives that, mirroring and small shifts.
-    """
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(7), per_class)
-    images = rng.integers(40, 61, (len(labels), 48, 48))
-    for image, label in zip(images, labels, strict=True):
-        half = 3 + 3 * label
-        image[24 - half:24 + half, 24 - half:24 + half] += 150
-    return Split(images=images.astype(np.uint8), labels=labels)
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset() -> Dataset:
-    return Dataset(source="generated", sha256="0" * 64, train=square_split(20, 1),
-                   validation=square_split(5, 2), test=square_split(5, 3))
-
-
 def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset):
     """Two epochs write all run files; metrics and manifest carry the keys README documents."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
