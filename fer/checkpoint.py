@@ -51,6 +51,7 @@ class RunRecord:
     data_source: str
     data_sha256: str
     git_commit: str | None
+    started_by: str | None = None  # e.g. "prefect flow run <id>": a retry of it resumes the run
 
 
 def start_run(run: RunRecord) -> None:
@@ -61,7 +62,7 @@ def start_run(run: RunRecord) -> None:
     record = {"format": FORMAT, "config": options,
               "precision": run.precision, "learning_rate": run.learning_rate,
               "data": {"source": run.data_source, "sha256": run.data_sha256},
-              "git_commit": run.git_commit}
+              "git_commit": run.git_commit, "started_by": run.started_by}
     write_json(folder / RUN_RECORD, record)
 
 
@@ -81,9 +82,26 @@ def read_run(run_dir: Path) -> RunRecord:
                          learning_rate=float(record["learning_rate"]),
                          data_source=record["data"]["source"],
                          data_sha256=record["data"]["sha256"],
-                         git_commit=record.get("git_commit"))
+                         git_commit=record.get("git_commit"),
+                         started_by=record.get("started_by"))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
+
+
+def find_unfinished(out_dir: Path, *, started_by: str) -> RunRecord | None:
+    """The unfinished run in ``out_dir`` that ``started_by`` began, if there is one.
+
+    A retried Prefect flow run keeps its id: with it, the retry continues its own stopped
+    training instead of starting over, and never picks up another run's.
+    """
+    for path in sorted(Path(out_dir).glob(f"*/{FOLDER}/{RUN_RECORD}"), reverse=True):
+        try:
+            began_by = json.loads(path.read_text()).get("started_by")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a record this version wrote; `fer train --resume` explains it
+        if began_by == started_by:
+            return read_run(path.parents[1])
+    return None
 
 
 def _why_not_resumable(run_dir: Path) -> str:

@@ -61,20 +61,22 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
 
 
 def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
-        resume: RunRecord | None = None) -> RunResult:
+        resume: RunRecord | None = None, started_by: str | None = None) -> RunResult:
     """Train on train, select the epoch on validation; write model, history, curves, manifest.
 
     With ``config.ensemble`` > 1 the members train one after another from seeds
     ``seed``, ``seed + 1``, ... on the same split, and the saved model averages them.
     The run folder's checkpoint keeps each finished epoch until the manifest is written;
     ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped before.
+    ``started_by`` names what started a new run (a Prefect flow run), in its record and
+    manifest, so that a retry of it finds the run again (``fer.checkpoint.find_unfinished``).
     The test split is not touched here; ``fer.evaluate.evaluate_run`` scores it afterwards.
     """
     if resume is not None and config != resume.config:
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
     _check_config(config, dataset)
     spec = get_spec(config.model)
-    run, why = (_new_run(config, dataset, spec) if resume is None
+    run, why = (_new_run(config, dataset, spec, started_by=started_by) if resume is None
                 else _resumed_run(resume, dataset))
     averaged = _averaged(config)
     log.info("%s model %s: %s, batch size %d, %s (%s); %d training and %d validation "
@@ -94,8 +96,9 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     except FerError:
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
     except (Exception, KeyboardInterrupt):
-        log.info("training stopped; `fer train --resume %s` continues it from its last "
-                 "finished epoch", run.run_dir)
+        log.info("training stopped; `fer train --resume %s`%s continues it from its last "
+                 "finished epoch", run.run_dir,
+                 f" or a retry of {run.started_by}" if run.started_by else "")
         raise
 
     saved = _save_model(members, run.run_dir, precision=run.precision, tta=config.tta)
@@ -120,6 +123,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
         "versions": package_versions(),
         "git_commit": run.git_commit,
         "machine": machine(),
+        **({"started_by": run.started_by} if run.started_by else {}),
         **({"resumed_at_epochs": resumed} if resumed else {}),
         "artifacts": list(RUN_FILES),
     })
@@ -127,7 +131,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
 
 
-def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec) -> tuple[RunRecord, str]:
+def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
+             started_by: str | None) -> tuple[RunRecord, str]:
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
     run = RunRecord(
@@ -135,7 +140,8 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec) -> tuple[Ru
         precision=precision,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
-        git_commit=git_commit())  # the code that trains, not whatever is checked out hours later
+        git_commit=git_commit(),  # the code that trains, not whatever is checked out hours later
+        started_by=started_by)
     run.run_dir.mkdir(parents=True, exist_ok=False)
     start_run(run)
     return run, why

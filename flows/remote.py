@@ -165,8 +165,11 @@ def _not_picked_up(flow_run: FlowRun, timeout_s: float) -> str:
 def _finish(client, flow_run: FlowRun) -> RemoteRun:
     state = flow_run.state
     if not state.is_completed():
+        retry = (f"; `prefect flow-run retry {flow_run.id}` runs it again, its training "
+                 "continuing from the last finished epoch"
+                 if state.type in (StateType.CRASHED, StateType.CANCELLED) else "")
         raise FerError(f"flow run {flow_run.name} ({flow_run.id}) ended {state.name}: "
-                       f"{state.message or 'no message'}; logs: {_url(flow_run)}")
+                       f"{state.message or 'no message'}{retry}; logs: {_url(flow_run)}")
     return _describe(flow_run, result=_result(flow_run), report=_posted_report(client, flow_run))
 
 

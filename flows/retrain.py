@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run as this_flow_run
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import DataError, FerError, StorageError
@@ -103,15 +104,28 @@ def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool
 
 
 @task
-def train(source: str, config: TrainConfig, *, data_dir: str) -> str:
-    """Fit a model on the source's train split; the run folder it wrote."""
+def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str) -> str:
+    """Fit a model on the source's train split; the run folder it wrote.
+
+    A retry of the flow run (``prefect flow-run retry``, the UI's Retry) after a crash or a
+    cancellation continues the training it began from its last finished epoch, if that run's
+    folder is on this machine and the data is unchanged; otherwise it trains from the start.
+    """
+    from fer.checkpoint import find_unfinished
     from fer.data import load_dataset
 
     dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=Path(data_dir))
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
-    return str(fit(dataset, config, verbose=2).run_dir)
+    stopped = find_unfinished(config.out_dir, started_by=started_by)
+    if stopped is not None and stopped.data_sha256 != dataset.sha256:
+        get_run_logger().warning("%s stopped in %s, but its data has changed since; training "
+                                 "from the start", started_by, stopped.run_dir)
+        stopped = None
+    if stopped is not None:
+        return str(fit(dataset, stopped.config, verbose=2, resume=stopped).run_dir)
+    return str(fit(dataset, config, verbose=2, started_by=started_by).run_dir)
 
 
 @task
@@ -173,7 +187,8 @@ def retrain(
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
         source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
-        run_dir = train(source, config, data_dir=data_dir)
+        run_dir = train(source, config, data_dir=data_dir,
+                        started_by=f"prefect flow run {this_flow_run.id}")
         metrics = evaluate(run_dir, source, data_dir=data_dir)
         _post_report(Path(run_dir), metrics)
         published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,

@@ -68,6 +68,24 @@ class Process:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
 
+    def kill_descendants(self) -> list[int]:
+        """SIGKILL every process this one started (a worker's flow runs), as the kernel's
+        out-of-memory killer would; the pids killed."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(stat.parent.name))
+        found, pending = [], [self._process.pid]
+        while pending:
+            for child in children.get(pending.pop(), []):
+                found.append(child)
+                pending.append(child)
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return found
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

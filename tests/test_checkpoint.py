@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fer.train
-from fer.checkpoint import FOLDER, _random_states, read_run
+from fer.checkpoint import FOLDER, RUN_RECORD, _random_states, find_unfinished, read_run
 from fer.config import TrainConfig
 from fer.data import Dataset
 from fer.errors import FerError
 from fer.models import load_model
-from fer.train import RUN_FILES, train
+from fer.train import RUN_FILES, fit, train
 
 
 class EpochSpy:
@@ -171,3 +172,30 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkey
     with pytest.raises(FerError, match=r"epoch-1\.weights\.h5: unreadable checkpoint .*; delete "
                                        r".*member-1 to train this member again"):
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+
+def test_a_retried_flow_run_finds_the_run_it_began_and_no_other(tmp_path, tiny_dataset,
+                                                               monkeypatch, caplog):
+    """find_unfinished: the stopped run that flow run A started, not B's nor a `fer train`
+    run's, and nothing once it has finished; the log names the retry, the manifest A."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    EpochSpy(monkeypatch, stop_at=2)
+    with caplog.at_level("INFO", logger="fer"), pytest.raises(KeyboardInterrupt):
+        fit(tiny_dataset, config, verbose=0, started_by="prefect flow run A")
+    (began_by_a,) = tmp_path.iterdir()
+    assert "or a retry of prefect flow run A continues it" in caplog.text
+    for name, starter in [("20990101-000000-default-beef", "prefect flow run B"),
+                          ("20990101-000001-default-cafe", None)]:
+        record = shutil.copytree(began_by_a, tmp_path / name) / FOLDER / RUN_RECORD
+        record.write_text(json.dumps({**json.loads(record.read_text()), "started_by": starter}))
+
+    assert find_unfinished(tmp_path, started_by="prefect flow run A").run_dir == began_by_a
+    assert find_unfinished(tmp_path, started_by="prefect flow run B").run_dir.name.endswith("beef")
+    assert find_unfinished(tmp_path, started_by="prefect flow run C") is None
+
+    stopped = find_unfinished(tmp_path, started_by="prefect flow run A")
+    fit(tiny_dataset, stopped.config, verbose=0, resume=stopped)
+    manifest = json.loads((began_by_a / "manifest.json").read_text())
+    assert manifest["started_by"] == "prefect flow run A"
+    assert manifest["resumed_at_epochs"] == {"member 1": [1]}
+    assert find_unfinished(tmp_path, started_by="prefect flow run A") is None

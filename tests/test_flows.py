@@ -7,6 +7,7 @@ command, and a real S3 server (SeaweedFS).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -309,6 +310,58 @@ def test_fer_train_remote_wait_prints_the_published_report(worker, prefect_api, 
                            env=env, timeout=120, check=False)
     assert shown.returncode == 0 and f"run {run_id}:" in shown.stdout
     assert "macro avg" in shown.stdout
+
+
+def epochs_done(out_dir: Path) -> int:
+    """How many epochs the checkpoint in ``out_dir``'s one run folder records; 0 before any."""
+    for path in out_dir.glob("*/checkpoint/member-1/state.json"):
+        with contextlib.suppress(ValueError):  # being replaced this instant
+            return json.loads(path.read_text())["epochs_done"]
+    return 0
+
+
+def prefect_cli(server, *args: str) -> None:
+    """``prefect ARGS`` as a user types it, against ``server``."""
+    done = subprocess.run([str(Path(sys.executable).with_name("prefect")), *args],
+                          env={**os.environ, **server.client_env()}, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@integration
+@pytest.mark.parametrize("stop", ["Crashed", "Cancelled"])
+def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip, tmp_path, stop):
+    """The flow run's process is killed mid-training (out of memory, a reboot), or the run
+    is cancelled: following it says how to retry. `prefect flow-run retry`, as a user types
+    it, sends the run back to the worker, whose training continues in the same run folder
+    from its last finished epoch instead of starting over."""
+    run = trigger_retrain({**TINY, "epochs": 30, "data": str(tiny_fer_zip),
+                           "out_dir": str(tmp_path)}, wait=False)
+    deadline = time.monotonic() + 180
+    while epochs_done(tmp_path) < 2:
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.05)
+    if stop == "Crashed":
+        assert worker.kill_descendants()
+    else:
+        prefect_cli(prefect_api, "flow-run", "cancel", run.flow_run_id)
+    with pytest.raises(FerError, match=rf"ended {stop}: .*`prefect flow-run retry "
+                                       rf"{run.flow_run_id}` runs it again"):
+        follow(run)
+    (run_dir,) = tmp_path.iterdir()
+    stopped_after = epochs_done(tmp_path)
+    assert 2 <= stopped_after < 30
+
+    prefect_cli(prefect_api, "flow-run", "retry", run.flow_run_id)
+    finished = follow(run)
+
+    assert finished.state == "Completed" and finished.result["run_id"] == run_dir.name
+    assert list(tmp_path.iterdir()) == [run_dir]  # the same folder, not a second run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_at_epochs"] == {"member 1": [stopped_after]}
+    assert manifest["started_by"] == f"prefect flow run {run.flow_run_id}"
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 30  # header, then every epoch once
 
 
 @integration
