@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -606,12 +607,32 @@ def _configure_logging() -> None:
     logging.getLogger("fer").setLevel(logging.INFO)
 
 
+def _stop_on_sigterm() -> list[int]:
+    """SIGTERM (`kill`, `timeout`, systemd, `docker stop`) stops a command as Ctrl-C does,
+    instead of ending Python on the spot: a training then logs how to resume it. The list
+    gets the signal's number once it came."""
+    received: list[int] = []
+
+    def stop(signum, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    return received
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line and exit code 1."""
+    """Console-script entry point: user errors become one line and exit code 1; SIGTERM
+    exits 143 (128 + 15), as a process killed by it does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # level 2 still prints oneDNN banners
     _configure_logging()
+    terminated = _stop_on_sigterm()
     try:
         app()
     except FerError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except SystemExit:
+        if terminated:  # Click printed "Aborted!" and chose exit 1, as for Ctrl-C
+            sys.exit(128 + terminated[0])
+        raise

@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -172,6 +174,32 @@ def test_resume_takes_no_options_of_its_own(tmp_path):
     result = run_fer("train", "--resume", tmp_path, "--epochs", "3", "--seed", "2")
     assert result.returncode == 2, result.stderr
     assert "leave out --epochs, --seed" in " ".join(result.stderr.split())
+
+
+@pytest.mark.integration
+def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset):
+    """`kill`, `timeout` or `docker stop` mid-training: the log names the resume command
+    (Python's default would die silently) and the exit status is SIGTERM's 143."""
+    from run_folders import epochs_done
+
+    runs = tmp_path / "runs"
+    process = subprocess.Popen([*FER, "train", "--epochs", "30", "--data", str(fer_subset),
+                                "--out", str(runs)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while epochs_done(runs) < 1 and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    (run_dir,) = runs.iterdir()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert f"`fer train --resume {run_dir}` continues it" in stderr
+    assert "Traceback" not in stderr
+    assert epochs_done(runs) >= 1
 
 
 @pytest.mark.integration

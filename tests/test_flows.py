@@ -7,7 +7,6 @@ command, and a real S3 server (SeaweedFS).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from run_folders import make_run
+from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
 from test_cli import FER
 
@@ -310,14 +309,6 @@ def test_fer_train_remote_wait_prints_the_published_report(worker, prefect_api, 
                            env=env, timeout=120, check=False)
     assert shown.returncode == 0 and f"run {run_id}:" in shown.stdout
     assert "macro avg" in shown.stdout
-
-
-def epochs_done(out_dir: Path) -> int:
-    """How many epochs the checkpoint in ``out_dir``'s one run folder records; 0 before any."""
-    for path in out_dir.glob("*/checkpoint/member-1/state.json"):
-        with contextlib.suppress(ValueError):  # being replaced this instant
-            return json.loads(path.read_text())["epochs_done"]
-    return 0
 
 
 def prefect_cli(server, *args: str) -> None:
