@@ -166,6 +166,20 @@ def test_compose_worker_gets_what_fer_and_prefect_read():
     assert "command" not in services["worker"]  # it runs the image's CMD, tested above
 
 
+def test_compose_keeps_the_workers_run_folders_on_a_volume():
+    """A retried flow run resumes from the checkpoint in its run folder: the worker's run
+    folders (TrainConfig's out_dir under the image's WORKDIR, where its flows run) are a
+    named volume, so they outlive a recreated container."""
+    from fer.config import TrainConfig
+
+    workdir = re.search(r"^WORKDIR (\S+)$", (REPO / "docker" / "Dockerfile").read_text(),
+                        flags=re.MULTILINE)[1]
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mounts = {target: source for source, target in
+              (volume.split(":")[:2] for volume in compose["services"]["worker"]["volumes"])}
+    assert mounts.get(f"{workdir}/{TrainConfig.out_dir}") in compose["volumes"]
+
+
 def test_the_image_build_context_holds_every_package_it_installs():
     """Each COPY source passes .dockerignore, and every package pyproject installs is copied.
 
