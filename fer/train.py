@@ -95,7 +95,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
                                        verbose=verbose))
     except FerError:
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
-    except (Exception, KeyboardInterrupt):
+    except BaseException:  # Ctrl-C, SIGTERM (Prefect raises its own TerminationSignal), any error
         log.info("training stopped; `fer train --resume %s`%s continues it from its last "
                  "finished epoch", run.run_dir,
                  f" or a retry of {run.started_by}" if run.started_by else "")

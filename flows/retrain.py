@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run as this_flow_run
+from prefect.settings import PREFECT_API_URL
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import DataError, FerError, StorageError
@@ -104,12 +105,13 @@ def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool
 
 
 @task
-def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str) -> str:
+def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | None) -> str:
     """Fit a model on the source's train split; the run folder it wrote.
 
     A retry of the flow run (``prefect flow-run retry``, the UI's Retry) after a crash or a
     cancellation continues the training it began from its last finished epoch, if that run's
     folder is on this machine and the data is unchanged; otherwise it trains from the start.
+    ``started_by`` names the flow run (None where no server keeps it to be retried).
     """
     from fer.checkpoint import find_unfinished
     from fer.data import load_dataset
@@ -118,7 +120,7 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str) -
                            cache_dir=Path(data_dir))
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
-    stopped = find_unfinished(config.out_dir, started_by=started_by)
+    stopped = find_unfinished(config.out_dir, started_by=started_by) if started_by else None
     if stopped is not None and stopped.data_sha256 != dataset.sha256:
         get_run_logger().warning("%s stopped in %s, but its data has changed since; training "
                                  "from the start", started_by, stopped.run_dir)
@@ -188,7 +190,7 @@ def retrain(
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
         source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
         run_dir = train(source, config, data_dir=data_dir,
-                        started_by=f"prefect flow run {this_flow_run.id}")
+                        started_by=_retryable_run())
         metrics = evaluate(run_dir, source, data_dir=data_dir)
         _post_report(Path(run_dir), metrics)
         published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
@@ -205,6 +207,13 @@ def retrain(
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
     }
+
+
+def _retryable_run() -> str | None:
+    """This flow run, as the run folder records it, when a server keeps it to be retried;
+    None under the temporary server `fer retrain` starts without PREFECT_API_URL, which
+    forgets it (`fer train --resume` is the way on there)."""
+    return f"prefect flow run {this_flow_run.id}" if PREFECT_API_URL.value() else None
 
 
 def _post_report(run_dir: Path, metrics: dict) -> None:

@@ -20,10 +20,11 @@ from fer.train import RUN_FILES, fit, train
 
 class EpochSpy:
     """Patched over the epoch timer's on_epoch_begin: records what each epoch starts from,
-    and raises KeyboardInterrupt (Ctrl-C) at the start of epoch ``stop_at`` of member
-    ``stop_member`` (both 1-based), once."""
+    and raises ``stop_with`` (Ctrl-C's KeyboardInterrupt) at the start of epoch ``stop_at``
+    of member ``stop_member`` (both 1-based), once."""
 
-    def __init__(self, monkeypatch, *, stop_at: int | None = None, stop_member: int = 1):
+    def __init__(self, monkeypatch, *, stop_at: int | None = None, stop_member: int = 1,
+                 stop_with: type[BaseException] = KeyboardInterrupt):
         self.begun: list[dict] = []
         self.stop_at, self.stop_member, self._members = stop_at, stop_member, 0
         original = fer.train.EpochTimer.on_epoch_begin
@@ -34,7 +35,7 @@ class EpochSpy:
                 self._members += 1
             if self.stop_at == epoch + 1 and self._members == self.stop_member:
                 self.stop_at = None
-                raise KeyboardInterrupt
+                raise stop_with
             self.begun.append({"model": model, "epoch": epoch + 1,
                                "iterations": int(model.optimizer.iterations),
                                "random_states": [np.asarray(v).tolist()
@@ -199,3 +200,16 @@ def test_a_retried_flow_run_finds_the_run_it_began_and_no_other(tmp_path, tiny_d
     assert manifest["started_by"] == "prefect flow run A"
     assert manifest["resumed_at_epochs"] == {"member 1": [1]}
     assert find_unfinished(tmp_path, started_by="prefect flow run A") is None
+
+
+class TerminationSignal(BaseException):
+    """What Prefect raises for SIGTERM in a flow run: a BaseException, not KeyboardInterrupt."""
+
+
+def test_a_stop_of_any_kind_logs_the_resume_command(tmp_path, tiny_dataset, monkeypatch, caplog):
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    EpochSpy(monkeypatch, stop_at=2, stop_with=TerminationSignal)
+    with caplog.at_level("INFO", logger="fer"), pytest.raises(TerminationSignal):
+        train(tiny_dataset, config, verbose=0)
+    (run_dir,) = tmp_path.iterdir()
+    assert f"`fer train --resume {run_dir}` continues it" in caplog.text

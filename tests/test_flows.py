@@ -162,6 +162,7 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     assert (tmp_path / "runs" / run_id / "model.keras").is_file()
     manifest = json.loads((tmp_path / "runs" / run_id / "manifest.json").read_text())
     assert manifest["machine"]["onednn"] is True  # the flow asked before its tasks loaded TF
+    assert "started_by" not in manifest  # the temporary server forgets the run: no retrying it
     # fer's progress lines reach the flow run's log, which the terminal shows, once
     assert re.search(r"^Flow run '[\w-]+' - training model default: 1 epoch, batch size 32, ",
                      done.stderr, re.MULTILINE), done.stderr[-3000:]
