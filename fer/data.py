@@ -145,20 +145,39 @@ def read_splits(source: Path) -> dict[str, Split]:
     """Decode every split a source holds, keyed 'train', 'validation', 'test'."""
     name = source.name.lower()
     if source.is_dir():
-        csvs = sorted(source.glob("*.csv"))
-        if not any((source / s).is_dir() for s in SPLIT_FOLDERS) and len(csvs) == 1:
-            return _csv_splits(csvs[0].read_bytes(), origin=str(csvs[0]))
+        if not any((source / s).is_dir() for s in SPLIT_FOLDERS):
+            csv = _the_csv(csv_files(source), source=source)
+            if csv is not None:
+                return _csv_splits(csv.read_bytes(), origin=str(csv))
         return read_image_layout(_folder_entries(source), origin=str(source))
     if name.endswith(".csv"):
         return _csv_splits(source.read_bytes(), origin=str(source))
     if name.endswith(ARCHIVE_SUFFIXES):
         entries = list(_archive_entries(source))
-        csvs = [(n, read) for n, read in entries if n.lower().endswith(".csv")]
-        if len(csvs) == 1:
-            return _csv_splits(csvs[0][1](), origin=f"{source}!{csvs[0][0]}")
+        csvs = {n: read for n, read in entries if n.lower().endswith(".csv")
+                and not _is_noise(PurePosixPath(n).parts)}
+        in_folders = any(part.lower() in SPLIT_FOLDERS
+                         for n, _ in entries for part in PurePosixPath(n).parts[:-1])
+        csv = _the_csv(list(csvs), source=source) if len(csvs) == 1 or not in_folders else None
+        if csv is not None:
+            return _csv_splits(csvs[csv](), origin=f"{source}!{csv}")
         return read_image_layout(iter(entries), origin=str(source))
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     "or a folder with train/ and test/)")
+
+
+def csv_files(folder: Path) -> list[Path]:
+    """The CSV files at the top of ``folder``, leaving out clutter (macOS's ``._x.csv``)."""
+    return sorted(p for p in folder.glob("*.csv") if not _is_noise((p.name,)))
+
+
+def _the_csv(csvs: list, *, source: Path):
+    """The one CSV a source holds; None for none; several cannot be told apart."""
+    if len(csvs) > 1:
+        raise DataError(f"{source}: holds {len(csvs)} CSV files "
+                        f"({', '.join(sorted(map(str, csvs)))}); expected one fer2013.csv "
+                        "(pass the CSV to use itself)")
+    return csvs[0] if csvs else None
 
 
 def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
@@ -167,9 +186,12 @@ def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
 
 
 def _folder_entries(root: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """A folder's files as (relative name, reader), without clutter: the data sha256 is the
+    same wherever the folder is (fetch-data's unpack marker holds the archive's path)."""
     for path in sorted(root.rglob("*")):
-        if path.is_file():
-            yield path.relative_to(root).as_posix(), path.read_bytes
+        name = path.relative_to(root).as_posix()
+        if path.is_file() and not _is_noise(PurePosixPath(name).parts):
+            yield name, path.read_bytes
 
 
 def _archive_entries(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
@@ -346,9 +368,14 @@ def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:
     path = _cache_path(cache_dir, digest)
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as arrays:
-        names = {key.rsplit("_", 1)[0] for key in arrays.files}
-        return {n: Split(images=arrays[f"{n}_images"], labels=arrays[f"{n}_labels"]) for n in names}
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            names = {key.rsplit("_", 1)[0] for key in arrays.files}
+            return {n: Split(images=arrays[f"{n}_images"], labels=arrays[f"{n}_labels"])
+                    for n in names}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        log.warning("%s: damaged decode cache (%s); decoding the source again", path, exc)
+        return None
 
 
 def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None:
@@ -357,8 +384,10 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # two writers never share one
     np.savez(tmp, **arrays)
+    with open(tmp, "rb") as handle:  # on disk before it is named: a power loss leaves no husk
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
     for stale in path.parent.glob(f"{digest}.v*.npz"):  # older formats are never read again
         if stale != path and re.fullmatch(rf"{digest}\.v\d+\.npz", stale.name):

@@ -8,6 +8,7 @@ uses when no ``--data`` is given.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -18,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer.data import file_sha256, is_archive, load_dataset, safe_extract, stat_stamp
+from fer.data import csv_files, file_sha256, is_archive, load_dataset, safe_extract, stat_stamp
 from fer.errors import DataError, StorageError
+from fer.manifest import write_json
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
@@ -43,31 +45,49 @@ class FetchedSource:
 
 
 def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
-               endpoint_url: str | None = None, progress: Progress | None = None) -> FetchedSource:
-    """Download or copy ``source`` into ``data_dir``, unpack it, decode it, and make it current."""
+               endpoint_url: str | None = None, progress: Progress | None = None,
+               make_current: bool = True) -> FetchedSource:
+    """Download or copy ``source`` into ``data_dir``, unpack it and decode it; with
+    ``make_current``, later runs without ``--data`` use it."""
     local = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     digest = file_sha256(local) if local.is_file() else None
-    if sha256 and digest != sha256.lower():
+    if sha256 and digest is not None and digest != sha256.lower():
         if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
             local.unlink()  # our copy (never the user's own file): the next fetch gets it again
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
     dataset_path = _unpack(local, data_dir=data_dir, digest=digest) if is_archive(local) else local
     dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
+    if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
+        raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
+                        f"{sha256.lower()}; it is not the dataset you meant")
     fetched = FetchedSource(path=dataset_path, sha256=dataset.sha256, origin=source,
                             file_sha256=digest)
-    pointer = {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source}
-    (data_dir / CURRENT_POINTER).write_text(json.dumps(pointer, indent=2) + "\n")
+    if make_current:
+        write_json(data_dir / CURRENT_POINTER,
+                   {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source})
     return fetched
 
 
 def current_source(data_dir: Path) -> Path | None:
-    """The dataset the last ``fer fetch-data`` made current, if it still exists."""
+    """The dataset the last ``fer fetch-data`` made current; None if none was.
+
+    A current dataset that has gone (a folder used in place, then moved) is an error, not
+    a reason to train on the default download instead.
+    """
+    pointer_path = data_dir / CURRENT_POINTER
     try:
-        path = Path(json.loads((data_dir / CURRENT_POINTER).read_text())["path"])
-    except (OSError, ValueError, KeyError):
+        pointer = json.loads(pointer_path.read_text())
+        path = Path(pointer["path"])
+    except FileNotFoundError:
         return None
-    return path if path.exists() else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{pointer_path}: unreadable ({exc}); run `fer fetch-data` again, or "
+                        "pass --data") from None
+    if not path.exists():
+        raise DataError(f"{path}: the current dataset (fetched from {pointer.get('origin')}) is "
+                        "gone; run `fer fetch-data` again, or pass --data")
+    return path
 
 
 def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
@@ -79,8 +99,9 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
             return current
         return fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
                           progress=progress).path
-    if _is_remote(data):
-        return fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress).path
+    if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
+        return fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress,
+                          make_current=False).path
     return Path(data).expanduser()
 
 
@@ -147,7 +168,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                                "a local file with --source", transient=True) from None
         raise DataError(f"{url}: {answer}; check the URL, or pass a local file with "
                         "--source") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise StorageError(f"{url}: download failed ({reason}); check the URL and your "
@@ -186,7 +207,7 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
 def _dataset_root(folder: Path, *, archive: Path) -> Path:
     """The CSV, or the folder holding train/ or test/, at the top or one level down."""
     for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
-        csvs = sorted(candidate.glob("*.csv"))
+        csvs = csv_files(candidate)
         if len(csvs) == 1:
             return csvs[0]
         if (candidate / "train").is_dir() or (candidate / "test").is_dir():

@@ -322,6 +322,11 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
     check_config(config)
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
+    if not len(dataset.train) or not len(dataset.validation):  # a handful of images per class
+        raise FerError(f"{dataset.source}: {len(dataset.train)} training and "
+                       f"{len(dataset.validation)} validation images (validation "
+                       f"{dataset.validation_origin}); expected some of each: more images per "
+                       "class, or another --val-fraction")
 
 
 def class_weights(split: Split, *, scheme: str) -> np.ndarray | None:

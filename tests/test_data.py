@@ -62,6 +62,39 @@ def test_csv_inside_tar_gz(tmp_path, shaded_csv):
     assert len(read_splits(archive)["train"]) == 21
 
 
+def test_macos_clutter_beside_the_csv_is_ignored(tmp_path, shaded_csv):
+    """A zip made by macOS's Finder carries __MACOSX/._fer2013.csv (a resource fork), and a
+    tar made there ._fer2013.csv: the one real CSV is still the dataset."""
+    zipped = tmp_path / "mac.zip"
+    with zipfile.ZipFile(zipped, "w") as handle:
+        handle.write(shaded_csv, "fer2013.csv")
+        handle.writestr("__MACOSX/._fer2013.csv", b"\x00\x05\x16\x07 resource fork")
+    assert len(read_splits(zipped)["train"]) == 21
+    (tmp_path / "._fer2013.csv").write_bytes(b"\x00\x05\x16\x07")
+    assert len(read_splits(tmp_path)["train"]) == 21  # the folder holding both
+
+
+def test_several_csvs_are_named_not_called_empty(tmp_path, shaded_csv):
+    """Kaggle's challenge zip holds train.csv, test.csv and icml_face_data.csv: say which
+    files were found, rather than 'no images found'."""
+    archive = tmp_path / "challenge.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for name in ("train.csv", "test.csv"):
+            handle.write(shaded_csv, name)
+    with pytest.raises(DataError, match=r"challenge\.zip: holds 2 CSV files \(test\.csv, "
+                                        r"train\.csv\); expected one fer2013\.csv"):
+        read_splits(archive)
+
+
+def test_an_image_zip_may_hold_other_csvs(tmp_path, image_tree):
+    """CSVs beside train/ and test/ image folders (a labels list, say) leave the images the
+    dataset."""
+    (image_tree / "train" / "labels.csv").write_text("a,b\n")
+    (image_tree / "notes.csv").write_text("a,b\n")
+    archive = zip_folder(image_tree, tmp_path / "images.zip")
+    assert len(read_splits(archive)["train"]) == 21
+
+
 def test_test_only_source_can_be_loaded_for_evaluation(tmp_path):
     """A source with only test/ loads without train when training is not requested."""
     root = write_image_tree(tmp_path / "t", splits=("test",))
@@ -108,6 +141,22 @@ def test_a_cache_of_an_older_format_is_replaced(tmp_path, shaded_csv):
     current.rename(old)
     load_dataset(shaded_csv, cache_dir=cache)
     assert [p.name for p in (cache / "decoded").glob("*.npz")] == [current.name]
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 cut short"])
+def test_a_damaged_cache_is_decoded_again(tmp_path, shaded_csv, caplog, damage):
+    """A cache file left empty or cut short (a power loss) is a warning and a fresh decode,
+    not a traceback on every later run."""
+    cache = tmp_path / "cache"
+    first = load_dataset(shaded_csv, cache_dir=cache)
+    (cached,) = (cache / "decoded").glob(f"{first.sha256}*.npz")
+    cached.write_bytes(damage)
+    with caplog.at_level("WARNING", logger="fer"):
+        again = load_dataset(shaded_csv, cache_dir=cache)
+    assert "damaged decode cache" in caplog.text
+    assert np.array_equal(first.train.images, again.train.images)
+    assert cached.stat().st_size > 1000  # written anew
+    assert [p.name for p in (cache / "decoded").iterdir()] == [cached.name]  # no temp left
 
 
 def test_moving_an_image_to_another_class_folder_is_seen(tmp_path):

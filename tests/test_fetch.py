@@ -36,6 +36,48 @@ def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
     assert list((data_dir / "decoded").glob("*.npz"))
 
 
+def test_the_data_sha256_does_not_depend_on_the_data_folder(tmp_path, layout_zip, image_tree):
+    """The same archive fetched under two data folders, and the folder it was zipped from,
+    are the same data: run manifests record one sha256, so their runs compete for champion."""
+    first = fetch_data(str(layout_zip), data_dir=tmp_path / "one")
+    second = fetch_data(str(layout_zip), data_dir=tmp_path / "two")
+    assert first.sha256 == second.sha256 == fetch_data(str(image_tree), data_dir=tmp_path / "three").sha256
+
+
+def test_a_remote_data_option_does_not_change_the_current_dataset(tmp_path, layout_zip,
+                                                                   shaded_csv):
+    """`--data URL` for one run leaves the dataset fetch-data made current (the weekly
+    retrain's) in place; only fetch-data itself moves it."""
+    data_dir = tmp_path / "data"
+    current = fetch_data(str(layout_zip), data_dir=data_dir).path
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(shaded_csv.parent))) as base:
+        once = resolve_data(f"{base}/fer2013.csv", data_dir=data_dir,
+                            default_source="http://127.0.0.1:9/x")
+    assert once.name.endswith("fer2013.csv") and once != current
+    assert current_source(data_dir) == current
+
+
+def test_a_current_dataset_that_has_gone_is_an_error_not_a_download(tmp_path, image_tree):
+    """A folder fetched in place, then moved: say so, rather than train on the default
+    download instead."""
+    data_dir = tmp_path / "data"
+    fetch_data(str(image_tree), data_dir=data_dir)
+    image_tree.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"layout: the current dataset \(fetched from .*layout\) "
+                                        r"is gone; run `fer fetch-data` again, or pass --data"):
+        resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x")
+
+
+def test_sha256_of_a_folder_is_its_data_sha256(tmp_path, image_tree):
+    """fetch-data prints a folder's data sha256; passing it back as --sha256 checks it."""
+    fetched = fetch_data(str(image_tree), data_dir=tmp_path / "d")
+    assert fetch_data(str(image_tree), data_dir=tmp_path / "d", sha256=fetched.sha256) == fetched
+    with pytest.raises(DataError, match=r"layout: the folder's data sha256 is [0-9a-f]{64}, "
+                                        r"expected 0{64}"):
+        fetch_data(str(image_tree), data_dir=tmp_path / "d", sha256="0" * 64)
+
+
 def test_sha256_mismatch_is_refused(tmp_path, layout_zip):
     """A bad copy is refused and not kept, so fetching again really fetches again."""
     with pytest.raises(DataError, match=r"archive\.zip: sha256 is [0-9a-f]{64}, expected 0{64}"):
@@ -126,6 +168,29 @@ def test_truncated_download_is_refused_and_not_kept(tmp_path):
     with serving(_Truncating) as base, pytest.raises(
             FerError, match=r"fer2013\.csv: download incomplete \(10 of 1000"):
         fetch_data(f"{base}/fer2013.csv", data_dir=tmp_path / "d")
+    assert not list((tmp_path / "d" / "downloads").glob("*"))
+
+
+class _DroppingChunked(_Quiet):
+    """A chunked answer (no Content-Length) whose connection drops mid-chunk."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"3e8\r\nemotion,pi")  # promises a 1,000-byte chunk, sends 10
+        self.close_connection = True
+
+
+def test_a_dropped_chunked_download_is_a_transient_error(tmp_path):
+    """No Content-Length to compare with: the read itself fails (IncompleteRead), which is
+    one retryable line, not a traceback, and leaves no partial file."""
+    with serving(_DroppingChunked) as base, pytest.raises(
+            StorageError, match=r"fer2013\.csv: download failed") as raised:
+        fetch_data(f"{base}/fer2013.csv", data_dir=tmp_path / "d")
+    assert raised.value.transient
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 

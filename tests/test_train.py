@@ -9,9 +9,10 @@ import re
 import keras
 import numpy as np
 import pytest
+from conftest import write_image_tree
 
 from fer.config import TrainConfig
-from fer.data import Dataset, Split
+from fer.data import Dataset, Split, load_dataset
 from fer.errors import FerError
 from fer.evaluate import predict_labels
 from fer.labels import CLASS_NAMES
@@ -175,6 +176,17 @@ def test_test_only_dataset_cannot_be_trained(tmp_path, tiny_dataset):
     with pytest.raises(FerError, match=r"t\.zip: has no train split"):
         train(test_only, TrainConfig(epochs=1, out_dir=tmp_path), verbose=0)
     keras.backend.clear_session()
+
+
+def test_a_split_left_empty_by_the_validation_fraction_is_refused(tmp_path):
+    """Three images per class at --val-fraction 0.1 carve no validation image: the error
+    says so before any training."""
+    dataset = load_dataset(write_image_tree(tmp_path / "few"))
+    with pytest.raises(FerError, match=r"few: 21 training and 0 validation images \(validation "
+                                       r"carved from train \(0\.1, seed 1337\)\); expected "
+                                       r"some of each"):
+        train(dataset, TrainConfig(epochs=1, out_dir=tmp_path / "runs"), verbose=0)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
