@@ -6,7 +6,8 @@ the network's weights with its optimizer state (Keras' weights file holds both),
 epoch's weights so far, and a small JSON record of the member's history and clocks; a
 finished member keeps its final weights there. ``fer train --resume runs/<id>`` continues
 from the last finished epoch, and a resumed ensemble trains only the members left. The
-folder is removed once the run's model, history and manifest are written.
+folder is removed once the run is complete: its model, history and manifest written and
+the test split scored.
 
 The random streams of augmentation and dropout continue where they stopped (their states
 are saved with each epoch); the shuffling starts a stream of its own at the resumed epoch
@@ -88,29 +89,37 @@ def read_run(run_dir: Path) -> RunRecord:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
 
 
-def find_unfinished(out_dir: Path, *, started_by: str) -> RunRecord | None:
-    """The unfinished run in ``out_dir`` that ``started_by`` began, if there is one.
+def find_started(out_dir: Path, *, started_by: str) -> Path | None:
+    """The run folder in ``out_dir`` that ``started_by`` began, finished or not (its
+    checkpoint's record or its manifest names it); None if there is none.
 
     A retried Prefect flow run keeps its id: with it, the retry continues its own stopped
-    training instead of starting over, and never picks up another run's.
+    run, or takes the run it already completed, instead of training again; it never picks
+    up another run's.
     """
-    for path in sorted(Path(out_dir).glob(f"*/{FOLDER}/{RUN_RECORD}"), reverse=True):
-        try:
-            began_by = json.loads(path.read_text()).get("started_by")
-        except (OSError, ValueError, AttributeError):
-            continue  # not a record this version wrote; `fer train --resume` explains it
-        if began_by == started_by:
-            return read_run(path.parents[1])
+    for folder in sorted(Path(out_dir).glob("*/"), reverse=True):  # run ids sort by time
+        for record in (folder / FOLDER / RUN_RECORD, folder / "manifest.json"):
+            try:
+                began_by = json.loads(record.read_text()).get("started_by")
+            except (OSError, ValueError, AttributeError):
+                continue  # none, or not one this version wrote
+            if began_by == started_by:
+                return folder
     return None
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Trained and scored: the checkpoint goes once the test reports are written."""
+    return (Path(run_dir) / "manifest.json").is_file() and not (Path(run_dir) / FOLDER).exists()
 
 
 def _why_not_resumable(run_dir: Path) -> str:
     if not (run_dir / "manifest.json").is_file():
         return (f"no {FOLDER}/{RUN_RECORD} (expected the folder of a `fer train` run that "
                 "stopped before its end)")
-    if not (run_dir / "classification_report.txt").is_file():  # stopped while scoring the test split
-        return (f"its training finished; `fer evaluate --model {run_dir / 'model.keras'}` "
-                "writes the test reports it lacks")
+    if not (run_dir / "classification_report.txt").is_file():  # an older fer, stopped scoring
+        return ("its training finished but its test split was never scored, and it kept no "
+                "checkpoint to finish from (a run of an older fer); train it again")
     return "its training finished (the manifest is written)"
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from fer.data import Split
 from fer.errors import FerError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
+from fer.manifest import write_json
 from fer.models import class_names_of
 from fer.pipeline import image_batches
 from fer.plots import plot_confusion_matrix
@@ -64,7 +65,7 @@ def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
     seconds = time.perf_counter() - started
     metrics = {**(extra_metrics or {}), **write_reports(split.labels, predicted, out_dir=out_dir)}
     metrics["test_images_per_second"] = round(len(split) / seconds, 1)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", metrics)  # a stop mid-write keeps the old one whole
     return metrics
 
 

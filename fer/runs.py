@@ -147,9 +147,10 @@ def _read_run_folder(folder: Path) -> _LocalRun:
     """Check a run folder has what publishing needs; name the folder and file when not."""
     if not folder.is_dir():
         raise FerError(f"run folder {folder} does not exist; pass the folder `fer train` wrote")
-    if not (folder / MANIFEST).is_file() and (folder / CHECKPOINT_FOLDER).is_dir():
-        raise FerError(f"run folder {folder} has no {MANIFEST}: its training stopped before "
-                       f"the end; `fer train --resume {folder}` finishes it")
+    if (folder / CHECKPOINT_FOLDER).is_dir():  # removed once the test split is scored
+        stage = "scoring" if (folder / MANIFEST).is_file() else "training"
+        raise FerError(f"run folder {folder} is not complete: its {stage} stopped before the "
+                       f"end; `fer train --resume {folder}` finishes it")
     manifest = _read_json_file(folder, MANIFEST)
     metrics = _read_json_file(folder, METRICS)
     run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)

@@ -56,8 +56,21 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
           resume: RunRecord | None = None) -> RunResult:
     """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder."""
     run = fit(dataset, config, verbose=verbose, resume=resume)
-    metrics = evaluate_run(run.run_dir, dataset.test)
-    return RunResult(run_id=run.run_id, run_dir=run.run_dir, metrics=metrics)
+    return RunResult(run_id=run.run_id, run_dir=run.run_dir,
+                     metrics=score(run.run_dir, dataset.test))
+
+
+def score(run_dir: Path, test: Split) -> dict:
+    """Score a fitted run on the test split, writing its reports, then drop its checkpoint:
+    the run is complete. A stop while scoring leaves the checkpoint, so that a resume
+    finishes the run instead of finding nothing to do."""
+    try:
+        metrics = evaluate_run(run_dir, test)
+    except BaseException:
+        log.info("scoring stopped; `fer train --resume %s` finishes the run", run_dir)
+        raise
+    finish_run(run_dir)
+    return metrics
 
 
 def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
@@ -66,11 +79,12 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
 
     With ``config.ensemble`` > 1 the members train one after another from seeds
     ``seed``, ``seed + 1``, ... on the same split, and the saved model averages them.
-    The run folder's checkpoint keeps each finished epoch until the manifest is written;
-    ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped before.
+    The run folder's checkpoint keeps each finished epoch until ``score`` has written the
+    test reports; ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped
+    before (one whose members all finished is saved and written again, which is quick).
     ``started_by`` names what started a new run (a Prefect flow run), in its record and
     manifest, so that a retry of it finds the run again (``fer.checkpoint.find_unfinished``).
-    The test split is not touched here; ``fer.evaluate.evaluate_run`` scores it afterwards.
+    The test split is not touched here; ``score`` scores it afterwards.
     """
     if resume is not None and config != resume.config:
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
@@ -127,7 +141,6 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
         **({"resumed_at_epochs": resumed} if resumed else {}),
         "artifacts": list(RUN_FILES),
     })
-    finish_run(run.run_dir)
     return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
 
 

@@ -109,18 +109,24 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     """Fit a model on the source's train split; the run folder it wrote.
 
     A retry of the flow run (``prefect flow-run retry``, the UI's Retry) after a crash or a
-    cancellation continues the training it began from its last finished epoch, if that run's
-    folder is on this machine and the data is unchanged; otherwise it trains from the start.
-    ``started_by`` names the flow run (None where no server keeps it to be retried).
+    cancellation continues the run it began from its last finished epoch, or takes that run
+    as it is once trained, if its folder is on this machine and the data is unchanged;
+    otherwise it trains from the start. ``started_by`` names the flow run (None where no
+    server keeps it to be retried).
     """
-    from fer.checkpoint import find_unfinished
+    from fer.checkpoint import find_started, is_complete, read_run
     from fer.data import load_dataset
 
     dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=Path(data_dir))
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
-    stopped = find_unfinished(config.out_dir, started_by=started_by) if started_by else None
+    earlier = find_started(config.out_dir, started_by=started_by) if started_by else None
+    if earlier is not None and is_complete(earlier):
+        get_run_logger().info("%s trained %s already; scoring and publishing it", started_by,
+                              earlier)
+        return str(earlier)
+    stopped = read_run(earlier) if earlier is not None else None
     if stopped is not None and stopped.data_sha256 != dataset.sha256:
         get_run_logger().warning("%s stopped in %s, but its data has changed since; training "
                                  "from the start", started_by, stopped.run_dir)
@@ -134,10 +140,10 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
 def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
     """Score the run's model on the test split and write its reports; the metrics."""
     from fer.data import load_dataset
-    from fer.evaluate import evaluate_run
+    from fer.train import score
 
     dataset = load_dataset(Path(source), cache_dir=Path(data_dir), require_train=False)
-    return evaluate_run(Path(run_dir), dataset.test)
+    return score(Path(run_dir), dataset.test)
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,

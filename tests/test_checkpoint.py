@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 import fer.train
-from fer.checkpoint import FOLDER, RUN_RECORD, _random_states, find_unfinished, read_run
+from fer.checkpoint import (
+    FOLDER,
+    RUN_RECORD,
+    _random_states,
+    find_started,
+    is_complete,
+    read_run,
+)
 from fer.config import TrainConfig
 from fer.data import Dataset
 from fer.errors import FerError
@@ -51,6 +58,21 @@ def stopped_run(tmp_path, dataset, config, spy):
         train(dataset, config, verbose=0)
     (run_dir,) = tmp_path.iterdir()
     return run_dir
+
+
+def stop_once_in(monkeypatch, name: str) -> list:
+    """Patch ``fer.train.<name>`` to raise KeyboardInterrupt (Ctrl-C) on its first call and
+    run as itself after; the list gets one entry per call."""
+    real, calls = getattr(fer.train, name), []
+
+    def stop_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fer.train, name, stop_once)
+    return calls
 
 
 def state(run_dir, member: int = 1) -> dict:
@@ -125,33 +147,45 @@ def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, tiny_dataset, 
 
 
 def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
-    """A finished run (its checkpoint removed), one stopped while scoring the test split,
-    and a folder fer did not train say why, and what to do instead."""
+    """A finished run (its checkpoint removed), one an older fer stopped while scoring (it
+    removed the checkpoint before), and a folder fer did not train say why."""
     finished = train(tiny_dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path / "runs",
                                           precision="float32"), verbose=0).run_dir
     with pytest.raises(FerError, match=r"nothing to resume: its training finished \(the manifest"):
         read_run(finished)
     (finished / "classification_report.txt").unlink()
-    with pytest.raises(FerError, match=r"its training finished; `fer evaluate --model "
-                                       r".*model\.keras` writes the test reports it lacks"):
+    with pytest.raises(FerError, match=r"its test split was never scored, and it kept no "
+                                       r"checkpoint to finish from"):
         read_run(finished)
     with pytest.raises(FerError, match=r"nothing to resume: no checkpoint/run\.json"):
         read_run(tmp_path)
+
+
+def test_a_run_stopped_while_scoring_is_finished_by_a_resume(tmp_path, tiny_dataset,
+                                                             monkeypatch, caplog):
+    """A stop while scoring the test split (the `best` model's six passes per image) keeps
+    the checkpoint: the log names the resume, and the resume trains nothing, scores the
+    run and completes its folder."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    calls = stop_once_in(monkeypatch, "evaluate_run")
+    spy = EpochSpy(monkeypatch)
+    with caplog.at_level("INFO", logger="fer"):
+        run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
+    assert f"scoring stopped; `fer train --resume {run_dir}` finishes the run" in caplog.text
+    assert (run_dir / "manifest.json").is_file() and (run_dir / FOLDER).is_dir()
+
+    result = train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+    assert len(spy.begun) == 2 and len(calls) == 2  # no epoch trained again
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0 and result.metrics["best_epoch"] in (1, 2)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
 
 
 def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, tiny_dataset, monkeypatch):
     """Stopped during the batch-norm recalibration that follows the last epoch: the resumed
     run trains nothing, recalibrates, and writes the run folder."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
-    recalibrate, calls = fer.train.recalibrate_if_better, []
-
-    def stop_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return recalibrate(*args, **kwargs)
-
-    monkeypatch.setattr(fer.train, "recalibrate_if_better", stop_once)
+    calls = stop_once_in(monkeypatch, "recalibrate_if_better")
     spy = EpochSpy(monkeypatch)
     run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
     assert state(run_dir)["epochs_done"] == 2 and len(spy.begun) == 2
@@ -177,8 +211,9 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkey
 
 def test_a_retried_flow_run_finds_the_run_it_began_and_no_other(tmp_path, tiny_dataset,
                                                                monkeypatch, caplog):
-    """find_unfinished: the stopped run that flow run A started, not B's nor a `fer train`
-    run's, and nothing once it has finished; the log names the retry, the manifest A."""
+    """find_started: the run that flow run A started, not B's nor a `fer train` run's,
+    stopped (its checkpoint's record says so) or complete (its manifest does); the log
+    names the retry."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
     EpochSpy(monkeypatch, stop_at=2)
     with caplog.at_level("INFO", logger="fer"), pytest.raises(KeyboardInterrupt):
@@ -190,16 +225,17 @@ def test_a_retried_flow_run_finds_the_run_it_began_and_no_other(tmp_path, tiny_d
         record = shutil.copytree(began_by_a, tmp_path / name) / FOLDER / RUN_RECORD
         record.write_text(json.dumps({**json.loads(record.read_text()), "started_by": starter}))
 
-    assert find_unfinished(tmp_path, started_by="prefect flow run A").run_dir == began_by_a
-    assert find_unfinished(tmp_path, started_by="prefect flow run B").run_dir.name.endswith("beef")
-    assert find_unfinished(tmp_path, started_by="prefect flow run C") is None
+    assert find_started(tmp_path, started_by="prefect flow run A") == began_by_a
+    assert find_started(tmp_path, started_by="prefect flow run B").name.endswith("beef")
+    assert find_started(tmp_path, started_by="prefect flow run C") is None
+    assert not is_complete(began_by_a)
 
-    stopped = find_unfinished(tmp_path, started_by="prefect flow run A")
-    fit(tiny_dataset, stopped.config, verbose=0, resume=stopped)
+    train(tiny_dataset, config, verbose=0, resume=read_run(began_by_a))
     manifest = json.loads((began_by_a / "manifest.json").read_text())
     assert manifest["started_by"] == "prefect flow run A"
     assert manifest["resumed_at_epochs"] == {"member 1": [1]}
-    assert find_unfinished(tmp_path, started_by="prefect flow run A") is None
+    assert find_started(tmp_path, started_by="prefect flow run A") == began_by_a
+    assert is_complete(began_by_a)
 
 
 class TerminationSignal(BaseException):

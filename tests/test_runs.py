@@ -231,12 +231,17 @@ def test_publish_refuses_incomplete_run_folder(tmp_path, runs, missing):
 
 
 def test_publishing_a_stopped_run_says_how_to_finish_it(tmp_path, runs):
-    """A run stopped mid-training has its checkpoint and no manifest yet."""
+    """A run stopped mid-training has its checkpoint and no manifest yet; one stopped while
+    scoring the test split has its manifest and still its checkpoint."""
     folder = runs / "run-a"
     (folder / "checkpoint" / "member-1").mkdir(parents=True)
-    with pytest.raises(FerError, match=r"run-a has no manifest\.json: its training stopped "
-                                       r"before the end; `fer train --resume .*run-a` finishes it"):
+    with pytest.raises(FerError, match=r"run-a is not complete: its training stopped before "
+                                       r"the end; `fer train --resume .*run-a` finishes it"):
         publish_run(folder, LocalStore(tmp_path / "artifacts"))
+    scored = make_run(runs, "run-b", accuracy=0.6)
+    (scored / "checkpoint").mkdir()
+    with pytest.raises(FerError, match=r"run-b is not complete: its scoring stopped before "):
+        publish_run(scored, LocalStore(tmp_path / "artifacts"))
 
 
 @pytest.mark.parametrize(("file", "patch", "message"), [
