@@ -155,7 +155,11 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
         git_commit=git_commit(),  # the code that trains, not whatever is checked out hours later
         started_by=started_by)
-    run.run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=False)
+    except OSError as exc:  # a worker's --out it cannot write, say
+        raise FerError(f"{run.run_dir}: cannot create the run folder ({exc.strerror}); "
+                       "expected --out to be a folder this user can write") from None
     start_run(run)
     return run, why
 

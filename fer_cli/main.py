@@ -64,6 +64,18 @@ def _settings(*, storage: str | None = None, endpoint_url: str | None = None) ->
     return Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
 
 
+def _writable(folder: Path, what: str) -> Path:
+    """``folder``, created if need be; a one-line error naming ``what`` set it when it cannot
+    be written, before any download, decoding or training rather than after."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FerError(f"{what} {folder}: cannot create that folder ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FerError(f"{what} {folder}: not writable by this user")
+    return folder
+
+
 def _store(settings: Settings, *, create_bucket: bool = False):
     from fer.storage import open_store
 
@@ -108,6 +120,7 @@ def fetch_data(
     from fer.fetch import source_name
 
     settings = _settings(endpoint_url=endpoint_url)
+    _writable(settings.data_dir, "FER_DATA_DIR")
     with _download_progress() as progress:
         fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
                         endpoint_url=settings.endpoint_url, progress=progress)
@@ -227,6 +240,8 @@ def train(
             force_champion=force_champion), wait=wait)
         return
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
+    _writable(settings.data_dir, "FER_DATA_DIR")
+    _writable(out if resume is None else resume, "--out" if resume is None else "--resume")
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
     result = (_resume_locally(resume, settings=settings) if resume is not None
@@ -348,6 +363,8 @@ def retrain(
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
+    _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
+    _writable(out, "--out")
     flows_retrain = _import_flows("flows.retrain")
     result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
                                    val_fraction=val_fraction,
@@ -424,6 +441,8 @@ def evaluate(
     check_precision(precision)  # before any download
 
     settings = _settings()
+    _writable(settings.data_dir, "FER_DATA_DIR")
+    out = _writable(out or model.parent / "evaluation", "--out")
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
@@ -432,7 +451,6 @@ def evaluate(
     from fer.evaluate import evaluate_split
     from fer.models import load_model
 
-    out = out or model.parent / "evaluation"
     precision = choose_precision(precision)
     metrics = evaluate_split(load_model(model, precision=precision), dataset.test, out_dir=out,
                              extra_metrics={"inference_precision": precision})

@@ -176,6 +176,29 @@ def test_resume_takes_no_options_of_its_own(tmp_path):
     assert "leave out --epochs, --seed" in " ".join(result.stderr.split())
 
 
+@pytest.mark.parametrize(("command", "problem"), [
+    (["train", "--out", "{file}"], r"--out .*taken: cannot create that folder \(File exists\)"),
+    (["evaluate", "--model", "{file}", "--out", "{file}/reports"],
+     r"--out .*taken/reports: cannot create that folder \(Not a directory\)"),
+    (["retrain", "--out", "{file}"], r"--out .*taken: cannot create that folder"),
+])
+def test_an_unwritable_folder_is_one_line_before_any_work(tmp_path, data_dir, command, problem):
+    """--out that is a file (or under one) fails in a line naming the option, before the
+    data is fetched or TensorFlow loads, not with a traceback after the training."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    result = run_fer(*[arg.replace("{file}", str(taken)) for arg in command],
+                     "--data", tmp_path / "nowhere.zip")
+    assert_one_line_error(result, problem)
+
+
+def test_an_unwritable_data_folder_is_one_line(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    result = run_fer("fetch-data", "--source", tmp_path / "x.zip", env={"FER_DATA_DIR": str(taken)})
+    assert_one_line_error(result, r"FER_DATA_DIR .*taken: cannot create that folder")
+
+
 @pytest.mark.integration
 def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset):
     """`kill`, `timeout` or `docker stop` mid-training: the log names the resume command
