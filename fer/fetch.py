@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import os
 import shutil
 import urllib.error
@@ -34,6 +35,8 @@ PASSING_HTTP_ERRORS = frozenset({408, 429})
 # version not supported): asking again gets the same answer. Other 5xx are outages.
 LASTING_SERVER_ERRORS = frozenset({501, 505})
 DOWNLOAD_TIMEOUT_S = 60
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,22 @@ def _download_name(source: str) -> str:
 
 
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
-    if target.exists():
+    """``url`` into ``target``; a copy from before is asked about first (its ETag and
+    Last-Modified, sent back as If-None-Match / If-Modified-Since) and downloaded again
+    only if the server has a newer one. A server that gave neither has its copy reused."""
+    validators_path = target.with_name(target.name + ".http.json")
+    validators = _read_record(validators_path) if target.exists() else {}
+    if target.exists() and not validators:
         return target
+    headers = {header: validators[field] for field, header in _HTTP_VALIDATORS.items()
+               if validators.get(field)}
     partial = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=DOWNLOAD_TIMEOUT_S) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            answered = {field: response.headers.get(header)
+                        for field, header in _HTTP_RESPONSE_VALIDATORS.items()}
             done = 0
             with open(partial, "wb") as handle:
                 while chunk := response.read(1 << 20):
@@ -161,36 +174,75 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                         progress(done, total)
     except urllib.error.HTTPError as exc:
         partial.unlink(missing_ok=True)
+        if exc.code == 304:  # Not Modified: the copy from before is current
+            return target
         answer = f"the server answered HTTP {exc.code} ({exc.reason})"
         if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
                                                and exc.code not in LASTING_SERVER_ERRORS):
-            raise StorageError(f"{url}: download failed ({answer}); try again later, or pass "
-                               "a local file with --source", transient=True) from None
+            error = StorageError(f"{url}: download failed ({answer}); try again later, or "
+                                 "pass a local file with --source", transient=True)
+            return _fetched_before(target, error)
         raise DataError(f"{url}: {answer}; check the URL, or pass a local file with "
                         "--source") from None
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        raise StorageError(f"{url}: download failed ({reason}); check the URL and your "
-                           "network, or pass a local file with --source", transient=True) from None
+        return _fetched_before(target, StorageError(
+            f"{url}: download failed ({reason}); check the URL and your network, or pass a "
+            "local file with --source", transient=True))
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
         raise StorageError(f"{url}: download incomplete ({done} of {total} bytes); run the "
                            "command again, or pass a local file with --source", transient=True)
     os.replace(partial, target)
+    write_json(validators_path, {k: v for k, v in answered.items() if v})
     return target
+
+
+# How a copy's validators are sent back, and where the server's answer carries them.
+_HTTP_VALIDATORS = {"etag": "If-None-Match", "last_modified": "If-Modified-Since"}
+_HTTP_RESPONSE_VALIDATORS = {"etag": "ETag", "last_modified": "Last-Modified"}
 
 
 def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None) -> Path:
-    """``s3://bucket/key`` through the same client settings as publishing (path-style, retries)."""
+    """``s3://bucket/key`` through the same client settings as publishing (path-style,
+    retries); a copy from before is kept while the object's ETag and size are unchanged."""
     from fer.storage import S3Store
 
-    if target.exists():
+    store = S3Store(bucket, endpoint_url=endpoint_url)
+    version_path = target.with_name(target.name + ".s3.json")
+    try:
+        version = store.version(key)
+    except StorageError as exc:
+        if not exc.transient:
+            raise
+        return _fetched_before(target, exc)
+    if version is None:
+        raise DataError(f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the "
+                        "bucket and key")
+    if target.exists() and _read_record(version_path).get("version") == version:
         return target
     partial = target.with_name(target.name + ".part")
-    S3Store(bucket, endpoint_url=endpoint_url).download(key, partial)
+    store.download(key, partial)
     os.replace(partial, target)
+    write_json(version_path, {"version": version})
     return target
+
+
+def _fetched_before(target: Path, error: StorageError) -> Path:
+    """The copy fetched before when the source cannot be asked just now; else the error."""
+    if not target.exists():
+        raise error
+    log.warning("%s; using the copy fetched before, %s", error, target)
+    return target
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:

@@ -193,6 +193,17 @@ class S3Store:
                 raise
             return response["Body"].read()
 
+    def version(self, key: str) -> str | None:
+        """What changes when the object does (its ETag and size); None if there is none."""
+        with self._errors(f"reading {self._key(key)}"):
+            try:
+                head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except bce.ClientError as exc:
+                if _error_code(exc) in {"NoSuchKey", "404"}:
+                    return None
+                raise
+            return f"{head.get('ETag', '')} {head.get('ContentLength', '')}"
+
     def download(self, key: str, dest: Path) -> None:
         with self._errors(f"downloading {self._key(key)}"):
             self._client.download_file(self.bucket, self._key(key), str(dest),

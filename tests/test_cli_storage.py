@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -111,4 +112,24 @@ def test_fetch_data_from_s3(tmp_path, s3_server, fer_subset):
     assert "dataset ready" in fetched.stdout
     assert list((tmp_path / "data" / "sources").glob("*/test/happy/*.jpg"))
     missing = run_fer("fetch-data", "--source", f"s3://{BUCKET}/nope.zip", env=env)
-    assert_one_line_error(missing, r"nope\.zip")
+    assert_one_line_error(missing, rf"s3://{BUCKET}/nope\.zip: no such object at ")
+
+
+@pytest.mark.integration
+def test_a_replaced_s3_object_is_fetched_again(tmp_path, s3_server, shaded_csv):
+    """The same s3:// source, its object replaced (a new release under the same key): the
+    next fetch downloads it (the ETag changed) instead of reusing the first copy."""
+    key = f"datasets/{uuid.uuid4().hex}/fer2013.csv"
+    client = s3_server.client()
+    client.upload_file(str(shaded_csv), BUCKET, key)
+    env = {**s3_server.env(), "FER_DATA_DIR": str(tmp_path / "data")}
+    first = run_fer("fetch-data", "--source", f"s3://{BUCKET}/{key}", env=env)
+    again = run_fer("fetch-data", "--source", f"s3://{BUCKET}/{key}", env=env)
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout  # unchanged object: the same data
+    client.put_object(Bucket=BUCKET, Key=key,
+                      Body=shaded_csv.read_text().replace("\n3,", "\n4,", 1).encode())
+    replaced = run_fer("fetch-data", "--source", f"s3://{BUCKET}/{key}", env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    sha = re.compile(r"sha256: ([0-9a-f]{64})")
+    assert sha.search(replaced.stdout)[1] != sha.search(first.stdout)[1]

@@ -129,6 +129,43 @@ def test_http_download_with_progress(tmp_path, layout_zip):
     assert seen[-1] == (layout_zip.stat().st_size, layout_zip.stat().st_size)
 
 
+class _CountingFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder (with Last-Modified, answering If-Modified-Since with 304) and
+    records each answer's status."""
+
+    statuses: list[int] = []
+
+    def send_response(self, code, message=None):
+        self.statuses.append(code)
+        super().send_response(code, message)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_url_is_downloaded_again_only_when_the_server_has_a_newer_copy(tmp_path, shaded_csv,
+                                                                         caplog):
+    """The cached copy is revalidated (If-Modified-Since): kept while the server answers
+    304, replaced once the file changed there, and used with a warning when the server
+    cannot be reached; a weekly retrain on a URL trains on the current file."""
+    _CountingFiles.statuses = []
+    handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
+    data_dir = tmp_path / "d"
+    with serving(handler) as base:
+        url = f"{base}/fer2013.csv"
+        first = fetch_data(url, data_dir=data_dir)
+        assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256
+        assert _CountingFiles.statuses == [200, 304]
+        shaded_csv.write_text(shaded_csv.read_text().replace("\n3,", "\n4,", 1))
+        os.utime(shaded_csv, (time.time() + 60, time.time() + 60))
+        changed = fetch_data(url, data_dir=data_dir)
+        assert changed.sha256 != first.sha256 and _CountingFiles.statuses[-1] == 200
+    with caplog.at_level("WARNING", logger="fer"):  # the server is gone now
+        offline = fetch_data(url, data_dir=data_dir)
+    assert offline.sha256 == changed.sha256
+    assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
+
+
 class _Answering(_Quiet):
     """Answers every request with the status code its path names: /404/x.zip gets 404."""
 
