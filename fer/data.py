@@ -202,9 +202,9 @@ def _archive_entries(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]
             members = [i for i in handle.infolist() if not i.is_dir()]
             for info in handle.infolist():
                 check_entry_name(info.filename, archive=archive)
-            for info in members:
-                yield info.filename, _entry_reader(archive, info.filename,
-                                                   lambda info=info: handle.read(info))
+            for info in members:  # Windows tools may write train\happy\0.png
+                yield info.filename.replace("\\", "/"), _entry_reader(
+                    archive, info.filename, lambda info=info: handle.read(info))
         else:
             handle = tarfile.open(archive)
             members = handle.getmembers()

@@ -74,6 +74,17 @@ def test_macos_clutter_beside_the_csv_is_ignored(tmp_path, shaded_csv):
     assert len(read_splits(tmp_path)["train"]) == 21  # the folder holding both
 
 
+def test_a_zip_with_windows_separators_is_read_and_unpacked(tmp_path, image_tree):
+    """Some Windows tools (PowerShell 5's Compress-Archive) store train\\happy\\0.png."""
+    archive = tmp_path / "windows.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(image_tree.rglob("*.png")):
+            handle.write(path, str(path.relative_to(image_tree)).replace("/", "\\"))
+    assert len(read_splits(archive)["train"]) == 21
+    unpacked = safe_extract(archive, tmp_path / "out")
+    assert len(list((unpacked / "train" / "happy").glob("*.png"))) == 3
+
+
 def test_several_csvs_are_named_not_called_empty(tmp_path, shaded_csv):
     """Kaggle's challenge zip holds train.csv, test.csv and icml_face_data.csv: say which
     files were found, rather than 'no images found'."""
