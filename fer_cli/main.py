@@ -478,16 +478,20 @@ def predict(
 
     predictions = predict_files(load_model(model, precision=precision), images, faces=faces,
                                 batch_size=batch_size)
+    faceless = [str(path) for path in images if str(path) not in {p.file for p in predictions}]
     if as_json:
         typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
+        for file in faceless:  # the JSON lists faces only; say which files had none
+            typer.echo(f"{file}: no face found", err=True)
         return
-    if faces and not predictions:
-        typer.echo("no faces found")
-    for p in predictions:
-        where = f" face at x={p.box[0]} y={p.box[1]} w={p.box[2]} h={p.box[3]}" if p.box else ""
-        ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
-        typer.echo(f"{p.file}{where}: {p.emotion} ("
-                   + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
+    for file in dict.fromkeys(str(path) for path in images):  # in the order given
+        for p in (p for p in predictions if p.file == file):
+            where = f" face at x={p.box[0]} y={p.box[1]} w={p.box[2]} h={p.box[3]}" if p.box else ""
+            ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+            typer.echo(f"{p.file}{where}: {p.emotion} ("
+                       + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
+        if file in faceless:
+            typer.echo(f"{file}: no face found")
 
 
 @app.command()

@@ -338,3 +338,15 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     assert faces.returncode == 0, faces.stderr
     for record in json.loads(faces.stdout):
         assert len(record["box"]) == 4 and record["emotion"] in CLASS_NAMES
+    # a file without a face is named, not silently left out
+    (tmp_path / "blank.png").write_bytes(encode_image(np.full((200, 200), 128, np.uint8)))
+    mixed = run_fer("predict", tmp_path / "blank.png", tmp_path / "face.png",
+                    "--model", run_dir / "model.keras", "--faces")
+    assert mixed.returncode == 0, mixed.stderr
+    lines = mixed.stdout.splitlines()
+    assert lines[0] == f"{tmp_path / 'blank.png'}: no face found"
+    assert len(lines) >= 2 and all(" face at x=" in line for line in lines[1:])
+    mixed_json = run_fer("predict", tmp_path / "blank.png", tmp_path / "face.png",
+                         "--model", run_dir / "model.keras", "--faces", "--json")
+    assert [Path(r["file"]).name for r in json.loads(mixed_json.stdout)][0] == "face.png"
+    assert f"{tmp_path / 'blank.png'}: no face found" in mixed_json.stderr
