@@ -29,6 +29,7 @@ from flows.retrain import METRICS_ARTIFACT, REPORT_ARTIFACT, parse_report_markdo
 DEPLOYMENT = "retrain/retrain"
 POLL_SECONDS = 5.0
 PICKUP_TIMEOUT_S = 120.0
+WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then this much more
 _WAITING_FOR_WORKER = {"Scheduled", "Late"}  # SCHEDULED states no worker has touched yet
 
 StateCallback = Callable[[str], None]
@@ -108,15 +109,18 @@ def follow_run(
     *,
     poll_seconds: float = POLL_SECONDS,
     pickup_timeout_s: float = PICKUP_TIMEOUT_S,
+    worker_lost_s: float = WORKER_LOST_S,
     on_state: StateCallback | None = None,
 ) -> RemoteRun:
     """Poll a flow run until it is final; its result when it completed.
 
     Raises FerError when the run is still unclaimed after ``pickup_timeout_s`` and no worker
     polls its pool (a run queued behind another training, with a worker online, is waited
-    for), or when the run ends failed, crashed or cancelled.
+    for); when a claimed run is still running but no worker has polled its pool for
+    ``worker_lost_s`` (its worker died: the server would show it running for ever); or
+    when the run ends failed, crashed or cancelled.
     """
-    started, seen, picked_up = time.monotonic(), None, False
+    started, seen, picked_up, unpolled_since = time.monotonic(), None, False, None
     with get_client(sync_client=True) as client:
         while True:
             try:
@@ -136,6 +140,13 @@ def follow_run(
             if (not picked_up and time.monotonic() - started > pickup_timeout_s
                     and not _worker_online(client, flow_run.work_pool_name)):
                 raise FerError(_not_picked_up(flow_run, pickup_timeout_s))
+            if picked_up and state is not None and state.type == StateType.RUNNING:
+                if _worker_online(client, flow_run.work_pool_name):
+                    unpolled_since = None
+                elif unpolled_since is None:
+                    unpolled_since = time.monotonic()
+                elif time.monotonic() - unpolled_since > worker_lost_s:
+                    raise FerError(_worker_lost(flow_run, worker_lost_s))
             time.sleep(poll_seconds)
 
 
@@ -160,6 +171,15 @@ def _not_picked_up(flow_run: FlowRun, timeout_s: float) -> str:
     return (f"no worker picked up flow run {flow_run.name} ({flow_run.id}) in {timeout_s:g}s; "
             f"start one with `prefect worker start --pool {pool}` (the run stays queued and "
             f"starts then; cancel it with `prefect flow-run cancel {flow_run.id}`)")
+
+
+def _worker_lost(flow_run: FlowRun, lost_s: float) -> str:
+    pool = flow_run.work_pool_name or "fer"
+    return (f"flow run {flow_run.name} ({flow_run.id}) is running, but no worker has polled "
+            f"pool {pool} for {lost_s:g}s: its worker has probably died, and the server will "
+            f"show the run running until it is cancelled. `prefect flow-run cancel "
+            f"{flow_run.id}` frees the pool; once a worker is back, `prefect flow-run retry "
+            f"{flow_run.id}` runs it again")
 
 
 def _finish(client, flow_run: FlowRun) -> RemoteRun:

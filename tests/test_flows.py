@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.states import Running
 from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
 from test_cli import FER
@@ -394,19 +395,37 @@ def test_a_deployment_queues_its_own_second_run(worker, tmp_path):
     assert any(state.name == "AwaitingConcurrencySlot" for states in waited for state in states)
 
 
+def retrain_on_pool(pool: str, *, deployment: str) -> None:
+    """Deployment retrain/<deployment> of the retrain flow on work pool ``pool``, which no
+    worker polls."""
+    ensure_work_pool(pool, concurrency_limit=None)
+    with get_client(sync_client=True) as client:
+        retrain_deployment = client.read_deployment_by_name("retrain/retrain")
+        client.create_deployment(flow_id=retrain_deployment.flow_id, name=deployment,
+                                 work_pool_name=pool, entrypoint=retrain_deployment.entrypoint)
+
+
 @integration
 def test_a_run_no_worker_picks_up_is_reported(deployed, prefect_api):
     """A deployment on a pool nobody polls: the error says which pool and how to start a worker."""
-    ensure_work_pool("fer-idle", concurrency_limit=None)
-    with get_client(sync_client=True) as client:
-        retrain_deployment = client.read_deployment_by_name("retrain/retrain")
-        client.create_deployment(flow_id=retrain_deployment.flow_id, name="idle",
-                                 work_pool_name="fer-idle",
-                                 entrypoint=retrain_deployment.entrypoint)
+    retrain_on_pool("fer-idle", deployment="idle")
     with pytest.raises(FerError, match=r"no worker picked up flow run .* in 2s; start one with "
                                        r"`prefect worker start --pool fer-idle`"):
         trigger_retrain({}, wait=True, deployment="retrain/idle", poll_seconds=0.5,
                         pickup_timeout_s=2)
+
+
+@integration
+def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_api):
+    """A run a worker claimed and started, on a pool no worker polls any more (the worker
+    died with it): following it ends with what to do, instead of waiting for ever."""
+    retrain_on_pool("fer-lost", deployment="lost")
+    run = trigger_retrain({}, deployment="retrain/lost")
+    with get_client(sync_client=True) as client:  # as its worker did before it died
+        client.set_flow_run_state(uuid.UUID(run.flow_run_id), Running(), force=True)
+    with pytest.raises(FerError, match=rf"is running, but no worker has polled pool fer-lost "
+                                       rf"for 2s: .*`prefect flow-run cancel {run.flow_run_id}`"):
+        follow_run(run.flow_run_id, poll_seconds=0.5, worker_lost_s=2)
 
 
 @integration
