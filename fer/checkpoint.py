@@ -110,7 +110,9 @@ def find_started(out_dir: Path, *, started_by: str) -> Path | None:
 
 def is_complete(run_dir: Path) -> bool:
     """Trained and scored: the checkpoint goes once the test reports are written."""
-    return (Path(run_dir) / "manifest.json").is_file() and not (Path(run_dir) / FOLDER).exists()
+    run_dir = Path(run_dir)
+    return (all((run_dir / name).is_file() for name in ("manifest.json", "classification_report.txt"))
+            and not (run_dir / FOLDER).exists())
 
 
 def _why_not_resumable(run_dir: Path) -> str:

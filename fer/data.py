@@ -14,7 +14,6 @@ The test split is never used for model selection.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -31,11 +30,14 @@ from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
-from fer.manifest import write_json
+from fer.manifest import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "test")
+# How a folder's sha256 is computed; memos of another format are computed again. 2: clutter
+# (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out.
+HASH_FORMAT = 2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 CACHE_FORMAT = 3  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone)
@@ -145,25 +147,33 @@ def read_splits(source: Path) -> dict[str, Split]:
     """Decode every split a source holds, keyed 'train', 'validation', 'test'."""
     name = source.name.lower()
     if source.is_dir():
-        if not any((source / s).is_dir() for s in SPLIT_FOLDERS):
-            csv = _the_csv(csv_files(source), source=source)
+        entries = list(_folder_entries(source))
+        csvs = csv_files(source)
+        if not any((source / s).is_dir() for s in SPLIT_FOLDERS) and (
+                len(csvs) == 1 or not _in_split_folders(entries)):
+            csv = _the_csv(csvs, source=source)
             if csv is not None:
                 return _csv_splits(csv.read_bytes(), origin=str(csv))
-        return read_image_layout(_folder_entries(source), origin=str(source))
+        return read_image_layout(iter(entries), origin=str(source))
     if name.endswith(".csv"):
         return _csv_splits(source.read_bytes(), origin=str(source))
     if name.endswith(ARCHIVE_SUFFIXES):
         entries = list(_archive_entries(source))
         csvs = {n: read for n, read in entries if n.lower().endswith(".csv")
                 and not _is_noise(PurePosixPath(n).parts)}
-        in_folders = any(part.lower() in SPLIT_FOLDERS
-                         for n, _ in entries for part in PurePosixPath(n).parts[:-1])
-        csv = _the_csv(list(csvs), source=source) if len(csvs) == 1 or not in_folders else None
+        csv = (_the_csv(list(csvs), source=source)
+               if len(csvs) == 1 or not _in_split_folders(entries) else None)
         if csv is not None:
             return _csv_splits(csvs[csv](), origin=f"{source}!{csv}")
         return read_image_layout(iter(entries), origin=str(source))
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     "or a folder with train/ and test/)")
+
+
+def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
+    """Whether any entry lies in a train/ or test/ folder, at any depth."""
+    return any(part.lower() in SPLIT_FOLDERS
+               for name, _ in entries for part in PurePosixPath(name).parts[:-1])
 
 
 def csv_files(folder: Path) -> list[Path]:
@@ -329,10 +339,11 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
     stamp = stat_stamp(source)
     index_path = cache_dir / "sha256-index.json" if cache_dir else None
-    index = _read_json(index_path) if index_path else {}
+    index = read_json(index_path) if index_path else {}
     key = str(source.resolve())
-    if index.get(key, {}).get("stamp") == stamp:
-        return index[key]["sha256"]
+    memo = index.get(key, {})
+    if memo.get("stamp") == stamp and memo.get("format") == HASH_FORMAT:
+        return memo["sha256"]
     if source.is_dir():
         digest = hashlib.sha256()
         for name, read in _folder_entries(source):
@@ -341,7 +352,7 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     else:
         value = file_sha256(source)
     if index_path:
-        index[key] = {"stamp": stamp, "sha256": value}
+        index[key] = {"stamp": stamp, "sha256": value, "format": HASH_FORMAT}
         write_json(index_path, index)
     return value
 
@@ -394,8 +405,3 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
             stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fer.data import csv_files, file_sha256, is_archive, load_dataset, safe_extract, stat_stamp
-from fer.errors import DataError, StorageError
-from fer.manifest import write_json
+from fer.errors import DataError, FerError, StorageError
+from fer.manifest import read_json, write_json
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
@@ -59,7 +59,12 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
             local.unlink()  # our copy (never the user's own file): the next fetch gets it again
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
-    dataset_path = _unpack(local, data_dir=data_dir, digest=digest) if is_archive(local) else local
+    if is_archive(local):
+        dataset_path = _unpack(local, data_dir=data_dir, digest=digest)
+    elif digest is not None:  # a CSV
+        dataset_path = _content_addressed(local, data_dir=data_dir, digest=digest)
+    else:
+        dataset_path = local  # a folder, used in place
     dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
     if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
         raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
@@ -149,22 +154,25 @@ def _download_name(source: str) -> str:
 
 
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
-    """``url`` into ``target``; a copy from before is asked about first (its ETag and
-    Last-Modified, sent back as If-None-Match / If-Modified-Since) and downloaded again
-    only if the server has a newer one. A server that gave neither has its copy reused."""
+    """``url`` into ``target``. A copy from before is asked about first (its ETag and
+    Last-Modified, sent back as If-None-Match / If-Modified-Since) and kept while the
+    server answers 304 or the same strong ETag; a server that gave neither has its copy
+    reused; a copy older than these records is downloaded once more."""
     validators_path = target.with_name(target.name + ".http.json")
-    validators = _read_record(validators_path) if target.exists() else {}
-    if target.exists() and not validators:
+    validators = read_json(validators_path)
+    if target.exists() and validators_path.exists() and not validators:
         return target
-    headers = {header: validators[field] for field, header in _HTTP_VALIDATORS.items()
-               if validators.get(field)}
+    headers = ({header: validators[field] for field, header in _HTTP_VALIDATORS.items()
+                if validators.get(field)} if target.exists() else {})
     partial = target.with_name(target.name + ".part")
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                     timeout=DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
             answered = {field: response.headers.get(header)
                         for field, header in _HTTP_RESPONSE_VALIDATORS.items()}
+            if target.exists() and _same_strong_etag(answered, validators):
+                return target  # a server that ignores If-None-Match, with the same file
+            total = int(response.headers.get("Content-Length") or 0) or None
             done = 0
             with open(partial, "wb") as handle:
                 while chunk := response.read(1 << 20):
@@ -179,11 +187,11 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         answer = f"the server answered HTTP {exc.code} ({exc.reason})"
         if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
                                                and exc.code not in LASTING_SERVER_ERRORS):
-            error = StorageError(f"{url}: download failed ({answer}); try again later, or "
-                                 "pass a local file with --source", transient=True)
-            return _fetched_before(target, error)
-        raise DataError(f"{url}: {answer}; check the URL, or pass a local file with "
-                        "--source") from None
+            return _fetched_before(target, StorageError(
+                f"{url}: download failed ({answer}); try again later, or pass a local file "
+                "with --source", transient=True))
+        return _fetched_before(target, DataError(
+            f"{url}: {answer}; check the URL, or pass a local file with --source"))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
@@ -204,6 +212,12 @@ _HTTP_VALIDATORS = {"etag": "If-None-Match", "last_modified": "If-Modified-Since
 _HTTP_RESPONSE_VALIDATORS = {"etag": "ETag", "last_modified": "Last-Modified"}
 
 
+def _same_strong_etag(answered: dict, stored: dict) -> bool:
+    """A strong ETag (not W/...) names one exact file: the same one means the same bytes."""
+    etag = answered.get("etag")
+    return bool(etag) and not etag.startswith("W/") and etag == stored.get("etag")
+
+
 def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None) -> Path:
     """``s3://bucket/key`` through the same client settings as publishing (path-style,
     retries); a copy from before is kept while the object's ETag and size are unchanged."""
@@ -214,13 +228,11 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     try:
         version = store.version(key)
     except StorageError as exc:
-        if not exc.transient:
-            raise
         return _fetched_before(target, exc)
     if version is None:
-        raise DataError(f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the "
-                        "bucket and key")
-    if target.exists() and _read_record(version_path).get("version") == version:
+        return _fetched_before(target, DataError(
+            f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the bucket and key"))
+    if target.exists() and read_json(version_path).get("version") == version:
         return target
     partial = target.with_name(target.name + ".part")
     store.download(key, partial)
@@ -229,20 +241,30 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     return target
 
 
-def _fetched_before(target: Path, error: StorageError) -> Path:
-    """The copy fetched before when the source cannot be asked just now; else the error."""
+def _fetched_before(target: Path, error: FerError) -> Path:
+    """The copy fetched before when the source cannot be asked about it (down, gone, access
+    denied), with a warning; without a copy, the error."""
     if not target.exists():
         raise error
     log.warning("%s; using the copy fetched before, %s", error, target)
     return target
 
 
-def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+def _content_addressed(local: Path, *, data_dir: Path, digest: str) -> Path:
+    """A fetched CSV under ``sources/<its sha256>/``, like an unpacked archive: a newer
+    download of the same URL (or a new copy of an edited file) then never changes the file
+    that the current dataset and earlier runs' records name."""
+    target = data_dir / "sources" / digest[:16] / local.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(local, partial)  # the same bytes, no second copy on disk
+        except OSError:
+            shutil.copy2(local, partial)
+        os.replace(partial, target)
+    return target
 
 
 def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:

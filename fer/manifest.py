@@ -80,3 +80,13 @@ def write_json(path: Path, payload: dict) -> Path:
         os.fsync(handle.fileno())
     os.replace(partial, path)
     return path
+
+
+def read_json(path: Path) -> dict:
+    """A small JSON record (a memo, a pointer); ``{}`` when it is missing or unreadable,
+    which its readers treat as never written."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

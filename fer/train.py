@@ -66,6 +66,8 @@ def score(run_dir: Path, test: Split) -> dict:
     finishes the run instead of finding nothing to do."""
     try:
         metrics = evaluate_run(run_dir, test)
+    except FerError:
+        raise  # a problem to fix first: resuming would meet it again
     except BaseException:
         log.info("scoring stopped; `fer train --resume %s` finishes the run", run_dir)
         raise
@@ -83,7 +85,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     test reports; ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped
     before (one whose members all finished is saved and written again, which is quick).
     ``started_by`` names what started a new run (a Prefect flow run), in its record and
-    manifest, so that a retry of it finds the run again (``fer.checkpoint.find_unfinished``).
+    manifest, so that a retry of it finds the run again (``fer.checkpoint.find_started``).
     The test split is not touched here; ``score`` scores it afterwards.
     """
     if resume is not None and config != resume.config:

@@ -65,14 +65,16 @@ def _settings(*, storage: str | None = None, endpoint_url: str | None = None) ->
 
 
 def _writable(folder: Path, what: str) -> Path:
-    """``folder``, created if need be; a one-line error naming ``what`` set it when it cannot
-    be written, before any download, decoding or training rather than after."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FerError(f"{what} {folder}: cannot create that folder ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FerError(f"{what} {folder}: not writable by this user")
+    """``folder``, checked to be a folder this user can write or create (nothing is created
+    here): a one-line error naming ``what`` set it, before any download, decoding or
+    training rather than after."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FerError(f"{what} {folder}: {existing} is not writable by this user")
     return folder
 
 
@@ -112,7 +114,8 @@ def _download_progress():
 def fetch_data(
     source: Annotated[str, typer.Option(help="http(s) URL, s3://bucket/key or local path")] =
         DEFAULT_SOURCE_URL,
-    sha256: Annotated[str | None, typer.Option(help="expected sha256 of the file")] = None,
+    sha256: Annotated[str | None, typer.Option(
+        help="expected sha256 of the file (of a folder: its data sha256, as printed)")] = None,
     endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO)")] = None,
 ) -> None:
     """Download (or copy), verify, unpack and decode a dataset once; later runs reuse it."""
@@ -478,19 +481,21 @@ def predict(
 
     predictions = predict_files(load_model(model, precision=precision), images, faces=faces,
                                 batch_size=batch_size)
-    faceless = [str(path) for path in images if str(path) not in {p.file for p in predictions}]
+    by_file: dict[str, list] = {str(path): [] for path in images}  # in the order given
+    for p in predictions:
+        by_file[p.file].append(p)
     if as_json:
         typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
-        for file in faceless:  # the JSON lists faces only; say which files had none
-            typer.echo(f"{file}: no face found", err=True)
+        for file in (file for file, found in by_file.items() if not found):
+            typer.echo(f"{file}: no face found", err=True)  # the JSON lists faces only
         return
-    for file in dict.fromkeys(str(path) for path in images):  # in the order given
-        for p in (p for p in predictions if p.file == file):
+    for file, found in by_file.items():
+        for p in found:
             where = f" face at x={p.box[0]} y={p.box[1]} w={p.box[2]} h={p.box[3]}" if p.box else ""
             ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
             typer.echo(f"{p.file}{where}: {p.emotion} ("
                        + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
-        if file in faceless:
+        if not found:
             typer.echo(f"{file}: no face found")
 
 

@@ -141,7 +141,7 @@ def follow_run(
                     and not _worker_online(client, flow_run.work_pool_name)):
                 raise FerError(_not_picked_up(flow_run, pickup_timeout_s))
             if picked_up and state is not None and state.type == StateType.RUNNING:
-                if _worker_online(client, flow_run.work_pool_name):
+                if _worker_online(client, flow_run.work_pool_name, paused_counts=True):
                     unpolled_since = None
                 elif unpolled_since is None:
                     unpolled_since = time.monotonic()
@@ -156,14 +156,16 @@ def _waiting_for_worker(flow_run: FlowRun) -> bool:
                              and state.name in _WAITING_FOR_WORKER)
 
 
-def _worker_online(client, pool: str | None) -> bool:
-    """Whether any worker polls ``pool`` (the server marks a pool READY while one does)."""
+def _worker_online(client, pool: str | None, *, paused_counts: bool = False) -> bool:
+    """Whether any worker polls ``pool`` (the server marks a pool READY while one does). A
+    PAUSED pool says nothing of its workers: ``paused_counts`` decides."""
     if pool is None:
         return False
     try:
-        return client.read_work_pool(pool).status == WorkPoolStatus.READY
+        status = client.read_work_pool(pool).status
     except ObjectNotFound:
         return False
+    return status == WorkPoolStatus.READY or (paused_counts and status == WorkPoolStatus.PAUSED)
 
 
 def _not_picked_up(flow_run: FlowRun, timeout_s: float) -> str:

@@ -9,6 +9,7 @@ loading this file (``prefect deploy`` does, for the parameter schema) stays chea
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     otherwise it trains from the start. ``started_by`` names the flow run (None where no
     server keeps it to be retried).
     """
-    from fer.checkpoint import find_started, is_complete, read_run
+    from fer.checkpoint import find_started
     from fer.data import load_dataset
 
     dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
@@ -122,26 +123,50 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
     earlier = find_started(config.out_dir, started_by=started_by) if started_by else None
-    if earlier is not None and is_complete(earlier):
-        get_run_logger().info("%s trained %s already; scoring and publishing it", started_by,
-                              earlier)
-        return str(earlier)
-    stopped = read_run(earlier) if earlier is not None else None
-    if stopped is not None and stopped.data_sha256 != dataset.sha256:
-        get_run_logger().warning("%s stopped in %s, but its data has changed since; training "
-                                 "from the start", started_by, stopped.run_dir)
-        stopped = None
-    if stopped is not None:
-        return str(fit(dataset, stopped.config, verbose=2, resume=stopped).run_dir)
+    if earlier is not None:
+        try:
+            return str(_continue(earlier, dataset))
+        except _TrainAgain as why:
+            get_run_logger().warning("%s began %s, but %s; training from the start",
+                                     started_by, earlier, why)
     return str(fit(dataset, config, verbose=2, started_by=started_by).run_dir)
+
+
+class _TrainAgain(Exception):
+    """An earlier attempt's run folder that this one cannot continue, and why."""
+
+
+def _continue(run_dir: Path, dataset) -> Path:
+    """An earlier attempt's run: taken as it is once complete, else resumed."""
+    from fer.checkpoint import is_complete, read_run
+    from fer.train import fit
+
+    if is_complete(run_dir):
+        recorded = json.loads((run_dir / "manifest.json").read_text())["data"]["sha256"]
+        if recorded != dataset.sha256:
+            raise _TrainAgain("its data has changed since")
+        get_run_logger().info("%s is complete already: publishing it as it is", run_dir)
+        return run_dir
+    try:
+        stopped = read_run(run_dir)
+    except FerError as exc:
+        raise _TrainAgain(f"it cannot be resumed ({exc})") from None
+    if stopped.data_sha256 != dataset.sha256:
+        raise _TrainAgain("its data has changed since")
+    return fit(dataset, stopped.config, verbose=2, resume=stopped).run_dir
 
 
 @task
 def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
-    """Score the run's model on the test split and write its reports; the metrics."""
+    """Score the run's model on the test split and write its reports; the metrics. A run
+    an earlier attempt completed keeps its reports: scoring it again would rewrite
+    metrics.json (its timing), which publishing a run already uploaded refuses."""
+    from fer.checkpoint import is_complete
     from fer.data import load_dataset
     from fer.train import score
 
+    if is_complete(Path(run_dir)):
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
     dataset = load_dataset(Path(source), cache_dir=Path(data_dir), require_train=False)
     return score(Path(run_dir), dataset.test)
 

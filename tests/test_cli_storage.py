@@ -133,3 +133,8 @@ def test_a_replaced_s3_object_is_fetched_again(tmp_path, s3_server, shaded_csv):
     assert replaced.returncode == 0, replaced.stderr
     sha = re.compile(r"sha256: ([0-9a-f]{64})")
     assert sha.search(replaced.stdout)[1] != sha.search(first.stdout)[1]
+    client.delete_object(Bucket=BUCKET, Key=key)  # a lifecycle rule, say: the copy still serves
+    removed = run_fer("fetch-data", "--source", f"s3://{BUCKET}/{key}", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert sha.search(removed.stdout)[1] == sha.search(replaced.stdout)[1]
+    assert "no such object" in removed.stderr and "using the copy fetched before" in removed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import zipfile
 
@@ -97,13 +98,33 @@ def test_several_csvs_are_named_not_called_empty(tmp_path, shaded_csv):
         read_splits(archive)
 
 
-def test_an_image_zip_may_hold_other_csvs(tmp_path, image_tree):
+def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
     """CSVs beside train/ and test/ image folders (a labels list, say) leave the images the
-    dataset."""
+    dataset, in an archive and in a folder, with the image folders one level down too."""
     (image_tree / "train" / "labels.csv").write_text("a,b\n")
     (image_tree / "notes.csv").write_text("a,b\n")
     archive = zip_folder(image_tree, tmp_path / "images.zip")
     assert len(read_splits(archive)["train"]) == 21
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    image_tree.rename(outer / "fer")
+    for name in ("a.csv", "b.csv"):
+        (outer / name).write_text("a,b\n")
+    assert len(read_splits(outer)["train"]) == 21
+
+
+def test_a_folder_hash_memo_of_an_older_format_is_computed_again(tmp_path, image_tree):
+    """The memo of a folder's sha256 is keyed by its stat stamp; one written by a version that
+    hashed differently (same stamp) must not survive an upgrade."""
+    cache = tmp_path / "cache"
+    right = load_dataset(image_tree, cache_dir=cache).sha256
+    index = cache / "sha256-index.json"
+    memo = json.loads(index.read_text())
+    for record in memo.values():
+        record.update(sha256="0" * 64)
+        del record["format"]
+    index.write_text(json.dumps(memo))
+    assert load_dataset(image_tree, cache_dir=cache).sha256 == right
 
 
 def test_test_only_source_can_be_loaded_for_evaluation(tmp_path):

@@ -52,10 +52,19 @@ def test_a_remote_data_option_does_not_change_the_current_dataset(tmp_path, layo
     current = fetch_data(str(layout_zip), data_dir=data_dir).path
     with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
                                    directory=str(shaded_csv.parent))) as base:
-        once = resolve_data(f"{base}/fer2013.csv", data_dir=data_dir,
-                            default_source="http://127.0.0.1:9/x")
-    assert once.name.endswith("fer2013.csv") and once != current
-    assert current_source(data_dir) == current
+        url = f"{base}/fer2013.csv"
+        once = resolve_data(url, data_dir=data_dir, default_source="http://127.0.0.1:9/x")
+        assert once.name.endswith("fer2013.csv") and once != current
+        assert current_source(data_dir) == current
+        # a CSV URL made current, then changed there: `--data URL` gets the new file, and
+        # the current dataset's file (which earlier runs recorded) keeps its bytes
+        current = fetch_data(url, data_dir=data_dir).path
+        kept = file_sha256(current)
+        shaded_csv.write_text(shaded_csv.read_text().replace("\n3,", "\n4,", 1))
+        os.utime(shaded_csv, (time.time() + 60, time.time() + 60))
+        newer = resolve_data(url, data_dir=data_dir, default_source="http://127.0.0.1:9/x")
+    assert file_sha256(newer) == file_sha256(shaded_csv) != kept
+    assert current_source(data_dir) == current and file_sha256(current) == kept
 
 
 def test_a_current_dataset_that_has_gone_is_an_error_not_a_download(tmp_path, image_tree):
@@ -164,6 +173,34 @@ def test_a_url_is_downloaded_again_only_when_the_server_has_a_newer_copy(tmp_pat
         offline = fetch_data(url, data_dir=data_dir)
     assert offline.sha256 == changed.sha256
     assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
+
+
+class _IgnoringConditions(_Quiet):
+    """Answers 200 with the body and ETag it is given, whatever the request asks."""
+
+    body, etag = b"", '"v1"'
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("ETag", self.etag)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def test_a_full_answer_with_the_same_strong_etag_keeps_the_copy(tmp_path, shaded_csv):
+    """A server that ignores If-None-Match: the same strong ETag means the same file, so
+    the copy is kept (were the body read, the changed bytes here would show); a copy kept
+    from before these records existed is downloaded once more."""
+    _IgnoringConditions.body = shaded_csv.read_bytes()
+    data_dir = tmp_path / "d"
+    with serving(_IgnoringConditions) as base:
+        first = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+        _IgnoringConditions.body = shaded_csv.read_text().replace("\n3,", "\n4,", 1).encode()
+        assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).sha256 == first.sha256
+        for record in (data_dir / "downloads").glob("*.http.json"):
+            record.unlink()  # as an older fer left its copies
+        assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).sha256 != first.sha256
 
 
 class _Answering(_Quiet):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import s3server
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.client.schemas.filters import (
@@ -32,6 +33,7 @@ from s3server import BUCKET, free_port
 from test_cli import FER
 
 import flows.retrain as retrain_module
+from fer.data import Dataset
 from fer.errors import DataError, FerError
 from fer.runs import PublishResult, list_runs, read_report
 from fer.storage import LocalStore, open_store
@@ -127,6 +129,39 @@ def test_publish_can_force_the_champion(tmp_path):
                             force_champion=force)
         assert result.became_champion == (run_id != "r2")
     assert read_report(LocalStore(tmp_path / "store"), "champion").run_id == "r3"
+
+
+def test_evaluate_keeps_the_reports_of_a_run_completed_before(tmp_path):
+    """A retried flow run whose earlier attempt completed the run: scoring it again would
+    rewrite metrics.json, which publishing a run already uploaded refuses. (The source does
+    not exist: it is never read.)"""
+    run_dir = make_run(tmp_path, "20250101-000000-default-0001", accuracy=0.61)
+    before = (run_dir / "metrics.json").read_bytes()
+    metrics = retrain_module.evaluate.fn(str(run_dir), str(tmp_path / "gone.zip"),
+                                         data_dir=str(tmp_path / "data"))
+    assert metrics["accuracy"] == 0.61
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+@integration
+def test_a_retry_takes_its_completed_run_only_on_the_same_data(prefect_api, tmp_path):
+    """The train task's check on an earlier attempt's complete run: taken as it is on the
+    data it recorded, trained again (with the reason logged) on data changed since."""
+    run_dir = make_run(tmp_path, "20250101-000000-default-0001", accuracy=0.61,
+                       data_sha256="a" * 64)
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {**json.loads((run_dir / "manifest.json").read_text()), "data": {"sha256": "a" * 64}}))
+
+    @flow
+    def attempt(sha256: str) -> str:
+        try:
+            return str(retrain_module._continue(run_dir, Dataset(
+                source="x", sha256=sha256, test=None)))
+        except retrain_module._TrainAgain as why:
+            return f"again: {why}"
+
+    assert attempt("a" * 64) == str(run_dir)
+    assert attempt("b" * 64) == "again: its data has changed since"
 
 
 def test_report_markdown_reads_back_what_was_posted():
