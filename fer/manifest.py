@@ -71,14 +71,20 @@ def jsonable(value):
 
 def write_json(path: Path, payload: dict) -> Path:
     """Written beside ``path``, flushed to disk and renamed into place: a stop or a power
-    loss mid-write leaves the previous file (or none), never half of one."""
+    loss mid-write leaves the previous file (or none), never half of one. Each write has a
+    temporary file of its own, so two processes updating one record (a worker and a CLI on
+    one data folder) never rename each other's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    with open(partial, "w") as handle:
-        handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        with open(partial, "x") as handle:
+            handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
