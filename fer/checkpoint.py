@@ -31,7 +31,7 @@ import numpy as np
 
 from fer.config import TrainConfig
 from fer.errors import FerError
-from fer.manifest import write_json
+from fer.manifest import read_json, write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
     import keras
@@ -99,11 +99,7 @@ def find_started(out_dir: Path, *, started_by: str) -> Path | None:
     """
     for folder in sorted(Path(out_dir).glob("*/"), reverse=True):  # run ids sort by time
         for record in (folder / FOLDER / RUN_RECORD, folder / "manifest.json"):
-            try:
-                began_by = json.loads(record.read_text()).get("started_by")
-            except (OSError, ValueError, AttributeError):
-                continue  # none, or not one this version wrote
-            if began_by == started_by:
+            if read_json(record).get("started_by") == started_by:  # {} for none
                 return folder
     return None
 

@@ -148,10 +148,8 @@ def read_splits(source: Path) -> dict[str, Split]:
     name = source.name.lower()
     if source.is_dir():
         entries = list(_folder_entries(source))
-        csvs = csv_files(source)
-        if not any((source / s).is_dir() for s in SPLIT_FOLDERS) and (
-                len(csvs) == 1 or not _in_split_folders(entries)):
-            csv = _the_csv(csvs, source=source)
+        if not any((source / s).is_dir() for s in SPLIT_FOLDERS):
+            csv = _the_csv(csv_files(source), entries, source=source)
             if csv is not None:
                 return _csv_splits(csv.read_bytes(), origin=str(csv))
         return read_image_layout(iter(entries), origin=str(source))
@@ -161,8 +159,7 @@ def read_splits(source: Path) -> dict[str, Split]:
         entries = list(_archive_entries(source))
         csvs = {n: read for n, read in entries if n.lower().endswith(".csv")
                 and not _is_noise(PurePosixPath(n).parts)}
-        csv = (_the_csv(list(csvs), source=source)
-               if len(csvs) == 1 or not _in_split_folders(entries) else None)
+        csv = _the_csv(list(csvs), entries, source=source)
         if csv is not None:
             return _csv_splits(csvs[csv](), origin=f"{source}!{csv}")
         return read_image_layout(iter(entries), origin=str(source))
@@ -181,13 +178,17 @@ def csv_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.csv") if not _is_noise((p.name,)))
 
 
-def _the_csv(csvs: list, *, source: Path):
-    """The one CSV a source holds; None for none; several cannot be told apart."""
-    if len(csvs) > 1:
+def _the_csv(csvs: list, entries: list[tuple[str, Callable[[], bytes]]], *, source: Path):
+    """The one CSV that is the source's dataset; None where its images are (CSVs beside
+    train/ and test/ folders are other files) or it has no CSV. Several CSVs and no image
+    folders cannot be told apart."""
+    if len(csvs) == 1:
+        return csvs[0]
+    if len(csvs) > 1 and not _in_split_folders(entries):
         raise DataError(f"{source}: holds {len(csvs)} CSV files "
                         f"({', '.join(sorted(map(str, csvs)))}); expected one fer2013.csv "
                         "(pass the CSV to use itself)")
-    return csvs[0] if csvs else None
+    return None
 
 
 def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:

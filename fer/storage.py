@@ -45,7 +45,23 @@ class Store(Protocol):
         """Write a small object (manifests, pointers) whole or not at all."""
 
     def get_bytes(self, key: str) -> bytes | None:
-        """The object's bytes, or ``None`` when it does not exist."""
+        response = self._object_call(self._client.get_object, key)
+        return None if response is None else response["Body"].read()
+
+    def version(self, key: str) -> str | None:
+        """What changes when the object does (its ETag and size); None if there is none."""
+        head = self._object_call(self._client.head_object, key)
+        return None if head is None else f"{head.get('ETag', '')} {head.get('ContentLength', '')}"
+
+    def _object_call(self, call, key: str) -> dict | None:
+        """``call`` (get_object, head_object) on ``key``'s object; None if there is none."""
+        with self._errors(f"reading {self._key(key)}"):
+            try:
+                return call(Bucket=self.bucket, Key=self._key(key))
+            except bce.ClientError as exc:
+                if _error_code(exc) in {"NoSuchKey", "404"}:
+                    return None
+                raise
 
     def download(self, key: str, dest: Path) -> None:
         """Copy an object to a local file."""

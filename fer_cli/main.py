@@ -244,7 +244,7 @@ def train(
         return
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     _writable(settings.data_dir, "FER_DATA_DIR")
-    _writable(out if resume is None else resume, "--out" if resume is None else "--resume")
+    _writable(resume or out, "--resume" if resume else "--out")
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
     result = (_resume_locally(resume, settings=settings) if resume is not None
