@@ -115,14 +115,13 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     otherwise it trains from the start. ``started_by`` names the flow run (None where no
     server keeps it to be retried).
     """
-    from fer.checkpoint import find_started
     from fer.data import load_dataset
 
     dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=Path(data_dir))
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
-    earlier = find_started(config.out_dir, started_by=started_by) if started_by else None
+    earlier = _earlier_attempt(config.out_dir, started_by)
     if earlier is not None:
         try:
             return str(_continue(earlier, dataset))
@@ -130,6 +129,27 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
             get_run_logger().warning("%s began %s, but %s; training from the start",
                                      started_by, earlier, why)
     return str(fit(dataset, config, verbose=2, started_by=started_by).run_dir)
+
+
+def _earlier_attempt(out_dir: Path, started_by: str | None) -> Path | None:
+    """The run folder an earlier attempt of this flow run began, if it is on this machine.
+
+    A retry that finds none (the first attempt ran on another worker's machine, or its
+    folder was removed) trains from the start, and says so: the user retried to save the
+    training already done.
+    """
+    from fer.checkpoint import find_started
+
+    if not started_by:
+        return None
+    earlier = find_started(out_dir, started_by=started_by)
+    attempt = this_flow_run.run_count
+    if earlier is None and attempt > 1:
+        get_run_logger().warning(
+            "attempt %d of %s, but no run folder an earlier attempt began is in %s on this "
+            "machine (it ran on another one, or the folder was removed); training from the "
+            "start", attempt, started_by, out_dir)
+    return earlier
 
 
 class _TrainAgain(Exception):

@@ -164,6 +164,31 @@ def test_a_retry_takes_its_completed_run_only_on_the_same_data(prefect_api, tmp_
     assert attempt("b" * 64) == "again: its data has changed since"
 
 
+@integration
+def test_a_retry_that_finds_no_earlier_run_folder_says_so(prefect_api, tmp_path):
+    """A retried flow run whose first attempt's folder is not on this machine (another
+    worker ran it, or it was removed) trains from the start, and its log says why: the user
+    retried to keep the training done. A first attempt says nothing."""
+    attempts = []
+
+    @flow(retries=1)
+    def retried() -> str:
+        from prefect.runtime import flow_run
+
+        attempts.append(retrain_module._earlier_attempt(tmp_path, "prefect flow run x"))
+        if len(attempts) == 1:
+            raise RuntimeError("the first attempt dies")
+        return str(flow_run.id)
+
+    flow_run_id = retried()
+
+    assert attempts == [None, None]
+    found = run_log(flow_run_id, containing="attempt 2")
+    said = [message for message in found if "no run folder an earlier attempt began" in message]
+    assert len(said) == 1 and said[0].startswith("attempt 2 of prefect flow run x")
+    assert str(tmp_path) in said[0]
+
+
 def test_report_markdown_reads_back_what_was_posted():
     """`fer train --remote --wait` prints the report it reads back from the posted artifact."""
     text = "              precision    recall  f1-score   support\n\n       angry       0.55\n"
