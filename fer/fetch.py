@@ -156,12 +156,12 @@ def _download_name(source: str) -> str:
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
     """``url`` into ``target``. A copy from before is asked about first (its ETag and
     Last-Modified, sent back as If-None-Match / If-Modified-Since) and kept while the
-    server answers 304 or the same strong ETag; a server that gave neither has its copy
-    reused; a copy older than these records is downloaded once more."""
+    server answers 304 or the same strong ETag. A server that gives neither cannot say
+    whether its file changed, so it is downloaded again (identical bytes are then
+    recognised by their sha256 and not unpacked twice); so is a copy older than these
+    records."""
     validators_path = target.with_name(target.name + ".http.json")
     validators = read_json(validators_path)
-    if target.exists() and validators_path.exists() and not validators:
-        return target
     headers = ({header: validators[field] for field, header in _HTTP_VALIDATORS.items()
                 if validators.get(field)} if target.exists() else {})
     partial = target.with_name(target.name + ".part")

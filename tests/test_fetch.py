@@ -182,7 +182,8 @@ class _IgnoringConditions(_Quiet):
 
     def do_GET(self):  # noqa: N802 (the http.server API)
         self.send_response(200)
-        self.send_header("ETag", self.etag)
+        if self.etag:
+            self.send_header("ETag", self.etag)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
         self.wfile.write(self.body)
@@ -201,6 +202,22 @@ def test_a_full_answer_with_the_same_strong_etag_keeps_the_copy(tmp_path, shaded
         for record in (data_dir / "downloads").glob("*.http.json"):
             record.unlink()  # as an older fer left its copies
         assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).sha256 != first.sha256
+
+
+def test_a_server_without_validators_is_downloaded_every_time(tmp_path, shaded_csv):
+    """A server with neither ETag nor Last-Modified cannot say whether its file changed: a
+    scheduled retrain on its URL gets the file as it is now, not its first download."""
+    _IgnoringConditions.body, _IgnoringConditions.etag = shaded_csv.read_bytes(), None
+    data_dir = tmp_path / "d"
+    try:
+        with serving(_IgnoringConditions) as base:
+            first = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+            assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).path == first.path
+            _IgnoringConditions.body = shaded_csv.read_text().replace("\n3,", "\n4,", 1).encode()
+            changed = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+    finally:
+        _IgnoringConditions.etag = '"v1"'
+    assert changed.sha256 != first.sha256
 
 
 class _Answering(_Quiet):
