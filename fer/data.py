@@ -13,6 +13,7 @@ The test split is never used for model selection.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -156,13 +157,13 @@ def read_splits(source: Path) -> dict[str, Split]:
     if name.endswith(".csv"):
         return _csv_splits(source.read_bytes(), origin=str(source))
     if name.endswith(ARCHIVE_SUFFIXES):
-        entries = list(_archive_entries(source))
-        csvs = {n: read for n, read in entries if n.lower().endswith(".csv")
-                and not _is_noise(PurePosixPath(n).parts)}
-        csv = _the_csv(list(csvs), entries, source=source)
-        if csv is not None:
-            return _csv_splits(csvs[csv](), origin=f"{source}!{csv}")
-        return read_image_layout(iter(entries), origin=str(source))
+        with _archive_entries(source) as entries:
+            csvs = {n: read for n, read in entries if n.lower().endswith(".csv")
+                    and not _is_noise(PurePosixPath(n).parts)}
+            csv = _the_csv(list(csvs), entries, source=source)
+            if csv is not None:
+                return _csv_splits(csvs[csv](), origin=f"{source}!{csv}")
+            return read_image_layout(iter(entries), origin=str(source))
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     "or a folder with train/ and test/)")
 
@@ -205,30 +206,44 @@ def _folder_entries(root: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
             yield name, path.read_bytes
 
 
-def _archive_entries(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """Yield (entry name, reader) pairs, refusing entries that would escape a target folder."""
+@contextlib.contextmanager
+def _archive_entries(archive: Path) -> Iterator[list[tuple[str, Callable[[], bytes]]]]:
+    """The archive's files as (entry name, reader) pairs, readable until the ``with`` ends,
+    which closes the archive; entries that would escape a target folder are refused."""
     try:
-        if archive.name.lower().endswith(".zip"):
-            handle = zipfile.ZipFile(archive)
-            members = [i for i in handle.infolist() if not i.is_dir()]
-            for info in handle.infolist():
-                check_entry_name(info.filename, archive=archive)
-            for info in members:  # Windows tools may write train\happy\0.png
-                yield info.filename.replace("\\", "/"), _entry_reader(
-                    archive, info.filename, lambda info=info: handle.read(info))
-        else:
-            handle = tarfile.open(archive)
-            members = handle.getmembers()
-            for member in members:
-                check_entry_name(member.name, archive=archive)
-                if member.issym() or member.islnk():
-                    check_entry_name(member.linkname, archive=archive)
-            for member in members:
-                if member.isfile():
-                    yield member.name, _entry_reader(archive, member.name,
-                                                     lambda m=member: handle.extractfile(m).read())
+        handle = zipfile.ZipFile(archive) if _is_zip(archive) else tarfile.open(archive)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
         raise DataError(f"{archive}: not a readable archive ({exc})") from None
+    with handle:
+        try:
+            entries = _zip_entries(handle, archive) if _is_zip(archive) else _tar_entries(
+                handle, archive)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+            raise DataError(f"{archive}: not a readable archive ({exc})") from None
+        yield entries
+
+
+def _is_zip(archive: Path) -> bool:
+    return archive.name.lower().endswith(".zip")
+
+
+def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
+    for info in handle.infolist():
+        check_entry_name(info.filename, archive=archive)
+    return [(info.filename.replace("\\", "/"),  # Windows tools may write train\happy\0.png
+             _entry_reader(archive, info.filename, lambda info=info: handle.read(info)))
+            for info in handle.infolist() if not info.is_dir()]
+
+
+def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
+    members = handle.getmembers()
+    for member in members:
+        check_entry_name(member.name, archive=archive)
+        if member.issym() or member.islnk():
+            check_entry_name(member.linkname, archive=archive)
+    return [(member.name, _entry_reader(archive, member.name,
+                                        lambda m=member: handle.extractfile(m).read()))
+            for member in members if member.isfile()]
 
 
 def _entry_reader(archive: Path, name: str, read: Callable[[], bytes]) -> Callable[[], bytes]:
@@ -260,10 +275,11 @@ def check_entry_name(name: str, *, archive: Path) -> str:
 def safe_extract(archive: Path, dest: Path) -> Path:
     """Unpack ``archive`` into ``dest`` after checking every entry name; return ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name, read in _archive_entries(archive):
-        target = dest / check_entry_name(name, archive=archive)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read())
+    with _archive_entries(archive) as entries:
+        for name, read in entries:
+            target = dest / check_entry_name(name, archive=archive)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read())
     return dest
 
 
@@ -381,7 +397,8 @@ def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        # np.load leaves its file open when a damaged .npz fails to parse: ours closes it
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as arrays:
             names = {key.rsplit("_", 1)[0] for key in arrays.files}
             return {n: Split(images=arrays[f"{n}_images"], labels=arrays[f"{n}_labels"])
                     for n in names}

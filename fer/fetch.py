@@ -181,6 +181,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                     if progress:
                         progress(done, total)
     except urllib.error.HTTPError as exc:
+        exc.close()  # the error answer holds the connection open until closed
         partial.unlink(missing_ok=True)
         if exc.code == 304:  # Not Modified: the copy from before is current
             return target

@@ -25,6 +25,12 @@ from fer.data import Split, load_dataset, read_splits, safe_extract, split_valid
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 
+# Every archive, download and cache file these read is closed once read (an unclosed one is a
+# ResourceWarning, raised from the garbage collector, so both warnings fail the test).
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
+
+
 
 def test_canonical_class_order_is_the_csv_label_order():
     """CSV integers are positions in CLASS_NAMES: 0 angry ... 4 sad, 5 surprise, 6 neutral."""

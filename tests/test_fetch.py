@@ -17,6 +17,12 @@ from fer.data import file_sha256
 from fer.errors import DataError, FerError, StorageError
 from fer.fetch import current_source, fetch_data, resolve_data
 
+# Every archive, download and cache file these read is closed once read (an unclosed one is a
+# ResourceWarning, raised from the garbage collector, so both warnings fail the test).
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
+
+
 
 @pytest.fixture
 def layout_zip(tmp_path):
