@@ -45,23 +45,7 @@ class Store(Protocol):
         """Write a small object (manifests, pointers) whole or not at all."""
 
     def get_bytes(self, key: str) -> bytes | None:
-        response = self._object_call(self._client.get_object, key)
-        return None if response is None else response["Body"].read()
-
-    def version(self, key: str) -> str | None:
-        """What changes when the object does (its ETag and size); None if there is none."""
-        head = self._object_call(self._client.head_object, key)
-        return None if head is None else f"{head.get('ETag', '')} {head.get('ContentLength', '')}"
-
-    def _object_call(self, call, key: str) -> dict | None:
-        """``call`` (get_object, head_object) on ``key``'s object; None if there is none."""
-        with self._errors(f"reading {self._key(key)}"):
-            try:
-                return call(Bucket=self.bucket, Key=self._key(key))
-            except bce.ClientError as exc:
-                if _error_code(exc) in {"NoSuchKey", "404"}:
-                    return None
-                raise
+        """The object's bytes, or None when it does not exist."""
 
     def download(self, key: str, dest: Path) -> None:
         """Copy an object to a local file."""
@@ -201,24 +185,23 @@ class S3Store:
 
     def get_bytes(self, key: str) -> bytes | None:
         with self._errors(f"reading {self._key(key)}"):
-            try:
-                response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except bce.ClientError as exc:
-                if _error_code(exc) in {"NoSuchKey", "404"}:
-                    return None
-                raise
-            return response["Body"].read()
+            response = self._missing_as_none(self._client.get_object, key)
+            return None if response is None else response["Body"].read()
 
     def version(self, key: str) -> str | None:
         """What changes when the object does (its ETag and size); None if there is none."""
         with self._errors(f"reading {self._key(key)}"):
-            try:
-                head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except bce.ClientError as exc:
-                if _error_code(exc) in {"NoSuchKey", "404"}:
-                    return None
-                raise
-            return f"{head.get('ETag', '')} {head.get('ContentLength', '')}"
+            head = self._missing_as_none(self._client.head_object, key)
+        return None if head is None else f"{head.get('ETag', '')} {head.get('ContentLength', '')}"
+
+    def _missing_as_none(self, call, key: str) -> dict | None:
+        """``call`` (get_object, head_object) on ``key``'s object; None if there is none."""
+        try:
+            return call(Bucket=self.bucket, Key=self._key(key))
+        except bce.ClientError as exc:
+            if _error_code(exc) in {"NoSuchKey", "404"}:
+                return None
+            raise
 
     def download(self, key: str, dest: Path) -> None:
         with self._errors(f"downloading {self._key(key)}"):

@@ -15,7 +15,7 @@ from s3server import BUCKET, SeaweedS3, free_port
 
 from fer.errors import StorageError
 from fer.runs import list_runs, publish_run
-from fer.storage import LocalStore, S3Store, open_store
+from fer.storage import LocalStore, S3Store, Store, open_store
 
 # The real S3 server fixtures (assigned, not imported, so test arguments may shadow them).
 s3_server = s3server.s3_server
@@ -33,6 +33,16 @@ def test_open_store_picks_backend_from_url(tmp_path):
     by_url = open_store(f"file://{tmp_path / 'artifacts'}")
     assert isinstance(by_url, LocalStore)
     assert [s.run_id for s in list_runs(by_url)] == ["run-a"]
+
+
+def test_both_backends_have_every_method_the_interface_declares():
+    """Publishing and reports are written against Store alone: a method it declares that a
+    backend lacks fails only when that backend is in use (in a user's run, not here)."""
+    declared = {name for name in vars(Store) if callable(vars(Store)[name])
+                and not name.startswith("__")}
+    assert {"put_file", "put_bytes", "get_bytes", "download", "run_ids", "url"} <= declared
+    for backend in (LocalStore, S3Store):
+        assert declared <= set(dir(backend)), backend
 
 
 @pytest.mark.parametrize(("url", "message"), [
