@@ -84,9 +84,8 @@ def main() -> None:
     print(f"profile {args.profile}: model {config.model}, {config.epochs} epochs, "
           f"batch {config.batch_size}, ensemble {config.ensemble}, tta {config.tta}, "
           f"{m['precision']}")
-    if "saved_model_val_accuracy" in m:
-        print(f"validation: first model {m['best_val_accuracy']:.4f}, saved (averaged) model "
-              f"{m['saved_model_val_accuracy']:.4f}")
+    print(f"validation: best epoch (first member) {m['best_val_accuracy']:.4f}, saved model "
+          f"{m['saved_model_val_accuracy']:.4f}")
     print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
     print("per-class recall " + json.dumps(m["per_class_recall"]))
     print(f"wall {fmt_seconds(m['wall_seconds'])}, training {m['train_images_per_second']:.1f} "

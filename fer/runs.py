@@ -114,9 +114,14 @@ def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
-    """The saved model's validation accuracy (averaged models record it apart), if known."""
-    for key in ("saved_model_val_accuracy", "best_val_accuracy"):
-        value = metrics.get(key)
+    """The saved model's validation accuracy, if known. Runs of an older fer recorded it
+    only for averaged models: for theirs, the figure after a kept batch-norm recalibration
+    (the saved weights), else the best epoch's."""
+    recalibration = metrics.get("batch_norm_recalibration")
+    recalibrated = (recalibration.get("val_accuracy_after")
+                    if isinstance(recalibration, dict) and recalibration.get("kept") else None)
+    for value in (metrics.get("saved_model_val_accuracy"), recalibrated,
+                  metrics.get("best_val_accuracy")):
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     return None

@@ -120,12 +120,14 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     saved = _save_model(members, run.run_dir, precision=run.precision, tta=config.tta)
     training_metrics = _training_metrics(members, config, dataset, precision=run.precision,
                                          spec=spec)
-    if averaged:  # what averaging adds, measured where selection happens
-        predicted = predict_labels(saved, dataset.validation.images)
-        training_metrics["saved_model_val_accuracy"] = round(
-            float(np.mean(predicted == dataset.validation.labels)), 4)
-        log.info("saved model (the average of %s): validation accuracy %.4f", averaged,
-                 training_metrics["saved_model_val_accuracy"])
+    # The model as saved (recalibrated, averaged, in float32) is what the champion is chosen
+    # on; best_val_accuracy is the first member's at its best epoch, before all of that.
+    predicted = predict_labels(saved, dataset.validation.images)
+    training_metrics["saved_model_val_accuracy"] = round(
+        float(np.mean(predicted == dataset.validation.labels)), 4)
+    log.info("saved model%s: validation accuracy %.4f",
+             f" (the average of {averaged})" if averaged else "",
+             training_metrics["saved_model_val_accuracy"])
     write_json(run.run_dir / "metrics.json", training_metrics)
     resumed = {f"member {n}": m.resumed_at for n, m in enumerate(members, start=1) if m.resumed_at}
     write_json(run.run_dir / "manifest.json", {

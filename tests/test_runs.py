@@ -89,6 +89,32 @@ def test_champion_is_chosen_on_validation_never_on_test(store, runs):
     assert pointers(store) == ("r2", "r1")
 
 
+def test_champion_is_chosen_on_the_saved_models_validation_accuracy(store, runs):
+    """The saved model is the best epoch's recalibrated (or averaged) one: its own validation
+    accuracy decides, also for runs of an older fer that recorded it only inside the
+    recalibration record."""
+    def with_metrics(folder, **metrics):
+        path = folder / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **metrics}))
+        return folder
+
+    publish_run(make_run(runs, "r1", accuracy=0.5, val_accuracy=0.642, minute=1), store)
+    recalibrated = with_metrics(  # an older fer's run: best epoch 0.640, saved model 0.650
+        make_run(runs, "r2", accuracy=0.5, val_accuracy=0.640, minute=2),
+        batch_norm_recalibration={"kept": True, "val_accuracy_before": 0.640,
+                                  "val_accuracy_after": 0.650, "seconds": 1.0})
+    assert publish_run(recalibrated, store).became_champion
+    not_kept = with_metrics(
+        make_run(runs, "r3", accuracy=0.5, val_accuracy=0.645, minute=3),
+        batch_norm_recalibration={"kept": False, "val_accuracy_before": 0.645,
+                                  "val_accuracy_after": 0.655, "seconds": 1.0})
+    assert not publish_run(not_kept, store).became_champion  # its saved model is the 0.645 one
+    measured = with_metrics(make_run(runs, "r4", accuracy=0.5, val_accuracy=0.640, minute=4),
+                            saved_model_val_accuracy=0.651)
+    assert publish_run(measured, store).became_champion
+    assert pointers(store) == ("r4", "r4")
+
+
 def test_champion_compares_only_runs_on_the_same_data(store, runs):
     """A run on other data (a subset, a new release) cannot unseat the champion by itself."""
     publish_run(make_run(runs, "full", accuracy=0.60, minute=1), store)
