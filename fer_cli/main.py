@@ -432,9 +432,10 @@ def _keras_verbosity() -> int:
 def evaluate(
     model: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a model.keras")],
     data: Annotated[str | None, typer.Option(help="source whose test split is scored")] = None,
-    out: Annotated[Path | None, typer.Option(help="report folder; default: beside the model")]
-        = None,
+    out: Annotated[Path | None, typer.Option(
+        help="report folder; default: evaluation/ beside the model")] = None,
     precision: InferencePrecisionOption = "auto",
+    endpoint_url: EndpointOption = None,
 ) -> None:
     """Score a saved model on a source's test split and write the report files."""
     from fer.data import load_dataset
@@ -443,9 +444,13 @@ def evaluate(
 
     check_precision(precision)  # before any download
 
-    settings = _settings()
+    settings = _settings(endpoint_url=endpoint_url)
     _writable(settings.data_dir, "FER_DATA_DIR")
     out = _writable(out or model.parent / "evaluation", "--out")
+    if (out / "manifest.json").exists():  # its reports and metrics are the run's record
+        raise FerError(f"--out {out}: is a run folder, whose reports `fer publish` uploads "
+                       "as they are; pass another folder (default: evaluation/ beside the "
+                       "model)")
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)

@@ -312,6 +312,9 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     bad = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
                   "--precision", "fp8")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --precision fp8: expected")
+    into_run = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
+                       "--out", run_dir)  # would replace the run's own metrics and reports
+    assert_one_line_error(into_run, r"--out .*: is a run folder, .*pass another folder")
     beside = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset)
     assert beside.returncode == 0 and (run_dir / "evaluation" / "metrics.json").is_file()
     again = run_fer("publish", run_dir, env=storage)  # evaluation/ is not part of the run
