@@ -294,7 +294,7 @@ def _import_flows(module: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise FerError(f"{module} needs Prefect ({exc}); install it with "
-                       "`pip install 'fer[orchestration]'`") from None
+                       "`pip install -e '.[orchestration]'` in the checkout") from None
 
 
 def _checked_config(options: dict, *, seed: int, val_fraction: float, precision: str,
