@@ -53,6 +53,7 @@ class RunRecord:
     data_sha256: str
     git_commit: str | None
     started_by: str | None = None  # e.g. "prefect flow run <id>": a retry of it resumes the run
+    precision_reason: str | None = None  # why that precision (None in an older fer's record)
 
 
 def start_run(run: RunRecord) -> None:
@@ -63,7 +64,8 @@ def start_run(run: RunRecord) -> None:
     record = {"format": FORMAT, "config": options,
               "precision": run.precision, "learning_rate": run.learning_rate,
               "data": {"source": run.data_source, "sha256": run.data_sha256},
-              "git_commit": run.git_commit, "started_by": run.started_by}
+              "git_commit": run.git_commit, "started_by": run.started_by,
+              "precision_reason": run.precision_reason}
     write_json(folder / RUN_RECORD, record)
 
 
@@ -84,7 +86,8 @@ def read_run(run_dir: Path) -> RunRecord:
                          data_source=record["data"]["source"],
                          data_sha256=record["data"]["sha256"],
                          git_commit=record.get("git_commit"),
-                         started_by=record.get("started_by"))
+                         started_by=record.get("started_by"),
+                         precision_reason=record.get("precision_reason"))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
 
@@ -122,8 +125,15 @@ def _why_not_resumable(run_dir: Path) -> str:
 
 
 def finish_run(run_dir: Path) -> None:
-    """The run's files are written: its checkpoint is no longer needed."""
-    shutil.rmtree(Path(run_dir) / FOLDER, ignore_errors=True)
+    """The run's files are written: its checkpoint is no longer needed. It is renamed away
+    first, in one step: a stop while deleting could otherwise leave a checkpoint without its
+    record, which neither a resume nor `fer publish` accepts."""
+    folder = Path(run_dir) / FOLDER
+    removing = folder.with_name(f".{FOLDER}-removed")
+    shutil.rmtree(removing, ignore_errors=True)  # one left by a stop during the removal
+    if folder.exists():
+        os.replace(folder, removing)
+    shutil.rmtree(removing, ignore_errors=True)
 
 
 @dataclass

@@ -198,7 +198,9 @@ def with_precision(model: keras.Model, *, policy: str) -> keras.Model:
 
     copy = keras.models.clone_model(model, clone_function=rebuild, recursive=True)
     copy.set_weights(model.get_weights())
-    return copy
+    # Keras compiles the clone of a compiled (training) model, optimizer variables and all;
+    # the same layers as a new model are not, so a saved copy carries no optimizer.
+    return keras.Model(copy.input, copy.output, name=copy.name)
 
 
 def averaging(models: Sequence[keras.Model], *, flip: bool = False) -> keras.Model:

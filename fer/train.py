@@ -109,6 +109,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
             members.append(_fit_member(dataset, run, spec, number=number,
                                        clock=members[-1].clock if members else None,
                                        verbose=verbose))
+        training_metrics = _write_run(members, run, spec, dataset)
     except FerError:
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
     except BaseException:  # Ctrl-C, SIGTERM (Prefect raises its own TerminationSignal), any error
@@ -116,7 +117,14 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
                  "finished epoch", run.run_dir,
                  f" or a retry of {run.started_by}" if run.started_by else "")
         raise
+    return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
 
+
+def _write_run(members: list[Member], run: RunRecord, spec: ModelSpec, dataset: Dataset) -> dict:
+    """Save the trained members' model, history and curves, then metrics.json and the
+    manifest (the run's training half); its training metrics."""
+    config = run.config
+    averaged = _averaged(config)
     saved = _save_model(members, run.run_dir, precision=run.precision, tta=config.tta)
     training_metrics = _training_metrics(members, config, dataset, precision=run.precision,
                                          spec=spec)
@@ -137,6 +145,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
         "parameters": {**vars(config), "learning_rate": run.learning_rate},
         "seed": config.seed,
         "precision": run.precision,
+        **({"precision_reason": run.precision_reason} if run.precision_reason else {}),
         "data": _data_record(dataset),
         "versions": package_versions(),
         "git_commit": run.git_commit,
@@ -145,7 +154,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
         **({"resumed_at_epochs": resumed} if resumed else {}),
         "artifacts": list(RUN_FILES),
     })
-    return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
+    return training_metrics
 
 
 def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
@@ -158,7 +167,7 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
         git_commit=git_commit(),  # the code that trains, not whatever is checked out hours later
-        started_by=started_by)
+        started_by=started_by, precision_reason=why)
     try:
         run.run_dir.mkdir(parents=True, exist_ok=False)
     except OSError as exc:  # a worker's --out it cannot write, say
@@ -190,8 +199,9 @@ def _save_model(members: list[Member], run_dir: Path, *, precision: str,
                 tta: bool) -> keras.Model:
     """Save the members' average (with ``tta``: over each image and its mirror too) in
     float32, which loads and runs everywhere, with their history and curves; return it."""
-    saved = averaging([m.model if precision == "float32"
-                       else with_precision(m.model, policy="float32") for m in members], flip=tta)
+    # always a float32 copy: the training model itself would save its optimizer and compile
+    # config (twice the file, and Keras' own load_model then needs fer's optimizer class)
+    saved = averaging([with_precision(m.model, policy="float32") for m in members], flip=tta)
     saved.save(run_dir / "model.keras")
     _write_history([m.history for m in members], run_dir / "history.csv")
     plot_curves([m.history for m in members], run_dir / "curves.png")

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_folders import make_run
 
+import fer.checkpoint
 import fer.train
 from fer.checkpoint import (
     FOLDER,
     RUN_RECORD,
     _random_states,
     find_started,
+    finish_run,
     is_complete,
     read_run,
 )
@@ -194,6 +197,48 @@ def test_a_run_stopped_after_its_last_epoch_trains_no_more(tmp_path, tiny_datase
 
     assert len(spy.begun) == 2 and len(calls) == 2
     assert result.metrics["batch_norm_recalibration"] is not None
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+
+
+def test_a_stop_while_saving_the_trained_model_names_the_resume(tmp_path, tiny_dataset,
+                                                                monkeypatch, caplog):
+    """A stop after the last member's training, while the model is saved and measured on
+    validation (an ensemble's six passes per image take a while), names the resume as any
+    other stop does; the resume trains nothing and writes the run folder."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    calls = stop_once_in(monkeypatch, "predict_labels")
+    spy = EpochSpy(monkeypatch)
+    with caplog.at_level("INFO", logger="fer"):
+        run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
+    assert f"training stopped; `fer train --resume {run_dir}` continues it" in caplog.text
+
+    train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+    assert len(spy.begun) == 2 and len(calls) == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["precision_reason"] == "as asked"  # recorded at the start, kept on resume
+
+
+def test_a_stop_while_removing_the_checkpoint_leaves_a_complete_run(tmp_path, monkeypatch):
+    """The checkpoint is renamed away before it is deleted: a stop part-way leaves either
+    the whole checkpoint (resumable) or none (publishable), never a record-less half."""
+    run_dir = make_run(tmp_path, "20250101-000000-default-0001", accuracy=0.5)
+    (run_dir / FOLDER / "member-1").mkdir(parents=True)
+    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
+    real_rmtree = shutil.rmtree
+
+    def stopped_rmtree(path, *args, **kwargs):
+        if Path(path).exists():
+            raise KeyboardInterrupt  # the stop, before anything is deleted
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(fer.checkpoint.shutil, "rmtree", stopped_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        finish_run(run_dir)
+    assert is_complete(run_dir)
+    monkeypatch.undo()
+    finish_run(run_dir)  # a later one clears what the stop left
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 
 import keras
 import numpy as np
@@ -46,6 +47,9 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset):
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["epochs"] == 2 and manifest["seed"] == 3
     assert manifest["data"]["sha256"] == "0" * 64 and manifest["precision"] == "float32"
+    assert manifest["precision_reason"] == "as asked"
+    with zipfile.ZipFile(result.run_dir / "model.keras") as saved:  # not the training model:
+        assert not json.loads(saved.read("config.json")).get("compile_config")  # no optimizer
     assert {"python", "keras", "numpy", "scikit-learn"} <= set(manifest["versions"])
     commit = manifest["git_commit"]
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
