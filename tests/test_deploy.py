@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -28,6 +29,14 @@ pytest_plugins = ["prefect_server"]
 integration = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yaml"
+
+
+def copied_into_the_image() -> list[str]:
+    """The paths docker/Dockerfile COPYs from the build context (the repository root)."""
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    return [source.rstrip("/") for line in dockerfile.splitlines()
+            if line.startswith("COPY ") and "--from" not in line
+            for source in line.split()[1:-1]]
 
 
 def read(name: str):
@@ -80,15 +89,27 @@ def test_deploying_again_updates_in_place(deployed):
 
 
 @integration
-def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api):
-    """The command docker/compose.yaml's `deploy` service runs, from a shell."""
+def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path):
+    """The command docker/compose.yaml's `deploy` service runs, in a copy of what the image
+    holds at /app. It writes nothing there: /app is root's, and the step runs as user 10001."""
     command = yaml.safe_load(COMPOSE.read_text())["services"]["deploy"]["command"]
     assert command[:3] == ["python", "-m", "flows.deploy"]
-    done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=REPO,
-                          env={**os.environ, **prefect_api.client_env()},
+    app = tmp_path / "app"
+    app.mkdir()
+    for source in copied_into_the_image():
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, app / source,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / source, app / source)
+    before = sorted(app.rglob("*"))
+    done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=app,
+                          env={**os.environ, **prefect_api.client_env(),
+                               "PYTHONDONTWRITEBYTECODE": "1"},  # as the image sets it
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "deployed retrain/retrain"
+    assert sorted(app.rglob("*")) == before
 
 
 @integration
@@ -185,10 +206,7 @@ def test_the_image_build_context_holds_every_package_it_installs():
 
     No Docker engine here, so this is the check that a moved or new package reaches the image.
     """
-    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    copied = [source.rstrip("/") for line in dockerfile.splitlines()
-              if line.startswith("COPY ") and "--from" not in line
-              for source in line.split()[1:-1]]
+    copied = copied_into_the_image()
     admitted = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.startswith("!")}
     assert set(copied) <= admitted, set(copied) - admitted
