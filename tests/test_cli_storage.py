@@ -57,7 +57,7 @@ def test_publish_list_show_get(tmp_path, storage_env):
 
 def test_missing_run_is_one_line_error(tmp_path, storage_env):
     assert_one_line_error(run_fer("reports", "show", "no-such-run", env=storage_env),
-                          r"no-such-run")
+                          r"run 'no-such-run' not found in .*; list the published runs")
 
 
 def test_empty_store_lists_nothing(storage_env):

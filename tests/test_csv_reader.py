@@ -22,19 +22,26 @@ def test_csv_labels_map_by_csv_integer(shaded_csv):
         assert set(split.labels.tolist()) == set(range(7))
 
 
-def test_csv_usages_map_to_splits(shaded_csv):
-    """Training -> train, PublicTest -> validation, PrivateTest -> test."""
-    splits = read_splits(shaded_csv)
-    assert {k: len(v) for k, v in splits.items()} == {"train": 21, "validation": 21, "test": 21}
+def test_csv_usages_map_to_splits(tmp_path):
+    """Training -> train, PublicTest -> validation, PrivateTest -> test (each usage has its
+    own count here, so swapping any two shows; choosing a model on PrivateTest would be
+    choosing it on the test set)."""
+    rows = [csv_row(label, shaded_image(name), usage)
+            for usage, count in (("Training", 3), ("PublicTest", 2), ("PrivateTest", 1))
+            for label, name in enumerate(CLASS_NAMES) for _ in range(count)]
+    source = write_csv(tmp_path / "fer2013.csv", rows)
+    splits = read_splits(source)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 21, "validation": 14, "test": 7}
+    assert load_dataset(source).validation_origin == "source"
 
 
 def test_csv_without_private_test_uses_public_test_as_test(tmp_path):
     """Without PrivateTest rows, PublicTest is the test split and validation is carved."""
     rows = [csv_row(label, shaded_image(name), usage)
-            for usage in ("Training", "PublicTest") for label, name in enumerate(CLASS_NAMES)
-            for _ in range(10)]
+            for usage, count in (("Training", 10), ("PublicTest", 4))
+            for label, name in enumerate(CLASS_NAMES) for _ in range(count)]
     dataset = load_dataset(write_csv(tmp_path / "f.csv", rows), val_fraction=0.2, seed=1)
-    assert len(dataset.test) == 70 and len(dataset.validation) == 14 and len(dataset.train) == 56
+    assert len(dataset.test) == 28 and len(dataset.validation) == 14 and len(dataset.train) == 56
     assert dataset.validation_origin.startswith("carved from train")
 
 

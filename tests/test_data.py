@@ -53,7 +53,7 @@ def test_image_zip_with_top_folder_and_jpgs(tmp_path):
             for name in CLASS_NAMES:
                 big = shaded_image(name, size=96)
                 handle.writestr(f"fer/{split}/{name}/a.jpg", encode_image(big, ".jpg"))
-        handle.writestr("__MACOSX/._junk", b"not an image")
+        handle.writestr("__MACOSX/fer/train/happy/._a.jpg", b"not an image")  # macOS clutter
     splits = read_splits(archive)
     assert splits["train"].images.shape == (7, 48, 48)
     for split in splits.values():

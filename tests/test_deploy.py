@@ -102,14 +102,19 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / source, app / source)
-    before = sorted(app.rglob("*"))
+    before = _contents(app)
     done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=app,
                           env={**os.environ, **prefect_api.client_env(),
                                "PYTHONDONTWRITEBYTECODE": "1"},  # as the image sets it
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "deployed retrain/retrain"
-    assert sorted(app.rglob("*")) == before
+    assert _contents(app) == before  # no file added, removed or rewritten
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b""
+            for p in folder.rglob("*")}
 
 
 @integration

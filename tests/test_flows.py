@@ -103,7 +103,7 @@ def test_fetch_data_passes_a_local_source_through(tiny_fer_zip, data_dir):
 
 @integration
 def test_fetch_data_names_a_missing_remote_source(s3_env, data_dir):
-    with pytest.raises(FerError, match=r"missing\.zip"):
+    with pytest.raises(FerError, match=r"missing\.zip: no such object at "):
         fetch_data.fn(f"s3://{BUCKET}/missing.zip", data_dir=str(data_dir),
                       endpoint_url=s3_env.endpoint_url)
 

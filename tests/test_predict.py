@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from conftest import encode_image
@@ -41,11 +42,17 @@ def test_images_of_any_size_and_colour_are_classified(tmp_path, model):
 
 
 def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
-    """Model input is always 48x48 uint8 grayscale."""
-    (tmp_path / "c.png").write_bytes(encode_image(np.full((30, 70, 3), 200, np.uint8), ".png"))
+    """Model input is always 48x48 uint8 grayscale, by OpenCV's luminance weights (not one
+    channel: blue, green and red differ here)."""
+    colour = np.empty((30, 70, 3), np.uint8)
+    colour[...] = (40, 120, 220)  # B, G, R
+    (tmp_path / "c.png").write_bytes(encode_image(colour, ".png"))
     gray = read_grayscale(tmp_path / "c.png")
-    assert gray.shape == (30, 70)
-    assert to_model_input(gray).shape == (48, 48)
+    assert gray.shape == (30, 70) and gray.dtype == np.uint8
+    luminance = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY).astype(int)  # 141; channels 40/120/220
+    assert np.abs(gray.astype(int) - luminance).max() <= 1  # decoding rounds its own way
+    model_input = to_model_input(gray)
+    assert model_input.shape == (48, 48) and model_input.dtype == np.uint8
 
 
 def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path, model,
