@@ -13,6 +13,12 @@ class DataError(FerError):
     """A dataset source that cannot be read: names the file, the entry and the rule."""
 
 
+class RunStillGoing(FerError):
+    """Following a remote run stopped while the run had not ended (no worker took it, its
+    worker stopped polling, the API went away): the run's outcome is not known, so the CLI
+    exits with its own code, not the one of a failed run."""
+
+
 class StorageError(FerError):
     """Object storage, or a dataset's download server, that cannot be reached,
     authenticated against, or read.

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
-from fer.errors import FerError
+from fer.errors import FerError, RunStillGoing
 from fer.profiles import PROFILES
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
@@ -167,6 +167,9 @@ DataOption = Annotated[str | None, typer.Option(
 OutOption = Annotated[Path, typer.Option(
     help="folder that receives <run-id>/ (with --remote: a folder on the worker)")]
 DEFAULT_OUT = TrainConfig.out_dir
+# `fer train --remote --wait` stopped following a run that had not ended (no worker took it,
+# its worker stopped polling, the API went away): not the run's failure, which exits 1.
+EXIT_RUN_STILL_GOING = 3
 SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuffling")]
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
@@ -229,6 +232,10 @@ def train(
     if remote and endpoint_url:
         raise typer.BadParameter("the worker uses its own AWS_ENDPOINT_URL; set it where the "
                                  "worker runs", param_hint="--endpoint-url")
+    if remote and not publish and _given(ctx, "publish"):
+        raise typer.BadParameter("a --remote run always publishes (to the worker's "
+                                 "FER_STORAGE, or --storage); train here to keep it local",
+                                 param_hint="--no-publish")
     if resume is not None:
         _check_resume_alone(ctx, remote=remote)
     else:
@@ -264,9 +271,14 @@ RECORDED_OPTIONS = ("epochs", "batch_size", "model", "profile", "data", "out", "
                     "val_fraction", "learning_rate", "precision", "tta", "ensemble")
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (by the source's name: Typer ships its own
+    copy of Click)."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+
 def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
-    given = [name for name in RECORDED_OPTIONS  # by name: Typer ships its own copy of Click
-             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+    given = [name for name in RECORDED_OPTIONS if _given(ctx, name)]
     if remote:
         given.append("remote")
     if given:
@@ -323,12 +335,20 @@ def _check_training(config: TrainConfig) -> None:
 
 
 def _train_remotely(parameters: dict, *, wait: bool) -> None:
+    """Start the run and name it at once; with ``wait``, follow it. Ctrl-C (or SIGTERM)
+    stops the following only: the run goes on, and the message says how to cancel it."""
     remote = _import_flows("flows.remote")
-    run = remote.trigger_retrain(parameters, wait=wait,
-                                 on_state=lambda state: typer.echo(f"state: {state}"))
-    typer.echo(f"flow run {run.flow_run_id} ({run.name}): {run.state}\n{run.url}")
+    started = remote.trigger_retrain(parameters)
+    typer.echo(f"flow run {started.flow_run_id} ({started.name}): {started.state}\n{started.url}")
     if not wait:
         return
+    try:
+        run = remote.follow_run(started.flow_run_id,
+                                on_state=lambda state: typer.echo(f"state: {state}"))
+    except KeyboardInterrupt:
+        typer.echo(f"stopped following flow run {started.flow_run_id}; it goes on (cancel it "
+                   f"with `prefect flow-run cancel {started.flow_run_id}`)", err=True)
+        raise
     report = run.report
     if report is None:
         raise FerError(f"flow run {run.name} completed but posted no classification report; "
@@ -363,6 +383,9 @@ def retrain(
     # error where the machine is offline; PREFECT_SERVER_ANALYTICS_ENABLED=true set in the
     # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    remote = _import_flows("flows.remote")
+    if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
+        remote.require_api()
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
@@ -663,7 +686,7 @@ def main() -> None:
         app()
     except FerError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_RUN_STILL_GOING if isinstance(exc, RunStillGoing) else 1)
     except SystemExit:
         if terminated:  # Click printed "Aborted!" and chose exit 1, as for Ctrl-C
             sys.exit(128 + terminated[0])

@@ -7,9 +7,10 @@ flow. Problems a user can fix (no server, no deployment, no worker, a failed run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -23,7 +24,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 from prefect.utilities.urls import url_for
 
-from fer.errors import FerError
+from fer.errors import FerError, RunStillGoing
 from flows.retrain import METRICS_ARTIFACT, REPORT_ARTIFACT, parse_report_markdown
 
 DEPLOYMENT = "retrain/retrain"
@@ -123,12 +124,8 @@ def follow_run(
     started, seen, picked_up, unpolled_since = time.monotonic(), None, False, None
     with get_client(sync_client=True) as client:
         while True:
-            try:
+            with _api_answers(flow_run_id):
                 flow_run = client.read_flow_run(UUID(str(flow_run_id)))
-            except httpx.TransportError as exc:
-                raise FerError(f"lost the Prefect API at {PREFECT_API_URL.value()} ({exc}) while "
-                               f"following flow run {flow_run_id}; the run goes on without "
-                               "us: see it in the Prefect UI") from None
             state = flow_run.state
             if state is not None and state.name != seen:
                 seen = state.name
@@ -136,18 +133,35 @@ def follow_run(
                     on_state(state.name)
             picked_up = picked_up or not _waiting_for_worker(flow_run)
             if state is not None and state.is_final():
-                return _finish(client, flow_run)
-            if (not picked_up and time.monotonic() - started > pickup_timeout_s
-                    and not _worker_online(client, flow_run.work_pool_name)):
-                raise FerError(_not_picked_up(flow_run, pickup_timeout_s))
-            if picked_up and state is not None and state.type == StateType.RUNNING:
-                if _worker_online(client, flow_run.work_pool_name, paused_counts=True):
-                    unpolled_since = None
-                elif unpolled_since is None:
-                    unpolled_since = time.monotonic()
-                elif time.monotonic() - unpolled_since > worker_lost_s:
-                    raise FerError(_worker_lost(flow_run, worker_lost_s))
+                with _api_answers(flow_run_id):
+                    return _finish(client, flow_run)
+            with _api_answers(flow_run_id):
+                if (not picked_up and time.monotonic() - started > pickup_timeout_s
+                        and not _worker_online(client, flow_run.work_pool_name)):
+                    raise RunStillGoing(_not_picked_up(flow_run, pickup_timeout_s))
+                if picked_up and state is not None and state.type == StateType.RUNNING:
+                    if _worker_online(client, flow_run.work_pool_name, paused_counts=True):
+                        unpolled_since = None
+                    elif unpolled_since is None:
+                        unpolled_since = time.monotonic()
+                    elif time.monotonic() - unpolled_since > worker_lost_s:
+                        raise RunStillGoing(_worker_lost(flow_run, worker_lost_s))
             time.sleep(poll_seconds)
+
+
+@contextlib.contextmanager
+def _api_answers(flow_run_id) -> Iterator[None]:
+    """The server's failures while following, as one line naming the run: gone (deleted in
+    the UI) is the end of it; unreachable or erroring leaves the run's outcome unknown."""
+    try:
+        yield
+    except ObjectNotFound:
+        raise FerError(f"flow run {flow_run_id} is no longer on the server at "
+                       f"{PREFECT_API_URL.value()} (deleted?)") from None
+    except (httpx.TransportError, PrefectHTTPStatusError) as exc:
+        raise RunStillGoing(f"lost the Prefect API at {PREFECT_API_URL.value()} ({exc}) while "
+                            f"following flow run {flow_run_id}; the run goes on without us: "
+                            "see it in the Prefect UI") from None
 
 
 def _waiting_for_worker(flow_run: FlowRun) -> bool:

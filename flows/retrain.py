@@ -262,8 +262,8 @@ def retrain(
 
 def _retryable_run() -> str | None:
     """This flow run, as the run folder records it, when a server keeps it to be retried;
-    None under the temporary server `fer retrain` starts without PREFECT_API_URL, which
-    forgets it (`fer train --resume` is the way on there)."""
+    None under the temporary server `fer retrain` starts without PREFECT_API_URL: it stops
+    with the command, so nothing can retry the run (`fer train --resume` is the way there)."""
     return f"prefect flow run {this_flow_run.id}" if PREFECT_API_URL.value() else None
 
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import encode_image, shaded_image, write_image_tree
 
 from fer.data import file_sha256
+from fer.errors import FerError, RunStillGoing
 from fer.labels import CLASS_NAMES
 from fer.train import RUN_FILES
 
@@ -120,11 +121,76 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
 
 
 def test_remote_only_options_are_usage_errors():
-    """--wait follows a remote run; --endpoint-url cannot reach a remote worker."""
+    """--wait follows a remote run; --endpoint-url cannot reach a remote worker; a remote
+    run always publishes, so --no-publish cannot be honoured."""
     result = run_fer("train", "--wait")
     assert result.returncode == 2 and "only follows a run started with --remote" in result.stderr
     result = run_fer("train", "--remote", "--endpoint-url", "http://127.0.0.1:9")
     assert result.returncode == 2 and "own AWS_ENDPOINT_URL" in result.stderr
+    result = run_fer("train", "--remote", "--no-publish")
+    assert result.returncode == 2 and "a --remote run always publishes" in result.stderr
+
+
+def _remote_run_that_follows_with(monkeypatch, outcome: BaseException) -> list[str]:
+    """flows.remote as `fer train --remote --wait` uses it: the run starts, then following
+    it raises ``outcome``; the list records the calls in order."""
+    import flows.remote
+
+    calls = []
+
+    def trigger(parameters, **options):
+        calls.append("trigger")
+        return flows.remote.RemoteRun("run-id", "run-name", "http://ui/run", "Scheduled")
+
+    def follow(flow_run_id, **options):
+        calls.append(f"follow {flow_run_id}")
+        raise outcome
+
+    monkeypatch.setattr(flows.remote, "trigger_retrain", trigger)
+    monkeypatch.setattr(flows.remote, "follow_run", follow)
+    return calls
+
+
+def test_remote_wait_names_the_run_before_following_and_ctrl_c_leaves_it(monkeypatch):
+    """The run's id and URL come first (a training takes an hour); Ctrl-C while following
+    stops the following only, and says how to cancel the run that goes on."""
+    from typer.testing import CliRunner
+
+    from fer_cli.main import app
+
+    calls = _remote_run_that_follows_with(monkeypatch, KeyboardInterrupt())
+    result = CliRunner().invoke(app, ["train", "--remote", "--wait"])
+    assert calls == ["trigger", "follow run-id"]
+    assert result.exit_code != 0
+    assert result.output.index("http://ui/run") < result.output.index("stopped following")
+    assert ("stopped following flow run run-id; it goes on (cancel it with "
+            "`prefect flow-run cancel run-id`)") in result.output
+
+
+@pytest.mark.parametrize(("outcome", "code"), [
+    (RunStillGoing("no worker picked up flow run run-name"), 3),
+    (FerError("flow run run-name ended Failed"), 1),
+])
+def test_remote_wait_exit_code_tells_a_failed_run_from_one_not_ended(monkeypatch, capsys,
+                                                                      outcome, code):
+    """Exit 1: the run failed. Exit 3: following stopped while the run had not ended, so a
+    script retrying on 1 does not queue a second training behind a live one."""
+    import fer_cli.main
+
+    _remote_run_that_follows_with(monkeypatch, outcome)
+    monkeypatch.setattr(fer_cli.main, "_stop_on_sigterm", list)  # leave pytest's handlers be
+    monkeypatch.setattr(sys, "argv", ["fer", "train", "--remote", "--wait"])
+    with pytest.raises(SystemExit) as exited:
+        fer_cli.main.main()
+    assert exited.value.code == code
+    assert capsys.readouterr().err.strip() == f"error: {outcome}"
+
+
+def test_retrain_checks_the_server_it_was_pointed_at_first():
+    """`fer retrain` with PREFECT_API_URL set runs the flow on that server: one that does not
+    answer is a one-line error before anything starts, not a traceback."""
+    result = run_fer("retrain", "--epochs", "1", env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert_one_line_error(result, r"cannot reach the Prefect API at http://127\.0\.0\.1:9/api")
 
 
 def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up():

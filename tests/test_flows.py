@@ -34,7 +34,7 @@ from test_cli import FER
 
 import flows.retrain as retrain_module
 from fer.data import Dataset
-from fer.errors import DataError, FerError
+from fer.errors import DataError, FerError, RunStillGoing
 from fer.runs import PublishResult, list_runs, read_report
 from fer.storage import LocalStore, open_store
 from flows.deploy import ensure_work_pool
@@ -469,7 +469,7 @@ def retrain_on_pool(pool: str, *, deployment: str) -> None:
 def test_a_run_no_worker_picks_up_is_reported(deployed, prefect_api):
     """A deployment on a pool nobody polls: the error says which pool and how to start a worker."""
     retrain_on_pool("fer-idle", deployment="idle")
-    with pytest.raises(FerError, match=r"no worker picked up flow run .* in 2s; start one with "
+    with pytest.raises(RunStillGoing, match=r"no worker picked up flow run .* in 2s; start one with "
                                        r"`prefect worker start --pool fer-idle`"):
         trigger_retrain({}, wait=True, deployment="retrain/idle", poll_seconds=0.5,
                         pickup_timeout_s=2)
@@ -483,9 +483,17 @@ def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_ap
     run = trigger_retrain({}, deployment="retrain/lost")
     with get_client(sync_client=True) as client:  # as its worker did before it died
         client.set_flow_run_state(uuid.UUID(run.flow_run_id), Running(), force=True)
-    with pytest.raises(FerError, match=rf"is running, but no worker has polled pool fer-lost "
+    with pytest.raises(RunStillGoing, match=rf"is running, but no worker has polled pool fer-lost "
                                        rf"for 2s: .*`prefect flow-run cancel {run.flow_run_id}`"):
         follow_run(run.flow_run_id, poll_seconds=0.5, worker_lost_s=2)
+
+
+@integration
+def test_following_a_run_deleted_from_the_server_is_one_line(prefect_api):
+    """A run deleted in the UI while someone follows it: named, not a traceback."""
+    missing = uuid.uuid4()
+    with pytest.raises(FerError, match=rf"flow run {missing} is no longer on the server at "):
+        follow_run(missing, poll_seconds=0.1)
 
 
 @integration
