@@ -8,6 +8,7 @@ name against the registry, then read data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -386,17 +387,21 @@ def retrain(
     remote = _import_flows("flows.remote")
     if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
         remote.require_api()
+        server = contextlib.nullcontext()
+    else:  # in a session of its own: Ctrl-C reaches fer, which records the stop through it
+        server = _import_flows("flows.local_server").temporary_server()
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
     _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
     _writable(out, "--out")
     flows_retrain = _import_flows("flows.retrain")
-    result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
-                                   val_fraction=val_fraction,
-                                   out_dir=str(out), precision=precision,
-                                   endpoint_url=endpoint_url, create_bucket=create_bucket,
-                                   force_champion=force_champion)
+    with server:
+        result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
+                                       val_fraction=val_fraction,
+                                       out_dir=str(out), precision=precision,
+                                       endpoint_url=endpoint_url, create_bucket=create_bucket,
+                                       force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
                f"{result['macro_f1']:.4f}; published to {result['location']}"
                + (" (new champion)" if result["became_champion"] else ""))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
-from prefect.settings import PREFECT_API_URL
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import DataError, FerError, StorageError
@@ -261,10 +261,10 @@ def retrain(
 
 
 def _retryable_run() -> str | None:
-    """This flow run, as the run folder records it, when a server keeps it to be retried;
-    None under the temporary server `fer retrain` starts without PREFECT_API_URL: it stops
-    with the command, so nothing can retry the run (`fer train --resume` is the way there)."""
-    return f"prefect flow run {this_flow_run.id}" if PREFECT_API_URL.value() else None
+    """This flow run, as the run folder records it, when it can be retried: a run of a
+    deployment, which a worker takes again. None for `fer retrain`'s run in its own process,
+    which nothing retries (`fer train --resume` is the way there)."""
+    return f"prefect flow run {this_flow_run.id}" if this_deployment.id else None
 
 
 def _post_report(run_dir: Path, metrics: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -232,6 +233,40 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
                      re.MULTILINE), done.stderr[-3000:]
     # Prefect's analytics are off: on an offline machine (as CI's) sending them logs an error
     assert "telemetry" not in done.stderr
+
+
+@integration
+def test_ctrl_c_stops_fer_retrain_at_once_and_names_the_resume(tiny_fer_zip, tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the whole process group) while `fer retrain` trains:
+    its temporary server, in a session of its own, lives until the stop is recorded, so fer
+    exits 130 at once with the resume command. (Prefect's own temporary server died with the
+    Ctrl-C, and fer retried it for minutes, then printed a traceback.)"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), FER_DATA_DIR=str(tmp_path / "data"),
+               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3")
+    runs = tmp_path / "runs"
+    # In a process group of its own, as a shell runs a job, with Ctrl-C's default action
+    with (tmp_path / "stderr").open("w") as log:
+        retrain = subprocess.Popen(
+            [*FER, "retrain", "--epochs", "300", "--batch-size", "32", "--data",
+             str(tiny_fer_zip), "--out", str(runs)], cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 240
+            while not (runs.is_dir() and epochs_done(runs) >= 2):
+                assert retrain.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            os.killpg(retrain.pid, signal.SIGINT)
+            retrain.wait(timeout=60)
+        finally:
+            if retrain.poll() is None:
+                os.killpg(retrain.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert retrain.returncode == 130, stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    assert f"training stopped; `fer train --resume {run_dir}` continues it" in stderr
+    assert "Traceback" not in stderr and "Error logging to API" not in stderr
 
 
 @integration
