@@ -98,10 +98,16 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
     return becomes
 
 
+# 2: val_accuracy is the saved model's (after the batch-norm recalibration); pointers of an
+# older fer held the best epoch's, before it, and are rebuilt from their run's manifest.
+POINTER_FORMAT = 2
+
+
 def _pointer_record(remote: dict[str, Any]) -> dict[str, Any]:
     """What a pointer holds: enough to compare runs without reading their manifests."""
     metrics, data = remote["metrics"], remote.get("data") or {}
     return {
+        "format": POINTER_FORMAT,
         "run_id": remote["run_id"],
         "created": remote["created"],
         "model": remote.get("model"),
@@ -128,10 +134,11 @@ def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
 
 
 def _champion_record(store: Store) -> dict[str, Any] | None:
-    """The champion pointer; one written before pointers held validation accuracy is rebuilt
-    from its run's manifest (None when that run is gone)."""
+    """The champion pointer; one of an older format (without validation accuracy, or with
+    the best epoch's instead of the saved model's) is rebuilt from its run's manifest (None
+    when that run is gone)."""
     champion = _read_pointer(store, "champion")
-    if champion is None or "validation" in champion:
+    if champion is None or champion.get("format") == POINTER_FORMAT:
         return champion
     run_id = champion.get("run_id")
     manifest = _load_manifest(store, run_id) if isinstance(run_id, str) else None

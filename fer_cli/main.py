@@ -668,9 +668,10 @@ def _configure_logging() -> None:
 
 
 def _stop_on_sigterm() -> list[int]:
-    """SIGTERM (`kill`, `timeout`, systemd, `docker stop`) stops a command as Ctrl-C does,
-    instead of ending Python on the spot: a training then logs how to resume it. The list
-    gets the signal's number once it came."""
+    """SIGTERM (`kill`, `timeout`, systemd, `docker stop`) and a hangup (a closed terminal or
+    ssh session) stop a command as Ctrl-C does, instead of ending Python on the spot: a
+    training then logs how to resume it. A hangup that `nohup` ignores stays ignored. The
+    list gets the signal's number once it came."""
     received: list[int] = []
 
     def stop(signum, frame) -> None:
@@ -678,12 +679,14 @@ def _stop_on_sigterm() -> list[int]:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, stop)
     return received
 
 
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 1; SIGTERM
-    exits 143 (128 + 15), as a process killed by it does."""
+    exits 143 (128 + 15) and a hangup 129, as a process killed by them does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # level 2 still prints oneDNN banners
     _configure_logging()
     terminated = _stop_on_sigterm()

@@ -9,6 +9,9 @@ the Ctrl-C until fer has recorded the run as stopped, then goes with the command
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,33 +30,84 @@ from fer.errors import FerError
 
 STOP_TIMEOUT_S = 10
 DRAIN_TIMEOUT_S = 10
+STARTS = 3  # another program may take the free port before the server binds it
 
 
 @contextlib.contextmanager
 def temporary_server() -> Iterator[str]:
     """Start ``prefect server start`` on a free loopback port, point this process's Prefect
     client at it while the block runs, then stop it; yields its API URL."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
     with tempfile.TemporaryFile(mode="w+") as output:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port), "--no-ui", "--no-services"],
-            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        server, url = _start(output)
         try:
-            _wait_until_healthy(server, url, output)
             with temporary_settings(updates={PREFECT_API_URL: url}):
                 try:
                     yield url
                 finally:
                     _send_what_is_queued()
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            _stop(server)
+
+
+def _start(output) -> tuple[subprocess.Popen, str]:
+    """A healthy server and its API URL; a new port when one exits while starting."""
+    for _ in range(STARTS):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port), "--no-ui"],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_stop_with_parent,
+            # Prefect's own temporary mode: only the services a run in this process needs
+            # (no scheduler creating runs of the deployments in the same database)
+            env={**os.environ, "PREFECT__SERVER_EPHEMERAL": "1"})
+        try:
+            if _healthy(server, url):
+                return server, url
+        except BaseException:
+            _stop(server)
+            raise
+    output.seek(0)
+    said = " ".join(output.read().split()[-40:])
+    raise FerError(f"the temporary Prefect server did not start ({said or 'no output'}); run "
+                   "`prefect server start` yourself and set PREFECT_API_URL to use it")
+
+
+def _healthy(server: subprocess.Popen, url: str) -> bool:
+    """Whether the server answers; False once it has exited; a FerError when it neither
+    answers nor exits in Prefect's startup timeout for its own temporary server."""
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(f"{url}/health").status_code == 200:
+                    return True
+            time.sleep(0.2)
+    raise FerError(f"the temporary Prefect server at {url} did not answer within "
+                   f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s; run "
+                   "`prefect server start` yourself and set PREFECT_API_URL to use it")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _stop_with_parent() -> None:
+    """In the server's process: Linux sends it SIGTERM when fer dies by a signal that skips
+    fer's own cleanup (SIGKILL, a hangup), so no server is left behind on its port."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _send_what_is_queued() -> None:
@@ -65,23 +119,6 @@ def _send_what_is_queued() -> None:
     for worker in (APILogWorker, EventsWorker):
         with contextlib.suppress(Exception):  # best effort: the run's state is recorded
             worker.drain_all(timeout=DRAIN_TIMEOUT_S)
-
-
-def _wait_until_healthy(server: subprocess.Popen, url: str, output) -> None:
-    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                break
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{url}/health").status_code == 200:
-                    return
-            time.sleep(0.2)
-    output.seek(0)
-    said = " ".join(output.read().split()[-40:])
-    raise FerError(f"the temporary Prefect server at {url} did not start "
-                   f"({said or 'no output'}); run `prefect server start` yourself and set "
-                   "PREFECT_API_URL to use it")
 
 
 def _free_port() -> int:

@@ -133,7 +133,7 @@ def follow_run(
                     on_state(state.name)
             picked_up = picked_up or not _waiting_for_worker(flow_run)
             if state is not None and state.is_final():
-                with _api_answers(flow_run_id):
+                with _api_answers(flow_run_id, ended=state.name):
                     return _finish(client, flow_run)
             with _api_answers(flow_run_id):
                 if (not picked_up and time.monotonic() - started > pickup_timeout_s
@@ -150,15 +150,20 @@ def follow_run(
 
 
 @contextlib.contextmanager
-def _api_answers(flow_run_id) -> Iterator[None]:
+def _api_answers(flow_run_id, *, ended: str | None = None) -> Iterator[None]:
     """The server's failures while following, as one line naming the run: gone (deleted in
-    the UI) is the end of it; unreachable or erroring leaves the run's outcome unknown."""
+    the UI) is the end of it; unreachable or erroring leaves the run's outcome unknown,
+    unless the run was seen ``ended`` already (its report could not be read)."""
     try:
         yield
     except ObjectNotFound:
         raise FerError(f"flow run {flow_run_id} is no longer on the server at "
                        f"{PREFECT_API_URL.value()} (deleted?)") from None
     except (httpx.TransportError, PrefectHTTPStatusError) as exc:
+        if ended:
+            raise FerError(f"flow run {flow_run_id} ended {ended}, but its report could not "
+                           f"be read from {PREFECT_API_URL.value()} ({exc}); see it in the "
+                           "Prefect UI") from None
         raise RunStillGoing(f"lost the Prefect API at {PREFECT_API_URL.value()} ({exc}) while "
                             f"following flow run {flow_run_id}; the run goes on without us: "
                             "see it in the Prefect UI") from None

@@ -147,8 +147,8 @@ def _earlier_attempt(out_dir: Path, started_by: str | None) -> Path | None:
     if earlier is None and attempt > 1:
         get_run_logger().warning(
             "attempt %d of %s, but no run folder an earlier attempt began is in %s on this "
-            "machine (it ran on another one, or the folder was removed); training from the "
-            "start", attempt, started_by, out_dir)
+            "machine (if one began training, it ran on another machine or its folder was "
+            "removed); training from the start", attempt, started_by, out_dir)
     return earlier
 
 

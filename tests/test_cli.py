@@ -266,9 +266,11 @@ def test_an_unwritable_data_folder_is_one_line(tmp_path):
 
 
 @pytest.mark.integration
-def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset):
-    """`kill`, `timeout` or `docker stop` mid-training: the log names the resume command
-    (Python's default would die silently) and the exit status is SIGTERM's 143."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset, stop):
+    """`kill`, `timeout` or `docker stop` (SIGTERM), or a closed terminal or ssh session
+    (SIGHUP), mid-training: the log names the resume command (Python's default would die
+    silently) and the exit status is the signal's, 143 or 129."""
     from run_folders import epochs_done
 
     runs = tmp_path / "runs"
@@ -280,12 +282,12 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset)
         while epochs_done(runs) < 1 and process.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     (run_dir,) = runs.iterdir()
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert process.returncode == 128 + stop, stderr
     assert f"`fer train --resume {run_dir}` continues it" in stderr
     assert "Traceback" not in stderr
     assert epochs_done(runs) >= 1

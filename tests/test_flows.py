@@ -7,16 +7,19 @@ command, and a real S3 server (SeaweedFS).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import s3server
 from prefect import flow
@@ -33,6 +36,8 @@ from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
 from test_cli import FER
 
+import flows.local_server as local_server
+import flows.remote as remote_module
 import flows.retrain as retrain_module
 from fer.data import Dataset
 from fer.errors import DataError, FerError, RunStillGoing
@@ -236,11 +241,13 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
 
 
 @integration
-def test_ctrl_c_stops_fer_retrain_at_once_and_names_the_resume(tiny_fer_zip, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_fer_retrain_stopped_mid_training_leaves_no_server(tiny_fer_zip, tmp_path, stop):
     """Ctrl-C in the terminal (SIGINT to the whole process group) while `fer retrain` trains:
     its temporary server, in a session of its own, lives until the stop is recorded, so fer
     exits 130 at once with the resume command. (Prefect's own temporary server died with the
-    Ctrl-C, and fer retried it for minutes, then printed a traceback.)"""
+    Ctrl-C, and fer retried it for minutes, then printed a traceback.) Killed outright, fer
+    cannot stop the server itself: Linux stops it when fer dies."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), FER_DATA_DIR=str(tmp_path / "data"),
                FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3")
@@ -257,16 +264,77 @@ def test_ctrl_c_stops_fer_retrain_at_once_and_names_the_resume(tiny_fer_zip, tmp
             while not (runs.is_dir() and epochs_done(runs) >= 2):
                 assert retrain.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
-            os.killpg(retrain.pid, signal.SIGINT)
+            (server,) = [pid for pid in _children(retrain.pid) if b"server" in _cmdline(pid)]
+            if stop == signal.SIGINT:
+                os.killpg(retrain.pid, signal.SIGINT)
+            else:
+                retrain.kill()  # fer alone: nothing of its own cleanup runs
             retrain.wait(timeout=60)
         finally:
             if retrain.poll() is None:
                 os.killpg(retrain.pid, signal.SIGKILL)
-    stderr = (tmp_path / "stderr").read_text()
-    assert retrain.returncode == 130, stderr[-3000:]
-    (run_dir,) = runs.iterdir()
-    assert f"training stopped; `fer train --resume {run_dir}` continues it" in stderr
-    assert "Traceback" not in stderr and "Error logging to API" not in stderr
+    deadline = time.monotonic() + 20
+    while _cmdline(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _cmdline(server), "the temporary Prefect server outlived fer retrain"
+    if stop == signal.SIGINT:
+        stderr = (tmp_path / "stderr").read_text()
+        assert retrain.returncode == 130, stderr[-3000:]
+        (run_dir,) = runs.iterdir()
+        assert f"training stopped; `fer train --resume {run_dir}` continues it" in stderr
+        assert "Traceback" not in stderr and "Error logging to API" not in stderr
+
+
+@integration
+def test_the_temporary_server_takes_another_port_when_its_first_is_taken(tmp_path,
+                                                                          monkeypatch):
+    """Another program may take the free port before the server binds it: the server that
+    exits then is started again on a new port, and serves."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        second = free_port()
+        ports = iter([taken.getsockname()[1], second])
+        monkeypatch.setattr(local_server, "_free_port", lambda: next(ports))
+        with local_server.temporary_server() as url:
+            assert url == f"http://127.0.0.1:{second}/api"
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=10)  # stopped with the block
+
+
+def test_following_tells_an_ended_run_from_one_whose_outcome_is_unknown():
+    """The API failing while a run is followed: its outcome is unknown (exit 3), unless the
+    run was seen ending already, when only its report could not be read (exit 1)."""
+    lost = httpx.ConnectError("connection refused")
+    with pytest.raises(RunStillGoing, match=r"the run goes on without us"):
+        with remote_module._api_answers("run-id"):
+            raise lost
+    with pytest.raises(FerError, match=r"run-id ended Completed, but its report could not be "
+                                       r"read") as raised:
+        with remote_module._api_answers("run-id", ended="Completed"):
+            raise lost
+    assert not isinstance(raised.value, RunStillGoing)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    """A live process's command line; empty once it has gone (a zombie has none either)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @integration

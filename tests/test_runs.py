@@ -115,6 +115,23 @@ def test_champion_is_chosen_on_the_saved_models_validation_accuracy(store, runs)
     assert pointers(store) == ("r4", "r4")
 
 
+def test_an_older_champion_pointer_is_compared_on_its_saved_models_figure(store, runs):
+    """A champion.json of an older fer holds its run's best-epoch validation accuracy, not
+    its saved (recalibrated) model's: it is read again from the run's manifest, so a run
+    better than the best epoch but worse than the saved model does not take over."""
+    old = make_run(runs, "old", accuracy=0.5, val_accuracy=0.640, minute=1)
+    metrics = json.loads((old / "metrics.json").read_text())
+    (old / "metrics.json").write_text(json.dumps({**metrics, "batch_norm_recalibration": {
+        "kept": True, "val_accuracy_before": 0.640, "val_accuracy_after": 0.650, "seconds": 1}}))
+    publish_run(old, store)
+    record = json.loads(store.get_bytes("champion.json"))
+    record.pop("format", None)  # as an older fer wrote it
+    store.put_bytes("champion.json", json.dumps({**record, "val_accuracy": 0.640}).encode())
+    assert not publish_run(make_run(runs, "new", accuracy=0.7, val_accuracy=0.645, minute=2),
+                           store).became_champion
+    assert pointers(store) == ("new", "old")
+
+
 def test_champion_compares_only_runs_on_the_same_data(store, runs):
     """A run on other data (a subset, a new release) cannot unseat the champion by itself."""
     publish_run(make_run(runs, "full", accuracy=0.60, minute=1), store)
@@ -140,6 +157,7 @@ def test_champion_pointer_from_before_validation_accuracy_is_read_from_its_manif
     publish_run(make_run(runs, "old", accuracy=0.50, val_accuracy=0.65, minute=1), store)
     record = json.loads(store.get_bytes("champion.json"))
     del record["val_accuracy"], record["data_sha256"], record["validation"]
+    record.pop("format", None)
     store.put_bytes("champion.json", json.dumps(record).encode())
     assert not publish_run(make_run(runs, "new", accuracy=0.70, val_accuracy=0.64, minute=2),
                            store).became_champion
