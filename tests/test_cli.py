@@ -276,7 +276,9 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset,
     runs = tmp_path / "runs"
     process = subprocess.Popen([*FER, "train", "--epochs", "30", "--data", str(fer_subset),
                                 "--out", str(runs)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               # as from a terminal, even where this runs under nohup
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while epochs_done(runs) < 1 and process.poll() is None:
