@@ -210,21 +210,22 @@ def _folder_entries(root: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
 def _archive_entries(archive: Path) -> Iterator[list[tuple[str, Callable[[], bytes]]]]:
     """The archive's files as (entry name, reader) pairs, readable until the ``with`` ends,
     which closes the archive; entries that would escape a target folder are refused."""
-    try:
-        handle = zipfile.ZipFile(archive) if _is_zip(archive) else tarfile.open(archive)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise DataError(f"{archive}: not a readable archive ({exc})") from None
+    is_zip = archive.name.lower().endswith(".zip")
+    with _readable_archive(archive):
+        handle = zipfile.ZipFile(archive) if is_zip else tarfile.open(archive)
     with handle:
-        try:
-            entries = _zip_entries(handle, archive) if _is_zip(archive) else _tar_entries(
-                handle, archive)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-            raise DataError(f"{archive}: not a readable archive ({exc})") from None
+        with _readable_archive(archive):
+            entries = (_zip_entries if is_zip else _tar_entries)(handle, archive)
         yield entries
 
 
-def _is_zip(archive: Path) -> bool:
-    return archive.name.lower().endswith(".zip")
+@contextlib.contextmanager
+def _readable_archive(archive: Path) -> Iterator[None]:
+    """An archive's index that cannot be read, as one DataError naming it."""
+    try:
+        yield
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"{archive}: not a readable archive ({exc})") from None
 
 
 def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
