@@ -305,7 +305,8 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
                             f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")
         pixels = decode_grayscale(read())
         if pixels is None:
-            raise DataError(f"{origin}: entry '{name}' is not a decodable image (expected jpg or png)")
+            raise DataError(f"{origin}: entry '{name}' is not a decodable image (expected jpg or png "
+                            "of at most 2^30 pixels)")
         images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
     splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
@@ -317,13 +318,19 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
 
 
 def decode_grayscale(data: bytes) -> np.ndarray | None:
-    """Image bytes as 8-bit grayscale at their own size; None when OpenCV cannot decode them
-    (an empty file included: OpenCV raises on an empty buffer instead of saying None)."""
+    """Image bytes as 8-bit grayscale at their own size; None when OpenCV cannot decode them.
+
+    OpenCV raises instead of saying None for an empty buffer and for a header that claims
+    more than its limit of 2^30 pixels (a 19-byte file can), so both are None here too.
+    """
     import cv2
 
     if not data:
         return None
-    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    try:
+        return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        return None
 
 
 def to_model_input(gray: np.ndarray) -> np.ndarray:

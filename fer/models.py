@@ -498,7 +498,29 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise FerError(f"{path}: not a loadable Keras model ({reason}); expected a model.keras "
                        "from `fer train`") from None
+    _check_fer_model(model, path)
     return model if precision == "float32" else with_precision(model, policy=precision)
+
+
+def _check_fer_model(model: keras.Model, path: Path) -> None:
+    """Refuse, naming the file, a Keras model fer cannot feed or read (another project's,
+    say), before any image is scored: fer sends raw 48x48x1 pixels and reads one score per
+    class of the class order the model stores."""
+    try:
+        names = model.get_layer("class_names").class_names
+    except (ValueError, AttributeError):
+        names = None
+    try:
+        takes, gives = model.input_shape, model.output_shape
+    except (AttributeError, ValueError):
+        takes = gives = None
+    if names is not None and takes == (None, *INPUT_SHAPE) and gives == (None, len(names)):
+        return
+    found = (f"it takes {takes} and gives {gives}" if takes is not None
+             else "its input and output shapes are unknown")
+    raise FerError(f"{path}: not a fer model ({found}{'' if names else ', with no class order'}); "
+                   f"expected raw {IMAGE_SIZE}x{IMAGE_SIZE}x1 pixels in and one score per "
+                   "stored class out, a model.keras from `fer train`")
 
 
 def class_names_of(model: keras.Model) -> list[str]:

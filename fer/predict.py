@@ -34,7 +34,8 @@ def read_grayscale(path: Path) -> np.ndarray:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
     image = decode_grayscale(data)
     if image is None:
-        raise FerError(f"{path}: not a decodable image (expected jpg, png, bmp, webp, ...)")
+        raise FerError(f"{path}: not a decodable image (expected jpg, png, bmp, webp, ... "
+                       "of at most 2^30 pixels)")
     return image
 
 
@@ -50,12 +51,34 @@ def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
 
 
+def read_images(paths: Sequence[Path]) -> list[np.ndarray]:
+    """Every file as 8-bit grayscale; one FerError naming each file that cannot be read or
+    decoded, so a user fixes them all in one go, before a model is loaded or run."""
+    images, problems = [], []
+    for path in paths:
+        try:
+            images.append(read_grayscale(path))
+        except FerError as exc:
+            problems.append(str(exc))
+    if len(problems) > 1:
+        raise FerError(f"{len(problems)} of {len(paths)} files are not images:\n  "
+                       + "\n  ".join(problems))
+    if problems:
+        raise FerError(problems[0])
+    return images
+
+
 def predict_files(model, paths: Sequence[Path], *, faces: bool = False,
                   batch_size: int = 64) -> list[Prediction]:
     """One prediction per file, or one per detected face with ``faces=True``."""
+    return predict_images(model, paths, read_images(paths), faces=faces, batch_size=batch_size)
+
+
+def predict_images(model, paths: Sequence[Path], images: Sequence[np.ndarray], *,
+                   faces: bool = False, batch_size: int = 64) -> list[Prediction]:
+    """:func:`predict_files` for files already read by :func:`read_images`."""
     crops, origins = [], []
-    for path in paths:
-        gray = read_grayscale(path)
+    for path, gray in zip(paths, images, strict=True):
         if faces:
             for x, y, w, h in detect_faces(gray):
                 crops.append(to_model_input(gray[y:y + h, x:x + w]))

@@ -479,16 +479,17 @@ def evaluate(
         raise FerError(f"--out {out}: is a run folder, whose reports `fer publish` uploads "
                        "as they are; pass another folder (default: evaluation/ beside the "
                        "model)")
-    with _download_progress() as progress:
-        source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
-                              endpoint_url=settings.endpoint_url, progress=progress)
-    dataset = load_dataset(source, cache_dir=settings.data_dir, require_train=False)
     _load_tensorflow()
     from fer.evaluate import evaluate_split
     from fer.models import load_model
 
     precision = choose_precision(precision)
-    metrics = evaluate_split(load_model(model, precision=precision), dataset.test, out_dir=out,
+    loaded = load_model(model, precision=precision)  # a wrong --model fails before any download
+    with _download_progress() as progress:
+        source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
+                              endpoint_url=settings.endpoint_url, progress=progress)
+    dataset = load_dataset(source, cache_dir=settings.data_dir, require_train=False)
+    metrics = evaluate_split(loaded, dataset.test, out_dir=out,
                              extra_metrics={"inference_precision": precision})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
                f"on {metrics['test_samples']} images\nreports in {out}")
@@ -510,10 +511,11 @@ def predict(
     check_precision(precision)  # before TensorFlow loads
     _load_tensorflow()
     from fer.models import load_model
-    from fer.predict import predict_files
+    from fer.predict import predict_images, read_images
 
-    predictions = predict_files(load_model(model, precision=precision), images, faces=faces,
-                                batch_size=batch_size)
+    pixels = read_images(images)  # every unreadable file named, before the model loads
+    predictions = predict_images(load_model(model, precision=precision), images, pixels,
+                                 faces=faces, batch_size=batch_size)
     by_file: dict[str, list] = {str(path): [] for path in images}  # in the order given
     for p in predictions:
         by_file[p.file].append(p)

@@ -235,6 +235,29 @@ def test_usage_errors_are_reported_by_click(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+def test_evaluate_names_a_bad_model_before_reading_the_data(tmp_path, data_dir):
+    """A --model that is not a fer model fails in one line before the data is fetched or
+    decoded (minutes for FER2013's first download), not after."""
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    result = run_fer("evaluate", "--model", tmp_path / "junk.keras",
+                     "--data", tmp_path / "nowhere.zip")
+    assert_one_line_error(result, r"junk\.keras: not a loadable Keras model")
+
+
+def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path):
+    """`fer predict` reads the images before the model: here the model file is junk too,
+    and the error is about the images, all of them, in lines without a traceback."""
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.png").write_bytes(b"")
+    result = run_fer("predict", tmp_path / "notes.txt", tmp_path / "empty.png",
+                     "--model", tmp_path / "junk.keras")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[0] == "error: 2 of 2 files are not images:"
+    assert "notes.txt: not a decodable image" in result.stderr
+    assert "empty.png: not a decodable image" in result.stderr and "junk" not in result.stderr
+
+
 def test_resume_takes_no_options_of_its_own(tmp_path):
     """--resume continues with the options the run recorded; giving others is a usage error."""
     result = run_fer("train", "--resume", tmp_path, "--epochs", "3", "--seed", "2")

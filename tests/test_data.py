@@ -229,9 +229,11 @@ def test_unknown_class_folder(tmp_path):
         read_splits(root)
 
 
-@pytest.mark.parametrize("content", [b"this is not a jpeg", b""], ids=["text", "empty"])
+@pytest.mark.parametrize("content", [b"this is not a jpeg", b"", b"P5\n70000 70000\n255\n"],
+                         ids=["text", "empty", "huge-header"])
 def test_undecodable_image(tmp_path, content):
-    """A file that is not an image (an empty one too: OpenCV raises on those) is named."""
+    """A file that is not an image is named; so are an empty one and a header claiming
+    more than 2^30 pixels, on which OpenCV raises instead of returning None."""
     root = write_image_tree(tmp_path / "t")
     (root / "test" / "happy" / "broken.jpg").write_bytes(content)
     with pytest.raises(DataError, match=r"entry 'test/happy/broken\.jpg' is not a decodable image"):

@@ -10,7 +10,7 @@ import pytest
 
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES
-from fer.models import REGISTRY, build_default, class_names_of, get_spec, load_model
+from fer.models import REGISTRY, ClassNames, build_default, class_names_of, get_spec, load_model
 
 
 def test_seed_model_is_the_original_layer_for_layer():
@@ -113,6 +113,34 @@ def test_load_model_errors_are_one_line(tmp_path):
         handle.writestr("metadata.json", "{}")
     with pytest.raises(FerError, match=r"empty\.keras: not a loadable Keras model \(.*config"):
         load_model(tmp_path / "empty.keras")
+
+
+def another_projects_model(input_shape, outputs: int, *, class_names: bool) -> keras.Model:
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Dense(outputs)(keras.layers.GlobalAveragePooling2D()(inputs))
+    if class_names:
+        x = ClassNames(CLASS_NAMES, name="class_names")(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize(("input_shape", "outputs", "class_names", "found"), [
+    ((224, 224, 3), 1000, False, r"it takes \(None, 224, 224, 3\) and gives \(None, 1000\), "
+                                 r"with no class order"),
+    ((48, 48, 1), 7, False, r"it takes \(None, 48, 48, 1\) and gives \(None, 7\), with no class"),
+    ((48, 48, 3), 7, True, r"it takes \(None, 48, 48, 3\) and gives \(None, 7\)\)"),
+    ((48, 48, 1), 5, True, r"it takes \(None, 48, 48, 1\) and gives \(None, 5\)\)"),
+], ids=["imagenet", "no-class-order", "colour-input", "five-outputs"])
+def test_a_keras_model_fer_cannot_feed_or_read_is_refused_on_loading(
+        tmp_path, input_shape, outputs, class_names, found, precision):
+    """Another project's Keras model is refused naming its file and what it takes and gives,
+    before any image is scored (it failed inside predict with a traceback, or after scoring
+    named the model instead of the file); fer's own models, ensembles included, still load."""
+    another_projects_model(input_shape, outputs, class_names=class_names).save(tmp_path / "m.keras")
+    with pytest.raises(FerError, match=r"m\.keras: not a fer model \(" + found):
+        load_model(tmp_path / "m.keras", precision=precision)
+    another_projects_model((48, 48, 1), 7, class_names=True).save(tmp_path / "fine.keras")
+    assert load_model(tmp_path / "fine.keras", precision=precision).output_shape == (None, 7)
 
 
 def test_random_affine_is_identity_at_inference_and_varies_in_training():

@@ -13,7 +13,7 @@ from fer.errors import FerError
 from fer.evaluate import predict_probabilities
 from fer.labels import CLASS_NAMES
 from fer.models import get_spec
-from fer.predict import detect_faces, predict_files, read_grayscale
+from fer.predict import detect_faces, predict_files, read_grayscale, read_images
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,30 @@ def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path, mod
     assert np.array_equal(fed[0], trained_on)
 
 
-@pytest.mark.parametrize("content", [b"hello", b""], ids=["text", "empty"])
+# A 19-byte header claiming 70000x70000 pixels: OpenCV raised cv2.error past its 2^30 limit.
+HUGE_HEADER = b"P5\n70000 70000\n255\n"
+
+
+@pytest.mark.parametrize("content", [b"hello", b"", HUGE_HEADER], ids=["text", "empty", "huge"])
 def test_undecodable_file_is_named(tmp_path, model, content):
     (tmp_path / "notes.txt").write_bytes(content)
     with pytest.raises(FerError, match=r"notes\.txt: not a decodable image"):
         predict_files(model, [tmp_path / "notes.txt"])
+
+
+def test_every_unreadable_file_is_named_at_once(tmp_path):
+    """Two bad files among three: one error lists both, so the user fixes them in one go
+    instead of meeting the second after rerunning for the first."""
+    (tmp_path / "good.png").write_bytes(encode_image(np.full((48, 48), 90, np.uint8)))
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "big.pgm").write_bytes(HUGE_HEADER)
+    paths = [tmp_path / "notes.txt", tmp_path / "good.png", tmp_path / "big.pgm"]
+    with pytest.raises(FerError) as raised:
+        read_images(paths)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "2 of 3 files are not images:"
+    assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(paths[0]), str(paths[2])]
+    assert read_images(paths[1:2])[0].shape == (48, 48)
 
 
 def test_no_faces_in_a_blank_image(tmp_path, model):
