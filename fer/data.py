@@ -169,9 +169,10 @@ def read_splits(source: Path) -> dict[str, Split]:
 
 
 def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
-    """Whether any entry lies in a train/ or test/ folder, at any depth."""
+    """Whether any entry other than a CSV lies in a train/ or test/ folder, at any depth."""
     return any(part.lower() in SPLIT_FOLDERS
-               for name, _ in entries for part in PurePosixPath(name).parts[:-1])
+               for name, _ in entries if not name.lower().endswith(".csv")
+               for part in PurePosixPath(name).parts[:-1])
 
 
 def csv_files(folder: Path) -> list[Path]:
@@ -181,15 +182,16 @@ def csv_files(folder: Path) -> list[Path]:
 
 def _the_csv(csvs: list, entries: list[tuple[str, Callable[[], bytes]]], *, source: Path):
     """The one CSV that is the source's dataset; None where its images are (CSVs beside
-    train/ and test/ folders are other files) or it has no CSV. Several CSVs and no image
-    folders cannot be told apart."""
-    if len(csvs) == 1:
-        return csvs[0]
-    if len(csvs) > 1 and not _in_split_folders(entries):
+    train/ and test/ folders are other files, one CSV as much as several: an archive and its
+    unpacked folder must read the same) or it has no CSV. Several CSVs and no image folders
+    cannot be told apart."""
+    if not csvs or _in_split_folders(entries):
+        return None
+    if len(csvs) > 1:
         raise DataError(f"{source}: holds {len(csvs)} CSV files "
                         f"({', '.join(sorted(map(str, csvs)))}); expected one fer2013.csv "
                         "(pass the CSV to use itself)")
-    return None
+    return csvs[0]
 
 
 def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
@@ -292,12 +294,21 @@ def is_archive(path: Path) -> bool:
 
 
 def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, origin: str) -> dict[str, Split]:
-    """Decode ``<split>/<class>/<image>`` entries (an optional top folder is allowed)."""
+    """Decode ``<split>/<class>/<image>`` entries (an optional top folder is allowed).
+
+    Other files (a val/ folder, images one folder deeper, notes) are not read; a warning
+    counts them and names the first, so a layout fer does not know is not lost unseen.
+    CSV files are left out of the count: beside image folders they are other files.
+    """
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
     labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
+    skipped: list[str] = []
     for name, read in entries:
         parts = PurePosixPath(name).parts
-        if _is_noise(parts) or len(parts) < 3 or parts[-3].lower() not in SPLIT_FOLDERS:
+        if _is_noise(parts) or name.lower().endswith(".csv"):
+            continue
+        if len(parts) < 3 or parts[-3].lower() not in SPLIT_FOLDERS:
+            skipped.append(name)
             continue
         split, class_folder = parts[-3].lower(), parts[-2].lower()
         if class_folder not in CLASS_INDEX:
@@ -309,6 +320,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
                             "of at most 2^30 pixels)")
         images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
+    if skipped:
+        log.warning("%s: %d file%s not in <train|test>/<class>/ not read (the first: '%s')",
+                    origin, len(skipped), "" if len(skipped) == 1 else "s", skipped[0])
     splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
               for s in SPLIT_FOLDERS if images[s]}
     if not splits:

@@ -280,12 +280,13 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
 
 
 def _dataset_root(folder: Path, *, archive: Path) -> Path:
-    """The CSV, or the folder holding train/ or test/, at the top or one level down."""
+    """The folder holding train/ or test/, or else the CSV, at the top or one level down
+    (images first, as fer.data reads a source: a CSV beside them is another file)."""
     for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        if (candidate / "train").is_dir() or (candidate / "test").is_dir():
+            return candidate
         csvs = csv_files(candidate)
         if len(csvs) == 1:
             return csvs[0]
-        if (candidate / "train").is_dir() or (candidate / "test").is_dir():
-            return candidate
     raise DataError(f"{archive}: holds no fer2013.csv and no train/ or test/ folder "
                     "(empty source or unknown layout)")

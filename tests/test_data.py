@@ -104,6 +104,43 @@ def test_several_csvs_are_named_not_called_empty(tmp_path, shaded_csv):
         read_splits(archive)
 
 
+def test_one_csv_beside_the_image_folders_leaves_the_images_the_dataset(tmp_path, image_tree,
+                                                                          shaded_csv):
+    """A single CSV beside train/ and test/ (FER+'s labels, or a fer2013.csv of other data)
+    is another file in an archive, in its unpacked folder and in what fetch-data unpacks: the
+    same source gives the same dataset whichever way it comes (the archive read the CSV)."""
+    from fer.fetch import fetch_data
+
+    (image_tree / "labels.csv").write_bytes(shaded_csv.read_bytes())  # even a valid fer2013.csv
+    archive = zip_folder(image_tree, tmp_path / "images.zip")
+    fetched = fetch_data(str(archive), data_dir=tmp_path / "data")
+    for source in (archive, image_tree, fetched.path):
+        splits = read_splits(source)
+        assert (len(splits["train"]), len(splits["test"])) == (21, 21), source
+        assert "validation" not in splits, source  # the CSV's PublicTest rows would be
+
+
+def test_files_outside_split_class_folders_are_counted_in_a_warning(tmp_path, image_tree,
+                                                                       caplog):
+    """A val/ folder, images one folder deeper and a note are not read; the warning counts
+    them (they were dropped without a word), while clutter and CSVs are not counted."""
+    image = (image_tree / "train" / "happy").iterdir().__next__().read_bytes()
+    for name in ("val/happy/v.png", "train/happy/batch1/deep.png", "notes.txt",
+                 "labels.csv", "__MACOSX/._x.png"):
+        (image_tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (image_tree / name).write_bytes(image)
+    for source in (image_tree, zip_folder(image_tree, tmp_path / "layout.zip")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fer.data"):
+            assert len(read_splits(source)["train"]) == 21
+        assert caplog.messages == [f"{source}: 3 files not in <train|test>/<class>/ not read "
+                                   "(the first: 'notes.txt')"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fer.data"):
+        read_splits(write_image_tree(tmp_path / "clean"))
+    assert caplog.messages == []
+
+
 def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
     """CSVs beside train/ and test/ image folders (a labels list, say) leave the images the
     dataset, in an archive and in a folder, with the image folders one level down too."""
