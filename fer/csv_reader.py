@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -110,8 +111,12 @@ def _read_csv_frame(data: bytes, *, origin: str):
     import pandas as pd
 
     try:
-        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
-                            skip_blank_lines=False)
+        with warnings.catch_warnings():  # pandas warns that it drops a trailing empty field
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # index_col=False: a comma ending every row is one empty field too many; without
+            # it pandas takes the first column for an index and shifts every column by one.
+            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
+                                skip_blank_lines=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{origin}: not a readable CSV ({exc})") from None
     frame.columns = [c.strip() for c in frame.columns]
@@ -125,13 +130,17 @@ def _read_csv_frame(data: bytes, *, origin: str):
 
 def _parse_labels(emotions: list[str], *, lines: np.ndarray, origin: str) -> np.ndarray:
     text = np.char.strip(np.asarray(emotions, dtype=str))
-    is_int = np.char.isdigit(text)
-    values = np.where(is_int, text, "-1").astype(np.int64)
+    # ASCII digits only, and few: str.isdigit also takes '²' (a latin-1 byte) and other
+    # scripts' digits, which int() then rejects or reads; 20 digits overflow int64.
+    is_label = np.asarray([len(t) <= 2 and t.isascii() and t.isdigit() for t in text.tolist()],
+                          dtype=bool)
+    values = np.where(is_label, text, "-1").astype(np.int64)
     bad = (values < 0) | (values >= NUM_CLASSES)
     if bad.any():
         row = int(np.argmax(bad))
         legend = ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
-        raise DataError(f"{origin}, line {lines[row]}: emotion '{text[row]}' is not a label "
+        shown = text[row] if len(text[row]) <= 40 else text[row][:40] + "..."
+        raise DataError(f"{origin}, line {lines[row]}: emotion '{shown}' is not a label "
                         f"0-{NUM_CLASSES - 1} ({legend})")
     return values
 

@@ -82,18 +82,27 @@ def load_dataset(
     cache_dir: Path | None = None,
     require_train: bool = True,
 ) -> Dataset:
-    """Read ``source`` (file, folder or archive), using the decoded cache when present."""
+    """Read ``source`` (file, folder or archive), using the decoded cache when present.
+
+    A source the system will not read (permissions, a name too long, an I/O error) is a
+    DataError naming it; a decode cache that cannot be written is a warning, not a stop.
+    """
     source = Path(source)
-    if not source.exists():
-        raise DataError(f"{source}: data source not found (expected a .csv, a folder or an archive)")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction}: expected a fraction between 0 and 1")
-    digest = source_sha256(source, cache_dir=cache_dir)
-    splits = _load_cached(cache_dir, digest) if cache_dir else None
-    if splits is None:
-        splits = read_splits(source)
-        if cache_dir:
-            _save_cached(cache_dir, digest, splits)
+    try:
+        if not source.exists():
+            raise DataError(f"{source}: data source not found (expected a .csv, a folder or "
+                            "an archive)")
+        digest = source_sha256(source, cache_dir=cache_dir)
+        splits = _load_cached(cache_dir, digest) if cache_dir else None
+        if splits is None:
+            splits = read_splits(source)
+            if cache_dir:
+                _save_cached(cache_dir, digest, splits)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(source) else ""
+        raise DataError(f"{source}: cannot be read: {exc.strerror or exc}{where}") from None
     return _assemble(source, digest, splits, val_fraction=val_fraction, seed=seed,
                      require_train=require_train)
 
@@ -376,7 +385,7 @@ def file_sha256(path: Path) -> str:
 
 def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
-    stamp = stat_stamp(source)
+    stamp = stat_stamp(source, change_time=True)
     index_path = cache_dir / "sha256-index.json" if cache_dir else None
     index = read_json(index_path) if index_path else {}
     key = str(source.resolve())
@@ -396,17 +405,23 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     return value
 
 
-def stat_stamp(source: Path) -> list[int] | str:
+def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     """What changes whenever the content may have: size and mtime, and for a folder also
-    every file's path (moving an image to another class folder changes its label)."""
+    every file's path (moving an image to another class folder changes its label).
+
+    With ``change_time``, also each file's inode and ctime, which no user tool sets: an
+    edit that keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``, or a coarse
+    clock) changes them. Not for comparing a copy with its original, whose ctime differs.
+    """
+    def fields(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, *((st.st_ino, st.st_ctime_ns) if change_time else ())]
+
     if source.is_file():
-        st = source.stat()
-        return [st.st_size, st.st_mtime_ns]
+        return fields(source.stat())
     digest = hashlib.sha256()
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        st = path.stat()
-        digest.update(f"{path.relative_to(source).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                      .encode())
+        stamp = "\0".join(map(str, fields(path.stat())))
+        digest.update(f"{path.relative_to(source).as_posix()}\0{stamp}\n".encode())
     return digest.hexdigest()
 
 
@@ -431,15 +446,22 @@ def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:
 
 def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None:
     path = _cache_path(cache_dir, digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # two writers never share one
-    np.savez(tmp, **arrays)
-    with open(tmp, "rb") as handle:  # on disk before it is named: a power loss leaves no husk
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, **arrays)
+        with open(tmp, "rb") as handle:  # on disk before it is named: a power loss leaves no husk
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, say: the data is decoded, only the next load is slower
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("%s: cannot write the decode cache (%s); going on without it", path,
+                    exc.strerror or exc)
+        return
     for stale in path.parent.glob(f"{digest}.v*.npz"):  # older formats are never read again
         if stale != path and re.fullmatch(rf"{digest}\.v\d+\.npz", stale.name):
             stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)

@@ -56,6 +56,10 @@ GOOD = " ".join(["7"] * 2304)
     (f"0,-1 {GOOD[2:]},Training", r"line 3: pixel 1 is '-1', expected an integer"),
     (f"7,{GOOD},Training", r"line 3: emotion '7' is not a label 0-6"),
     (f"happy,{GOOD},Training", r"line 3: emotion 'happy' is not a label 0-6"),
+    (f"{'9' * 20},{GOOD},Training", r"line 3: emotion '9{20}' is not a label 0-6"),  # > int64
+    (f"{'x' * 100},{GOOD},Training", r"line 3: emotion 'x{40}\.\.\.' is not a label 0-6"),
+    # another script's digit three, in quotes so that pandas reads the file: it was label 3
+    (f'\u0663,"{GOOD}",Training', r"line 3: emotion '\u0663' is not a label 0-6"),
     (f"0,{GOOD},Validation", r"line 3: unknown Usage 'Validation'"),
     # 3 MiB without a space: the parallel parse finds nowhere to cut it into chunks
     (f"0,{'7' * (3 << 20)},Training", r"line 3: 1 pixel values, expected 2304"),
@@ -93,6 +97,28 @@ def test_line_numbers_count_blank_lines(tmp_path, row):
     path = write_csv(tmp_path / "bad.csv", [f"0,{GOOD},PublicTest", "", row])
     with pytest.raises(DataError, match=r"bad\.csv, line 4: "):
         read_splits(path)
+
+
+def test_a_latin1_superscript_digit_is_not_a_label(tmp_path):
+    """Byte 0xB2 read as latin-1 is '²', which str.isdigit accepts and int() refuses: it
+    raised ValueError with a traceback."""
+    path = tmp_path / "bad.csv"
+    path.write_bytes(f"emotion,pixels,Usage\n0,{GOOD},PublicTest\n".encode()
+                     + b"\xb2," + GOOD.encode() + b",Training\n")
+    with pytest.raises(DataError, match=r"bad\.csv, line 3: emotion '\xb2' is not a label"):
+        read_splits(path)
+
+
+def test_a_comma_ending_every_row_reads_like_none(tmp_path):
+    """Some exports end each row with a comma: one empty field too many. pandas took the
+    first column for an index, shifted every column by one and blamed 'emotion' for the
+    pixels, in a message of 9 KB."""
+    pixels = " ".join(str(v % 256) for v in range(2304))
+    path = tmp_path / "trailing.csv"
+    path.write_text(f"emotion,pixels,Usage\n3,{pixels},Training,\n5,{GOOD},PublicTest,\n")
+    splits = read_splits(path)
+    assert splits["train"].labels.tolist() == [3] and splits["test"].labels.tolist() == [5]
+    assert splits["train"].images.ravel().tolist() == [v % 256 for v in range(2304)]
 
 
 def test_blank_lines_between_rows_are_skipped(tmp_path):

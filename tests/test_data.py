@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import zipfile
 
@@ -156,6 +157,34 @@ def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
     assert len(read_splits(outer)["train"]) == 21
 
 
+@pytest.mark.parametrize("kind", ["csv", "folder"])
+def test_an_edit_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path, shaded_csv,
+                                                                         image_tree, kind):
+    """Relabelling one row (4 -> 6, same size) and putting the mtime back, as `cp -p`,
+    `rsync -a` or `touch -r` do, must not reuse the old sha256 and so the old decoded
+    arrays (the run would train on stale labels and record the wrong data hash)."""
+    cache = tmp_path / "cache"
+    if kind == "csv":
+        source = edited = shaded_csv
+        old, new = b"\n4,", b"\n6,"
+    else:  # a happy face replaced by an angry one: uniform shades, the same PNG size
+        source = image_tree
+        edited = image_tree / "train" / "happy" / "0.png"
+    before = load_dataset(source, cache_dir=cache)
+    stat = edited.stat()
+    content = edited.read_bytes()
+    changed = (content.replace(old, new, 1) if kind == "csv"
+               else (image_tree / "train" / "angry" / "0.png").read_bytes())
+    assert len(changed) == len(content) and changed != content
+    edited.write_bytes(changed)
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert edited.stat().st_mtime_ns == stat.st_mtime_ns and edited.stat().st_size == stat.st_size
+    after = load_dataset(source, cache_dir=cache)
+    assert after.sha256 != before.sha256
+    if kind == "csv":
+        assert np.bincount(after.train.labels, minlength=7)[6] == 4  # one 4 became a 6
+
+
 def test_a_folder_hash_memo_of_an_older_format_is_computed_again(tmp_path, image_tree):
     """The memo of a folder's sha256 is keyed by its stat stamp; one written by a version that
     hashed differently (same stamp) must not survive an upgrade."""
@@ -275,6 +304,30 @@ def test_undecodable_image(tmp_path, content):
     (root / "test" / "happy" / "broken.jpg").write_bytes(content)
     with pytest.raises(DataError, match=r"entry 'test/happy/broken\.jpg' is not a decodable image"):
         read_splits(root)
+
+
+def test_a_source_the_system_will_not_read_is_one_error(tmp_path):
+    """An I/O error reading the source (here /proc/self/mem, which even root cannot read
+    from offset 0) and a name too long for the filesystem are DataErrors naming the source,
+    not OSError tracebacks."""
+    unreadable = tmp_path / "fer2013.csv"
+    unreadable.symlink_to("/proc/self/mem")
+    with pytest.raises(DataError, match=r"fer2013\.csv: cannot be read: Input/output error"):
+        load_dataset(unreadable)
+    with pytest.raises(DataError, match=r"a{300}\.csv: cannot be read: File name too long"):
+        load_dataset(tmp_path / ("a" * 300 + ".csv"))
+
+
+def test_a_decode_cache_that_cannot_be_written_is_a_warning(tmp_path, shaded_csv, caplog):
+    """A cache folder that cannot be made (here a file stands in its way, as a full disk
+    would also fail the write) leaves the decoded data usable, with a warning."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "decoded").write_text("a file where the folder goes")
+    with caplog.at_level("WARNING", logger="fer.data"):
+        dataset = load_dataset(shaded_csv, cache_dir=cache)
+    assert len(dataset.train) == 21
+    assert "cannot write the decode cache" in caplog.text
 
 
 def test_empty_source_folder(tmp_path):
