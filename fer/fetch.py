@@ -61,11 +61,15 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
                         "the download is corrupt or not the file you meant")
     if is_archive(local):
         dataset_path = _unpack(local, data_dir=data_dir, digest=digest)
+        copy = _unpacked_folder(local, data_dir=data_dir, digest=digest)
     elif digest is not None:  # a CSV
-        dataset_path = _content_addressed(local, data_dir=data_dir, digest=digest)
+        dataset_path = copy = _content_addressed(local, data_dir=data_dir, digest=digest)
     else:
-        dataset_path = local  # a folder, used in place
-    dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
+        dataset_path = copy = local  # a folder, used in place
+    try:
+        dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
+    except DataError as exc:
+        raise DataError(_as_given(str(exc), copy=copy, source=source)) from None
     if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
         raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
                         f"{sha256.lower()}; it is not the dataset you meant")
@@ -75,6 +79,17 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
         write_json(data_dir / CURRENT_POINTER,
                    {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source})
     return fetched
+
+
+def _as_given(message: str, *, copy: Path, source: str) -> str:
+    """A data error about fer's ``copy`` of ``source``, naming ``source`` as the user gave
+    it (a file inside an unpacked archive as ``source!path``, as `fer train --data` names
+    an archive's members), not a folder under FER_DATA_DIR/sources they never saw."""
+    prefix = str(copy)
+    if not message.startswith(prefix):
+        return message
+    rest = message[len(prefix):]
+    return source + ("!" + rest[1:] if rest.startswith("/") else rest)
 
 
 def current_source(data_dir: Path) -> Path | None:
@@ -270,13 +285,17 @@ def _content_addressed(local: Path, *, data_dir: Path, digest: str) -> Path:
 
 def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
     """Extract once per archive content; return the folder or CSV that holds the data."""
-    target = data_dir / "sources" / (digest or archive.stem)[:16]
+    target = _unpacked_folder(archive, data_dir=data_dir, digest=digest)
     done_marker = target / ".fer-unpacked"
     if not done_marker.exists():
         shutil.rmtree(target, ignore_errors=True)
         safe_extract(archive, target)
         done_marker.write_text(str(archive))
     return _dataset_root(target, archive=archive)
+
+
+def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
+    return data_dir / "sources" / (digest or archive.stem)[:16]
 
 
 def _dataset_root(folder: Path, *, archive: Path) -> Path:

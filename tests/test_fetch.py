@@ -29,6 +29,25 @@ def layout_zip(tmp_path):
     return zip_folder(write_image_tree(tmp_path / "layout"), tmp_path / "archive.zip")
 
 
+def test_data_errors_name_the_source_given_not_fers_copy(tmp_path):
+    """A bad entry in an archive, a bad row in a CSV inside one and a bad row in a plain CSV
+    are named as the user gave the source (``archive!member`` inside an archive), not as
+    the copy under FER_DATA_DIR/sources/<hash>/ that fer reads."""
+    tree = write_image_tree(tmp_path / "layout")
+    (tree / "train" / "happy").rename(tree / "train" / "bored")
+    images = zip_folder(tree, tmp_path / "images.zip")
+    (tmp_path / "csv" / "fer").mkdir(parents=True)
+    bad_csv = tmp_path / "csv" / "fer" / "fer2013.csv"
+    bad_csv.write_text(f"emotion,pixels,Usage\n9,{' '.join(['7'] * 2304)},Training\n")
+    csv_zip = zip_folder(tmp_path / "csv", tmp_path / "csv.zip")
+    for source, expected in ((images, f"{images}: entry 'train/bored/0.png' is in unknown class"),
+                             (csv_zip, f"{csv_zip}!fer/fer2013.csv, line 2: emotion '9'"),
+                             (bad_csv, f"{bad_csv}, line 2: emotion '9'")):
+        with pytest.raises(DataError) as raised:
+            fetch_data(str(source), data_dir=tmp_path / "data")
+        assert str(raised.value).startswith(expected), raised.value
+
+
 def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
     """fetch-data unpacks an archive under the data folder and later runs reuse it."""
     data_dir = tmp_path / "data"
