@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +40,21 @@ def read_grayscale(path: Path) -> np.ndarray:
     return image
 
 
-def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Frontal faces found by OpenCV's Haar cascade, largest first."""
+@functools.cache
+def _face_cascade():
+    """OpenCV's frontal-face cascade, parsed once (a 1 MB XML), not once per image."""
     import cv2
 
     cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / FACE_CASCADE))
     if cascade.empty():
         raise FerError(f"OpenCV's {FACE_CASCADE} is missing; install opencv-python-headless<5")
-    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    return cascade
+
+
+def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Frontal faces found by OpenCV's Haar cascade, largest first."""
+    found = _face_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                             minSize=(24, 24))
     boxes = [tuple(int(v) for v in box) for box in found]
     return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
 
