@@ -35,14 +35,21 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The commit of the fer checkout that ran, or None outside a git work tree."""
+    """The commit of the fer checkout that ran; outside a git work tree (an installed copy,
+    a container image), the FER_GIT_COMMIT it was built with; else None.
+
+    Read here rather than through fer.config.Settings: it describes the installed code,
+    like the package versions beside it, and no user sets it for a run.
+    """
     directory = Path(__file__).resolve().parent
     try:
         result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
                                 capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+        result = None
+    if result is not None and result.returncode == 0 and result.stdout.strip():
+        return result.stdout.strip()
+    return os.environ.get("FER_GIT_COMMIT") or None
 
 
 def machine() -> dict:

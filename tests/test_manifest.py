@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+from pathlib import Path
 
 from fer.manifest import read_json, write_json
 
@@ -38,3 +40,21 @@ def test_a_missing_or_damaged_record_reads_as_empty(tmp_path):
     assert read_json(tmp_path / "cut.json") == {}
     (tmp_path / "list.json").write_text("[1, 2]")
     assert read_json(tmp_path / "list.json") == {}
+
+
+def test_without_git_the_commit_is_the_one_the_image_was_built_with(monkeypatch, tmp_path):
+    """In the container image (no git binary, no .git), run manifests record the
+    FER_GIT_COMMIT the image was built with (docker/compose.yaml passes it), not null;
+    with git, the checkout's own commit wins."""
+    import fer
+    from fer.manifest import git_commit
+
+    monkeypatch.setenv("FER_GIT_COMMIT", "0123abc")
+    checkout = subprocess.run(["git", "-C", str(Path(fer.__file__).parent), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=False)
+    if checkout.returncode == 0:  # a checkout (CI's clone is one): its HEAD
+        assert git_commit() == checkout.stdout.strip()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
+    assert git_commit() == "0123abc"
+    monkeypatch.delenv("FER_GIT_COMMIT")
+    assert git_commit() is None
