@@ -219,3 +219,40 @@ def test_the_image_build_context_holds_every_package_it_installs():
     packages = re.search(r"include = \[(.*)\]", pyproject)[1]
     top_level = {name.strip(' "').split(".")[0] for name in packages.split(",")}
     assert top_level <= set(copied), top_level - set(copied)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_images_pinned_requirements_satisfy_pyproject(machine):
+    """docker/requirements.lock pins a version of every runtime requirement (fer's and the
+    orchestration extra's, transitively resolved), inside pyproject.toml's ranges, on
+    x86_64 and on arm64 (Docker on Apple silicon) alike, and holds none of the test tools.
+    A dependency added to pyproject.toml without regenerating the lock fails here, not in
+    a `docker build` nobody runs on CI."""
+    import tomllib
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    environment = {**default_environment(), "platform_machine": machine, "extra": ""}
+    pinned = {}
+    for line in (REPO / "docker" / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(environment):
+                (version,) = [spec.version for spec in requirement.specifier]
+                pinned[canonicalize_name(requirement.name)] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"] + project["optional-dependencies"]["orchestration"]:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{name} is not in docker/requirements.lock"
+        assert requirement.specifier.contains(pinned[name]), (name, pinned[name])
+    tools = {canonicalize_name(Requirement(line).name)
+             for line in project["optional-dependencies"]["dev"]} - {"prefect"}
+    assert not tools & set(pinned)
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert dockerfile.index("pip install --no-cache-dir -r docker/requirements.lock") < \
+        dockerfile.index("COPY fer/ fer/")  # a code change rebuilds no dependency layer
