@@ -101,6 +101,7 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
             shutil.copytree(REPO / source, app / source,
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (app / source).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / source, app / source)
     before = _contents(app)
     done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=app,

@@ -23,8 +23,9 @@ from fer.models import load_model
 from fer.train import RUN_FILES, train
 
 
-def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset):
+def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatch):
     """Two epochs write all run files; metrics and manifest carry the keys README documents."""
+    monkeypatch.delenv("FER_GIT_COMMIT", raising=False)  # an image's commit, where git is not
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
     result = train(tiny_dataset, config, verbose=0)
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(RUN_FILES)
