@@ -59,47 +59,58 @@ def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
     return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
 
 
-def read_images(paths: Sequence[Path]) -> list[np.ndarray]:
-    """Every file as 8-bit grayscale; one FerError naming each file that cannot be read or
-    decoded, so a user fixes them all in one go, before a model is loaded or run."""
-    images, problems = [], []
+@dataclass(frozen=True)
+class ModelInput:
+    """What the model is shown of one file: the 48x48 image, or a face cropped from it."""
+
+    file: str
+    pixels: np.ndarray  # 48x48 uint8
+    box: tuple[int, int, int, int] | None = None
+
+
+def read_model_inputs(paths: Sequence[Path], *, faces: bool = False) -> list[ModelInput]:
+    """Each file as the model's 48x48 input (with ``faces``: one per face found), keeping
+    no full-size image past its own file (1,000 12-megapixel photos would hold 12 GB).
+
+    Every file that cannot be read or decoded is named in one FerError, so a user fixes
+    them all in one go, before a model is loaded or run.
+    """
+    inputs, problems = [], []
     for path in paths:
         try:
-            images.append(read_grayscale(path))
+            gray = read_grayscale(path)
         except FerError as exc:
             problems.append(str(exc))
+            continue
+        if faces:
+            inputs += [ModelInput(str(path), to_model_input(gray[y:y + h, x:x + w]), (x, y, w, h))
+                       for x, y, w, h in detect_faces(gray)]
+        else:
+            inputs.append(ModelInput(str(path), to_model_input(gray)))
     if len(problems) > 1:
         raise FerError(f"{len(problems)} of {len(paths)} files are not images:\n  "
                        + "\n  ".join(problems))
     if problems:
         raise FerError(problems[0])
-    return images
+    return inputs
 
 
 def predict_files(model, paths: Sequence[Path], *, faces: bool = False,
                   batch_size: int = 64) -> list[Prediction]:
     """One prediction per file, or one per detected face with ``faces=True``."""
-    return predict_images(model, paths, read_images(paths), faces=faces, batch_size=batch_size)
+    return predict_inputs(model, read_model_inputs(paths, faces=faces), batch_size=batch_size)
 
 
-def predict_images(model, paths: Sequence[Path], images: Sequence[np.ndarray], *,
-                   faces: bool = False, batch_size: int = 64) -> list[Prediction]:
-    """:func:`predict_files` for files already read by :func:`read_images`."""
-    crops, origins = [], []
-    for path, gray in zip(paths, images, strict=True):
-        if faces:
-            for x, y, w, h in detect_faces(gray):
-                crops.append(to_model_input(gray[y:y + h, x:x + w]))
-                origins.append((str(path), (x, y, w, h)))
-        else:
-            crops.append(to_model_input(gray))
-            origins.append((str(path), None))
-    if not crops:
+def predict_inputs(model, inputs: Sequence[ModelInput], *, batch_size: int = 64
+                   ) -> list[Prediction]:
+    """The model's prediction for each input of :func:`read_model_inputs`."""
+    if not inputs:
         return []
-    probabilities = predict_probabilities(model, np.stack(crops), batch_size=batch_size)
+    probabilities = predict_probabilities(model, np.stack([i.pixels for i in inputs]),
+                                          batch_size=batch_size)
     names = class_names_of(model)
     return [
-        Prediction(file=file, box=box, emotion=names[int(np.argmax(row))],
+        Prediction(file=i.file, box=i.box, emotion=names[int(np.argmax(row))],
                    probabilities={n: round(float(p), 4) for n, p in zip(names, row, strict=True)})
-        for (file, box), row in zip(origins, probabilities, strict=True)
+        for i, row in zip(inputs, probabilities, strict=True)
     ]

@@ -511,11 +511,11 @@ def predict(
     check_precision(precision)  # before TensorFlow loads
     _load_tensorflow()
     from fer.models import load_model
-    from fer.predict import predict_images, read_images
+    from fer.predict import predict_inputs, read_model_inputs
 
-    pixels = read_images(images)  # every unreadable file named, before the model loads
-    predictions = predict_images(load_model(model, precision=precision), images, pixels,
-                                 faces=faces, batch_size=batch_size)
+    inputs = read_model_inputs(images, faces=faces)  # every bad file named before the model loads
+    predictions = predict_inputs(load_model(model, precision=precision), inputs,
+                                 batch_size=batch_size)
     by_file: dict[str, list] = {str(path): [] for path in images}  # in the order given
     for p in predictions:
         by_file[p.file].append(p)

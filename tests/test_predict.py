@@ -13,7 +13,7 @@ from fer.errors import FerError
 from fer.evaluate import predict_probabilities
 from fer.labels import CLASS_NAMES
 from fer.models import get_spec
-from fer.predict import detect_faces, predict_files, read_grayscale, read_images
+from fer.predict import detect_faces, predict_files, read_grayscale, read_model_inputs
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +95,22 @@ def test_every_unreadable_file_is_named_at_once(tmp_path):
     (tmp_path / "big.pgm").write_bytes(HUGE_HEADER)
     paths = [tmp_path / "notes.txt", tmp_path / "good.png", tmp_path / "big.pgm"]
     with pytest.raises(FerError) as raised:
-        read_images(paths)
+        read_model_inputs(paths)
     lines = str(raised.value).splitlines()
     assert lines[0] == "2 of 3 files are not images:"
     assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(paths[0]), str(paths[2])]
-    assert read_images(paths[1:2])[0].shape == (48, 48)
+    assert read_model_inputs(paths[1:2])[0].pixels.shape == (48, 48)
+
+
+def test_only_the_48x48_inputs_are_kept_while_files_are_read(tmp_path):
+    """A large photo is decoded, reduced and dropped before the next file is read, so
+    memory does not grow with the photos' size (each 12-megapixel one held 12 MB)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "photo.png").write_bytes(encode_image(rng.integers(0, 256, (900, 1200),
+                                                                    dtype=np.uint8)))
+    (inputs,) = read_model_inputs([tmp_path / "photo.png"])
+    assert inputs.pixels.shape == (48, 48) and inputs.pixels.base is None  # a copy, not a view
+    assert inputs.file == str(tmp_path / "photo.png") and inputs.box is None
 
 
 def test_the_face_cascade_is_parsed_once_per_process():
