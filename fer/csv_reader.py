@@ -110,13 +110,17 @@ def _read_csv_frame(data: bytes, *, origin: str):
     """The CSV's non-blank rows as strings, and the line each came from (blank lines count)."""
     import pandas as pd
 
+    # A row with one field more than the header is either a comma ending every row (some
+    # exports) or a row name before it (R's write.table): pandas reads the second right by
+    # taking the first field for an index, and must be told not to for the first, else it
+    # shifts every column by one.
+    trailing_comma = _first_row(data).rstrip().endswith(b",")
     try:
-        with warnings.catch_warnings():  # pandas warns that it drops a trailing empty field
+        with warnings.catch_warnings():  # pandas warns that it drops the trailing empty field
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            # index_col=False: a comma ending every row is one empty field too many; without
-            # it pandas takes the first column for an index and shifts every column by one.
             frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
-                                skip_blank_lines=False, index_col=False)
+                                skip_blank_lines=False,
+                                index_col=False if trailing_comma else None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{origin}: not a readable CSV ({exc})") from None
     frame.columns = [c.strip() for c in frame.columns]
@@ -126,6 +130,14 @@ def _read_csv_frame(data: bytes, *, origin: str):
                         "(expected the header emotion,pixels,Usage)")
     blank = (frame == "").all(axis=1)
     return frame[~blank], np.flatnonzero(~blank.to_numpy()) + 2
+
+
+def _first_row(data: bytes) -> bytes:
+    """The first non-blank line after the header (b"" if none)."""
+    for line in data.split(b"\n", 50)[1:50]:
+        if line.strip():
+            return line
+    return b""
 
 
 def _parse_labels(emotions: list[str], *, lines: np.ndarray, origin: str) -> np.ndarray:

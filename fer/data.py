@@ -40,8 +40,9 @@ SPLIT_FOLDERS = ("train", "test")
 # (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out.
 HASH_FORMAT = 2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-CACHE_FORMAT = 3  # bump when decoding changes (2: one resize for train and predict; 3: each
-# CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone)
+CACHE_FORMAT = 4  # bump when decoding changes (2: one resize for train and predict; 3: each
+# CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
+# 4: one CSV beside image folders is not the dataset, labels are ASCII digits only)
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,20 @@ def read_splits(source: Path) -> dict[str, Split]:
 
 
 def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
-    """Whether any entry other than a CSV lies in a train/ or test/ folder, at any depth."""
-    return any(part.lower() in SPLIT_FOLDERS
-               for name, _ in entries if not name.lower().endswith(".csv")
-               for part in PurePosixPath(name).parts[:-1])
+    """Whether any entry is laid out as an image of the layout: ``<split>/<class>/<file>``
+    at any depth, not clutter and not a CSV (a `scripts/test/check.py` is not one)."""
+    return any(_is_layout_entry(PurePosixPath(name).parts) for name, _ in entries)
+
+
+def _is_layout_entry(parts: tuple[str, ...]) -> bool:
+    return (len(parts) >= 3 and parts[-3].lower() in SPLIT_FOLDERS and not _is_noise(parts)
+            and not parts[-1].lower().endswith(".csv"))
+
+
+def holds_image_layout(folder: Path) -> bool:
+    """Whether ``folder`` holds images in train/ or test/ class folders, at any depth: then
+    they are its dataset, and a CSV beside them another file (as for an archive)."""
+    return _in_split_folders(list(_folder_entries(folder)))
 
 
 def csv_files(folder: Path) -> list[Path]:
@@ -401,7 +412,11 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
         value = file_sha256(source)
     if index_path:
         index[key] = {"stamp": stamp, "sha256": value, "format": HASH_FORMAT}
-        write_json(index_path, index)
+        try:
+            write_json(index_path, index)
+        except OSError as exc:  # a full or read-only cache folder: only the next load is slower
+            log.warning("%s: cannot write the sha256 memo (%s); going on without it",
+                        index_path, exc.strerror or exc)
     return value
 
 
@@ -409,12 +424,13 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     """What changes whenever the content may have: size and mtime, and for a folder also
     every file's path (moving an image to another class folder changes its label).
 
-    With ``change_time``, also each file's inode and ctime, which no user tool sets: an
-    edit that keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``, or a coarse
-    clock) changes them. Not for comparing a copy with its original, whose ctime differs.
+    With ``change_time``, also each file's ctime, which no user tool sets: an edit that
+    keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``, or a coarse clock) changes
+    it. (Not the inode, which some FUSE and network mounts renumber on every mount.) Not for
+    comparing a copy with its original, whose ctime differs.
     """
     def fields(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, *((st.st_ino, st.st_ctime_ns) if change_time else ())]
+        return [st.st_size, st.st_mtime_ns, *((st.st_ctime_ns,) if change_time else ())]
 
     if source.is_file():
         return fields(source.stat())
@@ -464,6 +480,7 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
         return
     for stale in path.parent.glob(f"{digest}.v*.npz"):  # older formats are never read again
         if stale != path and re.fullmatch(rf"{digest}\.v\d+\.npz", stale.name):
-            stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)
+            with contextlib.suppress(OSError):  # (another user's, say: it only takes space)
+                stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)
 
 

@@ -20,7 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer.data import csv_files, file_sha256, is_archive, load_dataset, safe_extract, stat_stamp
+from fer.data import (
+    csv_files,
+    file_sha256,
+    holds_image_layout,
+    is_archive,
+    load_dataset,
+    safe_extract,
+    stat_stamp,
+)
 from fer.errors import DataError, FerError, StorageError
 from fer.manifest import read_json, write_json
 
@@ -57,19 +65,23 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     if sha256 and digest is not None and digest != sha256.lower():
         if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
             local.unlink()  # our copy (never the user's own file): the next fetch gets it again
+            _source_stamp_path(local).unlink(missing_ok=True)
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
-    if is_archive(local):
-        dataset_path = _unpack(local, data_dir=data_dir, digest=digest)
-        copy = _unpacked_folder(local, data_dir=data_dir, digest=digest)
-    elif digest is not None:  # a CSV
-        dataset_path = copy = _content_addressed(local, data_dir=data_dir, digest=digest)
-    else:
-        dataset_path = copy = local  # a folder, used in place
+    # fer's copies, each with how its errors name what the user gave (a folder is used in place)
+    copies = {str(local): source}
     try:
+        if is_archive(local):
+            copies[str(_unpacked_folder(local, data_dir=data_dir, digest=digest))] = source + "!"
+            dataset_path = _unpack(local, data_dir=data_dir, digest=digest)
+        elif digest is not None:  # a CSV
+            dataset_path = _content_addressed(local, data_dir=data_dir, digest=digest)
+            copies[str(dataset_path)] = source
+        else:
+            dataset_path = local
         dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
     except DataError as exc:
-        raise DataError(_as_given(str(exc), copy=copy, source=source)) from None
+        raise DataError(_as_given(str(exc), copies)) from None
     if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
         raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
                         f"{sha256.lower()}; it is not the dataset you meant")
@@ -81,15 +93,19 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     return fetched
 
 
-def _as_given(message: str, *, copy: Path, source: str) -> str:
-    """A data error about fer's ``copy`` of ``source``, naming ``source`` as the user gave
-    it (a file inside an unpacked archive as ``source!path``, as `fer train --data` names
-    an archive's members), not a folder under FER_DATA_DIR/sources they never saw."""
-    prefix = str(copy)
-    if not message.startswith(prefix):
-        return message
-    rest = message[len(prefix):]
-    return source + ("!" + rest[1:] if rest.startswith("/") else rest)
+def _as_given(message: str, copies: dict[str, str]) -> str:
+    """A data error that begins with one of fer's ``copies`` of a source, naming instead the
+    source as the user gave it: the downloaded or copied file as the source itself, a file
+    of an unpacked archive as ``source!path`` (as `fer train --data` names an archive's
+    members), not a path under FER_DATA_DIR they never saw. A folder used in place is the
+    user's own, named as it is."""
+    for copy, given in sorted(copies.items(), key=lambda item: -len(item[0])):  # longest first
+        if message == copy or message.startswith((copy + "/", copy + ":", copy + ",")):
+            rest = message[len(copy):]
+            if given.endswith("!"):  # an unpacked archive: the source, or a member of it
+                return given[:-1] + ("!" + rest[1:] if rest.startswith("/") else rest)
+            return given + rest
+    return message
 
 
 def current_source(data_dir: Path) -> Path | None:
@@ -132,6 +148,11 @@ def _is_remote(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https", "s3")
 
 
+def _source_stamp_path(copy: Path) -> Path:
+    """Where the stamp of the local file that ``copy`` was copied from is kept."""
+    return copy.with_name(copy.name + ".source-stamp.json")
+
+
 def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
             progress: Progress | None) -> Path:
     """A local copy of the source file (folders are used where they are)."""
@@ -150,10 +171,15 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     if path.is_dir():
         return path.resolve()
     target = downloads / path.name
-    if not target.exists() or stat_stamp(target) != stat_stamp(path):  # an edited source is copied again
+    # An edited source is copied again. Its ctime, kept beside the copy, catches an edit
+    # that kept size and mtime (cp -p, rsync -a, touch -r), as load_dataset's memo does.
+    stamp_path = _source_stamp_path(target)
+    stamp = stat_stamp(path, change_time=True)
+    if not target.exists() or read_json(stamp_path).get("stamp") != stamp:
         partial = target.with_suffix(target.suffix + ".part")
-        shutil.copy2(path, partial)  # keeps the mtime, so the stamps match next time
+        shutil.copy2(path, partial)
         os.replace(partial, target)
+        write_json(stamp_path, {"source": str(path.resolve()), "stamp": stamp})
     return target
 
 
@@ -299,11 +325,12 @@ def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Pa
 
 
 def _dataset_root(folder: Path, *, archive: Path) -> Path:
-    """The folder holding train/ or test/, or else the CSV, at the top or one level down
-    (images first, as fer.data reads a source: a CSV beside them is another file)."""
+    """The folder itself where it holds images in train/ or test/ class folders at any
+    depth (fer.data reads them there, and a CSV beside them is another file, as when
+    `fer train --data` reads the archive), else its one CSV, at the top or one level down."""
+    if holds_image_layout(folder):
+        return folder
     for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
-        if (candidate / "train").is_dir() or (candidate / "test").is_dir():
-            return candidate
         csvs = csv_files(candidate)
         if len(csvs) == 1:
             return csvs[0]

@@ -109,6 +109,17 @@ def test_a_latin1_superscript_digit_is_not_a_label(tmp_path):
         read_splits(path)
 
 
+def test_a_row_name_before_every_row_is_left_out(tmp_path):
+    """R's write.table writes a quoted row name before each row and none in the header:
+    pandas takes it for an index, as it did before trailing commas were handled."""
+    path = tmp_path / "r.csv"
+    path.write_text(f'"emotion","pixels","Usage"\n"1",3,"{GOOD}","Training"\n'
+                    f'"2",5,"{GOOD}","PublicTest"\n')
+    splits = read_splits(path)
+    assert splits["train"].labels.tolist() == [3] and splits["test"].labels.tolist() == [5]
+    assert int(splits["train"].images.max()) == 7
+
+
 def test_a_comma_ending_every_row_reads_like_none(tmp_path):
     """Some exports end each row with a comma: one empty field too many. pandas took the
     first column for an index, shifted every column by one and blamed 'emotion' for the

@@ -318,15 +318,18 @@ def test_a_source_the_system_will_not_read_is_one_error(tmp_path):
         load_dataset(tmp_path / ("a" * 300 + ".csv"))
 
 
-def test_a_decode_cache_that_cannot_be_written_is_a_warning(tmp_path, shaded_csv, caplog):
-    """A cache folder that cannot be made (here a file stands in its way, as a full disk
-    would also fail the write) leaves the decoded data usable, with a warning."""
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, shaded_csv, caplog):
+    """Neither the sha256 memo nor the decode cache can be written (here something stands
+    in their way, as a full disk or a read-only FER_DATA_DIR would fail the writes): the
+    data still loads, with a warning for each, and the source is not called unreadable."""
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "decoded").write_text("a file where the folder goes")
+    (cache / "sha256-index.json").mkdir()  # a folder where the file goes
     with caplog.at_level("WARNING", logger="fer.data"):
         dataset = load_dataset(shaded_csv, cache_dir=cache)
     assert len(dataset.train) == 21
+    assert "cannot write the sha256 memo" in caplog.text
     assert "cannot write the decode cache" in caplog.text
 
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import write_image_tree, zip_folder
 
-from fer.data import file_sha256
+from fer.data import file_sha256, read_splits
 from fer.errors import DataError, FerError, StorageError
 from fer.fetch import current_source, fetch_data, resolve_data
 
@@ -46,6 +47,31 @@ def test_data_errors_name_the_source_given_not_fers_copy(tmp_path):
         with pytest.raises(DataError) as raised:
             fetch_data(str(source), data_dir=tmp_path / "data")
         assert str(raised.value).startswith(expected), raised.value
+    # an archive that unpacks to no dataset, and a folder used in place (named as it is)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no data")
+    empty = zip_folder(tmp_path / "notes", tmp_path / "empty.zip")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: holds no fer2013\.csv"):
+        fetch_data(str(empty), data_dir=tmp_path / "data")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad_csv.parent))}/fer2013\.csv, line 2"):
+        fetch_data(str(bad_csv.parent), data_dir=tmp_path / "data")
+
+
+def test_fetch_data_reads_an_archive_as_train_does(tmp_path, shaded_csv):
+    """A CSV at the top beside images two folders down (kaggle/train/...), and a CSV beside
+    a scripts/test/ folder of code: fetch-data's unpacked copy gives the dataset that
+    `fer train --data` gives reading the archive (the images; the CSV)."""
+    tree = tmp_path / "a"
+    write_image_tree(tree / "kaggle")
+    (tree / "fer2013.csv").write_bytes(shaded_csv.read_bytes())
+    (tmp_path / "b" / "scripts" / "test").mkdir(parents=True)
+    (tmp_path / "b" / "scripts" / "test" / "check.py").write_text("print('not an image')")
+    (tmp_path / "b" / "fer2013.csv").write_bytes(shaded_csv.read_bytes())
+    for folder, validation in (("a", False), ("b", True)):
+        archive = zip_folder(tmp_path / folder, tmp_path / f"{folder}.zip")
+        fetched = fetch_data(str(archive), data_dir=tmp_path / "data")
+        for source in (archive, fetched.path):
+            assert ("validation" in read_splits(source)) == validation, (source, validation)
 
 
 def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
@@ -119,15 +145,24 @@ def test_sha256_mismatch_is_refused(tmp_path, layout_zip):
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 
-def test_an_edited_local_source_is_copied_again(tmp_path, shaded_csv):
-    """Fixing a label keeps the file size; the new content must still replace the old copy."""
+@pytest.mark.parametrize("mtime", ["moved", "kept"])
+def test_an_edited_local_source_is_copied_again(tmp_path, shaded_csv, mtime):
+    """Fixing a label keeps the file size; the new content must still replace the old copy,
+    also when the edit put the old mtime back (cp -p, rsync -a, touch -r), which the copy's
+    size-and-mtime check alone missed."""
     first = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")
+    stat = shaded_csv.stat()
     text = shaded_csv.read_text()
     shaded_csv.write_text(text.replace("\n3,", "\n4,", 1))
-    os.utime(shaded_csv, ns=(time.time_ns(), time.time_ns() + 10**9))
+    if mtime == "moved":
+        os.utime(shaded_csv, ns=(time.time_ns(), time.time_ns() + 10**9))
+    else:
+        os.utime(shaded_csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     second = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")
     assert second.sha256 != first.sha256
     assert file_sha256(tmp_path / "d" / "downloads" / "fer2013.csv") == file_sha256(shaded_csv)
+    again = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")  # unchanged: not copied again
+    assert again.sha256 == second.sha256
 
 
 def test_missing_local_source_is_named(tmp_path):
