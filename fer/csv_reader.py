@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,11 +134,10 @@ def _read_csv_frame(data: bytes, *, origin: str):
 
 
 def _first_row(data: bytes) -> bytes:
-    """The first non-blank line after the header (b"" if none)."""
-    for line in data.split(b"\n", 50)[1:50]:
-        if line.strip():
-            return line
-    return b""
+    """The first non-blank line after the header (b"" if none), read from the file's first
+    64 KiB, with any line ending (CR alone too, as old Mac exports write)."""
+    lines = re.split(rb"\r\n|\r|\n", data[:1 << 16])
+    return next((line for line in lines[1:] if line.strip()), b"")
 
 
 def _parse_labels(emotions: list[str], *, lines: np.ndarray, origin: str) -> np.ndarray:

@@ -40,6 +40,8 @@ SPLIT_FOLDERS = ("train", "test")
 # (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out.
 HASH_FORMAT = 2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# What counts as an image when telling an image layout from a CSV beside other files.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm")
 CACHE_FORMAT = 4  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
 # 4: one CSV beside image folders is not the dataset, labels are ASCII digits only)
@@ -159,10 +161,9 @@ def read_splits(source: Path) -> dict[str, Split]:
     name = source.name.lower()
     if source.is_dir():
         entries = list(_folder_entries(source))
-        if not any((source / s).is_dir() for s in SPLIT_FOLDERS):
-            csv = _the_csv(csv_files(source), entries, source=source)
-            if csv is not None:
-                return _csv_splits(csv.read_bytes(), origin=str(csv))
+        csv = _the_csv(csv_files(source), entries, source=source)  # decided as for an archive
+        if csv is not None:
+            return _csv_splits(csv.read_bytes(), origin=str(csv))
         return read_image_layout(iter(entries), origin=str(source))
     if name.endswith(".csv"):
         return _csv_splits(source.read_bytes(), origin=str(source))
@@ -179,14 +180,14 @@ def read_splits(source: Path) -> dict[str, Split]:
 
 
 def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
-    """Whether any entry is laid out as an image of the layout: ``<split>/<class>/<file>``
-    at any depth, not clutter and not a CSV (a `scripts/test/check.py` is not one)."""
-    return any(_is_layout_entry(PurePosixPath(name).parts) for name, _ in entries)
+    """Whether any entry is an image laid out as ``<split>/<class>/<image>`` at any depth,
+    not clutter (a `scripts/test/check.py` or `src/train/models/net.py` is not one)."""
+    return any(_is_layout_image(PurePosixPath(name).parts) for name, _ in entries)
 
 
-def _is_layout_entry(parts: tuple[str, ...]) -> bool:
+def _is_layout_image(parts: tuple[str, ...]) -> bool:
     return (len(parts) >= 3 and parts[-3].lower() in SPLIT_FOLDERS and not _is_noise(parts)
-            and not parts[-1].lower().endswith(".csv"))
+            and parts[-1].lower().endswith(IMAGE_SUFFIXES))
 
 
 def holds_image_layout(folder: Path) -> bool:
@@ -425,8 +426,8 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     every file's path (moving an image to another class folder changes its label).
 
     With ``change_time``, also each file's ctime, which no user tool sets: an edit that
-    keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``, or a coarse clock) changes
-    it. (Not the inode, which some FUSE and network mounts renumber on every mount.) Not for
+    keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``) changes it. (Not the
+    inode, which some FUSE and network mounts renumber on every mount.) Not for
     comparing a copy with its original, whose ctime differs.
     """
     def fields(st: os.stat_result) -> list[int]:

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FetchedSource:
-    path: Path  # a .csv file or a folder with train/ and test/
+    path: Path  # a .csv file or a folder with train/ and test/ (or deeper down)
     sha256: str  # of the dataset at ``path``: what run manifests record
     origin: str
     file_sha256: str | None  # of the file fetched (an archive, a CSV): what --sha256 checks
@@ -104,7 +104,7 @@ def _as_given(message: str, copies: dict[str, str]) -> str:
             rest = message[len(copy):]
             if given.endswith("!"):  # an unpacked archive: the source, or a member of it
                 return given[:-1] + ("!" + rest[1:] if rest.startswith("/") else rest)
-            return given + rest
+            return (given.rstrip("/") or "/") + rest if rest.startswith("/") else given + rest
     return message
 
 
@@ -325,12 +325,15 @@ def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Pa
 
 
 def _dataset_root(folder: Path, *, archive: Path) -> Path:
-    """The folder itself where it holds images in train/ or test/ class folders at any
-    depth (fer.data reads them there, and a CSV beside them is another file, as when
-    `fer train --data` reads the archive), else its one CSV, at the top or one level down."""
+    """Where the folder holds images in train/ or test/ class folders (a CSV beside them is
+    then another file, as when `fer train --data` reads the archive): the folder or the top
+    subfolder with train/ or test/ in it, else the folder itself (fer.data finds them at any
+    depth). Otherwise its one CSV, at the top or one level down."""
+    candidates = (folder, *sorted(p for p in folder.iterdir() if p.is_dir()))
     if holds_image_layout(folder):
-        return folder
-    for candidate in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        return next((c for c in candidates if (c / "train").is_dir() or (c / "test").is_dir()),
+                    folder)
+    for candidate in candidates:
         csvs = csv_files(candidate)
         if len(csvs) == 1:
             return csvs[0]

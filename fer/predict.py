@@ -82,9 +82,9 @@ def read_model_inputs(paths: Sequence[Path], *, faces: bool = False) -> list[Mod
         except FerError as exc:
             problems.append(str(exc))
             continue
-        if faces:
-            inputs += [ModelInput(str(path), to_model_input(gray[y:y + h, x:x + w]), (x, y, w, h))
-                       for x, y, w, h in detect_faces(gray)]
+        if faces:  # a copy: a 48x48 face is otherwise a view holding the whole photo
+            inputs += [ModelInput(str(path), to_model_input(gray[y:y + h, x:x + w]).copy(),
+                                  (x, y, w, h)) for x, y, w, h in detect_faces(gray)]
         else:
             inputs.append(ModelInput(str(path), to_model_input(gray)))
     if len(problems) > 1:

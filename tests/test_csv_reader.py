@@ -130,6 +130,8 @@ def test_a_comma_ending_every_row_reads_like_none(tmp_path):
     splits = read_splits(path)
     assert splits["train"].labels.tolist() == [3] and splits["test"].labels.tolist() == [5]
     assert splits["train"].images.ravel().tolist() == [v % 256 for v in range(2304)]
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r"))  # old Mac line endings
+    assert read_splits(path)["train"].labels.tolist() == [3]
 
 
 def test_blank_lines_between_rows_are_skipped(tmp_path):

@@ -142,6 +142,18 @@ def test_files_outside_split_class_folders_are_counted_in_a_warning(tmp_path, im
     assert caplog.messages == []
 
 
+@pytest.mark.parametrize("other", ["test/README.md", "src/train/models/net.py"])
+def test_a_csv_beside_folders_of_other_files_is_the_dataset(tmp_path, shaded_csv, other):
+    """Only images in <split>/<class>/ make a source an image layout: a CSV beside a test/
+    folder of notes or a train/ folder of code is the dataset, in the folder and its zip."""
+    folder = tmp_path / "ds"
+    (folder / other).parent.mkdir(parents=True)
+    (folder / other).write_text("not an image")
+    (folder / "fer2013.csv").write_bytes(shaded_csv.read_bytes())
+    for source in (folder, zip_folder(folder, tmp_path / "ds.zip")):
+        assert len(read_splits(source)["validation"]) == 21, source
+
+
 def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
     """CSVs beside train/ and test/ image folders (a labels list, say) leave the images the
     dataset, in an archive and in a folder, with the image folders one level down too."""

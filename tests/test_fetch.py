@@ -53,8 +53,21 @@ def test_data_errors_name_the_source_given_not_fers_copy(tmp_path):
     empty = zip_folder(tmp_path / "notes", tmp_path / "empty.zip")
     with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: holds no fer2013\.csv"):
         fetch_data(str(empty), data_dir=tmp_path / "data")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(bad_csv.parent))}/fer2013\.csv, line 2"):
-        fetch_data(str(bad_csv.parent), data_dir=tmp_path / "data")
+    for given in (str(bad_csv.parent), str(bad_csv.parent) + "/"):  # one slash either way
+        with pytest.raises(DataError,
+                           match=rf"^{re.escape(str(bad_csv.parent))}/fer2013\.csv, line 2"):
+            fetch_data(given, data_dir=tmp_path / "data")
+
+
+def test_an_archive_with_one_top_folder_is_rooted_there(tmp_path):
+    """fer2013.zip holding fer2013/train/...: the dataset is the top folder, as before
+    session 37, so its data sha256 (over paths relative to it) is the folder's own and a
+    champion trained on it stays comparable."""
+    tree = write_image_tree(tmp_path / "top" / "fer2013")
+    fetched = fetch_data(str(zip_folder(tmp_path / "top", tmp_path / "fer2013.zip")),
+                         data_dir=tmp_path / "data")
+    assert fetched.path.name == "fer2013"
+    assert fetched.sha256 == fetch_data(str(tree), data_dir=tmp_path / "data").sha256
 
 
 def test_fetch_data_reads_an_archive_as_train_does(tmp_path, shaded_csv):
@@ -158,11 +171,15 @@ def test_an_edited_local_source_is_copied_again(tmp_path, shaded_csv, mtime):
         os.utime(shaded_csv, ns=(time.time_ns(), time.time_ns() + 10**9))
     else:
         os.utime(shaded_csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        if shaded_csv.stat().st_ctime_ns == stat.st_ctime_ns:
+            pytest.skip("this filesystem's ctime did not move within the test")
     second = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")
     assert second.sha256 != first.sha256
-    assert file_sha256(tmp_path / "d" / "downloads" / "fer2013.csv") == file_sha256(shaded_csv)
-    again = fetch_data(str(shaded_csv), data_dir=tmp_path / "d")  # unchanged: not copied again
-    assert again.sha256 == second.sha256
+    copy = tmp_path / "d" / "downloads" / "fer2013.csv"
+    assert file_sha256(copy) == file_sha256(shaded_csv)
+    copied = copy.stat()
+    fetch_data(str(shaded_csv), data_dir=tmp_path / "d")  # unchanged: not copied again
+    assert (copy.stat().st_ino, copy.stat().st_ctime_ns) == (copied.st_ino, copied.st_ctime_ns)
 
 
 def test_missing_local_source_is_named(tmp_path):

@@ -113,6 +113,15 @@ def test_only_the_48x48_inputs_are_kept_while_files_are_read(tmp_path):
     assert inputs.file == str(tmp_path / "photo.png") and inputs.box is None
 
 
+def test_a_48x48_face_is_kept_as_a_copy_not_a_view_of_its_photo(tmp_path, monkeypatch):
+    """A face box of exactly 48x48 needs no resize: kept as a slice, it would hold the
+    whole photo in memory until prediction."""
+    (tmp_path / "photo.png").write_bytes(encode_image(np.full((900, 1200), 90, np.uint8)))
+    monkeypatch.setattr(fer.predict, "detect_faces", lambda gray: [(10, 20, 48, 48)])
+    (face,) = read_model_inputs([tmp_path / "photo.png"], faces=True)
+    assert face.pixels.shape == (48, 48) and face.pixels.base is None and face.box == (10, 20, 48, 48)
+
+
 def test_the_face_cascade_is_parsed_once_per_process():
     """Parsing OpenCV's 1 MB cascade took 16 ms, more than finding the faces in a 640x480
     image (12 ms, measured): `fer predict --faces` on many files parses it once."""
