@@ -40,8 +40,14 @@ SPLIT_FOLDERS = ("train", "test")
 # (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out.
 HASH_FORMAT = 2
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-# What counts as an image when telling an image layout from a CSV beside other files.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm")
+# How an image file OpenCV cannot decode is described, in datasets and in `fer predict`.
+UNDECODABLE = ("not a decodable image (expected a jpg, png or other format OpenCV reads, "
+               "of at most 2^30 pixels)")
+# What counts as an image when telling an image layout from a CSV beside other files: the
+# file types OpenCV's imread reads.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".jp2", ".bmp", ".dib", ".gif",
+                  ".webp", ".avif", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pxm", ".pnm",
+                  ".pfm", ".sr", ".ras", ".exr", ".hdr", ".pic")
 CACHE_FORMAT = 4  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
 # 4: one CSV beside image folders is not the dataset, labels are ASCII digits only)
@@ -160,23 +166,31 @@ def read_splits(source: Path) -> dict[str, Split]:
     """Decode every split a source holds, keyed 'train', 'validation', 'test'."""
     name = source.name.lower()
     if source.is_dir():
-        entries = list(_folder_entries(source))
-        csv = _the_csv(csv_files(source), entries, source=source)  # decided as for an archive
-        if csv is not None:
-            return _csv_splits(csv.read_bytes(), origin=str(csv))
-        return read_image_layout(iter(entries), origin=str(source))
+        return _splits_of(list(_folder_entries(source)), source=source, separator="/")
     if name.endswith(".csv"):
         return _csv_splits(source.read_bytes(), origin=str(source))
     if name.endswith(ARCHIVE_SUFFIXES):
         with _archive_entries(source) as entries:
-            csvs = {n: read for n, read in entries if n.lower().endswith(".csv")
-                    and not _is_noise(PurePosixPath(n).parts)}
-            csv = _the_csv(list(csvs), entries, source=source)
-            if csv is not None:
-                return _csv_splits(csvs[csv](), origin=f"{source}!{csv}")
-            return read_image_layout(iter(entries), origin=str(source))
+            return _splits_of(entries, source=source, separator="!")
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     "or a folder with train/ and test/)")
+
+
+def _splits_of(entries: list[tuple[str, Callable[[], bytes]]], *, source: Path,
+               separator: str) -> dict[str, Split]:
+    """A folder's or an archive's splits, decided alike for both, so that an archive and
+    its unpacked folder read the same: its images where it holds an image layout, else its
+    one CSV, at any depth (named ``source`` + ``separator`` + its path)."""
+    csvs = dict(_csv_entries(entries))
+    csv = _the_csv(list(csvs), entries, source=source)
+    if csv is not None:
+        return _csv_splits(csvs[csv](), origin=f"{source}{separator}{csv}")
+    return read_image_layout(iter(entries), origin=str(source))
+
+
+def _csv_entries(entries: list[tuple[str, Callable[[], bytes]]]):
+    return [(n, read) for n, read in entries
+            if n.lower().endswith(".csv") and not _is_noise(PurePosixPath(n).parts)]
 
 
 def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
@@ -190,27 +204,35 @@ def _is_layout_image(parts: tuple[str, ...]) -> bool:
             and parts[-1].lower().endswith(IMAGE_SUFFIXES))
 
 
-def holds_image_layout(folder: Path) -> bool:
-    """Whether ``folder`` holds images in train/ or test/ class folders, at any depth: then
-    they are its dataset, and a CSV beside them another file (as for an archive)."""
-    return _in_split_folders(list(_folder_entries(folder)))
+def dataset_root(folder: Path) -> Path | None:
+    """Where in ``folder`` (an unpacked archive) :func:`read_splits` finds what reading the
+    archive itself finds: its one CSV; or, for an image layout, the one top folder all its
+    images are in (an archive of ``fer2013/train/...``: the data sha256 hashes paths from
+    there), else ``folder``; None where it holds neither. Several CSVs are a DataError."""
+    entries = list(_folder_entries(folder))
+    csv = _the_csv([n for n, _ in _csv_entries(entries)], entries, source=folder)
+    if csv is not None:
+        return folder / csv
+    images = [PurePosixPath(n).parts for n, _ in entries
+              if _is_layout_image(PurePosixPath(n).parts)]
+    if not images:  # a train/ or test/ folder of something else: read_splits says what
+        return folder if any(part.lower() in SPLIT_FOLDERS for n, _ in entries
+                             for part in PurePosixPath(n).parts[:-1]) else None
+    tops = {parts[0] for parts in images}
+    if len(tops) == 1 and all(len(parts) > 3 for parts in images):
+        return folder / tops.pop()
+    return folder
 
 
-def csv_files(folder: Path) -> list[Path]:
-    """The CSV files at the top of ``folder``, leaving out clutter (macOS's ``._x.csv``)."""
-    return sorted(p for p in folder.glob("*.csv") if not _is_noise((p.name,)))
-
-
-def _the_csv(csvs: list, entries: list[tuple[str, Callable[[], bytes]]], *, source: Path):
+def _the_csv(csvs: list[str], entries: list[tuple[str, Callable[[], bytes]]], *, source: Path):
     """The one CSV that is the source's dataset; None where its images are (CSVs beside
-    train/ and test/ folders are other files, one CSV as much as several: an archive and its
-    unpacked folder must read the same) or it has no CSV. Several CSVs and no image folders
-    cannot be told apart."""
+    images in train/ and test/ class folders are other files) or it has no CSV. Several
+    CSVs and no images cannot be told apart."""
     if not csvs or _in_split_folders(entries):
         return None
     if len(csvs) > 1:
         raise DataError(f"{source}: holds {len(csvs)} CSV files "
-                        f"({', '.join(sorted(map(str, csvs)))}); expected one fer2013.csv "
+                        f"({', '.join(sorted(csvs))}); expected one fer2013.csv "
                         "(pass the CSV to use itself)")
     return csvs[0]
 
@@ -337,13 +359,13 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
                             f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")
         pixels = decode_grayscale(read())
         if pixels is None:
-            raise DataError(f"{origin}: entry '{name}' is not a decodable image (expected jpg or png "
-                            "of at most 2^30 pixels)")
+            raise DataError(f"{origin}: entry '{name}' is {UNDECODABLE}")
         images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
     if skipped:
-        log.warning("%s: %d file%s not in <train|test>/<class>/ not read (the first: '%s')",
-                    origin, len(skipped), "" if len(skipped) == 1 else "s", skipped[0])
+        log.warning("%s: %d file%s outside <train|test>/<class>/ %s not read (the first: '%s')",
+                    origin, len(skipped), "" if len(skipped) == 1 else "s",
+                    "was" if len(skipped) == 1 else "were", skipped[0])
     splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
               for s in SPLIT_FOLDERS if images[s]}
     if not splits:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fer.data import (
-    csv_files,
+    dataset_root,
     file_sha256,
-    holds_image_layout,
     is_archive,
     load_dataset,
     safe_extract,
@@ -175,7 +174,8 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     # that kept size and mtime (cp -p, rsync -a, touch -r), as load_dataset's memo does.
     stamp_path = _source_stamp_path(target)
     stamp = stat_stamp(path, change_time=True)
-    if not target.exists() or read_json(stamp_path).get("stamp") != stamp:
+    if not target.exists() or read_json(stamp_path) != {"source": str(path.resolve()),
+                                                         "stamp": stamp}:
         partial = target.with_suffix(target.suffix + ".part")
         shutil.copy2(path, partial)
         os.replace(partial, target)
@@ -325,17 +325,10 @@ def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Pa
 
 
 def _dataset_root(folder: Path, *, archive: Path) -> Path:
-    """Where the folder holds images in train/ or test/ class folders (a CSV beside them is
-    then another file, as when `fer train --data` reads the archive): the folder or the top
-    subfolder with train/ or test/ in it, else the folder itself (fer.data finds them at any
-    depth). Otherwise its one CSV, at the top or one level down."""
-    candidates = (folder, *sorted(p for p in folder.iterdir() if p.is_dir()))
-    if holds_image_layout(folder):
-        return next((c for c in candidates if (c / "train").is_dir() or (c / "test").is_dir()),
-                    folder)
-    for candidate in candidates:
-        csvs = csv_files(candidate)
-        if len(csvs) == 1:
-            return csvs[0]
-    raise DataError(f"{archive}: holds no fer2013.csv and no train/ or test/ folder "
-                    "(empty source or unknown layout)")
+    """The folder or CSV in an unpacked archive that holds what the archive itself holds
+    (fer.data.dataset_root: `fer train --data` on the archive reads the same)."""
+    root = dataset_root(folder)
+    if root is None:
+        raise DataError(f"{archive}: holds no fer2013.csv and no train/ or test/ folder "
+                        "(empty source or unknown layout)")
+    return root

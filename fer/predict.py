@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer.data import decode_grayscale, to_model_input
+from fer.data import UNDECODABLE, decode_grayscale, to_model_input
 from fer.errors import FerError
 from fer.evaluate import predict_probabilities
 from fer.models import class_names_of
@@ -35,8 +35,7 @@ def read_grayscale(path: Path) -> np.ndarray:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
     image = decode_grayscale(data)
     if image is None:
-        raise FerError(f"{path}: not a decodable image (expected jpg, png, bmp, webp, ... "
-                       "of at most 2^30 pixels)")
+        raise FerError(f"{path}: {UNDECODABLE}")
     return image
 
 
@@ -88,7 +87,7 @@ def read_model_inputs(paths: Sequence[Path], *, faces: bool = False) -> list[Mod
         else:
             inputs.append(ModelInput(str(path), to_model_input(gray)))
     if len(problems) > 1:
-        raise FerError(f"{len(problems)} of {len(paths)} files are not images:\n  "
+        raise FerError(f"{len(problems)} of {len(paths)} files cannot be read as images:\n  "
                        + "\n  ".join(problems))
     if problems:
         raise FerError(problems[0])

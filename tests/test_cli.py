@@ -253,7 +253,7 @@ def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path)
     result = run_fer("predict", tmp_path / "notes.txt", tmp_path / "empty.png",
                      "--model", tmp_path / "junk.keras")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.splitlines()[0] == "error: 2 of 2 files are not images:"
+    assert result.stderr.splitlines()[0] == "error: 2 of 2 files cannot be read as images:"
     assert "notes.txt: not a decodable image" in result.stderr
     assert "empty.png: not a decodable image" in result.stderr and "junk" not in result.stderr
 

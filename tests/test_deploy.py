@@ -224,9 +224,9 @@ def test_the_image_build_context_holds_every_package_it_installs():
 
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_the_images_pinned_requirements_satisfy_pyproject(machine):
-    """docker/requirements.lock pins a version of every runtime requirement (fer's and the
-    orchestration extra's, transitively resolved), inside pyproject.toml's ranges, on
-    x86_64 and on arm64 (Docker on Apple silicon) alike, and holds none of the test tools.
+    """docker/requirements.lock pins a version of each direct runtime requirement (fer's and
+    the orchestration extra's; the image's pip check covers the rest), inside pyproject.toml's
+    ranges, on x86_64 and on arm64 (Docker on Apple silicon) alike, and holds no test tool.
     A dependency added to pyproject.toml without regenerating the lock fails here, not in
     a `docker build` nobody runs on CI."""
     import tomllib

@@ -70,6 +70,32 @@ def test_an_archive_with_one_top_folder_is_rooted_there(tmp_path):
     assert fetched.sha256 == fetch_data(str(tree), data_dir=tmp_path / "data").sha256
 
 
+def test_fetch_data_roots_an_archive_where_its_images_or_its_csv_are(tmp_path, shaded_csv):
+    """Images under one top folder beside a docs/test/ folder of notes are rooted at that
+    top folder; a CSV two folders down is found as reading the archive finds it; several
+    CSVs are refused naming the archive and the CSVs, as `fer train --data` refuses them."""
+    write_image_tree(tmp_path / "a" / "fer2013")
+    (tmp_path / "a" / "docs" / "test").mkdir(parents=True)
+    (tmp_path / "a" / "docs" / "test" / "notes.md").write_text("notes")
+    fetched = fetch_data(str(zip_folder(tmp_path / "a", tmp_path / "a.zip")),
+                         data_dir=tmp_path / "data")
+    assert fetched.path.name == "fer2013" and len(read_splits(fetched.path)["train"]) == 21
+    (tmp_path / "b" / "x" / "y").mkdir(parents=True)
+    (tmp_path / "b" / "x" / "y" / "fer2013.csv").write_bytes(shaded_csv.read_bytes())
+    archive = zip_folder(tmp_path / "b", tmp_path / "b.zip")
+    fetched = fetch_data(str(archive), data_dir=tmp_path / "data")
+    assert fetched.path.name == "fer2013.csv" and fetched.sha256 == file_sha256(
+        tmp_path / "b" / "x" / "y" / "fer2013.csv")
+    assert len(read_splits(archive)["validation"]) == 21
+    assert len(read_splits(tmp_path / "b")["validation"]) == 21  # the folder reads it too
+    (tmp_path / "b" / "labels.csv").write_text("a,b\n")
+    several = zip_folder(tmp_path / "b", tmp_path / "several.zip")
+    for source in (several, tmp_path / "b"):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(source))}: holds 2 CSV files "
+                                            r"\(labels\.csv, x/y/fer2013\.csv\)"):
+            fetch_data(str(source), data_dir=tmp_path / "data")
+
+
 def test_fetch_data_reads_an_archive_as_train_does(tmp_path, shaded_csv):
     """A CSV at the top beside images two folders down (kaggle/train/...), and a CSV beside
     a scripts/test/ folder of code: fetch-data's unpacked copy gives the dataset that

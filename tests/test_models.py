@@ -135,7 +135,8 @@ def test_a_keras_model_fer_cannot_feed_or_read_is_refused_on_loading(
         tmp_path, input_shape, outputs, class_names, found, precision):
     """Another project's Keras model is refused naming its file and what it takes and gives,
     before any image is scored (it failed inside predict with a traceback, or after scoring
-    named the model instead of the file); fer's own models, ensembles included, still load."""
+    named the model instead of the file); a model with fer's input, output and class order
+    still loads."""
     another_projects_model(input_shape, outputs, class_names=class_names).save(tmp_path / "m.keras")
     with pytest.raises(FerError, match=r"m\.keras: not a fer model \(" + found):
         load_model(tmp_path / "m.keras", precision=precision)

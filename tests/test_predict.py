@@ -97,14 +97,14 @@ def test_every_unreadable_file_is_named_at_once(tmp_path):
     with pytest.raises(FerError) as raised:
         read_model_inputs(paths)
     lines = str(raised.value).splitlines()
-    assert lines[0] == "2 of 3 files are not images:"
+    assert lines[0] == "2 of 3 files cannot be read as images:"
     assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(paths[0]), str(paths[2])]
     assert read_model_inputs(paths[1:2])[0].pixels.shape == (48, 48)
 
 
 def test_only_the_48x48_inputs_are_kept_while_files_are_read(tmp_path):
-    """A large photo is decoded, reduced and dropped before the next file is read, so
-    memory does not grow with the photos' size (each 12-megapixel one held 12 MB)."""
+    """A large photo is decoded, reduced and dropped before the next file is read: what is
+    kept is a 48x48 copy, not the photo or a view of it (each 12-megapixel one held 12 MB)."""
     rng = np.random.default_rng(0)
     (tmp_path / "photo.png").write_bytes(encode_image(rng.integers(0, 256, (900, 1200),
                                                                     dtype=np.uint8)))
