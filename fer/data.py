@@ -337,8 +337,11 @@ def is_archive(path: Path) -> bool:
 
 
 def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, origin: str) -> dict[str, Split]:
-    """Decode ``<split>/<class>/<image>`` entries (an optional top folder is allowed).
+    """Decode ``<split>/<class>/<image>`` entries: one set of split folders, at the top or
+    inside folders (``fer2013/train/...``).
 
+    Two sets (a copy beside the original, ``a/train`` and ``b/train``) are a DataError:
+    read as one dataset, their images would count twice and could cross from test to train.
     Other files (a val/ folder, images one folder deeper, notes) are not read; a warning
     counts them and names the first, so a layout fer does not know is not lost unseen.
     CSV files are left out of the count: beside image folders they are other files.
@@ -346,6 +349,7 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
     labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
     skipped: list[str] = []
+    roots: dict[str, str] = {}  # the folder holding the split folders -> its first entry
     for name, read in entries:
         parts = PurePosixPath(name).parts
         if _is_noise(parts) or name.lower().endswith(".csv"):
@@ -353,6 +357,12 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         if len(parts) < 3 or parts[-3].lower() not in SPLIT_FOLDERS:
             skipped.append(name)
             continue
+        roots.setdefault("/".join(parts[:-3]) + "/", name)
+        if len(roots) > 1:
+            (first, other) = roots.values()
+            raise DataError(f"{origin}: holds two sets of split folders ('{first}' and "
+                            f"'{other}'); expected one train/ and test/, so that no image is "
+                            "read twice (keep one copy, or pass its folder)")
         split, class_folder = parts[-3].lower(), parts[-2].lower()
         if class_folder not in CLASS_INDEX:
             raise DataError(f"{origin}: entry '{name}' is in unknown class folder "

@@ -169,6 +169,19 @@ def test_any_image_type_opencv_reads_makes_an_image_layout(tmp_path, shaded_csv)
         assert "validation" not in splits and splits["train"].labels.tolist() == [3], source
 
 
+def test_two_sets_of_split_folders_are_refused(tmp_path):
+    """a/train... and b/train... (a copy beside the original) were merged into one dataset:
+    every image counted twice, and a copy's test images could be another's train images.
+    One set inside a folder (fer2013/train...) is fine."""
+    write_image_tree(tmp_path / "two" / "a")
+    write_image_tree(tmp_path / "two" / "b")
+    for source in (tmp_path / "two", zip_folder(tmp_path / "two", tmp_path / "two.zip")):
+        with pytest.raises(DataError, match=r"holds two sets of split folders \('a/test/angry/"
+                                            r"0\.png' and 'b/test/angry/0\.png'\)"):
+            read_splits(source)
+    assert len(read_splits(tmp_path / "two" / "a")["train"]) == 21
+
+
 def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
     """CSVs beside train/ and test/ image folders (a labels list, say) leave the images the
     dataset, in an archive and in a folder, with the image folders one level down too."""
