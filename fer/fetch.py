@@ -67,15 +67,15 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
             _source_stamp_path(local).unlink(missing_ok=True)
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
-    # fer's copies, each with how its errors name what the user gave (a folder is used in place)
-    copies = {str(local): source}
+    # fer's copies, each with the source as given and how a path inside it is joined on
+    copies = {str(local): (source, "/")}  # a folder used in place is the user's own
     try:
         if is_archive(local):
-            copies[str(_unpacked_folder(local, data_dir=data_dir, digest=digest))] = source + "!"
+            copies[str(_unpacked_folder(local, data_dir=data_dir, digest=digest))] = (source, "!")
             dataset_path = _unpack(local, data_dir=data_dir, digest=digest)
         elif digest is not None:  # a CSV
             dataset_path = _content_addressed(local, data_dir=data_dir, digest=digest)
-            copies[str(dataset_path)] = source
+            copies[str(dataset_path)] = (source, "/")
         else:
             dataset_path = local
         dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
@@ -92,18 +92,17 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     return fetched
 
 
-def _as_given(message: str, copies: dict[str, str]) -> str:
+def _as_given(message: str, copies: dict[str, tuple[str, str]]) -> str:
     """A data error that begins with one of fer's ``copies`` of a source, naming instead the
     source as the user gave it: the downloaded or copied file as the source itself, a file
     of an unpacked archive as ``source!path`` (as `fer train --data` names an archive's
-    members), not a path under FER_DATA_DIR they never saw. A folder used in place is the
-    user's own, named as it is."""
-    for copy, given in sorted(copies.items(), key=lambda item: -len(item[0])):  # longest first
+    members), not a path under FER_DATA_DIR they never saw."""
+    for copy, (given, joiner) in sorted(copies.items(), key=lambda item: -len(item[0])):
         if message == copy or message.startswith((copy + "/", copy + ":", copy + ",")):
-            rest = message[len(copy):]
-            if given.endswith("!"):  # an unpacked archive: the source, or a member of it
-                return given[:-1] + ("!" + rest[1:] if rest.startswith("/") else rest)
-            return (given.rstrip("/") or "/") + rest if rest.startswith("/") else given + rest
+            rest = message[len(copy):]  # (longest copy first: the archive's folder is in it)
+            if rest.startswith("/"):  # a path inside the copy
+                return (given.rstrip("/") or "/") + joiner + rest[1:]
+            return given + rest
     return message
 
 
@@ -173,13 +172,12 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     # An edited source is copied again. Its ctime, kept beside the copy, catches an edit
     # that kept size and mtime (cp -p, rsync -a, touch -r), as load_dataset's memo does.
     stamp_path = _source_stamp_path(target)
-    stamp = stat_stamp(path, change_time=True)
-    if not target.exists() or read_json(stamp_path) != {"source": str(path.resolve()),
-                                                         "stamp": stamp}:
+    record = {"source": str(path.resolve()), "stamp": stat_stamp(path, change_time=True)}
+    if not target.exists() or read_json(stamp_path) != record:
         partial = target.with_suffix(target.suffix + ".part")
         shutil.copy2(path, partial)
         os.replace(partial, target)
-        write_json(stamp_path, {"source": str(path.resolve()), "stamp": stamp})
+        write_json(stamp_path, record)
     return target
 
 
@@ -310,14 +308,24 @@ def _content_addressed(local: Path, *, data_dir: Path, digest: str) -> Path:
 
 
 def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
-    """Extract once per archive content; return the folder or CSV that holds the data."""
+    """Extract once per archive content; return the folder or CSV that holds the data.
+
+    The unpacked folder never changes (it is named by the archive's sha256), so where its
+    data is is found once and kept in its marker: finding it lists every file (0.9 s for
+    FER2013's 32,298), which each later fetch-data of the archive would otherwise repeat.
+    """
     target = _unpacked_folder(archive, data_dir=data_dir, digest=digest)
     done_marker = target / ".fer-unpacked"
     if not done_marker.exists():
         shutil.rmtree(target, ignore_errors=True)
         safe_extract(archive, target)
-        done_marker.write_text(str(archive))
-    return _dataset_root(target, archive=archive)
+        write_json(done_marker, {"archive": str(archive)})
+    record = read_json(done_marker)  # {} for an older fer's marker, the archive's path as text
+    if isinstance(record.get("root"), str):
+        return target / record["root"]
+    root = _dataset_root(target, archive=archive)
+    write_json(done_marker, {"archive": str(archive), "root": root.relative_to(target).as_posix()})
+    return root
 
 
 def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
