@@ -413,10 +413,15 @@ def deploy(
         exists=True, file_okay=False, help="checkout holding deploy/prefect.yaml")] = Path("."),
     name: Annotated[list[str] | None, typer.Option(
         "--name", help="only these deployments (repeatable); default: all")] = None,
+    crash_after: Annotated[int, typer.Option(
+        help="seconds without a heartbeat after which a fer flow run is marked Crashed "
+             "(its worker died), freeing the pool")] = 600,
 ) -> None:
-    """Register the Prefect deployments in deploy/prefect.yaml (work pool `fer`)."""
+    """Register the Prefect deployments in deploy/prefect.yaml (work pool `fer`), and the
+    automation that marks a run whose worker died Crashed."""
     flows_deploy = _import_flows("flows.deploy")
-    for registered in flows_deploy.deploy_all(project_dir.resolve(), names=name or None):
+    for registered in flows_deploy.deploy_all(project_dir.resolve(), names=name or None,
+                                              crash_after_s=crash_after):
         typer.echo(f"deployed {registered}")
 
 

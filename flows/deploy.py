@@ -3,7 +3,9 @@
 Prefect's own ``prefect deploy`` reads the YAML, so it means exactly what Prefect documents.
 This module adds what the YAML cannot say: each work pool it names exists (type process) and
 runs at most one flow run at a time, which keeps the on-demand and the weekly deployment
-from ever training at once.
+from ever training at once; and an automation marks a fer flow run Crashed when its
+heartbeats stop (its worker's machine rebooted), which would otherwise stay Running and hold
+that one slot for ever, scheduled runs included.
 
 ``python -m flows.deploy [--project-dir DIR] [--name NAME ...]`` runs it from a shell (the
 ``deploy`` service of docker/compose.yaml does).
@@ -16,12 +18,17 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_KEY
 from prefect.workers.process import ProcessWorker
@@ -32,19 +39,31 @@ from flows.remote import require_api
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
 DEPLOY_TIMEOUT_S = 600
+CRASH_AUTOMATION = "fer: mark flow runs whose heartbeats stopped Crashed"
+# A flow run sends a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect's
+# default 180, its minimum 30). Ten minutes of silence is three missed default heartbeats:
+# a busy training is never taken for dead, and a dead one frees the pool within the hour.
+DEFAULT_CRASH_AFTER_S = 600
+MIN_CRASH_AFTER_S = 60  # two heartbeats at Prefect's shortest interval
+FLOW_RUN_ENDS = {f"prefect.flow-run.{state}" for state in
+                 ("Completed", "Failed", "Cancelled", "Crashed")}
 
 
-def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None) -> list[str]:
-    """Create the work pools and register the named deployments (all when None).
+def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
+               crash_after_s: int = DEFAULT_CRASH_AFTER_S) -> list[str]:
+    """Create the work pools and the crash automation, and register the named deployments
+    (all when None).
 
     Returns the registered deployments as ``flow/deployment`` names, read back from the server.
     """
     project_dir = Path(project_dir).resolve()
     pools = read_deployments(project_dir / PREFECT_FILE)
     chosen = list(pools) if names is None else _check_names(names, pools)
+    _check_crash_after(crash_after_s)
     api_url = require_api()
     for pool in sorted({pools[name] for name in chosen}):
         ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
+    ensure_crash_detection(crash_after_s=crash_after_s)
     _prefect_deploy(project_dir, chosen, api_url=api_url, everything=names is None)
     return _registered(chosen)
 
@@ -80,6 +99,53 @@ def ensure_work_pool(name: str, *, concurrency_limit: int | None) -> None:
                 base_job_template=ProcessWorker.get_default_base_job_template()))
         except ObjectAlreadyExists:  # a worker may have created it first; keep its type
             client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
+
+
+def ensure_crash_detection(*, crash_after_s: int) -> AutomationCore:
+    """Create or update the automation that marks a fer flow run Crashed once no heartbeat,
+    and no end of the run, came for ``crash_after_s`` seconds after its last heartbeat.
+
+    Prefect's server has no such rule of its own (Prefect documents this automation under
+    "detect zombie flows"): a run whose worker died with it stays Running, and the pool,
+    which runs one flow at a time, starts nothing else. Crashed frees it, and
+    `prefect flow-run retry` resumes the run like any crashed one. Only runs tagged ``fer``
+    (the tag every deployment of deploy/prefect.yaml gives its runs) are watched.
+    """
+    automation = AutomationCore(
+        name=CRASH_AUTOMATION,
+        description="Marks a fer flow run Crashed when its heartbeats stop (its worker died); "
+                    "managed by `fer deploy`.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *FLOW_RUN_ENDS},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "tag",
+                                                 "prefect.resource.id": ["prefect.tag.fer"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=crash_after_s),
+        ),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {crash_after_s} s: its worker or machine stopped")],
+    )
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(CRASH_AUTOMATION)
+        if existing:
+            client.update_automation(existing[0].id, automation)
+            for duplicate in existing[1:]:  # two deploys racing each created one
+                client.delete_automation(duplicate.id)
+        else:
+            client.create_automation(automation)
+    return automation
+
+
+def _check_crash_after(crash_after_s: int) -> None:
+    if crash_after_s < MIN_CRASH_AFTER_S:
+        raise FerError(f"--crash-after {crash_after_s}: expected at least {MIN_CRASH_AFTER_S} "
+                       "seconds (two heartbeats at Prefect's shortest interval, 30 s); "
+                       f"default {DEFAULT_CRASH_AFTER_S}")
 
 
 def _check_names(names: Sequence[str], pools: dict[str, str]) -> list[str]:
@@ -136,9 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder holding deploy/prefect.yaml (default: the current one)")
     parser.add_argument("--name", action="append", dest="names",
                         help="deploy only this deployment (repeatable; default: all)")
+    parser.add_argument("--crash-after", type=int, default=DEFAULT_CRASH_AFTER_S,
+                        metavar="SECONDS",
+                        help="mark a fer flow run Crashed after this many seconds without a "
+                             f"heartbeat (default: {DEFAULT_CRASH_AFTER_S})")
     args = parser.parse_args(argv)
     try:
-        deployed = deploy_all(args.project_dir, names=args.names)
+        deployed = deploy_all(args.project_dir, names=args.names,
+                              crash_after_s=args.crash_after)
     except FerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -71,6 +71,20 @@ class Process:
     def kill_descendants(self) -> list[int]:
         """SIGKILL every process this one started (a worker's flow runs), as the kernel's
         out-of-memory killer would; the pids killed."""
+        found = self._descendants()
+        _kill(found)
+        return found
+
+    def kill_with_descendants(self) -> list[int]:
+        """SIGKILL this process and every process it started together, as a machine that
+        loses power stops them: nothing gets to report anything; the descendants' pids."""
+        found = self._descendants()
+        process, self._process = self._process, None
+        _kill([process.pid, *found])
+        process.wait(timeout=10)
+        return found
+
+    def _descendants(self) -> list[int]:
         children: dict[int, list[int]] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError):  # a process that ended meanwhile
@@ -81,9 +95,6 @@ class Process:
             for child in children.get(pending.pop(), []):
                 found.append(child)
                 pending.append(child)
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         return found
 
     def log(self) -> str:
@@ -103,6 +114,12 @@ class Process:
             time.sleep(0.5)
         tail = "\n".join(self.log().splitlines()[-40:])
         raise AssertionError(f"{pattern!r} not in the log of {self.command[:4]}; tail:\n{tail}")
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class PrefectServer(Process):

@@ -20,9 +20,16 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, WorkerStatus
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from s3server import free_port
+from test_cli import assert_one_line_error, run_fer
 
 from fer.errors import FerError
-from flows.deploy import PREFECT_FILE, deploy_all, read_deployments
+from flows.deploy import (
+    CRASH_AUTOMATION,
+    DEFAULT_CRASH_AFTER_S,
+    PREFECT_FILE,
+    deploy_all,
+    read_deployments,
+)
 
 # One real Prefect server for the session: fixtures prefect_api, deployed, start_fer_worker.
 pytest_plugins = ["prefect_server"]
@@ -86,6 +93,39 @@ def test_deploying_again_updates_in_place(deployed):
     weekly = read("retrain/retrain-weekly")
     assert weekly.id == before["retrain/retrain-weekly"] and len(weekly.schedules) == 1
     assert read("retrain/retrain").id == before["retrain/retrain"]
+
+
+def crash_automations():
+    with get_client(sync_client=True) as client:
+        return client.read_automations_by_name(CRASH_AUTOMATION)
+
+
+@integration
+def test_deploy_registers_one_crash_automation_and_updates_it(deployed):
+    """`fer deploy` leaves exactly one automation that marks a fer run Crashed after
+    --crash-after seconds without a heartbeat; deploying again with another value changes
+    that one instead of adding a second (test_flows checks that it fires)."""
+    (automation,) = crash_automations()
+    assert automation.enabled
+    assert automation.trigger.within.total_seconds() == DEFAULT_CRASH_AFTER_S
+    assert automation.trigger.posture == "Proactive"
+    assert automation.trigger.match_related["prefect.resource.id"] == ["prefect.tag.fer"]
+    assert automation.actions[0].state == "CRASHED"
+    try:
+        deploy_all(REPO, names=["retrain"], crash_after_s=900)
+        (updated,) = crash_automations()
+        assert updated.id == automation.id and updated.trigger.within.total_seconds() == 900
+    finally:
+        deploy_all(REPO, names=["retrain"])
+    assert crash_automations()[0].trigger.within.total_seconds() == DEFAULT_CRASH_AFTER_S
+
+
+def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
+    """Before the server is asked anything, by the library and by `fer deploy` alike."""
+    with pytest.raises(FerError, match=r"--crash-after 30: expected at least 60 seconds"):
+        deploy_all(REPO, crash_after_s=30)
+    assert_one_line_error(run_fer("deploy", "--crash-after", "30", cwd=REPO),
+                          r"--crash-after 30: expected at least 60 seconds")
 
 
 @integration

@@ -43,7 +43,12 @@ from fer.data import Dataset
 from fer.errors import DataError, FerError, RunStillGoing
 from fer.runs import PublishResult, list_runs, read_report
 from fer.storage import LocalStore, open_store
-from flows.deploy import ensure_work_pool
+from flows.deploy import (
+    DEFAULT_CRASH_AFTER_S,
+    MIN_CRASH_AFTER_S,
+    ensure_crash_detection,
+    ensure_work_pool,
+)
 from flows.remote import follow_run, trigger_retrain
 from flows.retrain import (
     NETWORK_RETRIES,
@@ -419,7 +424,8 @@ def worker(deployed, start_fer_worker, s3_server, storage_url, tmp_path_factory)
     home = tmp_path_factory.mktemp("worker")
     env = {**s3_server.env(storage=storage_url), "FER_DATA_DIR": str(home / "data"),
            "AWS_CONFIG_FILE": str(home / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials")}
+           "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}  # Prefect's shortest
     process = start_fer_worker(log_path=home / "worker.log", env=env)
     process.wait_for_log(r"Worker '.*' started!", timeout=90)
     yield process
@@ -518,6 +524,42 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     assert manifest["started_by"] == f"prefect flow run {run.flow_run_id}"
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 30  # header, then every epoch once
+
+
+@integration
+def test_a_run_whose_worker_died_is_marked_crashed_and_frees_the_pool(worker, tiny_fer_zip,
+                                                                      tmp_path):
+    """The worker's machine dies mid-training (worker and flow run killed at once, nothing
+    reports): the automation `fer deploy` registers marks the run Crashed once its
+    heartbeats stop, and the pool, which runs one flow at a time, then starts the run that
+    was waiting, instead of holding both for ever."""
+    ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
+    try:
+        dying = trigger_retrain({**TINY, "epochs": 30, "data": str(tiny_fer_zip),
+                                 "out_dir": str(tmp_path)}, wait=False)
+        deadline = time.monotonic() + 180
+        while epochs_done(tmp_path) < 1:
+            assert time.monotonic() < deadline, worker.log()[-3000:]
+            time.sleep(0.05)
+        waiting = trigger_retrain({"data": str(tmp_path / "missing.zip"),
+                                   "out_dir": str(tmp_path)}, wait=False)
+        assert worker.kill_with_descendants()
+        killed_at = time.monotonic()
+        time.sleep(5)
+        assert flow_run(dying.flow_run_id).state.name == "Running"  # nothing else ends it
+        assert flow_run(waiting.flow_run_id).state.name == "Scheduled"
+
+        while (state := flow_run(dying.flow_run_id).state).name == "Running":
+            assert time.monotonic() - killed_at < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
+            time.sleep(1)
+        assert state.name == "Crashed" and "no heartbeat for 60 s" in state.message
+        worker.start()
+        with pytest.raises(FerError, match=r"ended Failed: .*missing\.zip: data source not found"):
+            follow(waiting)
+    finally:
+        ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+        if not worker.running():
+            worker.start()
 
 
 @integration
