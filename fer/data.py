@@ -97,8 +97,7 @@ def load_dataset(
     DataError naming it; a decode cache that cannot be written is a warning, not a stop.
     """
     source = Path(source)
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction}: expected a fraction between 0 and 1")
+    check_val_fraction(val_fraction)
     try:
         if not source.exists():
             raise DataError(f"{source}: data source not found (expected a .csv, a folder or "
@@ -398,6 +397,11 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     except cv2.error:
         return None
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction}: expected a fraction between 0 and 1")
 
 
 def to_model_input(gray: np.ndarray) -> np.ndarray:

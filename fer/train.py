@@ -27,7 +27,7 @@ from fer.checkpoint import (
     start_run,
 )
 from fer.config import TrainConfig
-from fer.data import Dataset, Split
+from fer.data import Dataset, Split, check_val_fraction
 from fer.errors import FerError
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
@@ -41,6 +41,7 @@ from fer.precision import check_precision, dtype_policy, resolve_precision
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
              "manifest.json")
+MAX_SEED = 2**32 - 1  # numpy.random.seed, which Keras' set_random_seed calls, takes no more
 
 log = logging.getLogger(__name__)  # progress for a person watching; the run folder has the record
 
@@ -343,6 +344,12 @@ def check_config(config: TrainConfig) -> None:
         raise FerError(f"--batch-size {config.batch_size}: expected at least 1")
     if config.ensemble < 1:
         raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
+    last_seed = config.seed + config.ensemble - 1  # member i trains from seed + i - 1
+    if config.seed < 0 or last_seed > MAX_SEED:
+        raise FerError(f"--seed {config.seed}" + (f" with --ensemble {config.ensemble}"
+                                                  if config.ensemble > 1 else "")
+                       + f": expected seeds from 0 to {MAX_SEED} (NumPy's range)")
+    check_val_fraction(config.val_fraction)
     if config.learning_rate is not None and not config.learning_rate > 0:
         raise FerError(f"--learning-rate {config.learning_rate}: expected a number above 0")
     get_spec(config.model)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 
@@ -27,6 +28,12 @@ from fer.runs import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
+# A retried flow run keeps its id, so Prefect's default cache (inputs + code + run id) would
+# replay every task the first attempt finished: the data fetched then, though the source has
+# changed since, and a "published" that uploaded nothing. Each task is safe to run again
+# (train continues or takes its run folder, evaluate keeps a complete run's reports,
+# publishing is idempotent), so none is cached.
+TASK_OPTIONS = {"cache_policy": NO_CACHE}
 REPORT_ARTIFACT = "classification-report"
 METRICS_ARTIFACT = "test-metrics"
 
@@ -45,7 +52,7 @@ def _retry_unless(permanent: type[Exception]):
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_retry_unless(DataError))  # a failed download retries
+      retry_condition_fn=_retry_unless(DataError), **TASK_OPTIONS)  # a failed download retries
 def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> str:
     """Bring the data source into the local cache; the local path of the dataset."""
     from fer.fetch import resolve_data
@@ -90,7 +97,7 @@ def fer_log_in_run_log() -> Iterator[None]:
         fer_logger.propagate = propagate
 
 
-@task
+@task(**TASK_OPTIONS)
 def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool) -> None:
     """Open the store before anything else, so that a missing bucket, a wrong key or denied
     access fails the run in seconds rather than after the training. A store that cannot be
@@ -105,7 +112,7 @@ def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool
         get_run_logger().warning("%s; training anyway, publishing will try again", exc)
 
 
-@task
+@task(**TASK_OPTIONS)
 def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | None) -> str:
     """Fit a model on the source's train split; the run folder it wrote.
 
@@ -176,7 +183,7 @@ def _continue(run_dir: Path, dataset) -> Path:
     return fit(dataset, stopped.config, verbose=2, resume=stopped).run_dir
 
 
-@task
+@task(**TASK_OPTIONS)
 def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
     """Score the run's model on the test split and write its reports; the metrics. A run
     an earlier attempt completed keeps its reports: scoring it again would rewrite
@@ -192,7 +199,7 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_retry_unless(FerError))
+      retry_condition_fn=_retry_unless(FerError), **TASK_OPTIONS)
 def publish(run_dir: str, *, storage: str, endpoint_url: str | None,
             create_bucket: bool, force_champion: bool = False) -> PublishResult:
     """Upload the run folder to the store and move its latest/champion pointers."""
@@ -228,7 +235,8 @@ def retrain(
     Returns the published run's id, location, whether it became the champion, and its
     test accuracy and macro-F1.
     """
-    prefer_onednn()  # the tasks import TensorFlow later, in this process
+    prefer_onednn()  # before TensorFlow loads in this process (check_config loads Keras)
+    from fer.train import check_config
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
@@ -236,6 +244,7 @@ def retrain(
                          val_fraction=val_fraction, learning_rate=learning_rate,
                          precision=precision, tta=tta, ensemble=ensemble,
                          out_dir=Path(out_dir))
+    check_config(config)  # a typo in a deployment's parameters fails before any download
 
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import s3server
+from conftest import subset_of_shared_archive
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
@@ -34,13 +35,15 @@ from prefect.client.schemas.filters import (
 from prefect.states import Running
 from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
-from test_cli import FER
+from test_cli import FER, run_fer
 
 import flows.local_server as local_server
 import flows.remote as remote_module
 import flows.retrain as retrain_module
-from fer.data import Dataset
+from fer.checkpoint import read_run
+from fer.data import Dataset, load_dataset
 from fer.errors import DataError, FerError, RunStillGoing
+from fer.fetch import current_source
 from fer.runs import PublishResult, list_runs, read_report
 from fer.storage import LocalStore, open_store
 from flows.deploy import (
@@ -353,6 +356,18 @@ def test_training_error_fails_the_flow_with_fers_message(prefect_api, tiny_fer_z
 
 
 @integration
+def test_bad_parameters_fail_the_flow_before_any_data_is_fetched(prefect_api, data_dir,
+                                                                 tmp_path):
+    """A typo in a deployment's parameters (an unknown model) fails the run at once, before
+    the store is opened or the dataset fetched and decoded."""
+    state = retrain(model="defualt", data=str(tmp_path / "data.zip"),
+                    storage=str(tmp_path / "store"), out_dir=str(tmp_path / "runs"),
+                    return_state=True)
+    assert state.is_failed() and "unknown model 'defualt'" in state.message
+    assert task_runs(state.state_details.flow_run_id) == {}
+
+
+@integration
 def test_bad_dataset_is_not_retried(prefect_api, s3_env, data_dir, tmp_path):
     """A download that is not a dataset fails at once: retrying cannot fix the data."""
     s3_env.client().put_object(Bucket=BUCKET, Key="junk.zip", Body=b"not a zip archive")
@@ -524,6 +539,41 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     assert manifest["started_by"] == f"prefect flow run {run.flow_run_id}"
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 30  # header, then every epoch once
+
+
+@integration
+def test_a_retry_fetches_the_data_again_and_trains_anew_when_it_changed(worker, prefect_api,
+                                                                       tiny_fer_zip, tmp_path):
+    """A retry runs every task again, fetching included. A crashed run of the worker's
+    current dataset (`data: null`, as the weekly deployment runs), whose current dataset
+    `fer fetch-data` replaced before the retry, trains a new run on the new data and says
+    why, instead of continuing on the data its first attempt fetched: Prefect would replay
+    that attempt's cached result, since a retried flow run keeps its id."""
+    worker_data = {"FER_DATA_DIR": worker.env["FER_DATA_DIR"]}
+    assert run_fer("fetch-data", "--source", tiny_fer_zip, env=worker_data).returncode == 0
+    out = tmp_path / "runs"
+    run = trigger_retrain({**TINY, "epochs": 30, "data": None, "out_dir": str(out)}, wait=False)
+    deadline = time.monotonic() + 180
+    while epochs_done(out) < 2:
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.05)
+    assert worker.kill_descendants()
+    with pytest.raises(FerError, match=r"ended Crashed"):
+        follow(run)
+    (first,) = out.iterdir()
+    newer = subset_of_shared_archive(tmp_path / "newer.zip", train_per_class=15, test_per_class=5)
+    assert run_fer("fetch-data", "--source", newer, env=worker_data).returncode == 0
+
+    prefect_cli(prefect_api, "flow-run", "retry", run.flow_run_id)
+    finished = follow(run)
+
+    assert finished.state == "Completed" and finished.result["run_id"] != first.name
+    manifest = json.loads((out / finished.result["run_id"] / "manifest.json").read_text())
+    assert manifest["data"]["sha256"] != read_run(first).data_sha256
+    now_current = current_source(Path(worker_data["FER_DATA_DIR"]))
+    assert manifest["data"]["sha256"] == load_dataset(now_current, cache_dir=tmp_path).sha256
+    assert any("its data has changed since; training from the start" in message
+               for message in run_log(run.flow_run_id, containing="its data has changed"))
 
 
 @integration

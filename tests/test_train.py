@@ -21,7 +21,7 @@ from fer.errors import FerError
 from fer.evaluate import predict_labels
 from fer.labels import CLASS_NAMES
 from fer.models import load_model
-from fer.train import RUN_FILES, train
+from fer.train import RUN_FILES, check_config, train
 
 
 def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatch):
@@ -164,6 +164,25 @@ def test_an_ensemble_member_is_the_single_run_of_its_seed(tmp_path, tiny_dataset
 def test_an_ensemble_of_zero_is_refused(tmp_path, tiny_dataset):
     with pytest.raises(FerError, match=r"--ensemble 0: expected at least 1"):
         train(tiny_dataset, TrainConfig(epochs=1, ensemble=0, out_dir=tmp_path), verbose=0)
+
+
+@pytest.mark.parametrize("seed, ensemble, message", [
+    (-1, 1, r"--seed -1: expected seeds from 0 to 4294967295"),
+    (2**32, 1, r"--seed 4294967296: expected seeds"),
+    (2**32 - 2, 3, r"--seed 4294967294 with --ensemble 3: expected seeds from 0 to 4294967295"),
+])
+def test_seeds_numpy_cannot_take_are_refused_before_training(tmp_path, seed, ensemble, message):
+    """A seed NumPy refuses raised a traceback when the split was carved, or hours later
+    when a late ensemble member's seed (seed + member - 1) passed 2**32 - 1."""
+    config = TrainConfig(epochs=1, seed=seed, ensemble=ensemble, out_dir=tmp_path)
+    with pytest.raises(FerError, match=message):
+        check_config(config)
+    check_config(TrainConfig(epochs=1, seed=2**32 - 3, ensemble=3, out_dir=tmp_path))
+
+
+def test_a_validation_fraction_outside_zero_to_one_is_refused_before_training(tmp_path):
+    with pytest.raises(FerError, match=r"--val-fraction 1.0: expected a fraction between 0 and 1"):
+        check_config(TrainConfig(epochs=1, val_fraction=1.0, out_dir=tmp_path))
 
 
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
