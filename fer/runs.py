@@ -61,7 +61,7 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
 
     ``latest`` moves to the newest run by ``created``; ``champion`` moves when the run was
     trained on the same data as the current champion and its saved model's validation
-    accuracy is at least the champion's, or always with ``force_champion``. Choosing on test
+    accuracy is higher, or equal and the run newer; or always with ``force_champion``. Choosing on test
     accuracy would be choosing the model on the test set; across different data neither
     figure compares.
     """
@@ -92,6 +92,8 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
     if latest is None or _when(record["created"]) >= _when(latest.get("created")):
         store.put_bytes("latest.json", _dump(record))
     champion = _champion_record(store)
+    if champion is not None and champion.get("run_id") == record["run_id"]:
+        return False  # published again: it is the champion already, nothing moves
     becomes = force_champion or champion is None or _beats(record, champion)
     if becomes:
         store.put_bytes("champion.json", _dump(record))
@@ -146,13 +148,18 @@ def _champion_record(store: Store) -> dict[str, Any] | None:
 
 
 def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """Same data, same validation split (fraction and seed) and validation accuracy at least
-    the champion's; unknowns never win."""
+    """Same data, same validation split (fraction and seed) and a higher validation accuracy,
+    or an equal one and a newer run; unknowns never win. Ties go by age, not by publishing
+    order, so publishing an older run again cannot take the champion back."""
     for key in ("data_sha256", "validation"):
         if record[key] is None or record[key] != champion.get(key):
             return False
     ours, theirs = record["val_accuracy"], champion.get("val_accuracy")
-    return ours is not None and (theirs is None or ours >= theirs)
+    if ours is None:
+        return False
+    if theirs is None or ours > theirs:
+        return True
+    return ours == theirs and _when(record["created"]) > _when(champion.get("created"))
 
 
 def _read_run_folder(folder: Path) -> _LocalRun:

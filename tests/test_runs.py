@@ -187,13 +187,31 @@ def test_list_is_newest_first(store, runs):
 
 
 def test_publish_twice_is_harmless(store, runs):
-    """Publishing the same run again changes nothing and succeeds."""
+    """Publishing the same run again changes nothing and succeeds; it does not claim to make
+    the run the champion it already is."""
     folder = make_run(runs, "run-a", accuracy=0.5)
     first = publish_run(folder, store)
     manifest = resolve_run(store, "run-a").manifest
-    assert publish_run(folder, store) == first
+    again = publish_run(folder, store)
+    assert (again.run_id, again.location, again.became_champion) == (
+        first.run_id, first.location, False)
+    assert first.became_champion
     assert resolve_run(store, "run-a").manifest == manifest
     assert [s.run_id for s in list_runs(store)] == ["run-a"]
+
+
+def test_publishing_an_older_run_again_does_not_take_a_tie_back(store, runs):
+    """Two runs with equal validation accuracy (deterministic training often gives the same
+    figure): the newer is the champion however often, and in whatever order, either is
+    published (a tie had gone to whichever was published last)."""
+    older = make_run(runs, "r1", accuracy=0.60, minute=1)
+    newer = make_run(runs, "r2", accuracy=0.60, minute=2)
+    assert publish_run(newer, store).became_champion
+    assert not publish_run(older, store).became_champion
+    assert pointers(store) == ("r2", "r2")
+    assert not publish_run(newer, store).became_champion  # it is already
+    assert not publish_run(older, store).became_champion
+    assert pointers(store) == ("r2", "r2")
 
 
 def test_republish_with_other_files_is_refused(store, runs):
