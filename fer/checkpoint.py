@@ -187,9 +187,12 @@ class MemberCheckpoint:
         """The best epoch's weights so far; None before any epoch improved."""
         return None if progress.best_file is None else self._arrays(progress.best_file)
 
-    def final_weights(self) -> list[np.ndarray]:
-        """A finished member's weights: its best epoch's, with the statistics it kept."""
-        return self._arrays("final.npz")
+    def restore_final(self, model: keras.Model) -> None:
+        """A finished member's weights (its best epoch's, with the statistics it kept) into
+        ``model``; weights that do not fit it (the model changed since) as one line."""
+        weights = self._arrays("final.npz")
+        with self._readable("final.npz"):
+            model.set_weights(weights)
 
     def save_epoch(self, model: keras.Model, progress: MemberProgress, *,
                    best_weights: list[np.ndarray] | None) -> None:

@@ -54,14 +54,22 @@ class RunResult:
 
 
 def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
-          resume: RunRecord | None = None) -> RunResult:
-    """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder."""
-    run = fit(dataset, config, verbose=verbose, resume=resume)
+          resume: RunRecord | None = None, resume_flags: str = "") -> RunResult:
+    """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder.
+
+    ``resume_flags`` are added to the resume command a stop logs: options the run does not
+    record (``--publish --storage ...``) that the command which stopped was given.
+    """
+    run = fit(dataset, config, verbose=verbose, resume=resume, resume_flags=resume_flags)
     return RunResult(run_id=run.run_id, run_dir=run.run_dir,
-                     metrics=score(run.run_dir, dataset.test))
+                     metrics=score(run.run_dir, dataset.test, resume_flags=resume_flags))
 
 
-def score(run_dir: Path, test: Split) -> dict:
+def _resume_command(run_dir: Path, flags: str) -> str:
+    return f"`fer train --resume {run_dir}{' ' + flags if flags else ''}`"
+
+
+def score(run_dir: Path, test: Split, *, resume_flags: str = "") -> dict:
     """Score a fitted run on the test split, writing its reports, then drop its checkpoint:
     the run is complete. A stop while scoring leaves the checkpoint, so that a resume
     finishes the run instead of finding nothing to do."""
@@ -70,14 +78,15 @@ def score(run_dir: Path, test: Split) -> dict:
     except FerError:
         raise  # a problem to fix first: resuming would meet it again
     except BaseException:
-        log.info("scoring stopped; `fer train --resume %s` finishes the run", run_dir)
+        log.info("scoring stopped; %s finishes the run", _resume_command(run_dir, resume_flags))
         raise
     finish_run(run_dir)
     return metrics
 
 
 def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
-        resume: RunRecord | None = None, started_by: str | None = None) -> RunResult:
+        resume: RunRecord | None = None, started_by: str | None = None,
+        resume_flags: str = "") -> RunResult:
     """Train on train, select the epoch on validation; write model, history, curves, manifest.
 
     With ``config.ensemble`` > 1 the members train one after another from seeds
@@ -114,8 +123,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     except FerError:
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
     except BaseException:  # Ctrl-C, SIGTERM (Prefect raises its own TerminationSignal), any error
-        log.info("training stopped; `fer train --resume %s`%s continues it from its last "
-                 "finished epoch", run.run_dir,
+        log.info("training stopped; %s%s continues it from its last finished epoch",
+                 _resume_command(run.run_dir, resume_flags),
                  f" or a retry of {run.started_by}" if run.started_by else "")
         raise
     return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)
@@ -237,7 +246,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
     with dtype_policy(run.precision):
         model = spec.build()
     if progress.finished:
-        model.set_weights(checkpoint.final_weights())
+        checkpoint.restore_final(model)
         log.info("trained before the stop: best validation accuracy %.4f at epoch %d of %d",
                  progress.best_value, progress.best_epoch, config.epochs)
         return _member(model, progress, seed=seed, clock=started - progress.elapsed[-1])

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from contextlib import contextmanager
@@ -237,6 +238,8 @@ def train(
         raise typer.BadParameter("a --remote run always publishes (to the worker's "
                                  "FER_STORAGE, or --storage); train here to keep it local",
                                  param_hint="--no-publish")
+    if not publish and not remote:
+        _check_publish_options(ctx)
     if resume is not None:
         _check_resume_alone(ctx, remote=remote)
     else:
@@ -255,8 +258,11 @@ def train(
     _writable(resume or out, "--resume" if resume else "--out")
     if publish:
         _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
-    result = (_resume_locally(resume, settings=settings) if resume is not None
-              else _train_locally(config, data=data, settings=settings))
+    # A stop logs the resume command; it must publish too, as this command would have.
+    flags = _publish_flags(ctx, storage=storage, endpoint_url=endpoint_url) if publish else ""
+    result = (_resume_locally(resume, settings=settings, resume_flags=flags)
+              if resume is not None
+              else _train_locally(config, data=data, settings=settings, resume_flags=flags))
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "
                f"macro-F1 {metrics['macro_f1']:.4f}, "
@@ -276,6 +282,31 @@ def _given(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` (by the source's name: Typer ships its own
     copy of Click)."""
     return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+
+# Options that only say where and how to publish: without --publish they would do nothing.
+PUBLISH_OPTIONS = ("storage", "create_bucket", "force_champion")
+
+
+def _check_publish_options(ctx: typer.Context) -> None:
+    given = [name for name in PUBLISH_OPTIONS if _given(ctx, name)]
+    if given:
+        named = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise typer.BadParameter(f"{named} {'has' if len(given) == 1 else 'have'} no effect "
+                                 "unless the run is published; add --publish",
+                                 param_hint="--publish")
+
+
+def _publish_flags(ctx: typer.Context, *, storage: str | None, endpoint_url: str | None) -> str:
+    """The publishing options as given, as they would be typed again."""
+    flags = ["--publish"]
+    if storage:
+        flags.append(f"--storage {shlex.quote(storage)}")
+    if endpoint_url:
+        flags.append(f"--endpoint-url {shlex.quote(endpoint_url)}")
+    flags += ["--" + name.replace("_", "-") for name in ("create_bucket", "force_champion")
+              if ctx.params.get(name)]
+    return " ".join(flags)
 
 
 def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
@@ -425,7 +456,8 @@ def deploy(
         typer.echo(f"deployed {registered}")
 
 
-def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings):
+def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
+                   resume_flags: str = ""):
     from fer.data import load_dataset
     from fer.fetch import resolve_data
 
@@ -436,10 +468,10 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings)
                            cache_dir=settings.data_dir)
     from fer.train import train as train_run
 
-    return train_run(dataset, config, verbose=_keras_verbosity())
+    return train_run(dataset, config, verbose=_keras_verbosity(), resume_flags=resume_flags)
 
 
-def _resume_locally(run_dir: Path, *, settings: Settings):
+def _resume_locally(run_dir: Path, *, settings: Settings, resume_flags: str = ""):
     """The stopped run's training, on the data source it recorded."""
     from fer.checkpoint import read_run
 
@@ -453,7 +485,8 @@ def _resume_locally(run_dir: Path, *, settings: Settings):
 
     dataset = load_dataset(Path(run.data_source), val_fraction=run.config.val_fraction,
                            seed=run.config.seed, cache_dir=settings.data_dir)
-    return train_run(dataset, run.config, verbose=_keras_verbosity(), resume=run)
+    return train_run(dataset, run.config, verbose=_keras_verbosity(), resume=run,
+                     resume_flags=resume_flags)
 
 
 def _keras_verbosity() -> int:

@@ -242,6 +242,23 @@ def test_a_stop_while_removing_the_checkpoint_leaves_a_complete_run(tmp_path, mo
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
 
 
+def test_a_finished_member_that_no_longer_fits_its_model_is_a_one_line_error(
+        tmp_path, tiny_dataset, monkeypatch):
+    """Member 1 finished before the stop, then its model changed (an upgrade of fer): its
+    saved weights do not fit, and the resume names the file instead of a Keras traceback."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=5, ensemble=2,
+                         precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config,
+                          EpochSpy(monkeypatch, stop_at=1, stop_member=2))
+    final = run_dir / FOLDER / "member-1" / "final.npz"
+    with np.load(final) as arrays:
+        weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    np.savez(final, *weights[:-1])  # one weight fewer than the model has
+    with pytest.raises(FerError, match=r"final\.npz: unreadable checkpoint .*; delete "
+                                       r".*member-1 to train this member again"):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkeypatch):
     """A weights file cut short (a crash of the machine mid-write) names the file and what
     to delete, instead of an h5py traceback."""

@@ -289,16 +289,22 @@ def test_an_unwritable_data_folder_is_one_line(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
-def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset, stop):
+@pytest.mark.parametrize("stop, publishing", [(signal.SIGTERM, False), (signal.SIGHUP, True)],
+                         ids=["sigterm", "sighup-publishing"])
+def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset, stop,
+                                                  publishing):
     """`kill`, `timeout` or `docker stop` (SIGTERM), or a closed terminal or ssh session
     (SIGHUP), mid-training: the log names the resume command (Python's default would die
-    silently) and the exit status is the signal's, 143 or 129."""
+    silently) and the exit status is the signal's, 143 or 129. A run that was to be
+    published is told to resume with its publishing options: the run does not record them,
+    and `--resume` alone would train it and publish nothing."""
     from run_folders import epochs_done
 
     runs = tmp_path / "runs"
+    flags = (["--publish", "--storage", str(tmp_path / "my store"), "--force-champion"]
+             if publishing else [])
     process = subprocess.Popen([*FER, "train", "--epochs", "30", "--data", str(fer_subset),
-                                "--out", str(runs)], stdout=subprocess.PIPE,
+                                "--out", str(runs), *flags], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                # as from a terminal, even where this runs under nohup
                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
@@ -313,9 +319,23 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset,
         process.kill()
     (run_dir,) = runs.iterdir()
     assert process.returncode == 128 + stop, stderr
-    assert f"`fer train --resume {run_dir}` continues it" in stderr
+    again = (f" --publish --storage '{tmp_path / 'my store'}' --force-champion"
+             if publishing else "")
+    assert f"`fer train --resume {run_dir}{again}` continues it" in stderr
     assert "Traceback" not in stderr
     assert epochs_done(runs) >= 1
+
+
+@pytest.mark.parametrize("options", [["--force-champion"], ["--storage", "s3://b/p"],
+                                     ["--create-bucket", "--force-champion"]])
+def test_publishing_options_without_publish_are_refused(options):
+    """They would be ignored: the user believes the run goes to the store, or becomes the
+    champion, and it stays in runs/."""
+    result = run_fer("train", "--epochs", "1", *options)
+    assert result.returncode == 2
+    message = " ".join(result.stderr.replace("│", " ").split())  # Click's box, any width
+    assert "no effect unless the run is published; add --publish" in message
+    assert all(option in message for option in options if option.startswith("--"))
 
 
 @pytest.mark.integration
