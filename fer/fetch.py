@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fer.data import (
     dataset_root,
@@ -156,11 +156,17 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     """A local copy of the source file (folders are used where they are)."""
     downloads = data_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    url = urllib.parse.urlparse(source)
-    if url.scheme in ("http", "https"):
+    scheme = urllib.parse.urlparse(source).scheme
+    if scheme in ("http", "https"):
         return _download_http(source, downloads / _download_name(source), progress=progress)
-    if url.scheme == "s3":
-        return _download_s3(url.netloc, url.path.lstrip("/"), downloads / _download_name(source),
+    if scheme == "s3":
+        from fer.storage import split_s3_url
+
+        bucket, key = split_s3_url(source)
+        if not key or key.endswith("/"):
+            raise DataError(f"{source}: names no object; expected s3://BUCKET/KEY of a CSV or "
+                            "an archive")
+        return _download_s3(bucket, key, downloads / _download_name(source),
                             endpoint_url=endpoint_url)
     path = Path(source).expanduser()
     if not path.exists():
@@ -182,7 +188,12 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
 
 
 def source_name(source: str) -> str:
-    """The file name a source (path or URL) ends in, without a ``?dl=1`` tail; "" if none."""
+    """The file name a source (path or URL) ends in, without an http(s) URL's ``?dl=1``
+    tail (an S3 key's '?' and '#' are part of its name); "" if none."""
+    if source.startswith("s3://"):  # boto3 loads only for S3 sources
+        from fer.storage import split_s3_url
+
+        return PurePosixPath(split_s3_url(source)[1]).name
     return Path(urllib.parse.urlparse(source).path).name
 
 

@@ -425,8 +425,15 @@ def _read_pointer(store: Store, name: str) -> dict[str, Any] | None:
 
 
 def _pointer_run_id(store: Store, name: str) -> str | None:
+    """The run a pointer names, checked like any run id: it becomes a key in the store and
+    a folder under `fer reports get --dest`, so '../..' must not pass."""
     pointer = _read_pointer(store, name)
-    return None if pointer is None else pointer.get("run_id")
+    if pointer is None:
+        return None
+    try:
+        return _check_run_id(pointer.get("run_id"), source=store.url(f"{name}.json"))
+    except FerError as exc:
+        raise StorageError(f"{exc}; it was not written by fer") from None
 
 
 def _load_json(store: Store, key: str) -> dict[str, Any] | None:

@@ -158,7 +158,11 @@ class S3Store:
         if not create:
             raise StorageError(self._missing_bucket())
         with self._errors(f"creating bucket '{self.bucket}'"):
-            self._client.create_bucket(Bucket=self.bucket, **self._bucket_location())
+            try:
+                self._client.create_bucket(Bucket=self.bucket, **self._bucket_location())
+            except bce.ClientError as exc:
+                if _error_code(exc) != "BucketAlreadyOwnedByYou":  # another run just made it
+                    raise
 
     def _bucket_exists(self) -> bool:
         with self._errors(f"checking bucket '{self.bucket}'"):
@@ -362,19 +366,34 @@ def open_store(url: str, *, endpoint_url: str | None = None,
     An S3 bucket is checked here, so a wrong bucket, endpoint or key fails before any upload.
     """
     if "://" not in url:
+        if _LOOKS_LIKE_A_SCHEME.match(url):  # s3:/bucket, s3:bucket: not a folder named so
+            raise StorageError(
+                f"storage URL {url!r} looks like a URL without '://'; expected a folder path, "
+                "file://PATH or s3://BUCKET/PREFIX (a folder whose name has a colon: ./NAME)")
         return LocalStore(Path(url))
     scheme, _, rest = url.partition("://")
     if scheme == "file":
         return LocalStore(Path(rest))
     if scheme == "s3":
-        bucket, _, prefix = rest.partition("/")
-        store = S3Store(_check_bucket(bucket, url=url), prefix=prefix, endpoint_url=endpoint_url)
+        bucket, prefix = split_s3_url(url)
+        store = S3Store(bucket, prefix=prefix, endpoint_url=endpoint_url)
         store.ensure_bucket(create=create_bucket)
         return store
     raise StorageError(
         f"unsupported storage URL {url!r} (scheme {scheme!r}); expected a folder path, "
         "file://PATH or s3://BUCKET/PREFIX"
     )
+
+
+# Two or more letters then a colon: a scheme. One letter is a Windows drive (C:).
+_LOOKS_LIKE_A_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, key or prefix) of ``s3://BUCKET/KEY``, the key taken literally: '?' and '#'
+    are characters of S3 keys (a URL parser would cut them off as query and fragment)."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    return _check_bucket(bucket, url=url), key
 
 
 def _check_bucket(bucket: str, *, url: str) -> str:

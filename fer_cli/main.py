@@ -112,6 +112,15 @@ def _download_progress():
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def _checked_sha256(value: str) -> str:
+    """64 hex digits, as `sha256sum` prints them (a 'sha256:' prefix allowed), checked before
+    any download: a malformed one would fail after it and delete the good file."""
+    digest = value.strip().lower().removeprefix("sha256:")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise typer.BadParameter(f"{value!r}: expected 64 hexadecimal digits", param_hint="--sha256")
+    return digest
+
+
 @app.command("fetch-data")
 def fetch_data(
     source: Annotated[str, typer.Option(help="http(s) URL, s3://bucket/key or local path")] =
@@ -124,6 +133,8 @@ def fetch_data(
     from fer.fetch import fetch_data as fetch
     from fer.fetch import source_name
 
+    if sha256 is not None:
+        sha256 = _checked_sha256(sha256)
     settings = _settings(endpoint_url=endpoint_url)
     _writable(settings.data_dir, "FER_DATA_DIR")
     with _download_progress() as progress:

@@ -31,6 +31,12 @@ def run_fer(*args: str, env: dict | None = None, cwd: Path | None = None,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout, check=False)
 
 
+def usage_error(result: subprocess.CompletedProcess) -> str:
+    """A usage error's message (exit code 2) as one line, out of Click's box of any width."""
+    assert result.returncode == 2, result.stderr
+    return " ".join(result.stderr.replace("│", " ").split())
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
     """Exit code 1, a single 'error:' line on stderr matching pattern, no traceback."""
     import re
@@ -331,9 +337,7 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset,
 def test_publishing_options_without_publish_are_refused(options):
     """They would be ignored: the user believes the run goes to the store, or becomes the
     champion, and it stays in runs/."""
-    result = run_fer("train", "--epochs", "1", *options)
-    assert result.returncode == 2
-    message = " ".join(result.stderr.replace("│", " ").split())  # Click's box, any width
+    message = usage_error(run_fer("train", "--epochs", "1", *options))
     assert "no effect unless the run is published; add --publish" in message
     assert all(option in message for option in options if option.startswith("--"))
 

@@ -11,7 +11,7 @@ import pytest
 import s3server
 from run_folders import local_files, make_run
 from s3server import BUCKET, free_port
-from test_cli import assert_one_line_error, run_fer
+from test_cli import assert_one_line_error, run_fer, usage_error
 
 s3_server = s3server.s3_server
 
@@ -113,6 +113,46 @@ def test_fetch_data_from_s3(tmp_path, s3_server, fer_subset):
     assert list((tmp_path / "data" / "sources").glob("*/test/happy/*.jpg"))
     missing = run_fer("fetch-data", "--source", f"s3://{BUCKET}/nope.zip", env=env)
     assert_one_line_error(missing, rf"s3://{BUCKET}/nope\.zip: no such object at ")
+
+
+@pytest.mark.integration
+def test_an_s3_key_is_taken_literally(tmp_path, s3_server, shaded_csv):
+    """'#' and '?' are characters of S3 keys, as the AWS CLI takes them, not a URL's
+    fragment and query; a source naming no object says so."""
+    key = f"datasets/{uuid.uuid4().hex}/release?v=2#final/fer#2013.csv"
+    s3_server.client().upload_file(str(shaded_csv), BUCKET, key)
+    env = {**s3_server.env(), "FER_DATA_DIR": str(tmp_path / "data")}
+    fetched = run_fer("fetch-data", "--source", f"s3://{BUCKET}/{key}", env=env)
+    assert fetched.returncode == 0, fetched.stderr  # a parsed URL asked for .../release
+    names = [path.name for path in (tmp_path / "data" / "downloads").iterdir()]
+    assert any(name.endswith("-fer#2013.csv") for name in names), names
+    for source in (f"s3://{BUCKET}", f"s3://{BUCKET}/", f"s3://{BUCKET}/datasets/"):
+        assert_one_line_error(run_fer("fetch-data", "--source", source, env=env),
+                              rf"{re.escape(source)}: names no object; expected s3://BUCKET/KEY")
+
+
+@pytest.mark.parametrize("digest", ["ab12", "sha256:" + "g" * 64, "0" * 63])
+def test_a_malformed_sha256_is_refused_before_any_download(tmp_path, digest):
+    """A malformed --sha256 failed only after the download, which it then deleted as
+    corrupt; now a usage error before it (a 'sha256:' prefix and capitals are accepted)."""
+    result = run_fer("fetch-data", "--source", "http://127.0.0.1:9/x.zip", "--sha256", digest,
+                     env={"FER_DATA_DIR": str(tmp_path / "data")})
+    assert "expected 64 hexadecimal digits" in usage_error(result)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_pointer_naming_a_path_outside_the_store_is_refused(tmp_path):
+    """A champion.json whose run_id climbs out of the store ('../..') is refused by name
+    instead of read from, and downloaded to, folders outside the store and --dest."""
+    store = tmp_path / "artifacts"
+    store.mkdir()
+    (store / "champion.json").write_text(json.dumps({"run_id": "../../outside"}))
+    env = {"FER_STORAGE": str(store)}
+    for command in (["reports", "show", "champion"],
+                    ["reports", "get", "champion", "--dest", tmp_path / "down"]):
+        assert_one_line_error(run_fer(*command, env=env),
+                              r"champion\.json: run_id '\.\./\.\./outside' is not a valid run id")
+    assert not (tmp_path / "down").exists()
 
 
 @pytest.mark.integration

@@ -49,11 +49,30 @@ def test_both_backends_have_every_method_the_interface_declares():
     ("gs://bucket/x", r"unsupported storage URL 'gs://bucket/x' \(scheme 'gs'\)"),
     ("s3://", r"storage URL 's3://' has bucket name ''; expected 3-63 lowercase"),
     ("s3://Bad_Bucket/x", r"bucket name 'Bad_Bucket'"),
+    ("s3:/fer-artifacts/prod", r"'s3:/fer-artifacts/prod' looks like a URL without '://'"),
+    ("s3:fer-artifacts", r"looks like a URL without '://'"),
 ])
 def test_open_store_rejects_bad_urls(url, message):
-    """Unsupported schemes and invalid bucket names fail before any network call."""
+    """Unsupported schemes, invalid bucket names and a scheme missing its '://' fail before
+    any network call (`s3:/bucket/prefix` had published into a local folder of that name)."""
     with pytest.raises(StorageError, match=message):
         open_store(url)
+
+
+def test_a_folder_with_a_drive_letter_or_a_colon_further_on_is_still_a_folder(tmp_path):
+    assert isinstance(open_store(str(tmp_path / "runs:2026")), LocalStore)
+    assert isinstance(open_store("C:/runs"), LocalStore)
+
+
+@integration
+def test_a_bucket_another_run_created_meanwhile_is_used(s3_env, monkeypatch):
+    """Two runs with --create-bucket on a fresh server: both saw no bucket, the second's
+    create finds it made by the first (the same owner), and goes on."""
+    name = f"fer-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=name)
+    monkeypatch.setattr(S3Store, "_bucket_exists", lambda self: False)  # as seen before it
+    store = open_store(f"s3://{name}/p", endpoint_url=s3_env.endpoint_url, create_bucket=True)
+    assert store.bucket == name
 
 
 @integration
