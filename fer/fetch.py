@@ -7,6 +7,7 @@ uses when no ``--data`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -59,6 +60,19 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
                make_current: bool = True) -> FetchedSource:
     """Download or copy ``source`` into ``data_dir``, unpack it and decode it; with
     ``make_current``, later runs without ``--data`` use it."""
+    try:
+        return _fetch(source, data_dir=data_dir, sha256=sha256, endpoint_url=endpoint_url,
+                      progress=progress, make_current=make_current)
+    except OSError as exc:  # the source unreadable, FER_DATA_DIR full or not writable
+        where = f" {exc.filename}" if exc.filename else ""
+        raise DataError(f"{source}: cannot fetch it into FER_DATA_DIR {data_dir} "
+                        f"({exc.strerror or type(exc).__name__}{':' + where if where else ''}); "
+                        "check that the source is readable, and the free space and "
+                        "permissions of FER_DATA_DIR") from None
+
+
+def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,
+           progress: Progress | None, make_current: bool) -> FetchedSource:
     local = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():
@@ -223,13 +237,12 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
             if target.exists() and _same_strong_etag(answered, validators):
                 return target  # a server that ignores If-None-Match, with the same file
             total = int(response.headers.get("Content-Length") or 0) or None
-            done = 0
-            with open(partial, "wb") as handle:
-                while chunk := response.read(1 << 20):
-                    handle.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
+            done = _save_body(response, partial, total=total, progress=progress)
+    except _DiskError as exc:
+        with contextlib.suppress(OSError):  # what could not be written may not be a file
+            partial.unlink(missing_ok=True)
+        raise DataError(f"cannot write {partial}: {exc.__cause__.strerror}; check the free "
+                        "space and permissions of FER_DATA_DIR") from None
     except urllib.error.HTTPError as exc:
         exc.close()  # the error answer holds the connection open until closed
         partial.unlink(missing_ok=True)
@@ -256,6 +269,31 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v})
     return target
+
+
+class _DiskError(Exception):
+    """Writing a download failed (disk full, read-only): not the network, so not retried."""
+
+
+def _save_body(response, partial: Path, *, total: int | None,
+               progress: Progress | None) -> int:
+    """The response's body into ``partial``; the bytes written. Unbuffered, so that every
+    failure to write shows at its write, as a _DiskError, and none at the close."""
+    done = 0
+    try:
+        handle = open(partial, "wb", buffering=0)
+    except OSError as exc:
+        raise _DiskError from exc
+    with handle:
+        while chunk := response.read(1 << 20):
+            try:
+                handle.write(chunk)
+            except OSError as exc:
+                raise _DiskError from exc
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return done
 
 
 # How a copy's validators are sent back, and where the server's answer carries them.

@@ -14,6 +14,7 @@ The backends only move bytes; publishing, listing and verification live here, on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -364,11 +365,11 @@ def download_run(store: Store, ref: str, *, dest: Path) -> Path:
     """Download every artifact of a run into ``dest/<run-id>/``, checking each sha256."""
     run = resolve_run(store, ref)
     target = Path(dest) / run.run_id
-    with local_errors("create", target):
+    with local_errors("create", target, folder="--dest"):
         target.mkdir(parents=True, exist_ok=True)
     for name in run.files:
         _download_verified(store, run, name, target=target)
-    with local_errors("write", target / MANIFEST):
+    with local_errors("write", target / MANIFEST, folder="--dest"):
         (target / MANIFEST).write_bytes(_dump(run.manifest))
     return target
 
@@ -376,14 +377,18 @@ def download_run(store: Store, ref: str, *, dest: Path) -> Path:
 def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Path) -> None:
     path = target.joinpath(*_safe_parts(name, run=run))
     partial = path.with_name(path.name + ".part")
-    with local_errors("write", path):
+    with local_errors("write", path, folder="--dest"):
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        store.download(_run_key(run.run_id, name), partial)
-        _verify(_sha256(partial), run=run, name=name)
-        os.replace(partial, path)
+        with local_errors("write", partial, folder="--dest"):  # the store's errors name it
+            store.download(_run_key(run.run_id, name), partial)
+            digest = _sha256(partial)
+        _verify(digest, run=run, name=name)
+        with local_errors("write", path, folder="--dest"):
+            os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there, or never a file (the error above says)
+            partial.unlink(missing_ok=True)
 
 
 def _safe_parts(name: str, *, run: PublishedRun) -> tuple[str, ...]:

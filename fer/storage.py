@@ -81,7 +81,9 @@ class LocalStore:
     def download(self, key: str, dest: Path) -> None:
         source = self._path(key)
         with local_errors("read", source):
-            shutil.copyfile(source, dest)
+            reader = open(source, "rb")  # noqa: SIM115 - closed below; a write error is the caller's
+        with reader, open(dest, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
 
     def run_ids(self) -> list[str]:
         runs = self.root / "runs"
@@ -110,15 +112,15 @@ class LocalStore:
 
 
 @contextmanager
-def local_errors(verb: str, path: Path) -> Iterator[None]:
-    """An OSError on ``path`` as one StorageError naming the action, the path and what to check."""
+def local_errors(verb: str, path: Path, *, folder: str = "the storage folder") -> Iterator[None]:
+    """An OSError on ``path`` as one StorageError naming the action, the path and what to
+    check (``folder``: where it is, as the user knows it)."""
     try:
         yield
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise StorageError(
-            f"cannot {verb} {path}: {reason}; check the storage folder, its permissions "
-            "and free space"
+            f"cannot {verb} {path}: {reason}; check {folder}, its permissions and free space"
         ) from exc
 
 

@@ -55,6 +55,19 @@ def test_publish_list_show_get(tmp_path, storage_env):
     assert local_files(tmp_path / "down" / good.name) == local_files(good)
 
 
+def test_a_download_that_cannot_be_written_blames_the_destination(tmp_path, storage_env):
+    """`fer reports get` into a destination that cannot take a file (full, read-only; here
+    a folder holds the file's name): one line naming the file and --dest, from either kind
+    of store (S3's had been a traceback; the folder store's blamed the store)."""
+    run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
+    assert run_fer("publish", run, env=storage_env).returncode == 0
+    (tmp_path / "down" / run.name / "model.keras.part").mkdir(parents=True)
+    assert_one_line_error(run_fer("reports", "get", run.name, "--dest", tmp_path / "down",
+                                  env=storage_env),
+                          r"cannot write .*model\.keras\.part: .*; check --dest, its "
+                          r"permissions and free space")
+
+
 def test_missing_run_is_one_line_error(tmp_path, storage_env):
     assert_one_line_error(run_fer("reports", "show", "no-such-run", env=storage_env),
                           r"run 'no-such-run' not found in .*; list the published runs")

@@ -16,7 +16,7 @@ from conftest import write_image_tree, zip_folder
 
 from fer.data import file_sha256, read_splits
 from fer.errors import DataError, FerError, StorageError
-from fer.fetch import current_source, fetch_data, resolve_data
+from fer.fetch import _download_name, current_source, fetch_data, resolve_data
 
 # Every archive, download and cache file these read is closed once read (an unclosed one is a
 # ResourceWarning, raised from the garbage collector, so both warnings fail the test).
@@ -206,6 +206,35 @@ def test_an_edited_local_source_is_copied_again(tmp_path, shaded_csv, mtime):
     copied = copy.stat()
     fetch_data(str(shaded_csv), data_dir=tmp_path / "d")  # unchanged: not copied again
     assert (copy.stat().st_ino, copy.stat().st_ctime_ns) == (copied.st_ino, copied.st_ctime_ns)
+
+
+def test_a_download_the_disk_cannot_take_is_not_blamed_on_the_network(tmp_path, shaded_csv):
+    """Writing the download fails (a full or read-only disk; here its partial file's name
+    is taken by a folder): the error names the file and FER_DATA_DIR, and is not a network
+    failure, which the retrain flow would retry three times and a copy from before would
+    quietly stand in for."""
+    data_dir = tmp_path / "data"
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(shaded_csv.parent))) as base:
+        url = f"{base}/fer2013.csv"
+        (data_dir / "downloads" / (_download_name(url) + ".part")).mkdir(parents=True)
+        with pytest.raises(DataError, match=r"cannot write .*fer2013\.csv\.part: Is a "
+                                            r"directory; check the free space and permissions "
+                                            r"of FER_DATA_DIR"):
+            fetch_data(url, data_dir=data_dir)
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_error(tmp_path, layout_zip):
+    """An OSError while fetching (here FER_DATA_DIR/downloads is a file; a source the user
+    may not read, a full disk while unpacking) is one DataError naming the path, not a
+    traceback."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "downloads").write_text("a file where fer keeps its copies")
+    with pytest.raises(DataError, match=rf"{layout_zip.name}: cannot fetch it into FER_DATA_DIR "
+                                        r".*\(File exists: .*downloads\); check that the "
+                                        r"source is readable"):
+        fetch_data(str(layout_zip), data_dir=data_dir)
 
 
 def test_missing_local_source_is_named(tmp_path):
