@@ -124,6 +124,38 @@ def _why_not_resumable(run_dir: Path) -> str:
     return "its training finished (the manifest is written)"
 
 
+LOCK = "training.lock"
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path):
+    """Hold the run's checkpoint while training it: a second process resuming the same run
+    (`fer train --resume` in another terminal, a Prefect retry of a run still training)
+    would overwrite its epochs' files and delete the other's, so it is refused, naming the
+    holder. The kernel releases the lock when the holder exits, however it exits."""
+    import fcntl
+    import socket
+
+    path = Path(run_dir) / FOLDER / LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held until the training ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FerError(f"{run_dir} is being trained by {holder}; wait for it to end, or stop "
+                       "it, before resuming") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
 def finish_run(run_dir: Path) -> None:
     """The run's files are written: its checkpoint is no longer needed. It is renamed away
     first, in one step: a stop while deleting could otherwise leave a checkpoint without its

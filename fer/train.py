@@ -25,6 +25,7 @@ from fer.checkpoint import (
     RunRecord,
     finish_run,
     start_run,
+    training_lock,
 )
 from fer.config import TrainConfig
 from fer.data import Dataset, Split, check_val_fraction
@@ -104,9 +105,19 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     spec = get_spec(config.model)
     run, why = (_new_run(config, dataset, spec, started_by=started_by) if resume is None
                 else _resumed_run(resume, dataset))
+    with training_lock(run.run_dir):
+        return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
+                            verbose=verbose, resume_flags=resume_flags)
+
+
+def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
+                 resumed: bool, verbose: int, resume_flags: str) -> RunResult:
+    """Train the run's members one after another (each continued from its checkpoint), then
+    write the run's training files; a stop logs how to resume."""
+    config = run.config
     averaged = _averaged(config)
     log.info("%s model %s: %s, batch size %d, %s (%s); %d training and %d validation "
-             "images; seed %d%s; run folder %s", "training" if resume is None else "resuming",
+             "images; seed %d%s; run folder %s", "resuming" if resumed else "training",
              spec.name, _count(config.epochs, "epoch"), config.batch_size, run.precision, why,
              len(dataset.train), len(dataset.validation), config.seed,
              f"; the saved model averages {averaged}" if averaged else "", run.run_dir)

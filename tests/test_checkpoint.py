@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fer.checkpoint import (
     finish_run,
     is_complete,
     read_run,
+    training_lock,
 )
 from fer.config import TrainConfig
 from fer.data import Dataset
@@ -257,6 +259,23 @@ def test_a_finished_member_that_no_longer_fits_its_model_is_a_one_line_error(
     with pytest.raises(FerError, match=r"final\.npz: unreadable checkpoint .*; delete "
                                        r".*member-1 to train this member again"):
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+
+def test_a_run_another_process_trains_is_not_resumed_beside_it(tmp_path, tiny_dataset,
+                                                                monkeypatch):
+    """A second `fer train --resume` (or a Prefect retry) of a run that is still training
+    would overwrite its epochs' files and delete the other's: it is refused, naming the
+    process that holds the run, and the checkpoint is left as it was."""
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    before = state(run_dir)
+    with training_lock(run_dir):  # as the first process holds it while it trains
+        with pytest.raises(FerError, match=rf"{run_dir} is being trained by process "
+                                           rf"{os.getpid()} on .*; wait for it to end"):
+            train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert state(run_dir) == before
+    train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))  # once it has let go
+    assert is_complete(run_dir)
 
 
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkeypatch):
