@@ -61,14 +61,33 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     """Download or copy ``source`` into ``data_dir``, unpack it and decode it; with
     ``make_current``, later runs without ``--data`` use it."""
     try:
-        return _fetch(source, data_dir=data_dir, sha256=sha256, endpoint_url=endpoint_url,
-                      progress=progress, make_current=make_current)
+        with data_dir_lock(data_dir):
+            return _fetch(source, data_dir=data_dir, sha256=sha256, endpoint_url=endpoint_url,
+                          progress=progress, make_current=make_current)
     except OSError as exc:  # the source unreadable, FER_DATA_DIR full or not writable
         where = f" {exc.filename}" if exc.filename else ""
         raise DataError(f"{source}: cannot fetch it into FER_DATA_DIR {data_dir} "
                         f"({exc.strerror or type(exc).__name__}{':' + where if where else ''}); "
                         "check that the source is readable, and the free space and "
                         "permissions of FER_DATA_DIR") from None
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path):
+    """One fetch at a time per FER_DATA_DIR: two (`fer fetch-data` in the worker's container
+    while its scheduled run fetches) would write the same partial files and unpack into the
+    same folder, one deleting what the other extracts. The second waits, then finds the
+    work done. The kernel releases the lock when its holder exits, however it exits."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".fetch.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another fer is fetching into %s; waiting for it", data_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,

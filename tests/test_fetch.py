@@ -16,7 +16,13 @@ from conftest import write_image_tree, zip_folder
 
 from fer.data import file_sha256, read_splits
 from fer.errors import DataError, FerError, StorageError
-from fer.fetch import _download_name, current_source, fetch_data, resolve_data
+from fer.fetch import (
+    _download_name,
+    current_source,
+    data_dir_lock,
+    fetch_data,
+    resolve_data,
+)
 
 # Every archive, download and cache file these read is closed once read (an unclosed one is a
 # ResourceWarning, raised from the garbage collector, so both warnings fail the test).
@@ -235,6 +241,36 @@ def test_a_data_folder_that_cannot_be_written_is_one_error(tmp_path, layout_zip)
                                         r".*\(File exists: .*downloads\); check that the "
                                         r"source is readable"):
         fetch_data(str(layout_zip), data_dir=data_dir)
+
+
+def test_without_a_source_or_a_current_dataset_the_default_is_fetched_and_made_current(
+        tmp_path, shaded_csv):
+    """README: with no --data and nothing fetched before, the default source (the public
+    fer2013.csv; here a copy on loopback) is downloaded and becomes the current dataset."""
+    data_dir = tmp_path / "data"
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(shaded_csv.parent))) as base:
+        path = resolve_data(None, data_dir=data_dir, default_source=f"{base}/fer2013.csv")
+    assert file_sha256(path) == file_sha256(shaded_csv)
+    assert current_source(data_dir) == path
+    assert resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x") == path
+
+
+def test_a_second_fetch_into_one_data_folder_waits_for_the_first(tmp_path, layout_zip):
+    """Two fetches into one FER_DATA_DIR (a user's fetch-data in the worker's container
+    while the scheduled run fetches) take turns instead of writing the same files at once;
+    the second then finds the archive unpacked and gives the same dataset."""
+    data_dir = tmp_path / "data"
+    first = fetch_data(str(layout_zip), data_dir=data_dir)
+    results = []
+    with data_dir_lock(data_dir):  # as the other process holds it while it fetches
+        waiting = threading.Thread(
+            target=lambda: results.append(fetch_data(str(layout_zip), data_dir=data_dir)))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and results == []  # it waits its turn
+    waiting.join(timeout=60)
+    assert [fetched.sha256 for fetched in results] == [first.sha256]
 
 
 def test_missing_local_source_is_named(tmp_path):
