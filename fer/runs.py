@@ -80,6 +80,17 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     return PublishResult(run.run_id, became_champion, store.url(_run_key(run.run_id, "")))
 
 
+WRITE_CHECK = ".fer-write-check"
+
+
+def check_can_publish(store: Store) -> None:
+    """Write a small object where publishing writes, so that a store fer may read but not
+    write (a read-only folder, keys without PutObject) fails before the hours of training,
+    not after them. The object is overwritten each time and safe to delete."""
+    store.put_bytes(WRITE_CHECK, b"written by fer before training, to check that runs can "
+                                 b"be published here; safe to delete\n")
+
+
 def _upload(run: _LocalRun, remote: dict[str, Any], store: Store) -> None:
     # Artifacts first, manifest last: until the manifest lands the run does not exist.
     for name in run.files:

@@ -268,7 +268,9 @@ def train(
     _writable(settings.data_dir, "FER_DATA_DIR")
     _writable(resume or out, "--resume" if resume else "--out")
     if publish:
-        _store(settings, create_bucket=create_bucket)  # fail before hours of training, not after
+        from fer.runs import check_can_publish
+
+        check_can_publish(_store(settings, create_bucket=create_bucket))  # before the hours
     # A stop logs the resume command; it must publish too, as this command would have.
     flags = _publish_flags(ctx, storage=storage, endpoint_url=endpoint_url) if publish else ""
     result = (_resume_locally(resume, settings=settings, resume_flags=flags)

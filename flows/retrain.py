@@ -102,10 +102,12 @@ def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool
     """Open the store before anything else, so that a missing bucket, a wrong key or denied
     access fails the run in seconds rather than after the training. A store that cannot be
     reached just now is only warned about: publish retries it when the training is done."""
+    from fer.runs import check_can_publish
     from fer.storage import open_store
 
     try:
-        open_store(storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
+        check_can_publish(open_store(storage, endpoint_url=endpoint_url,
+                                     create_bucket=create_bucket))
     except StorageError as exc:
         if not exc.transient:
             raise

@@ -332,6 +332,25 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset,
     assert epochs_done(runs) >= 1
 
 
+def test_train_publish_to_a_store_it_cannot_write_fails_before_training(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = run_fer("train", "--epochs", "1", "--data", tmp_path / "no-data.zip", "--publish",
+                     "--storage", tmp_path / "taken" / "store",
+                     env={"FER_DATA_DIR": str(tmp_path / "data")})
+    assert_one_line_error(result, r"cannot write .*taken/store/\.fer-write-check: ")
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_fer_models_lists_the_registry():
+    from fer.models import REGISTRY
+
+    listed = run_fer("models")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(REGISTRY)
+    assert {"seed", "mini-xception", "default"} <= set(REGISTRY)
+
+
 @pytest.mark.parametrize("options", [["--force-champion"], ["--storage", "s3://b/p"],
                                      ["--create-bucket", "--force-champion"]])
 def test_publishing_options_without_publish_are_refused(options):
@@ -419,8 +438,11 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     for name in ("classification_report.txt", "classification_report.json",
                  "confusion_matrix.png", "metrics.json"):
         assert (tmp_path / "eval" / name).exists()
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == \
-        metrics["accuracy"]
+    # The same model and images: the same score, up to one image whose two top classes tie
+    # within rounding (training scored with oneDNN's kernels, which `fer evaluate` leaves
+    # to TensorFlow's default: off on CPUs without AVX512_BF16).
+    evaluated_accuracy = json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"]
+    assert abs(evaluated_accuracy - metrics["accuracy"]) <= 1 / metrics["test_samples"] + 1e-9
     in_float32 = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
                          "--out", tmp_path / "eval32", "--precision", "float32")
     assert in_float32.returncode == 0, in_float32.stderr

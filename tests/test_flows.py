@@ -54,7 +54,6 @@ from flows.deploy import (
 )
 from flows.remote import follow_run, trigger_retrain
 from flows.retrain import (
-    NETWORK_RETRIES,
     fetch_data,
     parse_report_markdown,
     publish,
@@ -132,7 +131,8 @@ def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
 
 
 def test_publish_can_force_the_champion(tmp_path):
-    """`fer retrain --force-champion`: a lower-scoring run still becomes the champion.
+    """The publish task's force_champion (`fer retrain --force-champion`, a deployment run's
+    parameter): a lower-scoring run still becomes the champion.
 
     r2 scores lower and is not; r3 scores lower still and is, because it is forced.
     """
@@ -379,6 +379,14 @@ def test_bad_dataset_is_not_retried(prefect_api, s3_env, data_dir, tmp_path):
     assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 1
 
 
+def test_network_tasks_retry_three_times_after_10_30_and_90_seconds():
+    """README's promise for fetch_data and publish (the test above runs publish's retries
+    with no delay)."""
+    for network_task in (fetch_data, publish):
+        assert network_task.retries == 3
+        assert network_task.retry_delay_seconds == [10, 30, 90]
+
+
 @integration
 def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tiny_fer_zip,
                                                          data_dir, tmp_path, monkeypatch):
@@ -398,7 +406,7 @@ def test_publish_failure_is_retried_then_fails_the_flow(prefect_api, s3_env, tin
     assert runs["check_storage"].state.is_completed()
     assert any(f"cannot reach S3 endpoint {dead}" in line and "training anyway" in line
                for line in run_log(flow_run_id, containing="training anyway"))
-    assert runs["publish"].run_count == NETWORK_RETRIES + 1
+    assert runs["publish"].run_count == 1 + 3  # README: retried 3 times
     assert runs["train"].run_count == 1
     # The report is posted before publishing, so a run that failed to upload still shows it.
     assert set(artifacts(flow_run_id)) == {"classification-report", "test-metrics"}
@@ -422,6 +430,21 @@ def test_a_store_that_will_not_work_fails_the_run_before_training(
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["check_storage"].run_count == 1
     assert {"fetch_data", "train", "publish"}.isdisjoint(runs)
+    assert not (tmp_path / "runs").exists()
+
+
+@integration
+def test_a_store_folder_that_cannot_be_written_fails_the_run_before_training(
+        prefect_api, tiny_fer_zip, data_dir, tmp_path):
+    """A folder store fer cannot write (here its parent is a file; a read-only mount, a
+    full disk) fails the first task: opening a folder checks nothing, so the run had
+    trained for hours and failed at publishing."""
+    (tmp_path / "taken").write_text("a file, not a folder")
+    state = retrain(**TINY, data=str(tiny_fer_zip), storage=str(tmp_path / "taken" / "store"),
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed() and "cannot write" in state.message
+    assert {"fetch_data", "train", "publish"}.isdisjoint(task_runs(
+        state.state_details.flow_run_id))
     assert not (tmp_path / "runs").exists()
 
 
@@ -452,8 +475,12 @@ def follow(run, **options):
 
 
 @integration
-def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, storage_url,
-                                                                tiny_fer_zip, tmp_path):
+def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, s3_server,
+                                                                storage_url, tiny_fer_zip,
+                                                                tmp_path):
+    """A run of the on-demand deployment on the worker: trained, reported on the server,
+    published to S3; the worker's S3 secret key appears nowhere it wrote (its log, the
+    run's log, the run folder, the published objects), as README promises."""
     seen = []
     run = trigger_retrain({**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path)},
                           wait=True, poll_seconds=1, pickup_timeout_s=90, on_state=seen.append)
@@ -470,6 +497,15 @@ def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, 
     assert run.result["location"] in posted["published-run"].data
     logged = run_log(run.flow_run_id, containing="best validation accuracy")
     assert any(m.startswith("training model default: 1 epoch, batch size 32, ") for m in logged), logged
+    secret = s3_server.secret_key.encode()
+    written = [worker.log().encode(), "\n".join(logged).encode()]
+    written += [path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()]
+    client = s3_server.client()
+    bucket, prefix = storage_url.removeprefix("s3://").split("/", 1)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        written += [client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                    for item in page.get("Contents", [])]
+    assert len(written) > 10 and not any(secret in blob for blob in written)
 
 
 @integration
@@ -484,7 +520,7 @@ def test_fer_train_remote_wait_prints_the_published_report(worker, prefect_api, 
     env = {**os.environ, **prefect_api.client_env(), **s3_server.env(storage=storage_url)}
     here = {**env, "FER_STORAGE": str(tmp_path / "my-own-store")}
     command = [fer, "train", "--epochs", "1", "--batch-size", "32", "--data", str(tiny_fer_zip),
-               "--remote", "--wait"]
+               "--out", str(tmp_path / "runs"), "--remote", "--wait"]  # not the checkout's runs/
     trained = subprocess.run(command, capture_output=True, text=True, env=here, timeout=600,
                              check=False)
     assert trained.returncode == 0, trained.stderr
@@ -512,7 +548,9 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     is cancelled: following it says how to retry. `prefect flow-run retry`, as a user types
     it, sends the run back to the worker, whose training continues in the same run folder
     from its last finished epoch instead of starting over."""
-    run = trigger_retrain({**TINY, "epochs": 30, "data": str(tiny_fer_zip),
+    # Batches of 8 make each epoch long enough that the run cannot finish its 40 epochs
+    # while `prefect flow-run cancel` starts and the worker acts on it.
+    run = trigger_retrain({**TINY, "epochs": 40, "batch_size": 8, "data": str(tiny_fer_zip),
                            "out_dir": str(tmp_path)}, wait=False)
     deadline = time.monotonic() + 180
     while epochs_done(tmp_path) < 2:
@@ -527,7 +565,7 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
         follow(run)
     (run_dir,) = tmp_path.iterdir()
     stopped_after = epochs_done(tmp_path)
-    assert 2 <= stopped_after < 30
+    assert 2 <= stopped_after < 40
 
     prefect_cli(prefect_api, "flow-run", "retry", run.flow_run_id)
     finished = follow(run)
@@ -538,7 +576,7 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     assert manifest["resumed_at_epochs"] == {"member 1": [stopped_after]}
     assert manifest["started_by"] == f"prefect flow run {run.flow_run_id}"
     history = (run_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + 30  # header, then every epoch once
+    assert len(history) == 1 + 40  # header, then every epoch once
 
 
 @integration
