@@ -34,22 +34,36 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def git_commit() -> str | None:
-    """The commit of the fer checkout that ran; outside a git work tree (an installed copy,
-    a container image), the FER_GIT_COMMIT it was built with; else None.
+PACKAGE_DIR = Path(__file__).resolve().parent
 
+
+def git_commit(package_dir: Path = PACKAGE_DIR) -> str | None:
+    """The commit of the fer checkout that ran, with ``-dirty`` appended when its tracked
+    files had changes not committed (as `git describe --dirty` marks it); outside a fer
+    checkout (an installed copy, a container image), the FER_GIT_COMMIT it was built with;
+    else None.
+
+    A checkout counts only when it holds this very package: an installed fer whose venv
+    lies inside some other repository must not record that repository's commit.
     Read here rather than through fer.config.Settings: it describes the installed code,
     like the package versions beside it, and no user sets it for a run.
     """
-    directory = Path(__file__).resolve().parent
-    try:
-        result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        result = None
-    if result is not None and result.returncode == 0 and result.stdout.strip():
-        return result.stdout.strip()
+    top = _git(package_dir, "rev-parse", "--show-toplevel")
+    head = _git(package_dir, "rev-parse", "HEAD") if top else None
+    if head and (Path(top) / "fer").resolve() == package_dir.resolve():
+        changes = _git(package_dir, "status", "--porcelain", "--untracked-files=no")
+        return head + ("-dirty" if changes else "")
     return os.environ.get("FER_GIT_COMMIT") or None
+
+
+def _git(directory: Path, *args: str) -> str | None:
+    """git's answer in ``directory``, stripped; None where git is missing or fails."""
+    try:
+        result = subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
+                                text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def machine() -> dict:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
 import zipfile
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from conftest import write_image_tree
+from test_manifest import checkout_commit
 
-import fer
 from fer.config import TrainConfig
 from fer.data import Dataset, Split, load_dataset
 from fer.errors import FerError
@@ -55,11 +52,7 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatc
     with zipfile.ZipFile(result.run_dir / "model.keras") as saved:  # not the training model:
         assert not json.loads(saved.read("config.json")).get("compile_config")  # no optimizer
     assert {"python", "keras", "numpy", "scikit-learn"} <= set(manifest["versions"])
-    checkout = (subprocess.run(["git", "-C", str(Path(fer.__file__).parent), "rev-parse",
-                                "HEAD"], capture_output=True, text=True, check=False)
-                if shutil.which("git") else None)
-    assert manifest["git_commit"] == (checkout.stdout.strip() if checkout and checkout.returncode == 0
-                                      else None)  # the checkout's commit, where there is one
+    assert manifest["git_commit"] == checkout_commit()  # the checkout's, where there is one
     history = (result.run_dir / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and len(history) == 3
 
