@@ -68,6 +68,32 @@ def test_a_download_that_cannot_be_written_blames_the_destination(tmp_path, stor
                           r"permissions and free space")
 
 
+def test_publish_force_champion_makes_a_worse_run_the_champion(tmp_path, storage_env):
+    """`fer publish --force-champion` as a user types it: the worse run takes the champion,
+    which it does not without the option."""
+    good = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70, minute=0)
+    worse = make_run(tmp_path / "runs", "20250101-010000-default-bbbb", accuracy=0.60, minute=60)
+    assert run_fer("publish", good, env=storage_env).returncode == 0
+    plain = run_fer("publish", worse, env=storage_env)
+    assert plain.returncode == 0 and "new champion" not in plain.stdout
+    assert f"report of {good.name}" in run_fer("reports", "show", "champion",
+                                               env=storage_env).stdout
+    forced = run_fer("publish", worse, "--force-champion", env=storage_env)
+    assert forced.returncode == 0 and "(new champion)" in forced.stdout
+    assert f"report of {worse.name}" in run_fer("reports", "show", "champion",
+                                                env=storage_env).stdout
+
+
+def test_without_any_storage_setting_runs_are_published_to_artifacts(tmp_path):
+    """README: with no configuration, runs go to ./artifacts (under the current folder)."""
+    run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
+    env = {"FER_STORAGE": "", "AWS_ENDPOINT_URL": ""}
+    published = run_fer("publish", run, env=env, cwd=tmp_path)
+    assert published.returncode == 0, published.stderr
+    assert (tmp_path / "artifacts" / "runs" / run.name / "manifest.json").is_file()
+    assert (tmp_path / "artifacts" / "latest.json").is_file()
+
+
 def test_missing_run_is_one_line_error(tmp_path, storage_env):
     assert_one_line_error(run_fer("reports", "show", "no-such-run", env=storage_env),
                           r"run 'no-such-run' not found in .*; list the published runs")

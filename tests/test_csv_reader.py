@@ -3,8 +3,6 @@ CSV's integers, usages to splits, every malformed row named by file and line, an
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from conftest import assert_labels_match_shades, csv_row, shaded_image, write_csv
@@ -161,15 +159,14 @@ def test_empty_or_headerless_csv(tmp_path, content, message):
         read_splits(path)
 
 
-def test_large_csv_parses_quickly(tmp_path):
-    """A 5,000-row CSV parses well under a second (vectorised, no per-row Python loop)."""
+def test_a_large_csv_is_parsed_exactly_across_its_parallel_chunks(tmp_path):
+    """5,000 rows (11 MB) are cut into 2 MiB chunks parsed in parallel: every pixel comes
+    back in its row and place. How fast is measured by benchmarks/data_benchmark.py, not
+    timed here: a wall-clock bound fails on a busy machine and proves nothing on a fast one."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(5000, 2304))
     lines = [f"{i % 7},{' '.join(map(str, row))},Training" for i, row in enumerate(pixels)]
     lines += [f"0,{GOOD},PublicTest"]
-    path = write_csv(tmp_path / "big.csv", lines)
-    started = time.perf_counter()
-    splits = read_splits(path)
-    elapsed = time.perf_counter() - started
+    splits = read_splits(write_csv(tmp_path / "big.csv", lines))
     assert np.array_equal(splits["train"].images.reshape(5000, -1), pixels)
-    assert elapsed < 3.0
+    assert np.array_equal(splits["train"].labels, np.arange(5000) % 7)
