@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does 
     import keras
 
 FOLDER = "checkpoint"
+log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
 FORMAT = 1
 
@@ -54,6 +56,7 @@ class RunRecord:
     git_commit: str | None
     started_by: str | None = None  # e.g. "prefect flow run <id>": a retry of it resumes the run
     precision_reason: str | None = None  # why that precision (None in an older fer's record)
+    data_origin: str | None = None  # the source as the user named it (a URL, an s3:// key)
 
 
 def start_run(run: RunRecord) -> None:
@@ -63,7 +66,8 @@ def start_run(run: RunRecord) -> None:
     options = {k: v for k, v in dataclasses.asdict(run.config).items() if k != "out_dir"}
     record = {"format": FORMAT, "config": options,
               "precision": run.precision, "learning_rate": run.learning_rate,
-              "data": {"source": run.data_source, "sha256": run.data_sha256},
+              "data": {"source": run.data_source, "sha256": run.data_sha256,
+                       "origin": run.data_origin},
               "git_commit": run.git_commit, "started_by": run.started_by,
               "precision_reason": run.precision_reason}
     write_json(folder / RUN_RECORD, record)
@@ -87,7 +91,8 @@ def read_run(run_dir: Path) -> RunRecord:
                          data_sha256=record["data"]["sha256"],
                          git_commit=record.get("git_commit"),
                          started_by=record.get("started_by"),
-                         precision_reason=record.get("precision_reason"))
+                         precision_reason=record.get("precision_reason"),
+                         data_origin=record["data"].get("origin"))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
 
@@ -146,6 +151,12 @@ def training_lock(run_dir: Path):
         handle.close()
         raise FerError(f"{run_dir} is being trained by {holder}; wait for it to end, or stop "
                        "it, before resuming") from None
+    except OSError as exc:  # a filesystem without locks (some NFS, CIFS, FUSE mounts)
+        handle.close()
+        log.warning("%s: cannot lock the run (%s); nothing stops a second process resuming "
+                    "it at the same time", run_dir, exc.strerror)
+        yield
+        return
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()} on {socket.gethostname()}")

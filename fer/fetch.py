@@ -81,13 +81,20 @@ def data_dir_lock(data_dir: Path):
     import fcntl
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".fetch.lock", "a") as handle:
+    # read-only: a lock file another user created in a shared folder locks as well
+    descriptor = os.open(data_dir / ".fetch.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another fer is fetching into %s; waiting for it", data_dir)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks (some NFS, CIFS, FUSE mounts)
+            log.warning("%s: cannot lock it (%s); fetching without taking turns", data_dir,
+                        exc.strerror)
         yield
+    finally:
+        os.close(descriptor)
 
 
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,
@@ -137,6 +144,19 @@ def _as_given(message: str, copies: dict[str, tuple[str, str]]) -> str:
                 return (given.rstrip("/") or "/") + joiner + rest[1:]
             return given + rest
     return message
+
+
+def data_origin(data: str | None, *, data_dir: Path) -> str | None:
+    """Where a run's data comes from, as the user named it, for its manifest: ``--data``
+    (a URL as given, a path made absolute), else the source the current dataset was
+    fetched from; None where neither is known (a dataset made current by an older fer)."""
+    if data is not None:
+        return data if _is_remote(data) else str(Path(data).expanduser().resolve())
+    try:
+        origin = json.loads((data_dir / CURRENT_POINTER).read_text()).get("origin")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return origin if isinstance(origin, str) else None
 
 
 def current_source(data_dir: Path) -> Path | None:
@@ -223,7 +243,7 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
 def source_name(source: str) -> str:
     """The file name a source (path or URL) ends in, without an http(s) URL's ``?dl=1``
     tail (an S3 key's '?' and '#' are part of its name); "" if none."""
-    if source.startswith("s3://"):  # boto3 loads only for S3 sources
+    if source[:5].lower() == "s3://":  # boto3 loads only for S3 sources
         from fer.storage import split_s3_url
 
         return PurePosixPath(split_s3_url(source)[1]).name
@@ -305,10 +325,12 @@ def _save_body(response, partial: Path, *, total: int | None,
         raise _DiskError from exc
     with handle:
         while chunk := response.read(1 << 20):
-            try:
-                handle.write(chunk)
-            except OSError as exc:
-                raise _DiskError from exc
+            rest = memoryview(chunk)
+            while rest:  # an unbuffered write may take part of it (a nearly full disk)
+                try:
+                    rest = rest[handle.write(rest):]
+                except OSError as exc:
+                    raise _DiskError from exc
             done += len(chunk)
             if progress:
                 progress(done, total)

@@ -51,7 +51,8 @@ def git_commit(package_dir: Path = PACKAGE_DIR) -> str | None:
     top = _git(package_dir, "rev-parse", "--show-toplevel")
     head = _git(package_dir, "rev-parse", "HEAD") if top else None
     if head and (Path(top) / "fer").resolve() == package_dir.resolve():
-        changes = _git(package_dir, "status", "--porcelain", "--untracked-files=no")
+        changes = _git(package_dir, "--no-optional-locks", "status", "--porcelain",
+                       "--untracked-files=no")  # takes no index.lock from a user's git
         return head + ("-dirty" if changes else "")
     return os.environ.get("FER_GIT_COMMIT") or None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 REPORT = "classification_report.txt"
 POINTERS = ("latest", "champion")
+log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -154,8 +156,7 @@ def _champion_record(store: Store) -> dict[str, Any] | None:
     champion = _read_pointer(store, "champion")
     if champion is None or champion.get("format") == POINTER_FORMAT:
         return champion
-    run_id = champion.get("run_id")
-    manifest = _load_manifest(store, run_id) if isinstance(run_id, str) else None
+    manifest = _load_manifest(store, _pointer_run_id(store, "champion"))
     return _pointer_record(manifest) if manifest is not None else None
 
 
@@ -307,8 +308,7 @@ class RunReport:
 
 def list_runs(store: Store) -> list[RunSummary]:
     """Every complete run, newest first; one manifest read per run."""
-    latest = _pointer_run_id(store, "latest")
-    champion = _pointer_run_id(store, "champion")
+    latest, champion = (_marked_run(store, name) for name in POINTERS)
     manifests = (_load_manifest(store, run_id) for run_id in store.run_ids())
     summaries = [
         _summary(manifest, latest=latest, champion=champion)
@@ -450,6 +450,16 @@ def _pointer_run_id(store: Store, name: str) -> str | None:
         return _check_run_id(pointer.get("run_id"), source=store.url(f"{name}.json"))
     except FerError as exc:
         raise StorageError(f"{exc}; it was not written by fer") from None
+
+
+def _marked_run(store: Store, name: str) -> str | None:
+    """The run a pointer names, for a listing: a pointer fer did not write marks no run,
+    with a warning, instead of hiding every run from `fer reports list`."""
+    try:
+        return _pointer_run_id(store, name)
+    except StorageError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def _load_json(store: Store, key: str) -> dict[str, Any] | None:

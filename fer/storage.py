@@ -374,6 +374,7 @@ def open_store(url: str, *, endpoint_url: str | None = None,
                 "file://PATH or s3://BUCKET/PREFIX (a folder whose name has a colon: ./NAME)")
         return LocalStore(Path(url))
     scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
     if scheme == "file":
         return LocalStore(Path(rest))
     if scheme == "s3":
@@ -394,14 +395,14 @@ _LOOKS_LIKE_A_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 def split_s3_url(url: str) -> tuple[str, str]:
     """(bucket, key or prefix) of ``s3://BUCKET/KEY``, the key taken literally: '?' and '#'
     are characters of S3 keys (a URL parser would cut them off as query and fragment)."""
-    bucket, _, key = url.removeprefix("s3://").partition("/")
+    bucket, _, key = url[len("s3://"):].partition("/")  # any case: S3:// too
     return _check_bucket(bucket, url=url), key
 
 
 def _check_bucket(bucket: str, *, url: str) -> str:
     if not _BUCKET.fullmatch(bucket):
         raise StorageError(
-            f"storage URL {url!r} has bucket name {bucket!r}; expected 3-63 lowercase letters, "
+            f"URL {url!r} has bucket name {bucket!r}; expected 3-63 lowercase letters, "
             "digits, '.' or '-' as in s3://BUCKET/PREFIX"
         )
     return bucket

@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import logging
 import math
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,15 +56,31 @@ class RunResult:
 
 
 def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
-          resume: RunRecord | None = None, resume_flags: str = "") -> RunResult:
+          resume: RunRecord | None = None, resume_flags: str = "",
+          data_origin: str | None = None) -> RunResult:
     """Fit, then score on the test split: the complete ``config.out_dir/<run-id>/`` folder.
 
     ``resume_flags`` are added to the resume command a stop logs: options the run does not
     record (``--publish --storage ...``) that the command which stopped was given.
     """
-    run = fit(dataset, config, verbose=verbose, resume=resume, resume_flags=resume_flags)
+    run = fit(dataset, config, verbose=verbose, resume=resume, resume_flags=resume_flags,
+              data_origin=data_origin)
     return RunResult(run_id=run.run_id, run_dir=run.run_dir,
                      metrics=score(run.run_dir, dataset.test, resume_flags=resume_flags))
+
+
+def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
+                  create_bucket: bool = False, force_champion: bool = False) -> str:
+    """`fer train --resume`'s options that publish a resumed run as the stopped command would
+    have (the run's record keeps its training options, not where it was to be published)."""
+    flags = ["--publish"]
+    if storage:
+        flags += ["--storage", shlex.quote(storage)]
+    if endpoint_url:
+        flags += ["--endpoint-url", shlex.quote(endpoint_url)]
+    flags += [flag for flag, on in (("--create-bucket", create_bucket),
+                                    ("--force-champion", force_champion)) if on]
+    return " ".join(flags)
 
 
 def _resume_command(run_dir: Path, flags: str) -> str:
@@ -73,7 +90,14 @@ def _resume_command(run_dir: Path, flags: str) -> str:
 def score(run_dir: Path, test: Split, *, resume_flags: str = "") -> dict:
     """Score a fitted run on the test split, writing its reports, then drop its checkpoint:
     the run is complete. A stop while scoring leaves the checkpoint, so that a resume
-    finishes the run instead of finding nothing to do."""
+    finishes the run instead of finding nothing to do. It holds the run's training lock, as
+    fitting does: another process resuming the run meanwhile would rewrite the model being
+    scored and find its checkpoint removed."""
+    with training_lock(run_dir):
+        return _score(run_dir, test, resume_flags=resume_flags)
+
+
+def _score(run_dir: Path, test: Split, *, resume_flags: str) -> dict:
     try:
         metrics = evaluate_run(run_dir, test)
     except FerError:
@@ -87,7 +111,7 @@ def score(run_dir: Path, test: Split, *, resume_flags: str = "") -> dict:
 
 def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
         resume: RunRecord | None = None, started_by: str | None = None,
-        resume_flags: str = "") -> RunResult:
+        resume_flags: str = "", data_origin: str | None = None) -> RunResult:
     """Train on train, select the epoch on validation; write model, history, curves, manifest.
 
     With ``config.ensemble`` > 1 the members train one after another from seeds
@@ -96,15 +120,17 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     test reports; ``resume`` (from ``fer.checkpoint.read_run``) continues a run that stopped
     before (one whose members all finished is saved and written again, which is quick).
     ``started_by`` names what started a new run (a Prefect flow run), in its record and
-    manifest, so that a retry of it finds the run again (``fer.checkpoint.find_started``).
+    manifest, so that a retry of it finds the run again (``fer.checkpoint.find_started``);
+    ``data_origin`` is where the data came from as the user named it (the dataset's own
+    path is fer's copy under FER_DATA_DIR), recorded in the manifest.
     The test split is not touched here; ``score`` scores it afterwards.
     """
     if resume is not None and config != resume.config:
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
     _check_config(config, dataset)
     spec = get_spec(config.model)
-    run, why = (_new_run(config, dataset, spec, started_by=started_by) if resume is None
-                else _resumed_run(resume, dataset))
+    run, why = (_new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
+                if resume is None else _resumed_run(resume, dataset))
     with training_lock(run.run_dir):
         return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
                             verbose=verbose, resume_flags=resume_flags)
@@ -167,7 +193,8 @@ def _write_run(members: list[Member], run: RunRecord, spec: ModelSpec, dataset: 
         "seed": config.seed,
         "precision": run.precision,
         **({"precision_reason": run.precision_reason} if run.precision_reason else {}),
-        "data": _data_record(dataset),
+        "data": {**_data_record(dataset),
+                 **({"origin": run.data_origin} if run.data_origin else {})},
         "versions": package_versions(),
         "git_commit": run.git_commit,
         "machine": machine(),
@@ -179,7 +206,7 @@ def _write_run(members: list[Member], run: RunRecord, spec: ModelSpec, dataset: 
 
 
 def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
-             started_by: str | None) -> tuple[RunRecord, str]:
+             started_by: str | None, data_origin: str | None) -> tuple[RunRecord, str]:
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
     run = RunRecord(
@@ -188,7 +215,7 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
         git_commit=git_commit(),  # the code that trains, not whatever is checked out hours later
-        started_by=started_by, precision_reason=why)
+        started_by=started_by, precision_reason=why, data_origin=data_origin)
     try:
         run.run_dir.mkdir(parents=True, exist_ok=False)
     except OSError as exc:  # a worker's --out it cannot write, say

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 from contextlib import contextmanager
@@ -272,7 +271,10 @@ def train(
 
         check_can_publish(_store(settings, create_bucket=create_bucket))  # before the hours
     # A stop logs the resume command; it must publish too, as this command would have.
-    flags = _publish_flags(ctx, storage=storage, endpoint_url=endpoint_url) if publish else ""
+    from fer.train import publish_flags
+
+    flags = (publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
+                           force_champion=force_champion) if publish else "")
     result = (_resume_locally(resume, settings=settings, resume_flags=flags)
               if resume is not None
               else _train_locally(config, data=data, settings=settings, resume_flags=flags))
@@ -308,18 +310,6 @@ def _check_publish_options(ctx: typer.Context) -> None:
         raise typer.BadParameter(f"{named} {'has' if len(given) == 1 else 'have'} no effect "
                                  "unless the run is published; add --publish",
                                  param_hint="--publish")
-
-
-def _publish_flags(ctx: typer.Context, *, storage: str | None, endpoint_url: str | None) -> str:
-    """The publishing options as given, as they would be typed again."""
-    flags = ["--publish"]
-    if storage:
-        flags.append(f"--storage {shlex.quote(storage)}")
-    if endpoint_url:
-        flags.append(f"--endpoint-url {shlex.quote(endpoint_url)}")
-    flags += ["--" + name.replace("_", "-") for name in ("create_bucket", "force_champion")
-              if ctx.params.get(name)]
-    return " ".join(flags)
 
 
 def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
@@ -457,9 +447,10 @@ def deploy(
         exists=True, file_okay=False, help="checkout holding deploy/prefect.yaml")] = Path("."),
     name: Annotated[list[str] | None, typer.Option(
         "--name", help="only these deployments (repeatable); default: all")] = None,
-    crash_after: Annotated[int, typer.Option(
-        help="seconds without a heartbeat after which a fer flow run is marked Crashed "
-             "(its worker died), freeing the pool")] = 600,
+    crash_after: Annotated[int | None, typer.Option(
+        help="seconds without a heartbeat after which a fer flow run is marked Crashed (its "
+             "worker died), freeing the pool; default: keep the current setting, 600 for a "
+             "new automation")] = None,
 ) -> None:
     """Register the Prefect deployments in deploy/prefect.yaml (work pool `fer`), and the
     automation that marks a run whose worker died Crashed."""
@@ -472,7 +463,7 @@ def deploy(
 def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
                    resume_flags: str = ""):
     from fer.data import load_dataset
-    from fer.fetch import resolve_data
+    from fer.fetch import data_origin, resolve_data
 
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
@@ -481,7 +472,8 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
                            cache_dir=settings.data_dir)
     from fer.train import train as train_run
 
-    return train_run(dataset, config, verbose=_keras_verbosity(), resume_flags=resume_flags)
+    return train_run(dataset, config, verbose=_keras_verbosity(), resume_flags=resume_flags,
+                     data_origin=data_origin(data, data_dir=settings.data_dir))
 
 
 def _resume_locally(run_dir: Path, *, settings: Settings, resume_flags: str = ""):

@@ -14,6 +14,7 @@ that one slot for ever, scheduled runs included.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.settings import PREFECT_API_KEY
+from prefect.settings import PREFECT_API_KEY, get_current_settings
 from prefect.workers.process import ProcessWorker
 
 from fer.errors import FerError
@@ -39,6 +40,7 @@ from flows.remote import require_api
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
 DEPLOY_TIMEOUT_S = 600
+log = logging.getLogger(__name__)
 CRASH_AUTOMATION = "fer: mark flow runs whose heartbeats stopped Crashed"
 # A flow run sends a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect's
 # default 180, its minimum 30). Ten minutes of silence is three missed default heartbeats:
@@ -50,16 +52,18 @@ FLOW_RUN_ENDS = {f"prefect.flow-run.{state}" for state in
 
 
 def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
-               crash_after_s: int = DEFAULT_CRASH_AFTER_S) -> list[str]:
+               crash_after_s: int | None = None) -> list[str]:
     """Create the work pools and the crash automation, and register the named deployments
-    (all when None).
+    (all when None). ``crash_after_s`` None keeps the automation's current setting (600 s
+    for a new one), so a deploy without it never undoes a user's choice.
 
     Returns the registered deployments as ``flow/deployment`` names, read back from the server.
     """
     project_dir = Path(project_dir).resolve()
     pools = read_deployments(project_dir / PREFECT_FILE)
     chosen = list(pools) if names is None else _check_names(names, pools)
-    _check_crash_after(crash_after_s)
+    if crash_after_s is not None:
+        _check_crash_after(crash_after_s)
     api_url = require_api()
     for pool in sorted({pools[name] for name in chosen}):
         ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
@@ -101,9 +105,10 @@ def ensure_work_pool(name: str, *, concurrency_limit: int | None) -> None:
             client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
 
 
-def ensure_crash_detection(*, crash_after_s: int) -> AutomationCore:
+def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
     """Create or update the automation that marks a fer flow run Crashed once no heartbeat,
-    and no end of the run, came for ``crash_after_s`` seconds after its last heartbeat.
+    and no end of the run, came for ``crash_after_s`` seconds after its last heartbeat
+    (None: as the automation has it, or DEFAULT_CRASH_AFTER_S for a new one).
 
     Prefect's server has no such rule of its own (Prefect documents this automation under
     "detect zombie flows"): a run whose worker died with it stays Running, and the pool,
@@ -111,6 +116,11 @@ def ensure_crash_detection(*, crash_after_s: int) -> AutomationCore:
     `prefect flow-run retry` resumes the run like any crashed one. Only runs tagged ``fer``
     (the tag every deployment of deploy/prefect.yaml gives its runs) are watched.
     """
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(CRASH_AUTOMATION)
+    if crash_after_s is None:
+        crash_after_s = (int(existing[0].trigger.within.total_seconds()) if existing
+                         else DEFAULT_CRASH_AFTER_S)
     automation = AutomationCore(
         name=CRASH_AUTOMATION,
         description="Marks a fer flow run Crashed when its heartbeats stop (its worker died); "
@@ -131,7 +141,6 @@ def ensure_crash_detection(*, crash_after_s: int) -> AutomationCore:
             message=f"no heartbeat for {crash_after_s} s: its worker or machine stopped")],
     )
     with get_client(sync_client=True) as client:
-        existing = client.read_automations_by_name(CRASH_AUTOMATION)
         if existing:
             client.update_automation(existing[0].id, automation)
             for duplicate in existing[1:]:  # two deploys racing each created one
@@ -142,10 +151,20 @@ def ensure_crash_detection(*, crash_after_s: int) -> AutomationCore:
 
 
 def _check_crash_after(crash_after_s: int) -> None:
+    """At least two heartbeats at Prefect's shortest interval; a warning below three of the
+    interval this machine's Prefect settings give (its default, 180 s, unless
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise): the workers may send them that
+    seldom, and a healthy run would be marked Crashed."""
     if crash_after_s < MIN_CRASH_AFTER_S:
         raise FerError(f"--crash-after {crash_after_s}: expected at least {MIN_CRASH_AFTER_S} "
                        "seconds (two heartbeats at Prefect's shortest interval, 30 s); "
                        f"default {DEFAULT_CRASH_AFTER_S}")
+    heartbeat = get_current_settings().flows.heartbeat_frequency
+    if heartbeat and crash_after_s < 3 * heartbeat:
+        log.warning("--crash-after %d is less than three heartbeats at %d s "
+                    "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY): set the workers' "
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY to %d or less, or a healthy run will be "
+                    "marked Crashed", crash_after_s, heartbeat, crash_after_s // 3)
 
 
 def _check_names(names: Sequence[str], pools: dict[str, str]) -> list[str]:
@@ -202,10 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder holding deploy/prefect.yaml (default: the current one)")
     parser.add_argument("--name", action="append", dest="names",
                         help="deploy only this deployment (repeatable; default: all)")
-    parser.add_argument("--crash-after", type=int, default=DEFAULT_CRASH_AFTER_S,
-                        metavar="SECONDS",
+    parser.add_argument("--crash-after", type=int, default=None, metavar="SECONDS",
                         help="mark a fer flow run Crashed after this many seconds without a "
-                             f"heartbeat (default: {DEFAULT_CRASH_AFTER_S})")
+                             "heartbeat (default: keep the current setting; "
+                             f"{DEFAULT_CRASH_AFTER_S} for a new automation)")
     args = parser.parse_args(argv)
     try:
         deployed = deploy_all(args.project_dir, names=args.names,

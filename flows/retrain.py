@@ -115,7 +115,8 @@ def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool
 
 
 @task(**TASK_OPTIONS)
-def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | None) -> str:
+def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | None,
+          data: str | None = None, resume_flags: str = "") -> str:
     """Fit a model on the source's train split; the run folder it wrote.
 
     A retry of the flow run (``prefect flow-run retry``, the UI's Retry) after a crash or a
@@ -125,6 +126,7 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     server keeps it to be retried).
     """
     from fer.data import load_dataset
+    from fer.fetch import data_origin
 
     dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=Path(data_dir))
@@ -137,7 +139,9 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
         except _TrainAgain as why:
             get_run_logger().warning("%s began %s, but %s; training from the start",
                                      started_by, earlier, why)
-    return str(fit(dataset, config, verbose=2, started_by=started_by).run_dir)
+    return str(fit(dataset, config, verbose=2, started_by=started_by,
+                   data_origin=data_origin(data, data_dir=Path(data_dir)),
+                   resume_flags=resume_flags).run_dir)
 
 
 def _earlier_attempt(out_dir: Path, started_by: str | None) -> Path | None:
@@ -186,7 +190,7 @@ def _continue(run_dir: Path, dataset) -> Path:
 
 
 @task(**TASK_OPTIONS)
-def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
+def evaluate(run_dir: str, source: str, *, data_dir: str, resume_flags: str = "") -> dict:
     """Score the run's model on the test split and write its reports; the metrics. A run
     an earlier attempt completed keeps its reports: scoring it again would rewrite
     metrics.json (its timing), which publishing a run already uploaded refuses."""
@@ -197,7 +201,7 @@ def evaluate(run_dir: str, source: str, *, data_dir: str) -> dict:
     if is_complete(Path(run_dir)):
         return json.loads((Path(run_dir) / "metrics.json").read_text())
     dataset = load_dataset(Path(source), cache_dir=Path(data_dir), require_train=False)
-    return score(Path(run_dir), dataset.test)
+    return score(Path(run_dir), dataset.test, resume_flags=resume_flags)
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
@@ -238,7 +242,7 @@ def retrain(
     test accuracy and macro-F1.
     """
     prefer_onednn()  # before TensorFlow loads in this process (check_config loads Keras)
-    from fer.train import check_config
+    from fer.train import check_config, publish_flags
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
@@ -251,9 +255,11 @@ def retrain(
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
         source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
-        run_dir = train(source, config, data_dir=data_dir,
-                        started_by=_retryable_run())
-        metrics = evaluate(run_dir, source, data_dir=data_dir)
+        # a stop names the resume command that publishes where this run would have
+        flags = publish_flags(storage, endpoint_url=endpoint_url, force_champion=force_champion)
+        run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
+                        data=data, resume_flags=flags)
+        metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
         _post_report(Path(run_dir), metrics)
         published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
                             create_bucket=create_bucket, force_champion=force_champion)

@@ -27,7 +27,7 @@ from fer.config import TrainConfig
 from fer.data import Dataset
 from fer.errors import FerError
 from fer.models import load_model
-from fer.train import RUN_FILES, fit, train
+from fer.train import RUN_FILES, fit, score, train
 
 
 class EpochSpy:
@@ -275,6 +275,19 @@ def test_a_run_another_process_trains_is_not_resumed_beside_it(tmp_path, tiny_da
             train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
     assert state(run_dir) == before
     train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))  # once it has let go
+    assert is_complete(run_dir)
+
+
+def test_a_run_another_process_trains_is_not_scored_beside_it(tmp_path, tiny_dataset):
+    """Scoring rewrites the run's reports and removes its checkpoint: it waits for no one,
+    but refuses while another process holds the run (fitting it after a resume)."""
+    config = TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = fit(tiny_dataset, config, verbose=0).run_dir
+    with training_lock(run_dir):
+        with pytest.raises(FerError, match=r"is being trained by process"):
+            score(run_dir, tiny_dataset.test)
+    assert not is_complete(run_dir)
+    score(run_dir, tiny_dataset.test)
     assert is_complete(run_dir)
 
 

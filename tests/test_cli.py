@@ -430,6 +430,9 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["batch_size"] == 32
     assert manifest["data"]["sha256"] == data_sha256  # as fetch-data printed it
+    # where the data came from as the user named it, not only fer's copy under FER_DATA_DIR
+    assert manifest["data"]["origin"] == str(fer_subset)
+    assert manifest["data"]["source"].startswith(str(data_dir))
     assert manifest["machine"]["onednn"] is True  # asked for before TensorFlow was imported
 
     evaluated = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,

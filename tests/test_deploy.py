@@ -104,7 +104,8 @@ def crash_automations():
 def test_deploy_registers_one_crash_automation_and_updates_it(deployed):
     """`fer deploy` leaves exactly one automation that marks a fer run Crashed after
     --crash-after seconds without a heartbeat; deploying again with another value changes
-    that one instead of adding a second (test_flows checks that it fires)."""
+    that one instead of adding a second, and deploying without one (the compose stack's
+    deploy step) keeps the value chosen (test_flows checks that it fires)."""
     (automation,) = crash_automations()
     assert automation.enabled
     assert automation.trigger.within.total_seconds() == DEFAULT_CRASH_AFTER_S
@@ -115,8 +116,11 @@ def test_deploy_registers_one_crash_automation_and_updates_it(deployed):
         deploy_all(REPO, names=["retrain"], crash_after_s=900)
         (updated,) = crash_automations()
         assert updated.id == automation.id and updated.trigger.within.total_seconds() == 900
-    finally:
         deploy_all(REPO, names=["retrain"])
+        (kept,) = crash_automations()
+        assert kept.id == automation.id and kept.trigger.within.total_seconds() == 900
+    finally:
+        deploy_all(REPO, names=["retrain"], crash_after_s=DEFAULT_CRASH_AFTER_S)
     assert crash_automations()[0].trigger.within.total_seconds() == DEFAULT_CRASH_AFTER_S
 
 

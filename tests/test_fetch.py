@@ -262,6 +262,8 @@ def test_a_second_fetch_into_one_data_folder_waits_for_the_first(tmp_path, layou
     the second then finds the archive unpacked and gives the same dataset."""
     data_dir = tmp_path / "data"
     first = fetch_data(str(layout_zip), data_dir=data_dir)
+    (marker,) = data_dir.glob("sources/*/.fer-unpacked")
+    unpacked_at = marker.stat().st_mtime_ns
     results = []
     with data_dir_lock(data_dir):  # as the other process holds it while it fetches
         waiting = threading.Thread(
@@ -271,6 +273,7 @@ def test_a_second_fetch_into_one_data_folder_waits_for_the_first(tmp_path, layou
         assert waiting.is_alive() and results == []  # it waits its turn
     waiting.join(timeout=60)
     assert [fetched.sha256 for fetched in results] == [first.sha256]
+    assert marker.stat().st_mtime_ns == unpacked_at  # found unpacked, not extracted again
 
 
 def test_missing_local_source_is_named(tmp_path):

@@ -289,7 +289,10 @@ def test_fer_retrain_stopped_mid_training_leaves_no_server(tiny_fer_zip, tmp_pat
         stderr = (tmp_path / "stderr").read_text()
         assert retrain.returncode == 130, stderr[-3000:]
         (run_dir,) = runs.iterdir()
-        assert f"training stopped; `fer train --resume {run_dir}` continues it" in stderr
+        # the resume command publishes where `fer retrain` would have
+        store = tmp_path / "artifacts"
+        assert (f"training stopped; `fer train --resume {run_dir} --publish --storage {store}` "
+                "continues it") in stderr
         assert "Traceback" not in stderr and "Error logging to API" not in stderr
 
 
@@ -608,6 +611,7 @@ def test_a_retry_fetches_the_data_again_and_trains_anew_when_it_changed(worker, 
     assert finished.state == "Completed" and finished.result["run_id"] != first.name
     manifest = json.loads((out / finished.result["run_id"] / "manifest.json").read_text())
     assert manifest["data"]["sha256"] != read_run(first).data_sha256
+    assert manifest["data"]["origin"] == str(newer)  # as `fer fetch-data --source` named it
     now_current = current_source(Path(worker_data["FER_DATA_DIR"]))
     assert manifest["data"]["sha256"] == load_dataset(now_current, cache_dir=tmp_path).sha256
     assert any("its data has changed since; training from the start" in message

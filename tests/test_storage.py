@@ -47,7 +47,7 @@ def test_both_backends_have_every_method_the_interface_declares():
 
 @pytest.mark.parametrize(("url", "message"), [
     ("gs://bucket/x", r"unsupported storage URL 'gs://bucket/x' \(scheme 'gs'\)"),
-    ("s3://", r"storage URL 's3://' has bucket name ''; expected 3-63 lowercase"),
+    ("s3://", r"URL 's3://' has bucket name ''; expected 3-63 lowercase"),
     ("s3://Bad_Bucket/x", r"bucket name 'Bad_Bucket'"),
     ("s3:/fer-artifacts/prod", r"'s3:/fer-artifacts/prod' looks like a URL without '://'"),
     ("s3:fer-artifacts", r"looks like a URL without '://'"),
@@ -57,6 +57,13 @@ def test_open_store_rejects_bad_urls(url, message):
     any network call (`s3:/bucket/prefix` had published into a local folder of that name)."""
     with pytest.raises(StorageError, match=message):
         open_store(url)
+
+
+def test_an_s3_url_is_split_literally_in_any_case():
+    from fer.storage import split_s3_url
+
+    assert split_s3_url("S3://fer-data/a#b?c/fer.zip") == ("fer-data", "a#b?c/fer.zip")
+    assert split_s3_url("s3://fer-data") == ("fer-data", "")
 
 
 def test_a_folder_with_a_drive_letter_or_a_colon_further_on_is_still_a_folder(tmp_path):
