@@ -135,7 +135,7 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     earlier = _earlier_attempt(config.out_dir, started_by)
     if earlier is not None:
         try:
-            return str(_continue(earlier, dataset))
+            return str(_continue(earlier, dataset, resume_flags=resume_flags))
         except _TrainAgain as why:
             get_run_logger().warning("%s began %s, but %s; training from the start",
                                      started_by, earlier, why)
@@ -169,7 +169,7 @@ class _TrainAgain(Exception):
     """An earlier attempt's run folder that this one cannot continue, and why."""
 
 
-def _continue(run_dir: Path, dataset) -> Path:
+def _continue(run_dir: Path, dataset, *, resume_flags: str = "") -> Path:
     """An earlier attempt's run: taken as it is once complete, else resumed."""
     from fer.checkpoint import is_complete, read_run
     from fer.train import fit
@@ -186,7 +186,8 @@ def _continue(run_dir: Path, dataset) -> Path:
         raise _TrainAgain(f"it cannot be resumed ({exc})") from None
     if stopped.data_sha256 != dataset.sha256:
         raise _TrainAgain("its data has changed since")
-    return fit(dataset, stopped.config, verbose=2, resume=stopped).run_dir
+    return fit(dataset, stopped.config, verbose=2, resume=stopped,
+               resume_flags=resume_flags).run_dir
 
 
 @task(**TASK_OPTIONS)
