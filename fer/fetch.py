@@ -152,10 +152,7 @@ def data_origin(data: str | None, *, data_dir: Path) -> str | None:
     fetched from; None where neither is known (a dataset made current by an older fer)."""
     if data is not None:
         return data if _is_remote(data) else str(Path(data).expanduser().resolve())
-    try:
-        origin = json.loads((data_dir / CURRENT_POINTER).read_text()).get("origin")
-    except (OSError, ValueError, AttributeError):
-        return None
+    origin = read_json(data_dir / CURRENT_POINTER).get("origin")
     return origin if isinstance(origin, str) else None
 
 

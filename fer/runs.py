@@ -156,7 +156,7 @@ def _champion_record(store: Store) -> dict[str, Any] | None:
     champion = _read_pointer(store, "champion")
     if champion is None or champion.get("format") == POINTER_FORMAT:
         return champion
-    manifest = _load_manifest(store, _pointer_run_id(store, "champion"))
+    manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
     return _pointer_record(manifest) if manifest is not None else None
 
 
@@ -444,8 +444,11 @@ def _pointer_run_id(store: Store, name: str) -> str | None:
     """The run a pointer names, checked like any run id: it becomes a key in the store and
     a folder under `fer reports get --dest`, so '../..' must not pass."""
     pointer = _read_pointer(store, name)
-    if pointer is None:
-        return None
+    return None if pointer is None else _checked_run_id(pointer, name, store=store)
+
+
+def _checked_run_id(pointer: dict[str, Any], name: str, *, store: Store) -> str:
+    """The run id in pointer ``name``, or a StorageError naming the pointer file."""
     try:
         return _check_run_id(pointer.get("run_id"), source=store.url(f"{name}.json"))
     except FerError as exc:
