@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -102,16 +103,48 @@ def _upload(run: _LocalRun, remote: dict[str, Any], store: Store) -> None:
 
 def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool) -> bool:
     record = _pointer_record(remote)
-    latest = _read_pointer(store, "latest")
-    if latest is None or _when(record["created"]) >= _when(latest.get("created")):
-        store.put_bytes("latest.json", _dump(record))
-    champion = _champion_record(store)
-    if champion is not None and champion.get("run_id") == record["run_id"]:
-        return False  # published again: it is the champion already, nothing moves
-    becomes = force_champion or champion is None or _beats(record, champion)
-    if becomes:
-        store.put_bytes("champion.json", _dump(record))
-    return becomes
+
+    def newer_than(latest: dict[str, Any] | None) -> bool:
+        return latest is None or _when(record["created"]) >= _when(latest.get("created"))
+
+    def beats(champion: dict[str, Any] | None) -> bool:
+        champion = _comparable_champion(store, champion)
+        if champion is not None and champion.get("run_id") == record["run_id"]:
+            return False  # published again: it is the champion already, nothing moves
+        return force_champion or champion is None or _beats(record, champion)
+
+    _move_pointer(store, "latest", record, when=newer_than)
+    return _move_pointer(store, "champion", record, when=beats)
+
+
+POINTER_ATTEMPTS = 10
+
+
+def _move_pointer(store: Store, name: str, record: dict[str, Any], *,
+                  when: Callable[[dict[str, Any] | None], bool]) -> bool:
+    """Point ``name`` at ``record`` if ``when`` holds for the pointer as it is; True when
+    this call moved it. The write is conditional on the pointer not having changed since it
+    was read: two runs published at the same moment (a scheduled retrain and a manual
+    `fer publish`) would otherwise both compare against the old pointer, and the later
+    write would win, a worse run's included. On a conflict the pointer is read and compared
+    again."""
+    key = f"{name}.json"
+    wrote = False
+    for _ in range(POINTER_ATTEMPTS):
+        data, version = store.get_versioned(key)
+        pointer = _parse_json(data, store=store, key=key)
+        if wrote and pointer is not None and pointer.get("run_id") == record["run_id"]:
+            return True  # our write landed though its answer was lost, and a retry refused
+        if not when(pointer):
+            return False
+        wrote = True
+        if store.put_bytes_if(key, _dump(record), version=version):
+            return True
+        log.info("%s changed while publishing %s; comparing again", store.url(key),
+                 record["run_id"])
+    raise StorageError(f"{store.url(key)} changed {POINTER_ATTEMPTS} times while publishing "
+                       f"run '{record['run_id']}'; its files are published, publish it again "
+                       "to move the pointer", transient=True)
 
 
 # 2: val_accuracy is the saved model's (after the batch-norm recalibration); pointers of an
@@ -149,11 +182,11 @@ def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
     return None
 
 
-def _champion_record(store: Store) -> dict[str, Any] | None:
-    """The champion pointer; one of an older format (without validation accuracy, or with
-    the best epoch's instead of the saved model's) is rebuilt from its run's manifest (None
-    when that run is gone)."""
-    champion = _read_pointer(store, "champion")
+def _comparable_champion(store: Store, champion: dict[str, Any] | None
+                         ) -> dict[str, Any] | None:
+    """The champion pointer as read; one of an older format (without validation accuracy,
+    or with the best epoch's instead of the saved model's) is rebuilt from its run's
+    manifest (None when that run is gone)."""
     if champion is None or champion.get("format") == POINTER_FORMAT:
         return champion
     manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
@@ -466,7 +499,10 @@ def _marked_run(store: Store, name: str) -> str | None:
 
 
 def _load_json(store: Store, key: str) -> dict[str, Any] | None:
-    data = store.get_bytes(key)
+    return _parse_json(store.get_bytes(key), store=store, key=key)
+
+
+def _parse_json(data: bytes | None, *, store: Store, key: str) -> dict[str, Any] | None:
     if data is None:
         return None
     try:

@@ -7,6 +7,8 @@ Errors are one-line StorageErrors that say whether retrying may help, never with
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import shutil
@@ -27,6 +29,8 @@ from fer.errors import StorageError
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
+log = logging.getLogger(__name__)
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -46,6 +50,15 @@ class Store(Protocol):
 
     def get_bytes(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and a token naming this version of it; (None, None) when it
+        does not exist. Hand the token to ``put_bytes_if``."""
+
+    def put_bytes_if(self, key: str, data: bytes, *, version: str | None) -> bool:
+        """Write a small object only if it is still at ``version`` (None: only if it does not
+        exist); False, writing nothing, when another writer changed it first. This is how
+        two publishers at the same moment both see their pointer moves counted."""
 
     def download(self, key: str, dest: Path) -> None:
         """Copy an object to a local file."""
@@ -78,6 +91,38 @@ class LocalStore:
             except FileNotFoundError:
                 return None
 
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        data = self.get_bytes(key)
+        return data, _content_version(data)
+
+    def put_bytes_if(self, key: str, data: bytes, *, version: str | None) -> bool:
+        with self._writers_take_turns():
+            if _content_version(self.get_bytes(key)) != version:
+                return False
+            self.put_bytes(key, data)
+            return True
+
+    @contextmanager
+    def _writers_take_turns(self) -> Iterator[None]:
+        """An flock on ``.fer-pointers.lock`` at the root, for the compare and the write of
+        ``put_bytes_if``; readers need none (writes are renames). The kernel releases it
+        when its holder exits, however it exits."""
+        import fcntl
+
+        path = self.root / ".fer-pointers.lock"
+        with local_errors("lock", path):
+            self.root.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            except OSError as exc:  # a filesystem without locks (some NFS, CIFS, FUSE mounts)
+                log.warning("%s: cannot lock it (%s); two publishers at the same moment may "
+                            "overwrite each other's pointer", path, exc.strerror)
+            yield
+        finally:
+            os.close(descriptor)
+
     def download(self, key: str, dest: Path) -> None:
         source = self._path(key)
         with local_errors("read", source):
@@ -109,6 +154,11 @@ class LocalStore:
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
+
+
+def _content_version(data: bytes | None) -> str | None:
+    """A local object's version: its content's digest (None when there is none)."""
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 @contextmanager
@@ -194,6 +244,33 @@ class S3Store:
             response = self._missing_as_none(self._client.get_object, key)
             return None if response is None else response["Body"].read()
 
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        with self._errors(f"reading {self._key(key)}"):
+            response = self._missing_as_none(self._client.get_object, key)
+            if response is None:
+                return None, None
+            return response["Body"].read(), response["ETag"]
+
+    def put_bytes_if(self, key: str, data: bytes, *, version: str | None) -> bool:
+        # S3's conditional writes (AWS since 2024, MinIO, SeaweedFS): If-Match on the ETag
+        # read, If-None-Match for an object that did not exist.
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        with self._errors(f"writing {self._key(key)}"):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                        **condition)
+            except bce.ClientError as exc:
+                code = _error_code(exc)
+                if code in _CHANGED_MEANWHILE:
+                    return False  # another writer changed (or deleted) it first
+                if code != "NotImplemented":
+                    raise
+                log.warning("S3 at %s does not support conditional writes; writing %s "
+                            "unconditionally (two publishers at the same moment may overwrite "
+                            "each other's pointer)", self.endpoint, self._key(key))
+                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return True
+
     def version(self, key: str) -> str | None:
         """What changes when the object does (its ETag and size); None if there is none."""
         with self._errors(f"reading {self._key(key)}"):
@@ -274,6 +351,11 @@ class S3Store:
         message = exc.response.get("Error", {}).get("Message", "")
         return f"S3 at {self.endpoint} refused {action}: {code} {_one_line(message)}".rstrip()
 
+
+# A conditional write refused: the ETag differs (412), a concurrent conditional write is in
+# progress (409, AWS), or the object read was deleted since (404 on If-Match, AWS).
+_CHANGED_MEANWHILE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409",
+                      "NoSuchKey", "404"}
 
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
                     "SlowDown", "RequestTimeout"}

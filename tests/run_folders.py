@@ -6,14 +6,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+from s3server import BUCKET
+
 from fer.errors import StorageError
 from fer.runs import resolve_run
+from fer.storage import open_store
 
 BIG = 9 * 1024 * 1024  # over the 8 MiB multipart threshold
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def store(request, tmp_path):
+    """An empty store of each backend: a folder, and a fresh prefix on the SeaweedFS server
+    (the test module provides the ``s3_env`` fixture)."""
+    if request.param == "local":
+        return open_store(str(tmp_path / "artifacts"))
+    server = request.getfixturevalue("s3_env")
+    return open_store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=server.endpoint_url)
 
 
 def make_run(root: Path, run_id: str, *, accuracy: float, minute: int = 0,

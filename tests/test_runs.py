@@ -4,12 +4,12 @@ and reading them back: pointers, listing, reports, verified downloads."""
 from __future__ import annotations
 
 import json
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import run_folders
 import s3server
 from run_folders import BIG, CrashAfterUploads, local_files, make_run, pointers
-from s3server import BUCKET
 
 from fer.errors import FerError, StorageError
 from fer.runs import download_run, list_runs, publish_run, read_report, resolve_run
@@ -18,16 +18,10 @@ from fer.storage import LocalStore, open_store
 # The real S3 server fixtures (assigned, not imported, so test arguments may shadow them).
 s3_server = s3server.s3_server
 s3_env = s3server.s3_env
+store = run_folders.store  # an empty store of each backend
 integration = pytest.mark.integration
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=integration)])
-def store(request, tmp_path):
-    """An empty store of each backend: a folder, and a fresh prefix on the SeaweedFS server."""
-    if request.param == "local":
-        return open_store(str(tmp_path / "artifacts"))
-    server = request.getfixturevalue("s3_env")
-    return open_store(f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint_url=server.endpoint_url)
 
 
 # --- round trip -----------------------------------------------------------------------------
@@ -244,6 +238,103 @@ def test_crash_mid_publish_leaves_pointers_on_complete_runs(store, runs):
     assert pointers(store) == ("old", "old")
     assert publish_run(new, store).became_champion
     assert pointers(store) == ("new", "new")
+
+
+# --- publishers at the same moment ---------------------------------------------------------
+
+
+class SlipsInAfterReading:
+    """The store as one publisher sees it, with another publisher slipping in between its read
+    of pointer ``key`` and its write: the race of a scheduled retrain and a manual
+    `fer publish` finishing together, made to happen every time."""
+
+    def __init__(self, inner, key: str, other) -> None:
+        self.inner, self.key, self.other = inner, key, other
+
+    def get_versioned(self, key):
+        return self._then_slip_in(key, self.inner.get_versioned(key))
+
+    def get_bytes(self, key):
+        return self._then_slip_in(key, self.inner.get_bytes(key))
+
+    def _then_slip_in(self, key, read):
+        if key == self.key and self.other is not None:
+            other, self.other = self.other, None
+            other()
+        return read
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "champion"), [(0.60, 0.70, "theirs"),
+                                                          (0.70, 0.60, "ours")])
+def test_a_run_published_meanwhile_is_compared_not_overwritten(store, runs, ours, theirs,
+                                                               champion):
+    """Another run that became champion between our read of the pointer and our write is
+    compared with, not overwritten: the better of the two is the champion (a worse run
+    published at the same moment had replaced a better one), and each result says so."""
+    slipped = []
+    theirs_folder = make_run(runs, "theirs", accuracy=theirs, minute=1)
+    racing = SlipsInAfterReading(
+        store, "champion.json", lambda: slipped.append(publish_run(theirs_folder, store)))
+    result = publish_run(make_run(runs, "ours", accuracy=ours, minute=2), racing)
+    assert slipped[0].became_champion
+    assert resolve_run(store, "champion").run_id == champion
+    assert result.became_champion == (champion == "ours")
+
+
+def test_latest_published_meanwhile_by_a_newer_run_stays(store, runs):
+    """A newer run published between our read of `latest` and our write keeps `latest`."""
+    newer = make_run(runs, "newer", accuracy=0.5, minute=2)
+    racing = SlipsInAfterReading(store, "latest.json", lambda: publish_run(newer, store))
+    publish_run(make_run(runs, "older", accuracy=0.5, minute=1), racing)
+    assert resolve_run(store, "latest").run_id == "newer"
+
+
+class AnswerLost:
+    """A store whose first conditional write of ``key`` lands but reports a conflict: what a
+    client sees when the server's answer was lost and its retry was refused (the object had
+    changed: by that very write)."""
+
+    def __init__(self, inner, key: str) -> None:
+        self.inner, self.key, self.lost = inner, key, False
+
+    def put_bytes_if(self, key, data, *, version):
+        landed = self.inner.put_bytes_if(key, data, version=version)
+        if key == self.key and not self.lost:
+            self.lost = True
+            return False
+        return landed
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_champion_write_whose_answer_was_lost_is_still_reported(store, runs):
+    """Reading the pointer again after a refused write and finding this run there means
+    the write landed: the publish reports a new champion, not "published again"."""
+    publish_run(make_run(runs, "old", accuracy=0.5, minute=1), store)
+    result = publish_run(make_run(runs, "new", accuracy=0.7, minute=2),
+                         AnswerLost(store, "champion.json"))
+    assert result.became_champion
+    assert pointers(store) == ("new", "new")
+
+
+def test_many_publishers_at_once_leave_the_best_and_the_newest(store, runs):
+    """Six runs published from six threads at once, each with its own connection: the
+    champion is the best on validation and `latest` the newest, and the best run's publish
+    reports that it became champion."""
+    folders = [make_run(runs, f"r{i}", accuracy=0.5, val_accuracy=0.60 + 0.01 * ((i * 5) % 6),
+                        minute=i) for i in range(6)]
+    connections = [open_store(store.location, endpoint_url=getattr(store, "endpoint", None))
+                   for _ in folders]
+    with ThreadPoolExecutor(len(folders)) as pool:
+        results = list(pool.map(publish_run, folders, connections))
+    best = max(folders, key=lambda f: json.loads((f / "metrics.json").read_text())[
+        "best_val_accuracy"]).name
+    assert pointers(store) == ("r5", best)
+    assert best in {r.run_id for r in results if r.became_champion}
 
 
 # --- reading errors -------------------------------------------------------------------------

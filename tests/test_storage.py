@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+import run_folders
 import s3server
 from run_folders import BIG, CrashAfterUploads, make_run, pointers
 from s3server import BUCKET, SeaweedS3, free_port
@@ -20,6 +21,7 @@ from fer.storage import LocalStore, S3Store, Store, open_store
 # The real S3 server fixtures (assigned, not imported, so test arguments may shadow them).
 s3_server = s3server.s3_server
 s3_env = s3server.s3_env
+store = run_folders.store  # an empty store of each backend
 integration = pytest.mark.integration
 
 
@@ -40,9 +42,28 @@ def test_both_backends_have_every_method_the_interface_declares():
     backend lacks fails only when that backend is in use (in a user's run, not here)."""
     declared = {name for name in vars(Store) if callable(vars(Store)[name])
                 and not name.startswith("__")}
-    assert {"put_file", "put_bytes", "get_bytes", "download", "run_ids", "url"} <= declared
+    assert {"put_file", "put_bytes", "get_bytes", "get_versioned", "put_bytes_if", "download",
+            "run_ids", "url"} <= declared
     for backend in (LocalStore, S3Store):
         assert declared <= set(dir(backend)), backend
+
+
+
+
+def test_a_conditional_write_lands_only_on_the_version_it_read(store):
+    """put_bytes_if writes when the object is still as read (absent, or the version
+    get_versioned gave) and refuses, writing nothing, once another writer changed it."""
+    assert store.get_versioned("p.json") == (None, None)
+    assert store.put_bytes_if("p.json", b"first", version=None)
+    assert not store.put_bytes_if("p.json", b"second", version=None)  # it exists now
+    data, first = store.get_versioned("p.json")
+    assert data == b"first" and first is not None
+    store.put_bytes("p.json", b"changed by another writer")
+    assert not store.put_bytes_if("p.json", b"stale", version=first)
+    data, current = store.get_versioned("p.json")
+    assert data == b"changed by another writer" and current != first
+    assert store.put_bytes_if("p.json", b"third", version=current)
+    assert store.get_bytes("p.json") == b"third"
 
 
 @pytest.mark.parametrize(("url", "message"), [
