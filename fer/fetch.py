@@ -30,6 +30,7 @@ from fer.data import (
     stat_stamp,
 )
 from fer.errors import DataError, FerError, StorageError
+from fer.locks import taking_turns
 from fer.manifest import read_json, write_json
 
 Progress = Callable[[int, int | None], None]
@@ -77,24 +78,12 @@ def data_dir_lock(data_dir: Path):
     """One fetch at a time per FER_DATA_DIR: two (`fer fetch-data` in the worker's container
     while its scheduled run fetches) would write the same partial files and unpack into the
     same folder, one deleting what the other extracts. The second waits, then finds the
-    work done. The kernel releases the lock when its holder exits, however it exits."""
-    import fcntl
-
+    work done."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    # read-only: a lock file another user created in a shared folder locks as well
-    descriptor = os.open(data_dir / ".fetch.lock", os.O_RDONLY | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another fer is fetching into %s; waiting for it", data_dir)
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        except OSError as exc:  # a filesystem without locks (some NFS, CIFS, FUSE mounts)
-            log.warning("%s: cannot lock it (%s); fetching without taking turns", data_dir,
-                        exc.strerror)
+    with taking_turns(data_dir / ".fetch.lock",
+                      waiting=f"another fer is fetching into {data_dir}; waiting for it",
+                      unprotected="fetching without taking turns"):
         yield
-    finally:
-        os.close(descriptor)
 
 
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,

@@ -19,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,9 +91,20 @@ WRITE_CHECK = ".fer-write-check"
 def check_can_publish(store: Store) -> None:
     """Write a small object where publishing writes, so that a store fer may read but not
     write (a read-only folder, keys without PutObject) fails before the hours of training,
-    not after them. The object is overwritten each time and safe to delete."""
-    store.put_bytes(WRITE_CHECK, b"written by fer before training, to check that runs can "
-                                 b"be published here; safe to delete\n")
+    not after them; then write it the way pointers are written (conditionally), and warn
+    when the store ignores the condition. The object is overwritten each time and safe to
+    delete."""
+    store.put_bytes(WRITE_CHECK, _WRITE_CHECK_TEXT)
+    _, version = store.get_versioned(WRITE_CHECK)
+    store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=version)  # False: another check
+    if store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=None):  # it exists
+        log.warning("%s ignored the condition of a conditional write (If-None-Match); two "
+                    "runs published at the same moment may overwrite each other's pointer",
+                    store.location)
+
+
+_WRITE_CHECK_TEXT = (b"written by fer before training, to check that runs can be published "
+                     b"here; safe to delete\n")
 
 
 def _upload(run: _LocalRun, remote: dict[str, Any], store: Store) -> None:
@@ -130,7 +143,7 @@ def _move_pointer(store: Store, name: str, record: dict[str, Any], *,
     again."""
     key = f"{name}.json"
     wrote = False
-    for _ in range(POINTER_ATTEMPTS):
+    for attempt in range(POINTER_ATTEMPTS):
         data, version = store.get_versioned(key)
         pointer = _parse_json(data, store=store, key=key)
         if wrote and pointer is not None and pointer.get("run_id") == record["run_id"]:
@@ -142,6 +155,7 @@ def _move_pointer(store: Store, name: str, record: dict[str, Any], *,
             return True
         log.info("%s changed while publishing %s; comparing again", store.url(key),
                  record["run_id"])
+        time.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))  # let the other finish
     raise StorageError(f"{store.url(key)} changed {POINTER_ATTEMPTS} times while publishing "
                        f"run '{record['run_id']}'; its files are published, publish it again "
                        "to move the pointer", transient=True)

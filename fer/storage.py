@@ -26,6 +26,7 @@ from botocore import exceptions as bce
 from botocore.config import Config
 
 from fer.errors import StorageError
+from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
@@ -104,24 +105,15 @@ class LocalStore:
 
     @contextmanager
     def _writers_take_turns(self) -> Iterator[None]:
-        """An flock on ``.fer-pointers.lock`` at the root, for the compare and the write of
-        ``put_bytes_if``; readers need none (writes are renames). The kernel releases it
-        when its holder exits, however it exits."""
-        import fcntl
-
-        path = self.root / ".fer-pointers.lock"
-        with local_errors("lock", path):
+        """The compare and the write of ``put_bytes_if`` under an flock on
+        ``.fer-pointers.lock`` at the root; readers need none (writes are renames)."""
+        with local_errors("write", self.root):
             self.root.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
-            except OSError as exc:  # a filesystem without locks (some NFS, CIFS, FUSE mounts)
-                log.warning("%s: cannot lock it (%s); two publishers at the same moment may "
-                            "overwrite each other's pointer", path, exc.strerror)
+        with taking_turns(self.root / ".fer-pointers.lock",
+                          waiting="another publisher is moving a pointer here; waiting for it",
+                          unprotected="two publishers at the same moment may overwrite each "
+                                      "other's pointer"):
             yield
-        finally:
-            os.close(descriptor)
 
     def download(self, key: str, dest: Path) -> None:
         source = self._path(key)
@@ -249,11 +241,16 @@ class S3Store:
             response = self._missing_as_none(self._client.get_object, key)
             if response is None:
                 return None, None
-            return response["Body"].read(), response["ETag"]
+            # A proxy may weaken the ETag (W/"..."); If-Match compares the strong one.
+            etag = (response.get("ETag") or "").removeprefix("W/")
+            return response["Body"].read(), etag
 
     def put_bytes_if(self, key: str, data: bytes, *, version: str | None) -> bool:
         # S3's conditional writes (AWS since 2024, MinIO, SeaweedFS): If-Match on the ETag
         # read, If-None-Match for an object that did not exist.
+        if version == "":  # the server sent no ETag to compare with
+            self._write_unconditionally(key, data, why="sends no ETag")
+            return True
         condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         with self._errors(f"writing {self._key(key)}"):
             try:
@@ -263,13 +260,16 @@ class S3Store:
                 code = _error_code(exc)
                 if code in _CHANGED_MEANWHILE:
                     return False  # another writer changed (or deleted) it first
-                if code != "NotImplemented":
+                if code not in _CONDITIONS_REFUSED:
                     raise
-                log.warning("S3 at %s does not support conditional writes; writing %s "
-                            "unconditionally (two publishers at the same moment may overwrite "
-                            "each other's pointer)", self.endpoint, self._key(key))
-                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+                self._write_unconditionally(key, data, why=f"refuses conditional writes ({code})")
         return True
+
+    def _write_unconditionally(self, key: str, data: bytes, *, why: str) -> None:
+        log.warning("S3 at %s %s; writing %s unconditionally: two publishers at the same "
+                    "moment may overwrite each other's pointer", self.endpoint, why,
+                    self._key(key))
+        self.put_bytes(key, data)
 
     def version(self, key: str) -> str | None:
         """What changes when the object does (its ETag and size); None if there is none."""
@@ -356,6 +356,9 @@ class S3Store:
 # progress (409, AWS), or the object read was deleted since (404 on If-Match, AWS).
 _CHANGED_MEANWHILE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409",
                       "NoSuchKey", "404"}
+
+# A server that does not implement conditional writes, or rejects their headers.
+_CONDITIONS_REFUSED = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
 
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
                     "SlowDown", "RequestTimeout"}

@@ -12,7 +12,14 @@ import s3server
 from run_folders import BIG, CrashAfterUploads, local_files, make_run, pointers
 
 from fer.errors import FerError, StorageError
-from fer.runs import download_run, list_runs, publish_run, read_report, resolve_run
+from fer.runs import (
+    check_can_publish,
+    download_run,
+    list_runs,
+    publish_run,
+    read_report,
+    resolve_run,
+)
 from fer.storage import LocalStore, open_store
 
 # The real S3 server fixtures (assigned, not imported, so test arguments may shadow them).
@@ -335,6 +342,31 @@ def test_many_publishers_at_once_leave_the_best_and_the_newest(store, runs):
         "best_val_accuracy"]).name
     assert pointers(store) == ("r5", best)
     assert best in {r.run_id for r in results if r.became_champion}
+
+
+class IgnoresConditions:
+    """A store that writes whatever the condition, as a server that ignores If-None-Match
+    and If-Match would."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def put_bytes_if(self, key, data, *, version):
+        self.inner.put_bytes(key, data)
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_the_check_before_training_warns_of_a_store_that_ignores_conditions(store, caplog):
+    """The write check before training also writes the way pointers are written, and warns
+    when the store ignores the condition (the pointer race is back there); a store that
+    honours it passes without a word."""
+    check_can_publish(store)
+    assert "ignored the condition" not in caplog.text
+    check_can_publish(IgnoresConditions(store))
+    assert f"{store.location} ignored the condition of a conditional write" in caplog.text
 
 
 # --- reading errors -------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 import uuid
 
@@ -15,6 +16,7 @@ from run_folders import BIG, CrashAfterUploads, make_run, pointers
 from s3server import BUCKET, SeaweedS3, free_port
 
 from fer.errors import StorageError
+from fer.locks import taking_turns
 from fer.runs import list_runs, publish_run
 from fer.storage import LocalStore, S3Store, Store, open_store
 
@@ -64,6 +66,56 @@ def test_a_conditional_write_lands_only_on_the_version_it_read(store):
     assert data == b"changed by another writer" and current != first
     assert store.put_bytes_if("p.json", b"third", version=current)
     assert store.get_bytes("p.json") == b"third"
+
+
+def test_a_folder_stores_conditional_write_waits_for_another_publisher(tmp_path):
+    """In a folder store the compare and the write happen under `.fer-pointers.lock`:
+    while another publisher holds it, put_bytes_if waits (else both could compare against
+    the same old pointer and both write)."""
+    store = LocalStore(tmp_path / "artifacts")
+    store.put_bytes("p.json", b"old")
+    _, version = store.get_versioned("p.json")
+    done = []
+    with taking_turns(store.root / ".fer-pointers.lock", waiting="-", unprotected="-"):
+        writer = threading.Thread(
+            target=lambda: done.append(store.put_bytes_if("p.json", b"new", version=version)))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and store.get_bytes("p.json") == b"old"
+    writer.join(10)
+    assert done == [True] and store.get_bytes("p.json") == b"new"
+
+
+@pytest.mark.parametrize(("code", "status", "outcome"), [
+    ("PreconditionFailed", 412, "changed"),  # the ETag differs
+    ("ConditionalRequestConflict", 409, "changed"),  # AWS: another conditional write
+    ("NoSuchKey", 404, "changed"),  # AWS: If-Match on an object deleted since it was read
+    ("NotImplemented", 501, "unconditional"),  # a server without conditional writes
+    ("InvalidArgument", 400, "unconditional"),  # one that rejects the headers
+    ("AccessDenied", 403, "error"),
+])
+def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, code, status, outcome):
+    """What each refusal of a conditional PutObject means (SeaweedFS answers only 412, so
+    the answers of AWS and other servers are replayed through botocore's Stubber): a
+    pointer that changed meanwhile (compare again), a server that cannot do it (write
+    anyway, with a warning), or an error."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = S3Store(BUCKET, endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    with Stubber(store._client) as stub:
+        stub.add_client_error("put_object", service_error_code=code, http_status_code=status)
+        if outcome == "unconditional":
+            stub.add_response("put_object", {"ETag": '"e"'},
+                              {"Bucket": BUCKET, "Key": "p.json", "Body": b"x"})
+        if outcome == "error":
+            with pytest.raises(StorageError, match=f"denied access .*{code}"):
+                store.put_bytes_if("p.json", b"x", version='"old"')
+        else:
+            assert store.put_bytes_if("p.json", b"x", version='"old"') == (outcome != "changed")
+        stub.assert_no_pending_responses()
+    assert ("unconditionally" in caplog.text) == (outcome == "unconditional")
 
 
 @pytest.mark.parametrize(("url", "message"), [

@@ -1,0 +1,59 @@
+"""Taking turns between processes with an flock on a lock file: the publishers moving a
+folder store's pointers, the fetches unpacking into one FER_DATA_DIR.
+
+The kernel releases a lock when its holder exits, however it exits. Where no lock can be
+had (a lock file this user may not open, a filesystem without locks: some NFS, CIFS, FUSE
+mounts) the work goes ahead after a warning that says what is left unprotected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@contextlib.contextmanager
+def taking_turns(path: Path, *, waiting: str, unprotected: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created when missing) for the block; while
+    another process holds it, log ``waiting`` and wait. ``unprotected``: what can go
+    wrong when no lock can be had, for the warning."""
+    import fcntl
+
+    descriptor = _open_for_locking(path)
+    if descriptor is None:
+        log.warning("%s: cannot open it to lock; %s", path, unprotected)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s", waiting)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("%s: cannot lock it (%s); %s", path, exc.strerror, unprotected)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _open_for_locking(path: Path) -> int | None:
+    """A descriptor of ``path`` for flock: open for writing where allowed (NFS emulates
+    flock with a byte-range lock, and an exclusive one needs a file open for writing),
+    else read-only (a lock file another user created in a shared folder locks as well);
+    None when neither is allowed."""
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags, 0o666)
+        except OSError as exc:
+            if exc.errno not in _NOT_ALLOWED and not isinstance(exc, FileNotFoundError):
+                raise
+    return None
