@@ -141,13 +141,29 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
             message=f"no heartbeat for {crash_after_s} s: its worker or machine stopped")],
     )
     with get_client(sync_client=True) as client:
-        if existing:
-            client.update_automation(existing[0].id, automation)
-            for duplicate in existing[1:]:  # two deploys racing each created one
-                client.delete_automation(duplicate.id)
-        else:
+        if not existing:
             client.create_automation(automation)
+            return automation
+        for duplicate in existing[1:]:  # two deploys racing each created one
+            client.delete_automation(duplicate.id)
+        current = existing[0]
+        automation.enabled = current.enabled  # a pause set in the UI stays
+        if _rule_of(current) != _rule_of(automation):
+            # The server gives the updated trigger a new id, and the timers of runs in
+            # progress stay with the old one: they are watched again from their next
+            # heartbeat. So nothing is updated when nothing changed (the compose stack's
+            # deploy step runs on every `up`, often just before a worker is recreated).
+            client.update_automation(current.id, automation)
+            log.info("updated %r; runs in progress are watched again from their next "
+                     "heartbeat", CRASH_AUTOMATION)
     return automation
+
+
+def _rule_of(automation: AutomationCore) -> dict:
+    """What an automation does, without its ids and its on/off switch."""
+    rule = automation.model_dump(mode="json", exclude={"id", "enabled", "owner_resource"})
+    rule["trigger"].pop("id", None)
+    return rule
 
 
 def _check_crash_after(crash_after_s: int) -> None:

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, WorkerStatus
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_server import Process
 from s3server import free_port
 from test_cli import assert_one_line_error, run_fer
 
@@ -124,6 +126,38 @@ def test_deploy_registers_one_crash_automation_and_updates_it(deployed):
     assert crash_automations()[0].trigger.within.total_seconds() == DEFAULT_CRASH_AFTER_S
 
 
+def server_side_trigger_id(automation_id) -> str:
+    """The id the server gave the automation's trigger (the client's model drops it); the
+    server times each run's heartbeats under it."""
+    with get_client(sync_client=True) as client:
+        response = client.request("GET", "/automations/{id}", path_params={"id": automation_id})
+    return response.json()["trigger"]["id"]
+
+
+@integration
+def test_deploying_again_unchanged_keeps_the_crash_rules_trigger_and_a_pause(deployed):
+    """Deploying again without a change leaves the automation's trigger as it is: an update
+    gives it a new id on the server, and the runs in progress, timed under the old one, would
+    not be marked Crashed if their worker died before their next heartbeat (the compose
+    deploy step runs on every `up`, often just before it recreates the worker). A pause set
+    in the UI survives a deploy, even one that changes --crash-after."""
+    (automation,) = crash_automations()
+    trigger_id = server_side_trigger_id(automation.id)
+    deploy_all(REPO, names=["retrain"])
+    assert server_side_trigger_id(automation.id) == trigger_id
+    with get_client(sync_client=True) as client:
+        client.pause_automation(automation.id)
+    try:
+        deploy_all(REPO, names=["retrain"], crash_after_s=900)
+        (changed,) = crash_automations()
+        assert changed.trigger.within.total_seconds() == 900 and not changed.enabled
+    finally:
+        with get_client(sync_client=True) as client:
+            client.resume_automation(automation.id)
+        deploy_all(REPO, names=["retrain"], crash_after_s=DEFAULT_CRASH_AFTER_S)
+    assert crash_automations()[0].enabled
+
+
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
     """Before the server is asked anything, by the library and by `fer deploy` alike."""
     with pytest.raises(FerError, match=r"--crash-after 30: expected at least 60 seconds"):
@@ -155,6 +189,40 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "deployed retrain/retrain"
     assert _contents(app) == before  # no file added, removed or rewritten
+
+
+@integration
+def test_the_compose_prefect_server_serves_its_ui_from_its_volume(tmp_path):
+    """The compose `prefect-server` command, with its environment (the prefect-data volume
+    under tmp), serves the UI as well as the API: the image runs it as user 10001, who
+    cannot write where Prefect copies the UI by default (site-packages), so the copy goes
+    to the volume."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["prefect-server"]
+    volume = tmp_path / "data"
+    mounted = {name: value.replace("/data/", f"{volume}/") if value.startswith("/data/")
+               else value for name, value in service["environment"].items()}
+    static = Path(mounted["PREFECT_SERVER_UI_STATIC_DIRECTORY"])
+    assert static.is_relative_to(volume)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("prefect")), *service["command"][1:]]
+    command[command.index("--host") + 1] = "127.0.0.1"
+    command[command.index("--port") + 1] = str(port)
+    server = Process(command, env={**os.environ, **mounted}, log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                    html = page.read().decode()
+                break
+            except OSError:
+                assert server.running() and time.monotonic() < deadline, server.log()[-2000:]
+                time.sleep(1)
+    finally:
+        server.stop()
+    assert "<html" in html.lower()
+    assert any(static.rglob("index.html"))
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
