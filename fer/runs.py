@@ -356,7 +356,7 @@ class RunReport:
 def list_runs(store: Store) -> list[RunSummary]:
     """Every complete run, newest first; one manifest read per run."""
     latest, champion = (_marked_run(store, name) for name in POINTERS)
-    manifests = (_load_manifest(store, run_id) for run_id in store.run_ids())
+    manifests = (_listed_manifest(store, run_id) for run_id in store.run_ids())
     summaries = [
         _summary(manifest, latest=latest, champion=champion)
         for manifest in manifests
@@ -365,12 +365,24 @@ def list_runs(store: Store) -> list[RunSummary]:
     return sorted(summaries, key=lambda s: (_when(s.created), s.run_id), reverse=True)
 
 
+def _listed_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
+    """A run's manifest for a listing: one fer did not publish is left out with a warning,
+    instead of hiding every run from `fer reports list` (as for pointers)."""
+    try:
+        return _load_manifest(store, run_id)
+    except StorageError as exc:
+        if exc.transient:
+            raise
+        log.warning("%s", exc)
+        return None
+
+
 def _summary(manifest: dict[str, Any], *, latest: str | None, champion: str | None) -> RunSummary:
     metrics = manifest.get("metrics", {})
     epochs = metrics.get("epochs", manifest.get("parameters", {}).get("epochs"))
     return RunSummary(
         run_id=manifest["run_id"],
-        created=manifest["created"],
+        created=manifest.get("created"),
         model=manifest.get("model"),
         epochs=epochs,
         accuracy=metrics["accuracy"],
@@ -479,8 +491,22 @@ def _run_key(run_id: str, name: str) -> str:
 
 
 def _load_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
-    """The remote manifest of a complete run, or ``None`` for a missing or incomplete one."""
-    return _load_json(store, _run_key(run_id, MANIFEST))
+    """The remote manifest of a complete run, or ``None`` for a missing or incomplete one;
+    a StorageError for one that is not a published run's."""
+    key = _run_key(run_id, MANIFEST)
+    manifest = _load_json(store, key)
+    if manifest is not None and not _is_published(manifest):
+        raise StorageError(
+            f"{store.url(key)} is not the manifest of a published run (it lists no files or "
+            "metrics): a `fer train` run folder inside the store? Keep --out outside it")
+    return manifest
+
+
+def _is_published(manifest: dict[str, Any]) -> bool:
+    """What publishing adds to a run's manifest, and what its readers rely on."""
+    metrics = manifest.get("metrics")
+    return (isinstance(manifest.get("run_id"), str) and isinstance(manifest.get("files"), dict)
+            and isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), int | float))
 
 
 def _read_pointer(store: Store, name: str) -> dict[str, Any] | None:

@@ -372,6 +372,31 @@ def test_the_check_before_training_warns_of_a_store_that_ignores_conditions(stor
 # --- reading errors -------------------------------------------------------------------------
 
 
+def test_a_run_folder_inside_a_folder_store_is_named_not_a_traceback(tmp_path, runs, caplog):
+    """`fer train --out artifacts/runs` puts a run folder where the default store keeps its
+    published runs: a listing leaves it out with a warning naming it (it had been a
+    KeyError traceback), and reading or publishing it says what it is."""
+    store = open_store(str(tmp_path / "artifacts"))
+    publish_run(make_run(runs, "published", accuracy=0.5), store)
+    inside = make_run(tmp_path / "artifacts" / "runs", "trained-here", accuracy=0.6)
+    assert [r.run_id for r in list_runs(store)] == ["published"]
+    assert "runs/trained-here/manifest.json is not the manifest of a published run" in caplog.text
+    expected = r"trained-here/manifest\.json is not the manifest of a published run .*--out"
+    with pytest.raises(StorageError, match=expected):
+        resolve_run(store, "trained-here")
+    with pytest.raises(StorageError, match=expected):
+        publish_run(inside, store)
+
+
+def test_a_manifest_that_is_not_json_hides_only_its_own_run(store, runs, caplog):
+    """One unreadable manifest in the store is left out of a listing with a warning; the
+    other runs are still listed."""
+    publish_run(make_run(runs, "good", accuracy=0.5), store)
+    store.put_bytes("runs/broken/manifest.json", b"{not json")
+    assert [r.run_id for r in list_runs(store)] == ["good"]
+    assert "broken/manifest.json is not a JSON object" in caplog.text
+
+
 @pytest.mark.parametrize(("ref", "message"), [
     ("nope", r"run 'nope' not found in .*; list the published runs"),
     ("latest", r"no run is marked 'latest' in .* yet; publish a run"),
