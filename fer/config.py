@@ -53,6 +53,11 @@ class Settings:
                        endpoint_url=endpoint_url or self.endpoint_url)
 
 
+# A bound on --batch-size for training and prediction: 48x48 images gain nothing from
+# larger batches, and a mistyped huge one would exhaust memory or overflow TensorFlow's int64.
+MAX_BATCH_SIZE = 8192
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run; recorded in its manifest."""

@@ -28,12 +28,17 @@ def predict_labels(model, images: np.ndarray, *, batch_size: int = 256) -> np.nd
     return to_canonical(probabilities, class_names_of(model)).argmax(axis=1)
 
 
-def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.ndarray:
-    """Reorder columns from the model's class order to CLASS_NAMES, by name."""
+def check_fer_classes(model_class_names: list[str]) -> None:
+    """A model scored on FER2013 must name FER2013's classes (in any order)."""
     unknown = [n for n in model_class_names if n not in CLASS_INDEX]
     if unknown:
         raise FerError(f"the model's classes {unknown} are not FER2013 classes "
                        f"(expected names from {', '.join(CLASS_NAMES)})")
+
+
+def to_canonical(probabilities: np.ndarray, model_class_names: list[str]) -> np.ndarray:
+    """Reorder columns from the model's class order to CLASS_NAMES, by name."""
+    check_fer_classes(model_class_names)
     canonical = np.zeros((len(probabilities), len(CLASS_NAMES)), dtype=probabilities.dtype)
     for column, name in enumerate(model_class_names):
         canonical[:, CLASS_INDEX[name]] = probabilities[:, column]

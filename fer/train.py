@@ -28,7 +28,7 @@ from fer.checkpoint import (
     start_run,
     training_lock,
 )
-from fer.config import TrainConfig
+from fer.config import MAX_BATCH_SIZE, TrainConfig
 from fer.data import Dataset, Split, check_val_fraction
 from fer.errors import FerError
 from fer.evaluate import evaluate_run, predict_labels
@@ -387,8 +387,8 @@ def check_config(config: TrainConfig) -> None:
     """Refuse impossible options (numbers, model or precision names) before any data is read."""
     if config.epochs < 1:
         raise FerError(f"--epochs {config.epochs}: expected at least 1")
-    if config.batch_size < 1:
-        raise FerError(f"--batch-size {config.batch_size}: expected at least 1")
+    if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
+        raise FerError(f"--batch-size {config.batch_size}: expected 1 to {MAX_BATCH_SIZE}")
     if config.ensemble < 1:
         raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
     last_seed = config.seed + config.ensemble - 1  # member i trains from seed + i - 1

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
+from fer.config import DEFAULT_SOURCE_URL, MAX_BATCH_SIZE, Settings, TrainConfig
 from fer.errors import FerError, RunStillGoing
 from fer.profiles import PROFILES
 
@@ -169,7 +169,7 @@ def _profiles_help(option: str) -> str:
 EpochsOption = Annotated[int | None, typer.Option(
     "--epochs", "-e", min=1, help=_profiles_help("epochs"))]
 BatchSizeOption = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", min=1, help=_profiles_help("batch_size"))]
+    "--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help=_profiles_help("batch_size"))]
 ModelOption = Annotated[str | None, typer.Option(
     help=f"registry name (see `fer models`); {_profiles_help('model')}")]
 ProfileOption = Annotated[str, typer.Option(
@@ -523,11 +523,12 @@ def evaluate(
                        "as they are; pass another folder (default: evaluation/ beside the "
                        "model)")
     _load_tensorflow()
-    from fer.evaluate import evaluate_split
-    from fer.models import load_model
+    from fer.evaluate import check_fer_classes, evaluate_split
+    from fer.models import class_names_of, load_model
 
     precision = choose_precision(precision)
     loaded = load_model(model, precision=precision)  # a wrong --model fails before any download
+    check_fer_classes(class_names_of(loaded))
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
@@ -545,7 +546,7 @@ def predict(
     model: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a model.keras")],
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
     faces: Annotated[bool, typer.Option(help="detect faces first, classify each")] = False,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH_SIZE)] = 64,
     precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""

@@ -239,6 +239,12 @@ def test_usage_errors_are_reported_by_click(tmp_path):
     assert result.returncode == 2 and "Invalid value for '--ensemble'" in result.stderr
     result = run_fer("predict", tmp_path / "none.jpg", "--model", tmp_path / "none.keras")
     assert result.returncode == 2 and "does not exist" in result.stderr
+    # A mistyped huge batch (it had overflowed TensorFlow's int64, in a traceback).
+    (tmp_path / "face.png").write_bytes(b"png")
+    (tmp_path / "m.keras").write_bytes(b"zip")
+    for command in (["train"], ["predict", tmp_path / "face.png", "--model", tmp_path / "m.keras"]):
+        result = run_fer(*command, "--batch-size", "99999999999999999999")
+        assert result.returncode == 2 and "Invalid value for '--batch-size'" in result.stderr
 
 
 def test_evaluate_names_a_bad_model_before_reading_the_data(tmp_path, data_dir):
@@ -248,6 +254,19 @@ def test_evaluate_names_a_bad_model_before_reading_the_data(tmp_path, data_dir):
     result = run_fer("evaluate", "--model", tmp_path / "junk.keras",
                      "--data", tmp_path / "nowhere.zip")
     assert_one_line_error(result, r"junk\.keras: not a loadable Keras model")
+
+
+def test_evaluate_refuses_a_model_of_other_classes_before_reading_the_data(tmp_path):
+    """A Keras model of fer's shape whose classes are not FER2013's (another project's)
+    fails in one line before the data is fetched, not after scoring the whole test split."""
+    from fer.models import get_spec
+
+    model = get_spec("default").build()
+    model.get_layer("class_names").class_names[-1] = "contempt"
+    model.save(tmp_path / "other.keras")
+    result = run_fer("evaluate", "--model", tmp_path / "other.keras",
+                     "--data", tmp_path / "nowhere.zip")
+    assert_one_line_error(result, r"the model's classes \['contempt'\] are not FER2013 classes")
 
 
 def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path):

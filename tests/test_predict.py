@@ -41,6 +41,18 @@ def test_images_of_any_size_and_colour_are_classified(tmp_path, model):
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_a_model_that_outputs_nan_is_named_not_reported_as_angry(tmp_path):
+    """A model whose training diverged gives NaN scores: an error saying so, not `angry`
+    (the argmax of NaN) nor NaN in the --json document, which strict parsers reject."""
+    diverged = get_spec("default").build()
+    for layer in diverged.layers:
+        layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
+    (tmp_path / "face.png").write_bytes(encode_image(np.full((48, 48), 128, np.uint8), ".png"))
+    with pytest.raises(FerError, match=r"non-finite scores \(NaN or infinity\) for 1 of 1 "
+                                       r"images: it was not trained to a usable state"):
+        predict_files(diverged, [tmp_path / "face.png"])
+
+
 def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
     """Model input is always 48x48 uint8 grayscale, by OpenCV's luminance weights (not one
     channel: blue, green and red differ here)."""

@@ -178,6 +178,15 @@ def test_a_validation_fraction_outside_zero_to_one_is_refused_before_training(tm
         check_config(TrainConfig(epochs=1, val_fraction=1.0, out_dir=tmp_path))
 
 
+@pytest.mark.parametrize("batch_size", [0, 8193, 2**63])
+def test_a_batch_size_outside_one_to_8192_is_refused_before_training(tmp_path, batch_size):
+    """The flow and the library check what the CLI's option bounds (2**63 had overflowed
+    TensorFlow's int64 in a traceback)."""
+    with pytest.raises(FerError, match=rf"--batch-size {batch_size}: expected 1 to 8192"):
+        check_config(TrainConfig(epochs=1, batch_size=batch_size, out_dir=tmp_path))
+    check_config(TrainConfig(epochs=1, batch_size=8192, out_dir=tmp_path))
+
+
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
     """The saved weights are those of the epoch with the best validation accuracy.
 
