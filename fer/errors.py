@@ -30,3 +30,9 @@ class StorageError(FerError):
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
         self.transient = transient
+
+
+class NotFerObjectError(StorageError):
+    """An object in a store that fer did not write as it reads it (a pointer or manifest
+    that is not JSON, names no valid run, or is a run folder's, not a published run's):
+    listings leave it out with a warning, where any other StorageError stops them."""

@@ -24,7 +24,8 @@ _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 def taking_turns(path: Path, *, waiting: str, unprotected: str) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created when missing) for the block; while
     another process holds it, log ``waiting`` and wait. ``unprotected``: what can go
-    wrong when no lock can be had, for the warning."""
+    wrong when no lock can be had, for the warning. An OSError when the lock file can be
+    neither opened nor created (the caller names the folder)."""
     import fcntl
 
     descriptor = _open_for_locking(path)
@@ -49,11 +50,19 @@ def _open_for_locking(path: Path) -> int | None:
     """A descriptor of ``path`` for flock: open for writing where allowed (NFS emulates
     flock with a byte-range lock, and an exclusive one needs a file open for writing),
     else read-only (a lock file another user created in a shared folder locks as well);
-    None when neither is allowed."""
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
-        try:
-            return os.open(path, flags, 0o666)
-        except OSError as exc:
-            if exc.errno not in _NOT_ALLOWED and not isinstance(exc, FileNotFoundError):
-                raise
+    None when it exists but neither is allowed. An OSError when it can be neither opened
+    nor created: the folder is not writable, and the work there would fail anyway."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if exc.errno not in _NOT_ALLOWED:
+            raise
+        refused = exc
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise refused from None
+    except OSError as exc:
+        if exc.errno not in _NOT_ALLOWED:
+            raise
     return None

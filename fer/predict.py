@@ -111,7 +111,8 @@ def predict_inputs(model, inputs: Sequence[ModelInput], *, batch_size: int = 64
     if broken:  # NaN would print as `angry` (argmax) and as invalid JSON
         raise FerError(f"the model gives non-finite scores (NaN or infinity) for {broken} of "
                        f"{len(inputs)} images: it was not trained to a usable state (did its "
-                       "training diverge? see its history.csv)")
+                       "training diverge? see its history.csv), or overflows in this precision "
+                       "(try --precision float32)")
     names = class_names_of(model)
     return [
         Prediction(file=i.file, box=i.box, emotion=names[int(np.argmax(row))],

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
-from fer.errors import FerError, StorageError
+from fer.errors import FerError, NotFerObjectError, StorageError
 from fer.storage import Store, local_errors
 
 MANIFEST = "manifest.json"
@@ -91,18 +91,28 @@ WRITE_CHECK = ".fer-write-check"
 def check_can_publish(store: Store) -> None:
     """Write a small object where publishing writes, so that a store fer may read but not
     write (a read-only folder, keys without PutObject) fails before the hours of training,
-    not after them; then write it the way pointers are written (conditionally), and warn
-    when the store ignores the condition. The object is overwritten each time and safe to
-    delete."""
+    not after them; then write it as pointers are written, conditionally: a store that
+    refuses a write on the version it gave fails here too (every pointer move would), and
+    one that lets writes that must fail through gets a warning (two runs published at the
+    same moment could overwrite each other's pointer there). The object is overwritten each
+    time and safe to delete."""
     store.put_bytes(WRITE_CHECK, _WRITE_CHECK_TEXT)
-    _, version = store.get_versioned(WRITE_CHECK)
-    store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=version)  # False: another check
-    if store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=None):  # it exists
-        log.warning("%s ignored the condition of a conditional write (If-None-Match); two "
-                    "runs published at the same moment may overwrite each other's pointer",
-                    store.location)
+    for _ in range(2):  # a second try, in case another check wrote it in between
+        _, version = store.get_versioned(WRITE_CHECK)
+        if store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=version):
+            break
+    else:
+        raise StorageError(f"{store.url(WRITE_CHECK)}: the store refused a write conditional "
+                           "on the version it had just given (If-Match on its ETag); "
+                           "publishing could not move the latest and champion pointers")
+    if (store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=None)  # it exists
+            or store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=_NO_SUCH_VERSION)):
+        log.warning("%s did not refuse a conditional write that had to fail (If-None-Match "
+                    "or If-Match); two runs published at the same moment may overwrite each "
+                    "other's pointer", store.location)
 
 
+_NO_SUCH_VERSION = '"fer-no-such-version"'
 _WRITE_CHECK_TEXT = (b"written by fer before training, to check that runs can be published "
                      b"here; safe to delete\n")
 
@@ -142,15 +152,15 @@ def _move_pointer(store: Store, name: str, record: dict[str, Any], *,
     write would win, a worse run's included. On a conflict the pointer is read and compared
     again."""
     key = f"{name}.json"
-    wrote = False
+    tried = False
     for attempt in range(POINTER_ATTEMPTS):
         data, version = store.get_versioned(key)
         pointer = _parse_json(data, store=store, key=key)
-        if wrote and pointer is not None and pointer.get("run_id") == record["run_id"]:
+        if tried and pointer is not None and pointer.get("run_id") == record["run_id"]:
             return True  # our write landed though its answer was lost, and a retry refused
         if not when(pointer):
             return False
-        wrote = True
+        tried = True
         if store.put_bytes_if(key, _dump(record), version=version):
             return True
         log.info("%s changed while publishing %s; comparing again", store.url(key),
@@ -370,9 +380,7 @@ def _listed_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
     instead of hiding every run from `fer reports list` (as for pointers)."""
     try:
         return _load_manifest(store, run_id)
-    except StorageError as exc:
-        if exc.transient:
-            raise
+    except NotFerObjectError as exc:
         log.warning("%s", exc)
         return None
 
@@ -496,7 +504,7 @@ def _load_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
     key = _run_key(run_id, MANIFEST)
     manifest = _load_json(store, key)
     if manifest is not None and not _is_published(manifest):
-        raise StorageError(
+        raise NotFerObjectError(
             f"{store.url(key)} is not the manifest of a published run (it lists no files or "
             "metrics): a `fer train` run folder inside the store? Keep --out outside it")
     return manifest
@@ -525,7 +533,7 @@ def _checked_run_id(pointer: dict[str, Any], name: str, *, store: Store) -> str:
     try:
         return _check_run_id(pointer.get("run_id"), source=store.url(f"{name}.json"))
     except FerError as exc:
-        raise StorageError(f"{exc}; it was not written by fer") from None
+        raise NotFerObjectError(f"{exc}; it was not written by fer") from None
 
 
 def _marked_run(store: Store, name: str) -> str | None:
@@ -533,7 +541,7 @@ def _marked_run(store: Store, name: str) -> str | None:
     with a warning, instead of hiding every run from `fer reports list`."""
     try:
         return _pointer_run_id(store, name)
-    except StorageError as exc:
+    except NotFerObjectError as exc:
         log.warning("%s", exc)
         return None
 
@@ -550,7 +558,8 @@ def _parse_json(data: bytes | None, *, store: Store, key: str) -> dict[str, Any]
     except (UnicodeDecodeError, json.JSONDecodeError):
         value = None
     if not isinstance(value, dict):
-        raise StorageError(f"{store.url(key)} is not a JSON object; it was not written by fer")
+        raise NotFerObjectError(f"{store.url(key)} is not a JSON object; it was not written "
+                                "by fer")
     return value
 
 

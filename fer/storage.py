@@ -59,7 +59,9 @@ class Store(Protocol):
     def put_bytes_if(self, key: str, data: bytes, *, version: str | None) -> bool:
         """Write a small object only if it is still at ``version`` (None: only if it does not
         exist); False, writing nothing, when another writer changed it first. This is how
-        two publishers at the same moment both see their pointer moves counted."""
+        two publishers at the same moment both see their pointer moves counted. Where the
+        store cannot compare (an S3 server without conditional writes, a folder without
+        locks) it writes anyway, with a warning, and returns True."""
 
     def download(self, key: str, dest: Path) -> None:
         """Copy an object to a local file."""
@@ -107,12 +109,13 @@ class LocalStore:
     def _writers_take_turns(self) -> Iterator[None]:
         """The compare and the write of ``put_bytes_if`` under an flock on
         ``.fer-pointers.lock`` at the root; readers need none (writes are renames)."""
+        lock = self.root / ".fer-pointers.lock"
         with local_errors("write", self.root):
             self.root.mkdir(parents=True, exist_ok=True)
-        with taking_turns(self.root / ".fer-pointers.lock",
-                          waiting="another publisher is moving a pointer here; waiting for it",
-                          unprotected="two publishers at the same moment may overwrite each "
-                                      "other's pointer"):
+        with local_errors("lock", lock), taking_turns(
+                lock, waiting="another publisher is moving a pointer here; waiting for it",
+                unprotected="two publishers at the same moment may overwrite each other's "
+                            "pointer"):
             yield
 
     def download(self, key: str, dest: Path) -> None:
@@ -232,9 +235,7 @@ class S3Store:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get_bytes(self, key: str) -> bytes | None:
-        with self._errors(f"reading {self._key(key)}"):
-            response = self._missing_as_none(self._client.get_object, key)
-            return None if response is None else response["Body"].read()
+        return self.get_versioned(key)[0]
 
     def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         with self._errors(f"reading {self._key(key)}"):

@@ -160,8 +160,10 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
 
 
 def _rule_of(automation: AutomationCore) -> dict:
-    """What an automation does, without its ids and its on/off switch."""
-    rule = automation.model_dump(mode="json", exclude={"id", "enabled", "owner_resource"})
+    """What an automation does, without its ids and its on/off switch. Python objects, not
+    JSON: the trigger's event names are sets, whose order in a JSON list differs between
+    processes."""
+    rule = automation.model_dump(exclude={"id", "enabled", "owner_resource"})
     rule["trigger"].pop("id", None)
     return rule
 

@@ -344,29 +344,54 @@ def test_many_publishers_at_once_leave_the_best_and_the_newest(store, runs):
     assert best in {r.run_id for r in results if r.became_champion}
 
 
-class IgnoresConditions:
-    """A store that writes whatever the condition, as a server that ignores If-None-Match
-    and If-Match would."""
+class IgnoresACondition:
+    """A store that writes whatever ``ignored`` (If-None-Match or If-Match) says, as a
+    server that ignores that header would; the other it honours."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
+    def __init__(self, inner, ignored: str) -> None:
+        self.inner, self.ignored = inner, ignored
 
     def put_bytes_if(self, key, data, *, version):
-        self.inner.put_bytes(key, data)
-        return True
+        if (version is None) == (self.ignored == "If-None-Match"):
+            self.inner.put_bytes(key, data)
+            return True
+        return self.inner.put_bytes_if(key, data, version=version)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
-def test_the_check_before_training_warns_of_a_store_that_ignores_conditions(store, caplog):
+@pytest.mark.parametrize("ignored", ["If-None-Match", "If-Match"])
+def test_the_check_before_training_warns_of_a_store_that_ignores_conditions(store, caplog,
+                                                                            ignored):
     """The write check before training also writes the way pointers are written, and warns
-    when the store ignores the condition (the pointer race is back there); a store that
-    honours it passes without a word."""
+    when the store lets a conditional write that had to fail through (the pointer race is
+    back there); a store that honours both conditions passes without a word."""
     check_can_publish(store)
-    assert "ignored the condition" not in caplog.text
-    check_can_publish(IgnoresConditions(store))
-    assert f"{store.location} ignored the condition of a conditional write" in caplog.text
+    assert "did not refuse" not in caplog.text
+    check_can_publish(IgnoresACondition(store, ignored))
+    assert f"{store.location} did not refuse a conditional write that had to fail" in caplog.text
+
+
+class RefusesItsOwnVersion:
+    """A store whose conditional writes always conflict, as behind a proxy that rewrites
+    ETags: every pointer move would fail after training."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def put_bytes_if(self, key, data, *, version):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_the_check_before_training_fails_where_no_pointer_could_move(store):
+    """Hours of training would end in pointer moves refused ten times each: said first."""
+    with pytest.raises(StorageError, match=r"refused a write conditional on the version it "
+                                           r"had just given"):
+        check_can_publish(RefusesItsOwnVersion(store))
 
 
 # --- reading errors -------------------------------------------------------------------------
@@ -386,6 +411,32 @@ def test_a_run_folder_inside_a_folder_store_is_named_not_a_traceback(tmp_path, r
         resolve_run(store, "trained-here")
     with pytest.raises(StorageError, match=expected):
         publish_run(inside, store)
+
+
+class DeniesReadingManifests:
+    """A store whose keys may list runs but not read their manifests (S3 AccessDenied)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def get_versioned(self, key):
+        if key.endswith("/manifest.json"):
+            raise StorageError(f"S3 denied access while reading {key} (AccessDenied)")
+        return self.inner.get_versioned(key)
+
+    def get_bytes(self, key):
+        return self.get_versioned(key)[0]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_manifest_that_cannot_be_read_stops_the_listing(store, runs):
+    """Only objects fer did not write are left out of a listing; denied access is the
+    error it is, not an empty listing with exit 0."""
+    publish_run(make_run(runs, "good", accuracy=0.5), store)
+    with pytest.raises(StorageError, match=r"denied access while reading runs/good"):
+        list_runs(DeniesReadingManifests(store))
 
 
 def test_a_manifest_that_is_not_json_hides_only_its_own_run(store, runs, caplog):

@@ -86,6 +86,8 @@ def test_a_folder_stores_conditional_write_waits_for_another_publisher(tmp_path)
     assert done == [True] and store.get_bytes("p.json") == b"new"
 
 
+@pytest.mark.parametrize("version, condition", [('"old"', {"IfMatch": '"old"'}),
+                                                (None, {"IfNoneMatch": "*"})])
 @pytest.mark.parametrize(("code", "status", "outcome"), [
     ("PreconditionFailed", 412, "changed"),  # the ETag differs
     ("ConditionalRequestConflict", 409, "changed"),  # AWS: another conditional write
@@ -94,26 +96,28 @@ def test_a_folder_stores_conditional_write_waits_for_another_publisher(tmp_path)
     ("InvalidArgument", 400, "unconditional"),  # one that rejects the headers
     ("AccessDenied", 403, "error"),
 ])
-def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, code, status, outcome):
+def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, version, condition, code,
+                                           status, outcome):
     """What each refusal of a conditional PutObject means (SeaweedFS answers only 412, so
-    the answers of AWS and other servers are replayed through botocore's Stubber): a
-    pointer that changed meanwhile (compare again), a server that cannot do it (write
-    anyway, with a warning), or an error."""
+    the answers of AWS and other servers are replayed through botocore's Stubber, which
+    also checks that the condition was sent): a pointer that changed meanwhile (compare
+    again), a server that cannot do it (write anyway, with a warning), or an error."""
     from botocore.stub import Stubber
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     store = S3Store(BUCKET, endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    request = {"Bucket": BUCKET, "Key": "p.json", "Body": b"x"}
     with Stubber(store._client) as stub:
-        stub.add_client_error("put_object", service_error_code=code, http_status_code=status)
+        stub.add_client_error("put_object", service_error_code=code, http_status_code=status,
+                              expected_params={**request, **condition})
         if outcome == "unconditional":
-            stub.add_response("put_object", {"ETag": '"e"'},
-                              {"Bucket": BUCKET, "Key": "p.json", "Body": b"x"})
+            stub.add_response("put_object", {"ETag": '"e"'}, request)
         if outcome == "error":
             with pytest.raises(StorageError, match=f"denied access .*{code}"):
-                store.put_bytes_if("p.json", b"x", version='"old"')
+                store.put_bytes_if("p.json", b"x", version=version)
         else:
-            assert store.put_bytes_if("p.json", b"x", version='"old"') == (outcome != "changed")
+            assert store.put_bytes_if("p.json", b"x", version=version) == (outcome != "changed")
         stub.assert_no_pending_responses()
     assert ("unconditionally" in caplog.text) == (outcome == "unconditional")
 
