@@ -341,8 +341,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
 
     Two sets (a copy beside the original, ``a/train`` and ``b/train``) are a DataError:
     read as one dataset, their images would count twice and could cross from test to train.
-    Other files (a val/ folder, images one folder deeper, notes) are not read; a warning
-    counts them and names the first, so a layout fer does not know is not lost unseen.
+    Other files (a val/ folder, images one folder deeper, notes, files without an image's
+    suffix in a class folder) are not read; a warning counts them and names the first, so a
+    layout fer does not know is not lost unseen.
     CSV files are left out of the count: beside image folders they are other files.
     """
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
@@ -353,7 +354,7 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         parts = PurePosixPath(name).parts
         if _is_noise(parts) or name.lower().endswith(".csv"):
             continue
-        if len(parts) < 3 or parts[-3].lower() not in SPLIT_FOLDERS:
+        if not _is_layout_image(parts):  # a desktop.ini or a :Zone.Identifier is no image
             skipped.append(name)
             continue
         roots.setdefault("/".join(parts[:-3]) + "/", name)

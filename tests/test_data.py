@@ -122,6 +122,25 @@ def test_one_csv_beside_the_image_folders_leaves_the_images_the_dataset(tmp_path
         assert "validation" not in splits, source  # the CSV's PublicTest rows would be
 
 
+def test_files_that_are_not_images_in_class_folders_are_counted_not_decoded(tmp_path,
+                                                                           image_tree, caplog):
+    """Kaggle's archive unpacked on Windows and copied into WSL brings a `:Zone.Identifier`
+    beside every image, and a class folder may hold a desktop.ini: they are other files,
+    counted in the warning (they had stopped the load as undecodable images), and a code
+    tree's `src/train/models/net.py` is not taken for a second set of split folders."""
+    for name in ("train/happy/x.png:Zone.Identifier", "test/sad/desktop.ini",
+                 "src/train/models/net.py"):
+        (image_tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (image_tree / name).write_text("[ZoneTransfer]\nZoneId=3\n")
+    for source in (image_tree, zip_folder(image_tree, tmp_path / "layout.zip")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fer.data"):
+            splits = read_splits(source)
+        assert (len(splits["train"]), len(splits["test"])) == (21, 21), source
+        assert caplog.messages == [f"{source}: 3 files outside <train|test>/<class>/ were not "
+                                   "read (the first: 'src/train/models/net.py')"]
+
+
 def test_files_outside_split_class_folders_are_counted_in_a_warning(tmp_path, image_tree,
                                                                        caplog):
     """A val/ folder, images one folder deeper and a note are not read; the warning counts
