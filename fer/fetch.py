@@ -109,6 +109,8 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
             dataset_path = local
         dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
     except DataError as exc:
+        if _is_remote(source):  # perhaps cut short unseen: the next fetch downloads it anew
+            _forget_download(local)
         raise DataError(_as_given(str(exc), copies)) from None
     if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
         raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
@@ -182,7 +184,40 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
 
 
 def _is_remote(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https", "s3")
+    return _scheme(source) in ("http", "https", "s3")
+
+
+def _scheme(source: str) -> str:
+    """A source's URL scheme ("" for a path); a DataError for what no URL parser reads."""
+    try:
+        return urllib.parse.urlsplit(source).scheme
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise DataError(f"{source}: not a valid URL ({exc})") from None
+
+
+def _ascii_url(url: str) -> str:
+    """``url`` as a browser sends it: non-ASCII characters of its path and query
+    percent-encoded as UTF-8 (http.client refuses them), a non-ASCII host in IDNA."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        host = parts.hostname.encode("idna").decode("ascii") if parts.hostname else ""
+    except UnicodeError:
+        raise DataError(f"{url}: host {parts.hostname!r} is not a valid domain name") from None
+    netloc = parts.netloc if parts.netloc.isascii() else (
+        host + (f":{parts.port}" if parts.port else ""))
+    keep = "/%:@!$&'()*+,;=~?"
+    return urllib.parse.urlunsplit(parts._replace(
+        netloc=netloc, path=urllib.parse.quote(parts.path, safe=keep),
+        query=urllib.parse.quote(parts.query, safe=keep)))
+
+
+def _forget_download(copy: Path) -> None:
+    """Delete a downloaded copy that could not be read, with the validators that would
+    have kept it (a 304 answer to its ETag): a download that ended early without a length
+    to check it by (a proxy closing a response of unknown length) is otherwise kept for
+    good."""
+    copy.unlink(missing_ok=True)
+    copy.with_name(copy.name + ".http.json").unlink(missing_ok=True)
 
 
 def _source_stamp_path(copy: Path) -> Path:
@@ -195,7 +230,7 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     """A local copy of the source file (folders are used where they are)."""
     downloads = data_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    scheme = urllib.parse.urlparse(source).scheme
+    scheme = _scheme(source)
     if scheme in ("http", "https"):
         return _download_http(source, downloads / _download_name(source), progress=progress)
     if scheme == "s3":
@@ -255,7 +290,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                 if validators.get(field)} if target.exists() else {})
     partial = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+        with urllib.request.urlopen(urllib.request.Request(_ascii_url(url), headers=headers),
                                     timeout=DOWNLOAD_TIMEOUT_S) as response:
             answered = {field: response.headers.get(header)
                         for field, header in _HTTP_RESPONSE_VALIDATORS.items()}

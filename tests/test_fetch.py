@@ -456,6 +456,56 @@ def test_a_dropped_chunked_download_is_a_transient_error(tmp_path):
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 
+class _CutShortWithoutLength(_Quiet):
+    """An answer of unknown length (no Content-Length, not chunked: read until the
+    connection closes) that a proxy cuts short, with an ETag that would keep it."""
+
+    body = b""
+    answers: list[int] = []
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        if self.headers.get("If-None-Match") == '"v1"':
+            self.answers.append(304)
+            self.send_response(304)
+            self.end_headers()
+            return
+        self.answers.append(200)
+        self.send_response(200)
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        self.wfile.write(self.body[: len(self.body) // 2])
+
+
+def test_a_download_cut_short_unseen_is_not_kept(tmp_path, layout_zip):
+    """Half an archive whose length nobody announced cannot be told from a whole one until
+    it is read: then it is deleted with its ETag, so the next fetch downloads it anew (it
+    had been kept for good: every later fetch got 304 for the broken copy)."""
+    _CutShortWithoutLength.body = layout_zip.read_bytes()
+    _CutShortWithoutLength.answers = []
+    with serving(_CutShortWithoutLength) as base:
+        for _ in range(2):
+            with pytest.raises(DataError, match=r"archive\.zip"):
+                fetch_data(f"{base}/archive.zip", data_dir=tmp_path / "d")
+            assert not list((tmp_path / "d" / "downloads").iterdir())
+    assert _CutShortWithoutLength.answers == [200, 200]
+
+
+def test_a_url_with_non_ascii_characters_is_downloaded(tmp_path, shaded_csv):
+    """A URL as a user copies it from a browser's address bar, with accents in its path,
+    is sent percent-encoded (it had been a UnicodeEncodeError traceback)."""
+    served = tmp_path / "served" / "données"
+    served.mkdir(parents=True)
+    (served / "fer2013.csv").write_bytes(shaded_csv.read_bytes())
+    with serving(functools.partial(_CountingFiles, directory=str(served.parent))) as base:
+        fetched = fetch_data(f"{base}/données/fer2013.csv", data_dir=tmp_path / "d")
+    assert fetched.sha256 == fetch_data(str(shaded_csv), data_dir=tmp_path / "d2").sha256
+
+
+def test_a_url_that_cannot_be_parsed_is_one_error(tmp_path):
+    with pytest.raises(DataError, match=r"http://\[::1/x\.zip: not a valid URL"):
+        fetch_data("http://[::1/x.zip", data_dir=tmp_path / "d")
+
+
 def test_unreachable_url_is_one_clear_error(tmp_path):
     """A dead URL fails with the URL and a hint, and leaves no partial file behind."""
     with pytest.raises(FerError, match=r"127\.0\.0\.1:9/fer2013\.csv: download failed"):
