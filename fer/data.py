@@ -341,6 +341,8 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
 
     Two sets (a copy beside the original, ``a/train`` and ``b/train``) are a DataError:
     read as one dataset, their images would count twice and could cross from test to train.
+    ``train/`` and ``test/`` in different folders (``ds/train/train``, ``ds/test/test``: two
+    archives unpacked each into a folder of its name) are one set.
     Other files (a val/ folder, images one folder deeper, notes, files without an image's
     suffix in a class folder) are not read; a warning counts them and names the first, so a
     layout fer does not know is not lost unseen.
@@ -349,7 +351,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
     labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
     skipped: list[str] = []
-    roots: dict[str, str] = {}  # the folder holding the split folders -> its first entry
+    # per split: the folder holding it -> its first entry (train/ and test/ may sit in
+    # different folders, as two archives unpacked each into its own, but one split once)
+    roots: dict[str, dict[str, str]] = {}
     for name, read in entries:
         parts = PurePosixPath(name).parts
         if _is_noise(parts) or name.lower().endswith(".csv"):
@@ -357,13 +361,14 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         if not _is_layout_image(parts):  # a desktop.ini or a :Zone.Identifier is no image
             skipped.append(name)
             continue
-        roots.setdefault("/".join(parts[:-3]) + "/", name)
-        if len(roots) > 1:
-            (first, other) = roots.values()
-            raise DataError(f"{origin}: holds two sets of split folders ('{first}' and "
-                            f"'{other}'); expected one train/ and test/, so that no image is "
-                            "read twice (keep one copy, or pass its folder)")
         split, class_folder = parts[-3].lower(), parts[-2].lower()
+        split_roots = roots.setdefault(split, {})
+        split_roots.setdefault("/".join(parts[:-3]) + "/", name)
+        if len(split_roots) > 1:
+            (first, other) = split_roots.values()
+            raise DataError(f"{origin}: holds two sets of split folders ('{first}' and "
+                            f"'{other}'); expected one {parts[-3]}/, so that no image is "
+                            "read twice (keep one copy, or pass its folder)")
         if class_folder not in CLASS_INDEX:
             raise DataError(f"{origin}: entry '{name}' is in unknown class folder "
                             f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")

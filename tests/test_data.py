@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -199,6 +200,17 @@ def test_two_sets_of_split_folders_are_refused(tmp_path):
                                             r"0\.png' and 'b/test/angry/0\.png'\)"):
             read_splits(source)
     assert len(read_splits(tmp_path / "two" / "a")["train"]) == 21
+
+
+def test_train_and_test_unpacked_into_folders_of_their_own_are_one_set(tmp_path):
+    """`unzip train.zip -d ds/train; unzip test.zip -d ds/test` gives ds/train/train/...
+    and ds/test/test/...: one train/ and one test/, read as one dataset (they had been
+    refused as "two sets of split folders", a copy beside the original)."""
+    write_image_tree(tmp_path / "whole")
+    for split in ("train", "test"):
+        shutil.copytree(tmp_path / "whole" / split, tmp_path / "ds" / split / split)
+    splits = read_splits(tmp_path / "ds")
+    assert (len(splits["train"]), len(splits["test"])) == (21, 21)
 
 
 def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
