@@ -126,7 +126,8 @@ def _why_not_resumable(run_dir: Path) -> str:
     if not (run_dir / "classification_report.txt").is_file():  # an older fer, stopped scoring
         return ("its training finished but its test split was never scored, and it kept no "
                 "checkpoint to finish from (a run of an older fer); train it again")
-    return "its training finished (the manifest is written)"
+    return (f"its training finished (the manifest is written); `fer publish {run_dir}` "
+            "publishes it")
 
 
 LOCK = "training.lock"
@@ -142,7 +143,11 @@ def training_lock(run_dir: Path):
     import socket
 
     path = Path(run_dir) / FOLDER / LOCK
-    handle = open(path, "a+")  # noqa: SIM115 - held until the training ends
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - held until the training ends
+    except FileNotFoundError:  # another process finished the run meanwhile
+        raise FerError(f"{run_dir}: nothing to resume: its checkpoint is gone (another "
+                       "process finished the run meanwhile?)") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

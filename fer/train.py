@@ -84,7 +84,7 @@ def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
 
 
 def _resume_command(run_dir: Path, flags: str) -> str:
-    return f"`fer train --resume {run_dir}{' ' + flags if flags else ''}`"
+    return f"`fer train --resume {shlex.quote(str(run_dir))}{' ' + flags if flags else ''}`"
 
 
 def score(run_dir: Path, test: Split, *, resume_flags: str = "") -> dict:

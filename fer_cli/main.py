@@ -270,6 +270,10 @@ def train(
         from fer.runs import check_can_publish
 
         check_can_publish(_store(settings, create_bucket=create_bucket))  # before the hours
+        if resume is not None and _finished(resume):
+            _publish(resume, settings, create_bucket=create_bucket,
+                     force_champion=force_champion)
+            return
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags
 
@@ -476,6 +480,17 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
                      data_origin=data_origin(data, data_dir=settings.data_dir))
 
 
+def _finished(run_dir: Path) -> bool:
+    """Whether a run named by ``--resume --publish`` had finished (a stop while publishing,
+    a flow run that crashed after scoring): then publishing is what is left, and done."""
+    from fer.checkpoint import is_complete
+
+    if not is_complete(run_dir):
+        return False
+    typer.echo(f"{run_dir} finished training before it stopped; publishing it", err=True)
+    return True
+
+
 def _resume_locally(run_dir: Path, *, settings: Settings, resume_flags: str = ""):
     """The stopped run's training, on the data source it recorded."""
     from fer.checkpoint import read_run
@@ -674,7 +689,8 @@ def list_models() -> None:
 class _LogLines(logging.Formatter):
     """fer's progress lines bare, as a person reads them; a Prefect run's lines led by the
     run's name, as Prefect prints them; a warning or worse from any library led by its level
-    ("warning: ...", "error: ..."), with its traceback if it has one."""
+    ("warning: ...", "error: ..."), with its traceback if it has one, unless the exception
+    is a FerError."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -684,7 +700,9 @@ class _LogLines(logging.Formatter):
             message = f"Flow run '{record.flow_run_name}' - {message}"
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
-        if record.exc_info:
+        if record.exc_info and not isinstance(record.exc_info[1], FerError):
+            # a FerError is bad input, said in its message: Prefect's log of a failed task
+            # or flow run keeps no traceback of it (README: bad data never prints one)
             message += "\n" + self.formatException(record.exc_info)
         return message
 

@@ -257,7 +257,8 @@ def retrain(
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
         source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
         # a stop names the resume command that publishes where this run would have
-        flags = publish_flags(storage, endpoint_url=endpoint_url, force_champion=force_champion)
+        flags = publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
+                              force_champion=force_champion)
         run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
                         data=data, resume_flags=flags)
         metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)

@@ -166,6 +166,26 @@ def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
         read_run(tmp_path)
 
 
+def test_a_resume_after_another_process_finished_the_run_says_so(tmp_path):
+    """Two `fer train --resume` of one run: the second, taking the lock after the first
+    finished and removed the checkpoint, is told so (it had been a FileNotFoundError
+    traceback)."""
+    from fer.checkpoint import training_lock
+
+    with pytest.raises(FerError, match=r"nothing to resume: its checkpoint is gone"):
+        with training_lock(tmp_path / "finished-run"):
+            pass
+
+
+def test_the_resume_command_a_stop_names_can_be_pasted(tmp_path):
+    """A run folder with a space (`--out "My Runs"`) is quoted in the hint, as the publish
+    options are."""
+    from fer.train import _resume_command
+
+    assert _resume_command(Path("My Runs/r1"), "--publish") == (
+        "`fer train --resume 'My Runs/r1' --publish`")
+
+
 def test_a_run_stopped_while_scoring_is_finished_by_a_resume(tmp_path, tiny_dataset,
                                                              monkeypatch, caplog):
     """A stop while scoring the test split (the `best` model's six passes per image) keeps

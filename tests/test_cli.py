@@ -18,7 +18,7 @@ import pytest
 from conftest import encode_image, shaded_image, write_image_tree
 
 from fer.data import file_sha256
-from fer.errors import FerError, RunStillGoing
+from fer.errors import DataError, FerError, RunStillGoing
 from fer.labels import CLASS_NAMES
 from fer.train import RUN_FILES
 
@@ -229,6 +229,16 @@ def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up(
     assert shown(warned) and lines.format(warned) == "warning: retracing"
     failed = lines.format(record("prefect.flow_runs", logging.ERROR, "task failed", failure))
     assert failed.startswith("error: task failed\nTraceback") and "ValueError: boom" in failed
+    try:  # bad input, as Prefect logs a task or flow run that raised it: no traceback
+        raise DataError("bad.csv: line 3: expected 2304 pixels")
+    except DataError:
+        bad_input = sys.exc_info()
+    refused = record("prefect.task_runs", logging.ERROR, "Task run failed with exception: "
+                     "DataError('bad.csv: line 3: expected 2304 pixels')", bad_input,
+                     task_run_name="fetch_data-3c1")
+    assert lines.format(refused) == ("error: Task run 'fetch_data-3c1' - Task run failed with "
+                                     "exception: DataError('bad.csv: line 3: expected 2304 "
+                                     "pixels')")
 
 
 def test_usage_errors_are_reported_by_click(tmp_path):

@@ -25,6 +25,19 @@ def storage_env(request, tmp_path) -> dict[str, str]:
     return server.env(storage=f"s3://{BUCKET}/{uuid.uuid4().hex}")
 
 
+def test_resume_publish_of_a_run_that_finished_publishes_it(tmp_path, storage_env):
+    """A run stopped while publishing (or a flow run that crashed after scoring) has
+    finished training: `fer train --resume <it> --publish`, the command a stop names,
+    publishes it instead of answering "nothing to resume"."""
+    run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
+    result = run_fer("train", "--resume", run, "--publish", env=storage_env)
+    assert result.returncode == 0, result.stderr
+    assert "finished training before it stopped; publishing it" in result.stderr
+    assert f"published {run.name}" in result.stdout and "(new champion)" in result.stdout
+    listing = run_fer("reports", "list", env=storage_env)
+    assert listing.stdout.splitlines()[1].startswith(run.name)
+
+
 def test_publish_list_show_get(tmp_path, storage_env):
     """Two runs published; list marks champion/latest; show and get return the right run."""
     good = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70, minute=0,
