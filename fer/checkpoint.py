@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fer.config import TrainConfig
-from fer.errors import FerError
+from fer.errors import CheckpointError, FerError
 from fer.manifest import read_json, write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
@@ -218,7 +218,7 @@ class MemberCheckpoint:
         try:
             return MemberProgress(**json.loads(self._state.read_text()))
         except (ValueError, TypeError) as exc:
-            raise FerError(f"{self._state}: unreadable checkpoint ({exc})") from None
+            raise CheckpointError(f"{self._state}: unreadable checkpoint ({exc})") from None
 
     def restore(self, model: keras.Model, progress: MemberProgress) -> None:
         """The last finished epoch's weights and optimizer state (the model is compiled)."""
@@ -278,7 +278,7 @@ class MemberCheckpoint:
         try:
             yield
         except (OSError, ValueError, KeyError) as exc:
-            raise FerError(f"{self.folder / name}: unreadable checkpoint ({exc}); delete "
+            raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc}); delete "
                            f"{self.folder} to train this member again") from None
 
 

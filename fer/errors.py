@@ -36,3 +36,8 @@ class NotFerObjectError(StorageError):
     """An object in a store that fer did not write as it reads it (a pointer or manifest
     that is not JSON, names no valid run, or is a run folder's, not a published run's):
     listings leave it out with a warning, where any other StorageError stops them."""
+
+
+class CheckpointError(FerError):
+    """A stopped run's checkpoint that cannot be continued: damaged (a crash mid-write), or
+    written for another model (fer was upgraded). A Prefect retry trains anew instead."""

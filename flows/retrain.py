@@ -22,7 +22,7 @@ from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
-from fer.errors import DataError, FerError, StorageError
+from fer.errors import CheckpointError, DataError, FerError, StorageError
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
 
@@ -186,8 +186,11 @@ def _continue(run_dir: Path, dataset, *, resume_flags: str = "") -> Path:
         raise _TrainAgain(f"it cannot be resumed ({exc})") from None
     if stopped.data_sha256 != dataset.sha256:
         raise _TrainAgain("its data has changed since")
-    return fit(dataset, stopped.config, verbose=2, resume=stopped,
-               resume_flags=resume_flags).run_dir
+    try:
+        return fit(dataset, stopped.config, verbose=2, resume=stopped,
+                   resume_flags=resume_flags).run_dir
+    except CheckpointError as exc:  # else every retry would fail the same way
+        raise _TrainAgain(f"its checkpoint cannot be continued ({exc})") from None
 
 
 @task(**TASK_OPTIONS)

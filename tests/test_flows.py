@@ -41,6 +41,7 @@ import flows.local_server as local_server
 import flows.remote as remote_module
 import flows.retrain as retrain_module
 from fer.checkpoint import read_run
+from fer.config import TrainConfig
 from fer.data import Dataset, load_dataset
 from fer.errors import DataError, FerError, RunStillGoing
 from fer.fetch import current_source
@@ -176,6 +177,22 @@ def test_a_retry_takes_its_completed_run_only_on_the_same_data(prefect_api, tmp_
 
     assert attempt("a" * 64) == str(run_dir)
     assert attempt("b" * 64) == "again: its data has changed since"
+
+
+def test_a_retry_whose_checkpoint_cannot_be_continued_trains_anew(tmp_path, tiny_dataset,
+                                                                  monkeypatch):
+    """A checkpoint this fer cannot continue (damaged, or written for a model an upgrade
+    changed) makes a retry train from the start, saying why, as an unreadable run record
+    does: it had failed the task, and every later retry the same way."""
+    from test_checkpoint import EpochSpy, state, stopped_run
+
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    weights = run_dir / "checkpoint" / "member-1" / state(run_dir)["weights_file"]
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(retrain_module._TrainAgain, match=r"its checkpoint cannot be continued "
+                                                         r"\(.*unreadable checkpoint"):
+        retrain_module._continue(run_dir, tiny_dataset)
 
 
 @integration
