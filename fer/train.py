@@ -300,6 +300,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
                            weights=checkpoint.best_weights(progress))
     saver = EpochCheckpoint(checkpoint, progress, timer=timer, best=best,
                             wall_before=wall_before, started=started)
+    diverged = StopWhenDiverged(learning_rate=run.learning_rate, precision=run.precision)
     if progress.epochs_done < config.epochs:  # else it stopped after its last epoch
         model.fit(  # a resumed member reshuffles from a seed of its own, not replaying epoch 1's
             training_batches(dataset.train, batch_size=config.batch_size,
@@ -308,7 +309,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
                                                          scheme=spec.class_weighting)),
             validation_data=training_batches(dataset.validation, batch_size=256),
             epochs=config.epochs, initial_epoch=progress.epochs_done,
-            callbacks=[timer, best, saver], shuffle=False, verbose=verbose)
+            callbacks=[timer, diverged, best, saver], shuffle=False, verbose=verbose)
     best.restore(model)
     log.info("best validation accuracy %.4f at epoch %d of %d", best.best_value, best.best_epoch,
              config.epochs)
@@ -448,6 +449,26 @@ def _data_record(dataset: Dataset) -> dict:
                    for name, split in (("train", dataset.train), ("validation", dataset.validation),
                                        ("test", dataset.test))},
     }
+
+
+class StopWhenDiverged(keras.callbacks.Callback):
+    """A training loss that became NaN or infinite ends the run at that epoch's end, in one
+    error line, before the epoch is kept or checkpointed: every later epoch would train NaN
+    weights for hours, and the saved model would score every image as one class."""
+
+    def __init__(self, *, learning_rate: float, precision: str):
+        super().__init__()
+        self.learning_rate, self.precision = learning_rate, precision
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        raise FerError(
+            f"training diverged: the training loss is {float(loss)} after epoch {epoch + 1} "
+            f"(learning rate {self.learning_rate:g}, precision {self.precision}); train "
+            "again with a lower --learning-rate"
+            + ("" if self.precision == "float32" else " or --precision float32"))
 
 
 class EpochTimer(keras.callbacks.Callback):

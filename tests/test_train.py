@@ -187,6 +187,20 @@ def test_a_batch_size_outside_one_to_8192_is_refused_before_training(tmp_path, b
     check_config(TrainConfig(epochs=1, batch_size=8192, out_dir=tmp_path))
 
 
+def test_a_training_that_diverges_stops_at_that_epoch_in_one_line(tmp_path, tiny_dataset):
+    """A learning rate far too high makes the loss NaN: the run stops at the end of that
+    epoch with an error naming the learning rate, instead of training NaN weights to the
+    end and saving, scoring and publishing a model that calls every face one class."""
+    config = TrainConfig(epochs=5, batch_size=16, out_dir=tmp_path, precision="float32",
+                         learning_rate=1e30)
+    with pytest.raises(FerError, match=r"training diverged: the training loss is nan after "
+                                       r"epoch 1 \(learning rate 1e\+30, precision float32\); "
+                                       r"train again with a lower --learning-rate$"):
+        train(tiny_dataset, config, verbose=0)
+    (run_dir,) = tmp_path.iterdir()
+    assert not (run_dir / "model.keras").exists()
+
+
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
     """The saved weights are those of the epoch with the best validation accuracy.
 
