@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +127,8 @@ def _why_not_resumable(run_dir: Path) -> str:
     if not (run_dir / "classification_report.txt").is_file():  # an older fer, stopped scoring
         return ("its training finished but its test split was never scored, and it kept no "
                 "checkpoint to finish from (a run of an older fer); train it again")
-    return (f"its training finished (the manifest is written); `fer publish {run_dir}` "
-            "publishes it")
+    return (f"its training finished (the manifest is written); "
+            f"`fer publish {shlex.quote(str(run_dir))}` publishes it")
 
 
 LOCK = "training.lock"

@@ -343,9 +343,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
     read as one dataset, their images would count twice and could cross from test to train.
     ``train/`` and ``test/`` in different folders (``ds/train/train``, ``ds/test/test``: two
     archives unpacked each into a folder of its name) are one set.
-    Other files (a val/ folder, images one folder deeper, notes, files without an image's
-    suffix in a class folder) are not read; a warning counts them and names the first, so a
-    layout fer does not know is not lost unseen.
+    Other files (a val/ folder, images one folder deeper, notes, files in a class folder
+    that neither have an image's suffix nor decode as one) are not read; a warning counts
+    them and names the first, so a layout fer does not know is not lost unseen.
     CSV files are left out of the count: beside image folders they are other files.
     """
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
@@ -358,7 +358,13 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         parts = PurePosixPath(name).parts
         if _is_noise(parts) or name.lower().endswith(".csv"):
             continue
-        if not _is_layout_image(parts):  # a desktop.ini or a :Zone.Identifier is no image
+        if len(parts) < 3 or parts[-3].lower() not in SPLIT_FOLDERS:
+            skipped.append(name)
+            continue
+        # A file without an image's suffix is read if it decodes (images were, before) and
+        # otherwise not counted as one (a desktop.ini, a :Zone.Identifier, src/train/x.py).
+        pixels = None if _is_layout_image(parts) else decode_grayscale(read())
+        if pixels is None and not _is_layout_image(parts):
             skipped.append(name)
             continue
         split, class_folder = parts[-3].lower(), parts[-2].lower()
@@ -372,7 +378,7 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         if class_folder not in CLASS_INDEX:
             raise DataError(f"{origin}: entry '{name}' is in unknown class folder "
                             f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")
-        pixels = decode_grayscale(read())
+        pixels = decode_grayscale(read()) if pixels is None else pixels
         if pixels is None:
             raise DataError(f"{origin}: entry '{name}' is {UNDECODABLE}")
         images[split].append(to_model_input(pixels))

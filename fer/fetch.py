@@ -109,8 +109,6 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
             dataset_path = local
         dataset = load_dataset(dataset_path, cache_dir=data_dir, require_train=False)
     except DataError as exc:
-        if _is_remote(source):  # perhaps cut short unseen: the next fetch downloads it anew
-            _forget_download(local)
         raise DataError(_as_given(str(exc), copies)) from None
     if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
         raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
@@ -197,27 +195,16 @@ def _scheme(source: str) -> str:
 
 def _ascii_url(url: str) -> str:
     """``url`` as a browser sends it: non-ASCII characters of its path and query
-    percent-encoded as UTF-8 (http.client refuses them), a non-ASCII host in IDNA."""
+    percent-encoded as UTF-8 (http.client refuses them). A non-ASCII host is refused:
+    Python's IDNA encoding is not the browsers' (`straße.de`), and could name another host."""
     parts = urllib.parse.urlsplit(url)
-    try:
-        host = parts.hostname.encode("idna").decode("ascii") if parts.hostname else ""
-    except UnicodeError:
-        raise DataError(f"{url}: host {parts.hostname!r} is not a valid domain name") from None
-    netloc = parts.netloc if parts.netloc.isascii() else (
-        host + (f":{parts.port}" if parts.port else ""))
+    if not parts.netloc.isascii():
+        raise DataError(f"{url}: the host is not ASCII; give it in its xn-- form, as the "
+                        "browser shows it when the URL is copied")
     keep = "/%:@!$&'()*+,;=~?"
     return urllib.parse.urlunsplit(parts._replace(
-        netloc=netloc, path=urllib.parse.quote(parts.path, safe=keep),
+        path=urllib.parse.quote(parts.path, safe=keep),
         query=urllib.parse.quote(parts.query, safe=keep)))
-
-
-def _forget_download(copy: Path) -> None:
-    """Delete a downloaded copy that could not be read, with the validators that would
-    have kept it (a 304 answer to its ETag): a download that ended early without a length
-    to check it by (a proxy closing a response of unknown length) is otherwise kept for
-    good."""
-    copy.unlink(missing_ok=True)
-    copy.with_name(copy.name + ".http.json").unlink(missing_ok=True)
 
 
 def _source_stamp_path(copy: Path) -> Path:
@@ -297,6 +284,9 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
             if target.exists() and _same_strong_etag(answered, validators):
                 return target  # a server that ignores If-None-Match, with the same file
             total = int(response.headers.get("Content-Length") or 0) or None
+            # Neither a length nor chunks: an answer cut short cannot be told from a whole
+            # one, so it is not kept by its validators (a 304 would keep it for good).
+            checkable = total is not None or getattr(response, "chunked", False)
             done = _save_body(response, partial, total=total, progress=progress)
     except _DiskError as exc:
         with contextlib.suppress(OSError):  # what could not be written may not be a file
@@ -327,7 +317,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         raise StorageError(f"{url}: download incomplete ({done} of {total} bytes); run the "
                            "command again, or pass a local file with --source", transient=True)
     os.replace(partial, target)
-    write_json(validators_path, {k: v for k, v in answered.items() if v})
+    write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target
 
 

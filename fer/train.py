@@ -461,11 +461,16 @@ class StopWhenDiverged(keras.callbacks.Callback):
         self.learning_rate, self.precision = learning_rate, precision
 
     def on_epoch_end(self, epoch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is None or math.isfinite(float(loss)):
-            return
+        # the validation loss too: an epoch's last update can make the weights NaN after
+        # its training loss was computed
+        for name, which in (("loss", "training"), ("val_loss", "validation")):
+            value = (logs or {}).get(name)
+            if value is not None and not math.isfinite(float(value)):
+                self._diverged(f"the {which} loss is {float(value)} after epoch {epoch + 1}")
+
+    def _diverged(self, what: str) -> None:
         raise FerError(
-            f"training diverged: the training loss is {float(loss)} after epoch {epoch + 1} "
+            f"training diverged: {what} "
             f"(learning rate {self.learning_rate:g}, precision {self.precision}); train "
             "again with a lower --learning-rate"
             + ("" if self.precision == "float32" else " or --precision float32"))

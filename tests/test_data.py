@@ -133,11 +133,13 @@ def test_files_that_are_not_images_in_class_folders_are_counted_not_decoded(tmp_
                  "src/train/models/net.py"):
         (image_tree / name).parent.mkdir(parents=True, exist_ok=True)
         (image_tree / name).write_text("[ZoneTransfer]\nZoneId=3\n")
+    # an image without a suffix is still read, as it was (the decode cache holds it)
+    (image_tree / "train" / "happy" / "img001").write_bytes(encode_image(shaded_image("happy")))
     for source in (image_tree, zip_folder(image_tree, tmp_path / "layout.zip")):
         caplog.clear()
         with caplog.at_level("WARNING", logger="fer.data"):
             splits = read_splits(source)
-        assert (len(splits["train"]), len(splits["test"])) == (21, 21), source
+        assert (len(splits["train"]), len(splits["test"])) == (22, 21), source
         assert caplog.messages == [f"{source}: 3 files outside <train|test>/<class>/ were not "
                                    "read (the first: 'src/train/models/net.py')"]
 

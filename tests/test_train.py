@@ -199,6 +199,8 @@ def test_a_training_that_diverges_stops_at_that_epoch_in_one_line(tmp_path, tiny
         train(tiny_dataset, config, verbose=0)
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "model.keras").exists()
+    state = run_dir / "checkpoint" / "member-1" / "state.json"  # the NaN epoch is not kept
+    assert not state.exists() or json.loads(state.read_text())["epochs_done"] == 0
 
 
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
