@@ -363,8 +363,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
             continue
         # A file without an image's suffix is read if it decodes (images were, before) and
         # otherwise not counted as one (a desktop.ini, a :Zone.Identifier, src/train/x.py).
-        pixels = None if _is_layout_image(parts) else decode_grayscale(read())
-        if pixels is None and not _is_layout_image(parts):
+        named_as_image = _is_layout_image(parts)
+        pixels = None if named_as_image else decode_grayscale(read())
+        if pixels is None and not named_as_image:
             skipped.append(name)
             continue
         split, class_folder = parts[-3].lower(), parts[-2].lower()
