@@ -18,8 +18,21 @@ from fer.plots import plot_confusion_matrix
 
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities for uint8 images (n, 48, 48), in the model's own class order."""
-    return np.asarray(model.predict(image_batches(images, batch_size=batch_size), verbose=0))
+    """Class probabilities for uint8 images (n, 48, 48), in the model's own class order.
+
+    A model that scores any image NaN or infinite is refused here, for every caller: NaN
+    would be `angry` to argmax (predict's answer, evaluate's confusion matrix) and invalid
+    JSON in a report.
+    """
+    probabilities = np.asarray(model.predict(image_batches(images, batch_size=batch_size),
+                                             verbose=0))
+    broken = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
+    if broken:
+        raise FerError(f"the model gives non-finite scores (NaN or infinity) for {broken} of "
+                       f"{len(images)} images: it was not trained to a usable state (did its "
+                       "training diverge? see its history.csv), or overflows in this precision "
+                       "(try --precision float32)")
+    return probabilities
 
 
 def predict_labels(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

@@ -21,3 +21,20 @@ def test_a_model_with_foreign_class_names_is_refused_by_name():
     """A model trained on other labels fails with one line naming them, not a traceback."""
     with pytest.raises(FerError, match=r"classes \['contempt'\] are not FER2013 classes"):
         to_canonical(np.ones((1, 7)), [*CLASS_NAMES[:-1], "contempt"])
+
+
+def test_a_model_that_scores_nan_is_refused_before_any_report_is_written(tmp_path):
+    """`fer evaluate` of a diverged model (one trained elsewhere) had counted every NaN row as
+    class 0, `angry`, and written that report: now the scoring stops with the reason, and the
+    folder keeps no report of it."""
+    from fer.data import Split
+    from fer.evaluate import evaluate_split
+    from fer.models import get_spec
+
+    diverged = get_spec("default").build()
+    for layer in diverged.layers:
+        layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
+    split = Split(images=np.full((3, 48, 48), 128, np.uint8), labels=np.array([3, 4, 6]))
+    with pytest.raises(FerError, match=r"non-finite scores \(NaN or infinity\) for 3 of 3 "):
+        evaluate_split(diverged, split, out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
