@@ -419,7 +419,11 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
     done_marker = target / ".fer-unpacked"
     if not done_marker.exists():
         shutil.rmtree(target, ignore_errors=True)
-        safe_extract(archive, target)
+        try:
+            safe_extract(archive, target)
+        except BaseException:  # a refused entry, a full disk, Ctrl-C: no half tree is kept
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         write_json(done_marker, {"archive": str(archive)})
     record = read_json(done_marker)  # {} for an older fer's marker, the archive's path as text
     if isinstance(record.get("root"), str):

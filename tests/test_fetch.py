@@ -518,3 +518,20 @@ def test_unreachable_url_is_one_clear_error(tmp_path):
     with pytest.raises(FerError, match=r"127\.0\.0\.1:9/fer2013\.csv: download failed"):
         fetch_data("http://127.0.0.1:9/fer2013.csv", data_dir=tmp_path / "d")
     assert not list((tmp_path / "d" / "downloads").glob("*"))
+
+
+def test_an_archive_that_fails_to_unpack_leaves_no_partial_tree(tmp_path, layout_zip):
+    """An archive that fails halfway (here a damaged last entry, after the good ones were
+    written; a full disk stops it the same way) had left what it had unpacked under
+    FER_DATA_DIR/sources until the next fetch of it: the size of a dataset, kept for
+    nothing."""
+    import zipfile
+
+    marker = b"damaged entry " * 8
+    with zipfile.ZipFile(layout_zip, "a", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("train/happy/zz.png", marker)
+    layout_zip.write_bytes(layout_zip.read_bytes().replace(marker, marker.upper()))
+    with pytest.raises(DataError, match=r"train/happy/zz\.png"):
+        fetch_data(str(layout_zip), data_dir=tmp_path / "data")
+    sources = tmp_path / "data" / "sources"
+    assert not [p for p in sources.rglob("*") if p.is_dir()], list(sources.rglob("*"))[:5]
