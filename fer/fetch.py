@@ -135,21 +135,23 @@ def _as_given(message: str, copies: dict[str, tuple[str, str]]) -> str:
     return message
 
 
-def data_origin(data: str | None, *, data_dir: Path) -> str | None:
-    """Where a run's data comes from, as the user named it, for its manifest: ``--data``
-    (a URL as given, a path made absolute), else the source the current dataset was
-    fetched from; None where neither is known (a dataset made current by an older fer)."""
-    if data is not None:
-        return data if _is_remote(data) else str(Path(data).expanduser().resolve())
-    origin = read_json(data_dir / CURRENT_POINTER).get("origin")
-    return origin if isinstance(origin, str) else None
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset on this machine, and where it came from as the user named it, for a run's
+    manifest: ``--data`` (a URL as given, a path made absolute), else the source the current
+    dataset was fetched from; None where neither is known (made current by an older fer)."""
+
+    path: Path
+    origin: str | None
 
 
-def current_source(data_dir: Path) -> Path | None:
+def current_source(data_dir: Path) -> DataSource | None:
     """The dataset the last ``fer fetch-data`` made current; None if none was.
 
-    A current dataset that has gone (a folder used in place, then moved) is an error, not
-    a reason to train on the default download instead.
+    Its path and origin come from one read of the pointer, so a `fer fetch-data` meanwhile
+    cannot pair one dataset with another's origin. A current dataset that has gone (a
+    folder used in place, then moved) is an error, not a reason to train on the default
+    download instead.
     """
     pointer_path = data_dir / CURRENT_POINTER
     try:
@@ -163,22 +165,26 @@ def current_source(data_dir: Path) -> Path | None:
     if not path.exists():
         raise DataError(f"{path}: the current dataset (fetched from {pointer.get('origin')}) is "
                         "gone; run `fer fetch-data` again, or pass --data")
-    return path
+    origin = pointer.get("origin")
+    return DataSource(path, origin if isinstance(origin, str) else None)
 
 
 def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
-                 endpoint_url: str | None = None, progress: Progress | None = None) -> Path:
-    """``--data`` as a local path: remote sources are fetched first; None means the current one."""
+                 endpoint_url: str | None = None, progress: Progress | None = None
+                 ) -> DataSource:
+    """``--data`` as a local dataset: remote sources are fetched first; None means the
+    current one (the default source fetched and made current where there is none)."""
     if data is None:
         current = current_source(data_dir)
         if current is not None:
             return current
-        return fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
-                          progress=progress).path
+        fetched = fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
+                             progress=progress)
+        return DataSource(fetched.path, fetched.origin)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
-        return fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress,
-                          make_current=False).path
-    return Path(data).expanduser()
+        return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
+                                     progress=progress, make_current=False).path, data)
+    return DataSource(Path(data).expanduser(), str(Path(data).expanduser().resolve()))
 
 
 def _is_remote(source: str) -> bool:

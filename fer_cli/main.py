@@ -467,17 +467,17 @@ def deploy(
 def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
                    resume_flags: str = ""):
     from fer.data import load_dataset
-    from fer.fetch import data_origin, resolve_data
+    from fer.fetch import resolve_data
 
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
-    dataset = load_dataset(source, val_fraction=config.val_fraction, seed=config.seed,
+    dataset = load_dataset(source.path, val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=settings.data_dir)
     from fer.train import train as train_run
 
     return train_run(dataset, config, verbose=_keras_verbosity(), resume_flags=resume_flags,
-                     data_origin=data_origin(data, data_dir=settings.data_dir))
+                     data_origin=source.origin)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -547,7 +547,7 @@ def evaluate(
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
-    dataset = load_dataset(source, cache_dir=settings.data_dir, require_train=False)
+    dataset = load_dataset(source.path, cache_dir=settings.data_dir, require_train=False)
     metrics = evaluate_split(loaded, dataset.test, out_dir=out,
                              extra_metrics={"inference_precision": precision})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

@@ -53,12 +53,15 @@ def _retry_unless(permanent: type[Exception]):
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
       retry_condition_fn=_retry_unless(DataError), **TASK_OPTIONS)  # a failed download retries
-def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None) -> str:
-    """Bring the data source into the local cache; the local path of the dataset."""
+def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None
+               ) -> tuple[str, str | None]:
+    """Bring the data source into the local cache; the local path of the dataset, and where
+    it came from as the user named it (for the run's manifest)."""
     from fer.fetch import resolve_data
 
-    return str(resolve_data(data, data_dir=Path(data_dir), default_source=DEFAULT_SOURCE_URL,
-                            endpoint_url=endpoint_url))
+    source = resolve_data(data, data_dir=Path(data_dir), default_source=DEFAULT_SOURCE_URL,
+                          endpoint_url=endpoint_url)
+    return str(source.path), source.origin
 
 
 class _ToRunLog(logging.Handler):
@@ -116,7 +119,7 @@ def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool
 
 @task(**TASK_OPTIONS)
 def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | None,
-          data: str | None = None, resume_flags: str = "") -> str:
+          data_origin: str | None = None, resume_flags: str = "") -> str:
     """Fit a model on the source's train split; the run folder it wrote.
 
     A retry of the flow run (``prefect flow-run retry``, the UI's Retry) after a crash or a
@@ -126,7 +129,6 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     server keeps it to be retried).
     """
     from fer.data import load_dataset
-    from fer.fetch import data_origin
 
     dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
                            cache_dir=Path(data_dir))
@@ -140,7 +142,7 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
             get_run_logger().warning("%s began %s, but %s; training from the start",
                                      started_by, earlier, why)
     return str(fit(dataset, config, verbose=2, started_by=started_by,
-                   data_origin=data_origin(data, data_dir=Path(data_dir)),
+                   data_origin=data_origin,
                    resume_flags=resume_flags).run_dir)
 
 
@@ -258,12 +260,12 @@ def retrain(
 
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
-        source = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
+        source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
         # a stop names the resume command that publishes where this run would have
         flags = publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
                               force_champion=force_champion)
         run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
-                        data=data, resume_flags=flags)
+                        data_origin=origin, resume_flags=flags)
         metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
         _post_report(Path(run_dir), metrics)
         published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,

@@ -524,3 +524,32 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
                          "--model", run_dir / "model.keras", "--faces", "--json")
     assert [Path(r["file"]).name for r in json.loads(mixed_json.stdout)][0] == "face.png"
     assert f"{tmp_path / 'blank.png'}: no face found" in mixed_json.stderr
+
+
+def test_a_run_records_the_origin_of_the_dataset_it_trained_on(tmp_path, data_dir, image_tree,
+                                                               monkeypatch):
+    """`fer train` without --data read the current dataset's path, decoded it, and then read
+    FER_DATA_DIR's pointer again for the manifest's origin: a `fer fetch-data` of another
+    source in between (a scheduled fetch on the same machine) made the run claim that
+    source. Path and origin now come from one read."""
+    from typer.testing import CliRunner
+
+    import fer.data
+    from fer.fetch import fetch_data
+    from fer_cli.main import app
+
+    other = write_image_tree(tmp_path / "other", per_class=2)
+    fetch_data(str(image_tree), data_dir=data_dir)
+    load_dataset = fer.data.load_dataset
+
+    def fetch_other_meanwhile(*args, **kwargs):
+        fetch_data(str(other), data_dir=data_dir)
+        return load_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(fer.data, "load_dataset", fetch_other_meanwhile)
+    result = CliRunner().invoke(app, ["train", "--epochs", "1", "--batch-size", "8",
+                                      "--val-fraction", "0.3", "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["data"]["origin"] == str(image_tree)

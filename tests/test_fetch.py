@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import write_image_tree, zip_folder
@@ -17,6 +18,7 @@ from conftest import write_image_tree, zip_folder
 from fer.data import file_sha256, read_splits
 from fer.errors import DataError, FerError, StorageError
 from fer.fetch import (
+    DataSource,
     _download_name,
     current_source,
     data_dir_lock,
@@ -125,8 +127,9 @@ def test_local_zip_is_unpacked_decoded_and_made_current(tmp_path, layout_zip):
     fetched = fetch_data(str(layout_zip), data_dir=data_dir, sha256=file_sha256(layout_zip))
     assert (fetched.path / "train" / "happy" / "0.png").exists()
     assert data_dir in fetched.path.parents
-    assert current_source(data_dir) == fetched.path
-    assert resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x") == fetched.path
+    assert current_source(data_dir) == DataSource(fetched.path, str(layout_zip))
+    assert resolve_data(None, data_dir=data_dir,
+                        default_source="http://127.0.0.1:9/x") == current_source(data_dir)
     # the archive's digest (what --sha256 checks) and the unpacked folder's (what manifests record)
     assert fetched.file_sha256 == file_sha256(layout_zip) != fetched.sha256
     assert list((data_dir / "decoded").glob("*.npz"))
@@ -150,17 +153,18 @@ def test_a_remote_data_option_does_not_change_the_current_dataset(tmp_path, layo
                                    directory=str(shaded_csv.parent))) as base:
         url = f"{base}/fer2013.csv"
         once = resolve_data(url, data_dir=data_dir, default_source="http://127.0.0.1:9/x")
-        assert once.name.endswith("fer2013.csv") and once != current
-        assert current_source(data_dir) == current
+        assert once.path.name.endswith("fer2013.csv") and once.path != current
+        assert once.origin == url  # the run's origin: the URL as given
+        assert current_source(data_dir) == DataSource(current, str(layout_zip))
         # a CSV URL made current, then changed there: `--data URL` gets the new file, and
         # the current dataset's file (which earlier runs recorded) keeps its bytes
         current = fetch_data(url, data_dir=data_dir).path
         kept = file_sha256(current)
         shaded_csv.write_text(shaded_csv.read_text().replace("\n3,", "\n4,", 1))
         os.utime(shaded_csv, (time.time() + 60, time.time() + 60))
-        newer = resolve_data(url, data_dir=data_dir, default_source="http://127.0.0.1:9/x")
+        newer = resolve_data(url, data_dir=data_dir, default_source="http://127.0.0.1:9/x").path
     assert file_sha256(newer) == file_sha256(shaded_csv) != kept
-    assert current_source(data_dir) == current and file_sha256(current) == kept
+    assert current_source(data_dir).path == current and file_sha256(current) == kept
 
 
 def test_a_current_dataset_that_has_gone_is_an_error_not_a_download(tmp_path, image_tree):
@@ -250,10 +254,11 @@ def test_without_a_source_or_a_current_dataset_the_default_is_fetched_and_made_c
     data_dir = tmp_path / "data"
     with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
                                    directory=str(shaded_csv.parent))) as base:
-        path = resolve_data(None, data_dir=data_dir, default_source=f"{base}/fer2013.csv")
-    assert file_sha256(path) == file_sha256(shaded_csv)
-    assert current_source(data_dir) == path
-    assert resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x") == path
+        source = resolve_data(None, data_dir=data_dir, default_source=f"{base}/fer2013.csv")
+    assert file_sha256(source.path) == file_sha256(shaded_csv)
+    assert source.origin == f"{base}/fer2013.csv"
+    assert current_source(data_dir) == source
+    assert resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x") == source
 
 
 def test_a_second_fetch_into_one_data_folder_waits_for_the_first(tmp_path, layout_zip):
@@ -535,3 +540,12 @@ def test_an_archive_that_fails_to_unpack_leaves_no_partial_tree(tmp_path, layout
         fetch_data(str(layout_zip), data_dir=tmp_path / "data")
     sources = tmp_path / "data" / "sources"
     assert not [p for p in sources.rglob("*") if p.is_dir()], list(sources.rglob("*"))[:5]
+
+
+def test_a_local_data_option_is_recorded_as_an_absolute_path(tmp_path, image_tree, monkeypatch):
+    """`--data ./folder`: the run reads the folder in place and its manifest names it in
+    full, so the record means the same from any working directory."""
+    monkeypatch.chdir(image_tree.parent)
+    source = resolve_data(image_tree.name, data_dir=tmp_path / "data",
+                          default_source="http://127.0.0.1:9/x")
+    assert source == DataSource(Path(image_tree.name), str(image_tree.resolve()))

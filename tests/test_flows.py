@@ -629,7 +629,7 @@ def test_a_retry_fetches_the_data_again_and_trains_anew_when_it_changed(worker, 
     manifest = json.loads((out / finished.result["run_id"] / "manifest.json").read_text())
     assert manifest["data"]["sha256"] != read_run(first).data_sha256
     assert manifest["data"]["origin"] == str(newer)  # as `fer fetch-data --source` named it
-    now_current = current_source(Path(worker_data["FER_DATA_DIR"]))
+    now_current = current_source(Path(worker_data["FER_DATA_DIR"])).path
     assert manifest["data"]["sha256"] == load_dataset(now_current, cache_dir=tmp_path).sha256
     assert any("its data has changed since; training from the start" in message
                for message in run_log(run.flow_run_id, containing="its data has changed"))
