@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from fer.data import Split, spread_sample
+from fer.errors import NonFiniteScoresError
 from fer.evaluate import predict_labels
 from fer.pipeline import image_batches
 
@@ -34,12 +35,21 @@ class Recalibration:
 
     kept: bool
     val_accuracy_before: float
-    val_accuracy_after: float
+    val_accuracy_after: float | None  # None: the new statistics gave non-finite scores
     seconds: float
 
+    @property
+    def outcome(self) -> str:
+        if self.kept:
+            return "kept"
+        if self.val_accuracy_after is None:
+            return "not kept (non-finite scores with the new statistics)"
+        return "not kept (validation fell)"
+
     def as_record(self) -> dict:
+        after = self.val_accuracy_after
         return {"kept": self.kept, "val_accuracy_before": round(self.val_accuracy_before, 4),
-                "val_accuracy_after": round(self.val_accuracy_after, 4),
+                "val_accuracy_after": None if after is None else round(after, 4),
                 "seconds": round(self.seconds, 1)}
 
 
@@ -118,8 +128,11 @@ def recalibrate_if_better(model: keras.Model, images: np.ndarray, *, validation:
     saved = [(keras.ops.convert_to_numpy(layer.moving_mean),
               keras.ops.convert_to_numpy(layer.moving_variance)) for layer in norms]
     recalibrate(model, images, sample=sample)
-    after = float(np.mean(predict_labels(model, validation.images) == validation.labels))
-    kept = after >= before
+    try:
+        after = float(np.mean(predict_labels(model, validation.images) == validation.labels))
+    except NonFiniteScoresError:  # statistics that overflow this precision: the old ones back
+        after = None
+    kept = after is not None and after >= before
     if not kept:
         for layer, (mean, variance) in zip(norms, saved, strict=True):
             layer.moving_mean.assign(mean)

@@ -13,6 +13,12 @@ class DataError(FerError):
     """A dataset source that cannot be read: names the file, the entry and the rule."""
 
 
+class NonFiniteScoresError(FerError):
+    """A model that scores an image NaN or infinite (its training diverged, or it overflows
+    in the precision it runs in): predict and evaluate refuse it; the batch-norm
+    recalibration puts back the statistics that caused it."""
+
+
 class RunStillGoing(FerError):
     """Following a remote run stopped while the run had not ended (no worker took it, its
     worker stopped polling, the API went away): the run's outcome is not known, so the CLI

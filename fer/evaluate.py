@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fer.data import Split
-from fer.errors import FerError
+from fer.errors import FerError, NonFiniteScoresError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 from fer.manifest import write_json
 from fer.models import class_names_of
@@ -28,7 +28,7 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
                                              verbose=0))
     broken = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
     if broken:
-        raise FerError(f"the model gives non-finite scores (NaN or infinity) for {broken} of "
+        raise NonFiniteScoresError(f"the model gives non-finite scores (NaN or infinity) for {broken} of "
                        f"{len(images)} images: it was not trained to a usable state (did its "
                        "training diverge? see its history.csv), or overflows in this precision "
                        "(try --precision float32)")

@@ -108,6 +108,32 @@ def test_new_statistics_are_kept_when_validation_accuracy_does_not_fall():
         np.testing.assert_allclose(moving(layer)[0], moving(expected)[0], rtol=1e-6)
 
 
+def test_new_statistics_that_give_non_finite_scores_are_put_back(monkeypatch):
+    """New statistics that overflow (a mixed-precision run's extreme activations) make every
+    validation score NaN: they are put back like ones that lower accuracy, instead of failing
+    a finished training in the scoring step, which a resume would only repeat."""
+    import fer.batchnorm
+
+    def overflowing(model, images, **options):
+        for layer in norms(model):
+            layer.moving_mean.assign(np.full(layer.moving_mean.shape, -3e38, np.float32))
+            layer.moving_variance.assign(np.zeros(layer.moving_variance.shape, np.float32))
+
+    model = small_model()
+    validation = validation_labelled_by(model, faces(60, seed=2))
+    before = [moving(layer) for layer in norms(model)]
+    monkeypatch.setattr(fer.batchnorm, "recalibrate", overflowing)
+
+    result = recalibrate_if_better(model, faces(60, seed=3), validation=validation)
+
+    assert not result.kept and result.val_accuracy_after is None
+    assert result.outcome == "not kept (non-finite scores with the new statistics)"
+    assert result.as_record()["val_accuracy_after"] is None
+    for layer, (mean, variance) in zip(norms(model), before, strict=True):
+        np.testing.assert_array_equal(moving(layer)[0], mean)
+        np.testing.assert_array_equal(moving(layer)[1], variance)
+
+
 @pytest.mark.parametrize("name, recalibrates", [("default", True), ("default-pca", True),
                                                  ("wide-full-res", True), ("seed", False),
                                                  ("mini-xception", False)])
