@@ -65,6 +65,11 @@ class _LocalRun:
 def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) -> PublishResult:
     """Upload a run folder, then its manifest, then move the pointers; safe to repeat.
 
+    Publishing a published run again uploads its files again (the same bytes: the local
+    files match the published manifest's sha256), so one lost or damaged in the store since
+    (a lifecycle rule, a cut-short bucket copy) is restored, as the errors of `fer reports`
+    advise.
+
     ``latest`` moves to the newest run by ``created``; ``champion`` moves when the run was
     trained on the same data as the current champion and its saved model's validation
     accuracy is higher, or equal and the run newer; or always with ``force_champion``. Choosing on test
@@ -74,13 +79,12 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     run = _read_run_folder(Path(run_dir))
     remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
     published = _load_manifest(store, run.run_id)
-    if published is None:
-        _upload(run, remote, store)
-    elif published.get("files") != run.files:
+    if published is not None and published.get("files") != run.files:
         raise StorageError(
             f"run '{run.run_id}' is already published at {store.url(_run_key(run.run_id, ''))} "
             "with different files; published runs never change, so give this run a new id"
         )
+    _upload(run, remote, store, manifest=published is None)
     became_champion = _move_pointers(store, remote, force_champion=force_champion)
     return PublishResult(run.run_id, became_champion, store.url(_run_key(run.run_id, "")))
 
@@ -117,11 +121,12 @@ _WRITE_CHECK_TEXT = (b"written by fer before training, to check that runs can be
                      b"here; safe to delete\n")
 
 
-def _upload(run: _LocalRun, remote: dict[str, Any], store: Store) -> None:
+def _upload(run: _LocalRun, remote: dict[str, Any], store: Store, *, manifest: bool) -> None:
     # Artifacts first, manifest last: until the manifest lands the run does not exist.
     for name in run.files:
         store.put_file(_run_key(run.run_id, name), run.folder / name)
-    store.put_bytes(_run_key(run.run_id, MANIFEST), _dump(remote))
+    if manifest:
+        store.put_bytes(_run_key(run.run_id, MANIFEST), _dump(remote))
 
 
 def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool) -> bool:

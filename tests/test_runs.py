@@ -201,6 +201,27 @@ def test_publish_twice_is_harmless(store, runs):
     assert [s.run_id for s in list_runs(store)] == ["run-a"]
 
 
+def test_publishing_again_restores_files_lost_or_damaged_in_the_store(store, runs, tmp_path):
+    """`fer reports` tells a user whose published file is damaged to publish the run again;
+    a repeat had only moved the pointers (the manifest was there), so the advice could never
+    work. Now it uploads the run's files again, the same bytes the manifest lists."""
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    publish_run(folder, store)
+    manifest = resolve_run(store, "run-a").manifest
+    store.put_bytes("runs/run-a/history.csv", b"cut short by a bucket copy\n")
+    store.put_bytes("runs/run-a/classification_report.txt", b"")
+    if isinstance(store, LocalStore):  # a folder store lets the test delete one outright
+        (store.root / "runs" / "run-a" / "model.keras").unlink()
+    with pytest.raises(StorageError, match="publish the run again"):
+        download_run(store, "run-a", dest=tmp_path / "before")
+
+    publish_run(folder, store)
+
+    assert local_files(download_run(store, "run-a", dest=tmp_path / "after")) == local_files(folder)
+    assert read_report(store, "run-a").text == (folder / "classification_report.txt").read_text()
+    assert resolve_run(store, "run-a").manifest == manifest
+
+
 def test_publishing_an_older_run_again_does_not_take_a_tie_back(store, runs):
     """Two runs with equal validation accuracy (deterministic training often gives the same
     figure): the newer is the champion however often, and in whatever order, either is
