@@ -21,8 +21,9 @@ import logging
 import os
 import random
 import re
+import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -244,7 +245,7 @@ def _read_run_folder(folder: Path) -> _LocalRun:
     if (folder / CHECKPOINT_FOLDER).is_dir():  # removed once the test split is scored
         stage = "scoring" if (folder / MANIFEST).is_file() else "training"
         raise FerError(f"run folder {folder} is not complete: its {stage} stopped before the "
-                       f"end; `fer train --resume {folder}` finishes it")
+                       f"end; `fer train --resume {shlex.quote(str(folder))}` finishes it")
     manifest = _read_json_file(folder, MANIFEST)
     metrics = _read_json_file(folder, METRICS)
     run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)
@@ -262,7 +263,8 @@ def _read_json_file(folder: Path, name: str) -> dict[str, Any]:
             "can be published"
         )
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        with _reading(path):
+            value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FerError(f"{path} is not valid JSON ({exc}); re-run training to rewrite it") from exc
     if not isinstance(value, dict):
@@ -318,11 +320,24 @@ def _artifact_names(folder: Path, listed: Any) -> list[str]:
 
 def _describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Size and sha256 of each named artifact (the manifest is not one), by relative name."""
-    return {
-        name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-        for name in names
-        if name != MANIFEST
-    }
+    described = {}
+    for name in names:
+        if name != MANIFEST:
+            with _reading(folder / name):
+                described[name] = {"size": (folder / name).stat().st_size,
+                                   "sha256": _sha256(folder / name)}
+    return described
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A run folder's file the system will not let fer read (a run written by another
+    account, a disk error) as one error line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise FerError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); check the "
+                       "run folder's permissions") from None
 
 
 # --- reading --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and reading them back: pointers, listing, reports, verified downloads."""
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -512,6 +513,21 @@ def test_publish_refuses_incomplete_run_folder(tmp_path, runs, missing):
     assert store.run_ids() == []
 
 
+@pytest.mark.parametrize("unreadable", ["history.csv", "metrics.json"])
+def test_a_run_file_that_cannot_be_read_is_named_not_a_traceback(tmp_path, runs, unreadable):
+    """A file the system will not let fer read (a run written by another account with umask
+    077; here /proc/self/mem, which refuses reads even to root, as these tests run) had
+    been an OSError traceback: one error line names it, and nothing is uploaded."""
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    (folder / unreadable).unlink()
+    (folder / unreadable).symlink_to("/proc/self/mem")
+    store = LocalStore(tmp_path / "artifacts")
+    with pytest.raises(FerError, match=rf"^cannot read {re.escape(str(folder / unreadable))} "
+                                       r"\(Input/output error\); check the run folder's"):
+        publish_run(folder, store)
+    assert store.run_ids() == []
+
+
 def test_publishing_a_stopped_run_says_how_to_finish_it(tmp_path, runs):
     """A run stopped mid-training has its checkpoint and no manifest yet; one stopped while
     scoring the test split has its manifest and still its checkpoint."""
@@ -524,6 +540,10 @@ def test_publishing_a_stopped_run_says_how_to_finish_it(tmp_path, runs):
     (scored / "checkpoint").mkdir()
     with pytest.raises(FerError, match=r"run-b is not complete: its scoring stopped before "):
         publish_run(scored, LocalStore(tmp_path / "artifacts"))
+    spaced = runs / "my runs" / "run-c"  # the hint pastes into a shell as it is
+    (spaced / "checkpoint").mkdir(parents=True)
+    with pytest.raises(FerError, match=rf"`fer train --resume '{re.escape(str(spaced))}'` "):
+        publish_run(spaced, LocalStore(tmp_path / "artifacts"))
 
 
 @pytest.mark.parametrize(("file", "patch", "message"), [
