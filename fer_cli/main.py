@@ -624,12 +624,13 @@ def reports_list(
     if not runs:
         typer.echo("no published runs")
         return
+    id_width = max(len("run id"), *(len(r.run_id) for r in runs))
     model_width = max(len("model"), *(len(str(r.model)) for r in runs))
-    typer.echo(f"{'run id':36s} {'created':25s} {'model':{model_width}s} {'epochs':>6s} "
+    typer.echo(f"{'run id':{id_width}s} {'created':25s} {'model':{model_width}s} {'epochs':>6s} "
                f"{'accuracy':>8s} {'macro-F1':>8s} {'val acc':>8s}  markers")
     for r in runs:
         markers = " ".join(m for m, on in (("champion", r.is_champion), ("latest", r.is_latest)) if on)
-        typer.echo(f"{r.run_id:36s} {str(r.created):25s} {str(r.model):{model_width}s} "
+        typer.echo(f"{r.run_id:{id_width}s} {str(r.created):25s} {str(r.model):{model_width}s} "
                    f"{str(r.epochs):>6s} "
                    f"{_fmt(r.accuracy):>8s} {_fmt(r.macro_f1):>8s} {_fmt(r.val_accuracy):>8s}"
                    f"  {markers}")

@@ -255,3 +255,16 @@ def test_a_replaced_s3_object_is_fetched_again(tmp_path, s3_server, shaded_csv):
     assert removed.returncode == 0, removed.stderr
     assert sha.search(removed.stdout)[1] == sha.search(replaced.stdout)[1]
     assert "no such object" in removed.stderr and "using the copy fetched before" in removed.stderr
+
+
+def test_the_listing_keeps_its_columns_for_long_run_ids(tmp_path):
+    """Run ids are the model's name and 21 characters: `default-full-res-single`'s are 44,
+    and had pushed their rows past the header's fixed 36-character column."""
+    store = {"FER_STORAGE": str(tmp_path / "store")}
+    for run_id, minute in (("20250101-000000-default-full-res-single-aaaa", 0),
+                           ("20250101-010000-default-bbbb", 60)):
+        run = make_run(tmp_path / "runs", run_id, accuracy=0.6, minute=minute)
+        assert run_fer("publish", run, env=store).returncode == 0
+    lines = run_fer("reports", "list", env=store).stdout.splitlines()
+    assert len(lines) == 3
+    assert {line.index("2025-01-01") for line in lines[1:]} == {lines[0].index("created")}
