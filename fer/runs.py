@@ -23,6 +23,7 @@ import random
 import re
 import shlex
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -474,7 +475,8 @@ def download_run(store: Store, ref: str, *, dest: Path) -> Path:
 
 def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Path) -> None:
     path = target.joinpath(*_safe_parts(name, run=run))
-    partial = path.with_name(path.name + ".part")
+    # a name of its own: two downloads into one --dest must not write one partial file
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.part")
     with local_errors("write", path, folder="--dest"):
         path.parent.mkdir(parents=True, exist_ok=True)
     try:

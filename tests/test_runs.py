@@ -583,3 +583,16 @@ def test_publish_names_a_listed_artifact_that_is_missing(tmp_path, runs):
     with pytest.raises(FerError, match=r"run-a has no confusion_matrix\.png \(listed in manifest"):
         publish_run(folder, LocalStore(tmp_path / "artifacts"))
 
+
+
+def test_downloads_of_one_run_into_one_folder_at_once_all_succeed(store, runs, tmp_path):
+    """Two `fer reports get` of the same run into the same --dest (two jobs of a pipeline)
+    had written the same `<file>.part`: one truncated or renamed the other's, which then
+    failed as 'corrupt ... publish the run again' or vanished mid-check."""
+    folder = make_run(runs, "run-a", accuracy=0.5, big=True)
+    publish_run(folder, store)
+    dest = tmp_path / "download"
+    with ThreadPoolExecutor(6) as pool:
+        done = list(pool.map(lambda _: download_run(store, "run-a", dest=dest), range(6)))
+    assert all(local_files(run) == local_files(folder) for run in done)
+    assert not list(dest.rglob("*.part"))
