@@ -219,7 +219,8 @@ class MemberCheckpoint:
         try:
             return MemberProgress(**json.loads(self._state.read_text()))
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{self._state}: unreadable checkpoint ({exc})") from None
+            raise CheckpointError(f"{self._state}: unreadable checkpoint ({exc})",
+                                  member_folder=self.folder) from None
 
     def restore(self, model: keras.Model, progress: MemberProgress) -> None:
         """The last finished epoch's weights and optimizer state (the model is compiled)."""
@@ -280,7 +281,8 @@ class MemberCheckpoint:
             yield
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc}); delete "
-                           f"{self.folder} to train this member again") from None
+                                  f"{self.folder} to train this member again",
+                                  member_folder=self.folder) from None
 
 
 def _random_states(model: keras.Model) -> list:

@@ -4,6 +4,10 @@ The CLI prints a ``FerError`` as one line and exits non-zero without a traceback
 anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class FerError(Exception):
     """A problem with the user's input or environment, explained in one line."""
@@ -46,4 +50,10 @@ class NotFerObjectError(StorageError):
 
 class CheckpointError(FerError):
     """A stopped run's checkpoint that cannot be continued: damaged (a crash mid-write), or
-    written for another model (fer was upgraded). A Prefect retry trains anew instead."""
+    written for another model (fer was upgraded). ``member_folder``: the ensemble member's
+    checkpoint folder at fault, which a Prefect retry deletes to train that member again
+    (the members that finished are kept); None: the retry trains the run anew."""
+
+    def __init__(self, message: str, *, member_folder: Path | None = None):
+        super().__init__(message)
+        self.member_folder = member_folder

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,11 +189,17 @@ def _continue(run_dir: Path, dataset, *, resume_flags: str = "") -> Path:
         raise _TrainAgain(f"it cannot be resumed ({exc})") from None
     if stopped.data_sha256 != dataset.sha256:
         raise _TrainAgain("its data has changed since")
-    try:
-        return fit(dataset, stopped.config, verbose=2, resume=stopped,
-                   resume_flags=resume_flags).run_dir
-    except CheckpointError as exc:  # else every retry would fail the same way
-        raise _TrainAgain(f"its checkpoint cannot be continued ({exc})") from None
+    for _ in range(stopped.config.ensemble + 1):  # at most each member deleted once
+        try:
+            return fit(dataset, stopped.config, verbose=2, resume=stopped,
+                       resume_flags=resume_flags).run_dir
+        except CheckpointError as exc:  # else every retry would fail the same way
+            if exc.member_folder is None:
+                raise _TrainAgain(f"its checkpoint cannot be continued ({exc})") from None
+            get_run_logger().warning("%s; training that member again (the members that "
+                                     "finished are kept)", exc)
+            shutil.rmtree(exc.member_folder)
+    raise _TrainAgain("none of its members' checkpoints could be continued")
 
 
 @task(**TASK_OPTIONS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -179,20 +180,42 @@ def test_a_retry_takes_its_completed_run_only_on_the_same_data(prefect_api, tmp_
     assert attempt("b" * 64) == "again: its data has changed since"
 
 
-def test_a_retry_whose_checkpoint_cannot_be_continued_trains_anew(tmp_path, tiny_dataset,
-                                                                  monkeypatch):
-    """A checkpoint this fer cannot continue (damaged, or written for a model an upgrade
-    changed) makes a retry train from the start, saying why, as an unreadable run record
-    does: it had failed the task, and every later retry the same way."""
+@integration
+def test_a_retry_trains_again_only_the_member_whose_checkpoint_is_damaged(
+        prefect_api, tmp_path, tiny_dataset, monkeypatch):
+    """A member checkpoint this fer cannot continue (damaged mid-write, or written for a
+    model an upgrade changed) had failed the task, and every retry the same way; then made
+    the retry train the whole run again, the ensemble's finished members included (an hour
+    each in `best`). Now that member is trained again, the finished ones are kept, and the
+    run completes in its own folder; the log says why."""
     from test_checkpoint import EpochSpy, state, stopped_run
 
-    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
-    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
-    weights = run_dir / "checkpoint" / "member-1" / state(run_dir)["weights_file"]
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32",
+                         ensemble=2)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config,
+                          EpochSpy(monkeypatch, stop_at=2, stop_member=2))
+    weights = run_dir / "checkpoint" / "member-2" / state(run_dir, member=2)["weights_file"]
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(retrain_module._TrainAgain, match=r"its checkpoint cannot be continued "
-                                                         r"\(.*unreadable checkpoint"):
-        retrain_module._continue(run_dir, tiny_dataset)
+    spy = EpochSpy(monkeypatch)
+
+    @flow
+    def attempt() -> str:
+        return str(retrain_module._continue(run_dir, tiny_dataset))
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    try:
+        assert attempt() == str(run_dir)
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+    assert state(run_dir, member=1)["finished"] and state(run_dir, member=2)["finished"]
+    # member 2 trained again from its start; member 1 read back, not trained (no epochs)
+    assert [b["epoch"] for b in spy.begun] == [1, 2, 3]
+    (warning,) = [r.getMessage() for r in records if "training that member again" in
+                  r.getMessage()]
+    assert "member-2" in warning and "unreadable checkpoint" in warning
 
 
 @integration
