@@ -74,11 +74,12 @@ def test_a_download_that_cannot_be_written_blames_the_destination(tmp_path, stor
     of store (S3's had been a traceback; the folder store's blamed the store)."""
     run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
     assert run_fer("publish", run, env=storage_env).returncode == 0
-    (tmp_path / "down" / run.name / "model.keras.part").mkdir(parents=True)
+    (tmp_path / "down" / run.name / "model.keras").mkdir(parents=True)
     assert_one_line_error(run_fer("reports", "get", run.name, "--dest", tmp_path / "down",
                                   env=storage_env),
-                          r"cannot write .*model\.keras\.part: .*; check --dest, its "
+                          r"cannot write .*model\.keras: .*; check --dest, its "
                           r"permissions and free space")
+    assert not list((tmp_path / "down").rglob("*.part"))  # the downloaded copy is removed
 
 
 def test_publish_force_champion_makes_a_worse_run_the_champion(tmp_path, storage_env):

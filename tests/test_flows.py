@@ -112,8 +112,9 @@ def flow_run(flow_run_id):
 
 
 def test_fetch_data_passes_a_local_source_through(tiny_fer_zip, data_dir):
-    assert fetch_data.fn(str(tiny_fer_zip), data_dir=str(data_dir), endpoint_url=None) == str(
-        tiny_fer_zip)
+    """The local path is read in place; the origin the run records is that path in full."""
+    assert fetch_data.fn(str(tiny_fer_zip), data_dir=str(data_dir), endpoint_url=None) == (
+        str(tiny_fer_zip), str(tiny_fer_zip.resolve()))
 
 
 @integration
