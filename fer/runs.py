@@ -48,11 +48,23 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 @dataclass(frozen=True)
 class PublishResult:
-    """What ``publish_run`` did: where the run went and whether it is now the champion."""
+    """What ``publish_run`` did: where the run went, whether this publishing made it the
+    champion, and whether it is the champion now (also when it already was: a repeat, or a
+    retry whose first attempt moved the pointer and lost the answer)."""
 
     run_id: str
     became_champion: bool
     location: str
+    is_champion: bool = False
+
+    @property
+    def champion_note(self) -> str:
+        return champion_note(became=self.became_champion, now=self.is_champion)
+
+
+def champion_note(*, became: bool, now: bool) -> str:
+    """What a publishing message adds about the champion."""
+    return " (new champion)" if became else " (the champion already)" if now else ""
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,9 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
             "with different files; published runs never change, so give this run a new id"
         )
     _upload(run, remote, store, manifest=published is None)
-    became_champion = _move_pointers(store, remote, force_champion=force_champion)
-    return PublishResult(run.run_id, became_champion, store.url(_run_key(run.run_id, "")))
+    became, now = _move_pointers(store, remote, force_champion=force_champion)
+    return PublishResult(run.run_id, became, store.url(_run_key(run.run_id, "")),
+                         is_champion=now)
 
 
 WRITE_CHECK = ".fer-write-check"
@@ -131,20 +144,27 @@ def _upload(run: _LocalRun, remote: dict[str, Any], store: Store, *, manifest: b
         store.put_bytes(_run_key(run.run_id, MANIFEST), _dump(remote))
 
 
-def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool) -> bool:
+def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
+                   ) -> tuple[bool, bool]:
+    """Move ``latest`` and ``champion`` where the run beats them; whether ``champion`` moved,
+    and whether it names the run now."""
     record = _pointer_record(remote)
+    champion_already = False
 
     def newer_than(latest: dict[str, Any] | None) -> bool:
         return latest is None or _when(record["created"]) >= _when(latest.get("created"))
 
     def beats(champion: dict[str, Any] | None) -> bool:
+        nonlocal champion_already
         champion = _comparable_champion(store, champion)
-        if champion is not None and champion.get("run_id") == record["run_id"]:
+        champion_already = champion is not None and champion.get("run_id") == record["run_id"]
+        if champion_already:
             return False  # published again: it is the champion already, nothing moves
         return force_champion or champion is None or _beats(record, champion)
 
     _move_pointer(store, "latest", record, when=newer_than)
-    return _move_pointer(store, "champion", record, when=beats)
+    moved = _move_pointer(store, "champion", record, when=beats)
+    return moved, moved or champion_already
 
 
 POINTER_ATTEMPTS = 10

@@ -92,8 +92,7 @@ def _publish(run_dir: Path, settings: Settings, *, create_bucket: bool,
 
     result = publish_run(run_dir, _store(settings, create_bucket=create_bucket),
                          force_champion=force_champion)
-    typer.echo(f"published {result.run_id} to {result.location}"
-               + (" (new champion)" if result.became_champion else ""))
+    typer.echo(f"published {result.run_id} to {result.location}{result.champion_note}")
 
 
 @contextmanager
@@ -434,6 +433,8 @@ def retrain(
     _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
     _writable(out, "--out")
     flows_retrain = _import_flows("flows.retrain")
+    from fer.runs import champion_note
+
     with server:
         result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
                                        val_fraction=val_fraction,
@@ -442,7 +443,7 @@ def retrain(
                                        force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
                f"{result['macro_f1']:.4f}; published to {result['location']}"
-               + (" (new champion)" if result["became_champion"] else ""))
+               + champion_note(became=result["became_champion"], now=result["is_champion"]))
 
 
 @app.command()

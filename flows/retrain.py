@@ -280,11 +280,11 @@ def retrain(
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
-    print(f"published run {published.run_id} to {published.location}"
-          + (" (new champion)" if published.became_champion else ""))
+    print(f"published run {published.run_id} to {published.location}{published.champion_note}")
     return {
         "run_id": published.run_id,
         "became_champion": published.became_champion,
+        "is_champion": published.is_champion,
         "location": published.location,
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],

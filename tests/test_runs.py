@@ -190,16 +190,22 @@ def test_list_is_newest_first(store, runs):
 
 def test_publish_twice_is_harmless(store, runs):
     """Publishing the same run again changes nothing and succeeds; it does not claim to make
-    the run the champion it already is."""
+    the run the champion it already is, and says that it is one (a Prefect retry of publish
+    whose first attempt moved the pointer and lost the answer had reported a run that is
+    the champion as not one)."""
     folder = make_run(runs, "run-a", accuracy=0.5)
     first = publish_run(folder, store)
     manifest = resolve_run(store, "run-a").manifest
     again = publish_run(folder, store)
-    assert (again.run_id, again.location, again.became_champion) == (
-        first.run_id, first.location, False)
-    assert first.became_champion
+    assert (again.run_id, again.location, again.became_champion, again.is_champion) == (
+        first.run_id, first.location, False, True)
+    assert first.became_champion and first.is_champion
+    assert (first.champion_note, again.champion_note) == (" (new champion)",
+                                                          " (the champion already)")
     assert resolve_run(store, "run-a").manifest == manifest
     assert [s.run_id for s in list_runs(store)] == ["run-a"]
+    worse = publish_run(make_run(runs, "run-b", accuracy=0.4, minute=1), store)
+    assert (worse.became_champion, worse.is_champion, worse.champion_note) == (False, False, "")
 
 
 def test_publishing_again_restores_files_lost_or_damaged_in_the_store(store, runs, tmp_path):
