@@ -25,6 +25,7 @@ import math
 import os
 import shlex
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -279,7 +280,7 @@ class MemberCheckpoint:
         """A damaged checkpoint file (a crash mid-write, another model) as one line."""
         try:
             yield
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # .h5, .npz
             raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc}); delete "
                                   f"{self.folder} to train this member again",
                                   member_folder=self.folder) from None

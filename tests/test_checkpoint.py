@@ -25,7 +25,7 @@ from fer.checkpoint import (
 )
 from fer.config import TrainConfig
 from fer.data import Dataset
-from fer.errors import FerError
+from fer.errors import CheckpointError, FerError
 from fer.models import load_model
 from fer.train import RUN_FILES, fit, score, train
 
@@ -321,6 +321,24 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkey
     with pytest.raises(FerError, match=r"epoch-1\.weights\.h5: unreadable checkpoint .*; delete "
                                        r".*member-1 to train this member again"):
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+
+@pytest.mark.parametrize("length", [100, 0])
+def test_a_damaged_finished_member_is_a_one_line_error(tmp_path, tiny_dataset, monkeypatch,
+                                                       length):
+    """A finished member's final.npz cut short (100 bytes: a zip without its directory) or
+    empty had been a BadZipFile / EOFError traceback, which a Prefect retry could not tell
+    from a bug: one line naming the file and the member folder to delete."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32",
+                         ensemble=2)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config,
+                          EpochSpy(monkeypatch, stop_at=2, stop_member=2))
+    final = run_dir / FOLDER / "member-1" / "final.npz"
+    final.write_bytes(final.read_bytes()[:length])
+    with pytest.raises(CheckpointError, match=r"final\.npz: unreadable checkpoint .*; delete "
+                                              r".*member-1 to train this member again") as raised:
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert raised.value.member_folder == run_dir / FOLDER / "member-1"
 
 
 def test_a_retried_flow_run_finds_the_run_it_began_and_no_other(tmp_path, tiny_dataset,
