@@ -48,6 +48,11 @@ class NotFerObjectError(StorageError):
     listings leave it out with a warning, where any other StorageError stops them."""
 
 
+class MissingObjectError(StorageError):
+    """An object a store was asked to download that it does not hold (deleted by a lifecycle
+    rule, lost in a bucket copy): readers say what is missing and how to restore it."""
+
+
 class CheckpointError(FerError):
     """A stopped run's checkpoint that cannot be continued: damaged (a crash mid-write), or
     written for another model (fer was upgraded). ``member_folder``: the ensemble member's

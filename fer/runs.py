@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
-from fer.errors import FerError, NotFerObjectError, StorageError
+from fer.errors import FerError, MissingObjectError, NotFerObjectError, StorageError
 from fer.storage import Store, local_errors
 
 MANIFEST = "manifest.json"
@@ -501,7 +501,11 @@ def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Pa
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with local_errors("write", partial, folder="--dest"):  # the store's errors name it
-            store.download(_run_key(run.run_id, name), partial)
+            try:
+                store.download(_run_key(run.run_id, name), partial)
+            except MissingObjectError:
+                raise StorageError(f"{name} of run '{run.run_id}' is missing from the store; "
+                                   "publish the run again") from None
             digest = _sha256(partial)
         _verify(digest, run=run, name=name)
         with local_errors("write", path, folder="--dest"):

@@ -25,7 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bce
 from botocore.config import Config
 
-from fer.errors import StorageError
+from fer.errors import MissingObjectError, StorageError
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -64,7 +64,7 @@ class Store(Protocol):
         locks) it writes anyway, with a warning, and returns True."""
 
     def download(self, key: str, dest: Path) -> None:
-        """Copy an object to a local file."""
+        """Copy an object to a local file; MissingObjectError when there is none."""
 
     def run_ids(self) -> list[str]:
         """Every id under ``runs/``, complete or not (callers check for the manifest)."""
@@ -121,7 +121,10 @@ class LocalStore:
     def download(self, key: str, dest: Path) -> None:
         source = self._path(key)
         with local_errors("read", source):
-            reader = open(source, "rb")  # noqa: SIM115 - closed below; a write error is the caller's
+            try:
+                reader = open(source, "rb")  # noqa: SIM115 - closed below; a write error is the caller's
+            except FileNotFoundError:
+                raise MissingObjectError(f"{source} is not in the store") from None
         with reader, open(dest, "wb") as writer:
             shutil.copyfileobj(reader, writer, 1 << 20)
 
@@ -289,8 +292,13 @@ class S3Store:
 
     def download(self, key: str, dest: Path) -> None:
         with self._errors(f"downloading {self._key(key)}"):
-            self._client.download_file(self.bucket, self._key(key), str(dest),
-                                       Config=_transfer_config())
+            try:
+                self._client.download_file(self.bucket, self._key(key), str(dest),
+                                           Config=_transfer_config())
+            except bce.ClientError as exc:
+                if _error_code(exc) in {"NoSuchKey", "404"}:
+                    raise MissingObjectError(f"{self.url(key)} is not in the store") from None
+                raise
 
     def run_ids(self) -> list[str]:
         runs = self._key("runs/")

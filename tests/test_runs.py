@@ -497,6 +497,20 @@ def test_download_detects_sha256_mismatch(store, runs, tmp_path):
     assert not (tmp_path / "download" / "run-a" / "history.csv").exists()
 
 
+def test_a_file_missing_from_the_store_is_named_with_the_remedy(store, runs, tmp_path):
+    """A published file deleted from the store (a lifecycle rule, a cut-short bucket copy)
+    had been 'cannot read ...: No such file or directory; check the storage folder' or
+    'S3 ... refused ...: 404 Not Found': now it is named as missing, with what restores it."""
+    publish_run(make_run(runs, "run-a", accuracy=0.5), store)
+    if isinstance(store, LocalStore):
+        (store.root / "runs" / "run-a" / "model.keras").unlink()
+    else:
+        store._client.delete_object(Bucket=store.bucket, Key=store._key("runs/run-a/model.keras"))
+    with pytest.raises(StorageError, match=r"^model\.keras of run 'run-a' is missing from the "
+                                           r"store; publish the run again$"):
+        download_run(store, "run-a", dest=tmp_path / "download")
+
+
 def test_report_detects_sha256_mismatch(store, runs):
     """read_report refuses a report whose bytes do not match the manifest."""
     publish_run(make_run(runs, "run-a", accuracy=0.5), store)
