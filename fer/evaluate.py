@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from fer.manifest import write_json
 from fer.models import class_names_of
 from fer.pipeline import image_batches
 from fer.plots import plot_confusion_matrix
+
+log = logging.getLogger(__name__)
 
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -62,16 +65,29 @@ def evaluate_run(run_dir: Path, test: Split, *, precision: str | None = None) ->
     """Score a run folder's model on the test split; merge into its training metrics.
 
     The model computes in ``precision`` (a resolved Keras policy); None: the precision the
-    run trained in, so the report shows what inference on that machine gives.
+    run trained in, so the report shows what inference on that machine gives. A model that
+    overflows there (float16 on a GPU) is scored in float32, with a warning, rather than
+    leaving hours of training unscored: `--resume` would overflow the same way.
     """
     from fer.models import load_model
 
     metrics_path = run_dir / "metrics.json"
     training = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     precision = precision or training.get("precision", "float32")
-    return evaluate_split(load_model(run_dir / "model.keras", precision=precision), test,
-                          out_dir=run_dir,
-                          extra_metrics={**training, "inference_precision": precision})
+
+    def scored_in(policy: str) -> dict:
+        return evaluate_split(load_model(run_dir / "model.keras", precision=policy), test,
+                              out_dir=run_dir,
+                              extra_metrics={**training, "inference_precision": policy})
+
+    try:
+        return scored_in(precision)
+    except NonFiniteScoresError:
+        if precision == "float32":
+            raise
+        log.warning("the model's scores overflow in %s on the test split; scoring it in "
+                    "float32 (the report's inference_precision says so)", precision)
+        return scored_in("float32")
 
 
 def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,

@@ -38,3 +38,33 @@ def test_a_model_that_scores_nan_is_refused_before_any_report_is_written(tmp_pat
     with pytest.raises(FerError, match=r"non-finite scores \(NaN or infinity\) for 3 of 3 "):
         evaluate_split(diverged, split, out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_whose_model_overflows_in_its_precision_is_scored_in_float32(tmp_path, caplog):
+    """A GPU run trains and scores in mixed float16, whose range ends at 65,504: a model whose
+    logits pass it scores NaN there. Its hours of training had ended unscored (and a resume
+    overflows the same way); now it is scored in float32, with a warning, and the report's
+    inference_precision says so."""
+    import json
+
+    from fer.data import Split
+    from fer.errors import NonFiniteScoresError
+    from fer.evaluate import evaluate_run, predict_probabilities
+    from fer.models import get_spec, load_model
+
+    model = get_spec("default").build()
+    head = model.layers[-3]  # the logits: Dense, then softmax and the class names
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel, bias + np.where(np.arange(len(bias)) == 3, 1e5, 0.0)])
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "metrics.json").write_text(json.dumps({"precision": "mixed_float16"}))
+    split = Split(images=np.full((4, 48, 48), 128, np.uint8), labels=np.array([3, 3, 4, 0]))
+
+    with caplog.at_level("WARNING", logger="fer"):
+        metrics = evaluate_run(tmp_path, split)
+
+    assert metrics["inference_precision"] == "float32" and metrics["accuracy"] == 0.5
+    assert "overflow in mixed_float16 on the test split; scoring it in float32" in caplog.text
+    with pytest.raises(NonFiniteScoresError):  # in float16 the model does overflow
+        predict_probabilities(load_model(tmp_path / "model.keras", precision="mixed_float16"),
+                              split.images)
