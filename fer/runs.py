@@ -55,7 +55,7 @@ class PublishResult:
     run_id: str
     became_champion: bool
     location: str
-    is_champion: bool = False
+    is_champion: bool
 
     @property
     def champion_note(self) -> str:

@@ -128,7 +128,8 @@ def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
     run_dir = make_run(tmp_path / "runs", "r1", accuracy=0.5)
     result = publish.fn(str(run_dir), storage=str(tmp_path / "store"), endpoint_url=None,
                         create_bucket=False)
-    assert result == PublishResult("r1", True, str(tmp_path / "store" / "runs" / "r1"))
+    assert result == PublishResult("r1", True, str(tmp_path / "store" / "runs" / "r1"),
+                                  is_champion=True)
     assert read_report(LocalStore(tmp_path / "store"), "latest").text == (
         run_dir / "classification_report.txt").read_text()
 
