@@ -102,6 +102,8 @@ def load_dataset(
         if not source.exists():
             raise DataError(f"{source}: data source not found (expected a .csv, a folder or "
                             "an archive)")
+        if cache_dir:
+            tag_cache_dir(cache_dir)  # before hashing: it may lie inside ``source``
         digest = source_sha256(source, cache_dir=cache_dir)
         splits = _load_cached(cache_dir, digest) if cache_dir else None
         if splits is None:
@@ -244,10 +246,47 @@ def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
 def _folder_entries(root: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """A folder's files as (relative name, reader), without clutter: the data sha256 is the
     same wherever the folder is (fetch-data's unpack marker holds the archive's path)."""
-    for path in sorted(root.rglob("*")):
+    for path in _data_files(root):
         name = path.relative_to(root).as_posix()
-        if path.is_file() and not _is_noise(PurePosixPath(name).parts):
+        if not _is_noise(PurePosixPath(name).parts):
             yield name, path.read_bytes
+
+
+def _data_files(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, leaving out cache folders inside it (those holding
+    a CACHEDIR.TAG, as FER_DATA_DIR does): a FER_DATA_DIR inside the dataset folder would
+    otherwise change the folder's sha256 with every decode cache and memo fer writes."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    caches = [p.parent for p in files
+              if p.name == CACHEDIR_TAG and p.parent != root and _is_cachedir_tag(p)]
+    return [p for p in files if not any(cache in p.parents for cache in caches)]
+
+
+CACHEDIR_TAG = "CACHEDIR.TAG"
+_CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def _is_cachedir_tag(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(_CACHEDIR_SIGNATURE)) == _CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+
+
+def tag_cache_dir(cache_dir: Path) -> None:
+    """Mark ``cache_dir`` (FER_DATA_DIR) a cache folder by the Cache Directory Tagging
+    Specification (https://bford.info/cachedir/): backup tools leave it out, and so does fer
+    when it lies inside a dataset folder fer reads. A folder fer cannot write is left as it
+    is (writing the cache warns about that)."""
+    tag = cache_dir / CACHEDIR_TAG
+    if tag.exists():
+        return
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tag.write_bytes(_CACHEDIR_SIGNATURE + b"\n# fer's data folder (FER_DATA_DIR): "
+                        b"downloads, unpacked sources and decoded arrays, all made again "
+                        b"when needed\n")
 
 
 @contextlib.contextmanager
@@ -485,7 +524,7 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     if source.is_file():
         return fields(source.stat())
     digest = hashlib.sha256()
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+    for path in _data_files(source):
         stamp = "\0".join(map(str, fields(path.stat())))
         digest.update(f"{path.relative_to(source).as_posix()}\0{stamp}\n".encode())
     return digest.hexdigest()

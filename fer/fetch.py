@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from fer.data import (
+    ARCHIVE_SUFFIXES,
     dataset_root,
     file_sha256,
     is_archive,
     load_dataset,
     safe_extract,
     stat_stamp,
+    tag_cache_dir,
 )
 from fer.errors import DataError, FerError, StorageError
 from fer.locks import taking_turns
@@ -80,6 +82,7 @@ def data_dir_lock(data_dir: Path):
     same folder, one deleting what the other extracts. The second waits, then finds the
     work done."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    tag_cache_dir(data_dir)
     with taking_turns(data_dir / ".fetch.lock",
                       waiting=f"another fer is fetching into {data_dir}; waiting for it",
                       unprotected="fetching without taking turns"):
@@ -88,12 +91,16 @@ def data_dir_lock(data_dir: Path):
 
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,
            progress: Progress | None, make_current: bool) -> FetchedSource:
-    local = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
+    obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
+    local = obtained
+    if obtained.is_file() and not obtained.name.lower().endswith((".csv", *ARCHIVE_SUFFIXES)):
+        local = _named_by_content(obtained)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():
         if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
-            local.unlink()  # our copy (never the user's own file): the next fetch gets it again
-            _source_stamp_path(local).unlink(missing_ok=True)
+            for copy in {obtained, local}:  # ours (never the user's own file): fetched anew
+                copy.unlink()
+            _source_stamp_path(obtained).unlink(missing_ok=True)
         raise DataError(f"{source}: sha256 is {digest}, expected {sha256.lower()}; "
                         "the download is corrupt or not the file you meant")
     # fer's copies, each with the source as given and how a path inside it is joined on
@@ -119,6 +126,34 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
         write_json(data_dir / CURRENT_POINTER,
                    {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source})
     return fetched
+
+
+def _named_by_content(local: Path) -> Path:
+    """A fetched file whose name says nothing of its kind (`https://host/download?id=7`, an
+    S3 key without an extension), linked under a name that does, from its first bytes: a
+    zip, a gzip (read as a tarball), a tar, else text (read as a CSV). A binary file of
+    another kind keeps its name, and the reader names it as unsupported."""
+    with open(local, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        suffix = ".zip"
+    elif head.startswith(b"\x1f\x8b"):
+        suffix = ".tar.gz"
+    elif head[257:262] == b"ustar":
+        suffix = ".tar"
+    elif b"\x00" not in head:
+        suffix = ".csv"
+    else:
+        return local
+    typed = local.with_name(local.name + suffix)
+    partial = typed.with_name(typed.name + ".part")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(local, partial)  # the same bytes, no second copy on disk
+    except OSError:
+        shutil.copy2(local, partial)
+    os.replace(partial, typed)  # a newer download of the same URL replaces the older link
+    return typed
 
 
 def _as_given(message: str, copies: dict[str, tuple[str, str]]) -> str:

@@ -260,6 +260,22 @@ def test_an_edit_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path
         assert np.bincount(after.train.labels, minlength=7)[6] == 4  # one 4 became a 6
 
 
+def test_a_data_folder_inside_the_dataset_folder_leaves_its_sha256_alone(tmp_path, image_tree):
+    """FER_DATA_DIR inside the folder passed as --data (`ds/cache`): the decode cache and
+    memo fer writes there had changed the folder's sha256 on every run (each run's manifest
+    named other data, and no champion compared). FER_DATA_DIR carries a CACHEDIR.TAG
+    (https://bford.info/cachedir/), and tagged folders inside a dataset are left out."""
+    import shutil
+
+    plain = load_dataset(shutil.copytree(image_tree, tmp_path / "copy")).sha256
+    first = load_dataset(image_tree, cache_dir=image_tree / "cache")
+    second = load_dataset(image_tree, cache_dir=image_tree / "cache")
+    assert first.sha256 == second.sha256 == plain
+    assert (image_tree / "cache" / "CACHEDIR.TAG").read_bytes().startswith(
+        b"Signature: 8a477f597d28d172789f06886806bc55")
+    assert len(first.test) == len(load_dataset(tmp_path / "copy").test)
+
+
 def test_a_folder_hash_memo_of_an_older_format_is_computed_again(tmp_path, image_tree):
     """The memo of a folder's sha256 is keyed by its stat stamp; one written by a version that
     hashed differently (same stamp) must not survive an upgrade."""

@@ -549,3 +549,38 @@ def test_a_local_data_option_is_recorded_as_an_absolute_path(tmp_path, image_tre
     source = resolve_data(image_tree.name, data_dir=tmp_path / "data",
                           default_source="http://127.0.0.1:9/x")
     assert source == DataSource(Path(image_tree.name), str(image_tree.resolve()))
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz", "csv"])
+def test_a_url_whose_name_says_nothing_of_its_kind_is_read_by_its_content(tmp_path, image_tree,
+                                                                           shaded_csv, kind):
+    """Download links often end in no file name (`.../download?id=7`, an S3 key without an
+    extension): such a zip had been refused as an 'unsupported source type', and a CSV or
+    tarball too. Their first bytes say what they are."""
+    import tarfile
+
+    served = tmp_path / "served"
+    served.mkdir()
+    if kind == "zip":
+        zip_folder(image_tree, served / "download")
+    elif kind == "tar.gz":
+        with tarfile.open(served / "download", "w:gz") as archive:
+            archive.add(image_tree, arcname=".")
+    else:
+        (served / "download").write_bytes(shaded_csv.read_bytes())
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(served))) as base:
+        fetched = fetch_data(f"{base}/download?id=7", data_dir=tmp_path / "data")
+    expected = read_splits(shaded_csv if kind == "csv" else image_tree)
+    assert sorted(read_splits(fetched.path)) == sorted(expected)
+    assert len(read_splits(fetched.path)["test"]) == len(expected["test"])
+
+
+def test_a_url_serving_another_binary_kind_is_named_as_unsupported(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(served))) as base:
+        with pytest.raises(DataError, match=rf"^{re.escape(base)}/blob: unsupported source type"):
+            fetch_data(f"{base}/blob", data_dir=tmp_path / "data")
