@@ -146,14 +146,20 @@ def _named_by_content(local: Path) -> Path:
     else:
         return local
     typed = local.with_name(local.name + suffix)
-    partial = typed.with_name(typed.name + ".part")
+    _place_copy(local, typed)  # a newer download of the same URL replaces the older copy
+    return typed
+
+
+def _place_copy(local: Path, target: Path) -> None:
+    """``local``'s bytes at ``target``, appearing whole: a hard link where the file system
+    allows (no second copy on disk), else a copy."""
+    partial = target.with_name(target.name + ".part")
     partial.unlink(missing_ok=True)
     try:
-        os.link(local, partial)  # the same bytes, no second copy on disk
+        os.link(local, partial)
     except OSError:
         shutil.copy2(local, partial)
-    os.replace(partial, typed)  # a newer download of the same URL replaces the older link
-    return typed
+    os.replace(partial, target)
 
 
 def _as_given(message: str, copies: dict[str, tuple[str, str]]) -> str:
@@ -439,13 +445,7 @@ def _content_addressed(local: Path, *, data_dir: Path, digest: str) -> Path:
     target = data_dir / "sources" / digest[:16] / local.name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        partial.unlink(missing_ok=True)
-        try:
-            os.link(local, partial)  # the same bytes, no second copy on disk
-        except OSError:
-            shutil.copy2(local, partial)
-        os.replace(partial, target)
+        _place_copy(local, target)
     return target
 
 
