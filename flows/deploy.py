@@ -49,6 +49,7 @@ DEFAULT_CRASH_AFTER_S = 600
 MIN_CRASH_AFTER_S = 60  # two heartbeats at Prefect's shortest interval
 FLOW_RUN_ENDS = {f"prefect.flow-run.{state}" for state in
                  ("Completed", "Failed", "Cancelled", "Crashed")}
+FLOW_RUN_STARTS = {"prefect.flow-run.Pending", "prefect.flow-run.Running"}
 
 
 def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
@@ -107,8 +108,9 @@ def ensure_work_pool(name: str, *, concurrency_limit: int | None) -> None:
 
 def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
     """Create or update the automation that marks a fer flow run Crashed once no heartbeat,
-    and no end of the run, came for ``crash_after_s`` seconds after its last heartbeat
-    (None: as the automation has it, or DEFAULT_CRASH_AFTER_S for a new one).
+    and no end of the run, came for ``crash_after_s`` seconds after its last heartbeat, or
+    after a worker took it (Pending) or it started (None: as the automation has it, or
+    DEFAULT_CRASH_AFTER_S for a new one).
 
     Prefect's server has no such rule of its own (Prefect documents this automation under
     "detect zombie flows"): a run whose worker died with it stays Running, and the pool,
@@ -126,8 +128,10 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
         description="Marks a fer flow run Crashed when its heartbeats stop (its worker died); "
                     "managed by `fer deploy`.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", *FLOW_RUN_ENDS},
+            # from a worker's claim (Pending) too: a worker that dies before the run's
+            # first heartbeat would otherwise leave it Pending, holding the pool, for ever
+            after={"prefect.flow-run.heartbeat", *FLOW_RUN_STARTS},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Running", *FLOW_RUN_ENDS},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=ResourceSpecification({"prefect.resource.role": "tag",
                                                  "prefect.resource.id": ["prefect.tag.fer"]}),

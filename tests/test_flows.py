@@ -697,6 +697,30 @@ def test_a_run_whose_worker_died_is_marked_crashed_and_frees_the_pool(worker, ti
 
 
 @integration
+def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(prefect_api,
+                                                                             deployed):
+    """A worker that takes a run (Pending) and dies before the run sends its first
+    heartbeat: nothing had watched the run, which stayed Pending and held the pool (one
+    flow at a time) for ever. Here the run is left Pending as such a worker leaves it."""
+    from prefect.states import Pending
+
+    ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("retrain/retrain")
+            # Pending from the start: a worker polling the pool takes Scheduled runs only
+            run = client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
+                                                         state=Pending())
+        left_at = time.monotonic()
+        while (state := flow_run(run.id).state).name == "Pending":
+            assert time.monotonic() - left_at < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
+            time.sleep(1)
+        assert state.name == "Crashed" and "no heartbeat for 60 s" in state.message
+    finally:
+        ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+
+
+@integration
 def test_triggered_and_scheduled_runs_never_overlap(worker, tiny_fer_zip, tmp_path):
     """A run of each deployment, started together, train one after the other."""
     parameters = {**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path)}
