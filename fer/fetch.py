@@ -94,7 +94,7 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
     obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     local = obtained
     if obtained.is_file() and not obtained.name.lower().endswith((".csv", *ARCHIVE_SUFFIXES)):
-        local = _named_by_content(obtained)
+        local = _named_by_content(obtained, source=source)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():
         if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
@@ -128,11 +128,13 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
     return fetched
 
 
-def _named_by_content(local: Path) -> Path:
+def _named_by_content(local: Path, *, source: str) -> Path:
     """A fetched file whose name says nothing of its kind (`https://host/download?id=7`, an
     S3 key without an extension), linked under a name that does, from its first bytes: a
-    zip, a gzip (read as a tarball), a tar, else text (read as a CSV). A binary file of
-    another kind keeps its name, and the reader names it as unsupported."""
+    zip, a gzip (read as a tarball), a tar, else text (read as a CSV; a web page, such as a
+    download site's confirmation page, is refused as one). A binary file of another kind
+    keeps its name, and the reader names it as unsupported. The links live in a folder of
+    their own, where no fetched file's own name can meet them."""
     with open(local, "rb") as handle:
         head = handle.read(512)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
@@ -141,11 +143,17 @@ def _named_by_content(local: Path) -> Path:
         suffix = ".tar.gz"
     elif head[257:262] == b"ustar":
         suffix = ".tar"
-    elif b"\x00" not in head:
+    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
+                        "download-confirmation page?); use the file's direct download link")
+    elif b"\x00" not in head and not head.startswith((b"BZh", b"\xfd7zXZ")):  # bzip2, xz
         suffix = ".csv"
     else:
         return local
-    typed = local.with_name(local.name + suffix)
+    typed = local.parent / "by-content" / (local.name + suffix)
+    if typed.exists() and os.path.samefile(local, typed):
+        return typed  # linked when fetched before, unchanged since
+    typed.parent.mkdir(exist_ok=True)
     _place_copy(local, typed)  # a newer download of the same URL replaces the older copy
     return typed
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import write_image_tree, zip_folder
 
-from fer.data import file_sha256, read_splits
+from fer.data import file_sha256, load_dataset, read_splits
 from fer.errors import DataError, FerError, StorageError
 from fer.fetch import (
     DataSource,
@@ -584,3 +584,33 @@ def test_a_url_serving_another_binary_kind_is_named_as_unsupported(tmp_path):
                                    directory=str(served))) as base:
         with pytest.raises(DataError, match=rf"^{re.escape(base)}/blob: unsupported source type"):
             fetch_data(f"{base}/blob", data_dir=tmp_path / "data")
+
+
+def test_a_content_named_copy_never_replaces_another_sources_copy(tmp_path, shaded_csv):
+    """`a/fer2013.csv` (a CSV without its suffix) fetched after `fer2013.csv`: its
+    content-named link had been `downloads/fer2013.csv`, the other's own copy, so fetching
+    that again (its copy's stamp unchanged) read A's data under its name. Fetching twice
+    leaves no partial file."""
+    data_dir = tmp_path / "data"
+    (tmp_path / "a").mkdir()
+    other = tmp_path / "a" / "fer2013"
+    other.write_text(shaded_csv.read_text().replace("\n3,", "\n4,", 1))
+    b = fetch_data(str(shaded_csv), data_dir=data_dir)
+    fetch_data(str(other), data_dir=data_dir)
+    fetch_data(str(other), data_dir=data_dir)
+    again = fetch_data(str(shaded_csv), data_dir=data_dir)
+    assert again.sha256 == b.sha256 == load_dataset(shaded_csv).sha256
+    assert not list(data_dir.rglob("*.part"))
+
+
+def test_a_web_page_in_place_of_a_dataset_is_named_as_one(tmp_path):
+    """A download link that answers with a page (a login, a virus-scan confirmation) had
+    been read as a CSV: 'missing column(s) emotion, pixels, Usage'."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "download").write_text("<!DOCTYPE html>\n<html><body>Confirm download</body>")
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(served))) as base:
+        with pytest.raises(DataError, match=rf"^{re.escape(base)}/download\?id=7: the server "
+                                            r"sent a web page, not a dataset"):
+            fetch_data(f"{base}/download?id=7", data_dir=tmp_path / "data")
