@@ -172,7 +172,7 @@ def read_splits(source: Path) -> dict[str, Split]:
         return _csv_splits(source.read_bytes(), origin=str(source))
     if name.endswith(ARCHIVE_SUFFIXES):
         with _archive_entries(source) as entries:
-            return _splits_of(entries, source=source, separator="!")
+            return _splits_of(_without_tagged_caches(entries), source=source, separator="!")
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     "or a folder with train/ and test/)")
 
@@ -266,6 +266,16 @@ CACHEDIR_TAG = "CACHEDIR.TAG"
 _CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 
 
+def _without_tagged_caches(entries: list[tuple[str, Callable[[], bytes]]]
+                           ) -> list[tuple[str, Callable[[], bytes]]]:
+    """An archive's entries without those under a cache folder (see _data_files), so that
+    an archive and the folder it unpacks to read the same."""
+    caches = [name.rsplit("/", 1)[0] + "/" for name, read in entries
+              if name.endswith("/" + CACHEDIR_TAG)
+              and read()[:len(_CACHEDIR_SIGNATURE)] == _CACHEDIR_SIGNATURE]
+    return [(name, read) for name, read in entries if not name.startswith(tuple(caches))]
+
+
 def _is_cachedir_tag(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
@@ -274,16 +284,26 @@ def _is_cachedir_tag(path: Path) -> bool:
         return False
 
 
+# What fer writes into FER_DATA_DIR: a folder holding anything else is not only fer's cache.
+_DATA_DIR_ENTRIES = frozenset({CACHEDIR_TAG, "current.json", "sha256-index.json", ".fetch.lock",
+                               "decoded", "downloads", "sources"})
+
+
 def tag_cache_dir(cache_dir: Path) -> None:
     """Mark ``cache_dir`` (FER_DATA_DIR) a cache folder by the Cache Directory Tagging
     Specification (https://bford.info/cachedir/): backup tools leave it out, and so does fer
-    when it lies inside a dataset folder fer reads. A folder fer cannot write is left as it
-    is (writing the cache warns about that)."""
+    when it lies inside a dataset folder fer reads. Only a folder that holds nothing but
+    fer's own files is tagged (a FER_DATA_DIR pointed at a folder of the user's data must
+    not drop out of their backups), and one fer cannot write is left as it is (writing
+    the cache warns about that)."""
     tag = cache_dir / CACHEDIR_TAG
     if tag.exists():
         return
     with contextlib.suppress(OSError):
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if any(entry.name not in _DATA_DIR_ENTRIES and not entry.name.startswith(".")
+               for entry in cache_dir.iterdir()):  # (dotfiles: fer's partial writes, say)
+            return
         tag.write_bytes(_CACHEDIR_SIGNATURE + b"\n# fer's data folder (FER_DATA_DIR): "
                         b"downloads, unpacked sources and decoded arrays, all made again "
                         b"when needed\n")

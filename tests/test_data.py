@@ -276,6 +276,38 @@ def test_a_data_folder_inside_the_dataset_folder_leaves_its_sha256_alone(tmp_pat
     assert len(first.test) == len(load_dataset(tmp_path / "copy").test)
 
 
+def test_an_archive_of_a_dataset_folder_with_its_data_folder_inside_reads_the_same(
+        tmp_path, image_tree):
+    """A dataset folder archived with its FER_DATA_DIR inside, which holds an unpacked copy
+    of the data: the folder leaves the tagged cache out, and so must the archive, or it
+    reads two sets of split folders where the folder reads one."""
+    import shutil
+    import tarfile
+
+    cache = image_tree / "cache"
+    load_dataset(image_tree, cache_dir=cache)  # tags it
+    shutil.copytree(image_tree / "train", cache / "sources" / "x" / "train")
+    shutil.copytree(image_tree / "test", cache / "sources" / "x" / "test")
+    with tarfile.open(tmp_path / "ds.tar.gz", "w:gz") as archive:
+        archive.add(image_tree, arcname=".")
+    folder, packed = read_splits(image_tree), read_splits(tmp_path / "ds.tar.gz")
+    assert {k: len(v) for k, v in packed.items()} == {k: len(v) for k, v in folder.items()}
+
+
+def test_a_data_folder_holding_other_files_is_not_tagged_a_cache(tmp_path, image_tree):
+    """FER_DATA_DIR pointed at a folder of the user's own (`/mnt/datasets`): tagging it
+    would drop their data from every backup that honours CACHEDIR.TAG. Only a folder that
+    holds nothing but fer's files (an older fer's included) is tagged."""
+    own = tmp_path / "datasets"
+    (own / "ferA").mkdir(parents=True)
+    older = tmp_path / "older-fer"
+    (older / "decoded").mkdir(parents=True)
+    (older / "current.json").write_text("{}")
+    for cache in (own, older):
+        load_dataset(image_tree, cache_dir=cache)
+    assert not (own / "CACHEDIR.TAG").exists() and (older / "CACHEDIR.TAG").exists()
+
+
 def test_a_folder_hash_memo_of_an_older_format_is_computed_again(tmp_path, image_tree):
     """The memo of a folder's sha256 is keyed by its stat stamp; one written by a version that
     hashed differently (same stamp) must not survive an upgrade."""
