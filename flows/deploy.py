@@ -82,13 +82,21 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
                        "or pass its folder") from None
     except yaml.YAMLError as exc:
         raise FerError(f"{prefect_file} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(config or {}, dict):
+        raise FerError(f"{prefect_file}: expected a mapping with a `deployments:` list at the "
+                       f"top, got a {type(config).__name__}")
     deployments = (config or {}).get("deployments") or []
+    if not isinstance(deployments, list):
+        raise FerError(f"{prefect_file}: `deployments:` must be a list (each entry `- name: "
+                       f"...`), got a {type(deployments).__name__}")
     pools = {}
     for index, deployment in enumerate(deployments):
-        pool = (deployment.get("work_pool") or {}).get("name")
-        if not deployment.get("name") or not pool:
+        work_pool = deployment.get("work_pool") if isinstance(deployment, dict) else None
+        pool = work_pool.get("name") if isinstance(work_pool, dict) else None
+        if not isinstance(deployment, dict) or not deployment.get("name") or not pool \
+                or not isinstance(pool, str):
             raise FerError(f"{prefect_file}: deployments[{index}] needs a name and a "
-                           "work_pool.name")
+                           "work_pool.name (work_pool: {name: fer})")
         pools[deployment["name"]] = pool
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")

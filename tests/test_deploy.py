@@ -261,6 +261,13 @@ def test_unknown_deployment_names_are_refused(names, message):
     ("deployments: [", r"prefect\.yaml is not valid YAML"),
     ("name: fer\n", r"prefect\.yaml declares no deployments"),
     ("deployments:\n  - name: retrain\n", r"deployments\[0\] needs a name and a work_pool\.name"),
+    # the shapes a hand edit gets wrong had been AttributeError tracebacks
+    ("deployments:\n  - name: retrain\n    work_pool: fer\n",
+     r"deployments\[0\] needs a name and a work_pool\.name \(work_pool: \{name: fer\}\)"),
+    ("deployments:\n  - retrain\n", r"deployments\[0\] needs a name and a work_pool\.name"),
+    ("deployments:\n  retrain:\n    work_pool: {name: fer}\n",
+     r"`deployments:` must be a list \(each entry `- name: \.\.\.`\), got a dict"),
+    ("- deployments\n", r"expected a mapping with a `deployments:` list at the top, got a list"),
 ])
 def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
     (tmp_path / PREFECT_FILE).parent.mkdir()
