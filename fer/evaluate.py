@@ -31,11 +31,20 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
                                              verbose=0))
     broken = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
     if broken:
-        raise NonFiniteScoresError(f"the model gives non-finite scores (NaN or infinity) for {broken} of "
-                       f"{len(images)} images: it was not trained to a usable state (did its "
-                       "training diverge? see its history.csv), or overflows in this precision "
-                       "(try --precision float32)")
+        overflow = (", or overflows in this precision (try --precision float32)"
+                    if _mixed_precision(model) else "")
+        raise NonFiniteScoresError(
+            f"the model gives non-finite scores (NaN or infinity) for {broken} of "
+            f"{len(images)} images: it was not trained to a usable state (did its training "
+            f"diverge? see its history.csv){overflow}")
     return probabilities
+
+
+def _mixed_precision(model) -> bool:
+    """Whether any layer computes in a mixed (16-bit) policy, where activations overflow
+    sooner than in float32."""
+    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith("mixed")
+               for layer in getattr(model, "layers", []))
 
 
 def predict_labels(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

@@ -189,8 +189,8 @@ LearningRateOption = Annotated[float | None, typer.Option(
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(
-    help="auto (bf16 on CPUs with bf16 instructions, else float32) | float32 | mixed_bfloat16 "
-         "| mixed_float16")]
+    help="auto (mixed_float16 on a GPU, mixed_bfloat16 on CPUs with bf16 instructions, else "
+         "float32) | float32 | mixed_bfloat16 | mixed_float16")]
 EnsembleOption = Annotated[int | None, typer.Option(
     min=1, help="train N models from seeds seed..seed+N-1 on the same split and save their "
                 "average (N times the training and inference cost); "

@@ -35,8 +35,9 @@ def test_a_model_that_scores_nan_is_refused_before_any_report_is_written(tmp_pat
     for layer in diverged.layers:
         layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
     split = Split(images=np.full((3, 48, 48), 128, np.uint8), labels=np.array([3, 4, 6]))
-    with pytest.raises(FerError, match=r"non-finite scores \(NaN or infinity\) for 3 of 3 "):
+    with pytest.raises(FerError, match=r"non-finite scores \(NaN or infinity\) for 3 of 3 ") as raised:
         evaluate_split(diverged, split, out_dir=tmp_path)
+    assert "--precision float32" not in str(raised.value)  # it computed in float32 already
     assert not list(tmp_path.iterdir())
 
 
@@ -65,6 +66,7 @@ def test_a_run_whose_model_overflows_in_its_precision_is_scored_in_float32(tmp_p
 
     assert metrics["inference_precision"] == "float32" and metrics["accuracy"] == 0.5
     assert "overflow in mixed_float16 on the test split; scoring it in float32" in caplog.text
-    with pytest.raises(NonFiniteScoresError):  # in float16 the model does overflow
+    with pytest.raises(NonFiniteScoresError, match=r"overflows in this precision \(try "
+                                                   r"--precision float32\)"):  # in float16 it does
         predict_probabilities(load_model(tmp_path / "model.keras", precision="mixed_float16"),
                               split.images)
