@@ -85,8 +85,9 @@ def main() -> None:
           f"batch {config.batch_size}, ensemble {config.ensemble}, tta {config.tta}, "
           f"{m['precision']}")
     print(f"validation: best epoch (first member) {m['best_val_accuracy']:.4f}, saved model "
-          f"{m['saved_model_val_accuracy']:.4f}")
-    print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+          f"{m['saved_model_val_accuracy']:.4f} (float32, as saved)")
+    print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f} "
+          f"({m['inference_precision']}, as `fer train` scores it)")
     print("per-class recall " + json.dumps(m["per_class_recall"]))
     print(f"wall {fmt_seconds(m['wall_seconds'])}, training {m['train_images_per_second']:.1f} "
           f"images/s, validation first >= {HEADLINE:.0%} at {fmt_seconds(crossing)}")
@@ -94,7 +95,8 @@ def main() -> None:
         seed_20 = SEED_EPOCHS * len(dataset.train) / seed_ips
         print(f"ratios: training images/s {m['train_images_per_second'] / seed_ips:.2f}x the seed's; "
               f"wall time {m['wall_seconds'] / seed_20:.3f} of the seed's {SEED_EPOCHS} epochs "
-              f"(projected {fmt_seconds(seed_20)})"
+              f"(projected {fmt_seconds(seed_20)} from its training steps alone, without "
+              "the validation passes and tracing that ours include)"
               + (f"; time to {HEADLINE:.0%} = {crossing / seed_20:.3f} of it" if crossing else ""))
     print(f"run folder: {result.run_dir}")
 

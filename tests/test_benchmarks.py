@@ -41,8 +41,16 @@ def test_inference_benchmark_prints_the_ratio_to_the_peer(tmp_path, fer_subset):
                       "--batch-size", "64", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^mini-xception\s+float32\s+\d+ images/s", done.stdout, re.MULTILINE)
-    assert re.search(r"^ratios \(fer at auto = \w+ vs the peer at its faster precision\): "
-                     r"throughput \d+\.\d\dx the peer's", done.stdout, re.MULTILINE), done.stdout
+    ratios = re.search(r"^ratios \(fer at auto = (\w+) vs the peer at its faster precision\): "
+                       r"throughput \d+\.\d\dx the peer's; latency (\d+\.\d\d)x the peer's "
+                       r"lowest$", done.stdout, re.MULTILINE)
+    assert ratios, done.stdout
+    # the latency ratio is to the peer's lowest latency over the precisions measured
+    peer_ms = [float(ms) for ms in re.findall(r"^mini-xception .* one image: (\d+\.\d\d) ms$",
+                                               done.stdout, re.MULTILINE)]
+    (our_ms,) = re.findall(rf"^fer\s+{ratios[1]}\s.* one image: (\d+\.\d\d) ms$", done.stdout,
+                           re.MULTILINE)
+    assert float(ratios[2]) == pytest.approx(float(our_ms) / min(peer_ms), abs=0.03)
 
 
 @pytest.mark.integration
@@ -62,6 +70,10 @@ def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_avera
                           "--run", run_dir, "--save", tmp_path / "average.keras",
                           tmp_path=tmp_path)
     assert averaged.returncode == 0, averaged.stderr[-3000:]
-    assert re.search(r"^average of 2 \+ flip: validation 0\.\d{4}  test 0\.\d{4}  macro-F1 ",
+    # every candidate on validation; the test split once, for the one validation chose
+    assert re.search(r"^average of 2 \+ flip: validation 0\.\d{4}  macro-F1 0\.\d{4}$",
                      averaged.stdout, re.MULTILINE), averaged.stdout
+    assert re.findall(r"test \d|test recall", averaged.stdout) == ["test 0", "test recall"]
+    assert re.search(r"^chosen on validation: .+: validation 0\.\d{4}  test 0\.\d{4}  "
+                     r"macro-F1 ", averaged.stdout, re.MULTILINE), averaged.stdout
     assert (tmp_path / "average.keras").is_file()
