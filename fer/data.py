@@ -270,10 +270,20 @@ def _without_tagged_caches(entries: list[tuple[str, Callable[[], bytes]]]
                            ) -> list[tuple[str, Callable[[], bytes]]]:
     """An archive's entries without those under a cache folder (see _data_files), so that
     an archive and the folder it unpacks to read the same."""
-    caches = [name.rsplit("/", 1)[0] + "/" for name, read in entries
-              if name.endswith("/" + CACHEDIR_TAG)
-              and read()[:len(_CACHEDIR_SIGNATURE)] == _CACHEDIR_SIGNATURE]
-    return [(name, read) for name, read in entries if not name.startswith(tuple(caches))]
+    caches = [PurePosixPath(name).parent.parts for name, read in entries
+              if PurePosixPath(name).name == CACHEDIR_TAG
+              and PurePosixPath(name).parent.parts not in ((), (".",))  # not the root's
+              and _is_signature(read)]
+    return [(name, read) for name, read in entries
+            if not any(PurePosixPath(name).parts[:len(cache)] == cache for cache in caches)]
+
+
+def _is_signature(read: Callable[[], bytes]) -> bool:
+    """Whether an archive entry is a cache tag; one that cannot be read is not."""
+    try:
+        return read()[:len(_CACHEDIR_SIGNATURE)] == _CACHEDIR_SIGNATURE
+    except DataError:
+        return False
 
 
 def _is_cachedir_tag(path: Path) -> bool:
@@ -286,7 +296,7 @@ def _is_cachedir_tag(path: Path) -> bool:
 
 # What fer writes into FER_DATA_DIR: a folder holding anything else is not only fer's cache.
 _DATA_DIR_ENTRIES = frozenset({CACHEDIR_TAG, "current.json", "sha256-index.json", ".fetch.lock",
-                               "decoded", "downloads", "sources"})
+                               "decoded", "downloads", "by-content", "sources"})
 
 
 def tag_cache_dir(cache_dir: Path) -> None:

@@ -44,6 +44,7 @@ def _mixed_precision(model) -> bool:
     """Whether any layer computes in a mixed (16-bit) policy, where activations overflow
     sooner than in float32."""
     return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith("mixed")
+               or _mixed_precision(layer)  # an ensemble's members are models in the model
                for layer in getattr(model, "layers", []))
 
 

@@ -134,7 +134,7 @@ def _named_by_content(local: Path, *, source: str) -> Path:
     zip, a gzip (read as a tarball), a tar, else text (read as a CSV; a web page, such as a
     download site's confirmation page, is refused as one). A binary file of another kind
     keeps its name, and the reader names it as unsupported. The links live in a folder of
-    their own, where no fetched file's own name can meet them."""
+    their own beside downloads/, where no fetched file's own name can meet them."""
     with open(local, "rb") as handle:
         head = handle.read(512)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
@@ -143,14 +143,15 @@ def _named_by_content(local: Path, *, source: str) -> Path:
         suffix = ".tar.gz"
     elif head[257:262] == b"ustar":
         suffix = ".tar"
-    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+    elif head.removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith(
+            (b"<!doctype html", b"<html", b"<!--", b"<?xml", b"<head", b"<body")):
         raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
                         "download-confirmation page?); use the file's direct download link")
     elif b"\x00" not in head and not head.startswith((b"BZh", b"\xfd7zXZ")):  # bzip2, xz
         suffix = ".csv"
     else:
         return local
-    typed = local.parent / "by-content" / (local.name + suffix)
+    typed = local.parent.with_name("by-content") / (local.name + suffix)
     if typed.exists() and os.path.samefile(local, typed):
         return typed  # linked when fetched before, unchanged since
     typed.parent.mkdir(exist_ok=True)

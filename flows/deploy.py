@@ -93,11 +93,11 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
     for index, deployment in enumerate(deployments):
         work_pool = deployment.get("work_pool") if isinstance(deployment, dict) else None
         pool = work_pool.get("name") if isinstance(work_pool, dict) else None
-        if not isinstance(deployment, dict) or not deployment.get("name") or not pool \
-                or not isinstance(pool, str):
+        name = deployment.get("name") if isinstance(deployment, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(pool, str) or not pool:
             raise FerError(f"{prefect_file}: deployments[{index}] needs a name and a "
                            "work_pool.name (work_pool: {name: fer})")
-        pools[deployment["name"]] = pool
+        pools[name] = pool
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")
     return pools
@@ -139,7 +139,8 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
             # from a worker's claim (Pending) too: a worker that dies before the run's
             # first heartbeat would otherwise leave it Pending, holding the pool, for ever
             after={"prefect.flow-run.heartbeat", *FLOW_RUN_STARTS},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Running", *FLOW_RUN_ENDS},
+            # (an event in both starts a new window: a retried run's Pending restarts it)
+            expect={"prefect.flow-run.heartbeat", *FLOW_RUN_STARTS, *FLOW_RUN_ENDS},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=ResourceSpecification({"prefect.resource.role": "tag",
                                                  "prefect.resource.id": ["prefect.tag.fer"]}),

@@ -286,6 +286,9 @@ def test_an_archive_of_a_dataset_folder_with_its_data_folder_inside_reads_the_sa
 
     cache = image_tree / "cache"
     load_dataset(image_tree, cache_dir=cache)  # tags it
+    # a tag at the dataset's own root is not a cache inside it, in an archive (`tar -C
+    # folder .` names it ./CACHEDIR.TAG) as in the folder
+    (image_tree / "CACHEDIR.TAG").write_bytes((cache / "CACHEDIR.TAG").read_bytes())
     shutil.copytree(image_tree / "train", cache / "sources" / "x" / "train")
     shutil.copytree(image_tree / "test", cache / "sources" / "x" / "test")
     with tarfile.open(tmp_path / "ds.tar.gz", "w:gz") as archive:

@@ -268,6 +268,8 @@ def test_unknown_deployment_names_are_refused(names, message):
     ("deployments:\n  retrain:\n    work_pool: {name: fer}\n",
      r"`deployments:` must be a list \(each entry `- name: \.\.\.`\), got a dict"),
     ("- deployments\n", r"expected a mapping with a `deployments:` list at the top, got a list"),
+    ("deployments:\n  - name: [a, b]\n    work_pool: {name: fer}\n",
+     r"deployments\[0\] needs a name and a work_pool\.name"),
 ])
 def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
     (tmp_path / PREFECT_FILE).parent.mkdir()

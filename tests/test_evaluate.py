@@ -41,6 +41,25 @@ def test_a_model_that_scores_nan_is_refused_before_any_report_is_written(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_the_hint_to_compute_in_float32_reaches_an_ensembles_members(tmp_path):
+    """An ensemble's members are models inside the saved model: loaded in a mixed precision,
+    they compute in it, and the error for non-finite scores says to try float32 (it had
+    looked at the top-level layers only, which an average keeps in float32)."""
+    from fer.data import Split
+    from fer.errors import NonFiniteScoresError
+    from fer.evaluate import predict_probabilities
+    from fer.models import averaging, get_spec, load_model
+
+    members = [get_spec("default").build() for _ in range(2)]
+    for layer in members[0].layers:
+        layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
+    averaging(members).save(tmp_path / "ensemble.keras")
+    split = Split(images=np.full((2, 48, 48), 128, np.uint8), labels=np.array([3, 4]))
+    with pytest.raises(NonFiniteScoresError, match=r"try --precision float32"):
+        predict_probabilities(load_model(tmp_path / "ensemble.keras", precision="mixed_bfloat16"),
+                              split.images)
+
+
 def test_a_run_whose_model_overflows_in_its_precision_is_scored_in_float32(tmp_path, caplog):
     """A GPU run trains and scores in mixed float16, whose range ends at 65,504: a model whose
     logits pass it scores NaN there. Its hours of training had ended unscored (and a resume

@@ -603,12 +603,14 @@ def test_a_content_named_copy_never_replaces_another_sources_copy(tmp_path, shad
     assert not list(data_dir.rglob("*.part"))
 
 
-def test_a_web_page_in_place_of_a_dataset_is_named_as_one(tmp_path):
+@pytest.mark.parametrize("page", [b"<!DOCTYPE html>\n<html><body>Confirm download</body>",
+                                  b"\xef\xbb\xbf  <!-- login --><html></html>"])
+def test_a_web_page_in_place_of_a_dataset_is_named_as_one(tmp_path, page):
     """A download link that answers with a page (a login, a virus-scan confirmation) had
     been read as a CSV: 'missing column(s) emotion, pixels, Usage'."""
     served = tmp_path / "served"
     served.mkdir()
-    (served / "download").write_text("<!DOCTYPE html>\n<html><body>Confirm download</body>")
+    (served / "download").write_bytes(page)
     with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
                                    directory=str(served))) as base:
         with pytest.raises(DataError, match=rf"^{re.escape(base)}/download\?id=7: the server "
