@@ -91,9 +91,9 @@ def main() -> None:
     peer_throughput = max(results["mini-xception", p][0] for p in precisions)
     peer_latency = min(results["mini-xception", p][1] for p in precisions)
     mine = results["fer", auto]
-    print(f"ratios (fer at auto = {auto} vs the peer at its faster precision): throughput "
-          f"{mine[0] / peer_throughput:.2f}x the peer's; latency {mine[1] / peer_latency:.2f}x "
-          "the peer's lowest")
+    print(f"ratios (fer at auto = {auto} vs the peer's best of each): throughput "
+          f"{mine[0] / peer_throughput:.2f}x the peer's highest; latency "
+          f"{mine[1] / peer_latency:.2f}x the peer's lowest")
 
 
 if __name__ == "__main__":

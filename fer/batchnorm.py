@@ -34,7 +34,7 @@ class Recalibration:
     """What recalibrate_if_better measured and decided."""
 
     kept: bool
-    val_accuracy_before: float
+    val_accuracy_before: float | None  # None: non-finite scores in the training precision
     val_accuracy_after: float | None  # None: the new statistics gave non-finite scores
     seconds: float
 
@@ -42,13 +42,16 @@ class Recalibration:
     def outcome(self) -> str:
         if self.kept:
             return "kept"
+        if self.val_accuracy_before is None:
+            return "not tried (non-finite scores in the training precision)"
         if self.val_accuracy_after is None:
             return "not kept (non-finite scores with the new statistics)"
         return "not kept (validation fell)"
 
     def as_record(self) -> dict:
-        after = self.val_accuracy_after
-        return {"kept": self.kept, "val_accuracy_before": round(self.val_accuracy_before, 4),
+        before, after = self.val_accuracy_before, self.val_accuracy_after
+        return {"kept": self.kept,
+                "val_accuracy_before": None if before is None else round(before, 4),
                 "val_accuracy_after": None if after is None else round(after, 4),
                 "seconds": round(self.seconds, 1)}
 
@@ -123,15 +126,16 @@ def recalibrate_if_better(model: keras.Model, images: np.ndarray, *, validation:
     accuracy does not fall, else put the old ones back."""
     started = time.perf_counter()
     # Scored here, not taken from Keras' history, so that before and after are measured alike.
-    before = float(np.mean(predict_labels(model, validation.images) == validation.labels))
+    before = _accuracy_or_none(model, validation)
+    if before is None:  # the model overflows in its training precision (float16 on a GPU):
+        # nothing to compare with, so it is saved as trained (in float32, where it does not)
+        return Recalibration(kept=False, val_accuracy_before=None, val_accuracy_after=None,
+                             seconds=time.perf_counter() - started)
     norms = _batch_norms(model)
     saved = [(keras.ops.convert_to_numpy(layer.moving_mean),
               keras.ops.convert_to_numpy(layer.moving_variance)) for layer in norms]
     recalibrate(model, images, sample=sample)
-    try:
-        after = float(np.mean(predict_labels(model, validation.images) == validation.labels))
-    except NonFiniteScoresError:  # statistics that overflow this precision: the old ones back
-        after = None
+    after = _accuracy_or_none(model, validation)  # None: the old statistics go back
     kept = after is not None and after >= before
     if not kept:
         for layer, (mean, variance) in zip(norms, saved, strict=True):
@@ -139,3 +143,11 @@ def recalibrate_if_better(model: keras.Model, images: np.ndarray, *, validation:
             layer.moving_variance.assign(variance)
     return Recalibration(kept=kept, val_accuracy_before=before, val_accuracy_after=after,
                          seconds=time.perf_counter() - started)
+
+
+def _accuracy_or_none(model: keras.Model, split: Split) -> float | None:
+    """``model``'s accuracy on ``split``; None where its scores are not finite."""
+    try:
+        return float(np.mean(predict_labels(model, split.images) == split.labels))
+    except NonFiniteScoresError:
+        return None

@@ -281,8 +281,7 @@ class MemberCheckpoint:
         try:
             yield
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # .h5, .npz
-            raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc}); delete "
-                                  f"{self.folder} to train this member again",
+            raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc})",
                                   member_folder=self.folder) from None
 
 

@@ -173,8 +173,35 @@ def read_splits(source: Path) -> dict[str, Split]:
     if name.endswith(ARCHIVE_SUFFIXES):
         with _archive_entries(source) as entries:
             return _splits_of(_without_tagged_caches(entries), source=source, separator="!")
+    suffix = suffix_by_content(source)
+    hint = (f"; its first bytes are a {suffix}'s: name it {source.name}{suffix}, or fetch it "
+            "with `fer fetch-data --source`, which reads a file by its first bytes"
+            if suffix not in (None, WEB_PAGE) else "")
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
-                    "or a folder with train/ and test/)")
+                    f"or a folder with train/ and test/){hint}")
+
+
+WEB_PAGE = "web page"
+
+
+def suffix_by_content(path: Path) -> str | None:
+    """The suffix a file's first bytes say it should have: ".zip", ".tar.gz" (a gzip, which
+    fer reads as a tarball), ".tar", ".csv" for other text; WEB_PAGE for HTML or XML (a
+    download site's page in place of the file); None for another binary kind."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return ".zip"
+    if head.startswith(b"\x1f\x8b"):
+        return ".tar.gz"
+    if head[257:262] == b"ustar":
+        return ".tar"
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith(
+            (b"<!doctype html", b"<html", b"<!--", b"<?xml", b"<head", b"<body")):
+        return WEB_PAGE
+    if b"\x00" not in head and not head.startswith((b"BZh", b"\xfd7zXZ")):  # bzip2, xz
+        return ".csv"
+    return None
 
 
 def _splits_of(entries: list[tuple[str, Callable[[], bytes]]], *, source: Path,
@@ -294,9 +321,17 @@ def _is_cachedir_tag(path: Path) -> bool:
         return False
 
 
-# What fer writes into FER_DATA_DIR: a folder holding anything else is not only fer's cache.
-_DATA_DIR_ENTRIES = frozenset({CACHEDIR_TAG, "current.json", "sha256-index.json", ".fetch.lock",
-                               "decoded", "downloads", "by-content", "sources"})
+# FER_DATA_DIR's layout, named once: fer.fetch writes the first five, this module the rest.
+CURRENT_POINTER = "current.json"  # the dataset `fer fetch-data` made current, and its origin
+FETCH_LOCK = ".fetch.lock"
+DOWNLOADS = "downloads"  # fetched files as they came
+BY_CONTENT = "by-content"  # links to fetched files under a name that says their kind
+SOURCES = "sources"  # unpacked archives and CSVs, by sha256
+DECODED = "decoded"  # decoded arrays (.npz), by the source's sha256
+HASH_MEMO = "sha256-index.json"
+# a folder holding anything else is not only fer's cache
+_DATA_DIR_ENTRIES = frozenset({CACHEDIR_TAG, CURRENT_POINTER, FETCH_LOCK, DOWNLOADS, BY_CONTENT,
+                               SOURCES, DECODED, HASH_MEMO})
 
 
 def tag_cache_dir(cache_dir: Path) -> None:
@@ -516,7 +551,7 @@ def file_sha256(path: Path) -> str:
 def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
     stamp = stat_stamp(source, change_time=True)
-    index_path = cache_dir / "sha256-index.json" if cache_dir else None
+    index_path = cache_dir / HASH_MEMO if cache_dir else None
     index = read_json(index_path) if index_path else {}
     key = str(source.resolve())
     memo = index.get(key, {})
@@ -561,7 +596,7 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
 
 
 def _cache_path(cache_dir: Path, digest: str) -> Path:
-    return cache_dir / "decoded" / f"{digest}.v{CACHE_FORMAT}.npz"
+    return cache_dir / DECODED / f"{digest}.v{CACHE_FORMAT}.npz"
 
 
 def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:

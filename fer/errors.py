@@ -59,6 +59,8 @@ class CheckpointError(FerError):
     checkpoint folder at fault, which a Prefect retry deletes to train that member again
     (the members that finished are kept); None: the retry trains the run anew."""
 
-    def __init__(self, message: str, *, member_folder: Path | None = None):
-        super().__init__(message)
+    def __init__(self, problem: str, *, member_folder: Path | None = None):
+        remedy = f"; delete {member_folder} to train this member again" if member_folder else ""
+        super().__init__(problem + remedy)
+        self.problem = problem  # without the remedy, for a retry that applies it itself
         self.member_folder = member_folder

@@ -23,12 +23,19 @@ from pathlib import Path, PurePosixPath
 
 from fer.data import (
     ARCHIVE_SUFFIXES,
+    BY_CONTENT,
+    CURRENT_POINTER,
+    DOWNLOADS,
+    FETCH_LOCK,
+    SOURCES,
+    WEB_PAGE,
     dataset_root,
     file_sha256,
     is_archive,
     load_dataset,
     safe_extract,
     stat_stamp,
+    suffix_by_content,
     tag_cache_dir,
 )
 from fer.errors import DataError, FerError, StorageError
@@ -38,7 +45,6 @@ from fer.manifest import read_json, write_json
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
 
-CURRENT_POINTER = "current.json"
 # 4xx answers that may pass by themselves (a request timeout, too many requests); the other
 # 4xx (not found, forbidden, ...) will not, and retrying them only delays the failure.
 PASSING_HTTP_ERRORS = frozenset({408, 429})
@@ -83,7 +89,7 @@ def data_dir_lock(data_dir: Path):
     work done."""
     data_dir.mkdir(parents=True, exist_ok=True)
     tag_cache_dir(data_dir)
-    with taking_turns(data_dir / ".fetch.lock",
+    with taking_turns(data_dir / FETCH_LOCK,
                       waiting=f"another fer is fetching into {data_dir}; waiting for it",
                       unprotected="fetching without taking turns"):
         yield
@@ -94,7 +100,7 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
     obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     local = obtained
     if obtained.is_file() and not obtained.name.lower().endswith((".csv", *ARCHIVE_SUFFIXES)):
-        local = _named_by_content(obtained, source=source)
+        local = _named_by_content(obtained, source=source, data_dir=data_dir)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():
         if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
@@ -128,30 +134,20 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
     return fetched
 
 
-def _named_by_content(local: Path, *, source: str) -> Path:
+def _named_by_content(local: Path, *, source: str, data_dir: Path) -> Path:
     """A fetched file whose name says nothing of its kind (`https://host/download?id=7`, an
     S3 key without an extension), linked under a name that does, from its first bytes: a
     zip, a gzip (read as a tarball), a tar, else text (read as a CSV; a web page, such as a
     download site's confirmation page, is refused as one). A binary file of another kind
     keeps its name, and the reader names it as unsupported. The links live in a folder of
-    their own beside downloads/, where no fetched file's own name can meet them."""
-    with open(local, "rb") as handle:
-        head = handle.read(512)
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        suffix = ".zip"
-    elif head.startswith(b"\x1f\x8b"):
-        suffix = ".tar.gz"
-    elif head[257:262] == b"ustar":
-        suffix = ".tar"
-    elif head.removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith(
-            (b"<!doctype html", b"<html", b"<!--", b"<?xml", b"<head", b"<body")):
+    their own (FER_DATA_DIR/by-content), where no fetched file's own name can meet them."""
+    suffix = suffix_by_content(local)
+    if suffix == WEB_PAGE:
         raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
                         "download-confirmation page?); use the file's direct download link")
-    elif b"\x00" not in head and not head.startswith((b"BZh", b"\xfd7zXZ")):  # bzip2, xz
-        suffix = ".csv"
-    else:
+    if suffix is None:
         return local
-    typed = local.parent.with_name("by-content") / (local.name + suffix)
+    typed = data_dir / BY_CONTENT / (local.name + suffix)
     if typed.exists() and os.path.samefile(local, typed):
         return typed  # linked when fetched before, unchanged since
     typed.parent.mkdir(exist_ok=True)
@@ -271,7 +267,7 @@ def _source_stamp_path(copy: Path) -> Path:
 def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
             progress: Progress | None) -> Path:
     """A local copy of the source file (folders are used where they are)."""
-    downloads = data_dir / "downloads"
+    downloads = data_dir / DOWNLOADS
     downloads.mkdir(parents=True, exist_ok=True)
     scheme = _scheme(source)
     if scheme in ("http", "https"):
@@ -451,7 +447,7 @@ def _content_addressed(local: Path, *, data_dir: Path, digest: str) -> Path:
     """A fetched CSV under ``sources/<its sha256>/``, like an unpacked archive: a newer
     download of the same URL (or a new copy of an edited file) then never changes the file
     that the current dataset and earlier runs' records name."""
-    target = data_dir / "sources" / digest[:16] / local.name
+    target = data_dir / SOURCES / digest[:16] / local.name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         _place_copy(local, target)
@@ -484,7 +480,7 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
 
 
 def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
-    return data_dir / "sources" / (digest or archive.stem)[:16]
+    return data_dir / SOURCES / (digest or archive.stem)[:16]
 
 
 def _dataset_root(folder: Path, *, archive: Path) -> Path:

@@ -316,10 +316,13 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
     recalibration = (recalibrate_if_better(model, dataset.train.images, validation=dataset.validation)
                      if spec.recalibrate_batch_norm else None)
     if recalibration is not None:
-        after = recalibration.val_accuracy_after
-        log.info("batch-norm statistics recomputed from un-augmented training images: "
-                 "validation accuracy %.4f -> %s, %s", recalibration.val_accuracy_before,
-                 "none" if after is None else f"{after:.4f}", recalibration.outcome)
+        before, after = recalibration.val_accuracy_before, recalibration.val_accuracy_after
+        if before is None:
+            log.warning("batch-norm statistics: %s", recalibration.outcome)
+        else:
+            log.info("batch-norm statistics recomputed from un-augmented training images: "
+                     "validation accuracy %.4f -> %s, %s", before,
+                     "none" if after is None else f"{after:.4f}", recalibration.outcome)
         progress.batch_norm_recalibration = recalibration.as_record()
     progress.wall_seconds = wall_before + time.perf_counter() - started
     checkpoint.save_final(model, progress)

@@ -116,9 +116,9 @@ def ensure_work_pool(name: str, *, concurrency_limit: int | None) -> None:
 
 def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
     """Create or update the automation that marks a fer flow run Crashed once no heartbeat,
-    and no end of the run, came for ``crash_after_s`` seconds after its last heartbeat, or
-    after a worker took it (Pending) or it started (None: as the automation has it, or
-    DEFAULT_CRASH_AFTER_S for a new one).
+    and no end of the run, came for ``crash_after_s`` seconds (None: as the automation has
+    it, or DEFAULT_CRASH_AFTER_S for a new one) after its last heartbeat, or after a worker
+    took it (Pending) or it started.
 
     Prefect's server has no such rule of its own (Prefect documents this automation under
     "detect zombie flows"): a run whose worker died with it stays Running, and the pool,

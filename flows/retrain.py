@@ -196,8 +196,8 @@ def _continue(run_dir: Path, dataset, *, resume_flags: str = "") -> Path:
         except CheckpointError as exc:  # else every retry would fail the same way
             if exc.member_folder is None:
                 raise _TrainAgain(f"its checkpoint cannot be continued ({exc})") from None
-            get_run_logger().warning("%s; training that member again (the members that "
-                                     "finished are kept)", exc)
+            get_run_logger().warning("%s; training that member again from its start (the "
+                                     "members that finished are kept)", exc.problem)
             shutil.rmtree(exc.member_folder)
     raise _TrainAgain("none of its members' checkpoints could be continued")
 

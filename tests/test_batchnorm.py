@@ -134,6 +134,28 @@ def test_new_statistics_that_give_non_finite_scores_are_put_back(monkeypatch):
         np.testing.assert_array_equal(moving(layer)[1], variance)
 
 
+def test_a_model_whose_scores_are_not_finite_is_left_as_trained():
+    """A model that overflows in its training precision scores validation NaN before any
+    recalibration (float16 on a GPU): there is nothing to compare with, so its statistics
+    stay as trained and the training goes on to save it, instead of failing after the last
+    epoch, which a resume would repeat."""
+    model = small_model()
+    validation = validation_labelled_by(model, faces(60, seed=2))
+    for layer in norms(model):
+        layer.moving_variance.assign(np.zeros(layer.moving_variance.shape, np.float32))
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, -3e38, np.float32))
+    before = [moving(layer) for layer in norms(model)]
+
+    result = recalibrate_if_better(model, faces(60, seed=3), validation=validation)
+
+    assert not result.kept and result.val_accuracy_before is None
+    assert result.outcome == "not tried (non-finite scores in the training precision)"
+    assert result.as_record()["val_accuracy_before"] is None
+    for layer, (mean, variance) in zip(norms(model), before, strict=True):
+        np.testing.assert_array_equal(moving(layer)[0], mean)
+        np.testing.assert_array_equal(moving(layer)[1], variance)
+
+
 @pytest.mark.parametrize("name, recalibrates", [("default", True), ("default-pca", True),
                                                  ("wide-full-res", True), ("seed", False),
                                                  ("mini-xception", False)])

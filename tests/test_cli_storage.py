@@ -70,8 +70,9 @@ def test_publish_list_show_get(tmp_path, storage_env):
 
 def test_a_download_that_cannot_be_written_blames_the_destination(tmp_path, storage_env):
     """`fer reports get` into a destination that cannot take a file (full, read-only; here
-    a folder holds the file's name): one line naming the file and --dest, from either kind
-    of store (S3's had been a traceback; the folder store's blamed the store)."""
+    a folder holds the file's final name, so the downloaded copy cannot be put in place):
+    one line naming the file and --dest, from either kind of store, and no partial copy
+    left. (A download that cannot write its partial copy: test_storage.)"""
     run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
     assert run_fer("publish", run, env=storage_env).returncode == 0
     (tmp_path / "down" / run.name / "model.keras").mkdir(parents=True)

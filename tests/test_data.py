@@ -297,6 +297,18 @@ def test_an_archive_of_a_dataset_folder_with_its_data_folder_inside_reads_the_sa
     assert {k: len(v) for k, v in packed.items()} == {k: len(v) for k, v in folder.items()}
 
 
+def test_a_file_without_a_suffix_is_refused_with_what_its_bytes_say(tmp_path, image_tree):
+    """`--data ./fer2013`, a zip saved without its suffix: the refusal says what the file is
+    and the two ways to read it."""
+    from conftest import zip_folder
+
+    archive = zip_folder(image_tree, tmp_path / "fer2013")
+    with pytest.raises(DataError, match=r"unsupported source type .*; its first bytes are a "
+                                        r"\.zip's: name it fer2013\.zip, or fetch it with "
+                                        r"`fer fetch-data --source`"):
+        load_dataset(archive)
+
+
 def test_a_data_folder_holding_other_files_is_not_tagged_a_cache(tmp_path, image_tree):
     """FER_DATA_DIR pointed at a folder of the user's own (`/mnt/datasets`): tagging it
     would drop their data from every backup that honours CACHEDIR.TAG. Only a folder that

@@ -52,6 +52,16 @@ def test_both_backends_have_every_method_the_interface_declares():
 
 
 
+def test_a_download_that_cannot_write_locally_raises_the_os_error(store, tmp_path):
+    """Both stores let a local write failure through as the OSError it is, which `fer
+    reports get` words as its --dest's (S3's had been a botocore traceback; the folder
+    store's had blamed the store)."""
+    store.put_bytes("runs/a/x.txt", b"x")
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(OSError):
+        store.download("runs/a/x.txt", tmp_path / "a-file" / "x.txt.part")
+
+
 def test_a_conditional_write_lands_only_on_the_version_it_read(store):
     """put_bytes_if writes when the object is still as read (absent, or the version
     get_versioned gave) and refuses, writing nothing, once another writer changed it."""
