@@ -71,6 +71,19 @@ def test_a_sample_is_spread_over_the_images_not_taken_from_the_front():
     assert not np.allclose(sampled_mean, front_mean, atol=1e-3)
 
 
+def overflow(model: keras.Model) -> None:
+    """Statistics that send every activation past float32's range: NaN scores."""
+    for layer in norms(model):
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, -3e38, np.float32))
+        layer.moving_variance.assign(np.zeros(layer.moving_variance.shape, np.float32))
+
+
+def assert_statistics_are(model: keras.Model, expected: list) -> None:
+    for layer, (mean, variance) in zip(norms(model), expected, strict=True):
+        np.testing.assert_array_equal(moving(layer)[0], mean)
+        np.testing.assert_array_equal(moving(layer)[1], variance)
+
+
 def validation_labelled_by(model: keras.Model, images: np.ndarray) -> Split:
     return Split(images=images, labels=predict_labels(model, images))
 
@@ -86,9 +99,7 @@ def test_new_statistics_are_put_back_when_validation_accuracy_falls():
 
     assert result.val_accuracy_before == 1.0 and result.val_accuracy_after < 1.0
     assert not result.kept
-    for layer, (mean, variance) in zip(norms(model), before, strict=True):
-        np.testing.assert_array_equal(moving(layer)[0], mean)
-        np.testing.assert_array_equal(moving(layer)[1], variance)
+    assert_statistics_are(model, before)
     assert result.as_record()["kept"] is False
 
 
@@ -115,9 +126,7 @@ def test_new_statistics_that_give_non_finite_scores_are_put_back(monkeypatch):
     import fer.batchnorm
 
     def overflowing(model, images, **options):
-        for layer in norms(model):
-            layer.moving_mean.assign(np.full(layer.moving_mean.shape, -3e38, np.float32))
-            layer.moving_variance.assign(np.zeros(layer.moving_variance.shape, np.float32))
+        overflow(model)
 
     model = small_model()
     validation = validation_labelled_by(model, faces(60, seed=2))
@@ -129,9 +138,7 @@ def test_new_statistics_that_give_non_finite_scores_are_put_back(monkeypatch):
     assert not result.kept and result.val_accuracy_after is None
     assert result.outcome == "not kept (non-finite scores with the new statistics)"
     assert result.as_record()["val_accuracy_after"] is None
-    for layer, (mean, variance) in zip(norms(model), before, strict=True):
-        np.testing.assert_array_equal(moving(layer)[0], mean)
-        np.testing.assert_array_equal(moving(layer)[1], variance)
+    assert_statistics_are(model, before)
 
 
 def test_a_model_whose_scores_are_not_finite_is_left_as_trained():
@@ -141,9 +148,7 @@ def test_a_model_whose_scores_are_not_finite_is_left_as_trained():
     epoch, which a resume would repeat."""
     model = small_model()
     validation = validation_labelled_by(model, faces(60, seed=2))
-    for layer in norms(model):
-        layer.moving_variance.assign(np.zeros(layer.moving_variance.shape, np.float32))
-        layer.moving_mean.assign(np.full(layer.moving_mean.shape, -3e38, np.float32))
+    overflow(model)
     before = [moving(layer) for layer in norms(model)]
 
     result = recalibrate_if_better(model, faces(60, seed=3), validation=validation)
@@ -151,9 +156,7 @@ def test_a_model_whose_scores_are_not_finite_is_left_as_trained():
     assert not result.kept and result.val_accuracy_before is None
     assert result.outcome == "not tried (non-finite scores in the training precision)"
     assert result.as_record()["val_accuracy_before"] is None
-    for layer, (mean, variance) in zip(norms(model), before, strict=True):
-        np.testing.assert_array_equal(moving(layer)[0], mean)
-        np.testing.assert_array_equal(moving(layer)[1], variance)
+    assert_statistics_are(model, before)
 
 
 @pytest.mark.parametrize("name, recalibrates", [("default", True), ("default-pca", True),
