@@ -285,7 +285,7 @@ def _data_files(root: Path) -> list[Path]:
     otherwise change the folder's sha256 with every decode cache and memo fer writes."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     caches = [p.parent for p in files
-              if p.name == CACHEDIR_TAG and p.parent != root and _is_cachedir_tag(p)]
+              if p.name == CACHEDIR_TAG and p.parent != root and _is_cachedir_tag(p.read_bytes)]
     return [p for p in files if not any(cache in p.parents for cache in caches)]
 
 
@@ -300,24 +300,16 @@ def _without_tagged_caches(entries: list[tuple[str, Callable[[], bytes]]]
     caches = [PurePosixPath(name).parent.parts for name, read in entries
               if PurePosixPath(name).name == CACHEDIR_TAG
               and PurePosixPath(name).parent.parts not in ((), (".",))  # not the root's
-              and _is_signature(read)]
+              and _is_cachedir_tag(read)]
     return [(name, read) for name, read in entries
             if not any(PurePosixPath(name).parts[:len(cache)] == cache for cache in caches)]
 
 
-def _is_signature(read: Callable[[], bytes]) -> bool:
-    """Whether an archive entry is a cache tag; one that cannot be read is not."""
+def _is_cachedir_tag(read: Callable[[], bytes]) -> bool:
+    """Whether a file (its reader) is a cache tag; one that cannot be read is not."""
     try:
         return read()[:len(_CACHEDIR_SIGNATURE)] == _CACHEDIR_SIGNATURE
-    except DataError:
-        return False
-
-
-def _is_cachedir_tag(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(len(_CACHEDIR_SIGNATURE)) == _CACHEDIR_SIGNATURE
-    except OSError:
+    except (OSError, DataError):  # a folder's file, an archive's entry
         return False
 
 
@@ -467,9 +459,8 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
             continue
         # A file without an image's suffix is read if it decodes (images were, before) and
         # otherwise not counted as one (a desktop.ini, a :Zone.Identifier, src/train/x.py).
-        named_as_image = _is_layout_image(parts)
-        pixels = None if named_as_image else decode_grayscale(read())
-        if pixels is None and not named_as_image:
+        pixels = decode_grayscale(read())
+        if pixels is None and not parts[-1].lower().endswith(IMAGE_SUFFIXES):
             skipped.append(name)
             continue
         split, class_folder = parts[-3].lower(), parts[-2].lower()
@@ -483,7 +474,6 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         if class_folder not in CLASS_INDEX:
             raise DataError(f"{origin}: entry '{name}' is in unknown class folder "
                             f"'{parts[-2]}' (expected one of {', '.join(sorted(CLASS_NAMES))})")
-        pixels = decode_grayscale(read()) if pixels is None else pixels
         if pixels is None:
             raise DataError(f"{origin}: entry '{name}' is {UNDECODABLE}")
         images[split].append(to_model_input(pixels))

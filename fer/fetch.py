@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from fer.data import (
-    ARCHIVE_SUFFIXES,
     BY_CONTENT,
     CURRENT_POINTER,
     DOWNLOADS,
@@ -99,7 +98,7 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
            progress: Progress | None, make_current: bool) -> FetchedSource:
     obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
     local = obtained
-    if obtained.is_file() and not obtained.name.lower().endswith((".csv", *ARCHIVE_SUFFIXES)):
+    if obtained.is_file() and not (obtained.name.lower().endswith(".csv") or is_archive(obtained)):
         local = _named_by_content(obtained, source=source, data_dir=data_dir)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():

@@ -172,6 +172,9 @@ def local_errors(verb: str, path: Path, *, folder: str = "the storage folder") -
         ) from exc
 
 
+_MISSING_CODES = {"NoSuchKey", "404"}  # an object that is not there (GET, HEAD)
+
+
 class S3Store:
     """Runs in an S3 bucket (AWS, MinIO, SeaweedFS) under a key prefix.
 
@@ -286,7 +289,7 @@ class S3Store:
         try:
             return call(Bucket=self.bucket, Key=self._key(key))
         except bce.ClientError as exc:
-            if _error_code(exc) in {"NoSuchKey", "404"}:
+            if _error_code(exc) in _MISSING_CODES:
                 return None
             raise
 
@@ -296,7 +299,7 @@ class S3Store:
                 self._client.download_file(self.bucket, self._key(key), str(dest),
                                            Config=_transfer_config())
             except bce.ClientError as exc:
-                if _error_code(exc) in {"NoSuchKey", "404"}:
+                if _error_code(exc) in _MISSING_CODES:
                     raise MissingObjectError(f"{self.url(key)} is not in the store") from None
                 raise
 

@@ -91,9 +91,9 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
                        f"...`), got a {type(deployments).__name__}")
     pools = {}
     for index, deployment in enumerate(deployments):
-        work_pool = deployment.get("work_pool") if isinstance(deployment, dict) else None
+        fields = deployment if isinstance(deployment, dict) else {}
+        work_pool, name = fields.get("work_pool"), fields.get("name")
         pool = work_pool.get("name") if isinstance(work_pool, dict) else None
-        name = deployment.get("name") if isinstance(deployment, dict) else None
         if not isinstance(name, str) or not name or not isinstance(pool, str) or not pool:
             raise FerError(f"{prefect_file}: deployments[{index}] needs a name and a "
                            "work_pool.name (work_pool: {name: fer})")
