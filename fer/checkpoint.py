@@ -250,8 +250,9 @@ class MemberCheckpoint:
         """After an epoch: its weights (and the best epoch's, when it is the best), then the
         record that names them, so a stop between two writes leaves the last epoch whole."""
         progress.weights_file = f"epoch-{progress.epochs_done}.weights.h5"
-        model.save_weights(self.folder / progress.weights_file)
-        _flush(self.folder / progress.weights_file)
+        with _writing(self.folder / progress.weights_file):
+            model.save_weights(self.folder / progress.weights_file)
+            _flush(self.folder / progress.weights_file)
         progress.random_states = [np.asarray(v).tolist() for v in _random_states(model)]
         if best_weights is not None and progress.best_epoch == progress.epochs_done:
             progress.best_file = f"best-{progress.best_epoch}.npz"
@@ -265,7 +266,8 @@ class MemberCheckpoint:
         self._commit(progress)
 
     def _commit(self, progress: MemberProgress) -> None:
-        write_json(self._state, dataclasses.asdict(progress))
+        with _writing(self._state):
+            write_json(self._state, dataclasses.asdict(progress))
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
             if path.name not in keep:
@@ -292,8 +294,20 @@ def _random_states(model: keras.Model) -> list:
 
 
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
-    np.savez(path, *arrays)
-    _flush(path)
+    with _writing(path):
+        np.savez(path, *arrays)
+        _flush(path)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A checkpoint write that fails (a full disk) as an OSError naming the file and the
+    cause in a line: h5py's and numpy's name neither (h5py's is a multi-line dump)."""
+    try:
+        yield
+    except OSError as exc:
+        cause = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
+        raise OSError(exc.errno, cause, str(path)) from None
 
 
 def _flush(path: Path) -> None:

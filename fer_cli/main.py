@@ -250,7 +250,7 @@ def train(
     if not publish and not remote:
         _check_publish_options(ctx)
     if resume is not None:
-        _check_resume_alone(ctx, remote=remote)
+        _check_resume_alone(ctx, remote=remote, publish=publish)
     else:
         options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                    learning_rate=learning_rate, tta=tta, ensemble=ensemble)
@@ -278,9 +278,14 @@ def train(
 
     flags = (publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
                            force_champion=force_champion) if publish else "")
-    result = (_resume_locally(resume, settings=settings, resume_flags=flags)
-              if resume is not None
-              else _train_locally(config, data=data, settings=settings, resume_flags=flags))
+    try:
+        result = (_resume_locally(resume, settings=settings, resume_flags=flags)
+                  if resume is not None
+                  else _train_locally(config, data=data, settings=settings, resume_flags=flags))
+    except OSError as exc:  # a full disk at a checkpoint: the log has named the resume command
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise FerError(f"training stopped: {where}{exc.strerror or exc}; make room (or fix "
+                       "the cause), then resume it as logged above") from None
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "
                f"macro-F1 {metrics['macro_f1']:.4f}, "
@@ -315,7 +320,7 @@ def _check_publish_options(ctx: typer.Context) -> None:
                                  param_hint="--publish")
 
 
-def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
+def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool) -> None:
     given = [name for name in RECORDED_OPTIONS if _given(ctx, name)]
     if remote:
         given.append("remote")
@@ -323,6 +328,10 @@ def _check_resume_alone(ctx: typer.Context, *, remote: bool) -> None:
         named = ", ".join("--" + name.replace("_", "-") for name in given)
         raise typer.BadParameter(f"takes the options and data the run recorded; leave out "
                                  f"{named}", param_hint="--resume")
+    if not publish and _given(ctx, "endpoint_url"):  # it reaches S3 for --data or --publish
+        raise typer.BadParameter("a resumed run reads the local copy of the data it recorded; "
+                                 "the endpoint would only serve --publish",
+                                 param_hint="--endpoint-url")
 
 
 def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_champion: bool,

@@ -300,6 +300,13 @@ def test_resume_takes_no_options_of_its_own(tmp_path):
     assert "leave out --epochs, --seed" in " ".join(result.stderr.split())
 
 
+def test_resume_refuses_an_endpoint_it_would_not_use(tmp_path):
+    """A resumed run reads the local copy of its data, so --endpoint-url only serves
+    --publish; without it the option would be accepted and ignored."""
+    result = run_fer("train", "--resume", tmp_path, "--endpoint-url", "http://127.0.0.1:9")
+    assert "the endpoint would only serve --publish" in usage_error(result)
+
+
 @pytest.mark.parametrize(("command", "problem"), [
     (["train", "--out", "{file}"], r"--out .*taken: .*taken is a file, not a folder"),
     (["evaluate", "--model", "{file}", "--out", "{file}/reports"],
@@ -416,6 +423,35 @@ def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, mo
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_at_epochs"] == {"member 1": [1]}
     assert manifest["data"]["source"] == str(fer_subset)
+
+
+@pytest.mark.integration
+def test_a_full_disk_at_a_checkpoint_is_one_error_line_and_the_run_resumes(tmp_path, data_dir,
+                                                                            fer_subset):
+    """A write limit the weights file exceeds (as a full disk would refuse it; h5py's error is
+    a multi-line dump without the file's name): the error line names the checkpoint file and
+    the cause, the log names the resume command, no traceback; with room again, the resume
+    finishes the run."""
+    import resource
+
+    def one_megabyte_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    stopped = subprocess.run(
+        [*FER, "train", "--epochs", "2", "--batch-size", "32", "--data", str(fer_subset),
+         "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=600,
+        env=os.environ, preexec_fn=one_megabyte_files, check=False)
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert stopped.returncode == 1, stopped.stderr
+    assert "Traceback" not in stopped.stderr + stopped.stdout
+    assert f"`fer train --resume {run_dir}` continues it" in stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: training stopped: {re.escape(str(run_dir))}/checkpoint/\S+"
+                        r"\.weights\.h5: File too large; make room .*", last), last
+    resumed = run_fer("train", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
 
 
 @pytest.mark.integration

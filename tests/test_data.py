@@ -344,6 +344,21 @@ def test_test_only_source_can_be_loaded_for_evaluation(tmp_path):
     assert dataset.train is None and len(dataset.test) == 21
 
 
+def test_another_val_fraction_for_a_source_with_its_own_validation_is_a_warning(shaded_csv,
+                                                                                 caplog):
+    """A CSV with PrivateTest rows brings its validation split (PublicTest): a --val-fraction
+    asked of it cannot be honoured, and the user is told instead of left to assume it was."""
+    with caplog.at_level("WARNING", logger="fer.data"):
+        dataset = load_dataset(shaded_csv, val_fraction=0.2)
+    assert dataset.validation_origin == "source" and len(dataset.validation) == 21
+    assert caplog.messages == [f"{shaded_csv}: validation is the source's own split (the CSV's "
+                               "PublicTest rows); --val-fraction 0.2 is not used"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fer.data"):
+        load_dataset(shaded_csv)
+    assert caplog.messages == []
+
+
 def test_validation_split_is_stratified_and_seeded():
     """Same seed -> same split; each class keeps its share; different seed -> different split."""
     labels = np.repeat(np.arange(7), [100, 10, 100, 200, 100, 80, 120])

@@ -89,3 +89,34 @@ def test_a_run_whose_model_overflows_in_its_precision_is_scored_in_float32(tmp_p
                                                    r"--precision float32\)"):  # in float16 it does
         predict_probabilities(load_model(tmp_path / "model.keras", precision="mixed_float16"),
                               split.images)
+
+
+def test_a_class_the_split_lacks_is_left_out_of_macro_f1_not_scored_zero(tmp_path, caplog):
+    """A test split without disgust images: macro-F1 averages the six classes it has and
+    disgust's recall is null, not 0 (which read as a failed class and cut macro-F1 by 1/7);
+    a wrong disgust prediction still costs the true class its recall."""
+    from fer.evaluate import write_reports
+
+    true = np.array([0, 0, 2, 3, 4, 5, 6, 6])
+    predicted = np.array([0, 1, 2, 3, 4, 5, 6, 6])  # one angry image called disgust
+    with caplog.at_level("WARNING", logger="fer.evaluate"):
+        metrics = write_reports(true, predicted, out_dir=tmp_path)
+    assert metrics["per_class_recall"]["disgust"] is None
+    assert metrics["per_class_recall"]["angry"] == 0.5
+    assert metrics["per_class_support"]["disgust"] == 0
+    angry_f1 = 2 * 1.0 * 0.5 / 1.5
+    assert metrics["macro_f1"] == round((angry_f1 + 5) / 6, 4)
+    assert "disgust" not in (tmp_path / "classification_report.txt").read_text()
+    assert caplog.messages == ["the split has no images of disgust: left out of the report and "
+                               "macro-F1 (recall null)"]
+
+
+def test_a_split_with_every_class_keeps_every_row(tmp_path):
+    """The usual case: seven rows, a class never predicted counts as F1 0 in macro-F1."""
+    from fer.evaluate import write_reports
+
+    true = np.arange(7)
+    predicted = np.array([0, 0, 2, 3, 4, 5, 6])  # disgust never predicted
+    metrics = write_reports(true, predicted, out_dir=tmp_path)
+    assert metrics["per_class_recall"]["disgust"] == 0.0
+    assert metrics["macro_f1"] == round((2 / 3 + 0 + 5) / 7, 4)
