@@ -59,6 +59,7 @@ class RunRecord:
     started_by: str | None = None  # e.g. "prefect flow run <id>": a retry of it resumes the run
     precision_reason: str | None = None  # why that precision (None in an older fer's record)
     data_origin: str | None = None  # the source as the user named it (a URL, an s3:// key)
+    recipe: dict | None = None  # fer.models.ModelSpec.recipe (None in an older fer's record)
 
 
 def start_run(run: RunRecord) -> None:
@@ -71,7 +72,7 @@ def start_run(run: RunRecord) -> None:
               "data": {"source": run.data_source, "sha256": run.data_sha256,
                        "origin": run.data_origin},
               "git_commit": run.git_commit, "started_by": run.started_by,
-              "precision_reason": run.precision_reason}
+              "precision_reason": run.precision_reason, "recipe": run.recipe}
     write_json(folder / RUN_RECORD, record)
 
 
@@ -94,7 +95,8 @@ def read_run(run_dir: Path) -> RunRecord:
                          git_commit=record.get("git_commit"),
                          started_by=record.get("started_by"),
                          precision_reason=record.get("precision_reason"),
-                         data_origin=record["data"].get("origin"))
+                         data_origin=record["data"].get("origin"),
+                         recipe=record.get("recipe"))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
 

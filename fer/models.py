@@ -8,6 +8,8 @@ correctly. Augmentation layers are active only in training.
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -254,6 +256,21 @@ class ModelSpec:
         """Set what this recipe takes from the training images before fitting (first_conv)."""
         if self.first_conv == "pca":
             pca_first_conv(model, train_images)
+
+    def recipe(self) -> dict:
+        """How this entry builds and trains its model, as JSON values (the builder's options
+        with their defaults; the optimiser settings but the learning rate, which a run records
+        itself). A run records it, so that a resume under a fer whose entry has changed since
+        (dropout, augmentation, weight decay...) is refused instead of training the rest of
+        the run another way."""
+        options = {name: parameter.default
+                   for name, parameter in inspect.signature(self.build).parameters.items()
+                   if parameter.default is not inspect.Parameter.empty}
+        recipe = {"build": options, "optimizer": self.optimizer,
+                  "label_smoothing": self.label_smoothing, "weight_decay": self.weight_decay,
+                  "class_weighting": self.class_weighting, "first_conv": self.first_conv,
+                  "recalibrate_batch_norm": self.recalibrate_batch_norm}
+        return json.loads(json.dumps(recipe, default=lambda value: value.__qualname__))
 
 
 def _finish(inputs, logits, *, name: str) -> keras.Model:

@@ -30,7 +30,7 @@ from fer.checkpoint import (
 )
 from fer.config import MAX_BATCH_SIZE, TrainConfig
 from fer.data import Dataset, Split, check_val_fraction
-from fer.errors import FerError
+from fer.errors import CheckpointError, FerError
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
@@ -130,7 +130,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     _check_config(config, dataset)
     spec = get_spec(config.model)
     run, why = (_new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
-                if resume is None else _resumed_run(resume, dataset))
+                if resume is None else _resumed_run(resume, dataset, spec))
     with training_lock(run.run_dir):
         return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
                             verbose=verbose, resume_flags=resume_flags)
@@ -215,7 +215,8 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
         git_commit=git_commit(),  # the code that trains, not whatever is checked out hours later
-        started_by=started_by, precision_reason=why, data_origin=data_origin)
+        started_by=started_by, precision_reason=why, data_origin=data_origin,
+        recipe=spec.recipe())
     try:
         run.run_dir.mkdir(parents=True, exist_ok=False)
     except OSError as exc:  # a worker's --out it cannot write, say
@@ -230,17 +231,35 @@ def _absolute(source: str) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
 
-def _resumed_run(run: RunRecord, dataset: Dataset) -> tuple[RunRecord, str]:
-    """The stopped run, checked against the data it is resumed on; its recorded precision."""
+def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec) -> tuple[RunRecord, str]:
+    """The stopped run, checked against the data it is resumed on and against how this fer
+    trains its model; its recorded precision."""
     if dataset.sha256 != run.data_sha256:
         raise FerError(f"{run.run_dir}: the run trained on data with sha256 "
                        f"{run.data_sha256[:12]}..., but {dataset.source} has "
                        f"{dataset.sha256[:12]}... now; it can only resume on the data it began with")
     commit = git_commit()
+    changed = _recipe_changes(run.recipe, spec.recipe()) if run.recipe is not None else []
+    if changed:  # a CheckpointError: a Prefect retry trains the run anew
+        began = f" (commit {run.git_commit})" if run.git_commit else ""
+        raise CheckpointError(f"{run.run_dir}: model '{spec.name}' trains differently in this "
+                              f"fer than when the run began ({'; '.join(changed)}); resume it "
+                              f"with the fer that began it{began}, or train it anew")
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
     return run, "as the run started"
+
+
+def _recipe_changes(began: dict, now: dict) -> list[str]:
+    """'name: then -> now' for each setting of a recipe that differs (the builder's options
+    by their own names)."""
+    def flat(recipe: dict) -> dict:
+        return {**recipe.get("build", {}), **{k: v for k, v in recipe.items() if k != "build"}}
+
+    then, current = flat(began), flat(now)
+    return [f"{name}: {then.get(name)} -> {current.get(name)}"
+            for name in sorted(then.keys() | current.keys()) if then.get(name) != current.get(name)]
 
 
 def _save_model(members: list[Member], run_dir: Path, *, precision: str,

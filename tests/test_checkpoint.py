@@ -151,6 +151,35 @@ def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, tiny_dataset, 
         train(other, config, verbose=0, resume=read_run(run_dir))
 
 
+def test_a_run_resumes_only_with_the_recipe_it_began_with(tmp_path, tiny_dataset, monkeypatch):
+    """A run stopped, then fer upgraded with another dropout and weight decay for its model:
+    the weights still fit, so only the recorded recipe can tell; the resume is refused with
+    what changed (a CheckpointError: a Prefect retry trains the run anew), instead of
+    training the rest of the run another way. A record of an older fer, without a recipe,
+    resumes as before."""
+    import dataclasses
+    import functools
+
+    import fer.models
+
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    began = fer.models.REGISTRY["default"]
+    upgraded = dataclasses.replace(began, weight_decay=0.01,
+                                   build=functools.partial(began.build, dropout=0.5))
+    monkeypatch.setitem(fer.models.REGISTRY, "default", upgraded)
+    with pytest.raises(CheckpointError, match=r"model 'default' trains differently in this fer "
+                                              r"than when the run began \(dropout: 0\.3 -> 0\.5; "
+                                              r"weight_decay: 0\.05 -> 0\.01\); resume it with "
+                                              r"the fer that began it"):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+    record = json.loads((run_dir / FOLDER / RUN_RECORD).read_text())
+    assert record.pop("recipe") == began.recipe()
+    (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
+    assert train(tiny_dataset, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
+
+
 def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
     """A finished run (its checkpoint removed), one an older fer stopped while scoring (it
     removed the checkpoint before), and a folder fer did not train say why."""
