@@ -304,6 +304,17 @@ def test_compose_variables_are_all_in_env_example():
     assert used and used <= defined, f"missing in .env.example: {sorted(used - defined)}"
 
 
+def test_compose_refuses_to_start_without_the_credentials():
+    """Each credential is required (`${VAR:?hint}`): without docker/.env, Compose stops with
+    the hint instead of starting MinIO on its default root login and a worker whose
+    account was never made, whose every retrain then fails at the store."""
+    text = COMPOSE.read_text()
+    for name in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FER_S3_ACCESS_KEY",
+                 "FER_S3_SECRET_KEY"):
+        uses = re.findall(r"\$\{" + name + r"(:\?[^}]+)?\}", text)
+        assert uses and all(use.startswith(":?") for use in uses), (name, uses)
+
+
 def test_compose_worker_gets_what_fer_and_prefect_read():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     environment = services["worker"]["environment"]
