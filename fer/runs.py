@@ -228,7 +228,7 @@ def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
                     if isinstance(recalibration, dict) and recalibration.get("kept") else None)
     for value in (metrics.get("saved_model_val_accuracy"), recalibrated,
                   metrics.get("best_val_accuracy")):
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if _is_number(value):
             return float(value)
     return None
 
@@ -237,8 +237,10 @@ def _comparable_champion(store: Store, champion: dict[str, Any] | None
                          ) -> dict[str, Any] | None:
     """The champion pointer as read; one of an older format (without validation accuracy,
     or with the best epoch's instead of the saved model's) is rebuilt from its run's
-    manifest (None when that run is gone)."""
-    if champion is None or champion.get("format") == POINTER_FORMAT:
+    manifest (None when that run is gone), as is one whose figure is not a number."""
+    if champion is None or (champion.get("format") == POINTER_FORMAT
+                            and (champion.get("val_accuracy") is None
+                                 or _is_number(champion["val_accuracy"]))):
         return champion
     manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
     return _pointer_record(manifest) if manifest is not None else None
@@ -428,7 +430,7 @@ def _listed_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
 
 def _summary(manifest: dict[str, Any], *, latest: str | None, champion: str | None) -> RunSummary:
     metrics = manifest.get("metrics", {})
-    epochs = metrics.get("epochs", manifest.get("parameters", {}).get("epochs"))
+    epochs = metrics.get("epochs", (manifest.get("parameters") or {}).get("epochs"))
     return RunSummary(
         run_id=manifest["run_id"],
         created=manifest.get("created"),
@@ -556,16 +558,26 @@ def _load_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
     manifest = _load_json(store, key)
     if manifest is not None and not _is_published(manifest):
         raise NotFerObjectError(
-            f"{store.url(key)} is not the manifest of a published run (it lists no files or "
-            "metrics): a `fer train` run folder inside the store? Keep --out outside it")
+            f"{store.url(key)} is not the manifest of a published run (expected a run_id, its "
+            "created time, files with a sha256 each, and metrics with accuracy): a `fer "
+            "train` run folder inside the store? Keep --out outside it")
     return manifest
 
 
 def _is_published(manifest: dict[str, Any]) -> bool:
-    """What publishing adds to a run's manifest, and what its readers rely on."""
-    metrics = manifest.get("metrics")
-    return (isinstance(manifest.get("run_id"), str) and isinstance(manifest.get("files"), dict)
-            and isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), int | float))
+    """What publishing adds to a run's manifest, and what its readers rely on: a listing,
+    a download and a champion comparison read these fields without checking them again."""
+    metrics, files = manifest.get("metrics"), manifest.get("files")
+    return (isinstance(manifest.get("run_id"), str) and isinstance(manifest.get("created"), str)
+            and isinstance(files, dict)
+            and all(isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    for entry in files.values())
+            and isinstance(metrics, dict) and _is_number(metrics.get("accuracy"))
+            and all(isinstance(manifest.get(key), dict | None) for key in ("parameters", "data")))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _read_pointer(store: Store, name: str) -> dict[str, Any] | None:

@@ -341,6 +341,8 @@ class S3Store:
         if isinstance(cause, bce.NoCredentialsError | bce.PartialCredentialsError):
             return (f"no usable AWS credentials for {where} while {action}; set "
                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        if isinstance(cause, _CREDENTIAL_SOURCE_ERRORS):
+            return _credential_source_failed(cause, f"for {where} while {action}")
         if isinstance(cause, bce.ReadTimeoutError):
             return (f"S3 endpoint {where} did not answer within {self._read_timeout:g}s while "
                     f"{action}; check that the server is healthy and retry")
@@ -376,12 +378,27 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavail
                     "SlowDown", "RequestTimeout"}
 
 
+# A credential source that failed: an expired SSO session, a credential_process or an
+# assume-role that errs, a profile that does not exist. Waiting does not renew them.
+_CREDENTIAL_SOURCE_ERRORS = (bce.CredentialRetrievalError, bce.TokenRetrievalError,
+                             bce.SSOError, bce.NoAuthTokenError, bce.ProfileNotFound,
+                             bce.InvalidConfigError, bce.RefreshWithMFAUnsupportedError,
+                             bce.UnknownCredentialError)
+
+
 def _is_transient(cause: BaseException) -> bool:
     """Whether trying again later may succeed: the server was unreachable, slow or failing."""
     if isinstance(cause, bce.ClientError):
         return _error_code(cause) in _TRANSIENT_CODES
-    return not isinstance(cause, bce.NoCredentialsError | bce.PartialCredentialsError
-                          | bce.SSLError | bce.ParamValidationError)
+    return not isinstance(cause, (bce.NoCredentialsError, bce.PartialCredentialsError,
+                                  bce.SSLError, bce.ParamValidationError,
+                                  *_CREDENTIAL_SOURCE_ERRORS))
+
+
+def _credential_source_failed(cause: BaseException, context: str) -> str:
+    return (f"the AWS credentials {context} could not be loaded ({type(cause).__name__}: "
+            f"{_one_line(str(cause))}); renew them (an SSO session: `aws sso login`) or fix "
+            "AWS_PROFILE and its credential source")
 
 
 _AUTH_CODES = {
@@ -405,6 +422,9 @@ def _s3_client(endpoint_url: str | None, *, max_attempts: int, connect_timeout: 
     )
     try:
         return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+    except _CREDENTIAL_SOURCE_ERRORS as exc:  # a profile's source runs when the client is made
+        raise StorageError(_credential_source_failed(exc, f"for {endpoint_url or 'S3'}")
+                           ) from exc
     except (bce.BotoCoreError, ValueError) as exc:
         raise StorageError(f"cannot set up the S3 client: {_one_line(str(exc))}") from exc
 

@@ -219,6 +219,26 @@ def test_missing_credentials_are_named(s3_env, monkeypatch):
 
 
 @integration
+def test_a_failing_credential_source_is_named_and_not_retried(s3_env, monkeypatch, tmp_path):
+    """A credential source that fails (here a credential_process that exits 1; in practice
+    an expired SSO session or a failing assume-role) is a credentials problem, not a
+    transient one: a Prefect retrain checks the store before training and would otherwise
+    train for hours and fail at publishing, after three retries."""
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\ncredential_process = /bin/false\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    with pytest.raises(StorageError, match=r"the AWS credentials for http://127\.0\.0\.1:\d+ "
+                       r"could not be loaded \(CredentialRetrievalError: .*custom-process.*\); "
+                       r"renew them") as error:
+        open_store(f"s3://{BUCKET}/p", endpoint_url=s3_env.endpoint_url)
+    assert not error.value.transient
+    assert_one_clean_line(error, s3_env.secret_key)
+
+
+@integration
 def test_dead_endpoint_fails_fast(s3_env):
     """An endpoint with nothing listening gives one StorageError line within 30 s."""
     endpoint = f"http://127.0.0.1:{free_port()}"
