@@ -571,7 +571,7 @@ def test_a_run_records_the_origin_of_the_dataset_it_trained_on(tmp_path, data_di
     from typer.testing import CliRunner
 
     import fer.data
-    from fer.fetch import fetch_data
+    from fer.fetch import current_source, fetch_data
     from fer_cli.main import app
 
     other = write_image_tree(tmp_path / "other", per_class=2)
@@ -588,4 +588,5 @@ def test_a_run_records_the_origin_of_the_dataset_it_trained_on(tmp_path, data_di
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert current_source(data_dir).origin == str(other)  # the fetch meanwhile did happen
     assert manifest["data"]["origin"] == str(image_tree)

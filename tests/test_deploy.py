@@ -311,8 +311,8 @@ def test_compose_refuses_to_start_without_the_credentials():
     text = COMPOSE.read_text()
     for name in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FER_S3_ACCESS_KEY",
                  "FER_S3_SECRET_KEY"):
-        uses = re.findall(r"\$\{" + name + r"(:\?[^}]+)?\}", text)
-        assert uses and all(use.startswith(":?") for use in uses), (name, uses)
+        modifiers = re.findall(r"\$\{" + name + r"\b([^}]*)\}", text)  # each use's ":?hint"
+        assert modifiers and all(m.startswith(":?") for m in modifiers), (name, modifiers)
 
 
 def test_compose_worker_gets_what_fer_and_prefect_read():
