@@ -192,37 +192,76 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
 
 
 @integration
+def compose_prefect_server(volume: Path, log_path: Path) -> tuple[Process, str, dict]:
+    """The compose `prefect-server` command with its environment, its prefect-data volume
+    at ``volume``, on a free loopback port, started and answering: the process, the
+    address it serves and that environment."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["prefect-server"]
+    mounted = {name: value.replace("/data/", f"{volume}/") if value.startswith("/data/")
+               else value for name, value in service["environment"].items()}
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("prefect")), *service["command"][1:]]
+    command[command.index("--host") + 1] = "127.0.0.1"
+    command[command.index("--port") + 1] = str(port)
+    server = Process(command, env={**os.environ, **mounted}, log_path=log_path)
+    server.start()
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5):
+                return server, f"http://127.0.0.1:{port}", mounted
+        except OSError:
+            if not server.running() or time.monotonic() > deadline:
+                server.stop()
+                pytest.fail(f"the compose prefect-server did not come up: {server.log()[-2000:]}")
+            time.sleep(1)
+
+
 def test_the_compose_prefect_server_serves_its_ui_from_its_volume(tmp_path):
     """The compose `prefect-server` command, with its environment (the prefect-data volume
     under tmp), serves the UI as well as the API: the image runs it as user 10001, who
     cannot write where Prefect copies the UI by default (site-packages), so the copy goes
     to the volume."""
-    service = yaml.safe_load(COMPOSE.read_text())["services"]["prefect-server"]
     volume = tmp_path / "data"
-    mounted = {name: value.replace("/data/", f"{volume}/") if value.startswith("/data/")
-               else value for name, value in service["environment"].items()}
-    static = Path(mounted["PREFECT_SERVER_UI_STATIC_DIRECTORY"])
-    assert static.is_relative_to(volume)
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("prefect")), *service["command"][1:]]
-    command[command.index("--host") + 1] = "127.0.0.1"
-    command[command.index("--port") + 1] = str(port)
-    server = Process(command, env={**os.environ, **mounted}, log_path=tmp_path / "server.log")
-    server.start()
+    server, address, environment = compose_prefect_server(volume, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
-                    html = page.read().decode()
-                break
-            except OSError:
-                assert server.running() and time.monotonic() < deadline, server.log()[-2000:]
-                time.sleep(1)
+        with urllib.request.urlopen(f"{address}/", timeout=30) as page:
+            html = page.read().decode()
     finally:
         server.stop()
+    static = Path(environment["PREFECT_SERVER_UI_STATIC_DIRECTORY"])
+    assert static.is_relative_to(volume)
     assert "<html" in html.lower()
     assert any(static.rglob("index.html"))
+
+
+def test_the_compose_prefect_server_keeps_concurrency_leases_across_a_restart(tmp_path):
+    """A deployment's run holds its concurrency slot on a lease that its flow renews, and
+    Prefect cancels the run when a renewal fails. Prefect keeps leases in memory by
+    default, so a restart of the server (a crash brought back by `restart:
+    unless-stopped`) would stop a training within minutes; the compose server keeps them
+    on its volume: a lease taken before a restart renews after it."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    volume = tmp_path / "data"
+    server, address, _ = compose_prefect_server(volume, tmp_path / "server.log")
+    try:
+        with temporary_settings({PREFECT_API_URL: f"{address}/api"}), \
+                get_client(sync_client=True) as client:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name="fer-lease-test", limit=1))
+            lease_id = client.increment_concurrency_slots_with_lease(
+                names=["fer-lease-test"], slots=1, mode="concurrency",
+                lease_duration=300).json()["lease_id"]
+    finally:
+        server.stop()
+    server, address, _ = compose_prefect_server(volume, tmp_path / "server-again.log")
+    try:
+        with temporary_settings({PREFECT_API_URL: f"{address}/api"}), \
+                get_client(sync_client=True) as client:
+            client.renew_concurrency_lease(lease_id, lease_duration=300)  # 410 if it was lost
+    finally:
+        server.stop()
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
