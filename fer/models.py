@@ -83,6 +83,10 @@ class RandomAffine(layers.Layer):
         super().__init__(**kwargs)
         self.rotation, self.zoom, self.shift, self.flip, self.seed = rotation, zoom, shift, flip, seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        # Keras' own RandomRotation/RandomZoom/RandomTranslation, built on the same affine
+        # transform op, opt out of XLA; so does this one, or `jit_compile="auto"` would
+        # XLA-compile the training step on a GPU (CPUs never get it).
+        self.supports_jit = False
 
     def call(self, images, training=None):
         if not training:

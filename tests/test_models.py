@@ -156,6 +156,18 @@ def test_random_affine_is_identity_at_inference_and_varies_in_training():
     assert all(not np.allclose(augmented[i], images[i]) for i in range(4))
 
 
+@pytest.mark.parametrize("name", ["default", "default-pca", "wide-full-res"])
+def test_augmenting_models_opt_out_of_xla_as_keras_own_augmentation_does(name):
+    """Keras' jit_compile="auto" XLA-compiles the training step on a GPU when every layer
+    supports it; the affine transform op behind the augmentation is one Keras' own
+    RandomRotation opts out for, so the models that augment do too."""
+    from keras.src.trainers.trainer import model_supports_jit
+
+    model = get_spec(name).build()
+    assert not model_supports_jit(model)
+    assert not keras.layers.RandomRotation(0.1).supports_jit  # the precedent still holds
+
+
 def test_flip_only_affine_mirrors_or_keeps_each_image():
     """With no rotation/zoom/shift, each image is either itself or its mirror, exactly."""
     from fer.models import RandomAffine
