@@ -96,9 +96,15 @@ def read_run(run_dir: Path) -> RunRecord:
                          started_by=record.get("started_by"),
                          precision_reason=record.get("precision_reason"),
                          data_origin=record["data"].get("origin"),
-                         recipe=record.get("recipe"))
+                         recipe=_recipe(record.get("recipe")))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
+
+
+def _recipe(value) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"recipe {value!r}, expected an object")
+    return value
 
 
 def find_started(out_dir: Path, *, started_by: str) -> Path | None:
@@ -301,15 +307,22 @@ def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
         _flush(path)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint write that failed (a full disk): the run stopped after its last
+    finished epoch, and resumes from there once the cause is fixed. An OSError, not a
+    FerError, so that a Prefect retry of the training tries again."""
+
+
 @contextlib.contextmanager
 def _writing(path: Path):
-    """A checkpoint write that fails (a full disk) as an OSError naming the file and the
-    cause in a line: h5py's and numpy's name neither (h5py's is a multi-line dump)."""
+    """A failed write as a CheckpointWriteError naming the file and the cause in a line:
+    h5py's and numpy's errors name neither (h5py's is a multi-line dump)."""
     try:
         yield
     except OSError as exc:
-        cause = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0]
-        raise OSError(exc.errno, cause, str(path)) from None
+        cause = (os.strerror(exc.errno) if exc.errno
+                 else (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise CheckpointWriteError(exc.errno, cause, str(path)) from None
 
 
 def _flush(path: Path) -> None:

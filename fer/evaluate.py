@@ -116,19 +116,20 @@ def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
 def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> dict:
     """sklearn's report with the canonical class names, the confusion matrix, and key metrics.
 
-    A class the split has no images of has no recall: its row is left out of the report and
-    of macro-F1, and its recall is null, instead of a 0 that would read as a model failing a
-    class it was never tested on and pull macro-F1 down by a seventh (a subset without
-    `disgust`, the rarest class, is common).
+    A class the split has no images of has no recall: it is null, not a 0 that would read
+    as a model failing a class it was never tested on, and the class is left out of the
+    report and macro-F1 unless the model predicted it (then, as in scikit-learn's own macro
+    average, its F1 is 0); all seven always counted, which pulled macro-F1 down by a seventh
+    for a subset without `disgust`, the rarest class.
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
-    present = sorted(set(np.unique(true).tolist()))
-    absent = [name for index, name in enumerate(CLASS_NAMES) if index not in present]
+    scored = sorted(set(np.unique(true).tolist()) | set(np.unique(predicted).tolist()))
+    absent = [name for index, name in enumerate(CLASS_NAMES) if index not in set(true.tolist())]
     if absent:
-        log.warning("the split has no images of %s: left out of the report and macro-F1 "
-                    "(recall null)", ", ".join(absent))
-    options = dict(labels=present, target_names=[CLASS_NAMES[i] for i in present],
+        log.warning("the split has no images of %s: recall null; left out of the report and "
+                    "macro-F1 unless predicted", ", ".join(absent))
+    options = dict(labels=scored, target_names=[CLASS_NAMES[i] for i in scored],
                    zero_division=0, digits=4)
     text = classification_report(true, predicted, **options)
     report = classification_report(true, predicted, output_dict=True, **options)
@@ -139,7 +140,7 @@ def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> 
     return {
         "accuracy": round(float(np.mean(true == predicted)), 4),
         "macro_f1": round(float(report["macro avg"]["f1-score"]), 4),
-        "per_class_recall": {n: round(float(report[n]["recall"]), 4) if n in report else None
+        "per_class_recall": {n: None if n in absent else round(float(report[n]["recall"]), 4)
                              for n in CLASS_NAMES},
         "per_class_support": {n: int(report[n]["support"]) if n in report else 0
                               for n in CLASS_NAMES},

@@ -274,7 +274,8 @@ class ModelSpec:
                   "label_smoothing": self.label_smoothing, "weight_decay": self.weight_decay,
                   "class_weighting": self.class_weighting, "first_conv": self.first_conv,
                   "recalibrate_batch_norm": self.recalibrate_batch_norm}
-        return json.loads(json.dumps(recipe, default=lambda value: value.__qualname__))
+        return json.loads(json.dumps(
+            recipe, default=lambda value: getattr(value, "__qualname__", type(value).__qualname__)))
 
 
 def _finish(inputs, logits, *, name: str) -> keras.Model:

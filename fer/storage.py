@@ -382,8 +382,7 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavail
 # assume-role that errs, a profile that does not exist. Waiting does not renew them.
 _CREDENTIAL_SOURCE_ERRORS = (bce.CredentialRetrievalError, bce.TokenRetrievalError,
                              bce.SSOError, bce.NoAuthTokenError, bce.ProfileNotFound,
-                             bce.InvalidConfigError, bce.RefreshWithMFAUnsupportedError,
-                             bce.UnknownCredentialError)
+                             bce.RefreshWithMFAUnsupportedError, bce.UnknownCredentialError)
 
 
 def _is_transient(cause: BaseException) -> bool:

@@ -278,13 +278,14 @@ def train(
 
     flags = (publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
                            force_champion=force_champion) if publish else "")
+    from fer.checkpoint import CheckpointWriteError
+
     try:
         result = (_resume_locally(resume, settings=settings, resume_flags=flags)
                   if resume is not None
                   else _train_locally(config, data=data, settings=settings, resume_flags=flags))
-    except OSError as exc:  # a full disk at a checkpoint: the log has named the resume command
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise FerError(f"training stopped: {where}{exc.strerror or exc}; make room (or fix "
+    except CheckpointWriteError as exc:  # a full disk: the log has named the resume command
+        raise FerError(f"training stopped: {exc.filename}: {exc.strerror}; make room (or fix "
                        "the cause), then resume it as logged above") from None
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "

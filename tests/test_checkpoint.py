@@ -176,6 +176,10 @@ def test_a_run_resumes_only_with_the_recipe_it_began_with(tmp_path, tiny_dataset
 
     record = json.loads((run_dir / FOLDER / RUN_RECORD).read_text())
     assert record.pop("recipe") == began.recipe()
+    (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps({**record, "recipe": "default"}))
+    with pytest.raises(FerError, match=r"run\.json: not a run record this version can resume "
+                                       r"\(recipe 'default', expected an object\)"):
+        read_run(run_dir)
     (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
     assert train(tiny_dataset, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
 

@@ -191,7 +191,6 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
     assert _contents(app) == before  # no file added, removed or rewritten
 
 
-@integration
 def compose_prefect_server(volume: Path, log_path: Path) -> tuple[Process, str, dict]:
     """The compose `prefect-server` command with its environment, its prefect-data volume
     at ``volume``, on a free loopback port, started and answering: the process, the
@@ -217,6 +216,7 @@ def compose_prefect_server(volume: Path, log_path: Path) -> tuple[Process, str, 
             time.sleep(1)
 
 
+@integration
 def test_the_compose_prefect_server_serves_its_ui_from_its_volume(tmp_path):
     """The compose `prefect-server` command, with its environment (the prefect-data volume
     under tmp), serves the UI as well as the API: the image runs it as user 10001, who
@@ -235,6 +235,7 @@ def test_the_compose_prefect_server_serves_its_ui_from_its_volume(tmp_path):
     assert any(static.rglob("index.html"))
 
 
+@integration
 def test_the_compose_prefect_server_keeps_concurrency_leases_across_a_restart(tmp_path):
     """A deployment's run holds its concurrency slot on a lease that its flow renews, and
     Prefect cancels the run when a renewal fails. Prefect keeps leases in memory by

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -92,23 +94,41 @@ def test_a_run_whose_model_overflows_in_its_precision_is_scored_in_float32(tmp_p
 
 
 def test_a_class_the_split_lacks_is_left_out_of_macro_f1_not_scored_zero(tmp_path, caplog):
-    """A test split without disgust images: macro-F1 averages the six classes it has and
-    disgust's recall is null, not 0 (which read as a failed class and cut macro-F1 by 1/7);
-    a wrong disgust prediction still costs the true class its recall."""
+    """A test split without disgust images, and a model that never says disgust: macro-F1
+    averages the six classes the split has, disgust's recall is null (not 0, which read as a
+    failed class and cut macro-F1 by 1/7), and the report has no disgust row."""
     from fer.evaluate import write_reports
 
     true = np.array([0, 0, 2, 3, 4, 5, 6, 6])
-    predicted = np.array([0, 1, 2, 3, 4, 5, 6, 6])  # one angry image called disgust
+    predicted = np.array([2, 0, 2, 3, 4, 5, 6, 6])  # one angry image called fear
     with caplog.at_level("WARNING", logger="fer.evaluate"):
         metrics = write_reports(true, predicted, out_dir=tmp_path)
     assert metrics["per_class_recall"]["disgust"] is None
     assert metrics["per_class_recall"]["angry"] == 0.5
     assert metrics["per_class_support"]["disgust"] == 0
-    angry_f1 = 2 * 1.0 * 0.5 / 1.5
-    assert metrics["macro_f1"] == round((angry_f1 + 5) / 6, 4)
-    assert "disgust" not in (tmp_path / "classification_report.txt").read_text()
-    assert caplog.messages == ["the split has no images of disgust: left out of the report and "
-                               "macro-F1 (recall null)"]
+    angry_f1, fear_f1 = 2 * 1.0 * 0.5 / 1.5, 2 * 0.5 * 1.0 / 1.5
+    assert metrics["macro_f1"] == round((angry_f1 + fear_f1 + 4) / 6, 4)
+    report = (tmp_path / "classification_report.txt").read_text()
+    assert "disgust" not in report and "accuracy" in report
+    assert caplog.messages == ["the split has no images of disgust: recall null; left out of "
+                               "the report and macro-F1 unless predicted"]
+
+
+def test_a_class_the_split_lacks_but_the_model_predicts_counts_as_f1_zero(tmp_path):
+    """Predicting a class the split has none of is an error scikit-learn's macro average
+    counts as that class's F1 of 0; its recall stays null, and the report keeps its
+    accuracy row (a report over the split's classes alone would swap it for a micro
+    average that leaves those predictions out)."""
+    from fer.evaluate import write_reports
+
+    true = np.array([0, 0, 2, 3, 4, 5, 6, 6])
+    predicted = np.array([1, 0, 2, 3, 4, 5, 6, 6])  # one angry image called disgust
+    metrics = write_reports(true, predicted, out_dir=tmp_path)
+    assert metrics["per_class_recall"]["disgust"] is None
+    assert metrics["macro_f1"] == round((2 / 3 + 0 + 5) / 7, 4)
+    report = (tmp_path / "classification_report.txt").read_text()
+    assert "disgust" in report
+    assert re.search(r"accuracy\s+0\.8750\s+8", report), report
 
 
 def test_a_split_with_every_class_keeps_every_row(tmp_path):
