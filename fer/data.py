@@ -300,12 +300,13 @@ def _without_tagged_caches(entries: list[tuple[str, Callable[[], bytes]]]
                            ) -> list[tuple[str, Callable[[], bytes]]]:
     """An archive's entries without those under a cache folder (see _data_files), so that
     an archive and the folder it unpacks to read the same."""
-    caches = [PurePosixPath(name).parent.parts for name, read in entries
-              if PurePosixPath(name).name == CACHEDIR_TAG
-              and PurePosixPath(name).parent.parts not in ((), (".",))  # not the root's
+    paths = [PurePosixPath(name) for name, _ in entries]
+    caches = [path.parent.parts for path, (_, read) in zip(paths, entries, strict=True)
+              if path.name == CACHEDIR_TAG
+              and path.parent.parts not in ((), (".",))  # not the root's
               and _is_cachedir_tag(read)]
-    return [(name, read) for name, read in entries
-            if not any(PurePosixPath(name).parts[:len(cache)] == cache for cache in caches)]
+    return [entry for path, entry in zip(paths, entries, strict=True)
+            if not any(path.parts[:len(cache)] == cache for cache in caches)]
 
 
 def _is_cachedir_tag(read: Callable[[], bytes]) -> bool:

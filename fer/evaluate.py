@@ -124,8 +124,9 @@ def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> 
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
-    scored = sorted(set(np.unique(true).tolist()) | set(np.unique(predicted).tolist()))
-    absent = [name for index, name in enumerate(CLASS_NAMES) if index not in set(true.tolist())]
+    support = np.bincount(true, minlength=len(CLASS_NAMES))
+    absent = [name for name, count in zip(CLASS_NAMES, support, strict=True) if count == 0]
+    scored = sorted(set(np.flatnonzero(support).tolist()) | set(np.unique(predicted).tolist()))
     if absent:
         log.warning("the split has no images of %s: recall null; left out of the report and "
                     "macro-F1 unless predicted", ", ".join(absent))
@@ -142,7 +143,6 @@ def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> 
         "macro_f1": round(float(report["macro avg"]["f1-score"]), 4),
         "per_class_recall": {n: None if n in absent else round(float(report[n]["recall"]), 4)
                              for n in CLASS_NAMES},
-        "per_class_support": {n: int(report[n]["support"]) if n in report else 0
-                              for n in CLASS_NAMES},
+        "per_class_support": {n: int(count) for n, count in zip(CLASS_NAMES, support, strict=True)},
         "test_samples": int(len(true)),
     }

@@ -198,9 +198,10 @@ def _worker_lost(flow_run: FlowRun, lost_s: float) -> str:
     pool = flow_run.work_pool_name or "fer"
     return (f"flow run {flow_run.name} ({flow_run.id}) is running, but no worker has polled "
             f"pool {pool} for {lost_s:g}s: its worker has probably died. The automation `fer "
-            f"deploy` (or the compose stack) installs marks it Crashed once its heartbeats have stopped for "
-            f"--crash-after seconds, which frees the pool; without it the server shows the "
-            f"run running until `prefect flow-run cancel {flow_run.id}`. Once a worker is "
+            f"deploy` (or the compose stack) installs marks it Crashed once its heartbeats "
+            f"have stopped for --crash-after seconds, which frees the pool; without it the "
+            f"server shows the run running until `prefect flow-run cancel {flow_run.id}`. "
+            f"Once a worker is "
             f"back, `prefect flow-run retry {flow_run.id}` runs it again")
 
 
