@@ -32,6 +32,7 @@ POLL_SECONDS = 5.0
 PICKUP_TIMEOUT_S = 120.0
 WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then this much more
 _WAITING_FOR_WORKER = {"Scheduled", "Late"}  # SCHEDULED states no worker has touched yet
+_PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it will not take
 
 StateCallback = Callable[[str], None]
 """Called with the state name each time a followed run changes state."""
@@ -97,8 +98,17 @@ def trigger_retrain(
         raise FerError(f"deployment {deployment!r} not found at {api_url}; register it with "
                        "`fer deploy`") from None
     except PrefectHTTPStatusError as exc:
-        raise FerError(f"deployment {deployment!r} refused parameters {dict(parameters)}: "
-                       f"{_detail(exc)}") from None
+        if exc.response.status_code in _PARAMETERS_REFUSED:
+            raise FerError(f"deployment {deployment!r} refused parameters {dict(parameters)}: "
+                           f"{_detail(exc)}") from None
+        raise FerError(f"the Prefect API at {api_url} answered {exc.response.status_code} "
+                       f"while starting a run of deployment {deployment!r}: {_detail(exc)}; "
+                       "see the server's log; `prefect flow-run ls` shows whether a run was "
+                       "created") from None
+    except httpx.TransportError as exc:
+        raise FerError(f"lost the Prefect API at {api_url} while starting a run of deployment "
+                       f"{deployment!r} ({exc or type(exc).__name__}); `prefect flow-run ls` "
+                       "shows whether a run was created") from None
     if not wait:
         return _describe(flow_run)
     return follow_run(flow_run.id, poll_seconds=poll_seconds, pickup_timeout_s=pickup_timeout_s,
@@ -210,7 +220,9 @@ def _finish(client, flow_run: FlowRun) -> RemoteRun:
     if not state.is_completed():
         retry = (f"; `prefect flow-run retry {flow_run.id}` runs it again, its training "
                  "continuing from the last finished epoch"
-                 if state.type in (StateType.CRASHED, StateType.CANCELLED) else "")
+                 if state.type in (StateType.CRASHED, StateType.CANCELLED) else
+                 f"; once its cause is fixed, `prefect flow-run retry {flow_run.id}` runs it "
+                 "again")
         raise FerError(f"flow run {flow_run.name} ({flow_run.id}) ended {state.name}: "
                        f"{state.message or 'no message'}{retry}; logs: {_url(flow_run)}")
     return _describe(flow_run, result=_result(flow_run), report=_posted_report(client, flow_run))

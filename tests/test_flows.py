@@ -8,6 +8,7 @@ command, and a real S3 server (SeaweedFS).
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -747,7 +749,8 @@ def test_a_deployment_queues_its_own_second_run(worker, tmp_path):
         runs = [trigger_retrain(parameters, wait=False) for _ in range(2)]
         for run in runs:
             with pytest.raises(FerError, match=r"ended Failed: .*missing\.zip: data source not "
-                                               r"found.*; logs: http"):
+                                               r"found.*; once its cause is fixed, `prefect "
+                                               r"flow-run retry .+` runs it again; logs: http"):
                 follow(run)
     finally:
         ensure_work_pool("fer", concurrency_limit=1)
@@ -812,6 +815,56 @@ def test_parameters_of_the_wrong_type_are_refused(deployed):
     with pytest.raises(FerError, match=r"deployment 'retrain/retrain' refused parameters "
                                        r"\{'epochs': 'many'\}: .*'many' is not of type 'integer'"):
         trigger_retrain({"epochs": "many"})
+
+
+class _ErringPrefectApi(http.server.BaseHTTPRequestHandler):
+    """A Prefect API that answers its health check and fails every other request: with a
+    500 on /api/deployments/..., by dropping the connection elsewhere."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path.endswith("/health"):
+            self._answer(200, b"true")
+        elif self.path.startswith("/api/deployments/"):
+            self._answer(500, b'{"detail": "database is locked"}')
+        else:
+            self.close_connection = True  # no answer at all
+
+    do_POST = do_GET  # noqa: N815
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/api", r"the Prefect API at http://127\.0\.0\.1:\d+/api answered 500 while starting a "
+             r"run of deployment 'retrain/retrain': database is locked; see the server's log; "
+             r"`prefect flow-run ls` shows whether a run was created"),
+    ("/other/api", r"lost the Prefect API at http://127\.0\.0\.1:\d+/other/api while starting "
+                   r"a run of deployment 'retrain/retrain' \(.+\); `prefect flow-run ls` shows"),
+])
+def test_a_server_failing_the_trigger_is_not_called_a_parameter_refusal(path, expected):
+    """A 500 or a dropped connection while starting a run says what happened; only the
+    server's 400/409/422 answers are called a refusal of the parameters."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringPrefectApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            with pytest.raises(FerError, match=expected) as raised:
+                trigger_retrain(TINY)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "refused parameters" not in str(raised.value)
 
 
 def test_triggering_without_a_server_says_how_to_start_one():
