@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fer.config import TrainConfig
-from fer.errors import CheckpointError, FerError
+from fer.errors import CheckpointError, FerError, writing
 from fer.manifest import read_json, write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
@@ -258,7 +258,7 @@ class MemberCheckpoint:
         """After an epoch: its weights (and the best epoch's, when it is the best), then the
         record that names them, so a stop between two writes leaves the last epoch whole."""
         progress.weights_file = f"epoch-{progress.epochs_done}.weights.h5"
-        with _writing(self.folder / progress.weights_file):
+        with writing(self.folder / progress.weights_file):
             model.save_weights(self.folder / progress.weights_file)
             _flush(self.folder / progress.weights_file)
         progress.random_states = [np.asarray(v).tolist() for v in _random_states(model)]
@@ -274,7 +274,7 @@ class MemberCheckpoint:
         self._commit(progress)
 
     def _commit(self, progress: MemberProgress) -> None:
-        with _writing(self._state):
+        with writing(self._state):
             write_json(self._state, dataclasses.asdict(progress))
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
@@ -302,27 +302,9 @@ def _random_states(model: keras.Model) -> list:
 
 
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
-    with _writing(path):
+    with writing(path):
         np.savez(path, *arrays)
         _flush(path)
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint write that failed (a full disk): the run stopped after its last
-    finished epoch, and resumes from there once the cause is fixed. An OSError, not a
-    FerError, so that a Prefect retry of the training tries again."""
-
-
-@contextlib.contextmanager
-def _writing(path: Path):
-    """A failed write as a CheckpointWriteError naming the file and the cause in a line:
-    h5py's and numpy's errors name neither (h5py's is a multi-line dump)."""
-    try:
-        yield
-    except OSError as exc:
-        cause = (os.strerror(exc.errno) if exc.errno
-                 else (str(exc).splitlines() or [type(exc).__name__])[0])
-        raise CheckpointWriteError(exc.errno, cause, str(path)) from None
 
 
 def _flush(path: Path) -> None:

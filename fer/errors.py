@@ -6,6 +6,9 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -51,6 +54,26 @@ class NotFerObjectError(StorageError):
 class MissingObjectError(StorageError):
     """An object a store was asked to download that it does not hold (deleted by a lifecycle
     rule, lost in a bucket copy): readers say what is missing and how to restore it."""
+
+
+class FileWriteError(OSError):
+    """A write of a run's or a report's file that failed (a full disk, a file limit), naming
+    the file and the cause in one line: h5py's and numpy's errors name neither (h5py's is a
+    multi-line dump), nor do Keras' and matplotlib's. An OSError, not a FerError, so that a
+    Prefect retry of the training tries again; `fer train` resumes a run stopped by one."""
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while ``path`` is written into a FileWriteError naming it."""
+    try:
+        yield
+    except FileWriteError:
+        raise
+    except OSError as exc:
+        cause = (os.strerror(exc.errno) if exc.errno
+                 else (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise FileWriteError(exc.errno, cause, str(path)) from None
 
 
 class CheckpointError(FerError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fer.data import Split
-from fer.errors import FerError, NonFiniteScoresError
+from fer.errors import FerError, NonFiniteScoresError, writing
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 from fer.manifest import write_json
 from fer.models import class_names_of
@@ -134,8 +134,10 @@ def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> 
                    zero_division=0, digits=4)
     text = classification_report(true, predicted, **options)
     report = classification_report(true, predicted, output_dict=True, **options)
-    (out_dir / "classification_report.txt").write_text(text)
-    (out_dir / "classification_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with writing(out_dir / "classification_report.txt"):
+        (out_dir / "classification_report.txt").write_text(text)
+    with writing(out_dir / "classification_report.json"):
+        (out_dir / "classification_report.json").write_text(json.dumps(report, indent=2) + "\n")
     matrix = confusion_matrix(true, predicted, labels=list(range(len(CLASS_NAMES))))
     plot_confusion_matrix(matrix, CLASS_NAMES, out_dir / "confusion_matrix.png")
     return {

@@ -12,6 +12,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from fer.errors import writing
 from fer.precision import BF16_FLAGS, cpu_flags, onednn_enabled
 
 TRACKED_PACKAGES = ("fer", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas",
@@ -99,11 +100,12 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
-        with open(partial, "x") as handle:
+        with writing(path), open(partial, "x") as handle:
             handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(partial, path)
+        with writing(path):
+            os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from fer.errors import writing
+
 
 def plot_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Path) -> Path:
     """Loss and accuracy per epoch, train solid and validation dotted, like the original;
@@ -23,7 +25,8 @@ def plot_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Path) 
                           label=f"{member}validation {metric}")
         axis.set(title=f"{metric.capitalize()} per epoch", xlabel="epoch", ylabel=metric)
         axis.legend()
-    figure.savefig(path, dpi=100)
+    with writing(path):
+        figure.savefig(path, dpi=100)
     return path
 
 
@@ -42,5 +45,6 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     for (row, col), count in np.ndenumerate(matrix):
         colour = "white" if normalised[row, col] > 0.5 else "black"
         axis.text(col, row, str(count), ha="center", va="center", color=colour, fontsize=8)
-    figure.savefig(path, dpi=100)
+    with writing(path):
+        figure.savefig(path, dpi=100)
     return path

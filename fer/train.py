@@ -30,7 +30,7 @@ from fer.checkpoint import (
 )
 from fer.config import MAX_BATCH_SIZE, TrainConfig
 from fer.data import Dataset, Split, check_val_fraction
-from fer.errors import CheckpointError, FerError
+from fer.errors import CheckpointError, FerError, writing
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
@@ -269,7 +269,8 @@ def _save_model(members: list[Member], run_dir: Path, *, precision: str,
     # always a float32 copy: the training model itself would save its optimizer and compile
     # config (twice the file, and Keras' own load_model then needs fer's optimizer class)
     saved = averaging([with_precision(m.model, policy="float32") for m in members], flip=tta)
-    saved.save(run_dir / "model.keras")
+    with writing(run_dir / "model.keras"):
+        saved.save(run_dir / "model.keras")
     _write_history([m.history for m in members], run_dir / "history.csv")
     plot_curves([m.history for m in members], run_dir / "curves.png")
     return saved
@@ -452,7 +453,7 @@ def _write_history(histories: list[dict], path: Path) -> None:
     """One row per epoch; an ensemble's file has a ``member`` column and a row block each."""
     keys = list(histories[0])
     member_column = ["member"] if len(histories) > 1 else []
-    with open(path, "w", newline="") as handle:
+    with writing(path), open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["epoch", *member_column, *keys])
         for member, history in enumerate(histories, start=1):

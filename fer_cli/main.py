@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 
 from fer.config import DEFAULT_SOURCE_URL, MAX_BATCH_SIZE, Settings, TrainConfig
-from fer.errors import FerError, RunStillGoing
+from fer.errors import FerError, FileWriteError, RunStillGoing
 from fer.profiles import PROFILES
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
@@ -278,13 +278,14 @@ def train(
 
     flags = (publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
                            force_champion=force_champion) if publish else "")
-    from fer.checkpoint import CheckpointWriteError
-
     try:
         result = (_resume_locally(resume, settings=settings, resume_flags=flags)
                   if resume is not None
                   else _train_locally(config, data=data, settings=settings, resume_flags=flags))
-    except CheckpointWriteError as exc:  # a full disk: the log has named the resume command
+    except FileWriteError as exc:
+        if not Path(exc.filename).resolve().is_relative_to((resume or out).resolve()):
+            raise  # not the run's own file (the data folder's): nothing to resume
+        # a full disk: the log has named the resume command
         raise FerError(f"training stopped: {exc.filename}: {exc.strerror}; make room (or fix "
                        "the cause), then resume it as logged above") from None
     metrics = result.metrics
@@ -771,6 +772,9 @@ def main() -> None:
     except FerError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_RUN_STILL_GOING if isinstance(exc, RunStillGoing) else 1)
+    except FileWriteError as exc:  # a full disk under `fer evaluate --out`, say
+        typer.echo(f"error: cannot write {exc.filename}: {exc.strerror}", err=True)
+        sys.exit(1)
     except SystemExit:
         if terminated:  # Click printed "Aborted!" and chose exit 1, as for Ctrl-C
             sys.exit(128 + terminated[0])

@@ -455,6 +455,52 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_line_and_the_run_resumes(tmp_p
 
 
 @pytest.mark.integration
+def test_a_run_file_that_cannot_be_written_is_one_error_line_and_the_run_resumes(
+        tmp_path, data_dir, fer_subset, monkeypatch):
+    """The run's own files after training (curves) and after scoring (the report), and
+    `fer evaluate`'s reports: a write that fails (a directory in the file's place here, a
+    full disk alike) is one line naming the file, without a traceback (Keras', matplotlib's
+    and open()'s errors name no file, or not in one line), and the run resumes once the
+    cause is gone."""
+    from test_checkpoint import EpochSpy
+
+    from fer.config import TrainConfig
+    from fer.data import load_dataset
+    from fer.train import train
+
+    EpochSpy(monkeypatch, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_dataset(fer_subset, cache_dir=data_dir),
+              TrainConfig(epochs=2, batch_size=32, out_dir=tmp_path / "runs"), verbose=0)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+
+    for blocked, logged in (("curves.png", "training stopped; `fer train --resume {}` "
+                                           "continues it"),
+                            ("classification_report.txt", "scoring stopped; `fer train "
+                                                          "--resume {}` finishes the run")):
+        (run_dir / blocked).mkdir()
+        failed = run_fer("train", "--resume", run_dir)
+        assert failed.returncode == 1, failed.stderr
+        assert "Traceback" not in failed.stderr + failed.stdout
+        assert logged.format(run_dir) in failed.stderr, failed.stderr
+        assert failed.stderr.strip().splitlines()[-1] == (
+            f"error: training stopped: {run_dir / blocked}: Is a directory; make room (or fix "
+            "the cause), then resume it as logged above")
+        (run_dir / blocked).rmdir()
+    resumed = run_fer("train", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+
+    evaluation = tmp_path / "evaluation"
+    (evaluation / "confusion_matrix.png").mkdir(parents=True)
+    refused = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
+                      "--out", evaluation)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {evaluation / 'confusion_matrix.png'}: Is a directory")
+
+
+@pytest.mark.integration
 def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monkeypatch):
     """fetch-data, train 1 epoch, evaluate and predict on a real FER2013 subset."""
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)  # the CLI's own choice
