@@ -713,9 +713,10 @@ class _LogLines(logging.Formatter):
             message = f"Flow run '{record.flow_run_name}' - {message}"
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
-        if record.exc_info and not isinstance(record.exc_info[1], FerError):
-            # a FerError is bad input, said in its message: Prefect's log of a failed task
-            # or flow run keeps no traceback of it (README: bad data never prints one)
+        if record.exc_info and not isinstance(record.exc_info[1], (FerError, FileWriteError)):
+            # a FerError is bad input, a FileWriteError a full disk, each said in its message:
+            # Prefect's log of a failed task or flow run keeps no traceback of it (README: bad
+            # data never prints one)
             message += "\n" + self.formatException(record.exc_info)
         return message
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 from prefect.client.orchestration import get_client
@@ -33,6 +33,8 @@ PICKUP_TIMEOUT_S = 120.0
 WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then this much more
 _WAITING_FOR_WORKER = {"Scheduled", "Late"}  # SCHEDULED states no worker has touched yet
 _PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it will not take
+_CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "
+                   "shows it, before you trigger another")
 
 StateCallback = Callable[[str], None]
 """Called with the state name each time a followed run changes state."""
@@ -60,21 +62,37 @@ class RemoteRun:
     report: PostedReport | None = None
 
 
-def require_api() -> str:
-    """The Prefect API URL, checked to answer; a FerError naming the URL when it does not."""
+def require_api(*, otherwise: str = "") -> str:
+    """The Prefect API URL, checked to answer and to take our credentials; a FerError naming
+    the URL when it does not. ``otherwise``: what the user can do without a server, for the
+    message when none is set."""
     url = PREFECT_API_URL.value()
     if not url:
         raise FerError(
-            "PREFECT_API_URL is not set, so there is no Prefect server to send runs to; start "
-            "one with `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
-            ", or train in-process with `fer retrain`"
+            "PREFECT_API_URL is not set, so there is no Prefect server to talk to; start one "
+            "with `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+            + (f", or {otherwise}" if otherwise else "")
         )
     with get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
-    if problem is not None:
-        raise FerError(f"cannot reach the Prefect API at {url} ({problem}); check that the "
-                       "server is running and PREFECT_API_URL is right")
+        if problem is not None:
+            raise FerError(f"cannot reach the Prefect API at {url} ({problem}); check that the "
+                           "server is running and PREFECT_API_URL is right")
+        try:  # /health answers without a login: ask something that needs one
+            client.read_work_pools(limit=1)
+        except PrefectHTTPStatusError as exc:
+            raise FerError(_api_refused(url, exc, doing="reading its work pools")) from None
     return url
+
+
+def _api_refused(url: str, exc: PrefectHTTPStatusError, *, doing: str) -> str:
+    """A Prefect API's error answer in a line; a refused login says which setting to set."""
+    status = exc.response.status_code
+    if status in (401, 403):
+        return (f"the Prefect API at {url} refused our credentials ({status}) {doing}; set "
+                "PREFECT_API_AUTH_STRING to its PREFECT_SERVER_API_AUTH_STRING (user:password), "
+                "or PREFECT_API_KEY for Prefect Cloud")
+    return f"the Prefect API at {url} answered {status} {doing}: {_detail(exc)}"
 
 
 def trigger_retrain(
@@ -90,25 +108,29 @@ def trigger_retrain(
 
     Never blocks on the server: the run is created and this returns at once unless ``wait``.
     """
-    api_url = require_api()
+    api_url = require_api(otherwise="train in-process with `fer retrain`")
+    starting = f"while starting a run of deployment {deployment!r}"
     try:
+        # one key for this request: the Prefect client resends it after a timeout or a 502/503,
+        # and the server answers a resend with the run it created instead of a second one
         flow_run = run_deployment(deployment, parameters=dict(parameters), timeout=0,
-                                  as_subflow=False)
+                                  as_subflow=False, idempotency_key=uuid4().hex)
     except ObjectNotFound:
         raise FerError(f"deployment {deployment!r} not found at {api_url}; register it with "
-                       "`fer deploy`") from None
+                       "`fer deploy` (with the compose stack, with its deploy service)") from None
     except PrefectHTTPStatusError as exc:
-        if exc.response.status_code in _PARAMETERS_REFUSED:
+        status = exc.response.status_code
+        if status in _PARAMETERS_REFUSED:
             raise FerError(f"deployment {deployment!r} refused parameters {dict(parameters)}: "
                            f"{_detail(exc)}") from None
-        raise FerError(f"the Prefect API at {api_url} answered {exc.response.status_code} "
-                       f"while starting a run of deployment {deployment!r}: {_detail(exc)}; "
-                       "see the server's log; `prefect flow-run ls` shows whether a run was "
-                       "created") from None
+        if status < 500:
+            raise FerError(_api_refused(api_url, exc, doing=starting)) from None
+        # whether the run was created is not known: exit as for a run not followed to its end
+        raise RunStillGoing(f"{_api_refused(api_url, exc, doing=starting)}; "
+                            f"{_CREATED_OR_NOT}") from None
     except httpx.TransportError as exc:
-        raise FerError(f"lost the Prefect API at {api_url} while starting a run of deployment "
-                       f"{deployment!r} ({exc or type(exc).__name__}); `prefect flow-run ls` "
-                       "shows whether a run was created") from None
+        raise RunStillGoing(f"lost the Prefect API at {api_url} {starting} "
+                            f"({exc or type(exc).__name__}); {_CREATED_OR_NOT}") from None
     if not wait:
         return _describe(flow_run)
     return follow_run(flow_run.id, poll_seconds=poll_seconds, pickup_timeout_s=pickup_timeout_s,
@@ -267,8 +289,11 @@ def _url(flow_run: FlowRun) -> str:
 
 
 def _detail(exc: PrefectHTTPStatusError) -> str:
+    """The server's reason, from a JSON body's ``detail`` (a proxy's page: its text)."""
     try:
-        detail = exc.response.json().get("detail", "")
+        body = exc.response.json()
     except ValueError:
-        detail = exc.response.text
-    return " ".join(str(detail).split()) or str(exc.response.status_code)
+        body = exc.response.text
+    if isinstance(body, dict):
+        body = body.get("detail") or body.get("exception_message") or ""
+    return " ".join(str(body).split()) or str(exc.response.status_code)

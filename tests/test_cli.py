@@ -239,6 +239,16 @@ def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up(
     assert lines.format(refused) == ("error: Task run 'fetch_data-3c1' - Task run failed with "
                                      "exception: DataError('bad.csv: line 3: expected 2304 "
                                      "pixels')")
+    from fer.errors import FileWriteError, writing
+
+    try:  # a full disk, said in its message: no traceback either
+        with writing(Path("runs/r1/model.keras")):
+            raise OSError(28, "No space left on device")
+    except FileWriteError:
+        full_disk = sys.exc_info()
+    stopped = record("prefect.task_runs", logging.ERROR, "Task run failed", full_disk,
+                     task_run_name="train-9f0")
+    assert lines.format(stopped) == "error: Task run 'train-9f0' - Task run failed"
 
 
 def test_usage_errors_are_reported_by_click(tmp_path):

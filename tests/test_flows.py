@@ -818,14 +818,23 @@ def test_parameters_of_the_wrong_type_are_refused(deployed):
 
 
 class _ErringPrefectApi(http.server.BaseHTTPRequestHandler):
-    """A Prefect API that answers its health check and fails every other request: with a
-    500 on /api/deployments/..., by dropping the connection elsewhere."""
+    """A Prefect API that answers its health check (without a login, as Prefect's does) and
+    fails other requests as the path's first part says: /login asks for credentials, as a
+    server with PREFECT_SERVER_API_AUTH_STRING does; /proxy answers 500 for deployments, with
+    a proxy's JSON string for a body; /drop closes the connection without an answer."""
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+        kind = self.path.split("/")[1]
         if self.path.endswith("/health"):
             self._answer(200, b"true")
-        elif self.path.startswith("/api/deployments/"):
-            self._answer(500, b'{"detail": "database is locked"}')
+        elif kind == "login":
+            self._answer(401, b'{"exception_message": "Unauthorized"}')
+        elif "/csrf-token" in self.path:
+            self._answer(404, b'{"detail": "Not Found"}')  # as a server without CSRF tokens
+        elif self.path.endswith("/work_pools/filter"):
+            self._answer(200, b"[]")
+        elif kind == "proxy":
+            self._answer(500, b'"upstream timed out"')
         else:
             self.close_connection = True  # no answer at all
 
@@ -842,21 +851,31 @@ class _ErringPrefectApi(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("/api", r"the Prefect API at http://127\.0\.0\.1:\d+/api answered 500 while starting a "
-             r"run of deployment 'retrain/retrain': database is locked; see the server's log; "
-             r"`prefect flow-run ls` shows whether a run was created"),
-    ("/other/api", r"lost the Prefect API at http://127\.0\.0\.1:\d+/other/api while starting "
-                   r"a run of deployment 'retrain/retrain' \(.+\); `prefect flow-run ls` shows"),
+_API = r"the Prefect API at http://127\.0\.0\.1:\d+/\w+/api"
+_STARTING = r"while starting a run of deployment 'retrain/retrain'"
+_MAY_EXIST = (r"the run may have been created: `prefect flow-run ls --flow-name retrain` "
+              r"shows it, before you trigger another")
+
+
+@pytest.mark.parametrize(("kind", "error", "expected"), [
+    ("login", FerError, rf"{_API} refused our credentials \(401\) reading its work pools; set "
+                        r"PREFECT_API_AUTH_STRING to its PREFECT_SERVER_API_AUTH_STRING"),
+    ("proxy", RunStillGoing, rf"{_API} answered 500 {_STARTING}: upstream timed out; "
+                             rf"{_MAY_EXIST}"),
+    ("drop", RunStillGoing, rf"lost {_API} {_STARTING} \(.+\); "
+                            rf"{_MAY_EXIST}"),
 ])
-def test_a_server_failing_the_trigger_is_not_called_a_parameter_refusal(path, expected):
-    """A 500 or a dropped connection while starting a run says what happened; only the
-    server's 400/409/422 answers are called a refusal of the parameters."""
+def test_a_server_failing_the_trigger_says_what_happened(kind, error, expected):
+    """A refused login (which /health does not ask for), a 500 from a proxy, a dropped
+    connection: each said as such, not as a refusal of the parameters (only the server's
+    400/409/422 is one) nor a traceback; where the run may exist, the exit is that of a run
+    whose outcome is unknown (RunStillGoing), so a script retrying on failure does not start
+    a second training."""
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringPrefectApi)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+    url = f"http://127.0.0.1:{server.server_address[1]}/{kind}/api"
     try:
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
             with pytest.raises(FerError, match=expected) as raised:
@@ -864,7 +883,7 @@ def test_a_server_failing_the_trigger_is_not_called_a_parameter_refusal(path, ex
     finally:
         server.shutdown()
         server.server_close()
-    assert "refused parameters" not in str(raised.value)
+    assert type(raised.value) is error
 
 
 def test_triggering_without_a_server_says_how_to_start_one():
