@@ -273,6 +273,12 @@ def train(
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return
+    # TensorFlow reads its oneDNN switch once, at import: ask before fer.train imports it
+    # (a resume reaches _check_training only after)
+    from fer.precision import prefer_onednn
+
+    prefer_onednn()
+    _load_tensorflow()
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags
 

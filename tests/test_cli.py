@@ -424,9 +424,27 @@ def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, mo
         train(dataset, TrainConfig(epochs=3, out_dir=tmp_path / "runs"), verbose=0)
     (run_dir,) = (tmp_path / "runs").iterdir()
 
-    result = run_fer("train", "--resume", run_dir)
+    # `fer train --resume`, recording whether TensorFlow was loaded when fer asked for its
+    # oneDNN kernels (it reads the switch once, at import; a CPU without AVX512 then trains
+    # without them, 1.5x slower): the run's record alone cannot tell on a CPU that has them
+    asked = tmp_path / "onednn-asked-with-tensorflow-loaded"
+    fer_spying = (
+        "import sys, fer.precision as precision\n"
+        "original = precision.prefer_onednn\n"
+        "def spy(*args, **kwargs):\n"
+        f"    open({str(asked)!r}, 'a').write(str('tensorflow' in sys.modules) + '\\n')\n"
+        "    return original(*args, **kwargs)\n"
+        "precision.prefer_onednn = spy\n"
+        "from fer_cli.main import main\n"
+        "sys.argv = ['fer', *sys.argv[1:]]\n"
+        "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    result = subprocess.run([sys.executable, "-c", fer_spying, "train", "--resume",
+                             str(run_dir)], capture_output=True, text=True, env=env,
+                            timeout=600, check=False)
 
     assert result.returncode == 0, result.stderr
+    assert asked.read_text().splitlines()[0] == "False"
     assert "resuming after epoch 1 of 3" in result.stderr
     assert f"run {run_dir.name}: test accuracy" in result.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
