@@ -14,8 +14,10 @@ The test split is never used for model selection.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import logging
+import lzma
 import os
 import re
 import tarfile
@@ -179,25 +181,29 @@ def read_splits(source: Path) -> dict[str, Split]:
     suffix = suffix_by_content(source)
     hint = (f"; its first bytes are a {suffix}'s: name it {source.name}{suffix}, or fetch it "
             "with `fer fetch-data --source`, which reads a file by its first bytes"
-            if suffix not in (None, WEB_PAGE) else "")
+            if suffix not in (None, WEB_PAGE, GZIP) else
+            "; it is gzip-compressed, and not a tarball: gunzip it first" if suffix == GZIP
+            else "")
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     f"or a folder with train/ and test/){hint}")
 
 
 WEB_PAGE = "web page"
+GZIP = "gzip"  # a gzip holding something other than a tarball (a gzipped CSV)
 
 
 def suffix_by_content(path: Path) -> str | None:
-    """The suffix a file's first bytes say it should have: ".zip", ".tar.gz" (a gzip, which
-    fer reads as a tarball), ".tar", ".csv" for other text; WEB_PAGE for HTML or XML (a
-    download site's page in place of the file); None for another binary kind."""
+    """The suffix a file's first bytes say it should have: ".zip", ".tar.gz" (a gzip whose
+    content starts as a tar does), ".tar", ".csv" for other text; WEB_PAGE for HTML or XML
+    (a download site's page in place of the file); GZIP for another gzip (a gzipped CSV:
+    named .tar.gz it would fail as a damaged tarball); None for another binary kind."""
     with open(path, "rb") as handle:
         head = handle.read(512)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return ".zip"
     if head.startswith(b"\x1f\x8b"):
-        return ".tar.gz"
-    if head[257:262] == b"ustar":
+        return ".tar.gz" if _is_tar(_gunzipped_head(path)) else GZIP
+    if _is_tar(head):
         return ".tar"
     if head.removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith(
             (b"<!doctype html", b"<html", b"<!--", b"<?xml", b"<head", b"<body")):
@@ -205,6 +211,21 @@ def suffix_by_content(path: Path) -> str | None:
     if b"\x00" not in head and not head.startswith((b"BZh", b"\xfd7zXZ")):  # bzip2, xz
         return ".csv"
     return None
+
+
+def _is_tar(head: bytes) -> bool:
+    """A POSIX or GNU tar's first header ("ustar" at 257); fer's archives all have one."""
+    return head[257:262] == b"ustar"
+
+
+def _gunzipped_head(path: Path) -> bytes:
+    """The first 512 bytes a gzip decompresses to; what it gives before failing if damaged."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a gzip header and trailer
+    with open(path, "rb") as handle:
+        try:
+            return inflater.decompress(handle.read(64 * 1024), 512)
+        except zlib.error:
+            return b""
 
 
 def _splits_of(entries: list[tuple[str, Callable[[], bytes]]], *, source: Path,
@@ -365,11 +386,21 @@ def _archive_entries(archive: Path) -> Iterator[list[tuple[str, Callable[[], byt
 
 @contextlib.contextmanager
 def _readable_archive(archive: Path) -> Iterator[None]:
-    """An archive's index that cannot be read, as one DataError naming it."""
+    """An archive's index that cannot be read, as one DataError naming it: damaged (zlib's
+    and lzma's errors come through tarfile unwrapped), or not an archive at all (tarfile
+    lists each method it tried, a line each: said as what the file's first bytes are)."""
     try:
         yield
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise DataError(f"{archive}: not a readable archive ({exc})") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+            gzip.BadGzipFile) as exc:
+        detail = " ".join(str(exc).split())
+        if isinstance(exc, tarfile.ReadError) and "could not be opened" in detail:
+            found = suffix_by_content(archive)
+            detail = ("not a tarball, compressed or not" if found is None else
+                      "gzip-compressed, but not a tarball: gunzip it" if found == GZIP else
+                      f"its first bytes are a {found}'s" if found.startswith(".") else
+                      f"it is a {found}")
+        raise DataError(f"{archive}: not a readable archive ({detail})") from None
 
 
 def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -567,6 +568,30 @@ def test_corrupt_zip(tmp_path):
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(DataError, match=r"broken\.zip: not a readable archive"):
         read_splits(tmp_path / "broken.zip")
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"<!doctype html><html>sign in</html>", r"it is a web page"),
+    (b"x", r"its first bytes are a \.csv's"),
+    (gzip.compress(b"emotion,pixels,Usage\n0,1 2 3,Training\n"),
+     r"gzip-compressed, but not a tarball: gunzip it"),
+])
+def test_a_tar_gz_that_is_not_a_tarball_is_said_in_one_line(tmp_path, content, said):
+    """A `.tar.gz` URL serving a login page, a stray file, a gzipped CSV: one line saying
+    what the file is (tarfile's own error lists every method it tried, a line each)."""
+    (tmp_path / "ds.tar.gz").write_bytes(content)
+    with pytest.raises(DataError, match=rf"ds\.tar\.gz: not a readable archive \({said}\)$") as raised:
+        read_splits(tmp_path / "ds.tar.gz")
+    assert "\n" not in str(raised.value)
+
+
+def test_a_gzipped_csv_without_a_suffix_is_not_called_a_tarball(tmp_path):
+    """`--data fer2013.csv.gz`: not told to rename it .tar.gz (it would then fail as a
+    damaged tarball), but to gunzip it."""
+    (tmp_path / "fer2013.csv.gz").write_bytes(gzip.compress(b"emotion,pixels,Usage\n"))
+    with pytest.raises(DataError, match=r"unsupported source type .*; it is gzip-compressed, "
+                                        r"and not a tarball: gunzip it first$"):
+        load_dataset(tmp_path / "fer2013.csv.gz")
 
 
 def test_image_zip_and_folder_agree(tmp_path, image_tree):
