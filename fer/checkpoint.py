@@ -84,6 +84,8 @@ def read_run(run_dir: Path) -> RunRecord:
         raise FerError(f"{run_dir}: nothing to resume: {_why_not_resumable(run_dir)}")
     try:
         record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"{type(record).__name__}, expected an object")
         if record.get("format") != FORMAT:
             raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
         options = record["config"]

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import math
 import shlex
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
     run = RunRecord(
-        run_dir=Path(config.out_dir) / new_run_id(config.model), config=config,
+        run_dir=_new_run_folder(Path(config.out_dir), config.model), config=config,
         precision=precision,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
@@ -218,12 +219,32 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
         started_by=started_by, precision_reason=why, data_origin=data_origin,
         recipe=spec.recipe())
     try:
-        run.run_dir.mkdir(parents=True, exist_ok=False)
-    except OSError as exc:  # a worker's --out it cannot write, say
-        raise FerError(f"{run.run_dir}: cannot create the run folder ({exc.strerror}); "
-                       "expected --out to be a folder this user can write") from None
-    start_run(run)
+        start_run(run)
+    except BaseException as exc:  # a full disk, Ctrl-C: a folder without its record could
+        shutil.rmtree(run.run_dir, ignore_errors=True)  # be neither resumed nor published
+        if isinstance(exc, OSError):
+            raise FerError(f"{exc.filename or run.run_dir}: cannot write the new run's record "
+                           f"({exc.strerror}); make room (or fix the cause) and train "
+                           "again") from None
+        raise
     return run, why
+
+
+def _new_run_folder(out_dir: Path, model: str) -> Path:
+    """A new, empty run folder; another id where one was taken (two runs of a model started
+    in the same second, as a sweep launched at once may, share one in 65,536)."""
+    for _ in range(8):
+        run_dir = out_dir / new_run_id(model)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as exc:  # a worker's --out it cannot write, say
+            raise FerError(f"{run_dir}: cannot create the run folder ({exc.strerror}); "
+                           "expected --out to be a folder this user can write") from None
+    raise FerError(f"{out_dir}: every run id tried was taken; expected --out to hold run "
+                   "folders fer named")
 
 
 def _absolute(source: str) -> str:

@@ -180,6 +180,10 @@ def test_a_run_resumes_only_with_the_recipe_it_began_with(tmp_path, tiny_dataset
     with pytest.raises(FerError, match=r"run\.json: not a run record this version can resume "
                                        r"\(recipe 'default', expected an object\)"):
         read_run(run_dir)
+    (run_dir / FOLDER / RUN_RECORD).write_text("[]")  # JSON, but not a record
+    with pytest.raises(FerError, match=r"run\.json: not a run record this version can resume "
+                                       r"\(list, expected an object\)"):
+        read_run(run_dir)
     (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
     assert train(tiny_dataset, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
 

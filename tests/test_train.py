@@ -245,6 +245,43 @@ def test_test_only_dataset_cannot_be_trained(tmp_path, tiny_dataset):
     keras.backend.clear_session()
 
 
+@pytest.mark.parametrize("stop", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["full-disk", "ctrl-c"])
+def test_a_run_whose_record_cannot_be_written_leaves_no_folder(tmp_path, tiny_dataset,
+                                                              monkeypatch, stop):
+    """A full disk (or Ctrl-C) while a new run's record is written: no folder is left that
+    `fer train --resume` (no record) and `fer publish` (training not finished) would each
+    send to the other; a full disk is one line naming the record."""
+    import fer.checkpoint
+    from fer.errors import writing
+
+    def failing_write(path, payload):
+        with writing(path):  # as write_json fails
+            raise stop
+
+    monkeypatch.setattr(fer.checkpoint, "write_json", failing_write)
+    raised = (pytest.raises(FerError, match=r"checkpoint/run\.json: cannot write the new run's "
+                                            r"record \(No space left on device\); make room")
+              if isinstance(stop, OSError) else pytest.raises(KeyboardInterrupt))
+    with raised:
+        train(tiny_dataset, TrainConfig(epochs=1, out_dir=tmp_path / "runs"), verbose=0)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_run_id_taken_meanwhile_is_drawn_again(tmp_path, monkeypatch):
+    """Two runs of one model started in the same second may draw one id (one in 65,536):
+    the second takes another instead of failing as an unwritable --out."""
+    import fer.train
+
+    ids = iter(["20261205-170000-default-0000", "20261205-170000-default-0000",
+                "20261205-170000-default-0001"])
+    monkeypatch.setattr(fer.train, "new_run_id", lambda model: next(ids))
+    first = fer.train._new_run_folder(tmp_path, "default")
+    second = fer.train._new_run_folder(tmp_path, "default")
+    assert (first.name, second.name) == ("20261205-170000-default-0000",
+                                         "20261205-170000-default-0001")
+
+
 def test_a_split_left_empty_by_the_validation_fraction_is_refused(tmp_path):
     """Three images per class at --val-fraction 0.1 carve no validation image: the error
     says so before any training."""
