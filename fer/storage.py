@@ -7,6 +7,7 @@ Errors are one-line StorageErrors that say whether retrying may help, never with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -142,16 +143,29 @@ class LocalStore:
         return self.root.joinpath(*PurePosixPath(key).parts)
 
     def _write(self, key: str, fill: Callable[[Path], object]) -> None:
-        # Write beside the target and rename: readers never see half a file.
+        """Write beside the target, flush it to disk, and rename: readers never see half a
+        file, and a power loss never leaves an empty one in its place (a pointer read as
+        empty would stop every later publish)."""
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with local_errors("write", path):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fill(tmp)
+                _fsync(tmp)
                 os.replace(tmp, path)
+                with contextlib.suppress(OSError):  # some network filesystems refuse it
+                    _fsync(path.parent)  # the rename itself
             finally:
                 tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _content_version(data: bytes | None) -> str | None:
