@@ -585,7 +585,7 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     if source.is_dir():
         digest = hashlib.sha256()
         for name, read in _folder_entries(source):
-            digest.update(name.encode() + b"\0" + hashlib.sha256(read()).digest())
+            digest.update(os.fsencode(name) + b"\0" + hashlib.sha256(read()).digest())
         value = digest.hexdigest()
     else:
         value = file_sha256(source)
@@ -616,7 +616,7 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     digest = hashlib.sha256()
     for path in _data_files(source):
         stamp = "\0".join(map(str, fields(path.stat())))
-        digest.update(f"{path.relative_to(source).as_posix()}\0{stamp}\n".encode())
+        digest.update(os.fsencode(f"{path.relative_to(source).as_posix()}\0{stamp}\n"))
     return digest.hexdigest()
 
 

@@ -594,6 +594,17 @@ def test_a_gzipped_csv_without_a_suffix_is_not_called_a_tarball(tmp_path):
         load_dataset(tmp_path / "fer2013.csv.gz")
 
 
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path, image_tree):
+    """An image saved by a tool writing Latin-1 names (`café.png` as bytes 63 61 66 e9): read
+    and hashed like the others; hashing its name raised UnicodeEncodeError."""
+    happy = image_tree / "train" / "happy"
+    before = load_dataset(image_tree, cache_dir=tmp_path / "cache")
+    shutil.copy(next(happy.iterdir()), os.fsdecode(os.fsencode(happy) + b"/caf\xe9.png"))
+    after = load_dataset(image_tree, cache_dir=tmp_path / "cache")
+    assert len(after.train) + len(after.validation) == len(before.train) + len(before.validation) + 1
+    assert after.sha256 != before.sha256
+
+
 def test_image_zip_and_folder_agree(tmp_path, image_tree):
     """The same images read from a folder and from its zip give the same arrays."""
     from_folder = read_splits(image_tree)
