@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fer.data import Split
+from fer.data import Dataset, Split
 from fer.errors import FerError, NonFiniteScoresError, writing
 from fer.labels import CLASS_INDEX, CLASS_NAMES
-from fer.manifest import write_json
+from fer.manifest import read_json, write_json
 from fer.models import class_names_of
 from fer.pipeline import image_batches
 from fer.plots import plot_confusion_matrix
@@ -111,6 +111,40 @@ def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
     metrics["test_images_per_second"] = round(len(split) / seconds, 1)
     write_json(out_dir / "metrics.json", metrics)  # a stop mid-write keeps the old one whole
     return metrics
+
+
+def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int | None:
+    """For a run's model scored on other data than the run's: how many of ``scored``'s test
+    images are, pixel for pixel, ones the run trained or chose its epoch on (its data's train
+    and validation splits), with a warning when any. None: the same data, no run manifest
+    beside the model, or the run's data no longer on this machine (a warning says so).
+
+    FER2013's copies split one set of images differently (the CSV's PublicTest rows are a
+    run's validation split there, and test images in the image layout): a model trained on
+    one copy and scored on another's test split is partly scored on images it was chosen
+    on, and its "test" figure is not one.
+    """
+    from fer.data import load_dataset
+
+    recorded = read_json(run_dir / "manifest.json").get("data")
+    if not isinstance(recorded, dict) or recorded.get("sha256") in (None, scored.sha256):
+        return None
+    source = str(recorded.get("source"))
+    try:
+        trained_on = load_dataset(Path(source), cache_dir=data_dir)
+    except (FerError, OSError):
+        log.warning("scoring on other data than the run trained on (%s), which is not here: "
+                    "the test images may include ones the run trained or chose its epoch on",
+                    source)
+        return None
+    seen = {image.tobytes() for split in (trained_on.train, trained_on.validation)
+            for image in split.images}
+    overlap = sum(image.tobytes() in seen for image in scored.test.images)
+    if overlap:
+        log.warning("%d of the %d test images are images the run trained or chose its epoch "
+                    "on (its data: %s): these figures are not test figures for it",
+                    overlap, len(scored.test), source)
+    return overlap
 
 
 def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> dict:

@@ -556,7 +556,7 @@ def evaluate(
                        "as they are; pass another folder (default: evaluation/ beside the "
                        "model)")
     _load_tensorflow()
-    from fer.evaluate import check_fer_classes, evaluate_split
+    from fer.evaluate import check_fer_classes, evaluate_split, seen_in_training
     from fer.models import class_names_of, load_model
 
     precision = choose_precision(precision)
@@ -566,8 +566,10 @@ def evaluate(
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
     dataset = load_dataset(source.path, cache_dir=settings.data_dir, require_train=False)
-    metrics = evaluate_split(loaded, dataset.test, out_dir=out,
-                             extra_metrics={"inference_precision": precision})
+    overlap = seen_in_training(model.parent, dataset, data_dir=settings.data_dir)
+    metrics = evaluate_split(loaded, dataset.test, out_dir=out, extra_metrics={
+        "inference_precision": precision,
+        **({"test_images_seen_in_training": overlap} if overlap is not None else {})})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
                f"on {metrics['test_samples']} images\nreports in {out}")
 

@@ -140,3 +140,48 @@ def test_a_split_with_every_class_keeps_every_row(tmp_path):
     metrics = write_reports(true, predicted, out_dir=tmp_path)
     assert metrics["per_class_recall"]["disgust"] == 0.0
     assert metrics["macro_f1"] == round((2 / 3 + 0 + 5) / 7, 4)
+
+
+def _noise_tree(root, *, seed: int, per_class: int = 2):
+    """train/ and test/ of distinct random images, their pixels by the seed."""
+    from conftest import encode_image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for name in CLASS_NAMES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for n in range(per_class):
+                image = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+                (folder / f"{n}.png").write_bytes(encode_image(image))
+    return root
+
+
+def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
+    """A run trained on one copy and scored on another whose test/ holds some of its
+    training images (FER2013's CSV and image layout split one set of images differently):
+    counted and warned of; none for its own data; said where its data is gone."""
+    import json
+    import shutil
+
+    from fer.data import load_dataset
+    from fer.evaluate import seen_in_training
+
+    trained_on = _noise_tree(tmp_path / "a", seed=1)
+    other = _noise_tree(tmp_path / "b", seed=2)
+    for n, happy in enumerate(sorted((trained_on / "train" / "happy").iterdir())):
+        shutil.copy(happy, other / "test" / "happy" / f"from-a-{n}.png")
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    own = load_dataset(trained_on, cache_dir=tmp_path / "cache")
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"data": {"source": str(trained_on), "sha256": own.sha256}}))
+
+    scored = load_dataset(other, cache_dir=tmp_path / "cache", require_train=False)
+    assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") == 2
+    assert "2 of the 16 test images are images the run trained or chose its epoch on" \
+           in caplog.text
+    assert seen_in_training(run_dir, own, data_dir=tmp_path / "cache") is None
+    shutil.rmtree(trained_on)
+    assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None
+    assert "which is not here" in caplog.text
