@@ -168,9 +168,11 @@ def follow_run(
                 with _api_answers(flow_run_id, ended=state.name):
                     return _finish(client, flow_run)
             with _api_answers(flow_run_id):
-                if (not picked_up and time.monotonic() - started > pickup_timeout_s
-                        and not _worker_online(client, flow_run.work_pool_name)):
-                    raise RunStillGoing(_not_picked_up(flow_run, pickup_timeout_s))
+                if not picked_up and time.monotonic() - started > pickup_timeout_s:
+                    paused = _paused(client, flow_run)
+                    if paused or not _worker_online(client, flow_run.work_pool_name):
+                        raise RunStillGoing(_not_picked_up(flow_run, pickup_timeout_s,
+                                                           paused=paused))
                 if picked_up and state is not None and state.type == StateType.RUNNING:
                     if _worker_online(client, flow_run.work_pool_name, paused_counts=True):
                         unpolled_since = None
@@ -219,11 +221,29 @@ def _worker_online(client, pool: str | None, *, paused_counts: bool = False) -> 
     return status == WorkPoolStatus.READY or (paused_counts and status == WorkPoolStatus.PAUSED)
 
 
-def _not_picked_up(flow_run: FlowRun, timeout_s: float) -> str:
+def _paused(client, flow_run: FlowRun) -> str | None:
+    """What holds the run back when its pool or its work queue is paused (a worker polls
+    neither, however many run), with the command that resumes it; None when neither is."""
+    pool, queue = flow_run.work_pool_name, flow_run.work_queue_name
+    if pool is None:
+        return None
+    try:
+        if client.read_work_pool(pool).status == WorkPoolStatus.PAUSED:
+            return f"work pool {pool} is paused: `prefect work-pool resume {pool}` resumes it"
+        if queue and client.read_work_queue_by_name(queue, work_pool_name=pool).is_paused:
+            return (f"work queue {queue} of pool {pool} is paused: `prefect work-queue resume "
+                    f"{queue} --pool {pool}` resumes it")
+    except ObjectNotFound:
+        return None
+    return None
+
+
+def _not_picked_up(flow_run: FlowRun, timeout_s: float, *, paused: str | None = None) -> str:
     pool = flow_run.work_pool_name or "fer"
+    remedy = paused or f"start one with `prefect worker start --pool {pool}`"
     return (f"no worker picked up flow run {flow_run.name} ({flow_run.id}) in {timeout_s:g}s; "
-            f"start one with `prefect worker start --pool {pool}` (the run stays queued and "
-            f"starts then; cancel it with `prefect flow-run cancel {flow_run.id}`)")
+            f"{remedy} (the run stays queued and starts then; cancel it with "
+            f"`prefect flow-run cancel {flow_run.id}`)")
 
 
 def _worker_lost(flow_run: FlowRun, lost_s: float) -> str:

@@ -783,6 +783,32 @@ def test_a_run_no_worker_picks_up_is_reported(deployed, prefect_api):
 
 
 @integration
+@pytest.mark.parametrize("paused", ["pool", "queue"])
+def test_a_run_held_by_a_paused_pool_or_queue_says_how_to_resume_it(deployed, prefect_api,
+                                                                    paused):
+    """A paused pool or work queue: no worker takes the run however many poll, so the hint
+    is the resume command, not to start a worker (a paused queue also kept the pool READY,
+    and `--wait` waited for ever)."""
+
+    pool = f"fer-paused-{paused}"
+    retrain_on_pool(pool, deployment=f"paused-{paused}")
+    with get_client(sync_client=True) as client:
+        if paused == "pool":
+            client.update_work_pool(pool, WorkPoolUpdate(is_paused=True))
+        else:
+            queue = client.read_work_queue_by_name("default", work_pool_name=pool)
+            client.update_work_queue(queue.id, is_paused=True)
+    expected = (rf"work pool {pool} is paused: `prefect work-pool resume {pool}` resumes it"
+                if paused == "pool" else
+                rf"work queue default of pool {pool} is paused: `prefect work-queue resume "
+                rf"default --pool {pool}` resumes it")
+    with pytest.raises(RunStillGoing, match=rf"no worker picked up flow run .* in 2s; "
+                                            rf"{expected} \(the run stays queued"):
+        trigger_retrain({}, wait=True, deployment=f"retrain/paused-{paused}", poll_seconds=0.5,
+                        pickup_timeout_s=2)
+
+
+@integration
 def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_api):
     """A run a worker claimed and started, on a pool no worker polls any more (the worker
     died with it): following it ends with what to do, instead of waiting for ever."""
