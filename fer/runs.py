@@ -105,6 +105,7 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
 
 
 WRITE_CHECK = ".fer-write-check"
+_WRITE_CHECK_TRIES = 6
 
 
 def check_can_publish(store: Store) -> None:
@@ -116,10 +117,14 @@ def check_can_publish(store: Store) -> None:
     same moment could overwrite each other's pointer there). The object is overwritten each
     time and safe to delete."""
     store.put_bytes(WRITE_CHECK, _WRITE_CHECK_TEXT)
-    for _ in range(2):  # a second try, in case another check wrote it in between
+    # Other tries after a backoff: runs started together write the object too, and where
+    # each write gets a new ETag (SSE-KMS buckets) their writes move its version between
+    # our read and our write; a store that refuses its own version refuses every try.
+    for attempt in range(_WRITE_CHECK_TRIES):
         _, version = store.get_versioned(WRITE_CHECK)
         if store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=version):
             break
+        time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
     else:
         raise StorageError(f"{store.url(WRITE_CHECK)}: the store refused a write conditional "
                            "on the version it had just given (If-Match on its ETag); "

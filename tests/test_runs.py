@@ -14,6 +14,7 @@ from run_folders import BIG, CrashAfterUploads, local_files, make_run, pointers
 
 from fer.errors import FerError, StorageError
 from fer.runs import (
+    WRITE_CHECK,
     check_can_publish,
     download_run,
     list_runs,
@@ -420,6 +421,32 @@ def test_the_check_before_training_fails_where_no_pointer_could_move(store):
     with pytest.raises(StorageError, match=r"refused a write conditional on the version it "
                                            r"had just given"):
         check_can_publish(RefusesItsOwnVersion(store))
+
+
+class OthersWriteInBetween:
+    """A store where, three times over, another run's write check lands between our read of
+    the object's version and our conditional write (on a bucket whose every write gets a new
+    ETag, an SSE-KMS one, identical bytes change the version too)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.raced = inner, 0
+
+    def put_bytes_if(self, key, data, *, version):
+        if key == WRITE_CHECK and self.raced < 3:
+            self.raced += 1
+            return False
+        return self.inner.put_bytes_if(key, data, version=version)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_runs_checking_the_store_at_the_same_moment_all_pass(store):
+    """Runs started together each write the check object: losing a race to another is
+    tried again, not taken for a store that cannot move pointers (which failed the run)."""
+    racing = OthersWriteInBetween(store)
+    check_can_publish(racing)
+    assert racing.raced == 3
 
 
 # --- reading errors -------------------------------------------------------------------------
