@@ -155,13 +155,17 @@ def training_lock(run_dir: Path):
     import socket
 
     path = Path(run_dir) / FOLDER / LOCK
+    gone = FerError(f"{run_dir}: nothing to resume: its checkpoint is gone (another process "
+                    "finished the run meanwhile?)")
     try:
         handle = open(path, "a+")  # noqa: SIM115 - held until the training ends
     except FileNotFoundError:  # another process finished the run meanwhile
-        raise FerError(f"{run_dir}: nothing to resume: its checkpoint is gone (another "
-                       "process finished the run meanwhile?)") from None
+        raise gone from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not (path.parent / RUN_RECORD).exists():  # finished between our open and lock:
+            handle.close()  # the lock is on a removed file, and training would start anew
+            raise gone
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"

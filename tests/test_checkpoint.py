@@ -214,6 +214,29 @@ def test_a_resume_after_another_process_finished_the_run_says_so(tmp_path):
             pass
 
 
+def test_a_resume_that_locks_a_run_finished_meanwhile_says_so(tmp_path, monkeypatch):
+    """The first resume finishes the run (removing its checkpoint) between the second's
+    opening the lock file and locking it: the second is told, instead of holding a lock on
+    a removed file and training the finished run anew over its files."""
+    import fcntl
+
+    from fer.checkpoint import RUN_RECORD, finish_run, training_lock
+
+    run_dir = tmp_path / "r1"
+    (run_dir / FOLDER).mkdir(parents=True)
+    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
+    flock = fcntl.flock
+
+    def finished_first(handle, operation):
+        finish_run(run_dir)  # the other process, done just before this lock
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", finished_first)
+    with pytest.raises(FerError, match=r"nothing to resume: its checkpoint is gone"):
+        with training_lock(run_dir):
+            pass
+
+
 def test_the_resume_command_a_stop_names_can_be_pasted(tmp_path):
     """A run folder with a space (`--out "My Runs"`) is quoted in the hint, as the publish
     options are."""
