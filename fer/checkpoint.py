@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fer.config import TrainConfig
-from fer.errors import CheckpointError, FerError, writing
+from fer.errors import CheckpointError, FerError, fsync_path, writing
 from fer.manifest import read_json, write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
@@ -224,7 +224,8 @@ class MemberCheckpoint:
 
     def __init__(self, run_dir: Path, number: int):
         self.folder = Path(run_dir) / FOLDER / f"member-{number}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with writing(self.folder):  # a full disk, for member 2's folder say
+            self.folder.mkdir(exist_ok=True)  # never the checkpoint itself: finished runs lose it
         self._state = self.folder / "state.json"
 
     def progress(self) -> MemberProgress:
@@ -266,7 +267,7 @@ class MemberCheckpoint:
         progress.weights_file = f"epoch-{progress.epochs_done}.weights.h5"
         with writing(self.folder / progress.weights_file):
             model.save_weights(self.folder / progress.weights_file)
-            _flush(self.folder / progress.weights_file)
+            fsync_path(self.folder / progress.weights_file)
         progress.random_states = [np.asarray(v).tolist() for v in _random_states(model)]
         if best_weights is not None and progress.best_epoch == progress.epochs_done:
             progress.best_file = f"best-{progress.best_epoch}.npz"
@@ -280,8 +281,7 @@ class MemberCheckpoint:
         self._commit(progress)
 
     def _commit(self, progress: MemberProgress) -> None:
-        with writing(self._state):
-            write_json(self._state, dataclasses.asdict(progress))
+        write_json(self._state, dataclasses.asdict(progress))
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
             if path.name not in keep:
@@ -310,10 +310,4 @@ def _random_states(model: keras.Model) -> list:
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
     with writing(path):
         np.savez(path, *arrays)
-        _flush(path)
-
-
-def _flush(path: Path) -> None:
-    """On disk before the record names it, so a power loss cannot leave a named file empty."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        fsync_path(path)

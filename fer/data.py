@@ -17,7 +17,6 @@ import contextlib
 import gzip
 import hashlib
 import logging
-import lzma
 import os
 import re
 import tarfile
@@ -182,14 +181,20 @@ def read_splits(source: Path) -> dict[str, Split]:
     hint = (f"; its first bytes are a {suffix}'s: name it {source.name}{suffix}, or fetch it "
             "with `fer fetch-data --source`, which reads a file by its first bytes"
             if suffix not in (None, WEB_PAGE, GZIP) else
-            "; it is gzip-compressed, and not a tarball: gunzip it first" if suffix == GZIP
-            else "")
+            f"; it is {_GZIP_NOT_TAR}" if suffix == GZIP else "")
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     f"or a folder with train/ and test/){hint}")
 
 
+try:
+    from lzma import LZMAError
+    _LZMA_ERRORS: tuple[type[Exception], ...] = (LZMAError,)
+except ImportError:  # a Python built without xz support: tarfile reads the rest without it
+    _LZMA_ERRORS = ()
+
 WEB_PAGE = "web page"
 GZIP = "gzip"  # a gzip holding something other than a tarball (a gzipped CSV)
+_GZIP_NOT_TAR = "gzip-compressed, and not a tarball: gunzip it first"
 
 
 def suffix_by_content(path: Path) -> str | None:
@@ -391,13 +396,13 @@ def _readable_archive(archive: Path) -> Iterator[None]:
     lists each method it tried, a line each: said as what the file's first bytes are)."""
     try:
         yield
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
-            gzip.BadGzipFile) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+            *_LZMA_ERRORS) as exc:
         detail = " ".join(str(exc).split())
         if isinstance(exc, tarfile.ReadError) and "could not be opened" in detail:
             found = suffix_by_content(archive)
             detail = ("not a tarball, compressed or not" if found is None else
-                      "gzip-compressed, but not a tarball: gunzip it" if found == GZIP else
+                      _GZIP_NOT_TAR if found == GZIP else
                       f"its first bytes are a {found}'s" if found.startswith(".") else
                       f"it is a {found}")
         raise DataError(f"{archive}: not a readable archive ({detail})") from None

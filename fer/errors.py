@@ -62,6 +62,9 @@ class FileWriteError(OSError):
     multi-line dump), nor do Keras' and matplotlib's. An OSError, not a FerError, so that a
     Prefect retry of the training tries again; `fer train` resumes a run stopped by one."""
 
+    def __repr__(self) -> str:  # OSError's leaves the file out, and Prefect logs the repr
+        return f"FileWriteError({self.filename!r}: {self.strerror})"
+
 
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
@@ -74,6 +77,15 @@ def writing(path: Path) -> Iterator[None]:
         cause = (os.strerror(exc.errno) if exc.errno
                  else (str(exc).splitlines() or [type(exc).__name__])[0])
         raise FileWriteError(exc.errno, cause, str(path)) from None
+
+
+def fsync_path(path: Path) -> None:
+    """``path`` (a file, or a folder after a rename in it) flushed to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class CheckpointError(FerError):

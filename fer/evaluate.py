@@ -132,10 +132,12 @@ def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int |
     source = str(recorded.get("source"))
     try:
         trained_on = load_dataset(Path(source), cache_dir=data_dir)
-    except (FerError, OSError):
-        log.warning("scoring on other data than the run trained on (%s), which is not here: "
-                    "the test images may include ones the run trained or chose its epoch on",
-                    source)
+        if trained_on.sha256 != recorded["sha256"]:
+            raise FerError(f"{source}: changed since the run trained on it")
+    except (FerError, OSError) as exc:
+        log.warning("scoring on other data than the run trained on, which cannot be read as "
+                    "it was (%s): the test images may include ones the run trained or chose "
+                    "its epoch on", exc)
         return None
     seen = {image.tobytes() for split in (trained_on.train, trained_on.validation)
             for image in split.images}

@@ -26,6 +26,7 @@ from fer.data import (
     CURRENT_POINTER,
     DOWNLOADS,
     FETCH_LOCK,
+    GZIP,
     SOURCES,
     WEB_PAGE,
     dataset_root,
@@ -136,7 +137,7 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
 def _named_by_content(local: Path, *, source: str, data_dir: Path) -> Path:
     """A fetched file whose name says nothing of its kind (`https://host/download?id=7`, an
     S3 key without an extension), linked under a name that does, from its first bytes: a
-    zip, a gzip (read as a tarball), a tar, else text (read as a CSV; a web page, such as a
+    zip, a gzipped tarball, a tar, else text (read as a CSV; a web page, such as a
     download site's confirmation page, is refused as one). A binary file of another kind
     keeps its name, and the reader names it as unsupported. The links live in a folder of
     their own (FER_DATA_DIR/by-content), where no fetched file's own name can meet them."""
@@ -144,7 +145,7 @@ def _named_by_content(local: Path, *, source: str, data_dir: Path) -> Path:
     if suffix == WEB_PAGE:
         raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
                         "download-confirmation page?); use the file's direct download link")
-    if suffix is None:
+    if suffix in (None, GZIP):  # not a kind fer reads: the reader names it
         return local
     typed = data_dir / BY_CONTENT / (local.name + suffix)
     if typed.exists() and os.path.samefile(local, typed):

@@ -97,9 +97,10 @@ def write_json(path: Path, payload: dict) -> Path:
     loss mid-write leaves the previous file (or none), never half of one. Each write has a
     temporary file of its own, so two processes updating one record (a worker and a CLI on
     one data folder) never rename each other's."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         with writing(path), open(partial, "x") as handle:
             handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
             handle.flush()

@@ -124,7 +124,8 @@ def check_can_publish(store: Store) -> None:
         _, version = store.get_versioned(WRITE_CHECK)
         if store.put_bytes_if(WRITE_CHECK, _WRITE_CHECK_TEXT, version=version):
             break
-        time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
+        if attempt + 1 < _WRITE_CHECK_TRIES:
+            _back_off(attempt)
     else:
         raise StorageError(f"{store.url(WRITE_CHECK)}: the store refused a write conditional "
                            "on the version it had just given (If-Match on its ETag); "
@@ -134,6 +135,12 @@ def check_can_publish(store: Store) -> None:
         log.warning("%s did not refuse a conditional write that had to fail (If-None-Match "
                     "or If-Match); two runs published at the same moment may overwrite each "
                     "other's pointer", store.location)
+
+
+def _back_off(attempt: int) -> None:
+    """A random wait, doubling with each attempt up to a second, before trying a write that
+    another writer's got in the way of again (random: two that met do not meet again)."""
+    time.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
 
 
 _NO_SUCH_VERSION = '"fer-no-such-version"'
@@ -197,7 +204,7 @@ def _move_pointer(store: Store, name: str, record: dict[str, Any], *,
             return True
         log.info("%s changed while publishing %s; comparing again", store.url(key),
                  record["run_id"])
-        time.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))  # let the other finish
+        _back_off(attempt)  # let the other finish
     raise StorageError(f"{store.url(key)} changed {POINTER_ATTEMPTS} times while publishing "
                        f"run '{record['run_id']}'; its files are published, publish it again "
                        "to move the pointer", transient=True)

@@ -26,7 +26,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bce
 from botocore.config import Config
 
-from fer.errors import MissingObjectError, StorageError
+from fer.errors import MissingObjectError, StorageError, fsync_path
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -152,20 +152,12 @@ class LocalStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fill(tmp)
-                _fsync(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, path)
                 with contextlib.suppress(OSError):  # some network filesystems refuse it
-                    _fsync(path.parent)  # the rename itself
+                    fsync_path(path.parent)  # the rename itself
             finally:
                 tmp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _content_version(data: bytes | None) -> str | None:

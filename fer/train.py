@@ -210,14 +210,14 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
              started_by: str | None, data_origin: str | None) -> tuple[RunRecord, str]:
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
+    commit = git_commit()  # the code that trains, not whatever is checked out hours later
+    recipe = spec.recipe()
     run = RunRecord(
         run_dir=_new_run_folder(Path(config.out_dir), config.model), config=config,
         precision=precision,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
-        data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
-        git_commit=git_commit(),  # the code that trains, not whatever is checked out hours later
-        started_by=started_by, precision_reason=why, data_origin=data_origin,
-        recipe=spec.recipe())
+        data_source=_absolute(dataset.source), data_sha256=dataset.sha256, git_commit=commit,
+        started_by=started_by, precision_reason=why, data_origin=data_origin, recipe=recipe)
     try:
         start_run(run)
     except BaseException as exc:  # a full disk, Ctrl-C: a folder without its record could
@@ -486,7 +486,7 @@ def _write_history(histories: list[dict], path: Path) -> None:
 
 def _data_record(dataset: Dataset) -> dict:
     return {
-        "source": dataset.source,
+        "source": _absolute(dataset.source),  # `fer evaluate` run elsewhere finds it
         "sha256": dataset.sha256,
         "validation": dataset.validation_origin,
         "counts": {name: split.class_counts()

@@ -42,6 +42,15 @@ ForceChampionOption = Annotated[bool, typer.Option(
     "--force-champion", help="make this run the champion even if it scores lower")]
 
 
+def _tensorflow_for_training() -> None:
+    """TensorFlow loaded with its oneDNN kernels asked for, which it reads once, at import:
+    a training command calls this before anything imports it (fer.train does)."""
+    from fer.precision import prefer_onednn
+
+    prefer_onednn()
+    _load_tensorflow()
+
+
 def _load_tensorflow() -> None:
     """Import TensorFlow with its C++ start-up banners (oneDNN, absl) sent to /dev/null.
 
@@ -273,12 +282,7 @@ def train(
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return
-    # TensorFlow reads its oneDNN switch once, at import: ask before fer.train imports it
-    # (a resume reaches _check_training only after)
-    from fer.precision import prefer_onednn
-
-    prefer_onednn()
-    _load_tensorflow()
+    _tensorflow_for_training()  # before fer.train imports it (a resume has no config checked)
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags
 
@@ -378,12 +382,9 @@ def _checked_config(options: dict, *, seed: int, val_fraction: float, precision:
 
 
 def _check_training(config: TrainConfig) -> None:
-    """The training commands load TensorFlow here, so this is where they ask for its oneDNN
-    kernels; the model registry lives with the Keras builders."""
-    from fer.precision import prefer_onednn
-
-    prefer_onednn()
-    _load_tensorflow()
+    """Checked against the model registry, which lives with the Keras builders: TensorFlow
+    loads here, for training."""
+    _tensorflow_for_training()
     from fer.train import check_config
 
     check_config(config)

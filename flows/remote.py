@@ -85,6 +85,12 @@ def require_api(*, otherwise: str = "") -> str:
     return url
 
 
+def _creating(request: httpx.Request) -> bool:
+    """Whether ``request`` is the one that creates the flow run (run_deployment reads the
+    deployment first: a failure there leaves no run behind)."""
+    return request.method == "POST" and request.url.path.endswith("/create_flow_run")
+
+
 def _api_refused(url: str, exc: PrefectHTTPStatusError, *, doing: str) -> str:
     """A Prefect API's error answer in a line; a refused login says which setting to set."""
     status = exc.response.status_code
@@ -123,14 +129,16 @@ def trigger_retrain(
         if status in _PARAMETERS_REFUSED:
             raise FerError(f"deployment {deployment!r} refused parameters {dict(parameters)}: "
                            f"{_detail(exc)}") from None
-        if status < 500:
+        if status < 500 or not _creating(exc.request):
             raise FerError(_api_refused(api_url, exc, doing=starting)) from None
         # whether the run was created is not known: exit as for a run not followed to its end
         raise RunStillGoing(f"{_api_refused(api_url, exc, doing=starting)}; "
                             f"{_CREATED_OR_NOT}") from None
     except httpx.TransportError as exc:
-        raise RunStillGoing(f"lost the Prefect API at {api_url} {starting} "
-                            f"({exc or type(exc).__name__}); {_CREATED_OR_NOT}") from None
+        lost = f"lost the Prefect API at {api_url} {starting} ({exc or type(exc).__name__})"
+        if not _creating(exc.request):
+            raise FerError(lost) from None
+        raise RunStillGoing(f"{lost}; {_CREATED_OR_NOT}") from None
     if not wait:
         return _describe(flow_run)
     return follow_run(flow_run.id, poll_seconds=poll_seconds, pickup_timeout_s=pickup_timeout_s,

@@ -574,7 +574,7 @@ def test_corrupt_zip(tmp_path):
     (b"<!doctype html><html>sign in</html>", r"it is a web page"),
     (b"x", r"its first bytes are a \.csv's"),
     (gzip.compress(b"emotion,pixels,Usage\n0,1 2 3,Training\n"),
-     r"gzip-compressed, but not a tarball: gunzip it"),
+     r"gzip-compressed, and not a tarball: gunzip it first"),
 ])
 def test_a_tar_gz_that_is_not_a_tarball_is_said_in_one_line(tmp_path, content, said):
     """A `.tar.gz` URL serving a login page, a stray file, a gzipped CSV: one line saying

@@ -182,6 +182,10 @@ def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     assert "2 of the 16 test images are images the run trained or chose its epoch on" \
            in caplog.text
     assert seen_in_training(run_dir, own, data_dir=tmp_path / "cache") is None
+    extra = trained_on / "train" / "sad" / "later.png"
+    shutil.copy(next((trained_on / "train" / "sad").iterdir()), extra)
+    assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None
+    assert "changed since the run trained on it" in caplog.text
     shutil.rmtree(trained_on)
     assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None
-    assert "which is not here" in caplog.text
+    assert "which cannot be read as it was" in caplog.text

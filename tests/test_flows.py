@@ -8,6 +8,7 @@ command, and a real S3 server (SeaweedFS).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import http.server
 import json
 import logging
@@ -809,6 +810,38 @@ def test_a_run_held_by_a_paused_pool_or_queue_says_how_to_resume_it(deployed, pr
 
 
 @integration
+def test_a_run_in_a_paused_queue_of_a_polled_pool_is_not_waited_for(worker):
+    """A worker polls pool `fer` (READY), but the run's work queue is paused: no worker
+    will take it, and following it says how to resume the queue (it waited for ever)."""
+    with get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name("retrain/retrain")
+        client.create_deployment(flow_id=retrain.flow_id, name="held", work_pool_name="fer",
+                                 work_queue_name="held", entrypoint=retrain.entrypoint)
+        queue = client.read_work_queue_by_name("held", work_pool_name="fer")
+        client.update_work_queue(queue.id, is_paused=True)
+    run = trigger_retrain({}, deployment="retrain/held")
+    outcome: list[BaseException] = []
+
+    def follow_it():
+        try:
+            follow_run(run.flow_run_id, poll_seconds=0.5, pickup_timeout_s=2)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    # in this test's Prefect settings, which a new thread would not see
+    following = threading.Thread(target=contextvars.copy_context().run, args=(follow_it,),
+                                 daemon=True)
+    following.start()
+    following.join(timeout=120)
+    with get_client(sync_client=True) as client:
+        client.delete_flow_run(uuid.UUID(run.flow_run_id))  # never to run
+    assert not following.is_alive(), "--wait waits for ever on a paused queue"
+    assert isinstance(outcome[0], RunStillGoing)
+    assert ("work queue held of pool fer is paused: `prefect work-queue resume held --pool "
+            "fer` resumes it") in str(outcome[0])
+
+
+@integration
 def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_api):
     """A run a worker claimed and started, on a pool no worker polls any more (the worker
     died with it): following it ends with what to do, instead of waiting for ever."""
@@ -846,11 +879,16 @@ def test_parameters_of_the_wrong_type_are_refused(deployed):
 class _ErringPrefectApi(http.server.BaseHTTPRequestHandler):
     """A Prefect API that answers its health check (without a login, as Prefect's does) and
     fails other requests as the path's first part says: /login asks for credentials, as a
-    server with PREFECT_SERVER_API_AUTH_STRING does; /proxy answers 500 for deployments, with
-    a proxy's JSON string for a body; /drop closes the connection without an answer."""
+    server with PREFECT_SERVER_API_AUTH_STRING does; /proxy answers the read of the
+    deployment 500, with a proxy's JSON string for a body; /drop closes the connection
+    without an answer; /create serves the deployment and fails the run's creation, 500."""
+
+    DEPLOYMENT = json.dumps({"id": str(uuid.uuid4()), "name": "retrain",
+                             "flow_id": str(uuid.uuid4())}).encode()
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         kind = self.path.split("/")[1]
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path.endswith("/health"):
             self._answer(200, b"true")
         elif kind == "login":
@@ -861,6 +899,10 @@ class _ErringPrefectApi(http.server.BaseHTTPRequestHandler):
             self._answer(200, b"[]")
         elif kind == "proxy":
             self._answer(500, b'"upstream timed out"')
+        elif kind == "create" and self.command == "GET":
+            self._answer(200, self.DEPLOYMENT)
+        elif kind == "create":
+            self._answer(500, b'{"detail": "database is locked"}')
         else:
             self.close_connection = True  # no answer at all
 
@@ -886,17 +928,18 @@ _MAY_EXIST = (r"the run may have been created: `prefect flow-run ls --flow-name 
 @pytest.mark.parametrize(("kind", "error", "expected"), [
     ("login", FerError, rf"{_API} refused our credentials \(401\) reading its work pools; set "
                         r"PREFECT_API_AUTH_STRING to its PREFECT_SERVER_API_AUTH_STRING"),
-    ("proxy", RunStillGoing, rf"{_API} answered 500 {_STARTING}: upstream timed out; "
-                             rf"{_MAY_EXIST}"),
-    ("drop", RunStillGoing, rf"lost {_API} {_STARTING} \(.+\); "
-                            rf"{_MAY_EXIST}"),
+    ("proxy", FerError, rf"{_API} answered 500 {_STARTING}: upstream timed out$"),
+    ("drop", FerError, rf"lost {_API} {_STARTING} \(.+\)$"),
+    ("create", RunStillGoing, rf"{_API} answered 500 {_STARTING}: database is locked; "
+                              rf"{_MAY_EXIST}"),
 ])
 def test_a_server_failing_the_trigger_says_what_happened(kind, error, expected):
     """A refused login (which /health does not ask for), a 500 from a proxy, a dropped
-    connection: each said as such, not as a refusal of the parameters (only the server's
-    400/409/422 is one) nor a traceback; where the run may exist, the exit is that of a run
-    whose outcome is unknown (RunStillGoing), so a script retrying on failure does not start
-    a second training."""
+    connection, a failed creation: each said as such, not as a refusal of the parameters
+    (only the server's 400/409/422 is one) nor a traceback. Only where the request that
+    creates the run failed may the run exist: the exit is then that of a run whose outcome
+    is unknown (RunStillGoing), so that a script retrying on failure does not start a
+    second training."""
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringPrefectApi)
