@@ -66,11 +66,16 @@ class FetchedSource:
 
 def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
                endpoint_url: str | None = None, progress: Progress | None = None,
-               make_current: bool = True) -> FetchedSource:
+               make_current: bool = True, unless_current: bool = False
+               ) -> FetchedSource | None:
     """Download or copy ``source`` into ``data_dir``, unpack it and decode it; with
-    ``make_current``, later runs without ``--data`` use it."""
+    ``make_current``, later runs without ``--data`` use it. With ``unless_current``, only
+    where no dataset is current once the lock is held (None otherwise): a `fer fetch-data`
+    that held it meanwhile made its dataset current, which the default must not replace."""
     try:
         with data_dir_lock(data_dir):
+            if unless_current and current_source(data_dir) is not None:
+                return None
             return _fetch(source, data_dir=data_dir, sha256=sha256, endpoint_url=endpoint_url,
                           progress=progress, make_current=make_current)
     except OSError as exc:  # the source unreadable, FER_DATA_DIR full or not writable
@@ -98,9 +103,14 @@ def data_dir_lock(data_dir: Path):
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,
            progress: Progress | None, make_current: bool) -> FetchedSource:
     obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
+    origin = source if _is_remote(source) else str(Path(source).expanduser().resolve())
     local = obtained
+    if obtained.is_file() and suffix_by_content(obtained) == WEB_PAGE:
+        raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
+                        "download-confirmation page?); use the file's direct download link"
+                        if _is_remote(source) else f"{source}: a web page, not a dataset")
     if obtained.is_file() and not (obtained.name.lower().endswith(".csv") or is_archive(obtained)):
-        local = _named_by_content(obtained, source=source, data_dir=data_dir)
+        local = _named_by_content(obtained, data_dir=data_dir)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():
         if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
@@ -126,25 +136,22 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
     if sha256 and digest is None and dataset.sha256 != sha256.lower():  # a folder: its data's
         raise DataError(f"{source}: the folder's data sha256 is {dataset.sha256}, expected "
                         f"{sha256.lower()}; it is not the dataset you meant")
-    fetched = FetchedSource(path=dataset_path, sha256=dataset.sha256, origin=source,
+    fetched = FetchedSource(path=dataset_path, sha256=dataset.sha256, origin=origin,
                             file_sha256=digest)
     if make_current:
         write_json(data_dir / CURRENT_POINTER,
-                   {"path": str(dataset_path), "sha256": fetched.sha256, "origin": source})
+                   {"path": str(dataset_path), "sha256": fetched.sha256, "origin": origin})
     return fetched
 
 
-def _named_by_content(local: Path, *, source: str, data_dir: Path) -> Path:
+def _named_by_content(local: Path, *, data_dir: Path) -> Path:
     """A fetched file whose name says nothing of its kind (`https://host/download?id=7`, an
     S3 key without an extension), linked under a name that does, from its first bytes: a
     zip, a gzipped tarball, a tar, else text (read as a CSV; a web page, such as a
-    download site's confirmation page, is refused as one). A binary file of another kind
+    download site's confirmation page, is refused before). A binary file of another kind
     keeps its name, and the reader names it as unsupported. The links live in a folder of
     their own (FER_DATA_DIR/by-content), where no fetched file's own name can meet them."""
     suffix = suffix_by_content(local)
-    if suffix == WEB_PAGE:
-        raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
-                        "download-confirmation page?); use the file's direct download link")
     if suffix in (None, GZIP):  # not a kind fer reads: the reader names it
         return local
     typed = data_dir / BY_CONTENT / (local.name + suffix)
@@ -225,8 +232,9 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
         if current is not None:
             return current
         fetched = fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
-                             progress=progress)
-        return DataSource(fetched.path, fetched.origin)
+                             progress=progress, unless_current=True)
+        return current_source(data_dir) if fetched is None else DataSource(fetched.path,
+                                                                            fetched.origin)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
         return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
                                      progress=progress, make_current=False).path, data)
@@ -354,20 +362,20 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
                                                and exc.code not in LASTING_SERVER_ERRORS):
             return _fetched_before(target, StorageError(
-                f"{url}: download failed ({answer}); try again later, or pass a local file "
-                "with --source", transient=True))
+                f"{url}: download failed ({answer}); try again later, or use a local copy of "
+                "the file", transient=True))
         return _fetched_before(target, DataError(
-            f"{url}: {answer}; check the URL, or pass a local file with --source"))
+            f"{url}: {answer}; check the URL, or use a local copy of the file"))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         return _fetched_before(target, StorageError(
-            f"{url}: download failed ({reason}); check the URL and your network, or pass a "
-            "local file with --source", transient=True))
+            f"{url}: download failed ({reason}); check the URL and your network, or use a "
+            "local copy of the file", transient=True))
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
         raise StorageError(f"{url}: download incomplete ({done} of {total} bytes); run the "
-                           "command again, or pass a local file with --source", transient=True)
+                           "command again, or use a local copy of the file", transient=True)
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target

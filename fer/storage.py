@@ -475,7 +475,13 @@ def _connection_reason(exc: BaseException) -> str:
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        port = parts.port
+    except ValueError:  # botocore checks the host only: `localhost:9OOO`, `:90000`
+        raise StorageError(f"--endpoint-url / AWS_ENDPOINT_URL {host}: its port "
+                           f"{parts.netloc.rpartition(':')[2]!r} is not a number from 0 to "
+                           "65535") from None
+    netloc = f"{host}:{port}" if port else host
     return parts._replace(netloc=netloc).geturl()
 
 

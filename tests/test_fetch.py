@@ -603,16 +603,42 @@ def test_a_content_named_copy_never_replaces_another_sources_copy(tmp_path, shad
     assert not list(data_dir.rglob("*.part"))
 
 
-@pytest.mark.parametrize("page", [b"<!DOCTYPE html>\n<html><body>Confirm download</body>",
-                                  b"\xef\xbb\xbf  <!-- login --><html></html>"])
-def test_a_web_page_in_place_of_a_dataset_is_named_as_one(tmp_path, page):
-    """A download link that answers with a page (a login, a virus-scan confirmation) had
-    been read as a CSV: 'missing column(s) emotion, pixels, Usage'."""
+@pytest.mark.parametrize(("page", "name", "asked"), [
+    (b"<!DOCTYPE html>\n<html><body>Confirm download</body>", "download", "download?id=7"),
+    (b"\xef\xbb\xbf  <!-- login --><html></html>", "download", "download?id=7"),
+    (b"<!doctype html><html>GitHub blob view</html>", "fer2013.csv", "fer2013.csv"),
+    (b"<html><head>Sign in</head></html>", "archive.zip", "archive.zip"),
+])
+def test_a_web_page_in_place_of_a_dataset_is_named_as_one(tmp_path, page, name, asked):
+    """A download link that answers with a page (a login, a virus-scan confirmation, a
+    GitHub blob view of a .csv) had been read as a CSV, 'missing column(s) emotion,
+    pixels, Usage', or as a zip, 'not a readable archive', whatever the URL's name."""
     served = tmp_path / "served"
     served.mkdir()
-    (served / "download").write_bytes(page)
+    (served / name).write_bytes(page)
     with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
                                    directory=str(served))) as base:
-        with pytest.raises(DataError, match=rf"^{re.escape(base)}/download\?id=7: the server "
+        with pytest.raises(DataError, match=rf"^{re.escape(base)}/{re.escape(asked)}: the server "
                                             r"sent a web page, not a dataset"):
-            fetch_data(f"{base}/download?id=7", data_dir=tmp_path / "data")
+            fetch_data(f"{base}/{asked}", data_dir=tmp_path / "data")
+
+
+def test_the_default_is_not_fetched_over_a_dataset_made_current_meanwhile(tmp_path,
+                                                                          layout_zip):
+    """`fer train` without --data on a fresh data folder while `fer fetch-data` unpacks
+    there: the training, which found nothing current before the lock, finds the fetched
+    dataset once it holds the lock, instead of downloading the default over it."""
+    data_dir = tmp_path / "data"
+    fetched = fetch_data(str(layout_zip), data_dir=data_dir)  # what the other process did
+    assert fetch_data("http://127.0.0.1:9/fer2013.csv", data_dir=data_dir,
+                      unless_current=True) is None
+    assert current_source(data_dir).path == fetched.path
+
+
+def test_a_local_source_is_recorded_by_its_absolute_path(tmp_path, layout_zip, monkeypatch):
+    """`fer fetch-data --source ../data/x.zip`: later runs record where it is, not a path
+    relative to wherever fetch-data ran."""
+    monkeypatch.chdir(layout_zip.parent)
+    fetched = fetch_data(layout_zip.name, data_dir=tmp_path / "data")
+    assert fetched.origin == str(layout_zip.resolve())
+    assert current_source(tmp_path / "data").origin == str(layout_zip.resolve())
