@@ -78,9 +78,12 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
                 return None
             return _fetch(source, data_dir=data_dir, sha256=sha256, endpoint_url=endpoint_url,
                           progress=progress, make_current=make_current)
+    except FerError as exc:  # its message names the source: without a presigned URL's secrets
+        exc.args = tuple(str(arg).replace(source, redacted(source)) for arg in exc.args)
+        raise
     except OSError as exc:  # the source unreadable, FER_DATA_DIR full or not writable
         where = f" {exc.filename}" if exc.filename else ""
-        raise DataError(f"{source}: cannot fetch it into FER_DATA_DIR {data_dir} "
+        raise DataError(f"{redacted(source)}: cannot fetch it into FER_DATA_DIR {data_dir} "
                         f"({exc.strerror or type(exc).__name__}{':' + where if where else ''}); "
                         "check that the source is readable, and the free space and "
                         "permissions of FER_DATA_DIR") from None
@@ -103,7 +106,7 @@ def data_dir_lock(data_dir: Path):
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,
            progress: Progress | None, make_current: bool) -> FetchedSource:
     obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
-    origin = source if _is_remote(source) else str(Path(source).expanduser().resolve())
+    origin = redacted(source) if _is_remote(source) else str(Path(source).expanduser().resolve())
     local = obtained
     if obtained.is_file() and suffix_by_content(obtained) == WEB_PAGE:
         raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
@@ -237,8 +240,32 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
                                                                             fetched.origin)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
         return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
-                                     progress=progress, make_current=False).path, data)
+                                     progress=progress, make_current=False).path,
+                          redacted(data))
     return DataSource(Path(data).expanduser(), str(Path(data).expanduser().resolve()))
+
+
+# Query parameters that authenticate a URL (an S3 presigned URL's; common token names)
+_SECRET_PARAMETERS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token",
+                      "signature", "sig", "token", "access_token", "awsaccesskeyid"}
+
+
+def redacted(source: str) -> str:
+    """``source`` as it may be recorded and printed: an http(s) URL without a user name or
+    password and without the parameters that authenticate it (a presigned URL's signature
+    and token), which runs' manifests would otherwise publish; other sources as they are."""
+    try:
+        parts = urllib.parse.urlsplit(source)
+    except ValueError:
+        return source
+    if parts.scheme not in ("http", "https"):
+        return source
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(name, value) for name, value in query if name.lower() not in _SECRET_PARAMETERS]
+    if "@" not in parts.netloc and len(kept) == len(query):
+        return source
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2],
+                                                  query=urllib.parse.urlencode(kept)))
 
 
 def _is_remote(source: str) -> bool:
@@ -279,6 +306,10 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     downloads.mkdir(parents=True, exist_ok=True)
     scheme = _scheme(source)
     if scheme in ("http", "https"):
+        if "@" in urllib.parse.urlsplit(source).netloc:
+            raise DataError(f"{redacted(source)}: a user name or password in the URL is not "
+                            "supported (it would be recorded with every run); download the "
+                            "file and pass its path, or use a presigned URL")
         return _download_http(source, downloads / _download_name(source), progress=progress)
     if scheme == "s3":
         from fer.storage import split_s3_url

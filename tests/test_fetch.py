@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import re
 import threading
@@ -642,3 +643,29 @@ def test_a_local_source_is_recorded_by_its_absolute_path(tmp_path, layout_zip, m
     fetched = fetch_data(layout_zip.name, data_dir=tmp_path / "data")
     assert fetched.origin == str(layout_zip.resolve())
     assert current_source(tmp_path / "data").origin == str(layout_zip.resolve())
+
+
+def test_a_presigned_url_is_recorded_and_named_without_its_secrets(tmp_path, shaded_csv):
+    """A presigned S3 URL (or one with a token parameter) downloads as given, but its
+    signature and token stay out of current.json, which run manifests copy and publish, and
+    out of error messages; README: credentials are never written to a manifest."""
+    secret = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef&X-Amz-Security-Token=tok"
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(shaded_csv.parent))) as base:
+        fetched = fetch_data(f"{base}/fer2013.csv?X-Amz-Expires=60&{secret}",
+                             data_dir=tmp_path / "data")
+        with pytest.raises(DataError) as missing:
+            fetch_data(f"{base}/gone.csv?{secret}", data_dir=tmp_path / "data")
+    assert fetched.origin == f"{base}/fer2013.csv?X-Amz-Expires=60"
+    assert current_source(tmp_path / "data").origin == fetched.origin
+    assert str(missing.value).startswith(f"{base}/gone.csv: the server answered HTTP 404")
+    for secret_part in ("AKIAEXAMPLE", "deadbeef", "tok"):
+        assert secret_part not in str(missing.value) + json.dumps(
+            json.loads((tmp_path / "data" / "current.json").read_text()))
+
+
+def test_a_url_with_a_password_is_refused_without_printing_it(tmp_path):
+    with pytest.raises(DataError, match=r"^https://files\.example/fer\.zip: a user name or "
+                                        r"password in the URL is not supported") as refused:
+        fetch_data("https://user:s3cret@files.example/fer.zip", data_dir=tmp_path / "data")
+    assert "s3cret" not in str(refused.value)
