@@ -502,8 +502,15 @@ def download_run(store: Store, ref: str, *, dest: Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
     for name in run.files:
         _download_verified(store, run, name, target=target)
-    with local_errors("write", target / MANIFEST, folder="--dest"):
-        (target / MANIFEST).write_bytes(_dump(run.manifest))
+    # last, and whole (written beside it, then renamed): it marks the folder complete
+    partial = target / f".{MANIFEST}.{uuid.uuid4().hex[:12]}.part"
+    try:
+        with local_errors("write", target / MANIFEST, folder="--dest"):
+            partial.write_bytes(_dump(run.manifest))
+            os.replace(partial, target / MANIFEST)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return target
 
 
