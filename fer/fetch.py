@@ -236,8 +236,10 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
             return current
         fetched = fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
                              progress=progress, unless_current=True)
-        return current_source(data_dir) if fetched is None else DataSource(fetched.path,
-                                                                            fetched.origin)
+        if fetched is None:  # another fer made one current meanwhile
+            return resolve_data(None, data_dir=data_dir, default_source=default_source,
+                                endpoint_url=endpoint_url, progress=progress)
+        return DataSource(fetched.path, fetched.origin)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
         return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
                                      progress=progress, make_current=False).path,
@@ -245,9 +247,11 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
     return DataSource(Path(data).expanduser(), str(Path(data).expanduser().resolve()))
 
 
-# Query parameters that authenticate a URL (an S3 presigned URL's; common token names)
+# Query parameters that authenticate a URL (S3's and Google Cloud Storage's presigned URLs';
+# common token and key names)
 _SECRET_PARAMETERS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token",
-                      "signature", "sig", "token", "access_token", "awsaccesskeyid"}
+                      "x-goog-signature", "x-goog-credential", "signature", "sig", "token",
+                      "access_token", "awsaccesskeyid", "api_key", "apikey"}
 
 
 def redacted(source: str) -> str:
@@ -260,12 +264,14 @@ def redacted(source: str) -> str:
         return source
     if parts.scheme not in ("http", "https"):
         return source
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(name, value) for name, value in query if name.lower() not in _SECRET_PARAMETERS]
-    if "@" not in parts.netloc and len(kept) == len(query):
+    fields = parts.query.split("&") if parts.query else []
+    kept = [field for field in fields  # as they were written: only the secret ones go
+            if urllib.parse.unquote_plus(field.partition("=")[0]).lower()
+            not in _SECRET_PARAMETERS]
+    if "@" not in parts.netloc and len(kept) == len(fields):
         return source
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2],
-                                                  query=urllib.parse.urlencode(kept)))
+                                                  query="&".join(kept)))
 
 
 def _is_remote(source: str) -> bool:
@@ -393,19 +399,19 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
                                                and exc.code not in LASTING_SERVER_ERRORS):
             return _fetched_before(target, StorageError(
-                f"{url}: download failed ({answer}); try again later, or use a local copy of "
+                f"{redacted(url)}: download failed ({answer}); try again later, or use a local copy of "
                 "the file", transient=True))
         return _fetched_before(target, DataError(
-            f"{url}: {answer}; check the URL, or use a local copy of the file"))
+            f"{redacted(url)}: {answer}; check the URL, or use a local copy of the file"))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         return _fetched_before(target, StorageError(
-            f"{url}: download failed ({reason}); check the URL and your network, or use a "
+            f"{redacted(url)}: download failed ({reason}); check the URL and your network, or use a "
             "local copy of the file", transient=True))
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
-        raise StorageError(f"{url}: download incomplete ({done} of {total} bytes); run the "
+        raise StorageError(f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the "
                            "command again, or use a local copy of the file", transient=True)
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})

@@ -45,7 +45,7 @@ PROFILES: dict[str, Profile] = {
         Profile("best", "the best accuracy measured: three `wide-full-res` models "
                         "(32 channels at 48x48, then 64-128-256; AdamW) of 60 epochs "
                         "(consecutive seeds) averaged, with flip test-time averaging; its "
-                        "members took 2 h on a 2-core Intel CPU with AMX, longer without it",
+                        "members took 98 min on a 2-core Intel CPU with AMX, longer without it",
                 {"epochs": 60, "batch_size": 64, "model": "wide-full-res", "tta": True,
                  "ensemble": 3}),
     )

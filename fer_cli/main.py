@@ -138,7 +138,7 @@ def fetch_data(
 ) -> None:
     """Download (or copy), verify, unpack and decode a dataset once; later runs reuse it."""
     from fer.fetch import fetch_data as fetch
-    from fer.fetch import source_name
+    from fer.fetch import redacted, source_name
 
     if sha256 is not None:
         sha256 = _checked_sha256(sha256)
@@ -149,7 +149,7 @@ def fetch_data(
                         endpoint_url=settings.endpoint_url, progress=progress)
     typer.echo(f"dataset ready: {fetched.path}")
     if fetched.file_sha256 and fetched.file_sha256 != fetched.sha256:
-        typer.echo(f"sha256 of {source_name(source) or source}: {fetched.file_sha256} "
+        typer.echo(f"sha256 of {source_name(source) or redacted(source)}: {fetched.file_sha256} "
                    "(what --sha256 checks)")
         typer.echo(f"data sha256: {fetched.sha256} (of the unpacked dataset: what run "
                    "manifests record)")

@@ -25,6 +25,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.utilities.urls import url_for
 
 from fer.errors import FerError, RunStillGoing
+from fer.fetch import redacted
 from flows.retrain import METRICS_ARTIFACT, REPORT_ARTIFACT, parse_report_markdown
 
 DEPLOYMENT = "retrain/retrain"
@@ -127,7 +128,9 @@ def trigger_retrain(
     except PrefectHTTPStatusError as exc:
         status = exc.response.status_code
         if status in _PARAMETERS_REFUSED:
-            raise FerError(f"deployment {deployment!r} refused parameters {dict(parameters)}: "
+            shown = {name: redacted(value) if isinstance(value, str) else value
+                     for name, value in parameters.items()}  # a presigned --data URL
+            raise FerError(f"deployment {deployment!r} refused parameters {shown}: "
                            f"{_detail(exc)}") from None
         if status < 500 or not _creating(exc.request):
             raise FerError(_api_refused(api_url, exc, doing=starting)) from None

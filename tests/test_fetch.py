@@ -649,7 +649,8 @@ def test_a_presigned_url_is_recorded_and_named_without_its_secrets(tmp_path, sha
     """A presigned S3 URL (or one with a token parameter) downloads as given, but its
     signature and token stay out of current.json, which run manifests copy and publish, and
     out of error messages; README: credentials are never written to a manifest."""
-    secret = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef&X-Amz-Security-Token=tok"
+    secret = ("X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef"
+              "&X-Amz-Security-Token=tok-9f2e")
     with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
                                    directory=str(shaded_csv.parent))) as base:
         fetched = fetch_data(f"{base}/fer2013.csv?X-Amz-Expires=60&{secret}",
@@ -659,9 +660,63 @@ def test_a_presigned_url_is_recorded_and_named_without_its_secrets(tmp_path, sha
     assert fetched.origin == f"{base}/fer2013.csv?X-Amz-Expires=60"
     assert current_source(tmp_path / "data").origin == fetched.origin
     assert str(missing.value).startswith(f"{base}/gone.csv: the server answered HTTP 404")
-    for secret_part in ("AKIAEXAMPLE", "deadbeef", "tok"):
+    for secret_part in ("AKIAEXAMPLE", "deadbeef", "tok-9f2e"):
         assert secret_part not in str(missing.value) + json.dumps(
             json.loads((tmp_path / "data" / "current.json").read_text()))
+
+
+def test_a_presigned_url_served_no_more_is_warned_of_without_its_secrets(tmp_path, shaded_csv,
+                                                                          caplog):
+    """The server gone on a second fetch of the same signed URL (a Prefect retry): the copy
+    from before is used, and the warning, which reaches the run's log, has no secret."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "fer2013.csv").write_bytes(shaded_csv.read_bytes())
+    with serving(functools.partial(http.server.SimpleHTTPRequestHandler,
+                                   directory=str(served))) as base:
+        url = f"{base}/fer2013.csv?X-Amz-Signature=deadbeef&token=tok-9f2e"
+        fetch_data(url, data_dir=tmp_path / "data")
+        (served / "fer2013.csv").unlink()  # now 404: the copy from before is kept
+        fetch_data(url, data_dir=tmp_path / "data")
+    assert "using the copy fetched before" in caplog.text
+    assert "deadbeef" not in caplog.text and "tok-9f2e" not in caplog.text
+
+
+def test_redacting_keeps_the_rest_of_a_url_as_written():
+    """Only the secret parameters go: the others keep their encoding, order and form."""
+    from fer.fetch import redacted
+
+    url = ("https://h.example/f.zip?response-content-disposition=attachment%3B%20filename%3Dx"
+           "&X-Amz-Signature=abc&flag&X-Goog-Credential=svc%40p.iam&v=1+2")
+    assert redacted(url) == ("https://h.example/f.zip?response-content-disposition=attachment"
+                             "%3B%20filename%3Dx&flag&v=1+2")
+    assert redacted("https://h.example/f.zip?id=7") == "https://h.example/f.zip?id=7"
+    assert redacted("s3://bucket/key?token=x") == "s3://bucket/key?token=x"  # no such thing
+
+
+def test_training_without_data_takes_the_dataset_made_current_while_it_waited(
+        tmp_path, layout_zip, monkeypatch):
+    """`fer train` without --data found nothing current, then waited for the data folder's
+    lock while `fer fetch-data` unpacked: it takes that dataset, and downloads nothing (the
+    default here is a port nobody answers)."""
+    import fer.fetch
+
+    data_dir = tmp_path / "data"
+    made = {}
+    real_lock = fer.fetch.data_dir_lock
+
+    @contextlib.contextmanager
+    def lock_after_another_fetch(folder):
+        if not made:  # the other process, done by the time this one holds the lock
+            monkeypatch.setattr(fer.fetch, "data_dir_lock", real_lock)
+            made["fetched"] = fetch_data(str(layout_zip), data_dir=folder)
+        with real_lock(folder):
+            yield
+
+    monkeypatch.setattr(fer.fetch, "data_dir_lock", lock_after_another_fetch)
+    source = resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x.csv")
+    assert source.path == made["fetched"].path
+    assert current_source(data_dir).path == made["fetched"].path
 
 
 def test_a_url_with_a_password_is_refused_without_printing_it(tmp_path):

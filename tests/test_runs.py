@@ -677,3 +677,27 @@ def test_downloads_of_one_run_into_one_folder_at_once_all_succeed(store, runs, t
         done = list(pool.map(lambda _: download_run(store, "run-a", dest=dest), range(6)))
     assert all(local_files(run) == local_files(folder) for run in done)
     assert not list(dest.rglob("*.part"))
+
+
+def test_a_download_stopped_while_writing_the_manifest_leaves_none(tmp_path, monkeypatch):
+    """The manifest, written last, marks a downloaded run complete: a stop while it is
+    written leaves no manifest (and no partial file), never half of one."""
+    import os
+
+    import fer.runs
+
+    store = open_store(str(tmp_path / "artifacts"))
+    publish_run(make_run(tmp_path / "runs", "run-a", accuracy=0.6), store)
+    real_replace = os.replace
+
+    def stopped_at_the_manifest(source, target):
+        if os.path.basename(target) == "manifest.json":
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    monkeypatch.setattr(fer.runs.os, "replace", stopped_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        download_run(store, "run-a", dest=tmp_path / "got")
+    left = sorted(p.name for p in (tmp_path / "got" / "run-a").iterdir())
+    assert "manifest.json" not in left and not [n for n in left if n.endswith(".part")]
+    assert "model.keras" in left
