@@ -7,11 +7,13 @@ correctly. Augmentation layers are active only in training.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -513,15 +515,40 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise FerError(f"{path}: model file not found (expected a model.keras from `fer train`)")
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found", or blame the suffix
+        raise FerError(f"{path}: not a zip archive, as a .keras model is; expected a "
+                       "model.keras from `fer train`")
     try:
-        model = keras.models.load_model(path, compile=False)
+        with _keras_named(path) as named:  # Keras goes by the suffix: model.keras.bak, say
+            model = keras.models.load_model(named, compile=False)
     except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         # Keras 3 says KeyError for a zip without config.json, TypeError for unknown layers.
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise FerError(f"{path}: not a loadable Keras model ({reason}); expected a model.keras "
-                       "from `fer train`") from None
+        raise FerError(f"{path}: not a loadable Keras model ({_load_failure(exc)}); expected "
+                       "a model.keras from `fer train`") from None
     _check_fer_model(model, path)
     return model if precision == "float32" else with_precision(model, policy=precision)
+
+
+@contextlib.contextmanager
+def _keras_named(path: Path) -> Iterator[Path]:
+    """``path`` under a name ending in .keras (a link beside a copy's temporary folder)."""
+    if path.suffix == ".keras":
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        named = Path(folder) / "model.keras"
+        named.symlink_to(path.resolve())
+        yield named
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why Keras could not load a model, in a line: the innermost cause, which names the
+    layer class it could not find (its outer error only says the model "could not be
+    deserialized properly")."""
+    while isinstance(exc.__context__, (TypeError, ValueError, KeyError)):
+        exc = exc.__context__
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return reason.split(" Make sure custom")[0].split(" Full object config")[0].strip()
 
 
 def _check_fer_model(model: keras.Model, path: Path) -> None:

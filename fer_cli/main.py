@@ -602,16 +602,22 @@ def predict(
     if as_json:
         typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
         for file in (file for file, found in by_file.items() if not found):
-            typer.echo(f"{file}: no face found", err=True)  # the JSON lists faces only
+            typer.echo(f"{_printable(file)}: no face found", err=True)  # the JSON: faces only
         return
     for file, found in by_file.items():
         for p in found:
             where = f" face at x={p.box[0]} y={p.box[1]} w={p.box[2]} h={p.box[3]}" if p.box else ""
             ranked = sorted(p.probabilities.items(), key=lambda kv: kv[1], reverse=True)
-            typer.echo(f"{p.file}{where}: {p.emotion} ("
+            typer.echo(f"{_printable(p.file)}{where}: {p.emotion} ("
                        + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
         if not found:
-            typer.echo(f"{file}: no face found")
+            typer.echo(f"{_printable(file)}: no face found")
+
+
+def _printable(name: str) -> str:
+    """A file name as a UTF-8 terminal can take it: bytes that are not UTF-8 (a Latin-1
+    `café.png`, held as surrogates) as \\x escapes, where printing them raised."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @app.command()

@@ -212,7 +212,11 @@ def _prefect_deploy(project_dir: Path, names: list[str], *, api_url: str,
     selection = ["--all"] if everything else [arg for name in names for arg in ("--name", name)]
     command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy",
                "--prefect-file", str(PREFECT_FILE), *selection]
-    env = {**os.environ, "PREFECT_API_URL": api_url}
+    # the settings this process read (a prefect.toml or .env where fer ran: an auth string,
+    # TLS), which `prefect deploy` in the project folder would not find, then the API's
+    env = {**os.environ,
+           **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_API_URL": api_url}
     if api_key := PREFECT_API_KEY.value():
         env["PREFECT_API_KEY"] = api_key.get_secret_value()
     try:

@@ -29,6 +29,7 @@ from prefect.settings import (
 from fer.errors import FerError
 
 STOP_TIMEOUT_S = 10
+MIN_STARTUP_S = 120.0  # a database migration on a slow machine (the tests' servers too)
 DRAIN_TIMEOUT_S = 10
 STARTS = 3  # another program may take the free port before the server binds it
 
@@ -74,10 +75,17 @@ def _start(output) -> tuple[subprocess.Popen, str]:
                    "`prefect server start` yourself and set PREFECT_API_URL to use it")
 
 
+def _startup_timeout_s() -> float:
+    """Prefect's startup timeout for its own temporary server (20 s), but at least 2 min:
+    `prefect server start` migrates the database first (a fresh PREFECT_HOME, an upgrade),
+    which Prefect's in-process one does not wait for."""
+    return max(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), MIN_STARTUP_S)
+
+
 def _healthy(server: subprocess.Popen, url: str) -> bool:
     """Whether the server answers; False once it has exited; a FerError when it neither
-    answers nor exits in Prefect's startup timeout for its own temporary server."""
-    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    answers nor exits in the startup timeout."""
+    deadline = time.monotonic() + _startup_timeout_s()
     with httpx.Client(timeout=5) as client:
         while time.monotonic() < deadline:
             if server.poll() is not None:
@@ -87,7 +95,7 @@ def _healthy(server: subprocess.Popen, url: str) -> bool:
                     return True
             time.sleep(0.2)
     raise FerError(f"the temporary Prefect server at {url} did not answer within "
-                   f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s; run "
+                   f"{_startup_timeout_s():g} s; run "
                    "`prefect server start` yourself and set PREFECT_API_URL to use it")
 
 

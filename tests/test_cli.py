@@ -273,7 +273,7 @@ def test_evaluate_names_a_bad_model_before_reading_the_data(tmp_path, data_dir):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     result = run_fer("evaluate", "--model", tmp_path / "junk.keras",
                      "--data", tmp_path / "nowhere.zip")
-    assert_one_line_error(result, r"junk\.keras: not a loadable Keras model")
+    assert_one_line_error(result, r"junk\.keras: not a zip archive, as a \.keras model is")
 
 
 def test_evaluate_refuses_a_model_of_other_classes_before_reading_the_data(tmp_path):
@@ -301,6 +301,26 @@ def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path)
     assert result.stderr.splitlines()[0] == "error: 2 of 2 files cannot be read as images:"
     assert "notes.txt: not a decodable image" in result.stderr
     assert "empty.png: not a decodable image" in result.stderr and "junk" not in result.stderr
+
+
+def test_predict_prints_a_file_name_that_is_not_utf8(tmp_path):
+    """An image saved by a tool writing Latin-1 names (`café.png` as bytes 63 61 66 e9): its
+    line is printed with the byte escaped (printing it raised UnicodeEncodeError after the
+    model had run, a traceback); --json already escaped it."""
+    from conftest import encode_image, shaded_image
+
+    from fer.models import get_spec
+
+    get_spec("default").build().save(tmp_path / "model.keras")
+    image = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    with open(image, "wb") as handle:
+        handle.write(encode_image(shaded_image("happy")))
+    result = subprocess.run([*FER, "predict", os.fsdecode(image), "--model",
+                             str(tmp_path / "model.keras")], capture_output=True,
+                            env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"},
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().startswith(f"{tmp_path}/caf\\xe9.png: ")
 
 
 def test_resume_takes_no_options_of_its_own(tmp_path):

@@ -962,3 +962,16 @@ def test_triggering_without_a_server_says_how_to_start_one():
         with pytest.raises(FerError, match=r"PREFECT_API_URL is not set"):
             trigger_retrain(TINY)
 
+
+
+def test_the_temporary_server_gets_time_to_migrate_its_database():
+    """`fer retrain`'s temporary server runs `prefect server start`, which migrates the
+    database before it answers: Prefect's own 20 s default failed a fresh PREFECT_HOME on a
+    slow machine; a longer setting is kept."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates={TIMEOUT: 20}):
+        assert local_server._startup_timeout_s() == 120
+    with temporary_settings(updates={TIMEOUT: 300}):
+        assert local_server._startup_timeout_s() == 300

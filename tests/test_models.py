@@ -106,13 +106,38 @@ def test_load_model_errors_are_one_line(tmp_path):
     """Missing and corrupt model files name the path."""
     with pytest.raises(FerError, match=r"missing\.keras: model file not found"):
         load_model(tmp_path / "missing.keras")
-    (tmp_path / "junk.keras").write_bytes(b"not a zip")
-    with pytest.raises(FerError, match=r"junk\.keras: not a loadable Keras model"):
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")  # Keras said "File not found"
+    with pytest.raises(FerError, match=r"junk\.keras: not a zip archive, as a \.keras model "
+                                       r"is; expected a model\.keras from `fer train`"):
         load_model(tmp_path / "junk.keras")
     with zipfile.ZipFile(tmp_path / "empty.keras", "w") as handle:  # a zip, but no model in it
         handle.writestr("metadata.json", "{}")
     with pytest.raises(FerError, match=r"empty\.keras: not a loadable Keras model \(.*config"):
         load_model(tmp_path / "empty.keras")
+
+
+def test_a_model_with_a_layer_fer_does_not_know_names_the_layer(tmp_path):
+    """Another project's custom layer (or one an older fer had): the error names the class
+    Keras could not find, not only that the model 'could not be deserialized properly'."""
+    @keras.saving.register_keras_serializable(package="other")
+    class Twice(keras.layers.Layer):
+        def call(self, x):
+            return x * 2
+
+    inputs = keras.Input((48, 48, 1))
+    keras.Model(inputs, Twice()(inputs)).save(tmp_path / "other.keras")
+    keras.saving.get_custom_objects().pop("other>Twice")  # as in a process that lacks it
+    with pytest.raises(FerError, match=r"other\.keras: not a loadable Keras model \(.*"
+                                       r"Could not locate class 'Twice'"):
+        load_model(tmp_path / "other.keras")
+
+
+def test_a_saved_model_loads_whatever_its_file_is_called(tmp_path):
+    """A copy kept as `model.keras.bak`: Keras goes by the suffix and refused it as a legacy
+    format ('File format not supported')."""
+    get_spec("default").build().save(tmp_path / "model.keras")
+    (tmp_path / "model.keras").rename(tmp_path / "model.keras.bak")
+    assert class_names_of(load_model(tmp_path / "model.keras.bak")) == list(CLASS_NAMES)
 
 
 def another_projects_model(input_shape, outputs: int, *, class_names: bool) -> keras.Model:
