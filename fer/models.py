@@ -515,9 +515,14 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise FerError(f"{path}: model file not found (expected a model.keras from `fer train`)")
-    if not zipfile.is_zipfile(path):  # Keras would say "File not found", or blame the suffix
-        raise FerError(f"{path}: not a zip archive, as a .keras model is; expected a "
-                       "model.keras from `fer train`")
+    try:
+        with path.open("rb") as handle:
+            is_zip = zipfile.is_zipfile(handle)
+    except OSError as exc:
+        raise FerError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not is_zip:  # Keras would say "File not found", or blame the suffix
+        raise FerError(f"{path}: not a zip archive, as a .keras model is (legacy .h5 models "
+                       "are not read); expected a model.keras from `fer train`")
     try:
         with _keras_named(path) as named:  # Keras goes by the suffix: model.keras.bak, say
             model = keras.models.load_model(named, compile=False)
@@ -531,7 +536,8 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
 
 @contextlib.contextmanager
 def _keras_named(path: Path) -> Iterator[Path]:
-    """``path`` under a name ending in .keras (a link beside a copy's temporary folder)."""
+    """``path`` under a name ending in .keras, which Keras requires: itself, or a link to
+    it in a temporary folder."""
     if path.suffix == ".keras":
         yield path
         return
@@ -545,8 +551,11 @@ def _load_failure(exc: BaseException) -> str:
     """Why Keras could not load a model, in a line: the innermost cause, which names the
     layer class it could not find (its outer error only says the model "could not be
     deserialized properly")."""
-    while isinstance(exc.__context__, (TypeError, ValueError, KeyError)):
-        exc = exc.__context__
+    while True:  # down the chain Python shows, not through what Keras hid `from None`
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if not isinstance(inner, (TypeError, ValueError, KeyError)):
+            break
+        exc = inner
     reason = (str(exc).splitlines() or [type(exc).__name__])[0]
     return reason.split(" Make sure custom")[0].split(" Full object config")[0].strip()
 

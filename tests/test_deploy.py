@@ -429,3 +429,26 @@ def test_the_images_pinned_requirements_satisfy_pyproject(machine):
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert dockerfile.index("pip install --no-cache-dir -r docker/requirements.lock") < \
         dockerfile.index("COPY fer/ fer/")  # a code change rebuilds no dependency layer
+
+
+def test_prefect_deploy_gets_the_settings_fer_read(monkeypatch):
+    """Settings fer read from a prefect.toml or .env where it ran (an auth string for a
+    server that asks for a login) reach `prefect deploy`, which runs in the project folder
+    and would not find them; the API URL is the one fer checked."""
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    import flows.deploy
+
+    seen = {}
+
+    def recorded(command, *, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(flows.deploy.subprocess, "run", recorded)
+    with temporary_settings(updates={PREFECT_API_AUTH_STRING: "admin:pw",
+                                     PREFECT_API_URL: "http://127.0.0.1:1/api"}):
+        flows.deploy._prefect_deploy(REPO, ["retrain"], api_url="http://127.0.0.1:2/api",
+                                     everything=False)
+    assert seen["PREFECT_API_AUTH_STRING"] == "admin:pw"
+    assert seen["PREFECT_API_URL"] == "http://127.0.0.1:2/api"

@@ -108,7 +108,7 @@ def test_load_model_errors_are_one_line(tmp_path):
         load_model(tmp_path / "missing.keras")
     (tmp_path / "junk.keras").write_bytes(b"not a zip")  # Keras said "File not found"
     with pytest.raises(FerError, match=r"junk\.keras: not a zip archive, as a \.keras model "
-                                       r"is; expected a model\.keras from `fer train`"):
+                                       r"is \(legacy \.h5 models are not read\); expected"):
         load_model(tmp_path / "junk.keras")
     with zipfile.ZipFile(tmp_path / "empty.keras", "w") as handle:  # a zip, but no model in it
         handle.writestr("metadata.json", "{}")
@@ -130,6 +130,29 @@ def test_a_model_with_a_layer_fer_does_not_know_names_the_layer(tmp_path):
     with pytest.raises(FerError, match=r"other\.keras: not a loadable Keras model \(.*"
                                        r"Could not locate class 'Twice'"):
         load_model(tmp_path / "other.keras")
+
+
+def test_a_layer_that_fails_on_loading_is_named(tmp_path):
+    """A layer whose call fails when Keras rebuilds the model: Keras names the layer in an
+    error raised `from None`, which the search for the innermost cause must not skip."""
+    @keras.saving.register_keras_serializable(package="other")
+    class Fragile(keras.layers.Layer):
+        broken = False
+
+        def call(self, x):
+            if Fragile.broken:
+                raise TypeError("unsupported operand")
+            return x
+
+    inputs = keras.Input((48, 48, 1))
+    keras.Model(inputs, Fragile(name="fragile")(inputs)).save(tmp_path / "fragile.keras")
+    Fragile.broken = True
+    try:
+        with pytest.raises(FerError, match=r"fragile\.keras: not a loadable Keras model \(.*"
+                                           r"Fragile"):
+            load_model(tmp_path / "fragile.keras")
+    finally:
+        keras.saving.get_custom_objects().pop("other>Fragile")
 
 
 def test_a_saved_model_loads_whatever_its_file_is_called(tmp_path):
