@@ -14,14 +14,16 @@ that one slot for ever, scheduled runs included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -30,12 +32,12 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_KEY, get_current_settings
 from prefect.workers.process import ProcessWorker
 
 from fer.errors import FerError
-from flows.remote import require_api
+from flows.remote import api_refused, require_api
 
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
@@ -66,11 +68,26 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
     if crash_after_s is not None:
         _check_crash_after(crash_after_s)
     api_url = require_api()
-    for pool in sorted({pools[name] for name in chosen}):
-        ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
-    ensure_crash_detection(crash_after_s=crash_after_s)
+    with _api_answers(api_url, doing="setting up the work pools and the crash automation"):
+        for pool in sorted({pools[name] for name in chosen}):
+            ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
+        ensure_crash_detection(crash_after_s=crash_after_s)
     _prefect_deploy(project_dir, chosen, api_url=api_url, everything=names is None)
-    return _registered(chosen)
+    with _api_answers(api_url, doing="reading the deployments back"):
+        return _registered(chosen)
+
+
+@contextlib.contextmanager
+def _api_answers(api_url: str, *, doing: str) -> Iterator[None]:
+    """The server's refusals (a role that may read but not write: 403) and a lost
+    connection, after the checks of require_api, as one line."""
+    try:
+        yield
+    except PrefectHTTPStatusError as exc:
+        raise FerError(api_refused(api_url, exc, doing=doing)) from None
+    except httpx.TransportError as exc:
+        raise FerError(f"lost the Prefect API at {api_url} {doing} "
+                       f"({exc or type(exc).__name__})") from None
 
 
 def read_deployments(prefect_file: Path) -> dict[str, str]:

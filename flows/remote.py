@@ -82,7 +82,7 @@ def require_api(*, otherwise: str = "") -> str:
         try:  # /health answers without a login: ask something that needs one
             client.read_work_pools(limit=1)
         except PrefectHTTPStatusError as exc:
-            raise FerError(_api_refused(url, exc, doing="reading its work pools")) from None
+            raise FerError(api_refused(url, exc, doing="reading its work pools")) from None
     return url
 
 
@@ -92,7 +92,7 @@ def _creating(request: httpx.Request) -> bool:
     return request.method == "POST" and request.url.path.endswith("/create_flow_run")
 
 
-def _api_refused(url: str, exc: PrefectHTTPStatusError, *, doing: str) -> str:
+def api_refused(url: str, exc: PrefectHTTPStatusError, *, doing: str) -> str:
     """A Prefect API's error answer in a line; a refused login says which setting to set."""
     status = exc.response.status_code
     if status in (401, 403):
@@ -133,9 +133,9 @@ def trigger_retrain(
             raise FerError(f"deployment {deployment!r} refused parameters {shown}: "
                            f"{_detail(exc)}") from None
         if status < 500 or not _creating(exc.request):
-            raise FerError(_api_refused(api_url, exc, doing=starting)) from None
+            raise FerError(api_refused(api_url, exc, doing=starting)) from None
         # whether the run was created is not known: exit as for a run not followed to its end
-        raise RunStillGoing(f"{_api_refused(api_url, exc, doing=starting)}; "
+        raise RunStillGoing(f"{api_refused(api_url, exc, doing=starting)}; "
                             f"{_CREATED_OR_NOT}") from None
     except httpx.TransportError as exc:
         lost = f"lost the Prefect API at {api_url} {starting} ({exc or type(exc).__name__})"

@@ -903,6 +903,8 @@ class _ErringPrefectApi(http.server.BaseHTTPRequestHandler):
             self._answer(200, self.DEPLOYMENT)
         elif kind == "create":
             self._answer(500, b'{"detail": "database is locked"}')
+        elif kind == "readonly":
+            self._answer(403, b'{"detail": "this role may not write"}')
         else:
             self.close_connection = True  # no answer at all
 
@@ -953,6 +955,27 @@ def test_a_server_failing_the_trigger_says_what_happened(kind, error, expected):
         server.shutdown()
         server.server_close()
     assert type(raised.value) is error
+
+
+def test_deploying_with_a_role_that_may_only_read_is_one_line():
+    """A key whose role reads but may not write (403 on creating the pool): `fer deploy`
+    says so in one line, as the trigger does, instead of a traceback."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from flows.deploy import deploy_all
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringPrefectApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/readonly/api"
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            with pytest.raises(FerError, match=rf"the Prefect API at {re.escape(url)} refused "
+                                               r"our credentials \(403\) setting up the work "
+                                               r"pools and the crash automation; set "):
+                deploy_all(Path(__file__).resolve().parents[1])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_triggering_without_a_server_says_how_to_start_one():
