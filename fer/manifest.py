@@ -101,11 +101,10 @@ def write_json(path: Path, payload: dict) -> Path:
     try:
         with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        with writing(path), open(partial, "x") as handle:
-            handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with writing(path):
+            with open(partial, "x") as handle:
+                handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
