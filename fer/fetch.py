@@ -66,18 +66,24 @@ class FetchedSource:
 
 def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
                endpoint_url: str | None = None, progress: Progress | None = None,
-               make_current: bool = True, unless_current: bool = False
-               ) -> FetchedSource | None:
+               make_current: bool = True, unless_current: bool = False,
+               retry_later: bool = False) -> FetchedSource | None:
     """Download or copy ``source`` into ``data_dir``, unpack it and decode it; with
     ``make_current``, later runs without ``--data`` use it. With ``unless_current``, only
     where no dataset is current once the lock is held (None otherwise): a `fer fetch-data`
-    that held it meanwhile made its dataset current, which the default must not replace."""
+    that held it meanwhile made its dataset current, which the default must not replace.
+
+    A source that cannot be reached falls back to the copy fetched before, with a warning;
+    with ``retry_later`` (a caller that will try again: a flow's task before its last
+    attempt), a failure that may pass by itself raises instead, so that the retry can
+    fetch the current file rather than train on the old one at once."""
     try:
         with data_dir_lock(data_dir):
             if unless_current and current_source(data_dir) is not None:
                 return None
             return _fetch(source, data_dir=data_dir, sha256=sha256, endpoint_url=endpoint_url,
-                          progress=progress, make_current=make_current)
+                          progress=progress, make_current=make_current,
+                          retry_later=retry_later)
     except FerError as exc:  # its message names the source: without a presigned URL's secrets
         exc.args = tuple(str(arg).replace(source, redacted(source)) for arg in exc.args)
         raise
@@ -104,8 +110,9 @@ def data_dir_lock(data_dir: Path):
 
 
 def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str | None,
-           progress: Progress | None, make_current: bool) -> FetchedSource:
-    obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress)
+           progress: Progress | None, make_current: bool, retry_later: bool) -> FetchedSource:
+    obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress,
+                       retry_later=retry_later)
     origin = redacted(source) if _is_remote(source) else str(Path(source).expanduser().resolve())
     local = obtained
     if obtained.is_file() and suffix_by_content(obtained) == WEB_PAGE:
@@ -226,23 +233,26 @@ def current_source(data_dir: Path) -> DataSource | None:
 
 
 def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
-                 endpoint_url: str | None = None, progress: Progress | None = None
-                 ) -> DataSource:
+                 endpoint_url: str | None = None, progress: Progress | None = None,
+                 retry_later: bool = False) -> DataSource:
     """``--data`` as a local dataset: remote sources are fetched first; None means the
-    current one (the default source fetched and made current where there is none)."""
+    current one (the default source fetched and made current where there is none).
+    ``retry_later``: as for :func:`fetch_data`."""
     if data is None:
         current = current_source(data_dir)
         if current is not None:
             return current
         fetched = fetch_data(default_source, data_dir=data_dir, endpoint_url=endpoint_url,
-                             progress=progress, unless_current=True)
+                             progress=progress, unless_current=True, retry_later=retry_later)
         if fetched is None:  # another fer made one current meanwhile
             return resolve_data(None, data_dir=data_dir, default_source=default_source,
-                                endpoint_url=endpoint_url, progress=progress)
+                                endpoint_url=endpoint_url, progress=progress,
+                                retry_later=retry_later)
         return DataSource(fetched.path, fetched.origin)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
         return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
-                                     progress=progress, make_current=False).path,
+                                     progress=progress, make_current=False,
+                                     retry_later=retry_later).path,
                           redacted(data))
     return DataSource(Path(data).expanduser(), str(Path(data).expanduser().resolve()))
 
@@ -306,7 +316,7 @@ def _source_stamp_path(copy: Path) -> Path:
 
 
 def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
-            progress: Progress | None) -> Path:
+            progress: Progress | None, retry_later: bool) -> Path:
     """A local copy of the source file (folders are used where they are)."""
     downloads = data_dir / DOWNLOADS
     downloads.mkdir(parents=True, exist_ok=True)
@@ -316,7 +326,8 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
             raise DataError(f"{redacted(source)}: a user name or password in the URL is not "
                             "supported (it would be recorded with every run); download the "
                             "file and pass its path, or use a presigned URL")
-        return _download_http(source, downloads / _download_name(source), progress=progress)
+        return _download_http(source, downloads / _download_name(source), progress=progress,
+                              retry_later=retry_later)
     if scheme == "s3":
         from fer.storage import split_s3_url
 
@@ -325,7 +336,7 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
             raise DataError(f"{source}: names no object; expected s3://BUCKET/KEY of a CSV or "
                             "an archive")
         return _download_s3(bucket, key, downloads / _download_name(source),
-                            endpoint_url=endpoint_url)
+                            endpoint_url=endpoint_url, retry_later=retry_later)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{source}: no such file or folder (expected a path, an http(s) URL "
@@ -361,7 +372,8 @@ def _download_name(source: str) -> str:
     return f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
 
 
-def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
+def _download_http(url: str, target: Path, *, progress: Progress | None,
+                   retry_later: bool) -> Path:
     """``url`` into ``target``. A copy from before is asked about first (its ETag and
     Last-Modified, sent back as If-None-Match / If-Modified-Since) and kept while the
     server answers 304 or the same strong ETag. A server that gives neither cannot say
@@ -400,15 +412,16 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                                                and exc.code not in LASTING_SERVER_ERRORS):
             return _fetched_before(target, StorageError(
                 f"{redacted(url)}: download failed ({answer}); try again later, or use a local copy of "
-                "the file", transient=True))
+                "the file", transient=True), retry_later=retry_later)
         return _fetched_before(target, DataError(
-            f"{redacted(url)}: {answer}; check the URL, or use a local copy of the file"))
+            f"{redacted(url)}: {answer}; check the URL, or use a local copy of the file"),
+            retry_later=retry_later)
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         return _fetched_before(target, StorageError(
             f"{redacted(url)}: download failed ({reason}); check the URL and your network, or use a "
-            "local copy of the file", transient=True))
+            "local copy of the file", transient=True), retry_later=retry_later)
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
         raise StorageError(f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the "
@@ -456,7 +469,8 @@ def _same_strong_etag(answered: dict, stored: dict) -> bool:
     return bool(etag) and not etag.startswith("W/") and etag == stored.get("etag")
 
 
-def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None) -> Path:
+def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None,
+                 retry_later: bool) -> Path:
     """``s3://bucket/key`` through the same client settings as publishing (path-style,
     retries); a copy from before is kept while the object's ETag and size are unchanged."""
     from fer.storage import S3Store
@@ -466,10 +480,11 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     try:
         version = store.version(key)
     except StorageError as exc:
-        return _fetched_before(target, exc)
+        return _fetched_before(target, exc, retry_later=retry_later)
     if version is None:
         return _fetched_before(target, DataError(
-            f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the bucket and key"))
+            f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the bucket and key"),
+            retry_later=retry_later)
     if target.exists() and read_json(version_path).get("version") == version:
         return target
     partial = target.with_name(target.name + ".part")
@@ -479,10 +494,11 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     return target
 
 
-def _fetched_before(target: Path, error: FerError) -> Path:
+def _fetched_before(target: Path, error: FerError, *, retry_later: bool) -> Path:
     """The copy fetched before when the source cannot be asked about it (down, gone, access
-    denied), with a warning; without a copy, the error."""
-    if not target.exists():
+    denied), with a warning; without a copy, the error, as with ``retry_later`` where the
+    error may pass by itself (the retry asks the source again)."""
+    if not target.exists() or (retry_later and getattr(error, "transient", False)):
         raise error
     log.warning("%s; using the copy fetched before, %s", error, target)
     return target

@@ -19,6 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 
@@ -52,16 +53,25 @@ def _retry_unless(permanent: type[Exception]):
     return worth_retrying
 
 
+def _tried_again_on_failure() -> bool:
+    """Whether Prefect has a retry left for the task running now (False outside a task run:
+    nothing tries again)."""
+    context = TaskRunContext.get()
+    return context is not None and context.task_run.run_count <= context.task.retries
+
+
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
       retry_condition_fn=_retry_unless(DataError), **TASK_OPTIONS)  # a failed download retries
 def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None
                ) -> tuple[str, str | None]:
     """Bring the data source into the local cache; the local path of the dataset, and where
-    it came from as the user named it (for the run's manifest)."""
+    it came from as the user named it (for the run's manifest). A source down for a moment
+    is retried; the copy fetched before stands in only after the last attempt."""
     from fer.fetch import resolve_data
 
     source = resolve_data(data, data_dir=Path(data_dir), default_source=DEFAULT_SOURCE_URL,
-                          endpoint_url=endpoint_url)
+                          endpoint_url=endpoint_url,
+                          retry_later=_tried_again_on_failure())
     return str(source.path), source.origin
 
 

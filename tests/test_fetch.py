@@ -352,6 +352,26 @@ def test_a_url_is_downloaded_again_only_when_the_server_has_a_newer_copy(tmp_pat
     assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
 
 
+def test_a_caller_that_retries_gets_the_transient_failure_not_the_copy(tmp_path, shaded_csv,
+                                                                       caplog):
+    """With ``retry_later`` (a flow task with attempts left), a server that cannot be
+    reached raises, so the retry asks it again; a file gone from it (HTTP 404), which no
+    retry brings back, still falls back to the copy fetched before."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(shaded_csv.parent))
+    data_dir = tmp_path / "d"
+    with serving(handler) as base:
+        url = f"{base}/fer2013.csv"
+        first = fetch_data(url, data_dir=data_dir)
+        shaded_csv.unlink()
+        with caplog.at_level("WARNING", logger="fer"):
+            gone = fetch_data(url, data_dir=data_dir, retry_later=True)
+    assert gone.sha256 == first.sha256 and "HTTP 404" in caplog.text
+    with pytest.raises(StorageError, match="download failed") as raised:
+        fetch_data(url, data_dir=data_dir, retry_later=True)  # the server is gone now
+    assert raised.value.transient
+
+
 class _IgnoringConditions(_Quiet):
     """Answers 200 with the body and ETag it is given, whatever the request asks."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import http.server
 import json
 import logging
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -40,6 +42,7 @@ from prefect.states import Running
 from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
 from test_cli import FER, run_fer
+from test_fetch import serving
 
 import flows.local_server as local_server
 import flows.remote as remote_module
@@ -125,6 +128,60 @@ def test_fetch_data_names_a_missing_remote_source(s3_env, data_dir):
     with pytest.raises(FerError, match=r"missing\.zip: no such object at "):
         fetch_data.fn(f"s3://{BUCKET}/missing.zip", data_dir=str(data_dir),
                       endpoint_url=s3_env.endpoint_url)
+
+
+class _DownFor(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder (answering If-Modified-Since), but HTTP 503 to the next ``down``
+    requests: a download server restarting."""
+
+    down = 0
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        if _DownFor.down:
+            _DownFor.down -= 1
+            self.send_error(503)
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@flow
+def _fetch_only(url: str, data_dir: str) -> str:
+    return fetch_data.with_options(retry_delay_seconds=0)(url, data_dir=data_dir,
+                                                           endpoint_url=None)[0]
+
+
+def test_a_source_down_for_a_moment_is_retried_before_the_copy_from_before_is_used(
+        prefect_api, tiny_fer_zip, tmp_path, caplog):
+    """A scheduled retrain whose download server answers 503 once fetches this week's file
+    on its retry (it trained on last week's copy at once, and the retries never ran); a
+    server down through every attempt still falls back to the copy, on the last."""
+    site, data_dir = tmp_path / "site", str(tmp_path / "fer-data")
+    site.mkdir()
+    served = site / "fer2013.zip"
+    served.write_bytes(tiny_fer_zip.read_bytes())
+    with serving(functools.partial(_DownFor, directory=str(site))) as base:
+        url = f"{base}/{served.name}"
+        last_week = _fetch_only(url, data_dir)
+        with zipfile.ZipFile(tiny_fer_zip) as old, zipfile.ZipFile(served, "w") as new:
+            for entry in old.infolist()[:-1]:  # one image fewer: another dataset
+                new.writestr(entry, old.read(entry))
+        os.utime(served, (time.time() + 60, time.time() + 60))
+        _DownFor.down = 1
+        state = _fetch_only(url, data_dir, return_state=True)
+        this_week = state.result()
+        assert this_week != last_week
+        assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 2
+        _DownFor.down = 1 + 3
+        with caplog.at_level("WARNING", logger="fer"):
+            state = _fetch_only(url, data_dir, return_state=True)
+    assert state.result() == this_week
+    assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 1 + 3
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("fer")]
+    assert len(warned) == 1 and "HTTP 503" in warned[0]
+    assert "using the copy fetched before" in warned[0]
 
 
 def test_publish_uploads_the_run_and_moves_the_pointers(tmp_path):
