@@ -15,6 +15,10 @@ from fer.evaluate import predict_probabilities
 from fer.models import class_names_of
 
 FACE_CASCADE = "haarcascade_frontalface_default.xml"
+# Faces are looked for on a copy at most this many pixels a side: the cascade took 20 s on a
+# 48-megapixel photo and under 1 s at 1600x1200 (measured), and a face it can find there
+# (24 px) is still 1.5% of the long side of the full photo. Faces are cropped full size.
+DETECTION_MAX_SIDE = 1600
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,21 @@ def _face_cascade():
 
 
 def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Frontal faces found by OpenCV's Haar cascade, largest first."""
-    found = _face_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+    """Frontal faces found by OpenCV's Haar cascade, largest first, as boxes in ``gray``'s
+    own pixels (found on a copy shrunk to DETECTION_MAX_SIDE)."""
+    import cv2
+
+    height, width = gray.shape
+    scale = min(1.0, DETECTION_MAX_SIDE / max(height, width))
+    searched = gray if scale == 1.0 else cv2.resize(
+        gray, (max(1, round(width * scale)), max(1, round(height * scale))),
+        interpolation=cv2.INTER_AREA)
+    found = _face_cascade().detectMultiScale(searched, scaleFactor=1.1, minNeighbors=5,
                                              minSize=(24, 24))
-    boxes = [tuple(int(v) for v in box) for box in found]
+    boxes = []
+    for box in found:
+        x, y, w, h = (round(int(v) / scale) for v in box)
+        boxes.append((x, y, min(w, width - x), min(h, height - y)))
     return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
 
 

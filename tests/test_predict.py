@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import encode_image
+from conftest import encode_image, subset_of_shared_archive
 
 import fer.predict
 from fer.data import read_splits, to_model_input
@@ -138,6 +138,39 @@ def test_the_face_cascade_is_parsed_once_per_process():
     """Parsing OpenCV's 1 MB cascade took 16 ms, more than finding the faces in a 640x480
     image (12 ms, measured): `fer predict --faces` on many files parses it once."""
     assert fer.predict._face_cascade() is fer.predict._face_cascade()
+
+
+def test_faces_in_a_large_photo_are_found_on_a_shrunk_copy_and_boxed_in_its_pixels(
+        monkeypatch, tmp_path):
+    """A 48-megapixel photo: the cascade searched it whole for 20 s (measured); it now
+    searches a copy at most DETECTION_MAX_SIDE a side, and the box it gives is in the
+    photo's own pixels, around the face, for the full-size crop."""
+    gray = cv2.imdecode(np.frombuffer(_a_test_face(tmp_path), np.uint8), cv2.IMREAD_GRAYSCALE)
+    photo = np.random.default_rng(0).integers(100, 156, (6000, 8000), dtype=np.uint8)
+    photo[1800:3400, 2600:4200] = cv2.resize(gray, (1600, 1600))
+    searched = []
+    cascade = fer.predict._face_cascade()
+
+    class Spy:
+        def detectMultiScale(self, image, **options):  # noqa: N802 (OpenCV's name)
+            searched.append(image.shape)
+            return cascade.detectMultiScale(image, **options)
+
+    monkeypatch.setattr(fer.predict, "_face_cascade", lambda: Spy())
+    (x, y, w, h), *_ = detect_faces(photo)
+    assert searched == [(1200, 1600)]
+    overlap = max(0, min(x + w, 4200) - max(x, 2600)) * max(0, min(y + h, 3400) - max(y, 1800))
+    assert overlap / (w * h + 1600 * 1600 - overlap) > 0.5  # the box lies on the face
+    assert x + w <= 8000 and y + h <= 6000
+
+
+def _a_test_face(folder) -> bytes:
+    """One happy face of the test split of ../shared/data/fer2013.zip (encoded)."""
+    import zipfile
+
+    archive = subset_of_shared_archive(folder / "faces.zip", train_per_class=0, test_per_class=1)
+    with zipfile.ZipFile(archive) as handle:
+        return handle.read(next(n for n in handle.namelist() if n.startswith("test/happy/")))
 
 
 def test_no_faces_in_a_blank_image(tmp_path, model):
