@@ -599,10 +599,12 @@ def predict(
     by_file: dict[str, list] = {str(path): [] for path in images}  # in the order given
     for p in predictions:
         by_file[p.file].append(p)
-    if as_json:
-        typer.echo(json.dumps([vars(p) for p in predictions], indent=2))
+    if as_json:  # every file given, in order; one without a face has emotion null
+        typer.echo(json.dumps([record for file, found in by_file.items() for record in (
+            [vars(p) for p in found] if found else
+            [{"file": file, "emotion": None, "probabilities": None, "box": None}])], indent=2))
         for file in (file for file, found in by_file.items() if not found):
-            typer.echo(f"{_printable(file)}: no face found", err=True)  # the JSON: faces only
+            typer.echo(f"{_printable(file)}: no face found", err=True)
         return
     for file, found in by_file.items():
         for p in found:

@@ -652,7 +652,11 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     assert len(lines) >= 2 and all(" face at x=" in line for line in lines[1:])
     mixed_json = run_fer("predict", tmp_path / "blank.png", tmp_path / "face.png",
                          "--model", run_dir / "model.keras", "--faces", "--json")
-    assert [Path(r["file"]).name for r in json.loads(mixed_json.stdout)][0] == "face.png"
+    assert mixed_json.returncode == 0, mixed_json.stderr
+    blank, *found = json.loads(mixed_json.stdout)  # the JSON alone tells which had no face
+    assert blank == {"file": str(tmp_path / "blank.png"), "emotion": None,
+                     "probabilities": None, "box": None}
+    assert found and all(Path(r["file"]).name == "face.png" and r["box"] for r in found)
     assert f"{tmp_path / 'blank.png'}: no face found" in mixed_json.stderr
 
 
