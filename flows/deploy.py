@@ -34,6 +34,7 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_KEY, get_current_settings
+from prefect.types import BANNED_CHARACTERS
 from prefect.workers.process import ProcessWorker
 
 from fer.errors import FerError
@@ -114,10 +115,20 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
         if not isinstance(name, str) or not name or not isinstance(pool, str) or not pool:
             raise FerError(f"{prefect_file}: deployments[{index}] needs a name and a "
                            "work_pool.name (work_pool: {name: fer})")
+        for field, value in (("name", name), ("work_pool.name", pool)):
+            _check_name(value, where=f"{prefect_file}: deployments[{index}] {field}")
         pools[name] = pool
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")
     return pools
+
+
+def _check_name(value: str, *, where: str) -> None:
+    """A name the server takes: Prefect refuses a blank one and one with any of
+    BANNED_CHARACTERS (a validation traceback from its client, once the server was asked)."""
+    if not value.strip("' \"") or any(banned in value for banned in BANNED_CHARACTERS):
+        raise FerError(f"{where} {value!r}: expected a name that is not blank and has none of "
+                       f"{' '.join(BANNED_CHARACTERS)}")
 
 
 def ensure_work_pool(name: str, *, concurrency_limit: int | None) -> None:

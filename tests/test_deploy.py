@@ -310,6 +310,14 @@ def test_unknown_deployment_names_are_refused(names, message):
     ("- deployments\n", r"expected a mapping with a `deployments:` list at the top, got a list"),
     ("deployments:\n  - name: [a, b]\n    work_pool: {name: fer}\n",
      r"deployments\[0\] needs a name and a work_pool\.name"),
+    # names Prefect refuses: its client's validation traceback, once the server was asked
+    ("deployments:\n  - name: retrain\n    work_pool: {name: fer/gpu}\n",
+     r"deployments\[0\] work_pool\.name 'fer/gpu': expected a name that is not blank and has "
+     r"none of / % & > <$"),
+    ("deployments:\n  - name: retrain\n    work_pool: {name: fer}\n  - name: 'a&b'\n"
+     "    work_pool: {name: fer}\n", r"deployments\[1\] name 'a&b': expected a name"),
+    ("deployments:\n  - name: \"' '\"\n    work_pool: {name: fer}\n",
+     r"deployments\[0\] name \"' '\": expected a name that is not blank"),
 ])
 def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
     (tmp_path / PREFECT_FILE).parent.mkdir()
