@@ -49,9 +49,12 @@ UNDECODABLE = ("not a decodable image (expected a jpg, png or other format OpenC
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".jp2", ".bmp", ".dib", ".gif",
                   ".webp", ".avif", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pxm", ".pnm",
                   ".pfm", ".sr", ".ras", ".exr", ".hdr", ".pic")
-CACHE_FORMAT = 4  # bump when decoding changes (2: one resize for train and predict; 3: each
+CACHE_FORMAT = 5  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
-# 4: one CSV beside image folders is not the dataset, labels are ASCII digits only)
+# 4: one CSV beside image folders is not the dataset, labels are ASCII digits only; 5: images
+# with an alpha channel are seen on white)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_ALPHA_COLOUR_TYPES = (4, 6)  # IHDR colour type: grey + alpha, RGB + alpha
 
 
 @dataclass(frozen=True)
@@ -540,10 +543,33 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
 
     if not data:
         return None
+    encoded = np.frombuffer(data, dtype=np.uint8)
     try:
-        return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+        gray = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+        if gray is not None and _may_have_alpha(data):
+            return _on_white(gray, cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED))
+        return gray
     except cv2.error:
         return None
+
+
+def _may_have_alpha(data: bytes) -> bool:
+    """A PNG whose header declares an alpha channel, or a WebP (its alpha is told deeper in);
+    only these are decoded a second time, with their alpha."""
+    if data.startswith(PNG_SIGNATURE):
+        return len(data) > 25 and data[25] in PNG_ALPHA_COLOUR_TYPES
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _on_white(gray: np.ndarray, with_alpha: np.ndarray | None) -> np.ndarray:
+    """``gray`` over a white background as its alpha channel says, as a viewer shows it: a
+    transparent cut-out of a face was seen on whatever its transparent pixels hold (black,
+    mostly), which no viewer shows."""
+    if (with_alpha is None or with_alpha.ndim != 3 or with_alpha.shape[2] != 4
+            or with_alpha.shape[:2] != gray.shape):
+        return gray
+    opacity = with_alpha[..., 3].astype(np.float32) / np.iinfo(with_alpha.dtype).max
+    return np.rint(gray * opacity + 255.0 * (1.0 - opacity)).astype(np.uint8)
 
 
 def check_val_fraction(val_fraction: float) -> None:

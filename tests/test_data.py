@@ -651,3 +651,42 @@ def test_a_spread_sample_reaches_both_ends_and_never_exceeds_the_images():
     sample = spread_sample(images, 5)
     assert sample[0] == 0 and sample[-1] == 99 and len(sample) == 5
     assert len(spread_sample(images, 1000)) == 100
+
+
+@pytest.mark.parametrize(("suffix", "depth", "options"), [
+    (".png", np.uint8, []),
+    (".png", np.uint16, []),  # 16-bit: alpha 65535 is opaque
+    (".webp", np.uint8, [1, 101]),  # cv2.IMWRITE_WEBP_QUALITY 101: lossless, alpha kept exact
+])
+def test_an_image_with_alpha_is_seen_on_white(suffix, depth, options):
+    """A transparent cut-out of a face (RGB 0 where alpha is 0, as editors save it) was seen
+    on black, which no viewer shows; it is now composited on white, half-transparent pixels
+    half way, in training and in `fer predict` alike (both decode here)."""
+    import cv2
+
+    scale = np.iinfo(depth).max // 255
+    colour = np.zeros((4, 4, 3), depth)
+    colour[:, 1:] = 100 * scale
+    alpha = np.zeros((4, 4), depth)
+    alpha[:, 1:3], alpha[:, 3] = 255 * scale, 128 * scale
+    ok, encoded = cv2.imencode(suffix, np.dstack([colour, alpha]), options)
+    assert ok
+    gray = fer.data.decode_grayscale(encoded.tobytes())
+    assert gray.dtype == np.uint8 and gray.shape == (4, 4)
+    assert (gray[:, 0] == 255).all() and (gray[:, 1:3] == 100).all()
+    assert (abs(gray[:, 3].astype(int) - round(100 * 128 / 255 + 255 * 127 / 255)) <= 1).all()
+
+
+def test_only_images_that_may_have_alpha_are_decoded_twice():
+    """The second decode, with alpha, is for PNGs that declare alpha and WebPs: FER's JPEGs
+    and opaque PNGs (most datasets) cost what they did."""
+    import cv2
+
+    def encoded(suffix, channels):
+        return cv2.imencode(suffix, np.full((4, 4, channels), 90, np.uint8))[1].tobytes()
+
+    assert not fer.data._may_have_alpha(encoded(".png", 3))
+    assert not fer.data._may_have_alpha(encoded(".png", 1))
+    assert not fer.data._may_have_alpha(encoded(".jpg", 3))
+    assert fer.data._may_have_alpha(encoded(".png", 4))
+    assert (fer.data.decode_grayscale(encoded(".png", 3)) == 90).all()
