@@ -27,11 +27,18 @@ import httpx
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-from prefect.events.schemas.events import ResourceSpecification
+from prefect.events.schemas.events import Event, ResourceSpecification
 from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_KEY, get_current_settings
 from prefect.types import BANNED_CHARACTERS
@@ -53,6 +60,11 @@ MIN_CRASH_AFTER_S = 60  # two heartbeats at Prefect's shortest interval
 FLOW_RUN_ENDS = {f"prefect.flow-run.{state}" for state in
                  ("Completed", "Failed", "Cancelled", "Crashed")}
 FLOW_RUN_STARTS = {"prefect.flow-run.Pending", "prefect.flow-run.Running"}
+# Sent by `fer deploy` for each fer run in progress when it creates or changes the rule: the
+# rule's new trigger has seen none of their heartbeats, so one whose worker had died already
+# would be watched by nothing and hold its pool for ever.
+WATCH_EVENT = "fer.flow-run.watch"
+FER_TAG = "fer"  # every deployment of deploy/prefect.yaml tags its runs so
 
 
 def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
@@ -166,12 +178,13 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
         trigger=EventTrigger(
             # from a worker's claim (Pending) too: a worker that dies before the run's
             # first heartbeat would otherwise leave it Pending, holding the pool, for ever
-            after={"prefect.flow-run.heartbeat", *FLOW_RUN_STARTS},
+            after={"prefect.flow-run.heartbeat", WATCH_EVENT, *FLOW_RUN_STARTS},
             # (an event in both starts a new window: a retried run's Pending restarts it)
-            expect={"prefect.flow-run.heartbeat", *FLOW_RUN_STARTS, *FLOW_RUN_ENDS},
+            expect={"prefect.flow-run.heartbeat", WATCH_EVENT, *FLOW_RUN_STARTS,
+                    *FLOW_RUN_ENDS},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=ResourceSpecification({"prefect.resource.role": "tag",
-                                                 "prefect.resource.id": ["prefect.tag.fer"]}),
+                                                 "prefect.resource.id": [f"prefect.tag.{FER_TAG}"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -184,6 +197,7 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
     with get_client(sync_client=True) as client:
         if not existing:
             client.create_automation(automation)
+            _watch_runs_in_progress(client)
             return automation
         for duplicate in existing[1:]:  # two deploys racing each created one
             client.delete_automation(duplicate.id)
@@ -191,13 +205,33 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
         automation.enabled = current.enabled  # a pause set in the UI stays
         if _rule_of(current) != _rule_of(automation):
             # The server gives the updated trigger a new id, and the timers of runs in
-            # progress stay with the old one: they are watched again from their next
-            # heartbeat. So nothing is updated when nothing changed (the compose stack's
-            # deploy step runs on every `up`, often just before a worker is recreated).
+            # progress stay with the old one: each is sent WATCH_EVENT to start a new one.
+            # Nothing is updated when nothing changed (the compose stack's deploy step runs
+            # on every `up`, often just before a worker is recreated).
             client.update_automation(current.id, automation)
-            log.info("updated %r; runs in progress are watched again from their next "
-                     "heartbeat", CRASH_AUTOMATION)
+            watched = _watch_runs_in_progress(client)
+            log.info("updated %r; %d fer run(s) in progress watched from now", CRASH_AUTOMATION,
+                     len(watched))
     return automation
+
+
+def _watch_runs_in_progress(client) -> list[str]:
+    """Send WATCH_EVENT for each fer flow run that is Pending or Running, so that the rule
+    just made watches it from now; their names. (POSTed: the events websocket that
+    Prefect's emit_event uses sends in the background and drops what it cannot send.)"""
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[FER_TAG]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType.PENDING, StateType.RUNNING]))))
+    events = [Event(event=WATCH_EVENT,
+                    resource={"prefect.resource.id": f"prefect.flow-run.{run.id}",
+                              "prefect.resource.name": run.name},
+                    related=[{"prefect.resource.id": f"prefect.tag.{FER_TAG}",
+                              "prefect.resource.role": "tag"}]) for run in runs]
+    if events:
+        client.request("POST", "/events", json=[event.model_dump(mode="json")
+                                                 for event in events])
+    return [run.name for run in runs]
 
 
 def _rule_of(automation: AutomationCore) -> dict:

@@ -782,6 +782,32 @@ def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(pr
 
 
 @integration
+def test_a_run_whose_worker_died_before_the_rule_changed_is_still_marked_crashed(prefect_api,
+                                                                               deployed):
+    """`fer deploy --crash-after` with a new value (or an upgrade that changes the rule)
+    gives the rule a new trigger, which had seen none of the heartbeats of the runs in
+    progress: a run whose worker had died already was never marked Crashed and held the
+    pool. Deploying sends each run in progress an event that starts its watch anew."""
+    from prefect.states import Pending
+
+    ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("retrain/retrain")
+            run = client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
+                                                         state=Pending())
+        time.sleep(3)  # its Pending event reaches the rule as it was, as a dead run's did
+        ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
+        changed_at = time.monotonic()
+        while (state := flow_run(run.id).state).name == "Pending":
+            assert time.monotonic() - changed_at < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
+            time.sleep(1)
+        assert state.name == "Crashed" and "no heartbeat for 60 s" in state.message
+    finally:
+        ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+
+
+@integration
 def test_triggered_and_scheduled_runs_never_overlap(worker, tiny_fer_zip, tmp_path):
     """A run of each deployment, started together, train one after the other."""
     parameters = {**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path)}
