@@ -114,6 +114,15 @@ def flow_run(flow_run_id):
         return client.read_flow_run(uuid.UUID(str(flow_run_id)))
 
 
+def assert_marked_crashed(flow_run_id, *, still: str, since: float) -> None:
+    """The run, left in state ``still`` at ``since`` (time.monotonic), is marked Crashed by
+    the automation at MIN_CRASH_AFTER_S (a margin of 90 s for the server's timers)."""
+    while (state := flow_run(flow_run_id).state).name == still:
+        assert time.monotonic() - since < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
+        time.sleep(1)
+    assert state.name == "Crashed" and f"no heartbeat for {MIN_CRASH_AFTER_S} s" in state.message
+
+
 # --- task bodies ------------------------------------------------------------------------------
 
 
@@ -744,10 +753,7 @@ def test_a_run_whose_worker_died_is_marked_crashed_and_frees_the_pool(worker, ti
         assert flow_run(dying.flow_run_id).state.name == "Running"  # nothing else ends it
         assert flow_run(waiting.flow_run_id).state.name == "Scheduled"
 
-        while (state := flow_run(dying.flow_run_id).state).name == "Running":
-            assert time.monotonic() - killed_at < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
-            time.sleep(1)
-        assert state.name == "Crashed" and "no heartbeat for 60 s" in state.message
+        assert_marked_crashed(dying.flow_run_id, still="Running", since=killed_at)
         worker.start()
         with pytest.raises(FerError, match=r"ended Failed: .*missing\.zip: data source not found"):
             follow(waiting)
@@ -773,10 +779,7 @@ def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(pr
             run = client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
                                                          state=Pending())
         left_at = time.monotonic()
-        while (state := flow_run(run.id).state).name == "Pending":
-            assert time.monotonic() - left_at < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
-            time.sleep(1)
-        assert state.name == "Crashed" and "no heartbeat for 60 s" in state.message
+        assert_marked_crashed(run.id, still="Pending", since=left_at)
     finally:
         ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
 
@@ -799,10 +802,7 @@ def test_a_run_whose_worker_died_before_the_rule_changed_is_still_marked_crashed
         time.sleep(3)  # its Pending event reaches the rule as it was, as a dead run's did
         ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
         changed_at = time.monotonic()
-        while (state := flow_run(run.id).state).name == "Pending":
-            assert time.monotonic() - changed_at < MIN_CRASH_AFTER_S + 90, "never marked Crashed"
-            time.sleep(1)
-        assert state.name == "Crashed" and "no heartbeat for 60 s" in state.message
+        assert_marked_crashed(run.id, still="Pending", since=changed_at)
     finally:
         ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
 
