@@ -55,6 +55,7 @@ CACHE_FORMAT = 5  # bump when decoding changes (2: one resize for train and pred
 # with an alpha channel are seen on white)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_ALPHA_COLOUR_TYPES = (4, 6)  # IHDR colour type: grey + alpha, RGB + alpha
+PNG_TRNS_COLOUR_TYPES = (2, 3)  # RGB, palette: transparent with a tRNS chunk (pngquant's)
 
 
 @dataclass(frozen=True)
@@ -547,18 +548,39 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
     try:
         gray = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
         if gray is not None and _may_have_alpha(data):
-            return _on_white(gray, cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED))
+            # turned by its EXIF orientation as the grey is (IMREAD_UNCHANGED is not)
+            return _on_white(gray, cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR
+                                                | cv2.IMREAD_ANYDEPTH))
         return gray
     except cv2.error:
         return None
 
 
 def _may_have_alpha(data: bytes) -> bool:
-    """A PNG whose header declares an alpha channel, or a WebP (its alpha is told deeper in);
-    only these are decoded a second time, with their alpha."""
+    """A PNG or WebP whose headers say it has transparency; only these are decoded a second
+    time, with their alpha."""
     if data.startswith(PNG_SIGNATURE):
-        return len(data) > 25 and data[25] in PNG_ALPHA_COLOUR_TYPES
-    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+        colour_type = data[25] if len(data) > 25 else None
+        return colour_type in PNG_ALPHA_COLOUR_TYPES or (
+            colour_type in PNG_TRNS_COLOUR_TYPES and _png_has_trns(data))
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    if data[12:16] == b"VP8X":  # extended: flags byte, alpha bit 0x10
+        return len(data) > 20 and bool(data[20] & 0x10)
+    if data[12:16] == b"VP8L":  # lossless: an alpha_is_used bit after width and height
+        return len(data) >= 25 and bool(int.from_bytes(data[21:25], "little") >> 28 & 1)
+    return False  # VP8: lossy without alpha
+
+
+def _png_has_trns(data: bytes) -> bool:
+    """Whether a tRNS chunk comes before the image data (where PNG puts it)."""
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        kind = data[position + 4:position + 8]
+        if kind in (b"tRNS", b"IDAT"):
+            return kind == b"tRNS"
+        position += 12 + int.from_bytes(data[position:position + 4], "big")
+    return False
 
 
 def _on_white(gray: np.ndarray, with_alpha: np.ndarray | None) -> np.ndarray:

@@ -656,7 +656,7 @@ def test_a_spread_sample_reaches_both_ends_and_never_exceeds_the_images():
 @pytest.mark.parametrize(("suffix", "depth", "options"), [
     (".png", np.uint8, []),
     (".png", np.uint16, []),  # 16-bit: alpha 65535 is opaque
-    (".webp", np.uint8, [1, 101]),  # cv2.IMWRITE_WEBP_QUALITY 101: lossless, alpha kept exact
+    (".webp", np.uint8, [64, 101]),  # cv2.IMWRITE_WEBP_QUALITY 101: lossless, alpha exact
 ])
 def test_an_image_with_alpha_is_seen_on_white(suffix, depth, options):
     """A transparent cut-out of a face (RGB 0 where alpha is 0, as editors save it) was seen
@@ -677,16 +677,57 @@ def test_an_image_with_alpha_is_seen_on_white(suffix, depth, options):
     assert (abs(gray[:, 3].astype(int) - round(100 * 128 / 255 + 255 * 127 / 255)) <= 1).all()
 
 
-def test_only_images_that_may_have_alpha_are_decoded_twice():
-    """The second decode, with alpha, is for PNGs that declare alpha and WebPs: FER's JPEGs
-    and opaque PNGs (most datasets) cost what they did."""
+def test_only_images_whose_headers_say_they_have_alpha_are_looked_at_for_it():
+    """The second decode, with alpha, is for PNGs and WebPs whose headers say they have
+    transparency: FER's JPEGs, opaque PNGs and lossy WebPs cost what they did."""
     import cv2
 
-    def encoded(suffix, channels):
-        return cv2.imencode(suffix, np.full((4, 4, channels), 90, np.uint8))[1].tobytes()
+    def encoded(suffix, channels, *options):
+        return cv2.imencode(suffix, np.full((4, 4, channels), 90, np.uint8),
+                            list(options))[1].tobytes()
 
-    assert not fer.data._may_have_alpha(encoded(".png", 3))
-    assert not fer.data._may_have_alpha(encoded(".png", 1))
-    assert not fer.data._may_have_alpha(encoded(".jpg", 3))
-    assert fer.data._may_have_alpha(encoded(".png", 4))
+    opaque = [encoded(".png", 3), encoded(".png", 1), encoded(".jpg", 3),
+              encoded(".webp", 3, cv2.IMWRITE_WEBP_QUALITY, 80),
+              encoded(".webp", 3, cv2.IMWRITE_WEBP_QUALITY, 101)]
+    assert not any(fer.data._may_have_alpha(data) for data in opaque)
+    assert all(fer.data._may_have_alpha(encoded(suffix, 4, *options)) for suffix, *options in
+               [(".png",), (".webp", cv2.IMWRITE_WEBP_QUALITY, 80),
+                (".webp", cv2.IMWRITE_WEBP_QUALITY, 101)])
     assert (fer.data.decode_grayscale(encoded(".png", 3)) == 90).all()
+
+
+def _transparent_left_column() -> np.ndarray:
+    """4x6 RGBA: the left column transparent (RGB 0, as editors save it), the rest grey 100."""
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:, 1:] = (100, 100, 100, 255)
+    return rgba
+
+
+def test_a_palette_png_with_transparency_is_seen_on_white():
+    """pngquant's and TinyPNG's output (palette + tRNS chunk, the usual web cut-out) is
+    transparent too; its header says palette, not alpha."""
+    import io
+
+    from PIL import Image
+
+    saved = io.BytesIO()
+    Image.fromarray(_transparent_left_column(), "RGBA").quantize(4).save(saved, "PNG")
+    assert saved.getvalue()[25] == 3  # palette
+    gray = fer.data.decode_grayscale(saved.getvalue())
+    assert (gray[:, 0] == 255).all() and (gray[:, 1:] == 100).all()
+
+
+def test_transparency_follows_the_exif_orientation():
+    """A PNG saved upside down with EXIF orientation 3 (a phone's cut-out): the grey is
+    turned by it, so its alpha must be too (read unturned, the face was whitened and the
+    background left black)."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotate 180
+    saved = io.BytesIO()
+    Image.fromarray(_transparent_left_column(), "RGBA").save(saved, "PNG", exif=exif)
+    gray = fer.data.decode_grayscale(saved.getvalue())
+    assert (gray[:, -1] == 255).all() and (gray[:, :-1] == 100).all()
