@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,7 @@ FLOW_RUN_STARTS = {"prefect.flow-run.Pending", "prefect.flow-run.Running"}
 # rule's new trigger has seen none of their heartbeats, so one whose worker had died already
 # would be watched by nothing and hold its pool for ever.
 WATCH_EVENT = "fer.flow-run.watch"
+WATCH_RESEND_S = 6  # past the server's 5 s reconcile, which loads a changed rule at the latest
 FER_TAG = "fer"  # every deployment of deploy/prefect.yaml tags its runs so
 
 
@@ -129,6 +131,9 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
                            "work_pool.name (work_pool: {name: fer})")
         for field, value in (("name", name), ("work_pool.name", pool)):
             _check_name(value, where=f"{prefect_file}: deployments[{index}] {field}")
+        if pool.lower().startswith("prefect"):  # the server's answer (403) read as a login's
+            raise FerError(f"{prefect_file}: deployments[{index}] work_pool.name {pool!r}: "
+                           "names starting with 'prefect' are reserved for Prefect's own pools")
         pools[name] = pool
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")
@@ -195,30 +200,36 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
             message=f"no heartbeat for {crash_after_s} s: its worker or machine stopped")],
     )
     with get_client(sync_client=True) as client:
-        if not existing:
+        changed = not existing
+        if changed:
             client.create_automation(automation)
+        else:
+            for duplicate in existing[1:]:  # two deploys racing each created one
+                client.delete_automation(duplicate.id)
+            current = existing[0]
+            automation.enabled = current.enabled  # a pause set in the UI stays
+            # The server gives an updated trigger a new id, and the timers of runs in
+            # progress stay with the old one, so nothing is updated when nothing changed
+            # (the compose stack's deploy step runs on every `up`, often just before a
+            # worker is recreated).
+            changed = _rule_of(current) != _rule_of(automation)
+            if changed:
+                client.update_automation(current.id, automation)
+        # Every deploy: a deploy whose events were lost (the server gone between the
+        # update and them) finds the rule unchanged when run again.
+        if _watch_runs_in_progress(client) and changed:
+            time.sleep(WATCH_RESEND_S)  # the server may have loaded the new trigger only now
             _watch_runs_in_progress(client)
-            return automation
-        for duplicate in existing[1:]:  # two deploys racing each created one
-            client.delete_automation(duplicate.id)
-        current = existing[0]
-        automation.enabled = current.enabled  # a pause set in the UI stays
-        if _rule_of(current) != _rule_of(automation):
-            # The server gives the updated trigger a new id, and the timers of runs in
-            # progress stay with the old one: each is sent WATCH_EVENT to start a new one.
-            # Nothing is updated when nothing changed (the compose stack's deploy step runs
-            # on every `up`, often just before a worker is recreated).
-            client.update_automation(current.id, automation)
-            watched = _watch_runs_in_progress(client)
-            log.info("updated %r; %d fer run(s) in progress watched from now", CRASH_AUTOMATION,
-                     len(watched))
+    if changed and existing:
+        log.info("updated %r; the fer runs in progress are watched from now", CRASH_AUTOMATION)
     return automation
 
 
 def _watch_runs_in_progress(client) -> list[str]:
     """Send WATCH_EVENT for each fer flow run that is Pending or Running, so that the rule
-    just made watches it from now; their names. (POSTed: the events websocket that
-    Prefect's emit_event uses sends in the background and drops what it cannot send.)"""
+    as it is now watches it from now (again: a window restarts); their names. (POSTed: the
+    events websocket that Prefect's emit_event uses sends in the background and drops what
+    it cannot send.)"""
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         tags=FlowRunFilterTags(all_=[FER_TAG]),
         state=FlowRunFilterState(type=FlowRunFilterStateType(

@@ -316,6 +316,8 @@ def test_unknown_deployment_names_are_refused(names, message):
      r"none of / % & > <$"),
     ("deployments:\n  - name: retrain\n    work_pool: {name: fer}\n  - name: 'a&b'\n"
      "    work_pool: {name: fer}\n", r"deployments\[1\] name 'a&b': expected a name"),
+    ("deployments:\n  - name: retrain\n    work_pool: {name: Prefect-gpu}\n",
+     r"work_pool\.name 'Prefect-gpu': names starting with 'prefect' are reserved"),
     ("deployments:\n  - name: \"' '\"\n    work_pool: {name: fer}\n",
      r"deployments\[0\] name \"' '\": expected a name that is not blank"),
 ])
