@@ -424,8 +424,9 @@ def _download_http(url: str, target: Path, *, progress: Progress | None,
             "local copy of the file", transient=True), retry_later=retry_later)
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
-        raise StorageError(f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the "
-                           "command again, or use a local copy of the file", transient=True)
+        return _fetched_before(target, StorageError(
+            f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the command "
+            "again, or use a local copy of the file", transient=True), retry_later=retry_later)
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target

@@ -459,6 +459,37 @@ def test_truncated_download_is_refused_and_not_kept(tmp_path):
     assert not list((tmp_path / "d" / "downloads").glob("*"))
 
 
+class _WholeThenTruncating(_Quiet):
+    """Sends ``body`` whole the first time, then drops the connection after 10 bytes."""
+
+    body, served = b"", 0
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        type(self).served += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body if self.served == 1 else self.body[:10])
+        self.close_connection = True
+
+
+def test_a_truncated_download_falls_back_to_the_copy_like_any_failure(tmp_path, shaded_csv,
+                                                                      caplog):
+    """A dropped connection is a download failure like a refused one: the copy fetched
+    before stands in, with a warning, where nothing retries (it failed the run); a caller
+    that retries (a flow task with attempts left) gets the transient error."""
+    _WholeThenTruncating.body, _WholeThenTruncating.served = shaded_csv.read_bytes(), 0
+    with serving(_WholeThenTruncating) as base:
+        url = f"{base}/fer2013.csv"
+        first = fetch_data(url, data_dir=tmp_path / "d")
+        with pytest.raises(StorageError, match=r"download incomplete \(10 of ") as raised:
+            fetch_data(url, data_dir=tmp_path / "d", retry_later=True)
+        assert raised.value.transient
+        with caplog.at_level("WARNING", logger="fer"):
+            assert fetch_data(url, data_dir=tmp_path / "d").sha256 == first.sha256
+    assert "download incomplete" in caplog.text and "using the copy fetched before" in caplog.text
+
+
 class _DroppingChunked(_Quiet):
     """A chunked answer (no Content-Length) whose connection drops mid-chunk."""
 

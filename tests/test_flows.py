@@ -164,9 +164,10 @@ def _fetch_only(url: str, data_dir: str) -> str:
 
 def test_a_source_down_for_a_moment_is_retried_before_the_copy_from_before_is_used(
         prefect_api, tiny_fer_zip, tmp_path, caplog):
-    """A scheduled retrain whose download server answers 503 once fetches this week's file
-    on its retry (it trained on last week's copy at once, and the retries never ran); a
-    server down through every attempt still falls back to the copy, on the last."""
+    """A retrain on a URL (`fer retrain --data URL`, a deployment's `data` parameter) whose
+    download server answers 503 once fetches the file as it is now on its retry (it trained
+    on the copy fetched before at once, and the retries never ran); a server down through
+    every attempt still falls back to the copy, on the last."""
     site, data_dir = tmp_path / "site", str(tmp_path / "fer-data")
     site.mkdir()
     served = site / "fer2013.zip"
