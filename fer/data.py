@@ -49,10 +49,10 @@ UNDECODABLE = ("not a decodable image (expected a jpg, png or other format OpenC
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".jp2", ".bmp", ".dib", ".gif",
                   ".webp", ".avif", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pxm", ".pnm",
                   ".pfm", ".sr", ".ras", ".exr", ".hdr", ".pic")
-CACHE_FORMAT = 5  # bump when decoding changes (2: one resize for train and predict; 3: each
+CACHE_FORMAT = 6  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
 # 4: one CSV beside image folders is not the dataset, labels are ASCII digits only; 5: images
-# with an alpha channel are seen on white)
+# with an alpha channel are seen on white; 6: so are PNGs with tRNS, turned alpha follows EXIF)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_ALPHA_COLOUR_TYPES = (4, 6)  # IHDR colour type: grey + alpha, RGB + alpha
 PNG_TRNS_COLOUR_TYPES = (2, 3)  # RGB, palette: transparent with a tRNS chunk (pngquant's)
@@ -548,7 +548,8 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
     try:
         gray = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
         if gray is not None and _may_have_alpha(data):
-            # turned by its EXIF orientation as the grey is (IMREAD_UNCHANGED is not)
+            # turned by its EXIF orientation as the grey is (IMREAD_UNCHANGED is not); these
+            # flags keep the alpha since OpenCV 4.11 (hence pyproject's floor)
             return _on_white(gray, cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR
                                                 | cv2.IMREAD_ANYDEPTH))
         return gray

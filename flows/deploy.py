@@ -51,7 +51,7 @@ from flows.remote import api_refused, require_api
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
 DEPLOY_TIMEOUT_S = 600
-log = logging.getLogger(__name__)
+log = logging.getLogger("fer.deploy")  # under fer: `fer deploy` shows fer's progress lines
 CRASH_AUTOMATION = "fer: mark flow runs whose heartbeats stopped Crashed"
 # A flow run sends a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect's
 # default 180, its minimum 30). Ten minutes of silence is three missed default heartbeats:
@@ -61,11 +61,13 @@ MIN_CRASH_AFTER_S = 60  # two heartbeats at Prefect's shortest interval
 FLOW_RUN_ENDS = {f"prefect.flow-run.{state}" for state in
                  ("Completed", "Failed", "Cancelled", "Crashed")}
 FLOW_RUN_STARTS = {"prefect.flow-run.Pending", "prefect.flow-run.Running"}
-# Sent by `fer deploy` for each fer run in progress when it creates or changes the rule: the
-# rule's new trigger has seen none of their heartbeats, so one whose worker had died already
-# would be watched by nothing and hold its pool for ever.
+# Sent by `fer deploy` for each fer run in progress: a created or changed rule's new trigger
+# has seen none of their heartbeats, so one whose worker had died already would be watched
+# by nothing and hold its pool for ever. (On an unchanged rule it restarts their windows.)
 WATCH_EVENT = "fer.flow-run.watch"
-WATCH_RESEND_S = 6  # past the server's 5 s reconcile, which loads a changed rule at the latest
+# A trigger service apart from the API (not `prefect server start`'s, which loads a changed
+# rule at once) loads it on its next 5 s reconcile, after an evaluation pass: sent again then.
+WATCH_RESEND_S = 12
 FER_TAG = "fer"  # every deployment of deploy/prefect.yaml tags its runs so
 
 
@@ -169,7 +171,9 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
     "detect zombie flows"): a run whose worker died with it stays Running, and the pool,
     which runs one flow at a time, starts nothing else. Crashed frees it, and
     `prefect flow-run retry` resumes the run like any crashed one. Only runs tagged ``fer``
-    (the tag every deployment of deploy/prefect.yaml gives its runs) are watched.
+    (the tag every deployment of deploy/prefect.yaml gives its runs) are watched: each
+    Pending or Running one from the deploy on (WATCH_EVENT; sent again after
+    WATCH_RESEND_S when the rule was created or changed and runs are in progress).
     """
     with get_client(sync_client=True) as client:
         existing = client.read_automations_by_name(CRASH_AUTOMATION)
@@ -217,11 +221,13 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
                 client.update_automation(current.id, automation)
         # Every deploy: a deploy whose events were lost (the server gone between the
         # update and them) finds the rule unchanged when run again.
-        if _watch_runs_in_progress(client) and changed:
-            time.sleep(WATCH_RESEND_S)  # the server may have loaded the new trigger only now
+        watched = _watch_runs_in_progress(client)
+        if watched and changed:
+            log.info("crash automation %s; watching %d fer run(s) in progress from now (sent "
+                     "again in %d s)", "updated" if existing else "created", len(watched),
+                     WATCH_RESEND_S)
+            time.sleep(WATCH_RESEND_S)
             _watch_runs_in_progress(client)
-    if changed and existing:
-        log.info("updated %r; the fer runs in progress are watched from now", CRASH_AUTOMATION)
     return automation
 
 
@@ -334,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "heartbeat (default: keep the current setting; "
                              f"{DEFAULT_CRASH_AFTER_S} for a new automation)")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("fer").setLevel(logging.INFO)
     try:
         deployed = deploy_all(args.project_dir, names=args.names,
                               crash_after_s=args.crash_after)
