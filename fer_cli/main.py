@@ -794,6 +794,6 @@ def main() -> None:
         typer.echo(f"error: cannot write {exc.filename}: {exc.strerror}", err=True)
         sys.exit(1)
     except SystemExit:
-        if terminated:  # Click printed "Aborted!" and chose exit 1, as for Ctrl-C
+        if terminated:  # Typer exits 130 (Ctrl-C's) for the interrupt the signal raised
             sys.exit(128 + terminated[0])
         raise
