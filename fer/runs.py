@@ -194,10 +194,15 @@ def _move_pointer(store: Store, name: str, record: dict[str, Any], *,
     tried = False
     for attempt in range(POINTER_ATTEMPTS):
         data, version = store.get_versioned(key)
-        pointer = _parse_json(data, store=store, key=key)
-        if tried and pointer is not None and pointer.get("run_id") == record["run_id"]:
-            return True  # our write landed though its answer was lost, and a retry refused
-        if not when(pointer):
+        try:
+            pointer = _parse_json(data, store=store, key=key)
+            if tried and pointer is not None and pointer.get("run_id") == record["run_id"]:
+                return True  # our write landed though its answer was lost, and a retry refused
+            moves = when(pointer)
+        except NotFerObjectError as exc:  # refused, it blocked every publish for good
+            log.warning("%s; replacing it", exc)
+            moves = True
+        if not moves:
             return False
         tried = True
         if store.put_bytes_if(key, _dump(record), version=version):

@@ -239,8 +239,12 @@ class S3Store:
 
     def put_file(self, key: str, path: Path) -> None:
         with self._errors(f"uploading {self._key(key)}"):
-            self._client.upload_file(str(path), self.bucket, self._key(key),
-                                     Config=_transfer_config())
+            try:
+                self._client.upload_file(str(path), self.bucket, self._key(key),
+                                         Config=_transfer_config())
+            except OSError as exc:  # reading the local file (the folder store says it too)
+                raise StorageError(f"cannot read {path} to upload it ({exc.strerror or exc})"
+                                   ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(f"writing {self._key(key)}"):

@@ -449,6 +449,19 @@ def test_runs_checking_the_store_at_the_same_moment_all_pass(store):
     assert racing.raced == 3
 
 
+def test_a_pointer_fer_did_not_write_is_replaced_with_a_warning(store, runs, caplog):
+    """A latest.json or champion.json that is not fer's (hand-edited, another tool's) made
+    every publish fail, and --force-champion could not get past it: the next run replaces
+    it, saying so."""
+    store.put_bytes("latest.json", b"not json")
+    store.put_bytes("champion.json", json.dumps({"run_id": "../../etc"}).encode())
+    result = publish_run(make_run(runs, "r1", accuracy=0.5), store)
+    assert result.is_champion
+    assert pointers(store) == ("r1", "r1")
+    assert "latest.json is not a JSON object" in caplog.text
+    assert "champion.json" in caplog.text and "replacing it" in caplog.text
+
+
 # --- reading errors -------------------------------------------------------------------------
 
 
