@@ -646,12 +646,13 @@ def reports_list(
     champion is chosen on."""
     from fer.runs import list_runs
 
-    runs = list_runs(_store(_settings(storage=storage, endpoint_url=endpoint_url)))
+    store = _store(_settings(storage=storage, endpoint_url=endpoint_url))
+    runs = list_runs(store)
     if as_json:
         typer.echo(json.dumps([vars(r) for r in runs], indent=2, default=str))
         return
-    if not runs:
-        typer.echo("no published runs")
+    if not runs:  # where it looked: a mistyped --storage folder is empty too
+        typer.echo(f"no published runs in {store.location}")
         return
     id_width = max(len("run id"), *(len(r.run_id) for r in runs))
     model_width = max(len("model"), *(len(str(r.model)) for r in runs))

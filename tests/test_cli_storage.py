@@ -114,9 +114,11 @@ def test_missing_run_is_one_line_error(tmp_path, storage_env):
                           r"run 'no-such-run' not found in .*; list the published runs")
 
 
-def test_empty_store_lists_nothing(storage_env):
+def test_empty_store_lists_nothing_and_says_where_it_looked(storage_env):
+    """A mistyped --storage folder is an empty store: the line names it, so the typo shows."""
     listing = run_fer("reports", "list", env=storage_env)
-    assert listing.returncode == 0 and "no published runs" in listing.stdout
+    assert listing.returncode == 0
+    assert listing.stdout.strip() == f"no published runs in {storage_env['FER_STORAGE']}"
 
 
 @pytest.mark.integration
