@@ -217,6 +217,7 @@ class MemberProgress:
     finished: bool = False  # trained, its best epoch restored, its recalibration decided
     batch_norm_recalibration: dict | None = None
     resumed_at: list[int] = field(default_factory=list)  # epochs after which it was resumed
+    optimizer_steps: int | None = None  # after the last epoch (None in an older fer's record)
 
 
 class MemberCheckpoint:
@@ -248,6 +249,14 @@ class MemberCheckpoint:
             model.load_weights(self.folder / progress.weights_file)
             for variable, state in zip(_random_states(model), progress.random_states, strict=True):
                 variable.assign(np.asarray(state, dtype=variable.dtype))
+        steps = int(model.optimizer.iterations)
+        if progress.optimizer_steps is not None and steps != progress.optimizer_steps:
+            # Keras only warns where an optimizer's variables do not match its file (another
+            # Keras, say): the rest would train from step 0 of the schedule, moments zeroed
+            raise CheckpointError(
+                f"{self.folder / progress.weights_file}: the optimizer's state did not load "
+                f"(step {steps}, expected {progress.optimizer_steps}; another Keras than the "
+                "run began with?)", member_folder=self.folder)
 
     def best_weights(self, progress: MemberProgress) -> list[np.ndarray] | None:
         """The best epoch's weights so far; None before any epoch improved."""
@@ -269,6 +278,7 @@ class MemberCheckpoint:
             model.save_weights(self.folder / progress.weights_file)
             fsync_path(self.folder / progress.weights_file)
         progress.random_states = [np.asarray(v).tolist() for v in _random_states(model)]
+        progress.optimizer_steps = int(model.optimizer.iterations)
         if best_weights is not None and progress.best_epoch == progress.epochs_done:
             progress.best_file = f"best-{progress.best_epoch}.npz"
             _save_arrays(self.folder / progress.best_file, best_weights)
@@ -282,6 +292,8 @@ class MemberCheckpoint:
 
     def _commit(self, progress: MemberProgress) -> None:
         write_json(self._state, dataclasses.asdict(progress))
+        with writing(self.folder):  # the rename on disk before the files it retires go
+            fsync_path(self.folder)
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
             if path.name not in keep:

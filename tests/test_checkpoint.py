@@ -383,6 +383,21 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkey
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
 
+def test_an_optimizer_state_that_does_not_load_is_refused(tmp_path, tiny_dataset, monkeypatch):
+    """Keras only warns, and leaves the optimizer at step 0, where its variables do not
+    match the file (a Keras upgrade between the stop and the resume, a rebuilt image): the
+    rest of the run trained from the start of its schedule with zeroed moments, silently."""
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    monkeypatch.setattr(BaseOptimizer, "load_own_variables", lambda optimizer, store: None)
+    with pytest.raises(CheckpointError, match=r"epoch-1\.weights\.h5: the optimizer's state "
+                                              r"did not load \(step 0, expected [1-9]") as raised:
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert raised.value.member_folder == run_dir / FOLDER / "member-1"
+
+
 @pytest.mark.parametrize("length", [100, 0])
 def test_a_damaged_finished_member_is_a_one_line_error(tmp_path, tiny_dataset, monkeypatch,
                                                        length):
