@@ -101,6 +101,8 @@ def read_run(run_dir: Path) -> RunRecord:
                          recipe=_recipe(record.get("recipe")))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
+    except OSError as exc:  # another user's run, say
+        raise FerError(f"{path}: cannot read it ({exc.strerror})") from None
 
 
 def _recipe(value) -> dict | None:
@@ -161,6 +163,9 @@ def training_lock(run_dir: Path):
         handle = open(path, "a+")  # noqa: SIM115 - held until the training ends
     except FileNotFoundError:  # another process finished the run meanwhile
         raise gone from None
+    except OSError as exc:  # another user's run: its checkpoint is not ours to write
+        raise FerError(f"{path}: cannot open it to resume the run ({exc.strerror}); resume "
+                       "it as the user who began it") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not (path.parent / RUN_RECORD).exists():  # finished between our open and lock:

@@ -203,6 +203,26 @@ def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
         read_run(tmp_path)
 
 
+def test_a_run_this_user_cannot_read_or_lock_is_one_line(tmp_path, monkeypatch):
+    """Another user's run (permissions refused: here a folder where the lock file goes, and
+    a read refused, since tests run as root): one line, not a PermissionError traceback."""
+    run_dir = make_run(tmp_path, "theirs", accuracy=0.5)
+    (run_dir / FOLDER).mkdir()
+    (run_dir / FOLDER / fer.checkpoint.LOCK).mkdir()
+    with pytest.raises(FerError, match=r"lock: cannot open it to resume the run \(Is a "
+                                       r"directory\); resume it as the user who began it"):
+        with training_lock(run_dir):
+            pass
+    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(FerError, match=r"run\.json: cannot read it \(Permission denied\)"):
+        read_run(run_dir)
+
+
 def test_a_resume_after_another_process_finished_the_run_says_so(tmp_path):
     """Two `fer train --resume` of one run: the second, taking the lock after the first
     finished and removed the checkpoint, is told so (it had been a FileNotFoundError
