@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fer.config import TrainConfig
-from fer.errors import CheckpointError, FerError, fsync_path, writing
+from fer.errors import CheckpointError, FerError, fsync_folder, fsync_path, writing
 from fer.manifest import read_json, write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
@@ -163,9 +163,11 @@ def training_lock(run_dir: Path):
         handle = open(path, "a+")  # noqa: SIM115 - held until the training ends
     except FileNotFoundError:  # another process finished the run meanwhile
         raise gone from None
-    except OSError as exc:  # another user's run: its checkpoint is not ours to write
+    except PermissionError as exc:  # another user's run: its checkpoint is not ours
         raise FerError(f"{path}: cannot open it to resume the run ({exc.strerror}); resume "
                        "it as the user who began it") from None
+    except OSError as exc:  # a read-only or full filesystem, say
+        raise FerError(f"{path}: cannot open it to resume the run ({exc.strerror})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not (path.parent / RUN_RECORD).exists():  # finished between our open and lock:
@@ -297,8 +299,7 @@ class MemberCheckpoint:
 
     def _commit(self, progress: MemberProgress) -> None:
         write_json(self._state, dataclasses.asdict(progress))
-        with writing(self.folder):  # the rename on disk before the files it retires go
-            fsync_path(self.folder)
+        fsync_folder(self.folder)  # the rename on disk before the files it retires go
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
             if path.name not in keep:

@@ -88,6 +88,13 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+def fsync_folder(path: Path) -> None:
+    """A folder flushed to disk after a rename in it, where the filesystem allows: some
+    network filesystems refuse to fsync a folder, which must not fail the write."""
+    with contextlib.suppress(OSError):
+        fsync_path(path)
+
+
 class CheckpointError(FerError):
     """A stopped run's checkpoint that cannot be continued: damaged (a crash mid-write), or
     written for another model (fer was upgraded). ``member_folder``: the ensemble member's

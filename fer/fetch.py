@@ -489,7 +489,11 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     if target.exists() and read_json(version_path).get("version") == version:
         return target
     partial = target.with_name(target.name + ".part")
-    store.download(key, partial)
+    try:
+        store.download(key, partial)
+    except StorageError as exc:  # cut short, as an http download can be
+        partial.unlink(missing_ok=True)
+        return _fetched_before(target, exc, retry_later=retry_later)
     os.replace(partial, target)
     write_json(version_path, {"version": version})
     return target

@@ -7,7 +7,6 @@ Errors are one-line StorageErrors that say whether retrying may help, never with
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -26,7 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bce
 from botocore.config import Config
 
-from fer.errors import MissingObjectError, StorageError, fsync_path
+from fer.errors import MissingObjectError, StorageError, fsync_folder, fsync_path
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -154,8 +153,7 @@ class LocalStore:
                 fill(tmp)
                 fsync_path(tmp)
                 os.replace(tmp, path)
-                with contextlib.suppress(OSError):  # some network filesystems refuse it
-                    fsync_path(path.parent)  # the rename itself
+                fsync_folder(path.parent)  # the rename itself
             finally:
                 tmp.unlink(missing_ok=True)
 
@@ -238,13 +236,14 @@ class S3Store:
                 "create it or pass --create-bucket")
 
     def put_file(self, key: str, path: Path) -> None:
-        with self._errors(f"uploading {self._key(key)}"):
-            try:
+        try:
+            with self._errors(f"uploading {self._key(key)}"):
                 self._client.upload_file(str(path), self.bucket, self._key(key),
                                          Config=_transfer_config())
-            except OSError as exc:  # reading the local file (the folder store says it too)
-                raise StorageError(f"cannot read {path} to upload it ({exc.strerror or exc})"
-                                   ) from None
+        except OSError as exc:  # reading the local file (botocore's timeouts, OSErrors too,
+            # are StorageErrors by now); the folder store names it too
+            raise StorageError(f"cannot read {path} to upload it ({exc.strerror or exc})"
+                               ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(f"writing {self._key(key)}"):

@@ -69,6 +69,7 @@ WATCH_EVENT = "fer.flow-run.watch"
 # rule at once) loads it on its next 5 s reconcile, after an evaluation pass: sent again then.
 WATCH_RESEND_S = 12
 FER_TAG = "fer"  # every deployment of deploy/prefect.yaml tags its runs so
+FER_TAG_RESOURCE = f"prefect.tag.{FER_TAG}"  # the tag as events name it
 
 
 def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
@@ -132,7 +133,7 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
             raise FerError(f"{prefect_file}: deployments[{index}] needs a name and a "
                            "work_pool.name (work_pool: {name: fer})")
         for field, value in (("name", name), ("work_pool.name", pool)):
-            _check_name(value, where=f"{prefect_file}: deployments[{index}] {field}")
+            _refuse_banned_name(value, where=f"{prefect_file}: deployments[{index}] {field}")
         if pool.lower().startswith("prefect"):  # the server's answer (403) read as a login's
             raise FerError(f"{prefect_file}: deployments[{index}] work_pool.name {pool!r}: "
                            "names starting with 'prefect' are reserved for Prefect's own pools")
@@ -142,7 +143,7 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
     return pools
 
 
-def _check_name(value: str, *, where: str) -> None:
+def _refuse_banned_name(value: str, *, where: str) -> None:
     """A name the server takes: Prefect refuses a blank one and one with any of
     BANNED_CHARACTERS (a validation traceback from its client, once the server was asked)."""
     if not value.strip("' \"") or any(banned in value for banned in BANNED_CHARACTERS):
@@ -193,7 +194,7 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
                     *FLOW_RUN_ENDS},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=ResourceSpecification({"prefect.resource.role": "tag",
-                                                 "prefect.resource.id": [f"prefect.tag.{FER_TAG}"]}),
+                                                 "prefect.resource.id": [FER_TAG_RESOURCE]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -243,7 +244,7 @@ def _watch_runs_in_progress(client) -> list[str]:
     events = [Event(event=WATCH_EVENT,
                     resource={"prefect.resource.id": f"prefect.flow-run.{run.id}",
                               "prefect.resource.name": run.name},
-                    related=[{"prefect.resource.id": f"prefect.tag.{FER_TAG}",
+                    related=[{"prefect.resource.id": FER_TAG_RESOURCE,
                               "prefect.resource.role": "tag"}]) for run in runs]
     if events:
         client.request("POST", "/events", json=[event.model_dump(mode="json")
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "heartbeat (default: keep the current setting; "
                              f"{DEFAULT_CRASH_AFTER_S} for a new automation)")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s")
+    logging.basicConfig(format="%(message)s")  # (where Prefect set up no handler first)
     logging.getLogger("fer").setLevel(logging.INFO)
     try:
         deployed = deploy_all(args.project_dir, names=args.names,

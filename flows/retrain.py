@@ -53,7 +53,7 @@ def _retry_unless(permanent: type[Exception]):
     return worth_retrying
 
 
-def _tried_again_on_failure() -> bool:
+def _retry_left() -> bool:
     """Whether Prefect has a retry left for the task running now (False outside a task run:
     nothing tries again)."""
     context = TaskRunContext.get()
@@ -71,7 +71,7 @@ def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None
 
     source = resolve_data(data, data_dir=Path(data_dir), default_source=DEFAULT_SOURCE_URL,
                           endpoint_url=endpoint_url,
-                          retry_later=_tried_again_on_failure())
+                          retry_later=_retry_left())
     return str(source.path), source.origin
 
 

@@ -208,15 +208,21 @@ def test_a_run_this_user_cannot_read_or_lock_is_one_line(tmp_path, monkeypatch):
     a read refused, since tests run as root): one line, not a PermissionError traceback."""
     run_dir = make_run(tmp_path, "theirs", accuracy=0.5)
     (run_dir / FOLDER).mkdir()
-    (run_dir / FOLDER / fer.checkpoint.LOCK).mkdir()
+    (run_dir / FOLDER / fer.checkpoint.LOCK).mkdir()  # any other OSError: no advice on users
     with pytest.raises(FerError, match=r"lock: cannot open it to resume the run \(Is a "
-                                       r"directory\); resume it as the user who began it"):
+                                       r"directory\)$"):
         with training_lock(run_dir):
             pass
-    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
 
     def refused(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fer.checkpoint, "open", refused, raising=False)
+    with pytest.raises(FerError, match=r"lock: cannot open it to resume the run \(Permission "
+                                       r"denied\); resume it as the user who began it"):
+        with training_lock(run_dir):
+            pass
+    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
 
     monkeypatch.setattr(Path, "read_text", refused)
     with pytest.raises(FerError, match=r"run\.json: cannot read it \(Permission denied\)"):

@@ -490,6 +490,34 @@ def test_a_truncated_download_falls_back_to_the_copy_like_any_failure(tmp_path, 
     assert "download incomplete" in caplog.text and "using the copy fetched before" in caplog.text
 
 
+def test_an_s3_download_that_fails_midway_falls_back_to_the_copy(tmp_path, shaded_csv,
+                                                                 monkeypatch, caplog):
+    """As for http: an object that changed, whose download then fails (a connection reset
+    after the HEAD), uses the copy fetched before where nothing retries, and raises for a
+    caller that retries (it failed the run even with a copy)."""
+    from fer.storage import S3Store
+
+    answers = {"version": "v1", "fails": False}
+
+    def download(store, key, target):
+        if answers["fails"]:
+            raise StorageError("S3 at http://s3 refused downloading: connection reset",
+                               transient=True)
+        target.write_bytes(shaded_csv.read_bytes())
+
+    monkeypatch.setattr(S3Store, "version", lambda store, key: answers["version"])
+    monkeypatch.setattr(S3Store, "download", download)
+    url, data_dir = "s3://bucket/fer2013.csv", tmp_path / "d"
+    first = fetch_data(url, data_dir=data_dir, endpoint_url="http://127.0.0.1:9")
+    answers.update(version="v2", fails=True)
+    with pytest.raises(StorageError, match="connection reset"):
+        fetch_data(url, data_dir=data_dir, endpoint_url="http://127.0.0.1:9", retry_later=True)
+    with caplog.at_level("WARNING", logger="fer"):
+        again = fetch_data(url, data_dir=data_dir, endpoint_url="http://127.0.0.1:9")
+    assert again.sha256 == first.sha256 and "using the copy fetched before" in caplog.text
+    assert not list((data_dir / "downloads").glob("*.part"))
+
+
 class _DroppingChunked(_Quiet):
     """A chunked answer (no Content-Length) whose connection drops mid-chunk."""
 

@@ -259,6 +259,21 @@ def test_dead_endpoint_fails_fast(s3_env):
 
 
 @integration
+def test_an_upload_that_times_out_is_a_transient_error_not_a_local_file(s3_env, tmp_path):
+    """botocore's timeouts are OSErrors too: an upload to a server that stopped answering
+    had been reported as the local file that cannot be read, and not retried."""
+    (tmp_path / "model.keras").write_bytes(b"weights")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        store = S3Store(BUCKET, endpoint_url=endpoint, max_attempts=1, read_timeout=1)
+        with pytest.raises(StorageError, match=rf"S3 endpoint {endpoint} did not answer") as error:
+            store.put_file("runs/r/model.keras", tmp_path / "model.keras")
+    assert error.value.transient
+
+
+@integration
 def test_silent_endpoint_times_out_in_bounded_time(s3_env):
     """A server that accepts connections but never answers fails within 30 s, not hangs."""
     with socket.socket() as silent:
