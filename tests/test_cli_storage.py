@@ -209,13 +209,17 @@ def test_a_pointer_naming_a_path_outside_the_store_is_refused(tmp_path):
         assert_one_line_error(run_fer(*command, env=env),
                               r"champion\.json: run_id '\.\./\.\./outside' is not a valid run id")
     assert not (tmp_path / "down").exists()
-    publish_ok = run_fer("publish", make_run(tmp_path / "runs", "20250101-000000-default-aaaa",
-                                             accuracy=0.7), env=env)
-    # publishing reads the champion: refused by name too
-    assert_one_line_error(publish_ok,
-                          r"champion\.json: run_id '\.\./\.\./outside' is not a valid run id")
     listing = run_fer("reports", "list", env=env)  # a listing warns and still lists
     assert listing.returncode == 0 and "not a valid run id" in listing.stderr
+    # publishing replaces it, saying so (refusing it had blocked every publish for good)
+    published = run_fer("publish", make_run(tmp_path / "runs", "20250101-000000-default-aaaa",
+                                            accuracy=0.7), env=env)
+    assert published.returncode == 0, published.stderr
+    assert re.search(r"champion\.json: run_id '\.\./\.\./outside' is not a valid run id.*"
+                     r"replacing it", published.stderr)
+    assert json.loads((store / "champion.json").read_text())["run_id"] == (
+        "20250101-000000-default-aaaa")
+    assert not (tmp_path / "outside").exists()
 
 
 @pytest.mark.integration
