@@ -114,6 +114,17 @@ def flow_run(flow_run_id):
         return client.read_flow_run(uuid.UUID(str(flow_run_id)))
 
 
+def left_pending():
+    """A fer run of the deployment left Pending, as a worker that took it and died leaves
+    it (Pending from the start: a worker polling the pool takes Scheduled runs only)."""
+    from prefect.states import Pending
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/retrain")
+        return client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
+                                                      state=Pending())
+
+
 def assert_marked_crashed(flow_run_id, *, still: str, since: float) -> None:
     """The run, left in state ``still`` at ``since`` (time.monotonic), is marked Crashed by
     the automation at MIN_CRASH_AFTER_S (a margin of 90 s for the server's timers)."""
@@ -774,15 +785,9 @@ def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(pr
     """A worker that takes a run (Pending) and dies before the run sends its first
     heartbeat: nothing had watched the run, which stayed Pending and held the pool (one
     flow at a time) for ever. Here the run is left Pending as such a worker leaves it."""
-    from prefect.states import Pending
-
     ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
     try:
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("retrain/retrain")
-            # Pending from the start: a worker polling the pool takes Scheduled runs only
-            run = client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
-                                                         state=Pending())
+        run = left_pending()
         left_at = time.monotonic()
         assert_marked_crashed(run.id, still="Pending", since=left_at)
     finally:
@@ -796,14 +801,9 @@ def test_a_run_whose_worker_died_before_the_rule_changed_is_still_marked_crashed
     gives the rule a new trigger, which had seen none of the heartbeats of the runs in
     progress: a run whose worker had died already was never marked Crashed and held the
     pool. Deploying sends each run in progress an event that starts its watch anew."""
-    from prefect.states import Pending
-
     ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
     try:
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("retrain/retrain")
-            run = client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
-                                                         state=Pending())
+        run = left_pending()
         time.sleep(3)  # its Pending event reaches the rule as it was, as a dead run's did
         ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
         changed_at = time.monotonic()
