@@ -320,23 +320,12 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     """A local copy of the source file (folders are used where they are)."""
     downloads = data_dir / DOWNLOADS
     downloads.mkdir(parents=True, exist_ok=True)
-    scheme = _scheme(source)
-    if scheme in ("http", "https"):
-        if "@" in urllib.parse.urlsplit(source).netloc:
-            raise DataError(f"{redacted(source)}: a user name or password in the URL is not "
-                            "supported (it would be recorded with every run); download the "
-                            "file and pass its path, or use a presigned URL")
-        return _download_http(source, downloads / _download_name(source), progress=progress,
-                              retry_later=retry_later)
-    if scheme == "s3":
-        from fer.storage import split_s3_url
-
-        bucket, key = split_s3_url(source)
-        if not key or key.endswith("/"):
-            raise DataError(f"{source}: names no object; expected s3://BUCKET/KEY of a CSV or "
-                            "an archive")
-        return _download_s3(bucket, key, downloads / _download_name(source),
-                            endpoint_url=endpoint_url, retry_later=retry_later)
+    if _is_remote(source):
+        target = downloads / _download_name(source)
+        try:
+            return _download(source, target, endpoint_url=endpoint_url, progress=progress)
+        except _SourceFailed as failed:
+            return _fetched_before(target, failed.error, retry_later=retry_later)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{source}: no such file or folder (expected a path, an http(s) URL "
@@ -356,6 +345,24 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     return target
 
 
+def _download(source: str, target: Path, *, endpoint_url: str | None,
+              progress: Progress | None) -> Path:
+    """An http(s) or s3:// source into ``target``; _SourceFailed where it cannot be had."""
+    if _scheme(source) == "s3":
+        from fer.storage import split_s3_url
+
+        bucket, key = split_s3_url(source)
+        if not key or key.endswith("/"):
+            raise DataError(f"{source}: names no object; expected s3://BUCKET/KEY of a CSV or "
+                            "an archive")
+        return _download_s3(bucket, key, target, endpoint_url=endpoint_url)
+    if "@" in urllib.parse.urlsplit(source).netloc:
+        raise DataError(f"{redacted(source)}: a user name or password in the URL is not "
+                        "supported (it would be recorded with every run); download the "
+                        "file and pass its path, or use a presigned URL")
+    return _download_http(source, target, progress=progress)
+
+
 def source_name(source: str) -> str:
     """The file name a source (path or URL) ends in, without an http(s) URL's ``?dl=1``
     tail (an S3 key's '?' and '#' are part of its name); "" if none."""
@@ -372,8 +379,7 @@ def _download_name(source: str) -> str:
     return f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
 
 
-def _download_http(url: str, target: Path, *, progress: Progress | None,
-                   retry_later: bool) -> Path:
+def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
     """``url`` into ``target``. A copy from before is asked about first (its ETag and
     Last-Modified, sent back as If-None-Match / If-Modified-Since) and kept while the
     server answers 304 or the same strong ETag. A server that gives neither cannot say
@@ -410,26 +416,34 @@ def _download_http(url: str, target: Path, *, progress: Progress | None,
         answer = f"the server answered HTTP {exc.code} ({exc.reason})"
         if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
                                                and exc.code not in LASTING_SERVER_ERRORS):
-            return _fetched_before(target, StorageError(
+            raise _SourceFailed(StorageError(
                 f"{redacted(url)}: download failed ({answer}); try again later, or use a local copy of "
-                "the file", transient=True), retry_later=retry_later)
-        return _fetched_before(target, DataError(
-            f"{redacted(url)}: {answer}; check the URL, or use a local copy of the file"),
-            retry_later=retry_later)
+                "the file", transient=True)) from None
+        raise _SourceFailed(DataError(
+            f"{redacted(url)}: {answer}; check the URL, or use a local copy of the file")) from None
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        return _fetched_before(target, StorageError(
+        raise _SourceFailed(StorageError(
             f"{redacted(url)}: download failed ({reason}); check the URL and your network, or use a "
-            "local copy of the file", transient=True), retry_later=retry_later)
+            "local copy of the file", transient=True)) from None
     if total is not None and done != total:  # a dropped connection ends the read quietly
         partial.unlink(missing_ok=True)
-        return _fetched_before(target, StorageError(
+        raise _SourceFailed(StorageError(
             f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the command "
-            "again, or use a local copy of the file", transient=True), retry_later=retry_later)
+            "again, or use a local copy of the file", transient=True))
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target
+
+
+class _SourceFailed(Exception):
+    """The source could not be asked about or read (down, gone, access denied, cut short):
+    ``error`` says so, and the caller may use the copy fetched before instead."""
+
+    def __init__(self, error: FerError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _DiskError(Exception):
@@ -470,8 +484,7 @@ def _same_strong_etag(answered: dict, stored: dict) -> bool:
     return bool(etag) and not etag.startswith("W/") and etag == stored.get("etag")
 
 
-def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None,
-                 retry_later: bool) -> Path:
+def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None) -> Path:
     """``s3://bucket/key`` through the same client settings as publishing (path-style,
     retries); a copy from before is kept while the object's ETag and size are unchanged."""
     from fer.storage import S3Store
@@ -481,11 +494,10 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     try:
         version = store.version(key)
     except StorageError as exc:
-        return _fetched_before(target, exc, retry_later=retry_later)
+        raise _SourceFailed(exc) from None
     if version is None:
-        return _fetched_before(target, DataError(
-            f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the bucket and key"),
-            retry_later=retry_later)
+        raise _SourceFailed(DataError(
+            f"s3://{bucket}/{key}: no such object at {store.endpoint}; check the bucket and key"))
     if target.exists() and read_json(version_path).get("version") == version:
         return target
     partial = target.with_name(target.name + ".part")
@@ -493,7 +505,7 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
         store.download(key, partial)
     except StorageError as exc:  # cut short, as an http download can be
         partial.unlink(missing_ok=True)
-        return _fetched_before(target, exc, retry_later=retry_later)
+        raise _SourceFailed(exc) from None
     os.replace(partial, target)
     write_json(version_path, {"version": version})
     return target
