@@ -60,6 +60,14 @@ class RunRecord:
     precision_reason: str | None = None  # why that precision (None in an older fer's record)
     data_origin: str | None = None  # the source as the user named it (a URL, an s3:// key)
     recipe: dict | None = None  # fer.models.ModelSpec.recipe (None in an older fer's record)
+    # The decoded data and the process that began the run; each resume's process. The
+    # manifest reports them, not only the process that happened to finish the run. None /
+    # empty in an older fer's record.
+    pixels_sha256: str | None = None
+    started: str | None = None
+    versions: dict | None = None
+    machine: dict | None = None
+    resumes: tuple[dict, ...] = ()
 
 
 def start_run(run: RunRecord) -> None:
@@ -70,10 +78,22 @@ def start_run(run: RunRecord) -> None:
     record = {"format": FORMAT, "config": options,
               "precision": run.precision, "learning_rate": run.learning_rate,
               "data": {"source": run.data_source, "sha256": run.data_sha256,
-                       "origin": run.data_origin},
+                       "origin": run.data_origin, "pixels_sha256": run.pixels_sha256},
               "git_commit": run.git_commit, "started_by": run.started_by,
-              "precision_reason": run.precision_reason, "recipe": run.recipe}
+              "precision_reason": run.precision_reason, "recipe": run.recipe,
+              "started": run.started, "versions": run.versions, "machine": run.machine,
+              "resumes": list(run.resumes)}
     write_json(folder / RUN_RECORD, record)
+
+
+def record_resume(run: RunRecord, process: dict) -> RunRecord:
+    """Add ``process`` (when, commit, versions, machine) to the run's resumes, in its record
+    too, so that a later resume keeps it; the run as it stands now."""
+    path = run.run_dir / FOLDER / RUN_RECORD
+    record = json.loads(path.read_text())  # read_run read it a moment ago
+    resumes = (*run.resumes, process)
+    write_json(path, {**record, "resumes": list(resumes)})
+    return dataclasses.replace(run, resumes=resumes)
 
 
 def read_run(run_dir: Path) -> RunRecord:
@@ -98,11 +118,23 @@ def read_run(run_dir: Path) -> RunRecord:
                          started_by=record.get("started_by"),
                          precision_reason=record.get("precision_reason"),
                          data_origin=record["data"].get("origin"),
-                         recipe=_recipe(record.get("recipe")))
+                         recipe=_recipe(record.get("recipe")),
+                         pixels_sha256=record["data"].get("pixels_sha256"),
+                         started=record.get("started"), versions=record.get("versions"),
+                         machine=record.get("machine"),
+                         resumes=_resumes(record.get("resumes")))
     except (ValueError, KeyError, TypeError) as exc:
         raise FerError(f"{path}: not a run record this version can resume ({exc})") from None
     except OSError as exc:  # another user's run, say
         raise FerError(f"{path}: cannot read it ({exc.strerror})") from None
+
+
+def _resumes(value) -> tuple[dict, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"resumes {value!r}, expected a list of objects")
+    return tuple(value)
 
 
 def _recipe(value) -> dict | None:

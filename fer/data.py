@@ -627,6 +627,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pixels_sha256(dataset: Dataset) -> str:
+    """sha256 of the decoded splits, pixels and labels in order: what the model sees.
+
+    The source's sha256 stays the same where another fer decodes its images differently
+    (CACHE_FORMAT: transparency seen on white, say), so a resumed run compares this too.
+    """
+    digest = hashlib.sha256()
+    for name in ("train", "validation", "test"):
+        split = getattr(dataset, name)
+        if split is None:
+            continue
+        images = np.ascontiguousarray(split.images, dtype=np.uint8)
+        digest.update(f"{name} {images.shape}\0".encode())
+        digest.update(images.tobytes())
+        digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
     """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
     stamp = stat_stamp(source, change_time=True)

@@ -26,11 +26,12 @@ from fer.checkpoint import (
     MemberProgress,
     RunRecord,
     finish_run,
+    record_resume,
     start_run,
     training_lock,
 )
 from fer.config import MAX_BATCH_SIZE, TrainConfig
-from fer.data import Dataset, Split, check_val_fraction
+from fer.data import Dataset, Split, check_val_fraction, pixels_sha256
 from fer.errors import CheckpointError, FerError, writing
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
@@ -133,6 +134,8 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     run, why = (_new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
                 if resume is None else _resumed_run(resume, dataset, spec))
     with training_lock(run.run_dir):
+        if resume is not None:  # under the lock: a resume refused there trains nothing
+            run = record_resume(run, {"at": _now(), **_process()})
         return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
                             verbose=verbose, resume_flags=resume_flags)
 
@@ -188,7 +191,8 @@ def _write_run(members: list[Member], run: RunRecord, spec: ModelSpec, dataset: 
     resumed = {f"member {n}": m.resumed_at for n, m in enumerate(members, start=1) if m.resumed_at}
     write_json(run.run_dir / "manifest.json", {
         "run_id": run.run_dir.name,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created": _now(),  # the model's time, which `latest` goes by; "started": the run's
+        **({"started": run.started} if run.started else {}),
         "model": spec.name,
         "parameters": {**vars(config), "learning_rate": run.learning_rate},
         "seed": config.seed,
@@ -196,28 +200,42 @@ def _write_run(members: list[Member], run: RunRecord, spec: ModelSpec, dataset: 
         **({"precision_reason": run.precision_reason} if run.precision_reason else {}),
         "data": {**_data_record(dataset),
                  **({"origin": run.data_origin} if run.data_origin else {})},
-        "versions": package_versions(),
+        # the process that began the run (an older fer's record: this one), like its commit
+        # and precision; each resume's process in "resumes"
+        "versions": run.versions or package_versions(),
         "git_commit": run.git_commit,
-        "machine": machine(),
+        "machine": run.machine or machine(),
         **({"started_by": run.started_by} if run.started_by else {}),
         **({"resumed_at_epochs": resumed} if resumed else {}),
+        **({"resumes": list(run.resumes)} if run.resumes else {}),
         "artifacts": list(RUN_FILES),
     })
     return training_metrics
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _process() -> dict:
+    """The code and machine of this process, for the run's record and manifest."""
+    return {"git_commit": git_commit(), "versions": package_versions(), "machine": machine()}
 
 
 def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
              started_by: str | None, data_origin: str | None) -> tuple[RunRecord, str]:
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
-    commit = git_commit()  # the code that trains, not whatever is checked out hours later
+    process = _process()  # the code that trains, not whatever is checked out hours later
     recipe = spec.recipe()
     run = RunRecord(
         run_dir=_new_run_folder(Path(config.out_dir), config.model), config=config,
         precision=precision,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
-        data_source=_absolute(dataset.source), data_sha256=dataset.sha256, git_commit=commit,
-        started_by=started_by, precision_reason=why, data_origin=data_origin, recipe=recipe)
+        data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
+        git_commit=process["git_commit"], started_by=started_by, precision_reason=why,
+        data_origin=data_origin, recipe=recipe, pixels_sha256=pixels_sha256(dataset),
+        started=_now(), versions=process["versions"], machine=process["machine"])
     try:
         start_run(run)
     except BaseException as exc:  # a full disk, Ctrl-C: a folder without its record could
@@ -260,12 +278,17 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec) -> tuple[Run
                        f"{run.data_sha256[:12]}..., but {dataset.source} has "
                        f"{dataset.sha256[:12]}... now; it can only resume on the data it began with")
     commit = git_commit()
+    began = f" (commit {run.git_commit})" if run.git_commit else ""
     changed = _recipe_changes(run.recipe, spec.recipe()) if run.recipe is not None else []
     if changed:  # a CheckpointError: a Prefect retry trains the run anew
-        began = f" (commit {run.git_commit})" if run.git_commit else ""
         raise CheckpointError(f"{run.run_dir}: model '{spec.name}' trains differently in this "
                               f"fer than when the run began ({'; '.join(changed)}); resume it "
                               f"with the fer that began it{began}, or train it anew")
+    if run.pixels_sha256 is not None and run.pixels_sha256 != pixels_sha256(dataset):
+        raise CheckpointError(f"{run.run_dir}: this fer decodes {dataset.source} into other "
+                              "pixels than the fer that began the run (same file, another "
+                              f"decoding: see CACHE_FORMAT in fer/data.py); resume it with the "
+                              f"fer that began it{began}, or train it anew")
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)

@@ -188,6 +188,60 @@ def test_a_run_resumes_only_with_the_recipe_it_began_with(tmp_path, tiny_dataset
     assert train(tiny_dataset, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
 
 
+def test_a_run_resumes_only_on_the_pixels_it_began_with(tmp_path, tiny_dataset, monkeypatch):
+    """The same file decoded another way (a newer fer seeing transparency on white, say)
+    keeps its sha256: the record's fingerprint of the decoded pixels refuses the resume (a
+    CheckpointError: a Prefect retry trains the run anew) instead of training the rest of
+    the run on other images. A record of an older fer, without one, resumes as before."""
+    import dataclasses
+
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    images = tiny_dataset.train.images.copy()
+    images[0, 0, 0] ^= 1  # one pixel of one training image
+    redecoded = dataclasses.replace(tiny_dataset, train=dataclasses.replace(tiny_dataset.train,
+                                                                            images=images))
+    with pytest.raises(CheckpointError, match=r"this fer decodes generated into other pixels "
+                                              r"than the fer that began the run .*; resume it "
+                                              r"with the fer that began it"):
+        train(redecoded, config, verbose=0, resume=read_run(run_dir))
+
+    record = json.loads((run_dir / FOLDER / RUN_RECORD).read_text())
+    assert record["resumes"] == []  # a refused resume is not one
+    del record["data"]["pixels_sha256"]
+    (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
+    assert train(redecoded, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
+
+
+def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_dataset,
+                                                                 monkeypatch):
+    """A run begun on one machine and resumed twice on others: the manifest's start,
+    versions and machine are the first process's, as its commit and precision are, and each
+    resume's process is listed with its time; "created" is when the model was saved."""
+    import fer.train as train_module
+
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    monkeypatch.setattr(train_module, "machine", lambda: {"cpu": "first"})
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    began = json.loads((run_dir / FOLDER / RUN_RECORD).read_text())
+    assert began["machine"] == {"cpu": "first"} and began["resumes"] == []
+
+    monkeypatch.setattr(train_module, "machine", lambda: {"cpu": "second"})
+    EpochSpy(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    monkeypatch.setattr(train_module, "machine", lambda: {"cpu": "third"})
+    train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["machine"] == {"cpu": "first"}
+    assert manifest["versions"] == began["versions"]
+    assert manifest["started"] == began["started"] <= manifest["created"]
+    assert [r["machine"] for r in manifest["resumes"]] == [{"cpu": "second"}, {"cpu": "third"}]
+    assert all({"at", "git_commit", "versions"} <= set(r) for r in manifest["resumes"])
+    assert manifest["resumed_at_epochs"] == {"member 1": [1, 2]}
+
+
 def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
     """A finished run (its checkpoint removed), one an older fer stopped while scoring (it
     removed the checkpoint before), and a folder fer did not train say why."""
