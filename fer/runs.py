@@ -164,7 +164,7 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
     champion_already = False
 
     def newer_than(latest: dict[str, Any] | None) -> bool:
-        return latest is None or _when(record["created"]) >= _when(latest.get("created"))
+        return latest is None or _age(record) >= _age(latest)
 
     def beats(champion: dict[str, Any] | None) -> bool:
         nonlocal champion_already
@@ -275,7 +275,7 @@ def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
         return False
     if theirs is None or ours > theirs:
         return True
-    return ours == theirs and _when(record["created"]) > _when(champion.get("created"))
+    return ours == theirs and _age(record) > _age(champion)
 
 
 def _read_run_folder(folder: Path) -> _LocalRun:
@@ -662,6 +662,13 @@ def _sha256(path: Path) -> str:
 def _parse_time(value: Any) -> datetime:
     moment = datetime.fromisoformat(value)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _age(record: dict[str, Any]) -> tuple[datetime, str]:
+    """A run's place in time, for ``latest`` and champion ties: its creation time, then its
+    id (which sorts by start time) for runs created in the same second, so that neither
+    pointer depends on which of two such runs was published last."""
+    return _when(record.get("created")), str(record.get("run_id") or "")
 
 
 def _when(created: Any) -> datetime:

@@ -244,6 +244,19 @@ def test_publishing_an_older_run_again_does_not_take_a_tie_back(store, runs):
     assert pointers(store) == ("r2", "r2")
 
 
+@pytest.mark.parametrize("order", [("r1", "r2"), ("r2", "r1")])
+def test_runs_created_in_one_second_point_the_same_way_whatever_the_order(store, runs, order):
+    """Manifests record seconds: two runs with equal validation accuracy created in the same
+    second (a sweep) leave latest and champion on the later-started one (its id sorts
+    after) in either publishing order, as the listing orders them (latest went to
+    whichever was published last, the champion to whichever first)."""
+    folders = {run_id: make_run(runs, run_id, accuracy=0.60, minute=1) for run_id in order}
+    for run_id in order:
+        publish_run(folders[run_id], store)
+    assert pointers(store) == ("r2", "r2")
+    assert [s.run_id for s in list_runs(store)] == ["r2", "r1"]
+
+
 def test_republish_with_other_files_is_refused(store, runs):
     """A published run never changes: different files under the same id are refused."""
     folder = make_run(runs, "run-a", accuracy=0.5)
