@@ -226,9 +226,26 @@ class S3Store:
             try:
                 self._client.head_bucket(Bucket=self.bucket)
             except bce.ClientError as exc:
-                if _error_code(exc) in {"404", "NoSuchBucket"}:
+                code = _error_code(exc)
+                if code in {"404", "NoSuchBucket"}:
                     return False
+                if code in {"403", "AccessDenied"}:
+                    return self._prefix_listable()
                 raise
+        return True
+
+    def _prefix_listable(self) -> bool:
+        """Whether the bucket exists, asked by listing fer's prefix: HeadBucket needs
+        s3:ListBucket on the whole bucket, which a policy scoped to fer's prefix (an
+        s3:prefix condition) refuses though every call fer makes is allowed. A refusal here
+        is the one to report: a listing's error names its cause (a bad key, say), a HEAD's
+        has no body."""
+        try:
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
+        except bce.ClientError as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                return False
+            raise
         return True
 
     def _missing_bucket(self) -> str:

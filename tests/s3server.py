@@ -8,6 +8,7 @@ environment variables, so no S3 call is mocked. Import the fixtures with
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import secrets
@@ -141,8 +142,12 @@ _PR_SET_PDEATHSIG = 1
 class SeaweedS3:
     """One ``weed mini`` process serving S3 on 127.0.0.1; restartable on the same dir and ports."""
 
-    def __init__(self, data_dir: Path, *, secret_key: str | None = None) -> None:
+    def __init__(self, data_dir: Path, *, secret_key: str | None = None,
+                 identities: list[dict] | None = None) -> None:
+        """``identities``: more keys, as weed's ``-s3.config`` gives them (name, credentials,
+        actions such as ``"Read:bucket/prefix/*"``); the environment's key stays admin."""
         self.data_dir = Path(data_dir)
+        self.identities = identities
         self.access_key = ACCESS_KEY
         self.secret_key = secret_key or "fer-test-" + secrets.token_hex(12)
         self.ports = self._pick_ports()
@@ -181,6 +186,7 @@ class SeaweedS3:
 
     def command(self) -> list[str]:
         ports = [f"-{flag}={port}" for flag, port in self.ports.items()]
+        config = [f"-s3.config={self._identities_file()}"] if self.identities else []
         return [
             weed_executable(),
             "mini",
@@ -193,7 +199,14 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             *ports,
+            *config,
         ]
+
+    def _identities_file(self) -> Path:
+        path = self.data_dir.resolve() / "s3-identities.json"  # absolute: weed runs in data_dir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"identities": self.identities}))
+        return path
 
     def start(self) -> SeaweedS3:
         """Start the server and wait until an authenticated S3 call succeeds.

@@ -190,6 +190,31 @@ def test_missing_bucket_is_reported_or_created(s3_env, runs):
     assert [s.run_id for s in list_runs(store)] == ["run-a"]
 
 
+@integration
+def test_a_key_allowed_only_the_prefix_checks_the_bucket_and_publishes(tmp_path, runs,
+                                                                       monkeypatch, s3_env):
+    """A key allowed to list, read and write under s3://<bucket>/prod/ only (what an IAM
+    policy with an s3:prefix condition grants) is refused HeadBucket, which needs the whole
+    bucket: fer checks the bucket by listing its prefix, then publishes and lists runs
+    (every command had stopped at "denied access while checking bucket"). Outside the
+    prefix, the refusal is still one line naming its code."""
+    bucket = "fer-scoped"
+    scoped = {"name": "scoped", "credentials": [{"accessKey": "scoped-key",
+                                                 "secretKey": "scoped-secret-key"}],
+              "actions": [f"{action}:{bucket}/prod/*" for action in ("Read", "Write", "List")]}
+    with SeaweedS3(tmp_path / "weed", identities=[scoped]) as server:
+        server.create_bucket(bucket)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "scoped-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scoped-secret-key")
+        store = open_store(f"s3://{bucket}/prod", endpoint_url=server.endpoint_url)
+        publish_run(make_run(runs, "run-a", accuracy=0.5), store)
+        assert [s.run_id for s in list_runs(store)] == ["run-a"]
+        assert pointers(store) == ("run-a", "run-a")
+        with pytest.raises(StorageError, match=rf"denied access while checking bucket "
+                                               rf"'{bucket}' \(AccessDenied\)"):
+            open_store(f"s3://{bucket}/other", endpoint_url=server.endpoint_url)
+
+
 # --- S3 failures: one line, bounded time, no secrets ----------------------------------------
 
 
