@@ -90,9 +90,13 @@ def record_resume(run: RunRecord, process: dict) -> RunRecord:
     """Add ``process`` (when, commit, versions, machine) to the run's resumes, in its record
     too, so that a later resume keeps it; the run as it stands now."""
     path = run.run_dir / FOLDER / RUN_RECORD
-    record = json.loads(path.read_text())  # read_run read it a moment ago
-    resumes = (*run.resumes, process)
-    write_json(path, {**record, "resumes": list(resumes)})
+    try:  # read again: a resume that died after read_run's read may have added its own
+        record = json.loads(path.read_text())
+        resumes = (*_resumes(record.get("resumes")), process)
+        write_json(path, {**record, "resumes": list(resumes)})
+    except (OSError, ValueError) as exc:
+        raise FerError(f"{path}: cannot record this resume in it "
+                       f"({getattr(exc, 'strerror', None) or exc})") from None
     return dataclasses.replace(run, resumes=resumes)
 
 

@@ -640,8 +640,8 @@ def pixels_sha256(dataset: Dataset) -> str:
             continue
         images = np.ascontiguousarray(split.images, dtype=np.uint8)
         digest.update(f"{name} {images.shape}\0".encode())
-        digest.update(images.tobytes())
-        digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+        digest.update(memoryview(images))  # no copy of a large dataset's pixels
+        digest.update(memoryview(np.ascontiguousarray(split.labels, dtype=np.int64)))
     return digest.hexdigest()
 
 

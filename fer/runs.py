@@ -666,8 +666,8 @@ def _parse_time(value: Any) -> datetime:
 
 def _age(record: dict[str, Any]) -> tuple[datetime, str]:
     """A run's place in time, for ``latest`` and champion ties: its creation time, then its
-    id (which sorts by start time) for runs created in the same second, so that neither
-    pointer depends on which of two such runs was published last."""
+    id (start time, model, random suffix) for runs created in the same second, so that
+    neither pointer depends on which of two such runs was published last."""
     return _when(record.get("created")), str(record.get("run_id") or "")
 
 

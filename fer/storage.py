@@ -315,9 +315,22 @@ class S3Store:
         try:
             return call(Bucket=self.bucket, Key=self._key(key))
         except bce.ClientError as exc:
-            if _error_code(exc) in _MISSING_CODES:
+            code = _error_code(exc)
+            if code in _MISSING_CODES or (code in {"403", "AccessDenied"} and self._absent(key)):
                 return None
             raise
+
+    def _absent(self, key: str) -> bool:
+        """Whether a listing shows no object ``key``. AWS answers a read of a missing object
+        with 403, not 404, where the caller's s3:ListBucket does not cover the read (a
+        policy that grants it under fer's prefix only, by an s3:prefix condition, which a
+        read does not carry); a listing of the key itself tells missing from refused."""
+        name = self._key(key)
+        try:
+            listing = self._client.list_objects_v2(Bucket=self.bucket, Prefix=name, MaxKeys=1)
+        except bce.ClientError:
+            return False  # refused as well: the read's own refusal is the one to report
+        return all(item.get("Key") != name for item in listing.get("Contents", []))
 
     def download(self, key: str, dest: Path) -> None:
         with self._errors(f"downloading {self._key(key)}"):

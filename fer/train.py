@@ -227,14 +227,14 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
     process = _process()  # the code that trains, not whatever is checked out hours later
-    recipe = spec.recipe()
-    run = RunRecord(
+    recipe, pixels = spec.recipe(), pixels_sha256(dataset)  # before the folder: a Ctrl-C
+    run = RunRecord(  # while hashing would leave it without a record
         run_dir=_new_run_folder(Path(config.out_dir), config.model), config=config,
         precision=precision,
         learning_rate=spec.learning_rate if config.learning_rate is None else config.learning_rate,
         data_source=_absolute(dataset.source), data_sha256=dataset.sha256,
         git_commit=process["git_commit"], started_by=started_by, precision_reason=why,
-        data_origin=data_origin, recipe=recipe, pixels_sha256=pixels_sha256(dataset),
+        data_origin=data_origin, recipe=recipe, pixels_sha256=pixels,
         started=_now(), versions=process["versions"], machine=process["machine"])
     try:
         start_run(run)
@@ -285,14 +285,27 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec) -> tuple[Run
                               f"fer than when the run began ({'; '.join(changed)}); resume it "
                               f"with the fer that began it{began}, or train it anew")
     if run.pixels_sha256 is not None and run.pixels_sha256 != pixels_sha256(dataset):
-        raise CheckpointError(f"{run.run_dir}: this fer decodes {dataset.source} into other "
-                              "pixels than the fer that began the run (same file, another "
-                              f"decoding: see CACHE_FORMAT in fer/data.py); resume it with the "
+        raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "
+                              "here than where the run began (the same file; another fer's "
+                              f"decoding, see CACHE_FORMAT in fer/data.py, or another "
+                              f"decoder{_decoder_changes(run.versions)}); resume it with the "
                               f"fer that began it{began}, or train it anew")
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
     return run, "as the run started"
+
+
+DECODERS = ("fer", "opencv-python-headless", "numpy")
+
+
+def _decoder_changes(began: dict | None) -> str:
+    """': name then -> now, ...' for the decoding packages whose versions differ from the
+    record's; '' where none does (or an older record has none)."""
+    now = package_versions()
+    changed = [f"{name} {began.get(name)} -> {now.get(name)}" for name in DECODERS
+               if began and began.get(name) != now.get(name)]
+    return f": {', '.join(changed)}" if changed else ""
 
 
 def _recipe_changes(began: dict, now: dict) -> list[str]:

@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import run_folders
@@ -190,6 +192,22 @@ def test_missing_bucket_is_reported_or_created(s3_env, runs):
     assert [s.run_id for s in list_runs(store)] == ["run-a"]
 
 
+SCOPED_BUCKET = "fer-scoped"
+
+
+@contextmanager
+def server_with_scoped_key(tmp_path, monkeypatch, actions: list[str]) -> Iterator[SeaweedS3]:
+    """A server of its own with bucket SCOPED_BUCKET, and the environment's AWS key one
+    that is allowed ``actions`` only (weed's ``Read:bucket/prefix/*`` and the like)."""
+    scoped = {"name": "scoped", "actions": actions,
+              "credentials": [{"accessKey": "scoped-key", "secretKey": "scoped-secret-key"}]}
+    with SeaweedS3(tmp_path / "weed", identities=[scoped]) as server:
+        server.create_bucket(SCOPED_BUCKET)  # with the server's own, admin, key
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "scoped-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scoped-secret-key")
+        yield server
+
+
 @integration
 def test_a_key_allowed_only_the_prefix_checks_the_bucket_and_publishes(tmp_path, runs,
                                                                        monkeypatch, s3_env):
@@ -198,14 +216,9 @@ def test_a_key_allowed_only_the_prefix_checks_the_bucket_and_publishes(tmp_path,
     bucket: fer checks the bucket by listing its prefix, then publishes and lists runs
     (every command had stopped at "denied access while checking bucket"). Outside the
     prefix, the refusal is still one line naming its code."""
-    bucket = "fer-scoped"
-    scoped = {"name": "scoped", "credentials": [{"accessKey": "scoped-key",
-                                                 "secretKey": "scoped-secret-key"}],
-              "actions": [f"{action}:{bucket}/prod/*" for action in ("Read", "Write", "List")]}
-    with SeaweedS3(tmp_path / "weed", identities=[scoped]) as server:
-        server.create_bucket(bucket)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "scoped-key")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "scoped-secret-key")
+    bucket = SCOPED_BUCKET
+    actions = [f"{action}:{bucket}/prod/*" for action in ("Read", "Write", "List")]
+    with server_with_scoped_key(tmp_path, monkeypatch, actions) as server:
         store = open_store(f"s3://{bucket}/prod", endpoint_url=server.endpoint_url)
         publish_run(make_run(runs, "run-a", accuracy=0.5), store)
         assert [s.run_id for s in list_runs(store)] == ["run-a"]
@@ -213,6 +226,26 @@ def test_a_key_allowed_only_the_prefix_checks_the_bucket_and_publishes(tmp_path,
         with pytest.raises(StorageError, match=rf"denied access while checking bucket "
                                                rf"'{bucket}' \(AccessDenied\)"):
             open_store(f"s3://{bucket}/other", endpoint_url=server.endpoint_url)
+
+
+@integration
+def test_a_read_refused_for_a_missing_object_counts_as_missing(tmp_path, runs, monkeypatch,
+                                                               s3_env):
+    """AWS answers a read of a missing object with 403 where ListBucket does not cover it (a
+    policy limited by s3:prefix): here a key that may list and write under prod/ but read
+    only prod/runs/, so reading the pointers not yet written is refused as AWS refuses it.
+    A listing shows them missing, and the first publish goes through (it had stopped at
+    "denied access while reading prod/latest.json"); a pointer that exists and cannot be
+    read is still refused, in one line."""
+    bucket = SCOPED_BUCKET
+    actions = [f"List:{bucket}/prod/*", f"Write:{bucket}/prod/*", f"Read:{bucket}/prod/runs/*"]
+    with server_with_scoped_key(tmp_path, monkeypatch, actions) as server:
+        store = open_store(f"s3://{bucket}/prod", endpoint_url=server.endpoint_url)
+        assert publish_run(make_run(runs, "run-a", accuracy=0.5), store).became_champion
+        assert server.client().get_object(Bucket=bucket, Key="prod/latest.json")
+        with pytest.raises(StorageError, match=r"denied access while reading "
+                                               r"prod/latest\.json \(AccessDenied\)"):
+            store.get_bytes("latest.json")
 
 
 # --- S3 failures: one line, bounded time, no secrets ----------------------------------------
