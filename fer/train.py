@@ -30,22 +30,22 @@ from fer.checkpoint import (
     start_run,
     training_lock,
 )
-from fer.config import MAX_BATCH_SIZE, TrainConfig
-from fer.data import Dataset, Split, check_val_fraction, pixels_sha256
+from fer.config import TrainConfig
+from fer.data import Dataset, Split, pixels_sha256
 from fer.errors import CheckpointError, FerError, writing
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
 from fer.models import ModelSpec, averaging, get_spec, with_precision
 from fer.optimizers import build_optimizer
+from fer.options import check_config
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
-from fer.precision import check_precision, dtype_policy, resolve_precision
+from fer.precision import dtype_policy, resolve_precision
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
              "manifest.json")
-MAX_SEED = 2**32 - 1  # numpy.random.seed, which Keras' set_random_seed calls, takes no more
 
 log = logging.getLogger(__name__)  # progress for a person watching; the run folder has the record
 
@@ -462,26 +462,6 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
                                 "batch_norm_recalibration": m.batch_norm_recalibration}
                                for m in members]
     return metrics
-
-
-def check_config(config: TrainConfig) -> None:
-    """Refuse impossible options (numbers, model or precision names) before any data is read."""
-    if config.epochs < 1:
-        raise FerError(f"--epochs {config.epochs}: expected at least 1")
-    if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
-        raise FerError(f"--batch-size {config.batch_size}: expected 1 to {MAX_BATCH_SIZE}")
-    if config.ensemble < 1:
-        raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
-    last_seed = config.seed + config.ensemble - 1  # member i trains from seed + i - 1
-    if config.seed < 0 or last_seed > MAX_SEED:
-        raise FerError(f"--seed {config.seed}" + (f" with --ensemble {config.ensemble}"
-                                                  if config.ensemble > 1 else "")
-                       + f": expected seeds from 0 to {MAX_SEED} (NumPy's range)")
-    check_val_fraction(config.val_fraction)
-    if config.learning_rate is not None and not config.learning_rate > 0:
-        raise FerError(f"--learning-rate {config.learning_rate}: expected a number above 0")
-    get_spec(config.model)
-    check_precision(config.precision)
 
 
 def _check_config(config: TrainConfig, dataset: Dataset) -> None:

@@ -47,6 +47,7 @@ from prefect.workers.process import ProcessWorker
 
 from fer.errors import FerError
 from flows.remote import api_refused, require_api
+from flows.retrain import check_parameters
 
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
@@ -137,10 +138,36 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
         if pool.lower().startswith("prefect"):  # the server's answer (403) read as a login's
             raise FerError(f"{prefect_file}: deployments[{index}] work_pool.name {pool!r}: "
                            "names starting with 'prefect' are reserved for Prefect's own pools")
+        if fields.get("entrypoint") == RETRAIN_ENTRYPOINT:
+            _check_retrain_parameters(fields, where=f"{prefect_file}: deployments[{index}]")
         pools[name] = pool
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")
     return pools
+
+
+RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
+
+
+def _check_retrain_parameters(deployment: dict, *, where: str) -> None:
+    """The parameters each run of a retrain deployment gets: the deployment's, and each
+    schedule's over them."""
+    given = deployment.get("parameters") or {}
+    schedules = deployment.get("schedules") or []
+    if not isinstance(given, dict) or not isinstance(schedules, list):
+        raise FerError(f"{where}: expected `parameters:` to be a mapping and `schedules:` a list")
+    runs = [(f"{where} parameters", given)]
+    for number, schedule in enumerate(schedules):
+        extra = schedule.get("parameters") if isinstance(schedule, dict) else None
+        if extra is not None:
+            if not isinstance(extra, dict):
+                raise FerError(f"{where} schedules[{number}] parameters: expected a mapping")
+            runs.append((f"{where} schedules[{number}] parameters", {**given, **extra}))
+    for label, parameters in runs:
+        try:
+            check_parameters(parameters)
+        except FerError as exc:
+            raise FerError(f"{label}: {exc}") from None
 
 
 def _refuse_banned_name(value: str, *, where: str) -> None:

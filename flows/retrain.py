@@ -9,13 +9,17 @@ loading this file (``prefect deploy`` does, for the parameter schema) stays chea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import logging
 import re
 import shutil
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydantic
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -25,6 +29,7 @@ from prefect.runtime import flow_run as this_flow_run
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import CheckpointError, DataError, FerError, StorageError
+from fer.options import check_config
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
 
@@ -264,8 +269,8 @@ def retrain(
     Returns the published run's id, location, whether it became the champion, and its
     test accuracy and macro-F1.
     """
-    prefer_onednn()  # before TensorFlow loads in this process (check_config loads Keras)
-    from fer.train import check_config, publish_flags
+    prefer_onednn()  # before TensorFlow loads in this process (fer.train loads Keras)
+    from fer.train import publish_flags
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
@@ -299,6 +304,29 @@ def retrain(
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
     }
+
+
+def check_parameters(parameters: dict) -> None:
+    """Parameters for the retrain flow (a deployment's, with its schedule's), checked as a run
+    of it will check them: names, types (as Prefect casts them), then fer's own limits. A
+    FerError naming the first problem: `fer deploy` refuses a typo (``epoch: 20``,
+    ``model: defualt``, ``epochs: 0``) instead of the scheduled run failing when it fires."""
+    accepted = inspect.signature(retrain.fn).parameters
+    unknown = sorted(set(parameters) - set(accepted))
+    if unknown:
+        raise FerError(f"unknown parameter {', '.join(map(repr, unknown))} (the retrain flow "
+                       f"takes {', '.join(accepted)})")
+    hints = typing.get_type_hints(retrain.fn)
+    values = {name: p.default for name, p in accepted.items()}
+    for name, value in parameters.items():
+        try:
+            values[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
+        except pydantic.ValidationError as exc:
+            raise FerError(f"{name}: {value!r}: {exc.errors()[0]['msg']}") from None
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    check_config(TrainConfig(**{**{k: v for k, v in values.items() if k in fields},
+                                "out_dir": Path(values["out_dir"])}))
+
 
 
 def _retryable_run() -> str | None:

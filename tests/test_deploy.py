@@ -297,6 +297,10 @@ def test_unknown_deployment_names_are_refused(names, message):
         deploy_all(REPO, names=names)
 
 
+RETRAIN = ("deployments:\n  - name: retrain\n    entrypoint: flows/retrain.py:retrain\n"
+           "    work_pool: {name: fer}\n")
+
+
 @pytest.mark.parametrize("text, message", [
     ("deployments: [", r"prefect\.yaml is not valid YAML"),
     ("name: fer\n", r"prefect\.yaml declares no deployments"),
@@ -320,6 +324,16 @@ def test_unknown_deployment_names_are_refused(names, message):
      r"work_pool\.name 'Prefect-gpu': names starting with 'prefect' are reserved"),
     ("deployments:\n  - name: \"' '\"\n    work_pool: {name: fer}\n",
      r"deployments\[0\] name \"' '\": expected a name that is not blank"),
+    # parameters a run would refuse: the scheduled run had failed when it fired, unseen
+    (RETRAIN + "    parameters: {epoch: 20}\n",
+     r"deployments\[0\] parameters: unknown parameter 'epoch' \(the retrain flow takes epochs, "),
+    (RETRAIN + "    parameters: {epochs: 0}\n",
+     r"deployments\[0\] parameters: --epochs 0: expected at least 1"),
+    (RETRAIN + "    parameters: {batch_size: sixty-four}\n",
+     r"deployments\[0\] parameters: batch_size: 'sixty-four': Input should be a valid integer"),
+    (RETRAIN + "    parameters: {model: default}\n    schedules:\n      - cron: '0 3 * * 1'\n"
+     "        parameters: {model: defualt}\n",
+     r"deployments\[0\] schedules\[0\] parameters: unknown model 'defualt' \(expected one of "),
 ])
 def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
     (tmp_path / PREFECT_FILE).parent.mkdir()

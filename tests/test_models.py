@@ -11,6 +11,7 @@ import pytest
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES
 from fer.models import REGISTRY, ClassNames, build_default, class_names_of, get_spec, load_model
+from fer.options import MODEL_NAMES
 
 
 def test_seed_model_is_the_original_layer_for_layer():
@@ -100,6 +101,13 @@ def test_unknown_model_name_lists_the_registry():
                                        r"wide-full-res, default-full-res, "
                                        r"default-full-res-single, seed"):
         get_spec("vgg")
+
+
+def test_the_names_checked_without_keras_are_the_registrys():
+    """fer.options checks --model (and a deployment's model) without loading Keras, from a
+    list of its own: a model added to or renamed in the registry must be added there too,
+    or fer train would refuse it (or accept a name the registry lost) before any data."""
+    assert MODEL_NAMES == tuple(REGISTRY)
 
 
 def test_load_model_errors_are_one_line(tmp_path):

@@ -18,7 +18,8 @@ from fer.errors import FerError
 from fer.evaluate import predict_labels
 from fer.labels import CLASS_NAMES
 from fer.models import load_model
-from fer.train import RUN_FILES, check_config, train
+from fer.options import check_config
+from fer.train import RUN_FILES, train
 
 
 def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatch):

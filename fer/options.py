@@ -1,0 +1,43 @@
+"""Training options checked before any data is read or Keras loads.
+
+`fer train`, the retrain flow and `fer deploy` (a deployment's parameters, checked without
+loading TensorFlow) refuse the same impossible values in the same words.
+"""
+
+from __future__ import annotations
+
+from fer.config import MAX_BATCH_SIZE, TrainConfig
+from fer.data import check_val_fraction
+from fer.errors import FerError
+from fer.precision import check_precision
+
+# fer.models.REGISTRY's names, in its order, for code that must not load Keras to know them
+# (tests/test_models.py keeps the two equal).
+MODEL_NAMES = ("default", "default-pca", "default-48", "wide", "wide-full-res",
+               "default-full-res", "default-full-res-single", "seed", "mini-xception")
+MAX_SEED = 2**32 - 1  # numpy.random.seed, which Keras' set_random_seed calls, takes no more
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise FerError(f"unknown model '{name}' (expected one of {', '.join(MODEL_NAMES)})")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse impossible options (numbers, model or precision names) before any data is read."""
+    if config.epochs < 1:
+        raise FerError(f"--epochs {config.epochs}: expected at least 1")
+    if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
+        raise FerError(f"--batch-size {config.batch_size}: expected 1 to {MAX_BATCH_SIZE}")
+    if config.ensemble < 1:
+        raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
+    last_seed = config.seed + config.ensemble - 1  # member i trains from seed + i - 1
+    if config.seed < 0 or last_seed > MAX_SEED:
+        raise FerError(f"--seed {config.seed}" + (f" with --ensemble {config.ensemble}"
+                                                  if config.ensemble > 1 else "")
+                       + f": expected seeds from 0 to {MAX_SEED} (NumPy's range)")
+    check_val_fraction(config.val_fraction)
+    if config.learning_rate is not None and not config.learning_rate > 0:
+        raise FerError(f"--learning-rate {config.learning_rate}: expected a number above 0")
+    check_model_name(config.model)
+    check_precision(config.precision)
