@@ -251,7 +251,10 @@ def _paused(client, flow_run: FlowRun) -> str | None:
 
 def _not_picked_up(flow_run: FlowRun, timeout_s: float, *, paused: str | None = None) -> str:
     pool = flow_run.work_pool_name or "fer"
-    remedy = paused or f"start one with `prefect worker start --pool {pool}`"
+    remedy = paused or (f"start one with `prefect worker start --pool {pool}` in the fer "
+                        "checkout the deployments were registered from (with the compose "
+                        "stack: `docker compose -f docker/compose.yaml --env-file docker/.env "
+                        "up -d worker`)")
     return (f"no worker picked up flow run {flow_run.name} ({flow_run.id}) in {timeout_s:g}s; "
             f"{remedy} (the run stays queued and starts then; cancel it with "
             f"`prefect flow-run cancel {flow_run.id}`)")
