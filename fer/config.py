@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fer.errors import FerError, expand_home
+
 DEFAULT_SOURCE_URL = "https://www.dropbox.com/s/zi48lkarsg4kbry/fer2013.csv?dl=1"
 """The public ``fer2013.csv`` the original script's README told users to download."""
 
@@ -24,9 +26,14 @@ DEFAULT_VAL_FRACTION = 0.1  # of train, carved out (stratified) where the source
 def default_data_dir(env: Mapping[str, str]) -> Path:
     """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux)."""
     if env.get("FER_DATA_DIR"):
-        return Path(env["FER_DATA_DIR"]).expanduser()
-    cache_home = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache_home).expanduser() / "fer"
+        return expand_home(env["FER_DATA_DIR"], what="FER_DATA_DIR")
+    if env.get("XDG_CACHE_HOME"):
+        return expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME") / "fer"
+    try:
+        return Path.home() / ".cache" / "fer"
+    except RuntimeError:  # no HOME and no passwd entry: a bare container user
+        raise FerError("no home folder to keep fer's data in (~/.cache/fer); set "
+                       "FER_DATA_DIR") from None
 
 
 @dataclass(frozen=True)

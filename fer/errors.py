@@ -106,3 +106,14 @@ class CheckpointError(FerError):
         super().__init__(problem + remedy)
         self.problem = problem  # without the remedy, for a retry that applies it itself
         self.member_folder = member_folder
+
+
+def expand_home(value: str | Path, *, what: str) -> Path:
+    """``value`` with a leading ``~`` or ``~user`` expanded, as a shell would have; a FerError
+    naming ``what`` where it cannot be (a ``~user`` typo, which the shell leaves as it is,
+    or no home folder at all) instead of Python's RuntimeError traceback."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:
+        raise FerError(f"{what} {str(value)!r}: cannot expand its ~ ({exc}); expected an "
+                       "existing user's ~ or a path without one") from None

@@ -38,7 +38,7 @@ from fer.data import (
     suffix_by_content,
     tag_cache_dir,
 )
-from fer.errors import DataError, FerError, StorageError
+from fer.errors import DataError, FerError, StorageError, expand_home
 from fer.locks import taking_turns
 from fer.manifest import read_json, write_json
 
@@ -113,7 +113,8 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
            progress: Progress | None, make_current: bool, retry_later: bool) -> FetchedSource:
     obtained = _obtain(source, data_dir=data_dir, endpoint_url=endpoint_url, progress=progress,
                        retry_later=retry_later)
-    origin = redacted(source) if _is_remote(source) else str(Path(source).expanduser().resolve())
+    origin = (redacted(source) if _is_remote(source)
+              else str(expand_home(source, what="data source").resolve()))
     local = obtained
     if obtained.is_file() and suffix_by_content(obtained) == WEB_PAGE:
         raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
@@ -123,7 +124,7 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
         local = _named_by_content(obtained, data_dir=data_dir)
     digest = file_sha256(local) if local.is_file() else None
     if sha256 and digest is not None and digest != sha256.lower():
-        if local.is_file() and local.resolve() != Path(source).expanduser().resolve():
+        if local.is_file() and local.resolve() != expand_home(source, what="data source").resolve():
             for copy in {obtained, local}:  # ours (never the user's own file): fetched anew
                 copy.unlink()
             _source_stamp_path(obtained).unlink(missing_ok=True)
@@ -254,7 +255,8 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
                                      progress=progress, make_current=False,
                                      retry_later=retry_later).path,
                           redacted(data))
-    return DataSource(Path(data).expanduser(), str(Path(data).expanduser().resolve()))
+    path = expand_home(data, what="data source")
+    return DataSource(path, str(path.resolve()))
 
 
 # Query parameters that authenticate a URL (S3's and Google Cloud Storage's presigned URLs';
@@ -326,7 +328,7 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
             return _download(source, target, endpoint_url=endpoint_url, progress=progress)
         except _SourceFailed as failed:
             return _fetched_before(target, failed.error, retry_later=retry_later)
-    path = Path(source).expanduser()
+    path = expand_home(source, what="data source")
     if not path.exists():
         raise DataError(f"{source}: no such file or folder (expected a path, an http(s) URL "
                         "or s3://bucket/key)")

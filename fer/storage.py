@@ -25,7 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bce
 from botocore.config import Config
 
-from fer.errors import MissingObjectError, StorageError, fsync_folder, fsync_path
+from fer.errors import MissingObjectError, StorageError, expand_home, fsync_folder, fsync_path
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -77,7 +77,7 @@ class LocalStore:
     """Runs in a local folder (the default ``./artifacts``); writes are atomic renames."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root).expanduser()
+        self.root = expand_home(root, what="storage folder")
         self.location = str(self.root)
 
     def put_file(self, key: str, path: Path) -> None:
@@ -249,8 +249,10 @@ class S3Store:
         return True
 
     def _missing_bucket(self) -> str:
-        return (f"bucket '{self.bucket}' does not exist at {self.endpoint}; "
-                "create it or pass --create-bucket")
+        # reports list/show/get have no --create-bucket: name the commands that do
+        return (f"bucket '{self.bucket}' does not exist at {self.endpoint}; check the storage "
+                "URL and endpoint, or create it (fer publish and fer train --publish do with "
+                "--create-bucket)")
 
     def put_file(self, key: str, path: Path) -> None:
         try:
@@ -338,7 +340,9 @@ class S3Store:
                 self._client.download_file(self.bucket, self._key(key), str(dest),
                                            Config=_transfer_config())
             except bce.ClientError as exc:
-                if _error_code(exc) in _MISSING_CODES:
+                code = _error_code(exc)
+                if code in _MISSING_CODES or (code in {"403", "AccessDenied"}
+                                              and self._absent(key)):
                     raise MissingObjectError(f"{self.url(key)} is not in the store") from None
                 raise
 

@@ -101,7 +101,8 @@ def _publish(run_dir: Path, settings: Settings, *, create_bucket: bool,
 
     result = publish_run(run_dir, _store(settings, create_bucket=create_bucket),
                          force_champion=force_champion)
-    typer.echo(f"published {result.run_id} to {result.location}{result.champion_note}")
+    typer.echo(f"published {result.run_id} to {_printable(result.location)}"
+               f"{result.champion_note}")
 
 
 @contextmanager
@@ -147,15 +148,16 @@ def fetch_data(
     with _download_progress() as progress:
         fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
                         endpoint_url=settings.endpoint_url, progress=progress)
-    typer.echo(f"dataset ready: {fetched.path}")
+    typer.echo(f"dataset ready: {_printable(str(fetched.path))}")
     if fetched.file_sha256 and fetched.file_sha256 != fetched.sha256:
-        typer.echo(f"sha256 of {source_name(source) or redacted(source)}: {fetched.file_sha256} "
+        typer.echo(f"sha256 of {_printable(source_name(source) or redacted(source))}: "
+                   f"{fetched.file_sha256} "
                    "(what --sha256 checks)")
         typer.echo(f"data sha256: {fetched.sha256} (of the unpacked dataset: what run "
                    "manifests record)")
     else:
         typer.echo(f"sha256: {fetched.sha256}")
-    typer.echo(f"cached under {settings.data_dir}")
+    typer.echo(f"cached under {_printable(str(settings.data_dir))}")
 
 
 def _profiles_help(option: str) -> str:
@@ -569,10 +571,13 @@ def evaluate(
     dataset = load_dataset(source.path, cache_dir=settings.data_dir, require_train=False)
     overlap = seen_in_training(model.parent, dataset, data_dir=settings.data_dir)
     metrics = evaluate_split(loaded, dataset.test, out_dir=out, extra_metrics={
+        "model": str(model.resolve()),  # what was scored on what: a later evaluation
+        "data": {"source": str(source.path.resolve()), "origin": source.origin,  # replaces it
+                 "sha256": dataset.sha256},
         "inference_precision": precision,
         **({"test_images_seen_in_training": overlap} if overlap is not None else {})})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-               f"on {metrics['test_samples']} images\nreports in {out}")
+               f"on {metrics['test_samples']} images\nreports in {_printable(str(out))}")
 
 
 @app.command()
@@ -652,7 +657,7 @@ def reports_list(
         typer.echo(json.dumps([vars(r) for r in runs], indent=2, default=str))
         return
     if not runs:  # where it looked: a mistyped --storage folder is empty too
-        typer.echo(f"no published runs in {store.location}")
+        typer.echo(f"no published runs in {_printable(store.location)}")
         return
     id_width = max(len("run id"), *(len(r.run_id) for r in runs))
     model_width = max(len("model"), *(len(str(r.model)) for r in runs))
@@ -703,7 +708,7 @@ def reports_get(
 
     folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref,
                           dest=dest)
-    typer.echo(f"downloaded to {folder} (sha256 verified)")
+    typer.echo(f"downloaded to {_printable(str(folder))} (sha256 verified)")
 
 
 @app.command("models")

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -603,8 +604,13 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     # The same model and images: the same score, up to one image whose two top classes tie
     # within rounding (training scored with oneDNN's kernels, which `fer evaluate` leaves
     # to TensorFlow's default: off on CPUs without AVX512_BF16).
-    evaluated_accuracy = json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"]
-    assert abs(evaluated_accuracy - metrics["accuracy"]) <= 1 / metrics["test_samples"] + 1e-9
+    evaluation = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert abs(evaluation["accuracy"] - metrics["accuracy"]) <= 1 / metrics["test_samples"] + 1e-9
+    # what was scored on what, since a later evaluation into the folder replaces it
+    assert evaluation["model"] == str((run_dir / "model.keras").resolve())
+    assert evaluation["data"] == {"source": str(fer_subset.resolve()),
+                                  "origin": str(fer_subset.resolve()),
+                                  "sha256": file_sha256(fer_subset)}
     in_float32 = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
                          "--out", tmp_path / "eval32", "--precision", "float32")
     assert in_float32.returncode == 0, in_float32.stderr
@@ -688,3 +694,33 @@ def test_a_run_records_the_origin_of_the_dataset_it_trained_on(tmp_path, data_di
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert current_source(data_dir).origin == str(other)  # the fetch meanwhile did happen
     assert manifest["data"]["origin"] == str(image_tree)
+
+
+NO_SUCH_USER = "~fer-no-such-user-4f2a"
+
+
+@pytest.mark.parametrize("args, env, what", [
+    (["reports", "list", "--storage", f"{NO_SUCH_USER}/artifacts"], {}, "storage folder"),
+    (["fetch-data", "--source", f"{NO_SUCH_USER}/fer.zip"], {}, "data source"),
+    (["reports", "list"], {"FER_DATA_DIR": f"{NO_SUCH_USER}/data"}, "FER_DATA_DIR"),
+])
+def test_a_home_that_cannot_be_expanded_is_one_line(args, env, what, tmp_path):
+    """A ~user typo reaches fer as typed (the shell leaves an unknown user's ~ alone), and
+    Python's expanduser raises RuntimeError for it: one line naming the option or
+    variable, not a traceback."""
+    result = run_fer(*args, env=env, cwd=tmp_path)
+    assert_one_line_error(result, rf"{what} '{NO_SUCH_USER}/\w+(\.zip)?': cannot expand its ~ "
+                                  r"\(.*\); expected an existing user's ~ or a path without one")
+
+
+def test_paths_that_are_not_utf8_are_printed_escaped(tmp_path, fer_subset):
+    """A Latin-1 folder name (bytes that are not UTF-8) in the lines fetch-data prints after
+    its work: escaped as predict's file names are, not a UnicodeEncodeError traceback and
+    exit 1 once the dataset was fetched."""
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    latin1.mkdir()
+    shutil.copy(fer_subset, latin1 / "fer.zip")
+    result = run_fer("fetch-data", "--source", latin1 / "fer.zip",
+                     env={"FER_DATA_DIR": str(latin1 / "data"), "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert "caf\\xe9/data" in result.stdout and "Traceback" not in result.stderr

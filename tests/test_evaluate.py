@@ -160,7 +160,8 @@ def _noise_tree(root, *, seed: int, per_class: int = 2):
 def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     """A run trained on one copy and scored on another whose test/ holds some of its
     training images (FER2013's CSV and image layout split one set of images differently):
-    counted and warned of; none for its own data; said where its data is gone."""
+    counted and warned of, except one that is in the run's own test split too (FER2013
+    holds some images twice); none for its own data; said where its data is gone."""
     import json
     import shutil
 
@@ -171,6 +172,9 @@ def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     other = _noise_tree(tmp_path / "b", seed=2)
     for n, happy in enumerate(sorted((trained_on / "train" / "happy").iterdir())):
         shutil.copy(happy, other / "test" / "happy" / f"from-a-{n}.png")
+    twice = next((trained_on / "train" / "sad").iterdir())  # in its train and test alike
+    shutil.copy(twice, trained_on / "test" / "sad" / "twice.png")
+    shutil.copy(twice, other / "test" / "sad" / "twice.png")
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
     own = load_dataset(trained_on, cache_dir=tmp_path / "cache")
@@ -179,7 +183,7 @@ def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
 
     scored = load_dataset(other, cache_dir=tmp_path / "cache", require_train=False)
     assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") == 2
-    assert "2 of the 16 test images are images the run trained or chose its epoch on" \
+    assert "2 of the 17 test images are images the run trained or chose its epoch on" \
            in caplog.text
     assert seen_in_training(run_dir, own, data_dir=tmp_path / "cache") is None
     extra = trained_on / "train" / "sad" / "later.png"

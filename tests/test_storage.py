@@ -17,7 +17,7 @@ import s3server
 from run_folders import BIG, CrashAfterUploads, make_run, pointers
 from s3server import BUCKET, SeaweedS3, free_port
 
-from fer.errors import StorageError
+from fer.errors import MissingObjectError, StorageError
 from fer.locks import taking_turns
 from fer.runs import list_runs, publish_run
 from fer.storage import LocalStore, S3Store, Store, open_store
@@ -183,8 +183,9 @@ def test_missing_bucket_is_reported_or_created(s3_env, runs):
     """A missing bucket gives a one-line hint, and create_bucket=True creates it."""
     name = f"fer-{uuid.uuid4().hex[:12]}"
     with pytest.raises(StorageError, match=(
-        rf"^bucket '{name}' does not exist at http://127\.0\.0\.1:\d+; "
-        "create it or pass --create-bucket$"
+        rf"^bucket '{name}' does not exist at http://127\.0\.0\.1:\d+; check the storage URL "
+        r"and endpoint, or create it \(fer publish and fer train --publish do with "
+        r"--create-bucket\)$"
     )):
         open_store(f"s3://{name}/p", endpoint_url=s3_env.endpoint_url)
     store = open_store(f"s3://{name}/p", endpoint_url=s3_env.endpoint_url, create_bucket=True)
@@ -246,6 +247,9 @@ def test_a_read_refused_for_a_missing_object_counts_as_missing(tmp_path, runs, m
         with pytest.raises(StorageError, match=r"denied access while reading "
                                                r"prod/latest\.json \(AccessDenied\)"):
             store.get_bytes("latest.json")
+        with pytest.raises(MissingObjectError, match=r"s3://fer-scoped/prod/gone\.txt is not "
+                                                     r"in the store"):  # not "denied access"
+            store.download("gone.txt", tmp_path / "gone.txt")
 
 
 # --- S3 failures: one line, bounded time, no secrets ----------------------------------------
