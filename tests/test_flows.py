@@ -57,6 +57,8 @@ from fer.storage import LocalStore, open_store
 from flows.deploy import (
     DEFAULT_CRASH_AFTER_S,
     MIN_CRASH_AFTER_S,
+    WATCH_EVENT,
+    WATCH_RESEND_S,
     ensure_crash_detection,
     ensure_work_pool,
 )
@@ -810,6 +812,37 @@ def test_a_run_whose_worker_died_before_the_rule_changed_is_still_marked_crashed
         assert_marked_crashed(run.id, still="Pending", since=changed_at)
     finally:
         ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+
+
+@integration
+def test_a_deploy_that_changes_nothing_still_watches_the_runs_in_progress(prefect_api,
+                                                                         deployed):
+    """A deploy whose watch events were lost (the server gone between the rule's update
+    and them) is recovered by deploying again, which finds the rule unchanged: so every
+    deploy sends each fer run in progress the watch event, once, without the wait a
+    changed rule needs."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.states import Cancelled
+
+    ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+    run = left_pending()
+    try:
+        started = time.monotonic()
+        ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)  # the rule as it is
+        assert time.monotonic() - started < WATCH_RESEND_S
+        watched = EventFilter(event=EventNameFilter(name=[WATCH_EVENT]),
+                              resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]))
+        deadline = time.monotonic() + 30  # the server stores events in the background
+        while True:
+            with get_client(sync_client=True) as client:
+                events = client.read_events(filter=watched, limit=50).events  # the server takes <= 50
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len(events) == 1
+    finally:  # Pending for the rule's 600 s would hold the pool the next tests' runs need
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelled(), force=True)
 
 
 @integration
