@@ -251,8 +251,9 @@ class S3Store:
     def _missing_bucket(self) -> str:
         # reports list/show/get have no --create-bucket: name the commands that do
         return (f"bucket '{self.bucket}' does not exist at {self.endpoint}; check the storage "
-                "URL and endpoint, or create it (fer publish and fer train --publish do with "
-                "--create-bucket)")
+                "URL and endpoint, or create it (fer publish, fer train --publish or --remote "
+                "and fer retrain do with --create-bucket; a deployment with create_bucket: "
+                "true)")
 
     def put_file(self, key: str, path: Path) -> None:
         try:

@@ -384,10 +384,9 @@ def _checked_config(options: dict, *, seed: int, val_fraction: float, precision:
 
 
 def _check_training(config: TrainConfig) -> None:
-    """Checked against the model registry, which lives with the Keras builders: TensorFlow
-    loads here, for training."""
-    _tensorflow_for_training()
-    from fer.train import check_config
+    """fer.options' checks, which load no TensorFlow: a --remote run trains nothing here
+    (a local one loads it, oneDNN asked for first, before fer.train)."""
+    from fer.options import check_config
 
     check_config(config)
 

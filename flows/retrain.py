@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
+from prefect.utilities.templating import find_placeholders
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import CheckpointError, DataError, FerError, StorageError
@@ -312,20 +313,23 @@ def check_parameters(parameters: dict) -> None:
     FerError naming the first problem: `fer deploy` refuses a typo (``epoch: 20``,
     ``model: defualt``, ``epochs: 0``) instead of the scheduled run failing when it fires."""
     accepted = inspect.signature(retrain.fn).parameters
-    unknown = sorted(set(parameters) - set(accepted))
+    unknown = sorted(set(parameters) - set(accepted), key=str)  # YAML keys: `on:` is True
     if unknown:
         raise FerError(f"unknown parameter {', '.join(map(repr, unknown))} (the retrain flow "
                        f"takes {', '.join(accepted)})")
     hints = typing.get_type_hints(retrain.fn)
     values = {name: p.default for name, p in accepted.items()}
     for name, value in parameters.items():
+        if find_placeholders(value):  # {{ $ENV }}, {{ prefect.variables.x }}: `prefect
+            values.pop(name)  # deploy` fills them in, and the run checks what it got
+            continue
         try:
             values[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
         except pydantic.ValidationError as exc:
             raise FerError(f"{name}: {value!r}: {exc.errors()[0]['msg']}") from None
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     check_config(TrainConfig(**{**{k: v for k, v in values.items() if k in fields},
-                                "out_dir": Path(values["out_dir"])}))
+                                "out_dir": Path(values.get("out_dir", "runs"))}))
 
 
 

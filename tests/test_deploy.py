@@ -342,6 +342,16 @@ def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
         deploy_all(tmp_path)
 
 
+def test_deploy_loads_no_tensorflow():
+    """fer deploy checks the deployments' parameters (model names included) without
+    TensorFlow: its start-up lines would bury the deploy's one-line answers, and it costs
+    seconds on a machine that only registers deployments."""
+    done = subprocess.run([sys.executable, "-c", "import sys, flows.deploy; "
+                           "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 def test_missing_prefect_yaml_names_the_file(tmp_path):
     with pytest.raises(FerError, match=r"cannot read .*deploy/prefect\.yaml \(No such file"):
         read_deployments(tmp_path / PREFECT_FILE)

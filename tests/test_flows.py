@@ -64,6 +64,7 @@ from flows.deploy import (
 )
 from flows.remote import follow_run, trigger_retrain
 from flows.retrain import (
+    check_parameters,
     fetch_data,
     parse_report_markdown,
     publish,
@@ -137,6 +138,16 @@ def assert_marked_crashed(flow_run_id, *, still: str, since: float) -> None:
 
 
 # --- task bodies ------------------------------------------------------------------------------
+
+
+def test_templated_parameters_are_left_to_the_run_and_odd_keys_named():
+    """`prefect deploy` fills in {{ $ENV }} and {{ prefect.variables.x }} after fer deploy
+    reads the YAML: such a value is the run's to check, not refused as a model name. A
+    YAML 1.1 key such as `on:` (read as True) is named, not a TypeError traceback."""
+    check_parameters({"model": "{{ $FER_MODEL }}", "epochs": "{{ prefect.variables.epochs }}",
+                      "out_dir": "{{ $FER_RUNS }}", "batch_size": 64})
+    with pytest.raises(FerError, match=r"unknown parameter True, 'epoch' \(the retrain flow "):
+        check_parameters({"epoch": 20, True: 1})
 
 
 def test_fetch_data_passes_a_local_source_through(tiny_fer_zip, data_dir):

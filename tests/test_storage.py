@@ -184,8 +184,8 @@ def test_missing_bucket_is_reported_or_created(s3_env, runs):
     name = f"fer-{uuid.uuid4().hex[:12]}"
     with pytest.raises(StorageError, match=(
         rf"^bucket '{name}' does not exist at http://127\.0\.0\.1:\d+; check the storage URL "
-        r"and endpoint, or create it \(fer publish and fer train --publish do with "
-        r"--create-bucket\)$"
+        r"and endpoint, or create it \(fer publish, fer train --publish or --remote and fer "
+        r"retrain do with --create-bucket; a deployment with create_bucket: true\)$"
     )):
         open_store(f"s3://{name}/p", endpoint_url=s3_env.endpoint_url)
     store = open_store(f"s3://{name}/p", endpoint_url=s3_env.endpoint_url, create_bucket=True)
