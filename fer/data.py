@@ -18,7 +18,10 @@ import gzip
 import hashlib
 import logging
 import os
+import posixpath
 import re
+import secrets
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -316,10 +319,33 @@ def _data_files(root: Path) -> list[Path]:
     """Every file under ``root``, sorted, leaving out cache folders inside it (those holding
     a CACHEDIR.TAG, as FER_DATA_DIR does): a FER_DATA_DIR inside the dataset folder would
     otherwise change the folder's sha256 with every decode cache and memo fer writes."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(_walk_files(root))
     caches = [p.parent for p in files
               if p.name == CACHEDIR_TAG and p.parent != root and _is_cachedir_tag(p.read_bytes)]
     return [p for p in files if not any(cache in p.parents for cache in caches)]
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """The files under ``root``, into folders that are symbolic links too (a class folder
+    linked from a bigger disk), each real folder once. A folder that cannot be listed is an
+    OSError naming it: Path.rglob skipped both without a word, and the model trained
+    without that class."""
+    seen: set[tuple[int, int]] = set()
+
+    def refuse(error: OSError) -> None:
+        raise error
+
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=refuse):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:  # a link back up the tree: a loop
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders.sort()
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():  # a file, or a link to one; not a broken link or a socket
+                yield path
 
 
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -415,20 +441,56 @@ def _readable_archive(archive: Path) -> Iterator[None]:
 def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
     for info in handle.infolist():
         check_entry_name(info.filename, archive=archive)
+    by_name = {info.filename: info for info in handle.infolist()}
+
+    def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
+        if _is_zip_symlink(info):  # `zip -y`: the entry holds the path it links to
+            target = _link_target(info.filename, handle.read(info).decode(errors="replace"),
+                                  archive=archive)
+            if target not in by_name or _is_zip_symlink(by_name[target]):
+                raise DataError(f"{archive}: entry '{info.filename}' is a link to '{target}', "
+                                "which is not a file in the archive")
+            info = by_name[target]
+        return lambda: handle.read(info)
+
     return [(info.filename.replace("\\", "/"),  # Windows tools may write train\happy\0.png
-             _entry_reader(archive, info.filename, lambda info=info: handle.read(info)))
+             _entry_reader(archive, info.filename, reader(info)))
             for info in handle.infolist() if not info.is_dir()]
 
 
+def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
 def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
+    """Files, and links to files inside the archive (a deduplicated folder's hard links, a
+    symbolic link to an image elsewhere in it), read through the entry they name."""
     members = handle.getmembers()
+    files = {member.name for member in members if member.isfile() or member.islnk()}
     for member in members:
         check_entry_name(member.name, archive=archive)
-        if member.issym() or member.islnk():
+        if member.issym():  # relative to the link's own folder
+            _link_target(member.name, member.linkname, archive=archive)
+        elif member.islnk():  # relative to the archive's top
             check_entry_name(member.linkname, archive=archive)
+
+    def is_file(member: tarfile.TarInfo) -> bool:  # (a link to a folder lists nothing)
+        return member.name in files or (member.issym() and _link_target(
+            member.name, member.linkname, archive=archive) in files)
+
     return [(member.name, _entry_reader(archive, member.name,
                                         lambda m=member: handle.extractfile(m).read()))
-            for member in members if member.isfile()]
+            for member in members if is_file(member)]
+
+
+def _link_target(name: str, target: str, *, archive: Path) -> str:
+    """The entry a symbolic link ``name`` points at, as an archive path; a DataError where
+    it leaves the archive (an absolute path, or ``..`` above its top)."""
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+    if posixpath.isabs(target) or joined == ".." or joined.startswith("../"):
+        raise DataError(f"{archive}: entry '{name}' links to '{target}', outside the archive; "
+                        "refusing this archive")
+    return joined
 
 
 def _entry_reader(archive: Path, name: str, read: Callable[[], bytes]) -> Callable[[], bytes]:
@@ -442,7 +504,7 @@ def _entry_reader(archive: Path, name: str, read: Callable[[], bytes]) -> Callab
         try:
             return read()
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, RuntimeError,
-                NotImplementedError, OSError) as exc:
+                NotImplementedError, OSError, KeyError) as exc:  # KeyError: a link's target
             raise DataError(f"{archive}: entry '{name}' cannot be read ({exc})") from None
 
     return checked
@@ -716,7 +778,8 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # two writers never share one
+    # two writers never share one (containers sharing a volume often share a pid: 1)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, **arrays)
@@ -730,7 +793,8 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
                     exc.strerror or exc)
         return
     for stale in path.parent.glob(f"{digest}.v*.npz"):  # older formats are never read again
-        if stale != path and re.fullmatch(rf"{digest}\.v\d+\.npz", stale.name):
+        version = re.fullmatch(rf"{digest}\.v(\d+)\.npz", stale.name)
+        if version and int(version[1]) < CACHE_FORMAT:  # a newer fer's, sharing the folder, stays
             with contextlib.suppress(OSError):  # (another user's, say: it only takes space)
                 stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)
 

@@ -534,8 +534,59 @@ def test_tar_symlink_escape_is_refused(tmp_path):
         info = tarfile.TarInfo("test/happy/a.png")
         info.size = len(data)
         handle.addfile(info, io.BytesIO(data))
-    with pytest.raises(DataError, match=r"would be written outside"):
+    with pytest.raises(DataError, match=r"entry 'train/happy/link\.png' links to "
+                                        r"'\.\./\.\./\.\./etc/passwd', outside the archive"):
         read_splits(archive)
+
+
+def test_links_inside_a_tar_are_read_as_the_files_they_name(tmp_path):
+    """A deduplicated folder's tarball stores second copies as hard links, and a symbolic
+    link may point at an image elsewhere in it: both are images of their class (hard
+    links were left out without a word; a relative symbolic link was refused as zip-slip)."""
+    archive = tmp_path / "linked.tar"
+    data = encode_image(shaded_image("happy"))
+    with tarfile.open(archive, "w") as handle:
+        for name in ("train/happy/a.png", "test/happy/a.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            handle.addfile(info, io.BytesIO(data))
+        hard = tarfile.TarInfo("train/happy/copy.png")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "train/happy/a.png"
+        soft = tarfile.TarInfo("train/sad/pointer.png")
+        soft.type, soft.linkname = tarfile.SYMTYPE, "../happy/a.png"
+        handle.addfile(hard)
+        handle.addfile(soft)
+    splits = read_splits(archive)
+    assert sorted(splits["train"].labels.tolist()) == sorted(
+        [CLASS_INDEX["happy"]] * 2 + [CLASS_INDEX["sad"]])
+    assert len(read_splits(safe_extract(archive, tmp_path / "out"))["train"]) == 3
+
+
+def test_a_symbolic_link_in_a_zip_is_read_as_the_file_it_names(tmp_path):
+    """`zip -y` stores a link as an entry holding the path it names: read as that image, not
+    refused as "not a decodable image" with the whole dataset."""
+    archive = tmp_path / "linked.zip"
+    data = encode_image(shaded_image("happy"))
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("train/happy/a.png", data)
+        handle.writestr("test/happy/a.png", data)
+        link = zipfile.ZipInfo("train/happy/b.png")
+        link.external_attr = (0o120777 << 16)  # a symbolic link, as zip -y writes it
+        handle.writestr(link, "a.png")
+    assert len(read_splits(archive)["train"]) == 2
+
+
+def test_class_folders_linked_from_elsewhere_are_read(tmp_path):
+    """A class folder that is a symbolic link (images kept on a bigger disk) is read (the
+    listing skipped it and the model trained without that class); a link back up the tree
+    is not followed round and round."""
+    root = write_image_tree(tmp_path / "ds", per_class=2)
+    elsewhere = tmp_path / "big-disk" / "happy"
+    shutil.move(root / "train" / "happy", elsewhere)
+    (root / "train" / "happy").symlink_to(elsewhere, target_is_directory=True)
+    (root / "train" / "sad" / "loop").symlink_to(root / "train", target_is_directory=True)
+    counts = read_splits(root)["train"].class_counts()
+    assert counts["happy"] == 2 and counts["sad"] == 2
 
 
 def test_missing_source_and_unsupported_type(tmp_path):
@@ -731,3 +782,39 @@ def test_transparency_follows_the_exif_orientation():
     Image.fromarray(_transparent_left_column(), "RGBA").save(saved, "PNG", exif=exif)
     gray = fer.data.decode_grayscale(saved.getvalue())
     assert (gray[:, -1] == 255).all() and (gray[:, :-1] == 100).all()
+
+
+def test_a_decode_cache_of_a_newer_fer_sharing_the_folder_is_kept(tmp_path):
+    """A worker image with an older fer and a CLI with a newer one on one FER_DATA_DIR:
+    each removes only older formats' caches, not the other's, which it would decode
+    again on every load."""
+    from fer.data import CACHE_FORMAT, DECODED, source_sha256
+
+    root = write_image_tree(tmp_path / "ds", per_class=1)
+    cache = tmp_path / "cache"
+    digest = source_sha256(root)
+    (cache / DECODED).mkdir(parents=True)
+    older, newer = (cache / DECODED / f"{digest}.v{v}.npz"
+                    for v in (CACHE_FORMAT - 1, CACHE_FORMAT + 1))
+    older.write_bytes(b"old")
+    newer.write_bytes(b"new")
+    load_dataset(root, cache_dir=cache)
+    assert (cache / DECODED / f"{digest}.v{CACHE_FORMAT}.npz").is_file()
+    assert not older.exists() and newer.read_bytes() == b"new"
+
+
+def test_a_class_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """A folder fer may not list (another user's, mode 000: simulated, as tests run as
+    root) stops the load with its name, instead of training without that class."""
+    root = write_image_tree(tmp_path / "ds", per_class=1)
+    locked = root / "train" / "disgust"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=rf"cannot be read: Permission denied \({locked}\)"):
+        load_dataset(root)
