@@ -91,6 +91,11 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
         for pool in sorted({pools[name] for name in chosen}):
             ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
         ensure_crash_detection(crash_after_s=crash_after_s)
+        for name, directory in moved_deployments(chosen, project_dir=project_dir):
+            log.warning("deployment %s ran its flows from %s; from now on its runs start in "
+                        "%s, which every worker must have (with the compose stack, register "
+                        "from the images instead: README, Docker compose)", name, directory,
+                        project_dir)
     _prefect_deploy(project_dir, chosen, api_url=api_url, everything=names is None)
     with _api_answers(api_url, doing="reading the deployments back"):
         return _registered(chosen)
@@ -311,6 +316,25 @@ def _check_names(names: Sequence[str], pools: dict[str, str]) -> list[str]:
         raise FerError(f"no deployment named {', '.join(map(repr, unknown))} in {PREFECT_FILE}; "
                        f"expected one of {', '.join(pools)}")
     return list(dict.fromkeys(names))
+
+
+def moved_deployments(names: Sequence[str], *, project_dir: Path) -> list[tuple[str, str]]:
+    """(name, folder) for each registered deployment of ``names`` whose runs start in
+    another folder than ``project_dir`` (its pull step's working directory): a deploy from
+    a host checkout against the compose stack's server sends the container's worker to a
+    path it does not have, and every run fails at its pull step."""
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(names))))
+    moved = []
+    for deployment in found:
+        for step in deployment.pull_steps or []:
+            for kind, options in step.items():
+                directory = options.get("directory") if isinstance(options, dict) else None
+                if (kind.endswith("set_working_directory") and isinstance(directory, str)
+                        and Path(directory) != project_dir):
+                    moved.append((deployment.name, directory))
+    return moved
 
 
 def _prefect_deploy(project_dir: Path, names: list[str], *, api_url: str,

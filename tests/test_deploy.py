@@ -30,6 +30,7 @@ from flows.deploy import (
     DEFAULT_CRASH_AFTER_S,
     PREFECT_FILE,
     deploy_all,
+    moved_deployments,
     read_deployments,
 )
 
@@ -156,6 +157,17 @@ def test_deploying_again_unchanged_keeps_the_crash_rules_trigger_and_a_pause(dep
             client.resume_automation(automation.id)
         deploy_all(REPO, names=["retrain"], crash_after_s=DEFAULT_CRASH_AFTER_S)
     assert crash_automations()[0].enabled
+
+
+@integration
+def test_deploying_from_another_folder_is_warned_of(deployed, tmp_path):
+    """A deployment records the folder its runs start in: registered from a host checkout
+    against the compose stack's server, it would send the container's worker to a path it
+    does not have. The folder a registered deployment starts in, read back from the
+    server, differs from another checkout's (fer deploy warns then) and not from its own."""
+    [(name, directory)] = moved_deployments(["retrain-weekly"], project_dir=tmp_path)
+    assert name == "retrain-weekly" and Path(directory).is_dir()  # a path, rendered
+    assert moved_deployments(["retrain-weekly"], project_dir=Path(directory)) == []
 
 
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
