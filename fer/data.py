@@ -23,6 +23,7 @@ import re
 import secrets
 import stat
 import tarfile
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -319,33 +320,36 @@ def _data_files(root: Path) -> list[Path]:
     """Every file under ``root``, sorted, leaving out cache folders inside it (those holding
     a CACHEDIR.TAG, as FER_DATA_DIR does): a FER_DATA_DIR inside the dataset folder would
     otherwise change the folder's sha256 with every decode cache and memo fer writes."""
-    files = sorted(_walk_files(root))
-    caches = [p.parent for p in files
-              if p.name == CACHEDIR_TAG and p.parent != root and _is_cachedir_tag(p.read_bytes)]
-    return [p for p in files if not any(cache in p.parents for cache in caches)]
+    return sorted(_walk_files(root))
 
 
 def _walk_files(root: Path) -> Iterator[Path]:
     """The files under ``root``, into folders that are symbolic links too (a class folder
-    linked from a bigger disk), each real folder once. A folder that cannot be listed is an
-    OSError naming it: Path.rglob skipped both without a word, and the model trained
-    without that class."""
-    seen: set[tuple[int, int]] = set()
-
+    linked from a bigger disk), but not round a link back up to a folder above it, nor into
+    a cache folder below the root. A folder that cannot be listed is an OSError naming it:
+    Path.rglob skipped both kinds of folder without a word, and the model trained without
+    that class."""
     def refuse(error: OSError) -> None:
-        raise error
+        if not isinstance(error, FileNotFoundError):  # removed meanwhile: not there to read
+            raise error
 
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=refuse):
-        status = os.stat(folder)
-        if (status.st_dev, status.st_ino) in seen:  # a link back up the tree: a loop
+        here = Path(folder)
+        if here != root and (_is_loop(here, root) or (
+                CACHEDIR_TAG in names and _is_cachedir_tag((here / CACHEDIR_TAG).read_bytes))):
             subfolders.clear()
             continue
-        seen.add((status.st_dev, status.st_ino))
-        subfolders.sort()
         for name in names:
-            path = Path(folder, name)
+            path = here / name
             if path.is_file():  # a file, or a link to one; not a broken link or a socket
                 yield path
+
+
+def _is_loop(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` is, through a link, one of the folders above it (up to ``root``)."""
+    real = os.path.realpath(folder)
+    return any(os.path.realpath(above) == real for above in folder.parents
+               if above == root or above.is_relative_to(root))
 
 
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -441,17 +445,26 @@ def _readable_archive(archive: Path) -> Iterator[None]:
 def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
     for info in handle.infolist():
         check_entry_name(info.filename, archive=archive)
-    by_name = {info.filename: info for info in handle.infolist()}
+    by_name = {posixpath.normpath(info.filename): info for info in handle.infolist()}
 
     def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
-        if _is_zip_symlink(info):  # `zip -y`: the entry holds the path it links to
-            target = _link_target(info.filename, handle.read(info).decode(errors="replace"),
-                                  archive=archive)
-            if target not in by_name or _is_zip_symlink(by_name[target]):
-                raise DataError(f"{archive}: entry '{info.filename}' is a link to '{target}', "
-                                "which is not a file in the archive")
-            info = by_name[target]
-        return lambda: handle.read(info)
+        """`zip -y` stores a link as an entry holding the path it links to: read the file it
+        names (through a chain of links); a link to a folder or to nothing reads as itself
+        (not an image: counted in the warning about files not read)."""
+        entry = info
+        for _ in range(_LINK_HOPS):
+            if not _is_zip_symlink(entry):
+                break
+            target = _link_target(entry.filename, _entry_reader(
+                archive, entry.filename, lambda e=entry: handle.read(e))().decode(
+                    errors="replace"), archive=archive)
+            entry = by_name.get(target)
+            if entry is None or entry.is_dir():
+                entry = info
+                break
+        if _is_zip_symlink(entry):
+            entry = info
+        return lambda: handle.read(entry)
 
     return [(info.filename.replace("\\", "/"),  # Windows tools may write train\happy\0.png
              _entry_reader(archive, info.filename, reader(info)))
@@ -466,21 +479,34 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
     """Files, and links to files inside the archive (a deduplicated folder's hard links, a
     symbolic link to an image elsewhere in it), read through the entry they name."""
     members = handle.getmembers()
-    files = {member.name for member in members if member.isfile() or member.islnk()}
     for member in members:
         check_entry_name(member.name, archive=archive)
         if member.issym():  # relative to the link's own folder
             _link_target(member.name, member.linkname, archive=archive)
         elif member.islnk():  # relative to the archive's top
             check_entry_name(member.linkname, archive=archive)
+    by_name = {posixpath.normpath(member.name): member for member in members}  # ./train/...
 
     def is_file(member: tarfile.TarInfo) -> bool:  # (a link to a folder lists nothing)
-        return member.name in files or (member.issym() and _link_target(
-            member.name, member.linkname, archive=archive) in files)
+        for _ in range(_LINK_HOPS):
+            if not member.issym():
+                return member.isfile() or member.islnk()
+            member = by_name.get(_link_target(member.name, member.linkname, archive=archive))
+            if member is None:
+                return False
+        return False
 
-    return [(member.name, _entry_reader(archive, member.name,
-                                        lambda m=member: handle.extractfile(m).read()))
+    def read(member: tarfile.TarInfo) -> bytes:
+        handle_of_member = handle.extractfile(member)  # follows links, chains included
+        if handle_of_member is None:  # a hard link to a folder, in a hand-made archive
+            raise tarfile.TarError("a link to something that is not a file")
+        return handle_of_member.read()
+
+    return [(member.name, _entry_reader(archive, member.name, lambda m=member: read(m)))
             for member in members if is_file(member)]
+
+
+_LINK_HOPS = 8  # a link to a link ...: as far as a sane archive goes, never round a loop
 
 
 def _link_target(name: str, target: str, *, archive: Path) -> str:
@@ -773,6 +799,18 @@ def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:
         return None
 
 
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def _remove_abandoned(temporaries: Iterator[Path]) -> None:
+    """Temporary cache files a day old: their writer was killed mid-write (an out-of-memory
+    kill), since a write takes seconds; removed so they do not pile up."""
+    for tmp in temporaries:
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                tmp.unlink()
+
+
 def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None:
     path = _cache_path(cache_dir, digest)
     arrays = {}
@@ -780,6 +818,7 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
     # two writers never share one (containers sharing a volume often share a pid: 1)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
+    _remove_abandoned(path.parent.glob(f"{digest}.v*.tmp.npz"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, **arrays)

@@ -332,6 +332,7 @@ def moved_deployments(names: Sequence[str], *, project_dir: Path) -> list[tuple[
             for kind, options in step.items():
                 directory = options.get("directory") if isinstance(options, dict) else None
                 if (kind.endswith("set_working_directory") and isinstance(directory, str)
+                        and "{{" not in directory  # known only when the run starts
                         and Path(directory) != project_dir):
                     moved.append((deployment.name, directory))
     return moved

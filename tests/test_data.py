@@ -545,21 +545,23 @@ def test_links_inside_a_tar_are_read_as_the_files_they_name(tmp_path):
     links were left out without a word; a relative symbolic link was refused as zip-slip)."""
     archive = tmp_path / "linked.tar"
     data = encode_image(shaded_image("happy"))
-    with tarfile.open(archive, "w") as handle:
-        for name in ("train/happy/a.png", "test/happy/a.png"):
+    with tarfile.open(archive, "w") as handle:  # names as `tar -C ds -cf x.tar .` writes them
+        for name in ("./train/happy/a.png", "./test/happy/a.png"):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             handle.addfile(info, io.BytesIO(data))
-        hard = tarfile.TarInfo("train/happy/copy.png")
-        hard.type, hard.linkname = tarfile.LNKTYPE, "train/happy/a.png"
-        soft = tarfile.TarInfo("train/sad/pointer.png")
-        soft.type, soft.linkname = tarfile.SYMTYPE, "../happy/a.png"
-        handle.addfile(hard)
-        handle.addfile(soft)
+        links = [("./train/happy/copy.png", tarfile.LNKTYPE, "./train/happy/a.png"),
+                 ("./train/sad/pointer.png", tarfile.SYMTYPE, "../happy/a.png"),
+                 ("./train/fear/chain.png", tarfile.SYMTYPE, "../sad/pointer.png"),
+                 ("./train/calm", tarfile.SYMTYPE, "neutral")]  # a link to a folder: nothing
+        for name, kind, target in links:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, target
+            handle.addfile(link)
     splits = read_splits(archive)
     assert sorted(splits["train"].labels.tolist()) == sorted(
-        [CLASS_INDEX["happy"]] * 2 + [CLASS_INDEX["sad"]])
-    assert len(read_splits(safe_extract(archive, tmp_path / "out"))["train"]) == 3
+        [CLASS_INDEX["happy"]] * 2 + [CLASS_INDEX["sad"], CLASS_INDEX["fear"]])
+    assert len(read_splits(safe_extract(archive, tmp_path / "out"))["train"]) == 4
 
 
 def test_a_symbolic_link_in_a_zip_is_read_as_the_file_it_names(tmp_path):
@@ -570,10 +572,13 @@ def test_a_symbolic_link_in_a_zip_is_read_as_the_file_it_names(tmp_path):
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("train/happy/a.png", data)
         handle.writestr("test/happy/a.png", data)
-        link = zipfile.ZipInfo("train/happy/b.png")
-        link.external_attr = (0o120777 << 16)  # a symbolic link, as zip -y writes it
-        handle.writestr(link, "a.png")
-    assert len(read_splits(archive)["train"]) == 2
+        for name, target in (("train/happy/b.png", "a.png"), ("train/sad/c.png", "../happy/b.png"),
+                             ("train/calm", "neutral")):  # a file, a chain, a folder
+            link = zipfile.ZipInfo(name)
+            link.external_attr = (0o120777 << 16)  # a symbolic link, as zip -y writes it
+            handle.writestr(link, target)
+        handle.writestr("train/neutral/", b"")
+    assert len(read_splits(archive)["train"]) == 3
 
 
 def test_class_folders_linked_from_elsewhere_are_read(tmp_path):
@@ -585,8 +590,9 @@ def test_class_folders_linked_from_elsewhere_are_read(tmp_path):
     shutil.move(root / "train" / "happy", elsewhere)
     (root / "train" / "happy").symlink_to(elsewhere, target_is_directory=True)
     (root / "train" / "sad" / "loop").symlink_to(root / "train", target_is_directory=True)
+    (root / "all").symlink_to(root / "train", target_is_directory=True)  # sorts first
     counts = read_splits(root)["train"].class_counts()
-    assert counts["happy"] == 2 and counts["sad"] == 2
+    assert counts["happy"] == 2 and counts["sad"] == 2 and counts["neutral"] == 2
 
 
 def test_missing_source_and_unsupported_type(tmp_path):

@@ -165,9 +165,9 @@ def test_deploying_from_another_folder_is_warned_of(deployed, tmp_path):
     against the compose stack's server, it would send the container's worker to a path it
     does not have. The folder a registered deployment starts in, read back from the
     server, differs from another checkout's (fer deploy warns then) and not from its own."""
-    [(name, directory)] = moved_deployments(["retrain-weekly"], project_dir=tmp_path)
-    assert name == "retrain-weekly" and Path(directory).is_dir()  # a path, rendered
-    assert moved_deployments(["retrain-weekly"], project_dir=Path(directory)) == []
+    assert moved_deployments(["retrain-weekly"], project_dir=tmp_path) == [
+        ("retrain-weekly", str(REPO))]  # the fixture deployed from REPO: its path, rendered
+    assert moved_deployments(["retrain-weekly"], project_dir=REPO.resolve()) == []
 
 
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
