@@ -481,10 +481,8 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
     members = handle.getmembers()
     for member in members:
         check_entry_name(member.name, archive=archive)
-        if member.issym():  # relative to the link's own folder
-            _link_target(member.name, member.linkname, archive=archive)
-        elif member.islnk():  # relative to the archive's top
-            check_entry_name(member.linkname, archive=archive)
+        if member.islnk():  # relative to the archive's top (a symbolic link's, to its own
+            check_entry_name(member.linkname, archive=archive)  # folder: is_file checks it)
     by_name = {posixpath.normpath(member.name): member for member in members}  # ./train/...
 
     def is_file(member: tarfile.TarInfo) -> bool:  # (a link to a folder lists nothing)

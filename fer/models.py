@@ -24,6 +24,7 @@ from keras import layers
 from fer.data import spread_sample
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES, IMAGE_SIZE
+from fer.options import check_model_name
 from fer.precision import choose_precision
 
 INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
@@ -501,8 +502,7 @@ REGISTRY: dict[str, ModelSpec] = {
 
 def get_spec(name: str) -> ModelSpec:
     """The registry entry called ``name``, or a FerError listing the valid names."""
-    if name not in REGISTRY:
-        raise FerError(f"unknown model '{name}' (expected one of {', '.join(REGISTRY)})")
+    check_model_name(name)  # MODEL_NAMES are REGISTRY's (tests/test_models.py)
     return REGISTRY[name]
 
 

@@ -177,6 +177,7 @@ def local_errors(verb: str, path: Path, *, folder: str = "the storage folder") -
 
 
 _MISSING_CODES = {"NoSuchKey", "404"}  # an object that is not there (GET, HEAD)
+_DENIED_CODES = {"403", "AccessDenied"}  # a HEAD's 403 has no body, so no code of its own
 
 
 class S3Store:
@@ -229,7 +230,7 @@ class S3Store:
                 code = _error_code(exc)
                 if code in {"404", "NoSuchBucket"}:
                     return False
-                if code in {"403", "AccessDenied"}:
+                if code in _DENIED_CODES:
                     return self._prefix_listable()
                 raise
         return True
@@ -318,16 +319,21 @@ class S3Store:
         try:
             return call(Bucket=self.bucket, Key=self._key(key))
         except bce.ClientError as exc:
-            code = _error_code(exc)
-            if code in _MISSING_CODES or (code in {"403", "AccessDenied"} and self._absent(key)):
+            if self._is_missing(exc, key):
                 return None
             raise
 
-    def _absent(self, key: str) -> bool:
-        """Whether a listing shows no object ``key``. AWS answers a read of a missing object
-        with 403, not 404, where the caller's s3:ListBucket does not cover the read (a
-        policy that grants it under fer's prefix only, by an s3:prefix condition, which a
-        read does not carry); a listing of the key itself tells missing from refused."""
+    def _is_missing(self, exc: bce.ClientError, key: str) -> bool:
+        """Whether a read of ``key`` failed because there is no such object. AWS answers a
+        read of a missing object with 403, not 404, where the caller's s3:ListBucket does
+        not cover the read (a policy that grants it under fer's prefix only, by an s3:prefix
+        condition, which a read does not carry); a listing of the key itself tells missing
+        from refused."""
+        code = _error_code(exc)
+        if code in _MISSING_CODES:
+            return True
+        if code not in _DENIED_CODES:
+            return False
         name = self._key(key)
         try:
             listing = self._client.list_objects_v2(Bucket=self.bucket, Prefix=name, MaxKeys=1)
@@ -341,9 +347,7 @@ class S3Store:
                 self._client.download_file(self.bucket, self._key(key), str(dest),
                                            Config=_transfer_config())
             except bce.ClientError as exc:
-                code = _error_code(exc)
-                if code in _MISSING_CODES or (code in {"403", "AccessDenied"}
-                                              and self._absent(key)):
+                if self._is_missing(exc, key):
                     raise MissingObjectError(f"{self.url(key)} is not in the store") from None
                 raise
 

@@ -131,11 +131,13 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
     _check_config(config, dataset)
     spec = get_spec(config.model)
-    run, why = (_new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
-                if resume is None else _resumed_run(resume, dataset, spec))
+    if resume is None:
+        run, why = _new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
+    else:
+        run, why, process = _resumed_run(resume, dataset, spec)
     with training_lock(run.run_dir):
         if resume is not None:  # under the lock: a resume refused there trains nothing
-            run = record_resume(run, {"at": _now(), **_process()})
+            run = record_resume(run, {"at": _now(), **process})
         return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
                             verbose=verbose, resume_flags=resume_flags)
 
@@ -270,14 +272,16 @@ def _absolute(source: str) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
 
-def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec) -> tuple[RunRecord, str]:
+def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
+                 ) -> tuple[RunRecord, str, dict]:
     """The stopped run, checked against the data it is resumed on and against how this fer
-    trains its model; its recorded precision."""
+    trains its model; its recorded precision; this process (``_process``)."""
     if dataset.sha256 != run.data_sha256:
         raise FerError(f"{run.run_dir}: the run trained on data with sha256 "
                        f"{run.data_sha256[:12]}..., but {dataset.source} has "
                        f"{dataset.sha256[:12]}... now; it can only resume on the data it began with")
-    commit = git_commit()
+    process = _process()
+    commit = process["git_commit"]
     began = f" (commit {run.git_commit})" if run.git_commit else ""
     changed = _recipe_changes(run.recipe, spec.recipe()) if run.recipe is not None else []
     if changed:  # a CheckpointError: a Prefect retry trains the run anew
@@ -288,21 +292,20 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec) -> tuple[Run
         raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "
                               "here than where the run began (the same file; another fer's "
                               f"decoding, see CACHE_FORMAT in fer/data.py, or another "
-                              f"decoder{_decoder_changes(run.versions)}); resume it with the "
-                              f"fer that began it{began}, or train it anew")
+                              f"decoder{_decoder_changes(run.versions, process['versions'])}); "
+                              f"resume it with the fer that began it{began}, or train it anew")
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
-    return run, "as the run started"
+    return run, "as the run started", process
 
 
 DECODERS = ("fer", "opencv-python-headless", "numpy")
 
 
-def _decoder_changes(began: dict | None) -> str:
+def _decoder_changes(began: dict | None, now: dict) -> str:
     """': name then -> now, ...' for the decoding packages whose versions differ from the
     record's; '' where none does (or an older record has none)."""
-    now = package_versions()
     changed = [f"{name} {began.get(name)} -> {now.get(name)}" for name in DECODERS
                if began and began.get(name) != now.get(name)]
     return f": {', '.join(changed)}" if changed else ""

@@ -148,7 +148,7 @@ def fetch_data(
     with _download_progress() as progress:
         fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
                         endpoint_url=settings.endpoint_url, progress=progress)
-    typer.echo(f"dataset ready: {_printable(str(fetched.path))}")
+    typer.echo(f"dataset ready: {_printable(fetched.path)}")
     if fetched.file_sha256 and fetched.file_sha256 != fetched.sha256:
         typer.echo(f"sha256 of {_printable(source_name(source) or redacted(source))}: "
                    f"{fetched.file_sha256} "
@@ -157,7 +157,7 @@ def fetch_data(
                    "manifests record)")
     else:
         typer.echo(f"sha256: {fetched.sha256}")
-    typer.echo(f"cached under {_printable(str(settings.data_dir))}")
+    typer.echo(f"cached under {_printable(settings.data_dir)}")
 
 
 def _profiles_help(option: str) -> str:
@@ -576,7 +576,7 @@ def evaluate(
         "inference_precision": precision,
         **({"test_images_seen_in_training": overlap} if overlap is not None else {})})
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-               f"on {metrics['test_samples']} images\nreports in {_printable(str(out))}")
+               f"on {metrics['test_samples']} images\nreports in {_printable(out)}")
 
 
 @app.command()
@@ -620,10 +620,10 @@ def predict(
             typer.echo(f"{_printable(file)}: no face found")
 
 
-def _printable(name: str) -> str:
+def _printable(name: str | Path) -> str:
     """A file name as a UTF-8 terminal can take it: bytes that are not UTF-8 (a Latin-1
     `café.png`, held as surrogates) as \\x escapes, where printing them raised."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @app.command()
@@ -707,7 +707,7 @@ def reports_get(
 
     folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref,
                           dest=dest)
-    typer.echo(f"downloaded to {_printable(str(folder))} (sha256 verified)")
+    typer.echo(f"downloaded to {_printable(folder)} (sha256 verified)")
 
 
 @app.command("models")

@@ -270,16 +270,13 @@ def retrain(
     Returns the published run's id, location, whether it became the champion, and its
     test accuracy and macro-F1.
     """
+    config = _train_config(locals())  # first: locals() are the flow's parameters alone
+    check_config(config)  # a typo in a deployment's parameters fails before any download
     prefer_onednn()  # before TensorFlow loads in this process (fer.train loads Keras)
     from fer.train import publish_flags
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, model=model, seed=seed,
-                         val_fraction=val_fraction, learning_rate=learning_rate,
-                         precision=precision, tta=tta, ensemble=ensemble,
-                         out_dir=Path(out_dir))
-    check_config(config)  # a typo in a deployment's parameters fails before any download
 
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
@@ -318,18 +315,25 @@ def check_parameters(parameters: dict) -> None:
         raise FerError(f"unknown parameter {', '.join(map(repr, unknown))} (the retrain flow "
                        f"takes {', '.join(accepted)})")
     hints = typing.get_type_hints(retrain.fn)
-    values = {name: p.default for name, p in accepted.items()}
+    values = {}
     for name, value in parameters.items():
         if find_placeholders(value):  # {{ $ENV }}, {{ prefect.variables.x }}: `prefect
-            values.pop(name)  # deploy` fills them in, and the run checks what it got
-            continue
+            continue  # deploy` fills them in, and the run checks what it got
         try:
             values[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
         except pydantic.ValidationError as exc:
             raise FerError(f"{name}: {value!r}: {exc.errors()[0]['msg']}") from None
+    check_config(_train_config(values))
+
+
+def _train_config(arguments: dict) -> TrainConfig:
+    """The TrainConfig of the retrain flow's arguments (those it has a field for; the flow's
+    defaults are TrainConfig's own, so one left out is the default either way)."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
-    check_config(TrainConfig(**{**{k: v for k, v in values.items() if k in fields},
-                                "out_dir": Path(values.get("out_dir", "runs"))}))
+    options = {name: value for name, value in arguments.items() if name in fields}
+    if "out_dir" in options:
+        options["out_dir"] = Path(options["out_dir"])
+    return TrainConfig(**options)
 
 
 
