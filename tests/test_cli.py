@@ -702,7 +702,8 @@ NO_SUCH_USER = "~fer-no-such-user-4f2a"
 @pytest.mark.parametrize("args, env, what", [
     (["reports", "list", "--storage", f"{NO_SUCH_USER}/artifacts"], {}, "storage folder"),
     (["fetch-data", "--source", f"{NO_SUCH_USER}/fer.zip"], {}, "data source"),
-    (["reports", "list"], {"FER_DATA_DIR": f"{NO_SUCH_USER}/data"}, "FER_DATA_DIR"),
+    (["fetch-data", "--source", "missing.zip"], {"FER_DATA_DIR": f"{NO_SUCH_USER}/data"},
+     "FER_DATA_DIR"),
 ])
 def test_a_home_that_cannot_be_expanded_is_one_line(args, env, what, tmp_path):
     """A ~user typo reaches fer as typed (the shell leaves an unknown user's ~ alone), and
@@ -711,6 +712,15 @@ def test_a_home_that_cannot_be_expanded_is_one_line(args, env, what, tmp_path):
     result = run_fer(*args, env=env, cwd=tmp_path)
     assert_one_line_error(result, rf"{what} '{NO_SUCH_USER}/\w+(\.zip)?': cannot expand its ~ "
                                   r"\(.*\); expected an existing user's ~ or a path without one")
+
+
+def test_commands_that_read_no_data_ignore_the_data_folder(tmp_path):
+    """FER_DATA_DIR is resolved by the commands that read data only: a mistyped one in the
+    environment does not stop `fer reports list`, which never touches it."""
+    result = run_fer("reports", "list", "--storage", tmp_path / "artifacts",
+                     env={"FER_DATA_DIR": f"{NO_SUCH_USER}/data"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no published runs" in result.stdout.lower()
 
 
 def test_paths_that_are_not_utf8_are_printed_escaped(tmp_path, fer_subset):
