@@ -681,9 +681,9 @@ def _on_white(gray: np.ndarray, with_alpha: np.ndarray | None) -> np.ndarray:
     return np.rint(gray * opacity + 255.0 * (1.0 - opacity)).astype(np.uint8)
 
 
-def check_val_fraction(val_fraction: float) -> None:
+def check_val_fraction(val_fraction: float, *, what: str = "--val-fraction") -> None:
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction}: expected a fraction between 0 and 1")
+        raise DataError(f"{what} {val_fraction}: expected a fraction between 0 and 1")
 
 
 def to_model_input(gray: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ loading TensorFlow) refuse the same impossible values in the same words.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fer.config import MAX_BATCH_SIZE, TrainConfig
 from fer.data import check_val_fraction
 from fer.errors import FerError
@@ -23,21 +25,35 @@ def check_model_name(name: str) -> None:
         raise FerError(f"unknown model '{name}' (expected one of {', '.join(MODEL_NAMES)})")
 
 
-def check_config(config: TrainConfig) -> None:
-    """Refuse impossible options (numbers, model or precision names) before any data is read."""
+def cli_flag(field: str) -> str:
+    """A TrainConfig field as the CLI spells it: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def parameter_name(field: str) -> str:
+    """A TrainConfig field as a flow's parameters (a deployment's YAML) spell it."""
+    return f"{field}:"
+
+
+def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag) -> None:
+    """Refuse impossible options (numbers, model or precision names) before any data is read.
+    ``spell`` names a field in the messages: the CLI's flags, or the flow's parameters."""
     if config.epochs < 1:
-        raise FerError(f"--epochs {config.epochs}: expected at least 1")
+        raise FerError(f"{spell('epochs')} {config.epochs}: expected at least 1")
     if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
-        raise FerError(f"--batch-size {config.batch_size}: expected 1 to {MAX_BATCH_SIZE}")
+        raise FerError(f"{spell('batch_size')} {config.batch_size}: expected 1 to "
+                       f"{MAX_BATCH_SIZE}")
     if config.ensemble < 1:
-        raise FerError(f"--ensemble {config.ensemble}: expected at least 1")
+        raise FerError(f"{spell('ensemble')} {config.ensemble}: expected at least 1")
     last_seed = config.seed + config.ensemble - 1  # member i trains from seed + i - 1
     if config.seed < 0 or last_seed > MAX_SEED:
-        raise FerError(f"--seed {config.seed}" + (f" with --ensemble {config.ensemble}"
-                                                  if config.ensemble > 1 else "")
+        raise FerError(f"{spell('seed')} {config.seed}"
+                       + (f" with {spell('ensemble')} {config.ensemble}"
+                          if config.ensemble > 1 else "")
                        + f": expected seeds from 0 to {MAX_SEED} (NumPy's range)")
-    check_val_fraction(config.val_fraction)
+    check_val_fraction(config.val_fraction, what=spell("val_fraction"))
     if config.learning_rate is not None and not config.learning_rate > 0:
-        raise FerError(f"--learning-rate {config.learning_rate}: expected a number above 0")
+        raise FerError(f"{spell('learning_rate')} {config.learning_rate}: expected a number "
+                       "above 0")
     check_model_name(config.model)
-    check_precision(config.precision)
+    check_precision(config.precision, what=spell("precision"))

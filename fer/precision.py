@@ -64,10 +64,10 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def check_precision(requested: str) -> None:
+def check_precision(requested: str, *, what: str = "--precision") -> None:
     """Refuse an unknown precision name (cheap: no TensorFlow import)."""
     if requested not in PRECISIONS:
-        raise FerError(f"--precision {requested}: expected one of {', '.join(PRECISIONS)}")
+        raise FerError(f"{what} {requested}: expected one of {', '.join(PRECISIONS)}")
 
 
 def choose_precision(requested: str = "auto", *, flags: set[str] | None = None,

@@ -30,7 +30,7 @@ from prefect.utilities.templating import find_placeholders
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import CheckpointError, DataError, FerError, StorageError
-from fer.options import check_config
+from fer.options import check_config, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
 
@@ -271,7 +271,7 @@ def retrain(
     test accuracy and macro-F1.
     """
     config = _train_config(locals())  # first: locals() are the flow's parameters alone
-    check_config(config)  # a typo in a deployment's parameters fails before any download
+    check_config(config, spell=parameter_name)  # a deployment's typo fails before any download
     prefer_onednn()  # before TensorFlow loads in this process (fer.train loads Keras)
     from fer.train import publish_flags
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
@@ -323,7 +323,7 @@ def check_parameters(parameters: dict) -> None:
             values[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
         except pydantic.ValidationError as exc:
             raise FerError(f"{name}: {value!r}: {exc.errors()[0]['msg']}") from None
-    check_config(_train_config(values))
+    check_config(_train_config(values), spell=parameter_name)
 
 
 def _train_config(arguments: dict) -> TrainConfig:

@@ -340,7 +340,9 @@ RETRAIN = ("deployments:\n  - name: retrain\n    entrypoint: flows/retrain.py:re
     (RETRAIN + "    parameters: {epoch: 20}\n",
      r"deployments\[0\] parameters: unknown parameter 'epoch' \(the retrain flow takes epochs, "),
     (RETRAIN + "    parameters: {epochs: 0}\n",
-     r"deployments\[0\] parameters: --epochs 0: expected at least 1"),
+     r"deployments\[0\] parameters: epochs: 0: expected at least 1"),
+    (RETRAIN + "    parameters: {precision: fp16, val_fraction: 0.1}\n",
+     r"deployments\[0\] parameters: precision: fp16: expected one of auto, "),
     (RETRAIN + "    parameters: {batch_size: sixty-four}\n",
      r"deployments\[0\] parameters: batch_size: 'sixty-four': Input should be a valid integer"),
     (RETRAIN + "    parameters: {model: default}\n    schedules:\n      - cron: '0 3 * * 1'\n"

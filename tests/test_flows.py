@@ -491,7 +491,7 @@ def test_training_error_fails_the_flow_with_fers_message(prefect_api, tiny_fer_z
     state = retrain(epochs=0, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
                     out_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
-    assert "--epochs 0: expected at least 1" in state.message
+    assert "epochs: 0: expected at least 1" in state.message
     assert "publish" not in task_runs(state.state_details.flow_run_id)
 
 
