@@ -447,28 +447,39 @@ def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Call
         check_entry_name(info.filename, archive=archive)
     by_name = {posixpath.normpath(info.filename): info for info in handle.infolist()}
 
-    def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
-        """`zip -y` stores a link as an entry holding the path it links to: read the file it
-        names (through a chain of links); a link to a folder or to nothing reads as itself
-        (not an image: counted in the warning about files not read)."""
-        entry = info
-        for _ in range(_LINK_HOPS):
-            if not _is_zip_symlink(entry):
-                break
-            target = _link_target(entry.filename, _entry_reader(
-                archive, entry.filename, lambda e=entry: handle.read(e))().decode(
-                    errors="replace"), archive=archive)
-            entry = by_name.get(target)
-            if entry is None or entry.is_dir():
-                entry = info
-                break
-        if _is_zip_symlink(entry):
-            entry = info
-        return lambda: handle.read(entry)
+    def link_target(info: zipfile.ZipInfo) -> str:
+        """`zip -y` stores a link as an entry holding the path it links to."""
+        held = _entry_reader(archive, info.filename, lambda: handle.read(info))()
+        return _link_target(info.filename, held.decode(errors="replace"), archive=archive)
 
-    return [(info.filename.replace("\\", "/"),  # Windows tools may write train\happy\0.png
-             _entry_reader(archive, info.filename, reader(info)))
-            for info in handle.infolist() if not info.is_dir()]
+    def resolve(info: zipfile.ZipInfo) -> tuple[str | None, zipfile.ZipInfo | None]:
+        """The name and entry a chain of links ends at (the entry None: nothing of that
+        name, perhaps a folder zip stored no entry for; both None: a chain too long)."""
+        name = posixpath.normpath(info.filename)
+        for _ in range(_LINK_HOPS):
+            if not _is_zip_symlink(info):
+                return name, info
+            name = link_target(info)
+            info = by_name.get(name)
+            if info is None:
+                return name, None
+        return None, None
+
+    files, folder_links = [], {}
+    for info in handle.infolist():
+        if info.is_dir():
+            continue
+        name, target = resolve(info) if _is_zip_symlink(info) else (info.filename, info)
+        if target is not None and not target.is_dir():  # a file, or a link to one: its data
+            files.append((info.filename.replace("\\", "/"),  # Windows tools: train\happy\0.png
+                          _entry_reader(archive, info.filename,
+                                        lambda t=target: handle.read(t))))
+        elif name is not None:
+            folder_links[posixpath.normpath(info.filename)] = name
+        else:  # round a loop: read as itself, not an image (counted in the warning)
+            files.append((info.filename, _entry_reader(archive, info.filename,
+                                                       lambda i=info: handle.read(i))))
+    return _through_folder_links(files, folder_links)
 
 
 def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
@@ -477,22 +488,27 @@ def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
 
 def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Callable[[], bytes]]]:
     """Files, and links to files inside the archive (a deduplicated folder's hard links, a
-    symbolic link to an image elsewhere in it), read through the entry they name."""
+    symbolic link to an image elsewhere in it), read through the entry they name; links to
+    folders as _through_folder_links says."""
     members = handle.getmembers()
     for member in members:
         check_entry_name(member.name, archive=archive)
         if member.islnk():  # relative to the archive's top (a symbolic link's, to its own
-            check_entry_name(member.linkname, archive=archive)  # folder: is_file checks it)
+            check_entry_name(member.linkname, archive=archive)  # folder: resolve checks it)
     by_name = {posixpath.normpath(member.name): member for member in members}  # ./train/...
 
-    def is_file(member: tarfile.TarInfo) -> bool:  # (a link to a folder lists nothing)
+    def resolve(member: tarfile.TarInfo) -> tuple[str | None, tarfile.TarInfo | None]:
+        """The name and member a chain of symbolic links ends at (the member None: nothing
+        of that name, perhaps a folder tar stored no entry for; both None: too long)."""
+        name = posixpath.normpath(member.name)
         for _ in range(_LINK_HOPS):
             if not member.issym():
-                return member.isfile() or member.islnk()
-            member = by_name.get(_link_target(member.name, member.linkname, archive=archive))
+                return name, member
+            name = _link_target(member.name, member.linkname, archive=archive)
+            member = by_name.get(name)
             if member is None:
-                return False
-        return False
+                return name, None
+        return None, None
 
     def read(member: tarfile.TarInfo) -> bytes:
         handle_of_member = handle.extractfile(member)  # follows links, chains included
@@ -500,8 +516,32 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
             raise tarfile.TarError("a link to something that is not a file")
         return handle_of_member.read()
 
-    return [(member.name, _entry_reader(archive, member.name, lambda m=member: read(m)))
-            for member in members if is_file(member)]
+    files, folder_links = [], {}
+    for member in members:
+        name, target = resolve(member)
+        if target is not None and (target.isfile() or target.islnk()):
+            files.append((member.name, _entry_reader(archive, member.name,
+                                                     lambda m=member: read(m))))
+        elif member.issym() and name is not None:
+            folder_links[posixpath.normpath(member.name)] = name
+    return _through_folder_links(files, folder_links)
+
+
+def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
+                          folder_links: dict[str, str]) -> list[tuple[str, Callable[[], bytes]]]:
+    """``files`` and, for each link to a folder (its name -> the folder it names), the files
+    under that folder once more under the link's name, as a folder tree's linked class
+    folder reads (a link to anything else adds nothing). One level: links to folders inside
+    the linked folder are not followed again, nor a link to a folder holding it (a loop)."""
+    linked = []
+    for link, folder in folder_links.items():
+        if link == folder or link.startswith(folder + "/"):
+            continue
+        prefix = folder + "/"
+        linked += [(f"{link}/{name[len(prefix):]}", read)
+                   for name, read in files
+                   for name in [posixpath.normpath(name)] if name.startswith(prefix)]
+    return files + linked
 
 
 _LINK_HOPS = 8  # a link to a link ...: as far as a sane archive goes, never round a loop

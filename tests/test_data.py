@@ -553,7 +553,7 @@ def test_links_inside_a_tar_are_read_as_the_files_they_name(tmp_path):
         links = [("./train/happy/copy.png", tarfile.LNKTYPE, "./train/happy/a.png"),
                  ("./train/sad/pointer.png", tarfile.SYMTYPE, "../happy/a.png"),
                  ("./train/fear/chain.png", tarfile.SYMTYPE, "../sad/pointer.png"),
-                 ("./train/calm", tarfile.SYMTYPE, "neutral")]  # a link to a folder: nothing
+                 ("./train/calm", tarfile.SYMTYPE, "neutral")]  # a link to nothing: nothing
         for name, kind, target in links:
             link = tarfile.TarInfo(name)
             link.type, link.linkname = kind, target
@@ -579,6 +579,50 @@ def test_a_symbolic_link_in_a_zip_is_read_as_the_file_it_names(tmp_path):
             handle.writestr(link, target)
         handle.writestr("train/neutral/", b"")
     assert len(read_splits(archive)["train"]) == 3
+
+
+def _linked_class_archive(archive: Path) -> None:
+    """train/ and test/ with two happy images each, kept in a folder outside them that
+    train/happy and test/happy link to (as `tar` without -h and `zip -y` pack a linked class
+    folder); train/sad/loop links back up to train/, a loop."""
+    data = encode_image(shaded_image("happy"))
+    images = {f"kept/happy/{n}.png": data for n in (1, 2)}
+    links = {"train/happy": "../kept/happy", "test/happy": "../kept/happy",
+             "train/sad/loop": ".."}
+    images["train/sad/a.png"] = encode_image(shaded_image("sad"))
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as handle:
+            for name, content in images.items():
+                handle.writestr(name, content)
+            for name, target in links.items():
+                link = zipfile.ZipInfo(name)
+                link.external_attr = (0o120777 << 16)
+                handle.writestr(link, target)
+        return
+    with tarfile.open(archive, "w") as handle:
+        for name, content in images.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            handle.addfile(info, io.BytesIO(content))
+        for name, target in links.items():
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            handle.addfile(link)
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".zip"])
+def test_class_folders_linked_inside_an_archive_are_read(tmp_path, suffix):
+    """An archive of a tree whose class folders are links (packed without following them)
+    reads as the tree itself does: each linked folder's images in its class (a tar read
+    them as nothing, silently; a zip as one file that is no image), and unpacking it gives
+    the same images. A link back up the tree is not followed."""
+    archive = tmp_path / f"linked{suffix}"
+    _linked_class_archive(archive)
+    for source in (archive, safe_extract(archive, tmp_path / "out")):
+        splits = read_splits(source)
+        assert splits["train"].class_counts()["happy"] == 2, source
+        assert splits["train"].class_counts()["sad"] == 1, source
+        assert splits["test"].class_counts()["happy"] == 2, source
 
 
 def test_class_folders_linked_from_elsewhere_are_read(tmp_path):
