@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fer.errors import FerError, expand_home
@@ -46,8 +46,9 @@ class Settings:
 
     storage: str = DEFAULT_STORAGE
     endpoint_url: str | None = None
-    # FER_DATA_DIR and XDG_CACHE_HOME as the environment gave them; see data_dir
-    data_dir_env: Mapping[str, str] = field(default_factory=dict)
+    # (name, value) of FER_DATA_DIR and XDG_CACHE_HOME as the environment gave them (a tuple:
+    # the settings stay hashable); see data_dir
+    data_dir_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,14 +56,14 @@ class Settings:
         return cls(
             storage=env.get("FER_STORAGE") or DEFAULT_STORAGE,
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
-            data_dir_env={name: env[name] for name in _DATA_DIR_VARIABLES if name in env},
+            data_dir_env=tuple((name, env[name]) for name in _DATA_DIR_VARIABLES if name in env),
         )
 
     @property
     def data_dir(self) -> Path:
         """The data folder, resolved when a command reads data: a mistyped FER_DATA_DIR
         stops `fer train` and `fer fetch-data`, not `fer reports list` or `fer publish`."""
-        return default_data_dir(self.data_dir_env)
+        return default_data_dir(dict(self.data_dir_env))
 
     def with_options(self, *, storage: str | None = None,
                      endpoint_url: str | None = None) -> Settings:

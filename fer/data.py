@@ -456,7 +456,7 @@ def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Call
         """The name and entry a chain of links ends at (the entry None: nothing of that
         name, perhaps a folder zip stored no entry for; both None: a chain too long)."""
         name = posixpath.normpath(info.filename)
-        for _ in range(_LINK_HOPS):
+        for _ in range(_LINK_HOPS + 1):  # up to _LINK_HOPS links, then the entry named
             if not _is_zip_symlink(info):
                 return name, info
             name = link_target(info)
@@ -465,21 +465,23 @@ def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Call
                 return name, None
         return None, None
 
-    files, folder_links = [], {}
+    files, links = [], {}
     for info in handle.infolist():
         if info.is_dir():
             continue
         name, target = resolve(info) if _is_zip_symlink(info) else (info.filename, info)
-        if target is not None and not target.is_dir():  # a file, or a link to one: its data
-            files.append((info.filename.replace("\\", "/"),  # Windows tools: train\happy\0.png
-                          _entry_reader(archive, info.filename,
-                                        lambda t=target: handle.read(t))))
-        elif name is not None:
-            folder_links[posixpath.normpath(info.filename)] = name
-        else:  # round a loop: read as itself, not an image (counted in the warning)
-            files.append((info.filename, _entry_reader(archive, info.filename,
-                                                       lambda i=info: handle.read(i))))
-    return _through_folder_links(files, folder_links)
+        if target is None or target.is_dir():  # a link to a folder, to nothing, round a loop
+            links[info] = name
+            continue
+        files.append((info.filename.replace("\\", "/"),  # Windows tools: train\happy\0.png
+                      _entry_reader(archive, info.filename, lambda t=target: handle.read(t))))
+    folder_links = _folder_links(links, files)
+    # the others read as themselves, files that are not images (counted in the warning)
+    files += [(info.filename.replace("\\", "/"),
+               _entry_reader(archive, info.filename, lambda i=info: handle.read(i)))
+              for info in links if info not in folder_links]
+    return _through_folder_links(files, {posixpath.normpath(info.filename): folder
+                                         for info, folder in folder_links.items()})
 
 
 def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
@@ -501,7 +503,7 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
         """The name and member a chain of symbolic links ends at (the member None: nothing
         of that name, perhaps a folder tar stored no entry for; both None: too long)."""
         name = posixpath.normpath(member.name)
-        for _ in range(_LINK_HOPS):
+        for _ in range(_LINK_HOPS + 1):  # up to _LINK_HOPS links, then the member named
             if not member.issym():
                 return name, member
             name = _link_target(member.name, member.linkname, archive=archive)
@@ -516,15 +518,26 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
             raise tarfile.TarError("a link to something that is not a file")
         return handle_of_member.read()
 
-    files, folder_links = [], {}
+    files, links = [], {}
     for member in members:
         name, target = resolve(member)
         if target is not None and (target.isfile() or target.islnk()):
             files.append((member.name, _entry_reader(archive, member.name,
                                                      lambda m=member: read(m))))
-        elif member.issym() and name is not None:
-            folder_links[posixpath.normpath(member.name)] = name
-    return _through_folder_links(files, folder_links)
+        elif member.issym():  # to a folder, to nothing (left out, as before), round a loop
+            links[member] = name
+    return _through_folder_links(files, {posixpath.normpath(member.name): folder
+                                         for member, folder in _folder_links(links, files).items()})
+
+
+def _folder_links(links: dict, files: list[tuple[str, Callable[[], bytes]]]) -> dict:
+    """Those of ``links`` (entry -> the name its chain ends at, None round a loop) that
+    name a folder holding files: the ones _through_folder_links has something to add for.
+    One pass over the files' folders, so that thousands of links to nothing cost no more."""
+    folders = {parent for name, _ in files
+               for parent in PurePosixPath(posixpath.normpath(name)).parents}
+    return {entry: name for entry, name in links.items()
+            if name is not None and PurePosixPath(name) in folders}
 
 
 def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],

@@ -274,16 +274,16 @@ def train(
             force_champion=force_champion), wait=wait)
         return
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
-    _writable(settings.data_dir, "FER_DATA_DIR")
     _writable(resume or out, "--resume" if resume else "--out")
     if publish:
         from fer.runs import check_can_publish
 
         check_can_publish(_store(settings, create_bucket=create_bucket))  # before the hours
-        if resume is not None and _finished(resume):
+        if resume is not None and _finished(resume):  # publishing is all that is left
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return
+    _writable(settings.data_dir, "FER_DATA_DIR")
     _tensorflow_for_training()  # before fer.train imports it (a resume has no config checked)
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags

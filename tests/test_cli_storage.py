@@ -28,9 +28,11 @@ def storage_env(request, tmp_path) -> dict[str, str]:
 def test_resume_publish_of_a_run_that_finished_publishes_it(tmp_path, storage_env):
     """A run stopped while publishing (or a flow run that crashed after scoring) has
     finished training: `fer train --resume <it> --publish`, the command a stop names,
-    publishes it instead of answering "nothing to resume"."""
+    publishes it instead of answering "nothing to resume". It reads no data, so a
+    mistyped FER_DATA_DIR does not stop it."""
     run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
-    result = run_fer("train", "--resume", run, "--publish", env=storage_env)
+    result = run_fer("train", "--resume", run, "--publish",
+                     env={**storage_env, "FER_DATA_DIR": "~fer-no-such-user-4f2a/data"})
     assert result.returncode == 0, result.stderr
     assert "finished training before it stopped; publishing it" in result.stderr
     assert f"published {run.name}" in result.stdout and "(new champion)" in result.stdout

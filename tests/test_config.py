@@ -1,0 +1,20 @@
+"""fer.config: settings from the environment."""
+
+import pytest
+
+from fer.config import Settings
+from fer.errors import FerError
+
+
+def test_the_data_folder_is_resolved_when_it_is_asked_for(tmp_path):
+    """A FER_DATA_DIR that cannot be expanded fails the command that reads data, when it
+    asks for the folder, not every command that builds settings; the settings stay frozen
+    and hashable, as a frozen dataclass's should."""
+    settings = Settings.from_env({"FER_DATA_DIR": "~fer-no-such-user-4f2a/data",
+                                  "FER_STORAGE": str(tmp_path)})
+    assert settings.storage == str(tmp_path)
+    with pytest.raises(FerError, match=r"FER_DATA_DIR '~fer-no-such-user-4f2a/data'"):
+        _ = settings.data_dir
+    assert hash(settings) == hash(Settings.from_env({"FER_DATA_DIR": "~fer-no-such-user-4f2a/data",
+                                                     "FER_STORAGE": str(tmp_path)}))
+    assert Settings.from_env({"XDG_CACHE_HOME": str(tmp_path)}).data_dir == tmp_path / "fer"
