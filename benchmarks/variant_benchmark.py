@@ -104,6 +104,66 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
                     "space_to_depth": False}, {}),
 }
 
+def _sam_train_step(model, data, *, rho: float):
+    """One sharpness-aware minimisation step (Foret et al. 2021): the gradient is taken at
+    the weights moved ``rho`` along the normalised gradient (the worst nearby point), then
+    applied at the original weights by the model's own optimiser. Both passes see the same
+    augmented images and dropout masks (the seed generators are rewound), and the batch-norm
+    moving statistics are the first pass's (the second, at the moved weights, is undone);
+    twice the forward and backward cost of a plain step."""
+    import tensorflow as tf
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    weights = model.trainable_weights
+    seeds = [v for v in model.non_trainable_variables if "seed_generator_state" in v.path]
+    statistics = [v for v in model.non_trainable_variables
+                  if "seed_generator_state" not in v.path]
+    rewind = [tf.identity(v.value) for v in seeds]
+
+    def loss_and_gradients():
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                       training=True)
+        return y_pred, loss, tape.gradient(loss, weights)
+
+    y_pred, loss, gradients = loss_and_gradients()
+    model._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
+    scale = rho / (tf.linalg.global_norm(gradients) + 1e-12)
+    steps = [tf.cast(g, v.dtype) * scale for g, v in zip(gradients, weights, strict=True)]
+    for variable, step in zip(weights, steps, strict=True):
+        variable.assign_add(step)
+    for variable, value in zip(seeds, rewind, strict=True):
+        variable.assign(value)
+    kept = [tf.identity(v.value) for v in statistics]
+    _, _, sharp_gradients = loss_and_gradients()
+    for variable, value in zip(statistics, kept, strict=True):
+        variable.assign(value)
+    for variable, step in zip(weights, steps, strict=True):
+        variable.assign_sub(step)
+    model.optimizer.apply_gradients(zip(sharp_gradients, weights, strict=True))
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _sam_build(rho: float, build):
+    """``build()``'s model, whose fit() takes SAM steps (the saved float32 copy is plain)."""
+    import functools
+    import types
+
+    import keras
+
+    if keras.config.dtype_policy().name == "mixed_float16":  # its loss scaling is not done here
+        raise SystemExit("the sam-* variants take float32 or mixed_bfloat16, not mixed_float16")
+    model = build()
+    model.train_step = types.MethodType(functools.partial(_sam_train_step, rho=rho), model)
+    return model
+
+
+# session 45: sharpness-aware minimisation, rho as the paper's CIFAR runs (0.05) and larger
+SAM_VARIANTS = {"sam-0.05": 0.05, "sam-0.1": 0.1}
+
+
 # Variants the registry has since taken in under another name, measured under these names
 # (BENCHMARKS.md): session 26's 32-channel stage at 48x48 ahead of `wide`'s stages is
 # `wide-full-res`, session 30's single 16-channel convolution at 48x48 ahead of the
@@ -114,14 +174,28 @@ REGISTERED_AS = {"full-res-wide-adamw": "wide-full-res",
 
 
 def register(name: str):
-    """Add the variant to fer's registry (in this process only) under its own name; a
-    registry model that is not a variant is used as it is."""
+    """Add the variant to fer's registry and model names (in this process only) under its
+    own name; a registry model that is not a variant is used as it is."""
+    spec = _registered(name)
+    import fer.options
+
+    if name not in fer.options.MODEL_NAMES:  # fer.train checks names against this tuple
+        fer.options.MODEL_NAMES += (name,)
+    return spec
+
+
+def _registered(name: str):
     import functools
 
     from fer.models import REGISTRY, build_default
 
     if name in REGISTERED_AS:
         REGISTRY[name] = dataclasses.replace(REGISTRY[REGISTERED_AS[name]], name=name)
+        return REGISTRY[name]
+    if name in SAM_VARIANTS:
+        REGISTRY[name] = dataclasses.replace(
+            REGISTRY["default"], name=name,
+            build=functools.partial(_sam_build, SAM_VARIANTS[name], REGISTRY["default"].build))
         return REGISTRY[name]
     if name not in VARIANTS:
         return REGISTRY[name]
@@ -163,7 +237,7 @@ def main() -> None:
     from fer.models import REGISTRY  # after prefer_onednn: it loads TensorFlow
 
     parser.add_argument("--variant", action="append",
-                        choices=sorted({*VARIANTS, *REGISTERED_AS, *REGISTRY}),
+                        choices=sorted({*VARIANTS, *SAM_VARIANTS, *REGISTERED_AS, *REGISTRY}),
                         required=True)
     parser.add_argument("--data", type=Path, help="needed unless --steps-only")
     parser.add_argument("--epochs", type=int, default=20)
