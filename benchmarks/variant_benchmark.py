@@ -160,8 +160,10 @@ def _sam_build(rho: float, build):
     return model
 
 
-# session 45: sharpness-aware minimisation, rho as the paper's CIFAR runs (0.05) and larger
-SAM_VARIANTS = {"sam-0.05": 0.05, "sam-0.1": 0.1}
+# session 45: sharpness-aware minimisation, rho as the paper's CIFAR runs (0.05) and larger;
+# name -> (the registry model it trains, rho)
+SAM_VARIANTS = {"sam-0.05": ("default", 0.05), "sam-0.1": ("default", 0.1),
+                "wide-full-res-sam-0.05": ("wide-full-res", 0.05)}
 
 
 # Variants the registry has since taken in under another name, measured under these names
@@ -193,9 +195,10 @@ def _registered(name: str):
         REGISTRY[name] = dataclasses.replace(REGISTRY[REGISTERED_AS[name]], name=name)
         return REGISTRY[name]
     if name in SAM_VARIANTS:
+        base, rho = SAM_VARIANTS[name]
         REGISTRY[name] = dataclasses.replace(
-            REGISTRY["default"], name=name,
-            build=functools.partial(_sam_build, SAM_VARIANTS[name], REGISTRY["default"].build))
+            REGISTRY[base], name=name,
+            build=functools.partial(_sam_build, rho, REGISTRY[base].build))
         return REGISTRY[name]
     if name not in VARIANTS:
         return REGISTRY[name]

@@ -1,7 +1,8 @@
 """Choose the numeric precision for training and inference from the hardware, never blindly.
 
-bfloat16 mixed precision trains 1.4-1.7x faster than float32 on CPUs with native bf16
-instructions (AVX512_BF16 / AMX_BF16) and ~10x slower on CPUs without them; on GPUs,
+bfloat16 mixed precision trains about 2x faster than float32 on CPUs with native bf16
+instructions (AVX512_BF16 / AMX_BF16; 2.0-2.6x in BENCHMARKS.md, 1.4-1.7x in the project's
+first measurements) and ~10x slower on CPUs without them; on GPUs,
 mixed float16 is the fast path. Separately, training asks for TensorFlow's oneDNN CPU
 kernels wherever TensorFlow would leave them off (see ``prefer_onednn``).
 """
