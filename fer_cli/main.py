@@ -597,6 +597,7 @@ def predict(
     from fer.models import load_model
     from fer.predict import predict_inputs, read_model_inputs
 
+    images = list(dict.fromkeys(images))  # a file given twice: once, where first given
     inputs = read_model_inputs(images, faces=faces)  # every bad file named before the model loads
     predictions = predict_inputs(load_model(model, precision=precision), inputs,
                                  batch_size=batch_size)

@@ -637,9 +637,9 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     (tmp_path / "face.png").write_bytes(encode_image(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)))
     (tmp_path / "small.jpg").write_bytes(face)
     predicted = run_fer("predict", tmp_path / "face.png", tmp_path / "small.jpg",
-                        "--model", run_dir / "model.keras", "--json")
+                        tmp_path / "face.png", "--model", run_dir / "model.keras", "--json")
     assert predicted.returncode == 0, predicted.stderr
-    records = json.loads(predicted.stdout)
+    records = json.loads(predicted.stdout)  # in the order given, a repeated file once
     assert [Path(r["file"]).name for r in records] == ["face.png", "small.jpg"]
     assert all(r["emotion"] in CLASS_NAMES for r in records)
 

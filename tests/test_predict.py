@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -97,6 +99,29 @@ def test_undecodable_file_is_named(tmp_path, model, content):
     (tmp_path / "notes.txt").write_bytes(content)
     with pytest.raises(FerError, match=r"notes\.txt: not a decodable image"):
         predict_files(model, [tmp_path / "notes.txt"])
+
+
+def test_a_jpeg_cut_short_is_refused_not_classified(tmp_path, model):
+    """A download or copy cut short: OpenCV would be free to fill the missing rows with grey,
+    a face that is not there; it refuses it (OpenCV 4.14), and so must fer."""
+    photo = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (480, 640), np.uint8))[1]
+    (tmp_path / "cut.jpg").write_bytes(photo.tobytes()[:len(photo) * 9 // 10])
+    with pytest.raises(FerError, match=r"cut\.jpg: not a decodable image"):
+        predict_files(model, [tmp_path / "cut.jpg"])
+
+
+def test_what_is_no_image_file_is_refused_unread(tmp_path):
+    """A pipe (or /dev/zero) would be read for ever, a file larger than any image OpenCV
+    decodes (a video given with `fer predict media/*`) whole into memory: both are named
+    before a byte is read."""
+    os.mkfifo(tmp_path / "pipe.png")
+    sparse = tmp_path / "movie.jpg"
+    with sparse.open("wb") as handle:  # sparse: takes no disk space
+        handle.truncate(fer.predict.MAX_IMAGE_BYTES + 1)
+    for path, message in ((tmp_path / "pipe.png", "not a regular file"),
+                          (sparse, "1,073,741,825 bytes, more than an image OpenCV decodes")):
+        with pytest.raises(FerError, match=rf"{path.name}: {message}"):
+            read_grayscale(path)
 
 
 def test_every_unreadable_file_is_named_at_once(tmp_path):
