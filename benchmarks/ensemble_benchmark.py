@@ -55,6 +55,9 @@ def shared_split(runs: list[Path]) -> tuple[str, float, int]:
         manifest = json.loads((run / "manifest.json").read_text())
         parameters = manifest["parameters"]
         origin = manifest["data"]["validation"]
+        if "folded into train" in origin:  # variant_benchmark.py --refit
+            raise SystemExit(f"{run}: trained on its validation images too (--refit), so "
+                             "validation cannot choose among candidates that include it")
         found = re.search(r"seed (\d+)", origin)
         seed = int(found.group(1)) if found else None
         splits[run] = (manifest["data"]["sha256"], parameters["val_fraction"], seed)

@@ -34,6 +34,11 @@ def test_variant_benchmark_trains_and_refits(tmp_path, fer_subset):
     # the last epoch whatever validation says (a broken override keeps epoch 1 when it wins)
     assert re.search(r'^flat: \{"best_epoch": 2, "best_val_accuracy": 0\.\d+, "accuracy": ',
                      done.stdout, re.MULTILINE), done.stdout
+    # its validation is in-sample, so it cannot be chosen among on validation
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    averaged = run_script("ensemble_benchmark.py", "--data", fer_subset, "--run", run_dir,
+                          tmp_path=tmp_path)
+    assert averaged.returncode != 0 and "trained on its validation images too" in averaged.stderr
 
 
 @pytest.mark.integration
@@ -64,8 +69,12 @@ def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_avera
                       tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^seed: \d+\.\d train images/s over 3 steps of 64", done.stdout, re.MULTILINE)
-    assert re.search(r"^ratios: training images/s \d+\.\d\dx the seed's; wall time \d+\.\d{3} of "
-                     r"the seed's 20 epochs", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^ratios: training images/s \d+\.\d\dx the seed's \(batch 128 against the "
+                     r"seed's 64\); wall time \d+\.\d{3} of the seed's 20 epochs", done.stdout,
+                     re.MULTILINE), done.stdout
+    # and the time a user waits, data loading to scored model, beside it
+    assert re.search(r"^end to end \(loading the data, \d+\.\d s, then .*\): .+, \d+\.\d{3} of "
+                     r"the seed's projection$", done.stdout, re.MULTILINE), done.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     averaged = run_script("ensemble_benchmark.py", "--data", fer_subset, "--run", run_dir,
                           "--run", run_dir, "--save", tmp_path / "average.keras",
