@@ -30,10 +30,11 @@ def machine_line() -> str:
             f"{os.environ.get(ONEDNN_SWITCH, 'unset')})")
 
 
-def compiled_model(model_name: str, precision: str, *, metrics: tuple[str, ...] = ()):
-    """The registered model, built in ``precision`` and compiled for timing with the optimiser
-    it trains with (Adam for the seed, Muon for the default: its Newton-Schulz steps are part
-    of the training step's cost)."""
+def compiled_model(model_name: str, precision: str, images, *, metrics: tuple[str, ...] = ()):
+    """The registered model, built in ``precision``, prepared from the training ``images`` as
+    training prepares it (`default-pca`'s first convolution set and frozen: no gradient for
+    it), and compiled for timing with the optimiser it trains with (Adam for the seed, Muon
+    for the default: its Newton-Schulz steps are part of the training step's cost)."""
     import keras
 
     from fer.models import get_spec
@@ -43,6 +44,7 @@ def compiled_model(model_name: str, precision: str, *, metrics: tuple[str, ...] 
     spec = get_spec(model_name)
     with dtype_policy(precision):
         model = spec.build()
+    spec.prepare(model, images)
     # total_steps only shapes the learning-rate schedule, which does not change a step's cost
     optimizer = build_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
                                 weight_decay=spec.weight_decay, total_steps=100_000,
@@ -64,7 +66,7 @@ def measure_training_throughput(model_name: str, train: Split, *, batch_size: in
     """Images/s of ``steps`` training steps (after 3 warm-up steps) on real training images."""
     from fer.pipeline import training_batches
 
-    model = compiled_model(model_name, precision, metrics=("accuracy",))
+    model = compiled_model(model_name, precision, train.images, metrics=("accuracy",))
     batches = training_batches(train, batch_size=batch_size, shuffle_seed=0).repeat()
     model.fit(batches, steps_per_epoch=3, epochs=1, verbose=0)
     return fit_images_per_second(model, batches, steps=steps, batch_size=batch_size)

@@ -37,7 +37,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed-steps", type=int, default=24, help="steps per seed window")
-    parser.add_argument("--model-steps", type=int, default=96, help="steps per model window")
+    parser.add_argument("--model-steps", type=int,
+                        help="steps per model window (default: as many as take the time of a "
+                             "seed window, from the warm-up windows: the fastest window of a "
+                             "shorter one would be favoured)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = parser.parse_args()
 
@@ -48,8 +51,9 @@ def main() -> None:
     print(machine_line(), precision)
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     batches = training_batches(dataset.train, batch_size=args.batch_size, shuffle_seed=0).repeat()
-    models = {name: compiled_model(name, precision) for name in ("seed", args.model)}
-    steps = {"seed": args.seed_steps, args.model: args.model_steps}
+    models = {name: compiled_model(name, precision, dataset.train.images)
+              for name in ("seed", args.model)}
+    steps = {"seed": args.seed_steps, args.model: args.model_steps or args.seed_steps}
     rates: dict[str, list[float]] = {name: [] for name in models}
 
     def window(name: str) -> float:
@@ -58,6 +62,10 @@ def main() -> None:
 
     for name in models:  # compile and warm up
         window(name)
+    warm = {name: window(name) for name in models}  # traced: each model's speed
+    if args.model_steps is None:  # windows of about equal length
+        steps[args.model] = max(1, round(args.seed_steps * warm[args.model] / warm["seed"]))
+    print(f"steps per window: seed {steps['seed']}, {args.model} {steps[args.model]}")
     began = time.perf_counter()
     while time.perf_counter() - began < args.seconds:
         line = []
