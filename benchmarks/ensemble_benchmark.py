@@ -43,8 +43,9 @@ def single_view(model):
     return keras.Model(core.inputs, outputs, name=core.name)
 
 
-def shared_split(runs: list[Path]) -> tuple[str, float, int]:
-    """The data sha256, validation fraction and split seed every run was trained with.
+def shared_split(runs: list[Path]) -> tuple[str, float, int, str]:
+    """The data sha256, validation fraction, split seed and validation origin every run was
+    trained with.
 
     Averaging runs trained on different splits would score some members on images they
     trained on (`fer train --seed` seeds the split too): such runs are refused. Members of
@@ -60,10 +61,10 @@ def shared_split(runs: list[Path]) -> tuple[str, float, int]:
                              "validation cannot choose among candidates that include it")
         found = re.search(r"seed (\d+)", origin)
         seed = int(found.group(1)) if found else None
-        splits[run] = (manifest["data"]["sha256"], parameters["val_fraction"], seed)
+        splits[run] = (manifest["data"]["sha256"], parameters["val_fraction"], seed, origin)
     if len(set(splits.values())) != 1:
-        listing = "; ".join(f"{run}: data {sha[:8]}, validation {fraction} seed {seed}"
-                            for run, (sha, fraction, seed) in splits.items())
+        listing = "; ".join(f"{run}: data {sha[:8]}, validation {origin}"
+                            for run, (sha, _, _, origin) in splits.items())
         raise SystemExit(f"the runs were trained on different splits: {listing}")
     return next(iter(splits.values()))
 
@@ -88,9 +89,12 @@ def main() -> None:
                         "averaging (float32, what `--ensemble N --tta` saves) to this .keras file")
     args = parser.parse_args()
     print(machine_line(), flush=True)
-    sha256, fraction, seed = shared_split(args.run)
+    sha256, fraction, seed, origin = shared_split(args.run)
     dataset = load_dataset(args.data, val_fraction=fraction, seed=seed,
                            cache_dir=BENCH_CACHE)
+    if dataset.validation_origin != origin:  # a split carved by an older fer
+        raise SystemExit(f"the runs' validation was {origin}; this fer's is "
+                         f"{dataset.validation_origin}: score them with the fer that trained them")
     if dataset.sha256 != sha256:
         raise SystemExit(f"{args.data}: sha256 {dataset.sha256[:8]}..., but the runs were "
                          f"trained on {sha256[:8]}...")

@@ -290,8 +290,9 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
                               f"with the fer that began it{began}, or train it anew")
     if run.pixels_sha256 is not None and run.pixels_sha256 != pixels_sha256(dataset):
         raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "
-                              "here than where the run began (the same file; another fer's "
-                              f"decoding, see CACHE_FORMAT in fer/data.py, or another "
+                              "or splits them otherwise here than where the run began (the "
+                              "same file; another fer's decoding or validation carving, see "
+                              "CACHE_FORMAT and split_validation in fer/data.py, or another "
                               f"decoder{_decoder_changes(run.versions, process['versions'])}); "
                               f"resume it with the fer that began it{began}, or train it anew")
     if commit != run.git_commit:

@@ -19,8 +19,13 @@ SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 CLASS_SHADE = {name: 20 + 30 * i for i, name in enumerate(CLASS_NAMES)}
 
 
-def shaded_image(class_name: str, *, size: int = 48) -> np.ndarray:
-    return np.full((size, size), CLASS_SHADE[class_name], dtype=np.uint8)
+def shaded_image(class_name: str, *, size: int = 48, serial: int | None = None) -> np.ndarray:
+    """The class's grey; with ``serial``, its last two pixels set from it, so that images of one
+    class are not copies of each other (fer keeps copies on one side of a carved split)."""
+    image = np.full((size, size), CLASS_SHADE[class_name], dtype=np.uint8)
+    if serial is not None:
+        image[-1, -2:] = divmod(serial, 256)
+    return image
 
 
 def encode_image(image: np.ndarray, suffix: str = ".png") -> bytes:
@@ -43,20 +48,24 @@ def write_csv(path: Path, rows: list[str]) -> Path:
 @pytest.fixture
 def shaded_csv(tmp_path) -> Path:
     """A CSV with 3 rows per class and usage, each image shaded by its class."""
-    rows = [csv_row(label, shaded_image(name), usage)
-            for usage in ("Training", "PublicTest", "PrivateTest")
-            for label, name in enumerate(CLASS_NAMES) for _ in range(3)]
+    rows = [csv_row(label, shaded_image(name, serial=serial), usage)
+            for serial, (usage, label, name) in enumerate(
+                (usage, label, name) for usage in ("Training", "PublicTest", "PrivateTest")
+                for label, name in enumerate(CLASS_NAMES) for _ in range(3))]
     return write_csv(tmp_path / "fer2013.csv", rows)
 
 
 def write_image_tree(root: Path, *, per_class: int = 3, splits=("train", "test")) -> Path:
-    """``root/<split>/<class>/<n>.png``, each image shaded by its class."""
+    """``root/<split>/<class>/<n>.png``, each image shaded by its class, none a copy of
+    another."""
+    serial = 0
     for split in splits:
         for name in CLASS_NAMES:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for n in range(per_class):
-                (folder / f"{n}.png").write_bytes(encode_image(shaded_image(name)))
+                serial += 1
+                (folder / f"{n}.png").write_bytes(encode_image(shaded_image(name, serial=serial)))
     return root
 
 

@@ -201,8 +201,9 @@ def test_a_run_resumes_only_on_the_pixels_it_began_with(tmp_path, tiny_dataset, 
     images[0, 0, 0] ^= 1  # one pixel of one training image
     redecoded = dataclasses.replace(tiny_dataset, train=dataclasses.replace(tiny_dataset.train,
                                                                             images=images))
-    with pytest.raises(CheckpointError, match=r"generated decodes into other pixels here than "
-                                              r"where the run began .*; resume it with the fer "
+    with pytest.raises(CheckpointError, match=r"generated decodes into other pixels or splits "
+                                              r"them otherwise here than where the run began "
+                                              r".*validation carving.*; resume it with the fer "
                                               r"that began it"):
         train(redecoded, config, verbose=0, resume=read_run(run_dir))
 

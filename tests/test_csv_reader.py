@@ -30,14 +30,15 @@ def test_csv_usages_map_to_splits(tmp_path):
     source = write_csv(tmp_path / "fer2013.csv", rows)
     splits = read_splits(source)
     assert {k: len(v) for k, v in splits.items()} == {"train": 21, "validation": 14, "test": 7}
-    assert load_dataset(source).validation_origin == "source"
+    assert load_dataset(source).validation_origin == "source, copies of training images left out"
 
 
 def test_csv_without_private_test_uses_public_test_as_test(tmp_path):
     """Without PrivateTest rows, PublicTest is the test split and validation is carved."""
-    rows = [csv_row(label, shaded_image(name), usage)
-            for usage, count in (("Training", 10), ("PublicTest", 4))
-            for label, name in enumerate(CLASS_NAMES) for _ in range(count)]
+    rows = [csv_row(label, shaded_image(name, serial=serial), usage)
+            for serial, (usage, label, name) in enumerate(
+                (usage, label, name) for usage, count in (("Training", 10), ("PublicTest", 4))
+                for label, name in enumerate(CLASS_NAMES) for _ in range(count))]
     dataset = load_dataset(write_csv(tmp_path / "f.csv", rows), val_fraction=0.2, seed=1)
     assert len(dataset.test) == 28 and len(dataset.validation) == 14 and len(dataset.train) == 56
     assert dataset.validation_origin.startswith("carved from train")

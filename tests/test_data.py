@@ -231,6 +231,17 @@ def test_images_may_sit_beside_other_csvs(tmp_path, image_tree):
     assert len(read_splits(outer)["train"]) == 21
 
 
+def _reshaded(png: bytes, class_name: str) -> bytes:
+    """The shaded PNG with its class's grey replaced by ``class_name``'s (its serial pixels
+    kept): a uniform image of the same size encoded."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    image[:-1] = CLASS_SHADE[class_name]
+    image[-1, :-2] = CLASS_SHADE[class_name]
+    return encode_image(image)
+
+
 @pytest.mark.parametrize("kind", ["csv", "folder"])
 def test_an_edit_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path, shaded_csv,
                                                                          image_tree, kind):
@@ -247,8 +258,7 @@ def test_an_edit_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path
     before = load_dataset(source, cache_dir=cache)
     stat = edited.stat()
     content = edited.read_bytes()
-    changed = (content.replace(old, new, 1) if kind == "csv"
-               else (image_tree / "train" / "angry" / "0.png").read_bytes())
+    changed = content.replace(old, new, 1) if kind == "csv" else _reshaded(content, "angry")
     assert len(changed) == len(content) and changed != content
     edited.write_bytes(changed)
     os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -351,13 +361,44 @@ def test_another_val_fraction_for_a_source_with_its_own_validation_is_a_warning(
     asked of it cannot be honoured, and the user is told instead of left to assume it was."""
     with caplog.at_level("WARNING", logger="fer.data"):
         dataset = load_dataset(shaded_csv, val_fraction=0.2)
-    assert dataset.validation_origin == "source" and len(dataset.validation) == 21
+    assert dataset.validation_origin.startswith("source") and len(dataset.validation) == 21
     assert caplog.messages == [f"{shaded_csv}: validation is the source's own split (the CSV's "
                                "PublicTest rows); --val-fraction 0.2 is not used"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="fer.data"):
         load_dataset(shaded_csv)
     assert caplog.messages == []
+
+
+def test_copies_of_an_image_stay_on_one_side_of_the_carved_split():
+    """FER2013's training images hold pixel-identical copies (213 of a carved validation's
+    2,872 had one in train): validation must not score images the model trained on. Every
+    group of copies lands whole on one side, and each class still gives its share."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), 60)
+    images = rng.integers(0, 256, (len(labels), 4, 4), dtype=np.uint8)
+    for first in range(0, len(labels), 6):  # a third of the images: pairs and triples of copies
+        images[first + 1] = images[first]
+        images[first + 2] = images[first] if first % 12 == 0 else images[first + 2]
+    train, validation = split_validation(Split(images=images, labels=labels), fraction=0.1, seed=3)
+    trained_on = {image.tobytes() for image in train.images}
+    assert not [image for image in validation.images if image.tobytes() in trained_on]
+    assert np.bincount(validation.labels, minlength=7).tolist() == [6] * 7
+    again, _ = split_validation(Split(images=images, labels=labels), fraction=0.1, seed=3)
+    assert np.array_equal(again.images, train.images)
+
+
+def test_a_sources_own_validation_leaves_out_copies_of_training_images(tmp_path, caplog):
+    """The CSV's PublicTest repeats some Training images: validation is scored without them."""
+    rows = [csv_row(label, shaded_image(name, serial=serial), usage)
+            for serial, (usage, label, name) in enumerate(
+                (usage, label, name) for usage in ("Training", "PublicTest", "PrivateTest")
+                for label, name in enumerate(CLASS_NAMES) for _ in range(3))]
+    rows.append(csv_row(0, shaded_image("angry", serial=0), "PublicTest"))  # a training image
+    with caplog.at_level("INFO", logger="fer.data"):
+        dataset = load_dataset(write_csv(tmp_path / "fer2013.csv", rows))
+    assert len(dataset.validation) == 21 and len(dataset.train) == 21
+    assert "1 validation images are copies of training images" in caplog.text
 
 
 def test_validation_split_is_stratified_and_seeded():

@@ -288,8 +288,8 @@ def test_a_split_left_empty_by_the_validation_fraction_is_refused(tmp_path):
     says so before any training."""
     dataset = load_dataset(write_image_tree(tmp_path / "few"))
     with pytest.raises(FerError, match=r"few: 21 training and 0 validation images \(validation "
-                                       r"carved from train \(0\.1, seed 1337\)\); expected "
-                                       r"some of each"):
+                                       r"carved from train \(0\.1, seed 1337, copies on one "
+                                       r"side\)\); expected some of each"):
         train(dataset, TrainConfig(epochs=1, out_dir=tmp_path / "runs"), verbose=0)
     assert not (tmp_path / "runs").exists()
 
