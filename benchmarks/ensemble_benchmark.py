@@ -92,12 +92,12 @@ def main() -> None:
     sha256, fraction, seed, origin = shared_split(args.run)
     dataset = load_dataset(args.data, val_fraction=fraction, seed=seed,
                            cache_dir=BENCH_CACHE)
-    if dataset.validation_origin != origin:  # a split carved by an older fer
-        raise SystemExit(f"the runs' validation was {origin}; this fer's is "
-                         f"{dataset.validation_origin}: score them with the fer that trained them")
     if dataset.sha256 != sha256:
         raise SystemExit(f"{args.data}: sha256 {dataset.sha256[:8]}..., but the runs were "
                          f"trained on {sha256[:8]}...")
+    if dataset.validation_origin != origin:  # a split carved by an older fer
+        raise SystemExit(f"the runs' validation was {origin}; this fer's is "
+                         f"{dataset.validation_origin}: score them with the fer that trained them")
     precision = choose_precision(args.precision)
     members = [single_view(load_model(run / "model.keras")) for run in args.run]
     candidates = [(f"member {run.name}", [member]) for run, member in zip(args.run, members,

@@ -210,8 +210,8 @@ def _without_copies_of(validation: Split, train: Split, *, source: Path) -> Spli
     both = np.concatenate([train.images, validation.images])
     copies = _first_copies(both)[len(train):] < len(train)
     if copies.any():
-        log.info("%s: %d validation images are copies of training images; validation is "
-                 "scored without them", source, int(copies.sum()))
+        log.info("%s: validation is scored without its %d cop%s of training images", source,
+                 int(copies.sum()), "y" if copies.sum() == 1 else "ies")
     return _take(validation, ~copies)
 
 

@@ -23,9 +23,10 @@ FACE_CASCADE = "haarcascade_frontalface_default.xml"
 # cropped from the full photo.
 DETECTION_MAX_PIXELS = 2560 * 1920
 MIN_FACE_PX = 24
-# Larger files are refused unread: OpenCV decodes at most 2^30 pixels, 1 GiB as an 8-bit
-# bitmap, so a bigger file is a video or a disk image given by mistake (`fer predict media/*`),
-# which would be read whole into memory before OpenCV said so.
+# Larger files are refused unread: OpenCV decodes at most 2^30 pixels by default, 1 GiB as an
+# 8-bit bitmap, and a face photo is a few MB, so a bigger file is most likely a video or a
+# disk image given by mistake (`fer predict media/*`), which would be read whole into memory
+# before OpenCV said so.
 MAX_IMAGE_BYTES = 2**30
 
 
@@ -44,11 +45,11 @@ def read_grayscale(path: Path) -> np.ndarray:
     try:
         found = path.stat()
         if not stat.S_ISREG(found.st_mode):  # a pipe or /dev/zero would never end
-            raise FerError(f"{path}: not a regular file (a pipe, socket or device); "
+            raise FerError(f"{path}: not a regular file (a folder, pipe, socket or device); "
                            "expected an image file")
         if found.st_size > MAX_IMAGE_BYTES:
-            raise FerError(f"{path}: {found.st_size:,} bytes, more than an image OpenCV "
-                           f"decodes can take ({MAX_IMAGE_BYTES:,}); expected an image file")
+            raise FerError(f"{path}: {found.st_size:,} bytes, more than fer reads as one image "
+                           f"({MAX_IMAGE_BYTES:,}); expected an image file")
         data = path.read_bytes()
     except OSError as exc:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None

@@ -264,7 +264,8 @@ def _comparable_champion(store: Store, champion: dict[str, Any] | None
 
 
 def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """Same data, same validation split (fraction and seed) and a higher validation accuracy,
+    """Same data, same validation split (fraction, seed, how it was made: the recorded
+    origin) and a higher validation accuracy,
     or an equal one and a newer run; unknowns never win. Ties go by age, not by publishing
     order, so publishing an older run again cannot take the champion back."""
     for key in ("data_sha256", "validation"):

@@ -24,13 +24,17 @@ def test_csv_usages_map_to_splits(tmp_path):
     """Training -> train, PublicTest -> validation, PrivateTest -> test (each usage has its
     own count here, so swapping any two shows; choosing a model on PrivateTest would be
     choosing it on the test set)."""
-    rows = [csv_row(label, shaded_image(name), usage)
-            for usage, count in (("Training", 3), ("PublicTest", 2), ("PrivateTest", 1))
-            for label, name in enumerate(CLASS_NAMES) for _ in range(count)]
+    rows = [csv_row(label, shaded_image(name, serial=serial), usage)
+            for serial, (usage, label, name) in enumerate(
+                (usage, label, name)
+                for usage, count in (("Training", 3), ("PublicTest", 2), ("PrivateTest", 1))
+                for label, name in enumerate(CLASS_NAMES) for _ in range(count))]
     source = write_csv(tmp_path / "fer2013.csv", rows)
     splits = read_splits(source)
     assert {k: len(v) for k, v in splits.items()} == {"train": 21, "validation": 14, "test": 7}
-    assert load_dataset(source).validation_origin == "source, copies of training images left out"
+    dataset = load_dataset(source)
+    assert dataset.validation_origin == "source, copies of training images left out"
+    assert len(dataset.validation) == 14  # none of them a copy of a training image
 
 
 def test_csv_without_private_test_uses_public_test_as_test(tmp_path):

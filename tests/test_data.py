@@ -383,6 +383,8 @@ def test_copies_of_an_image_stay_on_one_side_of_the_carved_split():
     train, validation = split_validation(Split(images=images, labels=labels), fraction=0.1, seed=3)
     trained_on = {image.tobytes() for image in train.images}
     assert not [image for image in validation.images if image.tobytes() in trained_on]
+    held = [image.tobytes() for image in validation.images]
+    assert len(set(held)) < len(held)  # groups of copies went to validation whole, too
     assert np.bincount(validation.labels, minlength=7).tolist() == [6] * 7
     again, _ = split_validation(Split(images=images, labels=labels), fraction=0.1, seed=3)
     assert np.array_equal(again.images, train.images)
@@ -398,7 +400,7 @@ def test_a_sources_own_validation_leaves_out_copies_of_training_images(tmp_path,
     with caplog.at_level("INFO", logger="fer.data"):
         dataset = load_dataset(write_csv(tmp_path / "fer2013.csv", rows))
     assert len(dataset.validation) == 21 and len(dataset.train) == 21
-    assert "1 validation images are copies of training images" in caplog.text
+    assert "validation is scored without its 1 copy of training images" in caplog.text
 
 
 def test_validation_split_is_stratified_and_seeded():

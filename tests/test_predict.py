@@ -119,7 +119,7 @@ def test_what_is_no_image_file_is_refused_unread(tmp_path):
     with sparse.open("wb") as handle:  # sparse: takes no disk space
         handle.truncate(fer.predict.MAX_IMAGE_BYTES + 1)
     for path, message in ((tmp_path / "pipe.png", "not a regular file"),
-                          (sparse, "1,073,741,825 bytes, more than an image OpenCV decodes")):
+                          (sparse, "1,073,741,825 bytes, more than fer reads as one image")):
         with pytest.raises(FerError, match=rf"{path.name}: {message}"):
             read_grayscale(path)
 
