@@ -499,24 +499,13 @@ def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Call
         held = _entry_reader(archive, info.filename, lambda: handle.read(info))()
         return _link_target(info.filename, held.decode(errors="replace"), archive=archive)
 
-    def resolve(info: zipfile.ZipInfo) -> tuple[str | None, zipfile.ZipInfo | None]:
-        """The name and entry a chain of links ends at (the entry None: nothing of that
-        name, perhaps a folder zip stored no entry for; both None: a chain too long)."""
-        name = posixpath.normpath(info.filename)
-        for _ in range(_LINK_HOPS + 1):  # up to _LINK_HOPS links, then the entry named
-            if not _is_zip_symlink(info):
-                return name, info
-            name = link_target(info)
-            info = by_name.get(name)
-            if info is None:
-                return name, None
-        return None, None
-
     files, links = [], {}
     for info in handle.infolist():
         if info.is_dir():
             continue
-        name, target = resolve(info) if _is_zip_symlink(info) else (info.filename, info)
+        name, target = (_follow_links(info.filename, info, by_name, is_link=_is_zip_symlink,
+                                      target_of=link_target)
+                        if _is_zip_symlink(info) else (info.filename, info))
         if target is None or target.is_dir():  # a link to a folder, to nothing, round a loop
             links[info] = name
             continue
@@ -546,19 +535,6 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
             check_entry_name(member.linkname, archive=archive)  # folder: resolve checks it)
     by_name = {posixpath.normpath(member.name): member for member in members}  # ./train/...
 
-    def resolve(member: tarfile.TarInfo) -> tuple[str | None, tarfile.TarInfo | None]:
-        """The name and member a chain of symbolic links ends at (the member None: nothing
-        of that name, perhaps a folder tar stored no entry for; both None: too long)."""
-        name = posixpath.normpath(member.name)
-        for _ in range(_LINK_HOPS + 1):  # up to _LINK_HOPS links, then the member named
-            if not member.issym():
-                return name, member
-            name = _link_target(member.name, member.linkname, archive=archive)
-            member = by_name.get(name)
-            if member is None:
-                return name, None
-        return None, None
-
     def read(member: tarfile.TarInfo) -> bytes:
         handle_of_member = handle.extractfile(member)  # follows links, chains included
         if handle_of_member is None:  # a hard link to a folder, in a hand-made archive
@@ -567,7 +543,9 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
 
     files, links = [], {}
     for member in members:
-        name, target = resolve(member)
+        name, target = _follow_links(
+            member.name, member, by_name, is_link=tarfile.TarInfo.issym,
+            target_of=lambda m: _link_target(m.name, m.linkname, archive=archive))
         if target is not None and (target.isfile() or target.islnk()):
             files.append((member.name, _entry_reader(archive, member.name,
                                                      lambda m=member: read(m))))
@@ -575,6 +553,21 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
             links[member] = name
     return _through_folder_links(files, {posixpath.normpath(member.name): folder
                                          for member, folder in _folder_links(links, files).items()})
+
+
+def _follow_links(name: str, entry, by_name: dict, *, is_link: Callable, target_of: Callable):
+    """The name and entry a chain of symbolic links from ``entry`` (called ``name``) ends at:
+    the entry None where nothing has that name (perhaps a folder the archive stored no entry
+    for), both None where the chain is longer than _LINK_HOPS (round a loop)."""
+    name = posixpath.normpath(name)
+    for _ in range(_LINK_HOPS + 1):  # up to _LINK_HOPS links, then the entry named
+        if not is_link(entry):
+            return name, entry
+        name = target_of(entry)
+        entry = by_name.get(name)
+        if entry is None:
+            return name, None
+    return None, None
 
 
 def _folder_links(links: dict, files: list[tuple[str, Callable[[], bytes]]]) -> dict:
