@@ -473,10 +473,12 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
     if not len(dataset.train) or not len(dataset.validation):  # a handful of images per class
+        remedy = ("more images per class, or another --val-fraction"
+                  if dataset.validation_origin.startswith("carved") else  # the CSV's PublicTest:
+                  "validation rows that are not copies of training rows")  # its fraction unused
         raise FerError(f"{dataset.source}: {len(dataset.train)} training and "
                        f"{len(dataset.validation)} validation images (validation "
-                       f"{dataset.validation_origin}); expected some of each: more images per "
-                       "class, or another --val-fraction")
+                       f"{dataset.validation_origin}); expected some of each: {remedy}")
 
 
 def class_weights(split: Split, *, scheme: str) -> np.ndarray | None:

@@ -9,7 +9,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import write_image_tree
+from conftest import csv_row, shaded_image, write_csv, write_image_tree
 from test_manifest import checkout_commit
 
 from fer.config import TrainConfig
@@ -292,6 +292,22 @@ def test_a_split_left_empty_by_the_validation_fraction_is_refused(tmp_path):
                                        r"side\)\); expected some of each"):
         train(dataset, TrainConfig(epochs=1, out_dir=tmp_path / "runs"), verbose=0)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_source_validation_of_copies_only_is_refused_without_suggesting_a_fraction(tmp_path):
+    """A CSV whose PublicTest rows all repeat Training rows has no validation left once the
+    copies are left out; --val-fraction does not apply to such a source, so the error does
+    not suggest it."""
+    rows = [csv_row(label, shaded_image(name, serial=label), usage)
+            for usage in ("Training", "PublicTest", "PrivateTest")
+            for label, name in enumerate(CLASS_NAMES)]
+    dataset = load_dataset(write_csv(tmp_path / "fer2013.csv", rows))
+    with pytest.raises(FerError) as refused:
+        train(dataset, TrainConfig(epochs=1, out_dir=tmp_path / "runs"), verbose=0)
+    assert ("7 training and 0 validation images (validation source, copies of training "
+            "images left out); expected some of each: validation rows that are not copies "
+            "of training rows") in str(refused.value)
+    assert "--val-fraction" not in str(refused.value)
 
 
 def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
