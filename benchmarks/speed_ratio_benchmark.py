@@ -43,6 +43,12 @@ def main() -> None:
                              "shorter one would be favoured)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = parser.parse_args()
+    for option in ("batch_size", "seed_steps", "model_steps"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: "
+                         "expected at least 1")
+    if not args.seconds > 0:
+        parser.error(f"--seconds {args.seconds:g}: expected more than 0")
 
     from fer.data import load_dataset
     from fer.pipeline import training_batches

@@ -54,9 +54,10 @@ def main() -> None:
     parser.add_argument("--skip-seed", action="store_true", help="no seed reference (no ratios)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench")
     args = parser.parse_args()
-    for option in ("epochs", "ensemble", "member"):
+    for option in ("epochs", "ensemble", "member", "seed_steps"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
-            parser.error(f"--{option} {getattr(args, option)}: expected at least 1")
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: "
+                         "expected at least 1")
 
     print(machine_line(), flush=True)
     loading = time.perf_counter()

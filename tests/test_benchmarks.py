@@ -89,6 +89,21 @@ def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_avera
     assert (tmp_path / "average.keras").is_file()
 
 
+@pytest.mark.parametrize(("script", "option", "value"), [
+    ("speed_ratio_benchmark.py", "--model-steps", "0"),
+    ("speed_ratio_benchmark.py", "--seed-steps", "0"),
+    ("speed_ratio_benchmark.py", "--seconds", "0"),
+    ("train_benchmark.py", "--seed-steps", "0"),
+])
+def test_benchmark_step_counts_below_one_are_refused(tmp_path, script, option, value):
+    """`--model-steps 0` once fell back to the seed's count without a word (windows of
+    unequal length, the ratio the script exists to avoid); a zero elsewhere ended in a
+    traceback or an empty measurement."""
+    done = run_script(script, "--data", tmp_path / "none.zip", option, value, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: {option} {value}: expected " in done.stderr
+
+
 @pytest.mark.integration
 def test_speed_ratio_benchmark_times_windows_of_equal_length(tmp_path, fer_subset):
     """The model's windows take as many steps as last a seed window (the fastest of shorter
