@@ -288,7 +288,13 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
         raise CheckpointError(f"{run.run_dir}: model '{spec.name}' trains differently in this "
                               f"fer than when the run began ({'; '.join(changed)}); resume it "
                               f"with the fer that began it{began}, or train it anew")
-    if run.pixels_sha256 is not None and run.pixels_sha256 != pixels_sha256(dataset):
+    if run.pixels_sha256 is None:  # every fer before the fingerprint carved validation otherwise
+        raise CheckpointError(f"{run.run_dir}: began in a fer that did not record the pixels "
+                              "it trained on (before 2026-12-05); this fer splits validation "
+                              "otherwise (pixel-identical copies of training images on one "
+                              "side), so the rest of the run would train on other images; "
+                              f"resume it with the fer that began it{began}, or train it anew")
+    if run.pixels_sha256 != pixels_sha256(dataset):
         raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "
                               "or splits them otherwise here than where the run began (the "
                               "same file; another fer's decoding or validation carving, see "

@@ -192,7 +192,9 @@ def test_a_run_resumes_only_on_the_pixels_it_began_with(tmp_path, tiny_dataset, 
     """The same file decoded another way (a newer fer seeing transparency on white, say)
     keeps its sha256: the record's fingerprint of the decoded pixels refuses the resume (a
     CheckpointError: a Prefect retry trains the run anew) instead of training the rest of
-    the run on other images. A record of an older fer, without one, resumes as before."""
+    the run on other images. A record of an older fer, without one, is refused too: every
+    fer before the fingerprint carved validation otherwise (copies of training images on
+    both sides), so its run would go on with some validation images in training."""
     import dataclasses
 
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
@@ -211,7 +213,12 @@ def test_a_run_resumes_only_on_the_pixels_it_began_with(tmp_path, tiny_dataset, 
     assert record["resumes"] == []  # a refused resume is not one
     del record["data"]["pixels_sha256"]
     (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
-    assert train(redecoded, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
+    for data in (redecoded, tiny_dataset):
+        with pytest.raises(CheckpointError, match=r"began in a fer that did not record the "
+                                                  r"pixels it trained on .*copies of training "
+                                                  r"images on one side.*; resume it with the "
+                                                  r"fer that began it"):
+            train(data, config, verbose=0, resume=read_run(run_dir))
 
 
 def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_dataset,
