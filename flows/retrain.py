@@ -336,7 +336,6 @@ def _train_config(arguments: dict) -> TrainConfig:
     return TrainConfig(**options)
 
 
-
 def _retryable_run() -> str | None:
     """This flow run, as the run folder records it, when it can be retried: a run of a
     deployment, which a worker takes again. None for `fer retrain`'s run in its own process,
