@@ -164,7 +164,8 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
     champion_already = False
 
     def newer_than(latest: dict[str, Any] | None) -> bool:
-        return latest is None or _age(record) >= _age(latest)
+        return (latest is None or _age(record) >= _age(latest)
+                or _load_manifest(store, _checked_run_id(latest, "latest", store=store)) is None)
 
     def beats(champion: dict[str, Any] | None) -> bool:
         nonlocal champion_already
@@ -252,15 +253,19 @@ def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
 
 def _comparable_champion(store: Store, champion: dict[str, Any] | None
                          ) -> dict[str, Any] | None:
-    """The champion pointer as read; one of an older format (without validation accuracy,
+    """The champion pointer as read, None when its run is gone from the store (removed by
+    hand or by a retention rule: a gone run would otherwise stay champion for ever, its
+    model no longer there to fetch); one of an older format (without validation accuracy,
     or with the best epoch's instead of the saved model's) is rebuilt from its run's
-    manifest (None when that run is gone), as is one whose figure is not a number."""
-    if champion is None or (champion.get("format") == POINTER_FORMAT
+    manifest, as is one whose figure is not a number."""
+    if champion is None:
+        return None
+    manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
+    if manifest is None or (champion.get("format") == POINTER_FORMAT
                             and (champion.get("val_accuracy") is None
                                  or _is_number(champion["val_accuracy"]))):
-        return champion
-    manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
-    return _pointer_record(manifest) if manifest is not None else None
+        return champion if manifest is not None else None
+    return _pointer_record(manifest)
 
 
 def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
@@ -471,6 +476,9 @@ def resolve_run(store: Store, ref: str) -> PublishedRun:
     else:
         run_id = _check_ref(ref, store=store)
     manifest = _load_manifest(store, run_id)
+    if manifest is None and ref in POINTERS:
+        raise StorageError(f"'{ref}' names run '{run_id}', which is no longer in "
+                           f"{store.location}; publishing a run moves '{ref}' to it")
     if manifest is None:
         raise StorageError(
             f"run '{run_id}' not found in {store.location}; list the published runs to see "

@@ -168,6 +168,30 @@ def test_champion_pointer_from_before_validation_accuracy_is_read_from_its_manif
                        store).became_champion
 
 
+def test_pointers_to_a_run_gone_from_the_store_are_replaced_and_named(store, runs):
+    """A champion whose run was removed from the store (by hand, by a retention rule) no
+    longer blocks every lower-scoring run for ever: the next run published takes it, and
+    `latest` too, though older; until then the readers say which run the pointer names."""
+    publish_run(make_run(runs, "gone", accuracy=0.70, val_accuracy=0.70, minute=2), store)
+    _remove_manifest(store, "gone")  # what makes a run published: without it, it is gone
+    with pytest.raises(StorageError, match=r"'champion' names run 'gone', which is no longer "
+                                           r"in .*; publishing a run moves 'champion' to it"):
+        resolve_run(store, "champion")
+    result = publish_run(make_run(runs, "kept", accuracy=0.60, val_accuracy=0.60, minute=1),
+                         store)
+    assert result.became_champion
+    assert pointers(store) == ("kept", "kept")
+    assert resolve_run(store, "champion").run_id == "kept"
+
+
+def _remove_manifest(store, run_id: str) -> None:
+    key = f"runs/{run_id}/manifest.json"
+    if isinstance(store, LocalStore):
+        (store.root / key).unlink()
+    else:  # fer itself never deletes: boto3's client, as a retention rule would
+        store._client.delete_object(Bucket=store.bucket, Key=store._key(key))
+
+
 def test_force_champion_overrides_accuracy(store, runs):
     """force_champion makes a worse run the champion."""
     publish_run(make_run(runs, "good", accuracy=0.9, minute=1), store)
