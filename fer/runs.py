@@ -32,7 +32,7 @@ from typing import Any
 
 from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fer.errors import FerError, MissingObjectError, NotFerObjectError, StorageError
-from fer.storage import Store, local_errors
+from fer.storage import LocalStore, Store, local_errors
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -108,14 +108,17 @@ WRITE_CHECK = ".fer-write-check"
 _WRITE_CHECK_TRIES = 6
 
 
-def check_can_publish(store: Store) -> None:
+def check_can_publish(store: Store, *, out_dir: Path | None = None) -> None:
     """Write a small object where publishing writes, so that a store fer may read but not
     write (a read-only folder, keys without PutObject) fails before the hours of training,
     not after them; then write it as pointers are written, conditionally: a store that
     refuses a write on the version it gave fails here too (every pointer move would), and
     one that lets writes that must fail through gets a warning (two runs published at the
     same moment could overwrite each other's pointer there). The object is overwritten each
-    time and safe to delete."""
+    time and safe to delete. ``out_dir``, where training writes its run folders, must not
+    be a folder store's runs/ (see _check_outside)."""
+    if out_dir is not None and isinstance(store, LocalStore):
+        _check_outside(store, Path(out_dir))
     store.put_bytes(WRITE_CHECK, _WRITE_CHECK_TEXT)
     # Other tries after a backoff: runs started together write the object too, and where
     # each write gets a new ETag (SSE-KMS buckets) their writes move its version between
@@ -135,6 +138,16 @@ def check_can_publish(store: Store) -> None:
         log.warning("%s did not refuse a conditional write that had to fail (If-None-Match "
                     "or If-Match); two runs published at the same moment may overwrite each "
                     "other's pointer", store.location)
+
+
+def _check_outside(store: LocalStore, out_dir: Path) -> None:
+    """A run folder trained inside the store's runs/ is read there as a published run whose
+    manifest lacks what publishing adds: its publishing fails, after the training."""
+    runs = Path(store.url("runs"))
+    if out_dir.expanduser().resolve() == runs.resolve():
+        raise StorageError(f"{out_dir}: is where the store {store.location} keeps its "
+                           "published runs; a run trained there cannot be published to it: "
+                           "train into a folder outside the store (--out, or a flow's out_dir)")
 
 
 def _back_off(attempt: int) -> None:

@@ -278,7 +278,8 @@ def train(
     if publish:
         from fer.runs import check_can_publish
 
-        check_can_publish(_store(settings, create_bucket=create_bucket))  # before the hours
+        check_can_publish(_store(settings, create_bucket=create_bucket),  # before the hours
+                          out_dir=Path(resume).resolve().parent if resume else out)
         if resume is not None and _finished(resume):  # publishing is all that is left
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)

@@ -118,16 +118,18 @@ def fer_log_in_run_log() -> Iterator[None]:
 
 
 @task(**TASK_OPTIONS)
-def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool) -> None:
+def check_storage(*, storage: str, endpoint_url: str | None, create_bucket: bool,
+                  out_dir: Path | None = None) -> None:
     """Open the store before anything else, so that a missing bucket, a wrong key or denied
-    access fails the run in seconds rather than after the training. A store that cannot be
-    reached just now is only warned about: publish retries it when the training is done."""
+    access (or run folders trained inside a folder store) fails the run in seconds rather
+    than after the training. A store that cannot be reached just now is only warned about:
+    publish retries it when the training is done."""
     from fer.runs import check_can_publish
     from fer.storage import open_store
 
     try:
         check_can_publish(open_store(storage, endpoint_url=endpoint_url,
-                                     create_bucket=create_bucket))
+                                     create_bucket=create_bucket), out_dir=out_dir)
     except StorageError as exc:
         if not exc.transient:
             raise
@@ -279,7 +281,8 @@ def retrain(
     data_dir = str(settings.data_dir)
 
     with fer_log_in_run_log():
-        check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket)
+        check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
+                      out_dir=config.out_dir)
         source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
         # a stop names the resume command that publishes where this run would have
         flags = publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,

@@ -408,6 +408,22 @@ def test_train_publish_to_a_store_it_cannot_write_fails_before_training(tmp_path
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
+def test_train_publish_into_the_folder_stores_runs_fails_before_training(tmp_path):
+    """FER_STORAGE=. with the default --out runs (or --out <store>/runs): the run folder
+    would be read as a published run there; publishing failed after the training. A resume
+    of a run in there is refused as well."""
+    result = run_fer("train", "--epochs", "1", "--data", tmp_path / "no-data.zip", "--publish",
+                     env={"FER_DATA_DIR": str(tmp_path / "data"), "FER_STORAGE": "."},
+                     cwd=tmp_path)
+    assert_one_line_error(result, r"runs: is where the store \. keeps its published runs; a "
+                                  r"run trained there cannot be published to it")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    (tmp_path / "runs" / "20250101-000000-default-aaaa").mkdir(parents=True)
+    result = run_fer("train", "--resume", "runs/20250101-000000-default-aaaa", "--publish",
+                     env={"FER_STORAGE": str(tmp_path)}, cwd=tmp_path)
+    assert_one_line_error(result, r"keeps its published runs")
+
+
 def test_fer_models_lists_the_registry():
     from fer.models import REGISTRY
 

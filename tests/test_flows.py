@@ -588,6 +588,18 @@ def test_a_store_folder_that_cannot_be_written_fails_the_run_before_training(
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_folders_inside_a_folder_stores_runs_fail_the_run_before_training(
+        prefect_api, tiny_fer_zip, data_dir, tmp_path):
+    """out_dir set to the folder store's runs/: its run folder would be read as a published
+    run there, and publishing failed after the training."""
+    state = retrain(**TINY, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
+                    out_dir=str(tmp_path / "store" / "runs"), return_state=True)
+    assert state.is_failed() and "keeps its published runs" in state.message
+    assert {"fetch_data", "train", "publish"}.isdisjoint(task_runs(
+        state.state_details.flow_run_id))
+    assert not (tmp_path / "store" / "runs").exists()
+
+
 # --- deployment runs on a worker --------------------------------------------------------------
 
 

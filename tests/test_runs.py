@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import run_folders
@@ -182,6 +183,19 @@ def test_pointers_to_a_run_gone_from_the_store_are_replaced_and_named(store, run
     assert result.became_champion
     assert pointers(store) == ("kept", "kept")
     assert resolve_run(store, "champion").run_id == "kept"
+
+
+def test_training_into_a_folder_stores_runs_is_refused_before_it(tmp_path, monkeypatch):
+    """Run folders trained in the store's runs/ (however the path is spelled) cannot be
+    published there; beside it, or in an S3 store, they can."""
+    store = open_store(str(tmp_path / "artifacts"))
+    monkeypatch.chdir(tmp_path)
+    for out in (tmp_path / "artifacts" / "runs", Path("artifacts/runs"),
+                tmp_path / "artifacts" / "x" / ".." / "runs"):
+        with pytest.raises(StorageError, match=r"keeps its published runs"):
+            check_can_publish(store, out_dir=out)
+    check_can_publish(store, out_dir=tmp_path / "runs")
+    check_can_publish(store, out_dir=tmp_path / "artifacts")  # run folders beside runs/
 
 
 def _remove_manifest(store, run_id: str) -> None:
