@@ -29,7 +29,7 @@ from prefect.runtime import flow_run as this_flow_run
 from prefect.utilities.templating import find_placeholders
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
-from fer.errors import CheckpointError, DataError, FerError, StorageError
+from fer.errors import CheckpointError, FerError, StorageError
 from fer.options import check_config, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
@@ -67,7 +67,7 @@ def _retry_left() -> bool:
 
 
 @task(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_RETRY_DELAYS,
-      retry_condition_fn=_retry_unless(DataError), **TASK_OPTIONS)  # a failed download retries
+      retry_condition_fn=_retry_unless(FerError), **TASK_OPTIONS)  # a failed download retries
 def fetch_data(data: str | None, *, data_dir: str, endpoint_url: str | None
                ) -> tuple[str, str | None]:
     """Bring the data source into the local cache; the local path of the dataset, and where

@@ -519,6 +519,15 @@ def test_bad_dataset_is_not_retried(prefect_api, s3_env, data_dir, tmp_path):
     assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 1
 
 
+def test_a_data_parameter_naming_no_users_home_is_not_retried(prefect_api, data_dir, tmp_path):
+    """`data: ~nosuchuser/fer.zip` is fer's one-line error at once, not after 10 + 30 + 90
+    seconds of retries: only a transient storage error (or an unforeseen one) is retried."""
+    state = retrain(data="~fer-no-such-user-4f2a/fer.zip", storage=str(tmp_path / "store"),
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed() and "cannot expand its ~" in state.message
+    assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 1
+
+
 def test_network_tasks_retry_three_times_after_10_30_and_90_seconds():
     """README's promise for fetch_data and publish (the test above runs publish's retries
     with no delay)."""
