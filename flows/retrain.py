@@ -320,8 +320,8 @@ def check_parameters(parameters: dict) -> None:
     hints = typing.get_type_hints(retrain.fn)
     values = {}
     for name, value in parameters.items():
-        if find_placeholders(value):  # {{ $ENV }}, {{ prefect.variables.x }}: `prefect
-            continue  # deploy` fills them in, and the run checks what it got
+        if isinstance(value, (str, dict, list)) and find_placeholders(value):  # {{ $ENV }},
+            continue  # {{ prefect.variables.x }}: `prefect deploy` fills them in, the run checks
         try:
             values[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
         except pydantic.ValidationError as exc:

@@ -150,6 +150,16 @@ def test_templated_parameters_are_left_to_the_run_and_odd_keys_named():
         check_parameters({"epoch": 20, True: 1})
 
 
+def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
+    """YAML reads an unquoted `data: 2025-01-06` as a date, which Prefect's placeholder
+    search raised ValueError on (a traceback from `fer deploy`); it is a type error named."""
+    import datetime
+
+    with pytest.raises(FerError, match=r"^data: datetime\.date\(2025, 1, 6\): Input should be "
+                                       r"a valid string"):
+        check_parameters({"data": datetime.date(2025, 1, 6)})
+
+
 def test_fetch_data_passes_a_local_source_through(tiny_fer_zip, data_dir):
     """The local path is read in place; the origin the run records is that path in full."""
     assert fetch_data.fn(str(tiny_fer_zip), data_dir=str(data_dir), endpoint_url=None) == (
