@@ -349,15 +349,25 @@ def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool) -> N
                                  param_hint="--endpoint-url")
 
 
+# Training options a profile may leave unset, as `fer train` here would train them: sent
+# with every remote run (a learning rate of null: the model's own), so that a deployment's
+# YAML values for them (`ensemble: 3`) do not change what the command asked for.
+REMOTE_TRAINING_DEFAULTS = {"tta": TrainConfig.tta, "ensemble": TrainConfig.ensemble,
+                            "learning_rate": None}
+
+
 def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_champion: bool,
                        **given) -> dict:
-    """The retrain deployment's parameters for what the user asked: the profile's options and
-    the given values; unset ones are left out, so the deployment's own defaults apply."""
-    parameters = {**options, **given,
+    """The retrain deployment's parameters for what the user asked: every training option
+    (the profile's, the given values, and REMOTE_TRAINING_DEFAULTS), so that the run trains
+    what `fer train` would here; other options left unset are left out, so the deployment's
+    own values apply (its data, storage and out_dir)."""
+    parameters = {**given,
                   "out_dir": str(out) if out != DEFAULT_OUT else None,
                   "create_bucket": create_bucket or None,
                   "force_champion": force_champion or None}
-    return {key: value for key, value in parameters.items() if value is not None}
+    return {**REMOTE_TRAINING_DEFAULTS, **options,
+            **{key: value for key, value in parameters.items() if value is not None}}
 
 
 def _import_flows(module: str):

@@ -121,10 +121,19 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     assert result.exit_code == 0, result.output
     assert sent == {"epochs": 5, "batch_size": 64, "tta": True,
                     "model": PROFILES["best"].train_options["model"],
-                    "ensemble": 3, "seed": 1337, "val_fraction": 0.1, "precision": "auto",
-                    "storage": "s3://bucket/prefix", "out_dir": "/srv/runs",
-                    "force_champion": True}
+                    "ensemble": 3, "learning_rate": None, "seed": 1337, "val_fraction": 0.1,
+                    "precision": "auto", "storage": "s3://bucket/prefix",
+                    "out_dir": "/srv/runs", "force_champion": True}
     assert "http://ui/run" in result.output
+
+    # the default profile sets no tta, ensemble or learning rate: the run must not take a
+    # deployment's own values for them (`ensemble: 3` in its YAML), as it takes its data's
+    sent.clear()
+    result = CliRunner().invoke(app, ["train", "--remote"])
+    assert result.exit_code == 0, result.output
+    assert sent == {"epochs": 20, "batch_size": 64, "model": "default", "tta": False,
+                    "ensemble": 1, "learning_rate": None, "seed": 1337, "val_fraction": 0.1,
+                    "precision": "auto"}
 
 
 def test_remote_only_options_are_usage_errors():
