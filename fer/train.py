@@ -85,7 +85,7 @@ def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
     return " ".join(flags)
 
 
-def _resume_command(run_dir: Path, flags: str) -> str:
+def resume_command(run_dir: Path, flags: str) -> str:
     return f"`fer train --resume {shlex.quote(str(run_dir))}{' ' + flags if flags else ''}`"
 
 
@@ -105,7 +105,7 @@ def _score(run_dir: Path, test: Split, *, resume_flags: str) -> dict:
     except FerError:
         raise  # a problem to fix first: resuming would meet it again
     except BaseException:
-        log.info("scoring stopped; %s finishes the run", _resume_command(run_dir, resume_flags))
+        log.info("scoring stopped; %s finishes the run", resume_command(run_dir, resume_flags))
         raise
     finish_run(run_dir)
     return metrics
@@ -167,7 +167,7 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
     except BaseException:  # Ctrl-C, SIGTERM (Prefect raises its own TerminationSignal), any error
         log.info("training stopped; %s%s continues it from its last finished epoch",
-                 _resume_command(run.run_dir, resume_flags),
+                 resume_command(run.run_dir, resume_flags),
                  f" or a retry of {run.started_by}" if run.started_by else "")
         raise
     return RunResult(run_id=run.run_dir.name, run_dir=run.run_dir, metrics=training_metrics)

@@ -307,8 +307,14 @@ def train(
                f"{metrics['train_images_per_second']:.0f} train images/s\n"
                f"files in {result.run_dir}")
     if publish:
-        _publish(result.run_dir, settings, create_bucket=create_bucket,
-                 force_champion=force_champion)
+        try:
+            _publish(result.run_dir, settings, create_bucket=create_bucket,
+                     force_champion=force_champion)
+        except FerError as exc:  # the store failed after the hours: the run itself is whole
+            from fer.train import resume_command
+
+            raise FerError(f"{exc}; the run is complete in {result.run_dir}: "
+                           f"{resume_command(result.run_dir, flags)} publishes it") from None
 
 
 # What a run records when it starts, so --resume takes none of them.

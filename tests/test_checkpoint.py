@@ -328,9 +328,9 @@ def test_a_resume_that_locks_a_run_finished_meanwhile_says_so(tmp_path, monkeypa
 def test_the_resume_command_a_stop_names_can_be_pasted(tmp_path):
     """A run folder with a space (`--out "My Runs"`) is quoted in the hint, as the publish
     options are."""
-    from fer.train import _resume_command
+    from fer.train import resume_command
 
-    assert _resume_command(Path("My Runs/r1"), "--publish") == (
+    assert resume_command(Path("My Runs/r1"), "--publish") == (
         "`fer train --resume 'My Runs/r1' --publish`")
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -454,6 +455,39 @@ def test_publishing_options_without_publish_are_refused(options):
 
 
 @pytest.mark.integration
+def test_a_publish_failing_after_training_names_the_command_that_publishes_the_run(
+        tmp_path, monkeypatch):
+    """The store takes the check before training, then refuses the run's files (here its
+    runs/ is a file): the error says the run is whole and which command publishes it; that
+    command does, once the store is mended."""
+
+    from run_folders import make_run
+    from typer.testing import CliRunner
+
+    import fer_cli.main
+    from fer.train import RunResult
+
+    run_dir = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.7)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    monkeypatch.setattr(fer_cli.main, "_train_locally", lambda *args, **kwargs: RunResult(
+        run_dir.name, run_dir, {**metrics, "macro_f1": 0.6}))
+    monkeypatch.setattr(fer_cli.main, "_tensorflow_for_training", lambda: None)
+    monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "data"))
+    store = tmp_path / "my store"
+    store.mkdir()
+    (store / "runs").write_text("not a folder")
+    result = CliRunner().invoke(fer_cli.main.app, [
+        "train", "--out", str(tmp_path / "runs"), "--publish", "--storage", str(store)])
+    assert result.exit_code == 1 and isinstance(result.exception, FerError)
+    named = f"`fer train --resume {run_dir} --publish --storage '{store}'`"
+    assert str(result.exception).endswith(f"; the run is complete in {run_dir}: {named} "
+                                          "publishes it"), result.exception
+    (store / "runs").unlink()
+    again = run_fer(*shlex.split(named.strip("`"))[1:])
+    assert again.returncode == 0, again.stderr
+    assert f"published {run_dir.name}" in again.stdout
+
+
 def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, monkeypatch):
     """A run stopped by Ctrl-C after epoch 1 of 3, then `fer train --resume runs/<id>` as a
     user types it: it reads the data the run recorded, trains epochs 2-3, scores the test
