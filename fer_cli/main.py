@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 
 from fer.config import DEFAULT_SOURCE_URL, MAX_BATCH_SIZE, Settings, TrainConfig
-from fer.errors import FerError, FileWriteError, RunStillGoing
+from fer.errors import FerError, FileWriteError, RunStillGoing, expand_home
 from fer.profiles import PROFILES
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
@@ -260,6 +260,8 @@ def train(
                                  param_hint="--no-publish")
     if not publish and not remote:
         _check_publish_options(ctx)
+    if not remote:  # `--out=~/runs` keeps its ~ in the shell; a remote run's is the worker's
+        out = expand_home(out, what="--out")
     if resume is not None:
         _check_resume_alone(ctx, remote=remote, publish=publish)
     else:
@@ -569,7 +571,8 @@ def evaluate(
 
     settings = _settings(endpoint_url=endpoint_url)
     _writable(settings.data_dir, "FER_DATA_DIR")
-    out = _writable(out or model.parent / "evaluation", "--out")
+    out = _writable(expand_home(out, what="--out") if out else model.parent / "evaluation",
+                    "--out")
     if (out / "manifest.json").exists():  # its reports and metrics are the run's record
         raise FerError(f"--out {out}: is a run folder, whose reports `fer publish` uploads "
                        "as they are; pass another folder (default: evaluation/ beside the "
@@ -724,7 +727,7 @@ def reports_get(
     from fer.runs import download_run
 
     folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref,
-                          dest=dest)
+                          dest=expand_home(dest, what="--dest"))
     typer.echo(f"downloaded to {_printable(folder)} (sha256 verified)")
 
 

@@ -29,7 +29,7 @@ from prefect.runtime import flow_run as this_flow_run
 from prefect.utilities.templating import find_placeholders
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
-from fer.errors import CheckpointError, FerError, StorageError
+from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.options import check_config, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
@@ -334,8 +334,8 @@ def _train_config(arguments: dict) -> TrainConfig:
     defaults are TrainConfig's own, so one left out is the default either way)."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in arguments.items() if name in fields}
-    if "out_dir" in options:
-        options["out_dir"] = Path(options["out_dir"])
+    if "out_dir" in options:  # `out_dir: ~/fer-runs` in a deployment: the worker's home
+        options["out_dir"] = expand_home(options["out_dir"], what="out_dir")
     return TrainConfig(**options)
 
 

@@ -432,6 +432,12 @@ def test_train_publish_into_the_folder_stores_runs_fails_before_training(tmp_pat
     result = run_fer("train", "--resume", "runs/20250101-000000-default-aaaa", "--publish",
                      env={"FER_STORAGE": str(tmp_path)}, cwd=tmp_path)
     assert_one_line_error(result, r"keeps its published runs")
+    # `--out=~/runs` (the shell leaves that ~ as it is) is the home folder's runs/
+    result = run_fer("train", "--epochs", "1", "--data", tmp_path / "no-data.zip", "--publish",
+                     "--out=~/runs", env={"HOME": str(tmp_path), "FER_STORAGE": str(tmp_path)},
+                     cwd=tmp_path / "runs")
+    assert_one_line_error(result, rf"^error: {re.escape(str(tmp_path / 'runs'))}: is where the "
+                                  "store")
 
 
 def test_fer_models_lists_the_registry():

@@ -85,6 +85,19 @@ def test_a_download_that_cannot_be_written_blames_the_destination(tmp_path, stor
     assert not list((tmp_path / "down").rglob("*.part"))  # the downloaded copy is removed
 
 
+def test_reports_get_dest_with_a_tilde_is_the_home_folder(tmp_path, storage_env):
+    """`--dest=~/models`, which the shell leaves as it is, lands in the home folder, not in a
+    folder named ~ under the current one."""
+    run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
+    assert run_fer("publish", run, env=storage_env).returncode == 0
+    (tmp_path / "cwd").mkdir()
+    got = run_fer("reports", "get", "latest", "--dest=~/models",
+                  env={**storage_env, "HOME": str(tmp_path)}, cwd=tmp_path / "cwd")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "models" / run.name / "model.keras").is_file()
+    assert not (tmp_path / "cwd" / "~").exists()
+
+
 def test_publish_force_champion_makes_a_worse_run_the_champion(tmp_path, storage_env):
     """`fer publish --force-champion` as a user types it: the worse run takes the champion,
     which it does not without the option."""

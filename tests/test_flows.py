@@ -150,6 +150,15 @@ def test_templated_parameters_are_left_to_the_run_and_odd_keys_named():
         check_parameters({"epoch": 20, True: 1})
 
 
+def test_an_out_dir_with_a_tilde_is_the_home_folder_where_the_flow_runs(monkeypatch, tmp_path):
+    """`out_dir: ~/fer-runs` in a deployment trains into the worker's home, not into a
+    folder named ~ under its working folder."""
+    from flows.retrain import _train_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _train_config({"out_dir": "~/fer-runs", "epochs": 3}).out_dir == tmp_path / "fer-runs"
+
+
 def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
     """YAML reads an unquoted `data: 2025-01-06` as a date, which Prefect's placeholder
     search raised ValueError on (a traceback from `fer deploy`); it is a type error named."""
