@@ -94,9 +94,13 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
     published = _load_manifest(store, run.run_id)
     if published is not None and published.get("files") != run.files:
+        theirs = published.get("files") if isinstance(published.get("files"), dict) else {}
+        other = sorted(name for name in theirs.keys() | run.files.keys()
+                       if theirs.get(name) != run.files.get(name))
         raise StorageError(
             f"run '{run.run_id}' is already published at {store.url(_run_key(run.run_id, ''))} "
-            "with different files; published runs never change, so give this run a new id"
+            f"with other files ({', '.join(other)}); published runs never change: to publish "
+            "this folder as well, copy it and give the copy a new run_id in its manifest.json"
         )
     _upload(run, remote, store, manifest=published is None)
     became, now = _move_pointers(store, remote, force_champion=force_champion)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -300,8 +301,16 @@ def test_republish_with_other_files_is_refused(store, runs):
     folder = make_run(runs, "run-a", accuracy=0.5)
     publish_run(folder, store)
     (folder / "history.csv").write_text("changed\n")
-    with pytest.raises(StorageError, match=r"run 'run-a' is already published .* new id"):
+    with pytest.raises(StorageError, match=r"run 'run-a' is already published .* with other "
+                                           r"files \(history\.csv\); published runs never "
+                                           r"change: .* new run_id in its manifest\.json"):
         publish_run(folder, store)
+    # the remedy the error names
+    copy = runs / "run-a-again"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "run_id": "run-a-again"}))
+    assert publish_run(copy, store).run_id == "run-a-again"
 
 
 def test_run_without_manifest_is_invisible(store, runs):
