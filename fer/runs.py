@@ -362,13 +362,16 @@ def _check_accuracy(value: Any, *, source: Path) -> float:
 
 
 def _artifact_names(folder: Path, listed: Any) -> list[str]:
-    """The files to publish: those the manifest lists as artifacts, else every file.
+    """The files to publish: those the manifest lists as artifacts, else (a run of a fer
+    before the list) every file but later additions, as the list would.
 
     Listing keeps later additions out of the published run, e.g. the `evaluation/` folder
     `fer evaluate` writes beside the model by default.
     """
     if listed is None:
-        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        return sorted(name for name in (p.relative_to(folder).as_posix()
+                                         for p in folder.rglob("*") if p.is_file())
+                      if not _added_later(name))
     if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
         raise FerError(f"{folder / MANIFEST}: artifacts {listed!r} must be a list of file names")
     outside = [name for name in listed if _escapes_run_folder(name)]
@@ -379,6 +382,14 @@ def _artifact_names(folder: Path, listed: Any) -> list[str]:
         raise FerError(f"run folder {folder} has no {', '.join(missing)} (listed in {MANIFEST}); "
                        "only complete runs written by `fer train` can be published")
     return sorted(listed)
+
+
+def _added_later(name: str) -> bool:
+    """A file no `fer train` wrote into its run folder: `fer evaluate`'s default reports,
+    hidden files (a desktop's .DS_Store) and partial downloads of `fer reports get`."""
+    parts = PurePosixPath(name).parts
+    return (parts[0] == "evaluation" or any(part.startswith(".") for part in parts)
+            or name.endswith(".part"))
 
 
 def _describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -296,6 +296,19 @@ def test_runs_created_in_one_second_point_the_same_way_whatever_the_order(store,
     assert [s.run_id for s in list_runs(store)] == ["r2", "r1"]
 
 
+def test_a_run_without_an_artifact_list_publishes_what_training_wrote(store, runs):
+    """A run of a fer before the manifest's artifact list: `fer evaluate`'s evaluation/ and
+    hidden files added to its folder since stay local, as the list would keep them."""
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    trained = set(local_files(folder))
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "metrics.json").write_text("{}")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / "model.keras.part").write_bytes(b"\0")
+    publish_run(folder, store)
+    assert set(resolve_run(store, "run-a").manifest["files"]) == trained
+
+
 def test_republish_with_other_files_is_refused(store, runs):
     """A published run never changes: different files under the same id are refused."""
     folder = make_run(runs, "run-a", accuracy=0.5)
