@@ -32,7 +32,9 @@ DEPLOYMENT = "retrain/retrain"
 POLL_SECONDS = 5.0
 PICKUP_TIMEOUT_S = 120.0
 WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then this much more
-_WAITING_FOR_WORKER = {"Scheduled", "Late"}  # SCHEDULED states no worker has touched yet
+# SCHEDULED states that wait for a worker to take the run: not taken yet, or sent back by
+# the deployment's concurrency limit (ENQUEUE), for a worker to take again
+_WAITING_FOR_WORKER = {"Scheduled", "Late", "AwaitingConcurrencySlot"}
 _PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it will not take
 _CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "
                    "shows it, before you trigger another")
@@ -158,13 +160,14 @@ def follow_run(
 ) -> RemoteRun:
     """Poll a flow run until it is final; its result when it completed.
 
-    Raises FerError when the run is still unclaimed after ``pickup_timeout_s`` and no worker
-    polls its pool (a run queued behind another training, with a worker online, is waited
-    for); when a claimed run is still running but no worker has polled its pool for
-    ``worker_lost_s`` (its worker died: the server would show it running for ever); or
-    when the run ends failed, crashed or cancelled.
+    Raises FerError when the run has waited for a worker for ``pickup_timeout_s`` (since it
+    was created, or since its concurrency limit sent it back) and no worker polls its pool
+    (a run queued behind another training, with a worker online, is waited for); when a
+    claimed run is still running but no worker has polled its pool for ``worker_lost_s``
+    (its worker died: the server would show it running for ever); or when the run ends
+    failed, crashed or cancelled.
     """
-    started, seen, picked_up, unpolled_since = time.monotonic(), None, False, None
+    waiting_since, seen, unpolled_since = time.monotonic(), None, None
     with get_client(sync_client=True) as client:
         while True:
             with _api_answers(flow_run_id):
@@ -174,17 +177,21 @@ def follow_run(
                 seen = state.name
                 if on_state:
                     on_state(state.name)
-            picked_up = picked_up or not _waiting_for_worker(flow_run)
+            if not _waiting_for_worker(flow_run):
+                waiting_since = None
+            elif waiting_since is None:
+                waiting_since = time.monotonic()
             if state is not None and state.is_final():
                 with _api_answers(flow_run_id, ended=state.name):
                     return _finish(client, flow_run)
             with _api_answers(flow_run_id):
-                if not picked_up and time.monotonic() - started > pickup_timeout_s:
+                if (waiting_since is not None
+                        and time.monotonic() - waiting_since > pickup_timeout_s):
                     paused = _paused(client, flow_run)
                     if paused or not _worker_online(client, flow_run.work_pool_name):
                         raise RunStillGoing(_not_picked_up(flow_run, pickup_timeout_s,
                                                            paused=paused))
-                if picked_up and state is not None and state.type == StateType.RUNNING:
+                if state is not None and state.type == StateType.RUNNING:
                     if _worker_online(client, flow_run.work_pool_name, paused_counts=True):
                         unpolled_since = None
                     elif unpolled_since is None:

@@ -982,6 +982,49 @@ def test_a_run_held_by_a_paused_pool_or_queue_says_how_to_resume_it(deployed, pr
 
 
 @integration
+def test_a_run_sent_back_to_wait_for_a_slot_is_not_waited_for_without_a_worker(deployed,
+                                                                              prefect_api):
+    """A run a worker took (Pending), then sent back by the deployment's concurrency limit
+    (AwaitingConcurrencySlot, for a worker to take again): with no worker polling its pool,
+    following it ends as for a run never taken (it waited for ever)."""
+    from prefect.states import AwaitingConcurrencySlot, Pending
+
+    retrain_on_pool("fer-sent-back", deployment="sent-back")
+    run = trigger_retrain({}, deployment="retrain/sent-back")
+    flow_run_id = uuid.UUID(run.flow_run_id)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Pending(), force=True)
+    seen = []
+
+    def send_back(state: str) -> None:  # as the limit does once the run was seen taken
+        seen.append(state)
+        if state == "Pending":
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run_id, AwaitingConcurrencySlot(), force=True)
+
+    outcome: list[BaseException] = []
+
+    def follow_it():
+        try:
+            follow_run(run.flow_run_id, poll_seconds=0.5, pickup_timeout_s=2, on_state=send_back)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    # in this test's Prefect settings, which a new thread would not see
+    following = threading.Thread(target=contextvars.copy_context().run, args=(follow_it,),
+                                 daemon=True)
+    following.start()
+    following.join(timeout=60)
+    with get_client(sync_client=True) as client:
+        client.delete_flow_run(flow_run_id)  # never to run
+    assert not following.is_alive(), "--wait waits for ever on a run sent back to wait"
+    assert seen == ["Pending", "AwaitingConcurrencySlot"]
+    assert isinstance(outcome[0], RunStillGoing)
+    assert re.search(r"no worker picked up flow run .* in 2s; start one with `prefect worker "
+                     r"start --pool fer-sent-back`", str(outcome[0]))
+
+
+@integration
 def test_a_run_in_a_paused_queue_of_a_polled_pool_is_not_waited_for(worker):
     """A worker polls pool `fer` (READY), but the run's work queue is paused: no worker
     will take it, and following it says how to resume the queue (it waited for ever)."""
