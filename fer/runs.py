@@ -91,8 +91,10 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     figure compares.
     """
     run = _read_run_folder(Path(run_dir))
-    remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
     published = _load_manifest(store, run.run_id)
+    if published is not None and run.manifest.get("artifacts") is None:  # an older fer's run:
+        run = _read_run_folder(Path(run_dir), published=published.get("files"))  # as published
+    remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
     if published is not None and published.get("files") != run.files:
         theirs = published.get("files") if isinstance(published.get("files"), dict) else {}
         other = sorted(name for name in theirs.keys() | run.files.keys()
@@ -301,8 +303,9 @@ def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
     return ours == theirs and _age(record) > _age(champion)
 
 
-def _read_run_folder(folder: Path) -> _LocalRun:
-    """Check a run folder has what publishing needs; name the folder and file when not."""
+def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:
+    """Check a run folder has what publishing needs; name the folder and file when not.
+    ``published``: the files the store's manifest lists, for a run without an artifact list."""
     if not folder.is_dir():
         raise FerError(f"run folder {folder} does not exist; pass the folder `fer train` wrote")
     if (folder / CHECKPOINT_FOLDER).is_dir():  # removed once the test split is scored
@@ -314,7 +317,8 @@ def _read_run_folder(folder: Path) -> _LocalRun:
     run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)
     _check_created(manifest.get("created"), source=folder / MANIFEST)
     _check_accuracy(metrics.get("accuracy"), source=folder / METRICS)
-    names = _artifact_names(folder, manifest.get("artifacts"))
+    names = _artifact_names(folder, manifest.get("artifacts"),
+                            published=manifest.get("files") if published is None else published)
     return _LocalRun(folder, run_id, manifest, metrics, _describe_files(folder, names))
 
 
@@ -361,13 +365,18 @@ def _check_accuracy(value: Any, *, source: Path) -> float:
     return float(value)
 
 
-def _artifact_names(folder: Path, listed: Any) -> list[str]:
-    """The files to publish: those the manifest lists as artifacts, else (a run of a fer
-    before the list) every file but later additions, as the list would.
+def _artifact_names(folder: Path, listed: Any, *, published: Any = None) -> list[str]:
+    """The files to publish: those the manifest lists as artifacts; for a run of a fer
+    before the list, those it was ``published`` with (the store's manifest, or a downloaded
+    copy's own: publishing again stays harmless), else every file but later additions, as
+    the list would.
 
     Listing keeps later additions out of the published run, e.g. the `evaluation/` folder
     `fer evaluate` writes beside the model by default.
     """
+    if listed is None and isinstance(published, dict):  # one missing here is named as other
+        return sorted(name for name in published
+                      if not _escapes_run_folder(name) and (folder / name).is_file())
     if listed is None:
         return sorted(name for name in (p.relative_to(folder).as_posix()
                                          for p in folder.rglob("*") if p.is_file())

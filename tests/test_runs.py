@@ -309,6 +309,28 @@ def test_a_run_without_an_artifact_list_publishes_what_training_wrote(store, run
     assert set(resolve_run(store, "run-a").manifest["files"]) == trained
 
 
+def test_a_run_an_older_fer_published_whole_is_published_again_as_it_was(store, runs,
+                                                                         monkeypatch, tmp_path):
+    """An older fer published every file of a run without an artifact list, evaluation/
+    included: publishing it again stays harmless (it was refused as other files), and a
+    downloaded copy published elsewhere keeps those files."""
+    import fer.runs
+
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "metrics.json").write_text("{}")
+    with monkeypatch.context() as older_fer:
+        older_fer.setattr(fer.runs, "_added_later", lambda name: False)
+        publish_run(folder, store)
+    published = set(resolve_run(store, "run-a").manifest["files"])
+    assert "evaluation/metrics.json" in published
+    publish_run(folder, store)  # again, by this fer
+    copy = download_run(store, "run-a", dest=tmp_path / "copy")
+    elsewhere = open_store(str(tmp_path / "elsewhere"))
+    publish_run(copy, elsewhere)
+    assert set(resolve_run(elsewhere, "run-a").manifest["files"]) == published
+
+
 def test_republish_with_other_files_is_refused(store, runs):
     """A published run never changes: different files under the same id are refused."""
     folder = make_run(runs, "run-a", accuracy=0.5)
