@@ -183,8 +183,7 @@ def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
     champion_already = False
 
     def newer_than(latest: dict[str, Any] | None) -> bool:
-        return (latest is None or _age(record) >= _age(latest)
-                or _load_manifest(store, _checked_run_id(latest, "latest", store=store)) is None)
+        return latest is None or _age(record) >= _age(latest) or _run_gone(store, latest, "latest")
 
     def beats(champion: dict[str, Any] | None) -> bool:
         nonlocal champion_already
@@ -279,12 +278,23 @@ def _comparable_champion(store: Store, champion: dict[str, Any] | None
     manifest, as is one whose figure is not a number."""
     if champion is None:
         return None
+    if champion.get("format") == POINTER_FORMAT and (champion.get("val_accuracy") is None
+                                                     or _is_number(champion["val_accuracy"])):
+        return None if _run_gone(store, champion, "champion") else champion
     manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
-    if manifest is None or (champion.get("format") == POINTER_FORMAT
-                            and (champion.get("val_accuracy") is None
-                                 or _is_number(champion["val_accuracy"]))):
-        return champion if manifest is not None else None
-    return _pointer_record(manifest)
+    return _pointer_record(manifest) if manifest is not None else None
+
+
+def _run_gone(store: Store, pointer: dict[str, Any], name: str) -> bool:
+    """Whether the run pointer ``name`` names has no manifest in the store. One whose
+    manifest is not a published run's is there (the pointer is compared as it is): the
+    pointer is not at fault, and replacing it would crown a run on no comparison."""
+    run_id = _checked_run_id(pointer, name, store=store)  # a bad one: the pointer is at fault
+    try:
+        return _load_manifest(store, run_id) is None
+    except NotFerObjectError as exc:
+        log.warning("%s; comparing with %s as it is", exc, store.url(f"{name}.json"))
+        return False
 
 
 def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:

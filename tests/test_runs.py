@@ -199,6 +199,20 @@ def test_training_into_a_folder_stores_runs_is_refused_before_it(tmp_path, monke
     check_can_publish(store, out_dir=tmp_path / "artifacts")  # run folders beside runs/
 
 
+def test_a_champion_whose_manifest_is_not_fers_is_compared_not_replaced(store, runs, caplog):
+    """The champion's run has a manifest that is not a published run's (overwritten by
+    hand): the run is not gone, so a lower-scoring run does not take the champion on no
+    comparison; a warning names the manifest."""
+    publish_run(make_run(runs, "good", accuracy=0.70, val_accuracy=0.70, minute=1), store)
+    store.put_bytes("runs/good/manifest.json", b"{}")
+    with caplog.at_level("WARNING", logger="fer.runs"):
+        result = publish_run(make_run(runs, "worse", accuracy=0.6, val_accuracy=0.6, minute=2),
+                             store)
+    assert not result.became_champion
+    assert "is not the manifest of a published run" in caplog.text
+    assert json.loads(store.get_bytes("champion.json"))["run_id"] == "good"
+
+
 def _remove_manifest(store, run_id: str) -> None:
     key = f"runs/{run_id}/manifest.json"
     if isinstance(store, LocalStore):
