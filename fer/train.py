@@ -290,9 +290,9 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
                               f"with the fer that began it{began}, or train it anew")
     if run.pixels_sha256 is None:  # every fer before the fingerprint carved validation otherwise
         raise CheckpointError(f"{run.run_dir}: began in a fer that did not record the pixels "
-                              "it trained on (before 2026-12-05); this fer splits validation "
-                              "otherwise (pixel-identical copies of training images on one "
-                              "side), so the rest of the run would train on other images; "
+                              "it trained on (before the end of 2026-12-05); this fer splits "
+                              "validation otherwise (pixel-identical copies of training images "
+                              "on one side), so the rest of the run would train on other images; "
                               f"resume it with the fer that began it{began}, or train it anew")
     if run.pixels_sha256 != pixels_sha256(dataset):
         raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "

@@ -156,7 +156,8 @@ def test_a_run_resumes_only_with_the_recipe_it_began_with(tmp_path, tiny_dataset
     the weights still fit, so only the recorded recipe can tell; the resume is refused with
     what changed (a CheckpointError: a Prefect retry trains the run anew), instead of
     training the rest of the run another way. A record of an older fer, without a recipe,
-    resumes as before."""
+    has no fingerprint of its pixels either (recorded since later): it is refused as
+    older."""
     import dataclasses
     import functools
 
@@ -184,8 +185,10 @@ def test_a_run_resumes_only_with_the_recipe_it_began_with(tmp_path, tiny_dataset
     with pytest.raises(FerError, match=r"run\.json: not a run record this version can resume "
                                        r"\(list, expected an object\)"):
         read_run(run_dir)
+    del record["data"]["pixels_sha256"]
     (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
-    assert train(tiny_dataset, config, verbose=0, resume=read_run(run_dir)).run_dir == run_dir
+    with pytest.raises(CheckpointError, match=r"began in a fer that did not record the pixels"):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
 
 def test_a_run_resumes_only_on_the_pixels_it_began_with(tmp_path, tiny_dataset, monkeypatch):
