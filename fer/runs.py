@@ -149,11 +149,14 @@ def check_can_publish(store: Store, *, out_dir: Path | None = None) -> None:
 def _check_outside(store: LocalStore, out_dir: Path) -> None:
     """A run folder trained inside the store's runs/ is read there as a published run whose
     manifest lacks what publishing adds: its publishing fails, after the training."""
-    runs = Path(store.url("runs"))
-    if out_dir.expanduser().resolve() == runs.resolve():
+    runs, out_dir = Path(store.url("runs")), out_dir.expanduser()
+    same = (os.path.samefile(out_dir, runs) if out_dir.exists() and runs.exists()  # mounts too
+            else out_dir.resolve() == runs.resolve())
+    if same:
         raise StorageError(f"{out_dir}: is where the store {store.location} keeps its "
-                           "published runs; a run trained there cannot be published to it: "
-                           "train into a folder outside the store (--out, or a flow's out_dir)")
+                           "published runs; a run folder there cannot be published to it: keep "
+                           "run folders outside the store (train with another --out, or a "
+                           "flow's out_dir; move a stopped run's folder out to resume it)")
 
 
 def _back_off(attempt: int) -> None:

@@ -426,7 +426,7 @@ def test_train_publish_into_the_folder_stores_runs_fails_before_training(tmp_pat
                      env={"FER_DATA_DIR": str(tmp_path / "data"), "FER_STORAGE": "."},
                      cwd=tmp_path)
     assert_one_line_error(result, r"runs: is where the store \. keeps its published runs; a "
-                                  r"run trained there cannot be published to it")
+                                  r"run folder there cannot be published to it")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
     (tmp_path / "runs" / "20250101-000000-default-aaaa").mkdir(parents=True)
     result = run_fer("train", "--resume", "runs/20250101-000000-default-aaaa", "--publish",

@@ -187,12 +187,14 @@ def test_pointers_to_a_run_gone_from_the_store_are_replaced_and_named(store, run
 
 
 def test_training_into_a_folder_stores_runs_is_refused_before_it(tmp_path, monkeypatch):
-    """Run folders trained in the store's runs/ (however the path is spelled) cannot be
-    published there; beside it, or in an S3 store, they can."""
+    """Run folders trained in the store's runs/ (however the path is spelled, a link to it
+    included) cannot be published there; beside it they can."""
     store = open_store(str(tmp_path / "artifacts"))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifacts" / "runs").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "artifacts" / "runs")
     for out in (tmp_path / "artifacts" / "runs", Path("artifacts/runs"),
-                tmp_path / "artifacts" / "x" / ".." / "runs"):
+                tmp_path / "artifacts" / "x" / ".." / "runs", tmp_path / "linked"):
         with pytest.raises(StorageError, match=r"keeps its published runs"):
             check_can_publish(store, out_dir=out)
     check_can_publish(store, out_dir=tmp_path / "runs")
