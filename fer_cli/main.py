@@ -467,6 +467,7 @@ def retrain(
         server = _import_flows("flows.local_server").temporary_server()
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
+    out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one
     _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
     _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
     _writable(out, "--out")

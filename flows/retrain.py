@@ -273,6 +273,7 @@ def retrain(
     test accuracy and macro-F1.
     """
     config = _train_config(locals())  # first: locals() are the flow's parameters alone
+    config = dataclasses.replace(config, out_dir=_on_this_machine(config.out_dir))
     check_config(config, spell=parameter_name)  # a deployment's typo fails before any download
     prefer_onednn()  # before TensorFlow loads in this process (fer.train loads Keras)
     from fer.train import publish_flags
@@ -334,9 +335,16 @@ def _train_config(arguments: dict) -> TrainConfig:
     defaults are TrainConfig's own, so one left out is the default either way)."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in arguments.items() if name in fields}
-    if "out_dir" in options:  # `out_dir: ~/fer-runs` in a deployment: the worker's home
-        options["out_dir"] = expand_home(options["out_dir"], what="out_dir")
+    if "out_dir" in options:
+        options["out_dir"] = Path(options["out_dir"])
     return TrainConfig(**options)
+
+
+def _on_this_machine(out_dir: Path) -> Path:
+    """``out_dir: ~/fer-runs`` in a deployment is the home folder where the run runs, the
+    worker's: expanded by the flow, not by `fer deploy` (its ~user may exist on the worker
+    alone)."""
+    return expand_home(out_dir, what="out_dir")
 
 
 def _retryable_run() -> str | None:

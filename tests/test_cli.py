@@ -353,6 +353,11 @@ def test_resume_refuses_an_endpoint_it_would_not_use(tmp_path):
     (["evaluate", "--model", "{file}", "--out", "{file}/reports"],
      r"--out .*taken/reports: .*taken is a file, not a folder"),
     (["retrain", "--out", "{file}/runs"], r"--out .*taken/runs: .*taken is a file"),
+    # `--out=~/...`, which the shell leaves as it is: the home folder's, checked as such
+    (["train", "--out=~/taken"], r"--out .*taken: .*taken is a file, not a folder"),
+    (["evaluate", "--model", "{file}", "--out=~/taken/reports"],
+     r"--out .*taken/reports: .*taken is a file, not a folder"),
+    (["retrain", "--out=~/taken/runs"], r"--out .*taken/runs: .*taken is a file"),
 ])
 def test_an_unwritable_folder_is_one_line_before_any_work(tmp_path, data_dir, command, problem):
     """--out that is a file (or under one) fails in a line naming the option, before the
@@ -360,7 +365,7 @@ def test_an_unwritable_folder_is_one_line_before_any_work(tmp_path, data_dir, co
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
     result = run_fer(*[arg.replace("{file}", str(taken)) for arg in command],
-                     "--data", tmp_path / "nowhere.zip")
+                     "--data", tmp_path / "nowhere.zip", env={"HOME": str(tmp_path)})
     assert_one_line_error(result, problem)
 
 

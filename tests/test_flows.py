@@ -153,10 +153,12 @@ def test_templated_parameters_are_left_to_the_run_and_odd_keys_named():
 def test_an_out_dir_with_a_tilde_is_the_home_folder_where_the_flow_runs(monkeypatch, tmp_path):
     """`out_dir: ~/fer-runs` in a deployment trains into the worker's home, not into a
     folder named ~ under its working folder."""
-    from flows.retrain import _train_config
+    from flows.retrain import _on_this_machine
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert _train_config({"out_dir": "~/fer-runs", "epochs": 3}).out_dir == tmp_path / "fer-runs"
+    assert _on_this_machine(Path("~/fer-runs")) == tmp_path / "fer-runs"
+    # `fer deploy` checks the parameters without expanding: that ~user is the worker's
+    check_parameters({"out_dir": "~fer-no-such-user-4f2a/runs"})
 
 
 def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
