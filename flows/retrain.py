@@ -321,13 +321,23 @@ def check_parameters(parameters: dict) -> None:
     hints = typing.get_type_hints(retrain.fn)
     values = {}
     for name, value in parameters.items():
-        if isinstance(value, (str, dict, list)) and find_placeholders(value):  # {{ $ENV }},
-            continue  # {{ prefect.variables.x }}: `prefect deploy` fills them in, the run checks
+        if _templated(value):  # {{ $ENV }}, {{ prefect.variables.x }}: `prefect deploy`
+            continue  # fills them in, and the run checks what it got
         try:
             values[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
         except pydantic.ValidationError as exc:
             raise FerError(f"{name}: {value!r}: {exc.errors()[0]['msg']}") from None
     check_config(_train_config(values), spell=parameter_name)
+
+
+def _templated(value: object) -> bool:
+    """Whether a parameter holds a Prefect template. YAML reads `2025-01-06` as a date, which
+    Prefect's search refuses with a ValueError, at any depth: such a value holds none, and
+    the type check names it."""
+    try:
+        return bool(find_placeholders(value))
+    except ValueError:
+        return False
 
 
 def _train_config(arguments: dict) -> TrainConfig:

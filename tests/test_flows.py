@@ -169,6 +169,9 @@ def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
     with pytest.raises(FerError, match=r"^data: datetime\.date\(2025, 1, 6\): Input should be "
                                        r"a valid string"):
         check_parameters({"data": datetime.date(2025, 1, 6)})
+    with pytest.raises(FerError, match=r"^data: \[datetime\.date\(2025, 1, 6\)\]: Input "
+                                       r"should be a valid string"):
+        check_parameters({"data": [datetime.date(2025, 1, 6)]})  # inside a list too
 
 
 def test_fetch_data_passes_a_local_source_through(tiny_fer_zip, data_dir):
