@@ -315,8 +315,9 @@ def train(
         except FerError as exc:  # the store failed after the hours: the run itself is whole
             from fer.train import resume_command
 
-            raise FerError(f"{exc}; the run is complete in {result.run_dir}: "
-                           f"{resume_command(result.run_dir, flags)} publishes it") from None
+            raise FerError(f"{exc}; the run is complete in {result.run_dir}: once the cause "
+                           f"is fixed, {resume_command(result.run_dir, flags)} publishes it"
+                           ) from None
 
 
 # What a run records when it starts, so --resume takes none of them.

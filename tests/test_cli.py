@@ -491,8 +491,9 @@ def test_a_publish_failing_after_training_names_the_command_that_publishes_the_r
         "train", "--out", str(tmp_path / "runs"), "--publish", "--storage", str(store)])
     assert result.exit_code == 1 and isinstance(result.exception, FerError)
     named = f"`fer train --resume {run_dir} --publish --storage '{store}'`"
-    assert str(result.exception).endswith(f"; the run is complete in {run_dir}: {named} "
-                                          "publishes it"), result.exception
+    assert str(result.exception).endswith(f"; the run is complete in {run_dir}: once the "
+                                          f"cause is fixed, {named} publishes it"
+                                          ), result.exception
     (store / "runs").unlink()
     again = run_fer(*shlex.split(named.strip("`"))[1:])
     assert again.returncode == 0, again.stderr
