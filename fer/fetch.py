@@ -52,6 +52,8 @@ PASSING_HTTP_ERRORS = frozenset({408, 429})
 # version not supported): asking again gets the same answer. Other 5xx are outages.
 LASTING_SERVER_ERRORS = frozenset({501, 505})
 DOWNLOAD_TIMEOUT_S = 60
+# How messages name the data source option, reached from the CLI and from a flow alike.
+DATA_OPTION = "--data, a flow's data"
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +227,10 @@ def current_source(data_dir: Path) -> DataSource | None:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{pointer_path}: unreadable ({exc}); run `fer fetch-data` again, or "
-                        "pass --data") from None
+                        f"name a data source ({DATA_OPTION})") from None
     if not path.exists():
         raise DataError(f"{path}: the current dataset (fetched from {pointer.get('origin')}) is "
-                        "gone; run `fer fetch-data` again, or pass --data")
+                        f"gone; run `fer fetch-data` again, or name a data source ({DATA_OPTION})")
     origin = pointer.get("origin")
     return DataSource(path, origin if isinstance(origin, str) else None)
 

@@ -643,7 +643,8 @@ def _load_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
         raise NotFerObjectError(
             f"{store.url(key)} is not the manifest of a published run (expected a run_id, its "
             "created time, files with a sha256 each, and metrics with accuracy): a `fer "
-            "train` run folder inside the store? Keep --out outside it")
+            "train` run folder inside the store? Keep run folders (--out, a flow's out_dir) "
+            "outside it")
     return manifest
 
 

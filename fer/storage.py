@@ -29,6 +29,8 @@ from fer.errors import MissingObjectError, StorageError, expand_home, fsync_fold
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
+# How messages name where the endpoint comes from: the CLI, a flow, the environment.
+ENDPOINT_OPTION = "--endpoint-url, a flow's endpoint_url, or AWS_ENDPOINT_URL"
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +398,7 @@ class S3Store:
                     f"{action}; check that the server is healthy and retry")
         if isinstance(cause, bce.ConnectionError | bce.HTTPClientError):
             return (f"cannot reach S3 endpoint {where} while {action} "
-                    f"({_connection_reason(cause)}); check --endpoint-url / AWS_ENDPOINT_URL "
+                    f"({_connection_reason(cause)}); check the endpoint ({ENDPOINT_OPTION}) "
                     "and that the server is running")
         if isinstance(cause, bce.ClientError):
             return self._explain_client_error(cause, action)
@@ -520,7 +522,7 @@ def _without_userinfo(url: str) -> str:
     try:
         port = parts.port
     except ValueError:  # botocore checks the host only: `localhost:9OOO`, `:90000`
-        raise StorageError(f"--endpoint-url / AWS_ENDPOINT_URL {host}: its port "
+        raise StorageError(f"endpoint ({ENDPOINT_OPTION}) {host}: its port "
                            f"{parts.netloc.rpartition(':')[2]!r} is not a number from 0 to "
                            "65535") from None
     netloc = f"{host}:{port}" if port else host

@@ -262,9 +262,10 @@ def _new_run_folder(out_dir: Path, model: str) -> Path:
             continue
         except OSError as exc:  # a worker's --out it cannot write, say
             raise FerError(f"{run_dir}: cannot create the run folder ({exc.strerror}); "
-                           "expected --out to be a folder this user can write") from None
-    raise FerError(f"{out_dir}: every run id tried was taken; expected --out to hold run "
-                   "folders fer named")
+                           "expected the run folders' parent (--out, a flow's out_dir) to be a "
+                           "folder this user can write") from None
+    raise FerError(f"{out_dir}: every run id tried was taken; expected the run folders' "
+                   "parent (--out, a flow's out_dir) to hold run folders fer named")
 
 
 def _absolute(source: str) -> str:
@@ -479,7 +480,8 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
     if not len(dataset.train) or not len(dataset.validation):  # a handful of images per class
-        remedy = ("more images per class, or another --val-fraction"
+        remedy = ("more images per class, or another validation fraction (--val-fraction, "
+                  "a flow's val_fraction)"
                   if dataset.validation_origin.startswith("carved") else  # the CSV's PublicTest:
                   "validation rows that are not copies of training rows")  # its fraction unused
         raise FerError(f"{dataset.source}: {len(dataset.train)} training and "

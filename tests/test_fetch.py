@@ -175,7 +175,8 @@ def test_a_current_dataset_that_has_gone_is_an_error_not_a_download(tmp_path, im
     fetch_data(str(image_tree), data_dir=data_dir)
     image_tree.rename(tmp_path / "moved")
     with pytest.raises(DataError, match=r"layout: the current dataset \(fetched from .*layout\) "
-                                        r"is gone; run `fer fetch-data` again, or pass --data"):
+                                        r"is gone; run `fer fetch-data` again, or name a "
+                                        r"data source \(--data, a flow's data\)"):
         resolve_data(None, data_dir=data_dir, default_source="http://127.0.0.1:9/x")
 
 

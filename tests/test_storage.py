@@ -426,6 +426,6 @@ def test_large_artifact_uses_multipart_upload(s3_env, runs):
 @pytest.mark.parametrize("endpoint", ["http://localhost:9OOO", "http://127.0.0.1:90000"])
 def test_an_endpoint_whose_port_is_not_a_port_is_one_error(endpoint):
     """botocore checks the endpoint's host only; its port was read later, a traceback."""
-    with pytest.raises(StorageError, match=r"AWS_ENDPOINT_URL .*: its port '\w+' is not a "
+    with pytest.raises(StorageError, match=r"AWS_ENDPOINT_URL\) .*: its port '\w+' is not a "
                                            r"number from 0 to 65535"):
         open_store("s3://bucket/prefix", endpoint_url=endpoint)
