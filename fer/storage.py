@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 import boto3
@@ -83,7 +83,12 @@ class LocalStore:
         self.location = str(self.root)
 
     def put_file(self, key: str, path: Path) -> None:
-        self._write(key, lambda tmp: shutil.copyfile(path, tmp))
+        try:  # opened first: a run file it cannot read is not the storage folder's fault
+            source = open(path, "rb")  # noqa: SIM115 - closed below, after the write
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+        with source:
+            self._write(key, lambda tmp: _copy_into(source, tmp))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda tmp: tmp.write_bytes(data))
@@ -158,6 +163,16 @@ class LocalStore:
                 fsync_folder(path.parent)  # the rename itself
             finally:
                 tmp.unlink(missing_ok=True)
+
+
+def _copy_into(source: BinaryIO, target: Path) -> None:
+    with open(target, "wb") as out:
+        shutil.copyfileobj(source, out)
+
+
+def _unreadable(path: Path, exc: OSError) -> StorageError:
+    """A local file an upload cannot read (gone, unreadable) named as such, by both stores."""
+    return StorageError(f"cannot read {path} to upload it ({exc.strerror or exc})")
 
 
 def _content_version(data: bytes | None) -> str | None:
@@ -265,8 +280,7 @@ class S3Store:
                                          Config=_transfer_config())
         except OSError as exc:  # reading the local file (botocore's timeouts, OSErrors too,
             # are StorageErrors by now); the folder store names it too
-            raise StorageError(f"cannot read {path} to upload it ({exc.strerror or exc})"
-                               ) from None
+            raise _unreadable(path, exc) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(f"writing {self._key(key)}"):

@@ -191,5 +191,7 @@ def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None
     assert "changed since the run trained on it" in caplog.text
     shutil.rmtree(trained_on)
+    caplog.clear()  # the step before said "cannot be read as it was" too
     assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None
     assert "which cannot be read as it was" in caplog.text
+    assert f"{trained_on}: data source not found" in caplog.text

@@ -56,9 +56,11 @@ def test_both_backends_have_every_method_the_interface_declares():
 
 def test_an_upload_whose_local_file_cannot_be_read_is_one_error_naming_it(store, tmp_path):
     """A run file gone or unreadable while publishing: S3's upload let the OSError out as a
-    traceback (the folder store already named it)."""
-    with pytest.raises(StorageError, match=r"missing\.bin"):
-        store.put_file("runs/a/missing.bin", tmp_path / "missing.bin")
+    traceback, and the folder store blamed itself ("cannot write" its own target)."""
+    missing = tmp_path / "missing.bin"
+    with pytest.raises(StorageError, match=rf"^cannot read {re.escape(str(missing))} to upload "
+                                           r"it \(No such file or directory\)$"):
+        store.put_file("runs/a/model.keras", missing)
 
 
 def test_a_download_that_cannot_write_locally_raises_the_os_error(store, tmp_path):
