@@ -143,7 +143,8 @@ def _assemble(source: Path, digest: str, splits: dict[str, Split], *, val_fracti
     train, validation, origin = splits.get("train"), splits.get("validation"), "source"
     if validation is not None and val_fraction != DEFAULT_VAL_FRACTION:
         log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); "
-                    "the validation fraction asked for (%g) is not used", source, val_fraction)
+                    "the validation fraction asked for (--val-fraction, a flow's val_fraction: "
+                    "%g) is not used", source, val_fraction)
     if train is not None and validation is None:
         train, validation = split_validation(train, fraction=val_fraction, seed=seed)
         origin = f"carved from train ({val_fraction:g}, seed {seed}, {COPIES_ON_ONE_SIDE})"

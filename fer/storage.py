@@ -166,8 +166,17 @@ class LocalStore:
 
 
 def _copy_into(source: BinaryIO, target: Path) -> None:
+    """``source`` into ``target``; a read that fails partway (EIO) is the source's error,
+    not the storage folder's."""
     with open(target, "wb") as out:
-        shutil.copyfileobj(source, out)
+        while True:
+            try:
+                chunk = source.read(1 << 20)
+            except OSError as exc:
+                raise _unreadable(Path(source.name), exc) from None
+            if not chunk:
+                return
+            out.write(chunk)
 
 
 def _unreadable(path: Path, exc: OSError) -> StorageError:

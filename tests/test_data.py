@@ -363,7 +363,8 @@ def test_another_val_fraction_for_a_source_with_its_own_validation_is_a_warning(
         dataset = load_dataset(shaded_csv, val_fraction=0.2)
     assert dataset.validation_origin.startswith("source") and len(dataset.validation) == 21
     assert caplog.messages == [f"{shaded_csv}: validation is the source's own split (the CSV's "
-                               "PublicTest rows); the validation fraction asked for (0.2) is not used"]
+                               "PublicTest rows); the validation fraction asked for (--val-fraction, a "
+                               "flow's val_fraction: 0.2) is not used"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="fer.data"):
         load_dataset(shaded_csv)

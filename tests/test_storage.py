@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import run_folders
@@ -61,6 +62,17 @@ def test_an_upload_whose_local_file_cannot_be_read_is_one_error_naming_it(store,
     with pytest.raises(StorageError, match=rf"^cannot read {re.escape(str(missing))} to upload "
                                            r"it \(No such file or directory\)$"):
         store.put_file("runs/a/model.keras", missing)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="Linux /proc")
+def test_a_run_file_that_fails_while_read_is_named_not_the_folder_store(tmp_path):
+    """A read that fails partway (EIO: /proc/self/mem opens, its first read fails) is the
+    run file's error; the folder store blamed its own target ("cannot write")."""
+    store = open_store(str(tmp_path / "artifacts"))
+    with pytest.raises(StorageError, match=r"^cannot read /proc/self/mem to upload it "
+                                           r"\(Input/output error\)$"):
+        store.put_file("runs/a/model.keras", Path("/proc/self/mem"))
+    assert not list((tmp_path / "artifacts").rglob("*.tmp"))  # its partial copy removed
 
 
 def test_a_download_that_cannot_write_locally_raises_the_os_error(store, tmp_path):
