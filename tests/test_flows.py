@@ -986,6 +986,26 @@ def test_a_run_held_by_a_paused_pool_or_queue_says_how_to_resume_it(deployed, pr
                         pickup_timeout_s=2)
 
 
+def follow_for_at_most(seconds: float, flow_run_id, **options
+                       ) -> tuple[bool, list[BaseException]]:
+    """follow_run in a thread given ``seconds``: whether it is still following (a test of
+    a run it once waited on for ever fails instead of hanging), and what it raised."""
+    outcome: list[BaseException] = []
+
+    def follow_it():
+        try:
+            follow_run(flow_run_id, **options)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    # in this test's Prefect settings, which a new thread would not see
+    following = threading.Thread(target=contextvars.copy_context().run, args=(follow_it,),
+                                 daemon=True)
+    following.start()
+    following.join(timeout=seconds)
+    return following.is_alive(), outcome
+
+
 @integration
 def test_a_run_sent_back_to_wait_for_a_slot_is_not_waited_for_without_a_worker(deployed,
                                                                               prefect_api):
@@ -1007,22 +1027,11 @@ def test_a_run_sent_back_to_wait_for_a_slot_is_not_waited_for_without_a_worker(d
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(flow_run_id, AwaitingConcurrencySlot(), force=True)
 
-    outcome: list[BaseException] = []
-
-    def follow_it():
-        try:
-            follow_run(run.flow_run_id, poll_seconds=0.5, pickup_timeout_s=2, on_state=send_back)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            outcome.append(exc)
-
-    # in this test's Prefect settings, which a new thread would not see
-    following = threading.Thread(target=contextvars.copy_context().run, args=(follow_it,),
-                                 daemon=True)
-    following.start()
-    following.join(timeout=60)
+    still_following, outcome = follow_for_at_most(60, run.flow_run_id, poll_seconds=0.5,
+                                                  pickup_timeout_s=2, on_state=send_back)
     with get_client(sync_client=True) as client:
         client.delete_flow_run(flow_run_id)  # never to run
-    assert not following.is_alive(), "--wait waits for ever on a run sent back to wait"
+    assert not still_following, "--wait waits for ever on a run sent back to wait"
     assert seen == ["Pending", "AwaitingConcurrencySlot"]
     assert isinstance(outcome[0], RunStillGoing)
     assert re.search(r"no worker picked up flow run .* in 2s; start one with `prefect worker "
@@ -1040,22 +1049,11 @@ def test_a_run_in_a_paused_queue_of_a_polled_pool_is_not_waited_for(worker):
         queue = client.read_work_queue_by_name("held", work_pool_name="fer")
         client.update_work_queue(queue.id, is_paused=True)
     run = trigger_retrain({}, deployment="retrain/held")
-    outcome: list[BaseException] = []
-
-    def follow_it():
-        try:
-            follow_run(run.flow_run_id, poll_seconds=0.5, pickup_timeout_s=2)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            outcome.append(exc)
-
-    # in this test's Prefect settings, which a new thread would not see
-    following = threading.Thread(target=contextvars.copy_context().run, args=(follow_it,),
-                                 daemon=True)
-    following.start()
-    following.join(timeout=120)
+    still_following, outcome = follow_for_at_most(120, run.flow_run_id, poll_seconds=0.5,
+                                                  pickup_timeout_s=2)
     with get_client(sync_client=True) as client:
         client.delete_flow_run(uuid.UUID(run.flow_run_id))  # never to run
-    assert not following.is_alive(), "--wait waits for ever on a paused queue"
+    assert not still_following, "--wait waits for ever on a paused queue"
     assert isinstance(outcome[0], RunStillGoing)
     assert ("work queue held of pool fer is paused: `prefect work-queue resume held --pool "
             "fer` resumes it") in str(outcome[0])
