@@ -20,6 +20,15 @@ from fer.precision import ONEDNN_SWITCH
 BENCH_CACHE = Path(tempfile.gettempdir()) / "fer-bench-cache"
 
 
+def refuse_below_one(parser, args, options: tuple[str, ...]) -> None:
+    """A usage error (exit 2) for any of ``options`` (argparse dests) given below 1: a count
+    of 0 steps, epochs or members measures nothing, or falls back to something else."""
+    for option in options:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: "
+                         "expected at least 1")
+
+
 def machine_line() -> str:
     info = machine()
     flags = ",".join(info["bf16_flags"]) or "no bf16 flags"

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import BENCH_CACHE, compiled_model, fit_images_per_second, machine_line
+from common import BENCH_CACHE, compiled_model, fit_images_per_second, machine_line, refuse_below_one
 
 from fer.precision import PRECISIONS, choose_precision, prefer_onednn
 
@@ -43,10 +43,7 @@ def main() -> None:
                              "shorter one would be favoured)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = parser.parse_args()
-    for option in ("batch_size", "seed_steps", "model_steps"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: "
-                         "expected at least 1")
+    refuse_below_one(parser, args, ("batch_size", "seed_steps", "model_steps"))
     if not args.seconds > 0:
         parser.error(f"--seconds {args.seconds:g}: expected more than 0")
 

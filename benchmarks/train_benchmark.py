@@ -18,7 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_CACHE, fmt_seconds, machine_line, measure_training_throughput, one_epoch_of_steps
+from common import (
+    BENCH_CACHE,
+    fmt_seconds,
+    machine_line,
+    measure_training_throughput,
+    one_epoch_of_steps,
+    refuse_below_one,
+)
 
 from fer.config import TrainConfig
 from fer.data import load_dataset
@@ -54,10 +61,7 @@ def main() -> None:
     parser.add_argument("--skip-seed", action="store_true", help="no seed reference (no ratios)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-bench")
     args = parser.parse_args()
-    for option in ("epochs", "ensemble", "member", "seed_steps"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: "
-                         "expected at least 1")
+    refuse_below_one(parser, args, ("epochs", "ensemble", "member", "seed_steps"))
 
     print(machine_line(), flush=True)
     loading = time.perf_counter()
