@@ -48,8 +48,8 @@ def shared_split(runs: list[Path]) -> tuple[str, float, int, str]:
     trained with.
 
     Averaging runs trained on different splits would score some members on images they
-    trained on (`fer train --seed` seeds the split too): such runs are refused. Members of
-    one ensemble come from `train_benchmark.py --profile P --member K`.
+    trained on (`fer train --split-seed`; before it, `--seed` seeded the split): such runs
+    are refused. Members of one ensemble come from `train_benchmark.py --profile P --member K`.
     """
     splits = {}
     for run in runs:

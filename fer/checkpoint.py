@@ -112,7 +112,8 @@ def read_run(run_dir: Path) -> RunRecord:
             raise ValueError(f"{type(record).__name__}, expected an object")
         if record.get("format") != FORMAT:
             raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
-        options = record["config"]
+        # a run begun before split_seed existed carved its validation with its seed
+        options = {"split_seed": record["config"]["seed"], **record["config"]}
         config = TrainConfig(**{**options, "out_dir": run_dir.parent})
         return RunRecord(run_dir=run_dir, config=config, precision=record["precision"],
                          learning_rate=float(record["learning_rate"]),

@@ -84,8 +84,11 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     model: str = "default"
-    seed: int = DEFAULT_SEED
+    seed: int = DEFAULT_SEED  # weights, augmentation and shuffling
     val_fraction: float = DEFAULT_VAL_FRACTION
+    # Carves validation from train. Apart from ``seed`` so that runs of different seeds are
+    # scored on one split: the champion is only ever chosen among runs of the same split.
+    split_seed: int = DEFAULT_SEED
     learning_rate: float | None = None  # None: the model's own default
     precision: str = "auto"  # auto | float32 | mixed_bfloat16 | mixed_float16
     tta: bool = False  # save a model that averages each image with its mirror (2x inference)

@@ -51,6 +51,9 @@ def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag)
                        + (f" with {spell('ensemble')} {config.ensemble}"
                           if config.ensemble > 1 else "")
                        + f": expected seeds from 0 to {MAX_SEED} (NumPy's range)")
+    if not 0 <= config.split_seed <= MAX_SEED:
+        raise FerError(f"{spell('split_seed')} {config.split_seed}: expected a seed from 0 to "
+                       f"{MAX_SEED} (NumPy's range)")
     check_val_fraction(config.val_fraction, what=spell("val_fraction"))
     if config.learning_rate is not None and not config.learning_rate > 0:
         raise FerError(f"{spell('learning_rate')} {config.learning_rate}: expected a number "

@@ -149,9 +149,10 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
     config = run.config
     averaged = _averaged(config)
     log.info("%s model %s: %s, batch size %d, %s (%s); %d training and %d validation "
-             "images; seed %d%s; run folder %s", "resuming" if resumed else "training",
+             "images (split seed %d); seed %d%s; run folder %s",
+             "resuming" if resumed else "training",
              spec.name, _count(config.epochs, "epoch"), config.batch_size, run.precision, why,
-             len(dataset.train), len(dataset.validation), config.seed,
+             len(dataset.train), len(dataset.validation), config.split_seed, config.seed,
              f"; the saved model averages {averaged}" if averaged else "", run.run_dir)
     members: list[Member] = []
     try:

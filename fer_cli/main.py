@@ -192,7 +192,11 @@ DEFAULT_OUT = TrainConfig.out_dir
 # `fer train --remote --wait` stopped following a run that had not ended (no worker took it,
 # its worker stopped polling, the API went away): not the run's failure, which exits 1.
 EXIT_RUN_STILL_GOING = 3
-SeedOption = Annotated[int, typer.Option(help="seeds the split, weights and shuffling")]
+SeedOption = Annotated[int, typer.Option(
+    help="seeds the weights, augmentation and shuffling (not the split: --split-seed)")]
+SplitSeedOption = Annotated[int, typer.Option(
+    help="seeds the validation split carved from train; kept apart from --seed so that runs "
+         "of different seeds compare on one split (the champion is chosen within a split)")]
 ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
@@ -229,6 +233,7 @@ def train(
     data: DataOption = None,
     out: OutOption = DEFAULT_OUT,
     seed: SeedOption = TrainConfig.seed,
+    split_seed: SplitSeedOption = TrainConfig.split_seed,
     val_fraction: ValFractionOption = TrainConfig.val_fraction,
     learning_rate: LearningRateOption = None,
     precision: PrecisionOption = TrainConfig.precision,
@@ -267,11 +272,12 @@ def train(
     else:
         options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                    learning_rate=learning_rate, tta=tta, ensemble=ensemble)
-        config = _checked_config(options, seed=seed, val_fraction=val_fraction,
-                                 precision=precision, out=out)
+        config = _checked_config(options, seed=seed, split_seed=split_seed,
+                                 val_fraction=val_fraction, precision=precision, out=out)
     if remote:
         _train_remotely(_remote_parameters(
-            options, seed=seed, val_fraction=val_fraction, precision=precision, data=data,
+            options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
+            precision=precision, data=data,
             storage=storage, out=out, create_bucket=create_bucket,
             force_champion=force_champion), wait=wait)
         return
@@ -322,7 +328,8 @@ def train(
 
 # What a run records when it starts, so --resume takes none of them.
 RECORDED_OPTIONS = ("epochs", "batch_size", "model", "profile", "data", "out", "seed",
-                    "val_fraction", "learning_rate", "precision", "tta", "ensemble")
+                    "split_seed", "val_fraction", "learning_rate", "precision", "tta",
+                    "ensemble")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -390,15 +397,15 @@ def _import_flows(module: str):
                        "`pip install -e '.[orchestration]'` in the checkout") from None
 
 
-def _checked_config(options: dict, *, seed: int, val_fraction: float, precision: str,
-                    out: Path) -> TrainConfig:
+def _checked_config(options: dict, *, seed: int, split_seed: int, val_fraction: float,
+                    precision: str, out: Path) -> TrainConfig:
     """The run's TrainConfig, checked before any download or server round trip (a misspelt
     model or precision fails here)."""
     from fer.precision import check_precision
 
     check_precision(precision)
-    config = TrainConfig(**options, seed=seed, val_fraction=val_fraction, precision=precision,
-                         out_dir=out)
+    config = TrainConfig(**options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
+                         precision=precision, out_dir=out)
     _check_training(config)
     return config
 
@@ -444,6 +451,7 @@ def retrain(
     data: DataOption = None,
     out: OutOption = DEFAULT_OUT,
     seed: SeedOption = TrainConfig.seed,
+    split_seed: SplitSeedOption = TrainConfig.split_seed,
     val_fraction: ValFractionOption = TrainConfig.val_fraction,
     learning_rate: LearningRateOption = None,
     precision: PrecisionOption = TrainConfig.precision,
@@ -469,7 +477,8 @@ def retrain(
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one
-    _checked_config(options, seed=seed, val_fraction=val_fraction, precision=precision, out=out)
+    _checked_config(options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
+                    precision=precision, out=out)
     _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
     _writable(out, "--out")
     flows_retrain = _import_flows("flows.retrain")
@@ -477,7 +486,7 @@ def retrain(
 
     with server:
         result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
-                                       val_fraction=val_fraction,
+                                       split_seed=split_seed, val_fraction=val_fraction,
                                        out_dir=str(out), precision=precision,
                                        endpoint_url=endpoint_url, create_bucket=create_bucket,
                                        force_champion=force_champion)
@@ -513,8 +522,8 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
     with _download_progress() as progress:
         source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
                               endpoint_url=settings.endpoint_url, progress=progress)
-    dataset = load_dataset(source.path, val_fraction=config.val_fraction, seed=config.seed,
-                           cache_dir=settings.data_dir)
+    dataset = load_dataset(source.path, val_fraction=config.val_fraction,
+                           seed=config.split_seed, cache_dir=settings.data_dir)
     from fer.train import train as train_run
 
     return train_run(dataset, config, verbose=_keras_verbosity(), resume_flags=resume_flags,
@@ -545,7 +554,7 @@ def _resume_locally(run_dir: Path, *, settings: Settings, resume_flags: str = ""
     from fer.train import train as train_run
 
     dataset = load_dataset(Path(run.data_source), val_fraction=run.config.val_fraction,
-                           seed=run.config.seed, cache_dir=settings.data_dir)
+                           seed=run.config.split_seed, cache_dir=settings.data_dir)
     return train_run(dataset, run.config, verbose=_keras_verbosity(), resume=run,
                      resume_flags=resume_flags)
 

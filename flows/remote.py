@@ -262,7 +262,12 @@ def _not_picked_up(flow_run: FlowRun, timeout_s: float, *, paused: str | None = 
                         "checkout the deployments were registered from (with the compose "
                         "stack: `docker compose -f docker/compose.yaml --env-file docker/.env "
                         "up -d worker`)")
-    return (f"no worker picked up flow run {flow_run.name} ({flow_run.id}) in {timeout_s:g}s; "
+    if flow_run.state is not None and flow_run.state.name == "AwaitingConcurrencySlot":
+        waited = (f"flow run {flow_run.name} ({flow_run.id}) was sent back by its concurrency "
+                  f"limit and no worker has taken it again in {timeout_s:g}s")
+    else:
+        waited = f"no worker picked up flow run {flow_run.name} ({flow_run.id}) in {timeout_s:g}s"
+    return (f"{waited}; "
             f"{remedy} (the run stays queued and starts then; cancel it with "
             f"`prefect flow-run cancel {flow_run.id}`)")
 

@@ -149,8 +149,8 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     """
     from fer.data import load_dataset
 
-    dataset = load_dataset(Path(source), val_fraction=config.val_fraction, seed=config.seed,
-                           cache_dir=Path(data_dir))
+    dataset = load_dataset(Path(source), val_fraction=config.val_fraction,
+                           seed=config.split_seed, cache_dir=Path(data_dir))
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
     earlier = _earlier_attempt(config.out_dir, started_by)
@@ -255,6 +255,7 @@ def retrain(
     data: str | None = None,
     storage: str | None = None,
     seed: int = TrainConfig.seed,
+    split_seed: int = TrainConfig.split_seed,
     val_fraction: float = TrainConfig.val_fraction,
     learning_rate: float | None = None,
     out_dir: str = str(TrainConfig.out_dir),

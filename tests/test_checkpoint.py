@@ -117,6 +117,20 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, tiny_data
     assert result.metrics["epochs"] == 4 and 1 <= result.metrics["best_epoch"] <= 4
 
 
+def test_a_run_resumes_on_the_split_it_recorded(tmp_path, tiny_dataset, monkeypatch):
+    """A run records its split seed; one begun before --split-seed existed carved its
+    validation with --seed, so its resume must carve with that (the default split seed
+    would put some of its validation images into training)."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=3, split_seed=11,
+                         precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    assert read_run(run_dir).config.split_seed == 11
+    record = json.loads((run_dir / FOLDER / RUN_RECORD).read_text())
+    del record["config"]["split_seed"]  # as a fer before it recorded the run
+    (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
+    assert read_run(run_dir).config.split_seed == 3
+
+
 def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, tiny_dataset, monkeypatch):
     """Member 1 finished before the stop: the resumed run reuses its final weights and
     trains member 2 alone."""

@@ -92,6 +92,7 @@ def test_zip_slip_is_one_line_error(tmp_path, data_dir):
     (["--model", "resnet"], r"unknown model 'resnet'"),
     (["--precision", "fp8"], r"--precision fp8: expected one of auto"),
     (["--learning-rate", "0"], r"--learning-rate 0\.0: expected a number above 0"),
+    (["--split-seed", "-1"], r"--split-seed -1: expected a seed from 0 to 4294967295"),
 ])
 @pytest.mark.parametrize("command", [["train"], ["train", "--remote"], ["retrain"]])
 def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, command, option,
@@ -117,13 +118,14 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
 
     monkeypatch.setattr(flows.remote, "trigger_retrain", trigger)
     result = CliRunner().invoke(app, ["train", "--remote", "--profile", "best", "--epochs", "5",
+                                      "--seed", "9", "--split-seed", "7",
                                       "--force-champion", "--out", "/srv/runs",
                                       "--storage", "s3://bucket/prefix"])
     assert result.exit_code == 0, result.output
     assert sent == {"epochs": 5, "batch_size": 64, "tta": True,
                     "model": PROFILES["best"].train_options["model"],
-                    "ensemble": 3, "learning_rate": None, "seed": 1337, "val_fraction": 0.1,
-                    "precision": "auto", "storage": "s3://bucket/prefix",
+                    "ensemble": 3, "learning_rate": None, "seed": 9, "split_seed": 7,
+                    "val_fraction": 0.1, "precision": "auto", "storage": "s3://bucket/prefix",
                     "out_dir": "/srv/runs", "force_champion": True}
     assert "http://ui/run" in result.output
 
@@ -133,8 +135,8 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     result = CliRunner().invoke(app, ["train", "--remote"])
     assert result.exit_code == 0, result.output
     assert sent == {"epochs": 20, "batch_size": 64, "model": "default", "tta": False,
-                    "ensemble": 1, "learning_rate": None, "seed": 1337, "val_fraction": 0.1,
-                    "precision": "auto"}
+                    "ensemble": 1, "learning_rate": None, "seed": 1337, "split_seed": 1337,
+                    "val_fraction": 0.1, "precision": "auto"}
 
 
 def test_remote_only_options_are_usage_errors():
@@ -636,7 +638,7 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
 
     storage = {"FER_STORAGE": str(tmp_path / "artifacts")}
     trained = run_fer("train", "--epochs", "1", "--batch-size", "32", "--out", tmp_path / "runs",
-                      "--publish", env=storage)
+                      "--seed", "9", "--publish", env=storage)
     assert trained.returncode == 0, trained.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
@@ -660,6 +662,10 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["epochs"] == 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["batch_size"] == 32
+    # another training seed, the same split as every run of the default split seed: the
+    # champion rule compares runs within one split
+    assert (manifest["parameters"]["seed"], manifest["parameters"]["split_seed"]) == (9, 1337)
+    assert "seed 1337" in manifest["data"]["validation"]
     assert manifest["data"]["sha256"] == data_sha256  # as fetch-data printed it
     # where the data came from as the user named it, not only fer's copy under FER_DATA_DIR
     assert manifest["data"]["origin"] == str(fer_subset)

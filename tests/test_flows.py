@@ -386,7 +386,8 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     done = subprocess.run([*FER, "retrain", "--epochs", str(TINY["epochs"]), "--batch-size",
                            str(TINY["batch_size"]), "--model", TINY["model"], "--data",
-                           str(tiny_fer_zip), "--out", str(tmp_path / "runs")],
+                           str(tiny_fer_zip), "--out", str(tmp_path / "runs"),
+                           "--split-seed", "5"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_id, accuracy = re.search(r"^run (\S+): test accuracy (0\.\d{4}), macro-F1 0\.\d{4}; "
@@ -398,6 +399,7 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
     assert (tmp_path / "runs" / run_id / "model.keras").is_file()
     manifest = json.loads((tmp_path / "runs" / run_id / "manifest.json").read_text())
     assert manifest["machine"]["onednn"] is True  # the flow asked before its tasks loaded TF
+    assert "seed 5," in manifest["data"]["validation"]  # --split-seed reached the flow's split
     assert "started_by" not in manifest  # the temporary server forgets the run: no retrying it
     # fer's progress lines reach the flow run's log, which the terminal shows, once
     assert re.search(r"^Flow run '[\w-]+' - training model default: 1 epoch, batch size 32, ",
@@ -1034,8 +1036,9 @@ def test_a_run_sent_back_to_wait_for_a_slot_is_not_waited_for_without_a_worker(d
     assert not still_following, "--wait waits for ever on a run sent back to wait"
     assert seen == ["Pending", "AwaitingConcurrencySlot"]
     assert isinstance(outcome[0], RunStillGoing)
-    assert re.search(r"no worker picked up flow run .* in 2s; start one with `prefect worker "
-                     r"start --pool fer-sent-back`", str(outcome[0]))
+    assert re.search(r"flow run .* was sent back by its concurrency limit and no worker has "
+                     r"taken it again in 2s; start one with `prefect worker start --pool "
+                     r"fer-sent-back`", str(outcome[0]))
 
 
 @integration

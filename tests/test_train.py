@@ -95,7 +95,8 @@ def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_aver
     lines = [r.getMessage() for r in caplog.records if r.name == "fer.train"]
     assert lines[0].startswith(f"training model default: 2 epochs, batch size 16, float32 (as "
                                f"asked); {len(tiny_dataset.train)} training and "
-                               f"{len(tiny_dataset.validation)} validation images; seed 5; the "
+                               f"{len(tiny_dataset.validation)} validation images (split seed "
+                               f"1337); seed 5; the "
                                f"saved model averages 2 members; run folder {tmp_path}")
     assert [line for line in lines if line.startswith("member")] == [
         "member 1 of 2 (seed 5)", "member 2 of 2 (seed 6)"]
@@ -172,6 +173,14 @@ def test_seeds_numpy_cannot_take_are_refused_before_training(tmp_path, seed, ens
     with pytest.raises(FerError, match=message):
         check_config(config)
     check_config(TrainConfig(epochs=1, seed=2**32 - 3, ensemble=3, out_dir=tmp_path))
+
+
+@pytest.mark.parametrize("split_seed", [-1, 2**32])
+def test_a_split_seed_numpy_cannot_take_is_refused_before_training(tmp_path, split_seed):
+    config = TrainConfig(epochs=1, split_seed=split_seed, out_dir=tmp_path)
+    with pytest.raises(FerError, match=rf"--split-seed {split_seed}: expected a seed from 0 "):
+        check_config(config)
+    check_config(TrainConfig(epochs=1, split_seed=2**32 - 1, out_dir=tmp_path))
 
 
 def test_a_validation_fraction_outside_zero_to_one_is_refused_before_training(tmp_path):
