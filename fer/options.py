@@ -6,6 +6,7 @@ loading TensorFlow) refuse the same impossible values in the same words.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from fer.config import MAX_BATCH_SIZE, TrainConfig
@@ -55,8 +56,8 @@ def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag)
         raise FerError(f"{spell('split_seed')} {config.split_seed}: expected a seed from 0 to "
                        f"{MAX_SEED} (NumPy's range)")
     check_val_fraction(config.val_fraction, what=spell("val_fraction"))
-    if config.learning_rate is not None and not config.learning_rate > 0:
-        raise FerError(f"{spell('learning_rate')} {config.learning_rate}: expected a number "
-                       "above 0")
+    if config.learning_rate is not None and not 0 < config.learning_rate < math.inf:
+        raise FerError(f"{spell('learning_rate')} {config.learning_rate}: expected a finite "
+                       "number above 0")
     check_model_name(config.model)
     check_precision(config.precision, what=spell("precision"))

@@ -65,6 +65,22 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def slow_here(precision: str, *, flags: set[str] | None = None,
+              gpu: bool | None = None) -> str | None:
+    """Why ``precision`` runs slowly on this machine (None where it does not): a run
+    resumed elsewhere keeps the precision it began with, and bf16 without the CPU's bf16
+    instructions trained 10x slower than float32 (BENCHMARKS.md)."""
+    if precision not in ("mixed_bfloat16", "mixed_float16"):
+        return None
+    if has_gpu() if gpu is None else gpu:
+        return None
+    if precision == "mixed_float16":
+        return "this machine has no GPU, and CPUs emulate float16"
+    if (cpu_flags() if flags is None else flags) & BF16_FLAGS:
+        return None
+    return f"this CPU has no bf16 instructions ({', '.join(sorted(BF16_FLAGS))})"
+
+
 def check_precision(requested: str, *, what: str = "--precision") -> None:
     """Refuse an unknown precision name (cheap: no TensorFlow import)."""
     if requested not in PRECISIONS:

@@ -21,10 +21,12 @@ class Profile:
         """The profile's options with the user's on top.
 
         A profile's learning rate is tuned for its own model and batch size: it is dropped
-        when the user picks another model, which then trains at its own rate.
+        when the user picks another model or batch size, and the model trains at its own
+        rate (the one its recipe was measured with at batch 64).
         """
         options = dict(self.train_options)
-        if given.get("model", options["model"]) != options["model"]:
+        if any(given.get(name, options[name]) != options[name]
+               for name in ("model", "batch_size")):
             options.pop("learning_rate", None)
         return {**options, **given}
 

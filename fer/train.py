@@ -41,7 +41,7 @@ from fer.optimizers import build_optimizer
 from fer.options import check_config
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
-from fer.precision import dtype_policy, resolve_precision
+from fer.precision import dtype_policy, resolve_precision, slow_here
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
@@ -306,6 +306,10 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
+    slow = slow_here(run.precision)
+    if slow:  # kept: the weights and optimizer state continue in it
+        log.warning("resuming %s in %s, as it began, but %s: expect it to train several times "
+                    "slower than where it began", run.run_dir.name, run.precision, slow)
     return run, "as the run started", process
 
 

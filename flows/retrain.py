@@ -149,14 +149,18 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     """
     from fer.data import load_dataset
 
-    dataset = load_dataset(Path(source), val_fraction=config.val_fraction,
-                           seed=config.split_seed, cache_dir=Path(data_dir))
+    def split_as(config: TrainConfig):
+        return load_dataset(Path(source), val_fraction=config.val_fraction,
+                            seed=config.split_seed, cache_dir=Path(data_dir))
+
+    dataset = split_as(config)
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
 
     earlier = _earlier_attempt(config.out_dir, started_by)
     if earlier is not None:
         try:
-            return str(_continue(earlier, dataset, resume_flags=resume_flags))
+            return str(_continue(earlier, dataset, split_as=split_as,
+                                 resume_flags=resume_flags))
         except _TrainAgain as why:
             get_run_logger().warning("%s began %s, but %s; training from the start",
                                      started_by, earlier, why)
@@ -190,8 +194,10 @@ class _TrainAgain(Exception):
     """An earlier attempt's run folder that this one cannot continue, and why."""
 
 
-def _continue(run_dir: Path, dataset, *, resume_flags: str = "") -> Path:
-    """An earlier attempt's run: taken as it is once complete, else resumed."""
+def _continue(run_dir: Path, dataset, *, split_as, resume_flags: str = "") -> Path:
+    """An earlier attempt's run: taken as it is once complete, else resumed on the split it
+    recorded (``split_as(config)`` carves it: an attempt begun by a fer before
+    ``split_seed`` carved its validation with ``seed``)."""
     from fer.checkpoint import is_complete, read_run
     from fer.train import fit
 
@@ -207,6 +213,7 @@ def _continue(run_dir: Path, dataset, *, resume_flags: str = "") -> Path:
         raise _TrainAgain(f"it cannot be resumed ({exc})") from None
     if stopped.data_sha256 != dataset.sha256:
         raise _TrainAgain("its data has changed since")
+    dataset = split_as(stopped.config)
     for _ in range(stopped.config.ensemble + 1):  # at most each member deleted once
         try:
             return fit(dataset, stopped.config, verbose=2, resume=stopped,

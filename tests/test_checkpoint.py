@@ -12,6 +12,7 @@ import pytest
 from run_folders import make_run
 
 import fer.checkpoint
+import fer.precision
 import fer.train
 from fer.checkpoint import (
     FOLDER,
@@ -129,6 +130,21 @@ def test_a_run_resumes_on_the_split_it_recorded(tmp_path, tiny_dataset, monkeypa
     del record["config"]["split_seed"]  # as a fer before it recorded the run
     (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
     assert read_run(run_dir).config.split_seed == 3
+
+
+def test_a_resume_where_its_precision_is_slow_says_so(tmp_path, tiny_dataset, monkeypatch,
+                                                      caplog):
+    """A run begun in bf16 (on a CPU with bf16 instructions) resumed on one without keeps
+    bf16, about 10x slower there than float32: the log says so instead of leaving a user
+    to wonder."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="mixed_bfloat16")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    monkeypatch.setattr(fer.precision, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(fer.precision, "has_gpu", lambda: False)
+    with caplog.at_level("WARNING", logger="fer"):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert (f"resuming {run_dir.name} in mixed_bfloat16, as it began, but this CPU has no bf16 "
+            "instructions") in caplog.text
 
 
 def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, tiny_dataset, monkeypatch):

@@ -91,7 +91,9 @@ def test_zip_slip_is_one_line_error(tmp_path, data_dir):
 @pytest.mark.parametrize(("option", "pattern"), [
     (["--model", "resnet"], r"unknown model 'resnet'"),
     (["--precision", "fp8"], r"--precision fp8: expected one of auto"),
-    (["--learning-rate", "0"], r"--learning-rate 0\.0: expected a number above 0"),
+    (["--learning-rate", "0"], r"--learning-rate 0\.0: expected a finite number above 0"),
+    # an infinite rate trained a whole epoch (an hour of `best`) before stopping as diverged
+    (["--learning-rate", "inf"], r"--learning-rate inf: expected a finite number above 0"),
     (["--split-seed", "-1"], r"--split-seed -1: expected a seed from 0 to 4294967295"),
 ])
 @pytest.mark.parametrize("command", [["train"], ["train", "--remote"], ["retrain"]])

@@ -292,12 +292,44 @@ def test_a_retry_takes_its_completed_run_only_on_the_same_data(prefect_api, tmp_
     def attempt(sha256: str) -> str:
         try:
             return str(retrain_module._continue(run_dir, Dataset(
-                source="x", sha256=sha256, test=None)))
+                source="x", sha256=sha256, test=None), split_as=None))
         except retrain_module._TrainAgain as why:
             return f"again: {why}"
 
     assert attempt("a" * 64) == str(run_dir)
     assert attempt("b" * 64) == "again: its data has changed since"
+
+
+@integration
+def test_a_retry_resumes_on_the_split_its_run_recorded(prefect_api, tmp_path, tiny_dataset,
+                                                       monkeypatch):
+    """A retry's parameters carve the split with the flow's split_seed; the run an earlier
+    attempt began (here by a fer before split_seed, which carved with seed 3) resumes on
+    the split it recorded, not on the retry's: another split had failed the pixel check
+    and thrown the finished epochs away."""
+    from test_checkpoint import EpochSpy, stopped_run
+
+    from fer.checkpoint import FOLDER, RUN_RECORD
+
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    record = json.loads((run_dir / FOLDER / RUN_RECORD).read_text())
+    del record["config"]["split_seed"]
+    (run_dir / FOLDER / RUN_RECORD).write_text(json.dumps(record))
+    asked = []
+
+    def split_as(recorded: TrainConfig):
+        asked.append(recorded.split_seed)
+        return tiny_dataset
+
+    @flow
+    def attempt() -> str:
+        return str(retrain_module._continue(run_dir, tiny_dataset, split_as=split_as))
+
+    assert attempt() == str(run_dir)
+    assert asked == [3]
+    assert json.loads((run_dir / "manifest.json").read_text())["resumed_at_epochs"] == {
+        "member 1": [1]}
 
 
 @integration
@@ -320,7 +352,8 @@ def test_a_retry_trains_again_only_the_member_whose_checkpoint_is_damaged(
 
     @flow
     def attempt() -> str:
-        return str(retrain_module._continue(run_dir, tiny_dataset))
+        return str(retrain_module._continue(run_dir, tiny_dataset,
+                                            split_as=lambda config: tiny_dataset))
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

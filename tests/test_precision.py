@@ -9,6 +9,7 @@ from fer.precision import (
     cpu_flags,
     prefer_onednn,
     resolve_precision,
+    slow_here,
 )
 
 NO_BF16 = "auto: no bf16 instructions found (amx_bf16, avx512_bf16)"
@@ -29,6 +30,21 @@ def test_precision_follows_cpu_flags_and_gpu_unless_asked_and_says_why(requested
     user's choice wins. A run's log says why: the flags found, a GPU, or the user."""
     assert resolve_precision(requested, flags=flags, gpu=gpu) == (precision, why)
     assert choose_precision(requested, flags=flags, gpu=gpu) == precision
+
+
+@pytest.mark.parametrize(("precision", "flags", "gpu", "slow"), [
+    ("mixed_bfloat16", {"avx2"}, False, "this CPU has no bf16 instructions (amx_bf16, "
+                                        "avx512_bf16)"),
+    ("mixed_bfloat16", {"avx512_bf16"}, False, None),
+    ("mixed_bfloat16", {"avx2"}, True, None),
+    ("mixed_float16", {"amx_bf16"}, False, "this machine has no GPU, and CPUs emulate float16"),
+    ("mixed_float16", set(), True, None),
+    ("float32", set(), False, None),
+])
+def test_a_precision_slow_on_this_machine_is_named(precision, flags, gpu, slow):
+    """A resumed run keeps its precision: where it began on a bf16 CPU or a GPU and resumes
+    on a machine without, it trains several times slower, and the log says why."""
+    assert slow_here(precision, flags=flags, gpu=gpu) == slow
 
 
 def test_unknown_precision_is_refused_with_the_valid_names():

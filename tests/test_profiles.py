@@ -50,7 +50,8 @@ def test_profile_options_are_train_config_fields():
 
 
 def test_user_options_win_over_the_profile():
-    """--no-tta turns best's averaging off; another --model drops the profile's tuned rate."""
+    """--no-tta turns best's averaging off; another --model or --batch-size drops the
+    profile's tuned rate (fast's 3e-3 is for batch 128: batch 32 trained at it unasked)."""
     assert PROFILES["best"].options_with(tta=False)["tta"] is False
     tuned = PROFILES["fast"].train_options["learning_rate"]
     assert PROFILES["fast"].options_with()["learning_rate"] == tuned
@@ -58,6 +59,9 @@ def test_user_options_win_over_the_profile():
     assert "learning_rate" not in PROFILES["fast"].options_with(model="seed")
     assert PROFILES["fast"].options_with(model="default-pca")["learning_rate"] == tuned
     assert "learning_rate" not in PROFILES["fast"].options_with(model="default")
+    assert "learning_rate" not in PROFILES["fast"].options_with(batch_size=32)
+    assert PROFILES["fast"].options_with(batch_size=128)["learning_rate"] == tuned
+    assert PROFILES["fast"].options_with(batch_size=32, learning_rate=1e-3)["learning_rate"] == 1e-3
 
 
 def test_unknown_profile_lists_the_known_ones():
