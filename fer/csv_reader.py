@@ -119,8 +119,9 @@ def _read_csv_frame(data: bytes, *, origin: str):
     try:
         with warnings.catch_warnings():  # pandas warns that it drops the trailing empty field
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # a byte that is not UTF-8 becomes U+FFFD: the row checks then name its line
             frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
-                                skip_blank_lines=False,
+                                skip_blank_lines=False, encoding_errors="replace",
                                 index_col=False if trailing_comma else None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{origin}: not a readable CSV ({exc})") from None

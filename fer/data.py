@@ -14,6 +14,7 @@ The test split is never used for model selection.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import logging
@@ -42,8 +43,11 @@ log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "test")
 # How a folder's sha256 is computed; memos of another format are computed again. 2: clutter
-# (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out.
-HASH_FORMAT = 2
+# (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out. 3: only
+# the files the dataset is read from (the split folders' files, or the one CSV), so that
+# runs/, artifacts/ or notes written beside them leave it as it was (a folder holding
+# nothing else hashes as under 2).
+HASH_FORMAT = 3
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # How an image file OpenCV cannot decode is described, in datasets and in `fer predict`.
 UNDECODABLE = ("not a decodable image (expected a jpg, png or other format OpenCV reads, "
@@ -301,6 +305,22 @@ def _splits_of(entries: list[tuple[str, Callable[[], bytes]]], *, source: Path,
     return read_image_layout(iter(entries), origin=str(source))
 
 
+def _read_entries(entries: list[tuple[str, Callable[[], bytes]]], *, source: Path
+                  ) -> list[tuple[str, Callable[[], bytes]]]:
+    """The entries ``_splits_of`` reads the dataset from: the one CSV, or the files in split
+    folders (``<split>/<class>/<file>``; CSVs there are other files). What the data sha256
+    covers: a run folder, a store or notes beside the dataset do not change it."""
+    csv = _the_csv([n for n, _ in _csv_entries(entries)], entries, source=source)
+    if csv is not None:
+        return [(n, read) for n, read in entries if n == csv]
+    return [(n, read) for n, read in entries
+            if _in_a_split_folder(PurePosixPath(n).parts) and not n.lower().endswith(".csv")]
+
+
+def _in_a_split_folder(parts: tuple[str, ...]) -> bool:
+    return len(parts) >= 3 and parts[-3].lower() in SPLIT_FOLDERS and not _is_noise(parts)
+
+
 def _csv_entries(entries: list[tuple[str, Callable[[], bytes]]]):
     return [(n, read) for n, read in entries
             if n.lower().endswith(".csv") and not _is_noise(PurePosixPath(n).parts)]
@@ -313,8 +333,7 @@ def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
 
 
 def _is_layout_image(parts: tuple[str, ...]) -> bool:
-    return (len(parts) >= 3 and parts[-3].lower() in SPLIT_FOLDERS and not _is_noise(parts)
-            and parts[-1].lower().endswith(IMAGE_SUFFIXES))
+    return _in_a_split_folder(parts) and parts[-1].lower().endswith(IMAGE_SUFFIXES)
 
 
 def dataset_root(folder: Path) -> Path | None:
@@ -391,6 +410,17 @@ def _walk_files(root: Path) -> Iterator[Path]:
             path = here / name
             if path.is_file():  # a file, or a link to one; not a broken link or a socket
                 yield path
+            elif path.is_symlink() and not path.exists() and _may_hold_data(path, root):
+                raise FileNotFoundError(errno.ENOENT, "a link to nothing (an unmounted disk? "
+                                        "a moved folder?)", str(path))
+
+
+def _may_hold_data(path: Path, root: Path) -> bool:
+    """Whether ``path`` stands where the dataset is read from: a class folder in a split
+    folder, an image in one, or a CSV (a broken link elsewhere, in a venv say, is not)."""
+    parts = path.relative_to(root).parts
+    return (len(parts) >= 2 and parts[-2].lower() in SPLIT_FOLDERS
+            or _in_a_split_folder(parts) or path.name.lower().endswith(".csv"))
 
 
 def _is_loop(folder: Path, root: Path) -> bool:
@@ -836,7 +866,7 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
         return memo["sha256"]
     if source.is_dir():
         digest = hashlib.sha256()
-        for name, read in _folder_entries(source):
+        for name, read in _read_entries(list(_folder_entries(source)), source=source):
             digest.update(os.fsencode(name) + b"\0" + hashlib.sha256(read()).digest())
         value = digest.hexdigest()
     else:

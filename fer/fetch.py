@@ -79,6 +79,7 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     with ``retry_later`` (a caller that will try again: a flow's task before its last
     attempt), a failure that may pass by itself raises instead, so that the retry can
     fetch the current file rather than train on the old one at once."""
+    _check_not_empty(source)
     try:
         with data_dir_lock(data_dir):
             if unless_current and current_source(data_dir) is not None:
@@ -135,7 +136,7 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
     # fer's copies, each with the source as given and how a path inside it is joined on
     copies = {str(local): (source, "/")}  # a folder used in place is the user's own
     try:
-        if is_archive(local):
+        if local.is_file() and is_archive(local):  # a folder named x.zip is a folder
             copies[str(_unpacked_folder(local, data_dir=data_dir, digest=digest))] = (source, "!")
             dataset_path = _unpack(local, data_dir=data_dir, digest=digest)
         elif digest is not None:  # a CSV
@@ -235,6 +236,14 @@ def current_source(data_dir: Path) -> DataSource | None:
     return DataSource(path, origin if isinstance(origin, str) else None)
 
 
+def _check_not_empty(source: str) -> None:
+    """An empty source (a script's unset variable: `--data "$DATA"`) read the current
+    folder as the dataset, and fetch-data made it the current one."""
+    if not source.strip():
+        raise DataError(f"data source {source!r} is empty: expected a path, an http(s) URL "
+                        "or s3://bucket/key (`.` names the current folder)")
+
+
 def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
                  endpoint_url: str | None = None, progress: Progress | None = None,
                  retry_later: bool = False) -> DataSource:
@@ -252,6 +261,7 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
                                 endpoint_url=endpoint_url, progress=progress,
                                 retry_later=retry_later)
         return DataSource(fetched.path, fetched.origin)
+    _check_not_empty(data)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
         return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
                                      progress=progress, make_current=False,
@@ -402,7 +412,9 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                         for field, header in _HTTP_RESPONSE_VALIDATORS.items()}
             if target.exists() and _same_strong_etag(answered, validators):
                 return target  # a server that ignores If-None-Match, with the same file
-            total = int(response.headers.get("Content-Length") or 0) or None
+            # http.client's reading of Content-Length: None where it is not a length
+            # (int() of `abc` raised a traceback; a negative one promised -5 bytes)
+            total = response.length or None
             # Neither a length nor chunks: an answer cut short cannot be told from a whole
             # one, so it is not kept by its validators (a 304 would keep it for good).
             checkable = total is not None or getattr(response, "chunked", False)

@@ -104,6 +104,15 @@ def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, c
     assert_one_line_error(result, pattern)
 
 
+@pytest.mark.parametrize("command", [["fetch-data", "--source", ""], ["train", "--data", " "]])
+def test_an_empty_data_source_is_refused(tmp_path, data_dir, command):
+    """`--data "$DATA"` with the variable unset read the current folder as the dataset (and
+    fetch-data made it the current one)."""
+    result = run_fer(*command, cwd=tmp_path)
+    assert_one_line_error(result, r"data source '\s*' is empty: expected a path, an http\(s\) "
+                                  r"URL or s3://bucket/key")
+
+
 def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     """`fer train --remote` hands the worker what the user chose, profile filled in."""
     from typer.testing import CliRunner

@@ -112,6 +112,17 @@ def test_a_latin1_superscript_digit_is_not_a_label(tmp_path):
         read_splits(path)
 
 
+def test_a_byte_that_is_not_utf8_in_the_pixels_is_named_by_line_and_pixel(tmp_path):
+    """Byte 0xB2 inside a pixel field: the message was pandas' UnicodeDecodeError with a
+    byte offset, naming neither the line nor the pixel."""
+    path = tmp_path / "bad.csv"
+    path.write_bytes(f"emotion,pixels,Usage\n0,{GOOD},PublicTest\n".encode()
+                     + b"0,7 \xb2" + GOOD[3:].encode() + b",Training\n")
+    with pytest.raises(DataError, match=r"bad\.csv, line 3: pixel 2 is '\ufffd', expected an "
+                                        r"integer"):
+        read_splits(path)
+
+
 def test_a_row_name_before_every_row_is_left_out(tmp_path):
     """R's write.table writes a quoted row name before each row and none in the header:
     pandas takes it for an index, as it did before trailing commas were handled."""

@@ -334,6 +334,61 @@ def test_a_data_folder_holding_other_files_is_not_tagged_a_cache(tmp_path, image
     assert not (own / "CACHEDIR.TAG").exists() and (older / "CACHEDIR.TAG").exists()
 
 
+def test_files_beside_a_dataset_leave_its_sha256_alone(tmp_path, image_tree, shaded_csv):
+    """`fer train --data .` in a folder holding train/ and test/: the runs/ it writes there
+    (and a folder store, notes) had changed the data sha256 with every run, so a stopped
+    run could not resume and no later run could become champion (another sha256). The
+    sha256 covers the files the dataset is read from, and is the same as before for a
+    folder holding nothing else, so that earlier runs' sha256 still compare."""
+    import hashlib
+
+    def as_before(root: Path) -> str:  # HASH_FORMAT 2: every file but clutter, by name
+        digest = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(os.fsencode(path.relative_to(root).as_posix()) + b"\0"
+                          + hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
+
+    plain = load_dataset(image_tree).sha256
+    assert plain == as_before(image_tree)
+    run = image_tree / "runs" / "20261206-083000-default-ab12"
+    (run / "checkpoint" / "member-1").mkdir(parents=True)
+    for name in ("history.csv", "curves.png", "manifest.json", "checkpoint/run.json",
+                 "checkpoint/member-1/state.json"):
+        (run / name).write_bytes(b"written by a run")
+    (image_tree / "artifacts" / "runs").mkdir(parents=True)
+    (image_tree / "artifacts" / "latest.json").write_text("{}")
+    (image_tree / "notes.txt").write_text("trained on Monday")
+    assert load_dataset(image_tree).sha256 == plain
+    (image_tree / "train" / "happy" / "0.png").write_bytes(
+        (image_tree / "train" / "sad" / "0.png").read_bytes())
+    assert load_dataset(image_tree).sha256 != plain  # the data itself still counts
+
+    folder = tmp_path / "csv-folder"
+    folder.mkdir()
+    shutil.copy(shaded_csv, folder / "fer2013.csv")
+    alone = load_dataset(folder).sha256
+    assert alone == as_before(folder)
+    (folder / "notes.txt").write_text("the Kaggle CSV")
+    assert load_dataset(folder).sha256 == alone
+
+
+def test_a_class_folder_linked_to_nothing_is_an_error(tmp_path):
+    """A class folder linked from a disk that is not mounted: the listing skipped the broken
+    link without a word, and the model trained without that class. A broken link elsewhere
+    in the folder (a virtual environment's) is not the dataset's."""
+    root = write_image_tree(tmp_path / "ds", per_class=2)
+    (root / "venv" / "bin").mkdir(parents=True)
+    (root / "venv" / "bin" / "python").symlink_to(tmp_path / "gone" / "python3")
+    assert load_dataset(root).train.class_counts()["happy"] == 2
+    shutil.rmtree(root / "train" / "happy")
+    (root / "train" / "happy").symlink_to(tmp_path / "unmounted" / "happy",
+                                          target_is_directory=True)
+    with pytest.raises(DataError, match=r"ds: cannot be read: a link to nothing \(an unmounted "
+                                        r"disk\? a moved folder\?\) \(.*ds/train/happy\)"):
+        load_dataset(root)
+
+
 def test_a_folder_hash_memo_of_an_older_format_is_computed_again(tmp_path, image_tree):
     """The memo of a folder's sha256 is keyed by its stat stamp; one written by a version that
     hashed differently (same stamp) must not survive an upgrade."""

@@ -189,6 +189,14 @@ def test_sha256_of_a_folder_is_its_data_sha256(tmp_path, image_tree):
         fetch_data(str(image_tree), data_dir=tmp_path / "d", sha256="0" * 64)
 
 
+def test_a_folder_named_like_an_archive_is_read_as_a_folder(tmp_path, image_tree):
+    """A folder named fer2013.zip (an archive unpacked under its own name) was unpacked as
+    an archive, and the IsADirectoryError blamed FER_DATA_DIR's space and permissions."""
+    named = image_tree.rename(tmp_path / "fer2013.zip")
+    fetched = fetch_data(str(named), data_dir=tmp_path / "d")
+    assert fetched.path == named.resolve() and len(load_dataset(fetched.path).test) == 21
+
+
 def test_sha256_mismatch_is_refused(tmp_path, layout_zip):
     """A bad copy is refused and not kept, so fetching again really fetches again."""
     with pytest.raises(DataError, match=r"archive\.zip: sha256 is [0-9a-f]{64}, expected 0{64}"):
@@ -416,6 +424,28 @@ def test_a_server_without_validators_is_downloaded_every_time(tmp_path, shaded_c
     finally:
         _IgnoringConditions.etag = '"v1"'
     assert changed.sha256 != first.sha256
+
+
+class _BadLength(_Quiet):
+    """Answers 200 with the body and a Content-Length that is not a length, then hangs up."""
+
+    body = b""
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("Content-Length", "abc")
+        self.end_headers()
+        self.wfile.write(self.body)
+        self.close_connection = True
+
+
+def test_a_content_length_that_is_not_a_number_reads_as_no_length(tmp_path, shaded_csv):
+    """A proxy's `Content-Length: abc` raised ValueError with a traceback; the body is read
+    to the end of the connection, as for an answer without a length."""
+    _BadLength.body = shaded_csv.read_bytes()
+    with serving(_BadLength) as base:
+        fetched = fetch_data(f"{base}/fer2013.csv", data_dir=tmp_path / "d")
+    assert fetched.path.read_bytes() == shaded_csv.read_bytes()
 
 
 class _Answering(_Quiet):
