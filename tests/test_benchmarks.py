@@ -117,3 +117,32 @@ def test_speed_ratio_benchmark_times_windows_of_equal_length(tmp_path, fer_subse
     assert model_steps > 2  # several times the seed's speed, so more steps per window
     assert re.search(r"^fastest window: seed \d+\.\d, default-pca \d+\.\d images/s, ratio "
                      r"\d+\.\d\dx$", done.stdout, re.MULTILINE), done.stdout
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_the_no_decay_norm_variants_decay_kernels_only(kind):
+    """variant_benchmark's `no-decay-norm` optimisers leave batch norm's scale and offset
+    and the biases out of the weight decay and decay the kernels (a step of zero gradient
+    moves nothing but the decay)."""
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from variant_benchmark import build_optimizer_sparing_norms
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from fer.models import FusedBatchNorm
+
+    inputs = keras.Input((6, 6, 1))
+    x = FusedBatchNorm()(keras.layers.Conv2D(4, 3, use_bias=False)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    for variable in model.trainable_variables:  # non-zero, so that decay would show
+        variable.assign(np.full(variable.shape, 0.5, dtype="float32"))
+    optimizer = build_optimizer_sparing_norms(f"{kind}-no-decay-norm", learning_rate=0.1,
+                                              weight_decay=0.5, total_steps=10)
+    before = {v.path: np.array(v) for v in model.trainable_variables}
+    optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in model.trainable_variables])
+    moved = {v.path.split("/")[-1] for v in model.trainable_variables
+             if not np.allclose(np.array(v), before[v.path])}
+    assert moved == {"kernel"}
