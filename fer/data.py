@@ -149,6 +149,10 @@ def _assemble(source: Path, digest: str, splits: dict[str, Split], *, val_fracti
         log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); "
                     "the validation fraction asked for (--val-fraction, a flow's val_fraction: "
                     "%g) is not used", source, val_fraction)
+    if validation is not None and seed != DEFAULT_SEED:
+        log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); "
+                    "the split seed asked for (--split-seed, a flow's split_seed: %d) is not "
+                    "used", source, seed)
     if train is not None and validation is None:
         train, validation = split_validation(train, fraction=val_fraction, seed=seed)
         origin = f"carved from train ({val_fraction:g}, seed {seed}, {COPIES_ON_ONE_SIDE})"
@@ -322,8 +326,20 @@ def _in_a_split_folder(parts: tuple[str, ...]) -> bool:
 
 
 def _csv_entries(entries: list[tuple[str, Callable[[], bytes]]]):
+    """The CSVs that may be the dataset: not clutter, nor a run's history.csv (`fer train
+    --data .` in the CSV's folder writes runs/ there; so does a folder store)."""
+    names = {n for n, _ in entries}
     return [(n, read) for n, read in entries
-            if n.lower().endswith(".csv") and not _is_noise(PurePosixPath(n).parts)]
+            if n.lower().endswith(".csv") and not _is_noise(PurePosixPath(n).parts)
+            and not _in_a_run_folder(n, names)]
+
+
+def _in_a_run_folder(name: str, names: set[str]) -> bool:
+    """Whether ``name``'s folder is one `fer train` wrote: it holds the run's manifest.json
+    or, while the run trains, its checkpoint/run.json."""
+    folder = posixpath.dirname(name)
+    return any(posixpath.join(folder, *record) in names
+               for record in (("manifest.json",), ("checkpoint", "run.json")))
 
 
 def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:
@@ -416,10 +432,14 @@ def _walk_files(root: Path) -> Iterator[Path]:
 
 
 def _may_hold_data(path: Path, root: Path) -> bool:
-    """Whether ``path`` stands where the dataset is read from: a class folder in a split
-    folder, an image in one, or a CSV (a broken link elsewhere, in a venv say, is not)."""
+    """Whether ``path`` stands where the dataset is read from: a split folder, a class
+    folder in one, an image in one, or a CSV (a broken link elsewhere, in a venv say, or
+    in clutter, is not)."""
     parts = path.relative_to(root).parts
-    return (len(parts) >= 2 and parts[-2].lower() in SPLIT_FOLDERS
+    if _is_noise(parts):
+        return False
+    return (parts[-1].lower() in SPLIT_FOLDERS
+            or len(parts) >= 2 and parts[-2].lower() in SPLIT_FOLDERS
             or _in_a_split_folder(parts) or path.name.lower().endswith(".csv"))
 
 
@@ -856,7 +876,8 @@ def pixels_sha256(dataset: Dataset) -> str:
 
 
 def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
-    """sha256 of a file, or of a folder's sorted (path, content) pairs; memoised by stat."""
+    """sha256 of a file, or of the sorted (path, content) pairs of the files a folder's
+    dataset is read from (``_read_entries``); memoised by stat."""
     stamp = stat_stamp(source, change_time=True)
     index_path = cache_dir / HASH_MEMO if cache_dir else None
     index = read_json(index_path) if index_path else {}
@@ -896,9 +917,9 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     if source.is_file():
         return fields(source.stat())
     digest = hashlib.sha256()
-    for path in _data_files(source):
-        stamp = "\0".join(map(str, fields(path.stat())))
-        digest.update(os.fsencode(f"{path.relative_to(source).as_posix()}\0{stamp}\n"))
+    for name, _ in _read_entries(list(_folder_entries(source)), source=source):
+        stamp = "\0".join(map(str, fields((source / name).stat())))
+        digest.update(os.fsencode(f"{name}\0{stamp}\n"))
     return digest.hexdigest()
 
 

@@ -79,7 +79,7 @@ def fetch_data(source: str, *, data_dir: Path, sha256: str | None = None,
     with ``retry_later`` (a caller that will try again: a flow's task before its last
     attempt), a failure that may pass by itself raises instead, so that the retry can
     fetch the current file rather than train on the old one at once."""
-    _check_not_empty(source)
+    check_not_empty(source)
     try:
         with data_dir_lock(data_dir):
             if unless_current and current_source(data_dir) is not None:
@@ -236,7 +236,7 @@ def current_source(data_dir: Path) -> DataSource | None:
     return DataSource(path, origin if isinstance(origin, str) else None)
 
 
-def _check_not_empty(source: str) -> None:
+def check_not_empty(source: str) -> None:
     """An empty source (a script's unset variable: `--data "$DATA"`) read the current
     folder as the dataset, and fetch-data made it the current one."""
     if not source.strip():
@@ -261,7 +261,7 @@ def resolve_data(data: str | None, *, data_dir: Path, default_source: str,
                                 endpoint_url=endpoint_url, progress=progress,
                                 retry_later=retry_later)
         return DataSource(fetched.path, fetched.origin)
-    _check_not_empty(data)
+    check_not_empty(data)
     if _is_remote(data):  # a one-off source: the current dataset stays what fetch-data made it
         return DataSource(fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url,
                                      progress=progress, make_current=False,
@@ -414,7 +414,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
                 return target  # a server that ignores If-None-Match, with the same file
             # http.client's reading of Content-Length: None where it is not a length
             # (int() of `abc` raised a traceback; a negative one promised -5 bytes)
-            total = response.length or None
+            total = getattr(response, "length", None) or None  # ftp:// (a redirect): none
             # Neither a length nor chunks: an answer cut short cannot be told from a whole
             # one, so it is not kept by its validators (a 304 would keep it for good).
             checkable = total is not None or getattr(response, "chunked", False)

@@ -149,10 +149,10 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
     config = run.config
     averaged = _averaged(config)
     log.info("%s model %s: %s, batch size %d, %s (%s); %d training and %d validation "
-             "images (split seed %d); seed %d%s; run folder %s",
+             "images (validation %s); seed %d%s; run folder %s",
              "resuming" if resumed else "training",
              spec.name, _count(config.epochs, "epoch"), config.batch_size, run.precision, why,
-             len(dataset.train), len(dataset.validation), config.split_seed, config.seed,
+             len(dataset.train), len(dataset.validation), dataset.validation_origin, config.seed,
              f"; the saved model averages {averaged}" if averaged else "", run.run_dir)
     members: list[Member] = []
     try:
@@ -308,8 +308,8 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
                     "the first)", run.run_dir.name, commit, run.git_commit)
     slow = slow_here(run.precision)
     if slow:  # kept: the weights and optimizer state continue in it
-        log.warning("resuming %s in %s, as it began, but %s: expect it to train several times "
-                    "slower than where it began", run.run_dir.name, run.precision, slow)
+        log.warning("resuming %s in %s, as it began, but %s: it trains several times slower "
+                    "here than float32 would", run.run_dir.name, run.precision, slow)
     return run, "as the run started", process
 
 

@@ -267,6 +267,10 @@ def train(
         _check_publish_options(ctx)
     if not remote:  # `--out=~/runs` keeps its ~ in the shell; a remote run's is the worker's
         out = expand_home(out, what="--out")
+    if data is not None:  # before a remote run is queued to fail on the worker
+        from fer.fetch import check_not_empty
+
+        check_not_empty(data)
     if resume is not None:
         _check_resume_alone(ctx, remote=remote, publish=publish)
     else:

@@ -30,6 +30,7 @@ from prefect.utilities.templating import find_placeholders
 
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
+from fer.fetch import check_not_empty
 from fer.options import check_config, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
@@ -336,6 +337,8 @@ def check_parameters(parameters: dict) -> None:
         except pydantic.ValidationError as exc:
             raise FerError(f"{name}: {value!r}: {exc.errors()[0]['msg']}") from None
     check_config(_train_config(values), spell=parameter_name)
+    if values.get("data") is not None:
+        check_not_empty(values["data"])
 
 
 def _templated(value: object) -> bool:

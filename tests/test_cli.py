@@ -104,7 +104,8 @@ def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, c
     assert_one_line_error(result, pattern)
 
 
-@pytest.mark.parametrize("command", [["fetch-data", "--source", ""], ["train", "--data", " "]])
+@pytest.mark.parametrize("command", [["fetch-data", "--source", ""], ["train", "--data", " "],
+                                     ["train", "--remote", "--data", ""]])
 def test_an_empty_data_source_is_refused(tmp_path, data_dir, command):
     """`--data "$DATA"` with the variable unset read the current folder as the dataset (and
     fetch-data made it the current one)."""
@@ -523,10 +524,13 @@ def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, mo
     from fer.data import load_dataset
     from fer.train import train
 
-    dataset = load_dataset(fer_subset, cache_dir=data_dir)
+    # another split seed than the default: the resume must carve the split the run recorded
+    # (its pixel check refuses another)
+    dataset = load_dataset(fer_subset, cache_dir=data_dir, seed=11)
     EpochSpy(monkeypatch, stop_at=2)
     with pytest.raises(KeyboardInterrupt):
-        train(dataset, TrainConfig(epochs=3, out_dir=tmp_path / "runs"), verbose=0)
+        train(dataset, TrainConfig(epochs=3, seed=3, split_seed=11, out_dir=tmp_path / "runs"),
+              verbose=0)
     (run_dir,) = (tmp_path / "runs").iterdir()
 
     # `fer train --resume`, recording whether TensorFlow was loaded when fer asked for its
@@ -556,6 +560,7 @@ def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, mo
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_at_epochs"] == {"member 1": [1]}
     assert manifest["data"]["source"] == str(fer_subset)
+    assert "seed 11," in manifest["data"]["validation"]
 
 
 @pytest.mark.integration

@@ -369,8 +369,21 @@ def test_files_beside_a_dataset_leave_its_sha256_alone(tmp_path, image_tree, sha
     shutil.copy(shaded_csv, folder / "fer2013.csv")
     alone = load_dataset(folder).sha256
     assert alone == as_before(folder)
+    stamp = fer.data.stat_stamp(folder, change_time=True)
     (folder / "notes.txt").write_text("the Kaggle CSV")
+    # a finished run's history.csv (beside its manifest), and one of a run still training
+    # (beside its checkpoint's run.json): neither is a second CSV of the dataset
+    for run, record in (("runs/20261206-083000-default-ab12", "manifest.json"),
+                        ("artifacts/runs/20261206-090000-default-cd34", "checkpoint/run.json")):
+        (folder / run / "checkpoint").mkdir(parents=True)
+        (folder / run / "history.csv").write_text("epoch,accuracy\n1,0.5\n")
+        (folder / run / record).write_text("{}")
     assert load_dataset(folder).sha256 == alone
+    # nor do they change the memo's stamp: a load does not hash the dataset again
+    assert fer.data.stat_stamp(folder, change_time=True) == stamp
+    (folder / "other.csv").write_text("emotion,pixels,Usage\n")  # a CSV of the user's own
+    with pytest.raises(DataError, match=r"holds 2 CSV files \(fer2013\.csv, other\.csv\)"):
+        load_dataset(folder)
 
 
 def test_a_class_folder_linked_to_nothing_is_an_error(tmp_path):
@@ -380,7 +393,15 @@ def test_a_class_folder_linked_to_nothing_is_an_error(tmp_path):
     root = write_image_tree(tmp_path / "ds", per_class=2)
     (root / "venv" / "bin").mkdir(parents=True)
     (root / "venv" / "bin" / "python").symlink_to(tmp_path / "gone" / "python3")
+    (root / "__MACOSX" / "train").mkdir(parents=True)  # clutter is never read
+    (root / "__MACOSX" / "train" / "happy").symlink_to(tmp_path / "gone" / "happy")
     assert load_dataset(root).train.class_counts()["happy"] == 2
+    elsewhere = shutil.move(root / "test", tmp_path / "test")
+    (root / "test").symlink_to(tmp_path / "unmounted" / "test", target_is_directory=True)
+    with pytest.raises(DataError, match=r"cannot be read: a link to nothing .*ds/test\)"):
+        load_dataset(root, require_train=False)  # was a test split missing, or none at all
+    (root / "test").unlink()
+    shutil.move(elsewhere, root / "test")
     shutil.rmtree(root / "train" / "happy")
     (root / "train" / "happy").symlink_to(tmp_path / "unmounted" / "happy",
                                           target_is_directory=True)
@@ -420,6 +441,12 @@ def test_another_val_fraction_for_a_source_with_its_own_validation_is_a_warning(
     assert caplog.messages == [f"{shaded_csv}: validation is the source's own split (the CSV's "
                                "PublicTest rows); the validation fraction asked for (--val-fraction, a "
                                "flow's val_fraction: 0.2) is not used"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fer.data"):
+        load_dataset(shaded_csv, seed=7)
+    assert caplog.messages == [f"{shaded_csv}: validation is the source's own split (the CSV's "
+                               "PublicTest rows); the split seed asked for (--split-seed, a "
+                               "flow's split_seed: 7) is not used"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="fer.data"):
         load_dataset(shaded_csv)

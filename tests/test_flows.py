@@ -161,6 +161,12 @@ def test_an_out_dir_with_a_tilde_is_the_home_folder_where_the_flow_runs(monkeypa
     check_parameters({"out_dir": "~fer-no-such-user-4f2a/runs"})
 
 
+def test_an_empty_data_parameter_is_refused_by_fer_deploy():
+    """`data: ""` read the worker's working folder as the dataset when the run fired."""
+    with pytest.raises(FerError, match=r"data source '' is empty"):
+        check_parameters({"data": ""})
+
+
 def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
     """YAML reads an unquoted `data: 2025-01-06` as a date, which Prefect's placeholder
     search raised ValueError on (a traceback from `fer deploy`); it is a type error named."""

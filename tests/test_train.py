@@ -95,8 +95,8 @@ def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_aver
     lines = [r.getMessage() for r in caplog.records if r.name == "fer.train"]
     assert lines[0].startswith(f"training model default: 2 epochs, batch size 16, float32 (as "
                                f"asked); {len(tiny_dataset.train)} training and "
-                               f"{len(tiny_dataset.validation)} validation images (split seed "
-                               f"1337); seed 5; the "
+                               f"{len(tiny_dataset.validation)} validation images (validation "
+                               f"{tiny_dataset.validation_origin}); seed 5; the "
                                f"saved model averages 2 members; run folder {tmp_path}")
     assert [line for line in lines if line.startswith("member")] == [
         "member 1 of 2 (seed 5)", "member 2 of 2 (seed 6)"]
