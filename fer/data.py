@@ -42,6 +42,10 @@ from fer.manifest import read_json, write_json
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "test")
+# A run folder's name (fer.manifest.new_run_id) and the training history `fer train` writes
+# into it: a run trained into the dataset's folder leaves it there, not a second CSV.
+_RUN_FOLDER = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9._-]+-[0-9a-f]{4}")
+RUN_HISTORY = "history.csv"
 # How a folder's sha256 is computed; memos of another format are computed again. 2: clutter
 # (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out. 3: only
 # the files the dataset is read from (the split folders' files, or the one CSV), so that
@@ -151,8 +155,8 @@ def _assemble(source: Path, digest: str, splits: dict[str, Split], *, val_fracti
                     "%g) is not used", source, val_fraction)
     if validation is not None and seed != DEFAULT_SEED:
         log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); "
-                    "the split seed asked for (--split-seed, a flow's split_seed: %d) is not "
-                    "used", source, seed)
+                    "split seed %d (--split-seed, a flow's split_seed) is not used", source,
+                    seed)
     if train is not None and validation is None:
         train, validation = split_validation(train, fraction=val_fraction, seed=seed)
         origin = f"carved from train ({val_fraction:g}, seed {seed}, {COPIES_ON_ONE_SIDE})"
@@ -335,11 +339,15 @@ def _csv_entries(entries: list[tuple[str, Callable[[], bytes]]]):
 
 
 def _in_a_run_folder(name: str, names: set[str]) -> bool:
-    """Whether ``name``'s folder is one `fer train` wrote: it holds the run's manifest.json
-    or, while the run trains, its checkpoint/run.json."""
-    folder = posixpath.dirname(name)
-    return any(posixpath.join(folder, *record) in names
-               for record in (("manifest.json",), ("checkpoint", "run.json")))
+    """Whether ``name`` is a run's history.csv: in a folder named as `fer train` names runs
+    (``20261125-134501-default-3f9a``), or beside a run's manifest.json or checkpoint (a
+    run folder renamed). A CSV of the user's own beside a manifest.json is not one."""
+    folder, file = posixpath.split(name)
+    if file != RUN_HISTORY:
+        return False
+    return bool(_RUN_FOLDER.fullmatch(posixpath.basename(folder))) or any(
+        posixpath.join(folder, *record) in names
+        for record in (("manifest.json",), ("checkpoint", "run.json")))
 
 
 def _in_split_folders(entries: list[tuple[str, Callable[[], bytes]]]) -> bool:

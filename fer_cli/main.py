@@ -472,6 +472,10 @@ def retrain(
     # error where the machine is offline; PREFECT_SERVER_ANALYTICS_ENABLED=true set in the
     # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if data is not None:  # before a server starts, or the one named is asked
+        from fer.fetch import check_not_empty
+
+        check_not_empty(data)
     remote = _import_flows("flows.remote")
     if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
         remote.require_api()

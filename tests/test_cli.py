@@ -105,7 +105,8 @@ def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, c
 
 
 @pytest.mark.parametrize("command", [["fetch-data", "--source", ""], ["train", "--data", " "],
-                                     ["train", "--remote", "--data", ""]])
+                                     ["train", "--remote", "--data", ""],
+                                     ["retrain", "--data", ""]])
 def test_an_empty_data_source_is_refused(tmp_path, data_dir, command):
     """`--data "$DATA"` with the variable unset read the current folder as the dataset (and
     fetch-data made it the current one)."""

@@ -351,6 +351,7 @@ def test_files_beside_a_dataset_leave_its_sha256_alone(tmp_path, image_tree, sha
 
     plain = load_dataset(image_tree).sha256
     assert plain == as_before(image_tree)
+    stamp = fer.data.stat_stamp(image_tree, change_time=True)
     run = image_tree / "runs" / "20261206-083000-default-ab12"
     (run / "checkpoint" / "member-1").mkdir(parents=True)
     for name in ("history.csv", "curves.png", "manifest.json", "checkpoint/run.json",
@@ -360,6 +361,7 @@ def test_files_beside_a_dataset_leave_its_sha256_alone(tmp_path, image_tree, sha
     (image_tree / "artifacts" / "latest.json").write_text("{}")
     (image_tree / "notes.txt").write_text("trained on Monday")
     assert load_dataset(image_tree).sha256 == plain
+    assert fer.data.stat_stamp(image_tree, change_time=True) == stamp  # no hashing again
     (image_tree / "train" / "happy" / "0.png").write_bytes(
         (image_tree / "train" / "sad" / "0.png").read_bytes())
     assert load_dataset(image_tree).sha256 != plain  # the data itself still counts
@@ -371,13 +373,18 @@ def test_files_beside_a_dataset_leave_its_sha256_alone(tmp_path, image_tree, sha
     assert alone == as_before(folder)
     stamp = fer.data.stat_stamp(folder, change_time=True)
     (folder / "notes.txt").write_text("the Kaggle CSV")
-    # a finished run's history.csv (beside its manifest), and one of a run still training
-    # (beside its checkpoint's run.json): neither is a second CSV of the dataset
+    # a finished run's history.csv, one of a run still training (beside its checkpoint's
+    # run.json), one a publish or download cut short left without its manifest, one in a run
+    # folder renamed: none is a second CSV of the dataset
     for run, record in (("runs/20261206-083000-default-ab12", "manifest.json"),
-                        ("artifacts/runs/20261206-090000-default-cd34", "checkpoint/run.json")):
+                        ("runs/20261206-090000-default-cd34", "checkpoint/run.json"),
+                        ("artifacts/runs/20261206-093000-wide-full-res-ef56", None),
+                        ("best-run", "manifest.json")):
         (folder / run / "checkpoint").mkdir(parents=True)
         (folder / run / "history.csv").write_text("epoch,accuracy\n1,0.5\n")
-        (folder / run / record).write_text("{}")
+        if record:
+            (folder / run / record).write_text("{}")
+    (folder / "manifest.json").write_text("{}")  # the user's own, beside the dataset's CSV
     assert load_dataset(folder).sha256 == alone
     # nor do they change the memo's stamp: a load does not hash the dataset again
     assert fer.data.stat_stamp(folder, change_time=True) == stamp
@@ -445,8 +452,8 @@ def test_another_val_fraction_for_a_source_with_its_own_validation_is_a_warning(
     with caplog.at_level("WARNING", logger="fer.data"):
         load_dataset(shaded_csv, seed=7)
     assert caplog.messages == [f"{shaded_csv}: validation is the source's own split (the CSV's "
-                               "PublicTest rows); the split seed asked for (--split-seed, a "
-                               "flow's split_seed: 7) is not used"]
+                               "PublicTest rows); split seed 7 (--split-seed, a flow's "
+                               "split_seed) is not used"]
     caplog.clear()
     with caplog.at_level("WARNING", logger="fer.data"):
         load_dataset(shaded_csv)
