@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from common import BENCH_CACHE, machine_line
 
+from fer.config import DEFAULT_SEED
 from fer.data import load_dataset
 from fer.evaluate import predict_labels
 from fer.models import averaging, class_names_of, load_model, with_precision
@@ -90,7 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line(), flush=True)
     sha256, fraction, seed, origin = shared_split(args.run)
-    dataset = load_dataset(args.data, val_fraction=fraction, seed=seed,
+    dataset = load_dataset(args.data, val_fraction=fraction,
+                           seed=DEFAULT_SEED if seed is None else seed,  # a source's own split
                            cache_dir=BENCH_CACHE)
     if dataset.sha256 != sha256:
         raise SystemExit(f"{args.data}: sha256 {dataset.sha256[:8]}..., but the runs were "

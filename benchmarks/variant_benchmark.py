@@ -168,7 +168,8 @@ SAM_VARIANTS = {"sam-0.05": ("default", 0.05), "sam-0.1": ("default", 0.1),
 
 # session 47: decoupled weight decay on the kernels only, not on batch norm's scale and
 # offset or the dense layer's bias (AdamW as its paper and most recipes apply it; Keras'
-# optimisers decay every trainable variable); name -> the registry model it trains
+# optimisers decay every trainable variable); session 15's `decay-kernels-only` (removed
+# since) measured it on the AdamW default of then; name -> the registry model it trains
 NO_DECAY_NORM_VARIANTS = {"no-decay-norm": "default", "wide-full-res-no-decay-norm": "wide-full-res"}
 NOT_DECAYED = ["gamma", "beta", "bias"]  # Keras' variable names; kernels are "kernel"
 NO_DECAY_SUFFIX = "-no-decay-norm"

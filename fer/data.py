@@ -149,14 +149,14 @@ def _assemble(source: Path, digest: str, splits: dict[str, Split], *, val_fracti
         if empty:
             log.warning("%s: split '%s' has no samples of class %s", source, name, ", ".join(empty))
     train, validation, origin = splits.get("train"), splits.get("validation"), "source"
-    if validation is not None and val_fraction != DEFAULT_VAL_FRACTION:
-        log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); "
-                    "the validation fraction asked for (--val-fraction, a flow's val_fraction: "
-                    "%g) is not used", source, val_fraction)
-    if validation is not None and seed != DEFAULT_SEED:
-        log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); "
-                    "split seed %d (--split-seed, a flow's split_seed) is not used", source,
-                    seed)
+    unused = [*([f"the validation fraction asked for (--val-fraction, a flow's val_fraction: "
+                 f"{val_fraction:g})"] if val_fraction != DEFAULT_VAL_FRACTION else []),
+              *([f"split seed {seed} (--split-seed, a flow's split_seed)"]
+                if seed != DEFAULT_SEED else [])]
+    if validation is not None and unused:
+        log.warning("%s: validation is the source's own split (the CSV's PublicTest rows); %s "
+                    "%s not used", source, " and ".join(unused),
+                    "are" if len(unused) > 1 else "is")
     if train is not None and validation is None:
         train, validation = split_validation(train, fraction=val_fraction, seed=seed)
         origin = f"carved from train ({val_fraction:g}, seed {seed}, {COPIES_ON_ONE_SIDE})"
@@ -318,11 +318,16 @@ def _read_entries(entries: list[tuple[str, Callable[[], bytes]]], *, source: Pat
     """The entries ``_splits_of`` reads the dataset from: the one CSV, or the files in split
     folders (``<split>/<class>/<file>``; CSVs there are other files). What the data sha256
     covers: a run folder, a store or notes beside the dataset do not change it."""
-    csv = _the_csv([n for n, _ in _csv_entries(entries)], entries, source=source)
+    csv = _dataset_csv(entries, source=source)
     if csv is not None:
         return [(n, read) for n, read in entries if n == csv]
     return [(n, read) for n, read in entries
             if _in_a_split_folder(PurePosixPath(n).parts) and not n.lower().endswith(".csv")]
+
+
+def _folder_read_entries(folder: Path) -> list[tuple[str, Callable[[], bytes]]]:
+    """``_read_entries`` of a folder: what its data sha256 and memo stamp cover."""
+    return _read_entries(list(_folder_entries(folder)), source=folder)
 
 
 def _in_a_split_folder(parts: tuple[str, ...]) -> bool:
@@ -366,7 +371,7 @@ def dataset_root(folder: Path) -> Path | None:
     images are in (an archive of ``fer2013/train/...``: the data sha256 hashes paths from
     there), else ``folder``; None where it holds neither. Several CSVs are a DataError."""
     entries = list(_folder_entries(folder))
-    csv = _the_csv([n for n, _ in _csv_entries(entries)], entries, source=folder)
+    csv = _dataset_csv(entries, source=folder)
     if csv is not None:
         return folder / csv
     images = [PurePosixPath(n).parts for n, _ in entries
@@ -378,6 +383,11 @@ def dataset_root(folder: Path) -> Path | None:
     if len(tops) == 1 and all(len(parts) > 3 for parts in images):
         return folder / tops.pop()
     return folder
+
+
+def _dataset_csv(entries: list[tuple[str, Callable[[], bytes]]], *, source: Path) -> str | None:
+    """The name of the one CSV that is the dataset among ``entries``; None (see _the_csv)."""
+    return _the_csv([n for n, _ in _csv_entries(entries)], entries, source=source)
 
 
 def _the_csv(csvs: list[str], entries: list[tuple[str, Callable[[], bytes]]], *, source: Path):
@@ -895,7 +905,7 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
         return memo["sha256"]
     if source.is_dir():
         digest = hashlib.sha256()
-        for name, read in _read_entries(list(_folder_entries(source)), source=source):
+        for name, read in _folder_read_entries(source):
             digest.update(os.fsencode(name) + b"\0" + hashlib.sha256(read()).digest())
         value = digest.hexdigest()
     else:
@@ -911,8 +921,9 @@ def source_sha256(source: Path, *, cache_dir: Path | None = None) -> str:
 
 
 def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
-    """What changes whenever the content may have: size and mtime, and for a folder also
-    every file's path (moving an image to another class folder changes its label).
+    """What changes whenever the content may have: size and mtime, and for a folder those
+    and the path of each file the dataset is read from (``_read_entries``: moving an image
+    to another class folder changes its label).
 
     With ``change_time``, also each file's ctime, which no user tool sets: an edit that
     keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``) changes it. (Not the
@@ -925,7 +936,7 @@ def stat_stamp(source: Path, *, change_time: bool = False) -> list[int] | str:
     if source.is_file():
         return fields(source.stat())
     digest = hashlib.sha256()
-    for name, _ in _read_entries(list(_folder_entries(source)), source=source):
+    for name, _ in _folder_read_entries(source):
         stamp = "\0".join(map(str, fields((source / name).stat())))
         digest.update(os.fsencode(f"{name}\0{stamp}\n"))
     return digest.hexdigest()

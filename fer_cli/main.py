@@ -267,13 +267,10 @@ def train(
         _check_publish_options(ctx)
     if not remote:  # `--out=~/runs` keeps its ~ in the shell; a remote run's is the worker's
         out = expand_home(out, what="--out")
-    if data is not None:  # before a remote run is queued to fail on the worker
-        from fer.fetch import check_not_empty
-
-        check_not_empty(data)
     if resume is not None:
         _check_resume_alone(ctx, remote=remote, publish=publish)
     else:
+        _check_data_named(data)  # before a remote run is queued to fail on the worker
         options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                    learning_rate=learning_rate, tta=tta, ensemble=ensemble)
         config = _checked_config(options, seed=seed, split_seed=split_seed,
@@ -390,6 +387,14 @@ def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_c
             **{key: value for key, value in parameters.items() if value is not None}}
 
 
+def _check_data_named(data: str | None) -> None:
+    """An empty --data (`--data "$DATA"`, the variable unset) is refused; None: the default."""
+    if data is not None:
+        from fer.fetch import check_not_empty
+
+        check_not_empty(data)
+
+
 def _import_flows(module: str):
     """flows/ needs Prefect, which only the orchestration extra installs."""
     import importlib
@@ -472,10 +477,7 @@ def retrain(
     # error where the machine is offline; PREFECT_SERVER_ANALYTICS_ENABLED=true set in the
     # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if data is not None:  # before a server starts, or the one named is asked
-        from fer.fetch import check_not_empty
-
-        check_not_empty(data)
+    _check_data_named(data)  # before a server starts, or the one named is asked
     remote = _import_flows("flows.remote")
     if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
         remote.require_api()
