@@ -37,14 +37,13 @@ from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
-from fer.manifest import read_json, write_json
+from fer.manifest import RUN_ID_PATTERN, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "test")
-# A run folder's name (fer.manifest.new_run_id) and the training history `fer train` writes
-# into it: a run trained into the dataset's folder leaves it there, not a second CSV.
-_RUN_FOLDER = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9._-]+-[0-9a-f]{4}")
+# The training history `fer train` writes into a run folder: a run trained into the
+# dataset's folder leaves it there, not a second CSV.
 RUN_HISTORY = "history.csv"
 # How a folder's sha256 is computed; memos of another format are computed again. 2: clutter
 # (dotfiles such as fetch-data's unpack marker, __MACOSX, Thumbs.db) is left out. 3: only
@@ -350,7 +349,7 @@ def _in_a_run_folder(name: str, names: set[str]) -> bool:
     folder, file = posixpath.split(name)
     if file != RUN_HISTORY:
         return False
-    return bool(_RUN_FOLDER.fullmatch(posixpath.basename(folder))) or any(
+    return bool(RUN_ID_PATTERN.fullmatch(posixpath.basename(folder))) or any(
         posixpath.join(folder, *record) in names
         for record in (("manifest.json",), ("checkpoint", "run.json")))
 

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 from importlib import metadata
@@ -17,6 +18,10 @@ from fer.precision import BF16_FLAGS, cpu_flags, onednn_enabled
 
 TRACKED_PACKAGES = ("fer", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas",
                     "scikit-learn", "matplotlib", "opencv-python-headless", "boto3")
+
+
+# What new_run_id makes (fer.data tells a run folder from the dataset's own by it).
+RUN_ID_PATTERN = re.compile(r"\d{8}-\d{6}-[A-Za-z0-9._-]+-[0-9a-f]{4}")
 
 
 def new_run_id(model: str) -> str:

@@ -70,15 +70,12 @@ def slow_here(precision: str, *, flags: set[str] | None = None,
     """Why ``precision`` runs slowly on this machine (None where it does not): a run
     resumed elsewhere keeps the precision it began with, and bf16 without the CPU's bf16
     instructions trained 10x slower than float32 (BENCHMARKS.md)."""
-    if precision not in ("mixed_bfloat16", "mixed_float16"):
-        return None
-    if has_gpu() if gpu is None else gpu:
-        return None
-    if precision == "mixed_float16":
+    here = choose_precision("auto", flags=flags, gpu=gpu)
+    if precision == "mixed_float16" and here != "mixed_float16":
         return "this machine has no GPU, and CPUs emulate float16"
-    if (cpu_flags() if flags is None else flags) & BF16_FLAGS:
-        return None
-    return f"this CPU has no bf16 instructions ({', '.join(sorted(BF16_FLAGS))})"
+    if precision == "mixed_bfloat16" and here == "float32":
+        return f"this CPU has no bf16 instructions ({', '.join(sorted(BF16_FLAGS))})"
+    return None
 
 
 def check_precision(requested: str, *, what: str = "--precision") -> None:

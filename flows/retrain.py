@@ -150,9 +150,14 @@ def train(source: str, config: TrainConfig, *, data_dir: str, started_by: str | 
     """
     from fer.data import load_dataset
 
-    def split_as(config: TrainConfig):
-        return load_dataset(Path(source), val_fraction=config.val_fraction,
-                            seed=config.split_seed, cache_dir=Path(data_dir))
+    carved = {}
+
+    def split_as(config: TrainConfig):  # each split loaded once: a retry's is mostly the same
+        key = (config.val_fraction, config.split_seed)
+        if key not in carved:
+            carved[key] = load_dataset(Path(source), val_fraction=config.val_fraction,
+                                       seed=config.split_seed, cache_dir=Path(data_dir))
+        return carved[key]
 
     dataset = split_as(config)
     from fer.train import fit  # TensorFlow loads only once the data is known to be good
