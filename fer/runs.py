@@ -284,7 +284,13 @@ def _comparable_champion(store: Store, champion: dict[str, Any] | None
     if champion.get("format") == POINTER_FORMAT and (champion.get("val_accuracy") is None
                                                      or _is_number(champion["val_accuracy"])):
         return None if _run_gone(store, champion, "champion") else champion
-    manifest = _load_manifest(store, _checked_run_id(champion, "champion", store=store))
+    run_id = _checked_run_id(champion, "champion", store=store)
+    try:
+        manifest = _load_manifest(store, run_id)
+    except NotFerObjectError as exc:  # as _run_gone: not the pointer's fault; no free crown
+        log.warning("%s; comparing with %s as it is", exc, store.url("champion.json"))
+        theirs = champion.get("val_accuracy")
+        return {**champion, "val_accuracy": float(theirs) if _is_number(theirs) else None}
     return _pointer_record(manifest) if manifest is not None else None
 
 
@@ -330,6 +336,10 @@ def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:
     run_id = _check_run_id(manifest.get("run_id"), source=folder / MANIFEST)
     _check_created(manifest.get("created"), source=folder / MANIFEST)
     _check_accuracy(metrics.get("accuracy"), source=folder / METRICS)
+    for key in ("parameters", "data"):  # what the store's readers rely on (_is_published)
+        if not isinstance(manifest.get(key), dict | None):
+            raise FerError(f"{folder / MANIFEST}: {key} {manifest[key]!r} must be a JSON "
+                           "object, as `fer train` writes it")
     names = _artifact_names(folder, manifest.get("artifacts"),
                             published=manifest.get("files") if published is None else published)
     return _LocalRun(folder, run_id, manifest, metrics, _describe_files(folder, names))

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -133,7 +132,12 @@ class LocalStore:
             except FileNotFoundError:
                 raise MissingObjectError(f"{source} is not in the store") from None
         with reader, open(dest, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
+            while True:
+                with local_errors("read", source):  # the store's fault, not the destination's
+                    chunk = reader.read(1 << 20)
+                if not chunk:
+                    break
+                writer.write(chunk)
 
     def run_ids(self) -> list[str]:
         runs = self.root / "runs"
@@ -447,8 +451,13 @@ _CHANGED_MEANWHILE = {"PreconditionFailed", "412", "ConditionalRequestConflict",
 # A server that does not implement conditional writes, or rejects their headers.
 _CONDITIONS_REFUSED = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
 
+# Named by code where a server answers with another status than its usual one; any 408, 429
+# or 5xx but 501 is transient too, whatever its code (MinIO's 503 SlowDownWrite, 503
+# XMinioServerNotInitialized while it starts).
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
-                    "SlowDown", "RequestTimeout"}
+                    "SlowDown", "SlowDownRead", "SlowDownWrite", "RequestTimeout",
+                    "TooManyRequests", "Throttling", "ThrottlingException"}
+_TRANSIENT_STATUSES = {408, 429} | set(range(500, 600)) - {501}  # 501: not implemented at all
 
 
 # A credential source that failed: an expired SSO session, a credential_process or an
@@ -461,7 +470,8 @@ _CREDENTIAL_SOURCE_ERRORS = (bce.CredentialRetrievalError, bce.TokenRetrievalErr
 def _is_transient(cause: BaseException) -> bool:
     """Whether trying again later may succeed: the server was unreachable, slow or failing."""
     if isinstance(cause, bce.ClientError):
-        return _error_code(cause) in _TRANSIENT_CODES
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return _error_code(cause) in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES
     return not isinstance(cause, (bce.NoCredentialsError, bce.PartialCredentialsError,
                                   bce.SSLError, bce.ParamValidationError,
                                   *_CREDENTIAL_SOURCE_ERRORS))

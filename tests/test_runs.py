@@ -215,6 +215,44 @@ def test_a_champion_whose_manifest_is_not_fers_is_compared_not_replaced(store, r
     assert json.loads(store.get_bytes("champion.json"))["run_id"] == "good"
 
 
+def test_an_older_champion_whose_manifest_is_not_fers_is_compared_not_replaced(store, runs,
+                                                                              caplog):
+    """The same for a pointer of an older fer (no format: rebuilt from its run's manifest):
+    a manifest that is not a published run's is warned about and the pointer compared as it
+    is; a worse run had taken the champion from it on no comparison."""
+    publish_run(make_run(runs, "good", accuracy=0.70, val_accuracy=0.70, minute=1), store)
+    record = json.loads(store.get_bytes("champion.json"))
+    del record["format"]
+    store.put_bytes("champion.json", json.dumps(record).encode())
+    store.put_bytes("runs/good/manifest.json", b"{}")
+    with caplog.at_level("WARNING", logger="fer.runs"):
+        worse = publish_run(make_run(runs, "worse", accuracy=0.6, val_accuracy=0.6, minute=2),
+                            store)
+    assert not worse.became_champion
+    assert "comparing with" in caplog.text and "champion.json as it is" in caplog.text
+    assert json.loads(store.get_bytes("champion.json"))["run_id"] == "good"
+    # it is compared, not frozen: a better run still takes it
+    assert publish_run(make_run(runs, "better", accuracy=0.8, val_accuracy=0.8, minute=3),
+                       store).became_champion
+
+
+@pytest.mark.parametrize("field, value", [("data", "fer2013.csv"), ("parameters", [])])
+def test_a_run_whose_manifest_fields_are_not_objects_is_refused_before_uploading(
+        store, runs, field, value):
+    """A local manifest whose data or parameters is not an object (edited by hand) is named
+    before anything is uploaded: its files had gone up, then the pointer record raised an
+    AttributeError and the run stayed in the store unreadable, or it became a champion that
+    `fer reports show` could not read."""
+    folder = make_run(runs, "odd", accuracy=0.5)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[field] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FerError, match=rf"odd/manifest\.json: {field} .* must be a JSON object"):
+        publish_run(folder, store)
+    assert list_runs(store) == []
+    assert store.get_bytes("runs/odd/model.keras") is None
+
+
 def _remove_manifest(store, run_id: str) -> None:
     key = f"runs/{run_id}/manifest.json"
     if isinstance(store, LocalStore):
@@ -801,6 +839,42 @@ def test_downloads_of_one_run_into_one_folder_at_once_all_succeed(store, runs, t
         done = list(pool.map(lambda _: download_run(store, "run-a", dest=dest), range(6)))
     assert all(local_files(run) == local_files(folder) for run in done)
     assert not list(dest.rglob("*.part"))
+
+
+def test_a_folder_store_that_fails_to_read_is_named_not_the_destination(tmp_path, monkeypatch):
+    """An I/O error reading the store (a network file system gone stale) names the store's
+    file and the storage folder; it had been reported as the --dest file that could not be
+    written, with advice about --dest's permissions and free space."""
+    import builtins
+    import errno
+
+    import fer.storage
+
+    store = open_store(str(tmp_path / "artifacts"))
+    publish_run(make_run(tmp_path / "runs", "run-a", accuracy=0.6), store)
+
+    class FailingReader:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def read(self, size):
+            raise OSError(errno.EIO, "Input/output error")
+
+    def store_reads_fail(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return FailingReader(file) if mode == "rb" and "artifacts" in str(path) else file
+
+    monkeypatch.setattr(fer.storage, "open", store_reads_fail, raising=False)
+    with pytest.raises(StorageError, match=r"cannot read .*artifacts/runs/run-a/.*: Input/output "
+                                           r"error; check the storage folder") as error:
+        download_run(store, "run-a", dest=tmp_path / "got")
+    assert "--dest" not in str(error.value)
 
 
 def test_a_download_stopped_while_writing_the_manifest_leaves_none(tmp_path, monkeypatch):

@@ -155,6 +155,33 @@ def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, version, conditi
     assert ("unconditionally" in caplog.text) == (outcome == "unconditional")
 
 
+@pytest.mark.parametrize(("code", "status", "transient"), [
+    ("SlowDownWrite", 503, True),  # MinIO, a write quorum lost or the server overloaded
+    ("XMinioServerNotInitialized", 503, True),  # MinIO while it starts
+    ("TooManyRequests", 429, True),
+    ("RequestTimeout", 408, True),
+    ("InternalError", 500, True),
+    ("NotImplemented", 501, False),  # the server cannot do it: no later try can either
+    ("AccessDenied", 403, False),
+    ("NoSuchKey", 404, False),
+])
+def test_s3_answers_worth_a_retry_are_transient(monkeypatch, code, status, transient):
+    """A publish that fails on an answer worth waiting for (408, 429, 5xx but 501, by
+    status whatever the server's code) is transient, so the Prefect task retries it and a
+    store check before training only warns; MinIO's 503 SlowDownWrite had failed a
+    scheduled retrain outright."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = S3Store(BUCKET, endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    with Stubber(store._client) as stub:
+        stub.add_client_error("put_object", service_error_code=code, http_status_code=status)
+        with pytest.raises(StorageError) as error:
+            store.put_bytes("p.json", b"x")
+    assert error.value.transient == transient
+
+
 @pytest.mark.parametrize(("url", "message"), [
     ("gs://bucket/x", r"unsupported storage URL 'gs://bucket/x' \(scheme 'gs'\)"),
     ("s3://", r"URL 's3://' has bucket name ''; expected 3-63 lowercase"),
