@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import logging
 import math
+import os
 import shlex
 import shutil
 import time
@@ -74,10 +75,14 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
 def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
                   create_bucket: bool = False, force_champion: bool = False) -> str:
     """`fer train --resume`'s options that publish a resumed run as the stopped command would
-    have (the run's record keeps its training options, not where it was to be published)."""
+    have (the run's record keeps its training options, not where it was to be published).
+    ``storage``, ``endpoint_url``: where it publishes, FER_STORAGE and AWS_ENDPOINT_URL
+    applied (a resume from a shell without them published elsewhere); a folder store as an
+    absolute path, for a resume from another folder."""
     flags = ["--publish"]
     if storage:
-        flags += ["--storage", shlex.quote(storage)]
+        where = storage if "://" in storage else os.path.abspath(storage)
+        flags += ["--storage", shlex.quote(where)]
     if endpoint_url:
         flags += ["--endpoint-url", shlex.quote(endpoint_url)]
     flags += [flag for flag, on in (("--create-bucket", create_bucket),

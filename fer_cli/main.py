@@ -298,8 +298,9 @@ def train(
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags
 
-    flags = (publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
-                           force_champion=force_champion) if publish else "")
+    flags = (publish_flags(settings.storage, endpoint_url=settings.endpoint_url,
+                           create_bucket=create_bucket, force_champion=force_champion)
+             if publish else "")
     try:
         result = (_resume_locally(resume, settings=settings, resume_flags=flags)
                   if resume is not None

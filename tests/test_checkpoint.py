@@ -372,6 +372,20 @@ def test_the_resume_command_a_stop_names_can_be_pasted(tmp_path):
         "`fer train --resume 'My Runs/r1' --publish`")
 
 
+def test_the_resume_command_publishes_where_the_stopped_command_would_have(tmp_path,
+                                                                          monkeypatch):
+    """The store as the command resolved it, FER_STORAGE and AWS_ENDPOINT_URL included, and
+    a folder store as an absolute path: a resume pasted into a shell without them, or run
+    from another folder, had published to ./artifacts and exited 0."""
+    from fer.train import publish_flags
+
+    monkeypatch.chdir(tmp_path)
+    assert publish_flags("my store", create_bucket=True) == (
+        f"--publish --storage '{tmp_path / 'my store'}' --create-bucket")
+    assert publish_flags("s3://team/prod", endpoint_url="http://minio:9000") == (
+        "--publish --storage s3://team/prod --endpoint-url http://minio:9000")
+
+
 def test_a_run_stopped_while_scoring_is_finished_by_a_resume(tmp_path, tiny_dataset,
                                                              monkeypatch, caplog):
     """A stop while scoring the test split (the `best` model's six passes per image) keeps

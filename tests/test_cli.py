@@ -481,11 +481,13 @@ def test_publishing_options_without_publish_are_refused(options):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("given_by", ["--storage", "FER_STORAGE"])
 def test_a_publish_failing_after_training_names_the_command_that_publishes_the_run(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, given_by):
     """The store takes the check before training, then refuses the run's files (here its
     runs/ is a file): the error says the run is whole and which command publishes it; that
-    command does, once the store is mended."""
+    command does, once the store is mended, from a shell without FER_STORAGE too (a store
+    the environment named was left out of it, so it published to ./artifacts)."""
 
     from run_folders import make_run
     from typer.testing import CliRunner
@@ -502,15 +504,19 @@ def test_a_publish_failing_after_training_names_the_command_that_publishes_the_r
     store = tmp_path / "my store"
     store.mkdir()
     (store / "runs").write_text("not a folder")
+    if given_by == "FER_STORAGE":
+        monkeypatch.setenv("FER_STORAGE", str(store))
     result = CliRunner().invoke(fer_cli.main.app, [
-        "train", "--out", str(tmp_path / "runs"), "--publish", "--storage", str(store)])
+        "train", "--out", str(tmp_path / "runs"), "--publish",
+        *(["--storage", str(store)] if given_by == "--storage" else [])])
     assert result.exit_code == 1 and isinstance(result.exception, FerError)
     named = f"`fer train --resume {run_dir} --publish --storage '{store}'`"
     assert str(result.exception).endswith(f"; the run is complete in {run_dir}: once the "
                                           f"cause is fixed, {named} publishes it"
                                           ), result.exception
     (store / "runs").unlink()
-    again = run_fer(*shlex.split(named.strip("`"))[1:])
+    monkeypatch.delenv("FER_STORAGE", raising=False)
+    again = run_fer(*shlex.split(named.strip("`"))[1:], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"published {run_dir.name}" in again.stdout
 
