@@ -163,7 +163,7 @@ def follow_run(
     Raises FerError when the run has waited for a worker for ``pickup_timeout_s`` (since it
     was created, or since its concurrency limit sent it back) and no worker polls its pool
     (a run queued behind another training, with a worker online, is waited for); when a
-    claimed run is still running but no worker has polled its pool for ``worker_lost_s``
+    claimed run is still pending or running but no worker has polled its pool for ``worker_lost_s``
     (its worker died: the server would show it running for ever); or when the run ends
     failed, crashed or cancelled.
     """
@@ -191,7 +191,9 @@ def follow_run(
                     if paused or not _worker_online(client, flow_run.work_pool_name):
                         raise RunStillGoing(_not_picked_up(flow_run, pickup_timeout_s,
                                                            paused=paused))
-                if state is not None and state.type == StateType.RUNNING:
+                # Pending: a worker took it and is starting it; one that dies then leaves
+                # it Pending as surely as a dead one leaves a run Running
+                if state is not None and state.type in (StateType.RUNNING, StateType.PENDING):
                     if _worker_online(client, flow_run.work_pool_name, paused_counts=True):
                         unpolled_since = None
                     elif unpolled_since is None:
@@ -274,7 +276,10 @@ def _not_picked_up(flow_run: FlowRun, timeout_s: float, *, paused: str | None = 
 
 def _worker_lost(flow_run: FlowRun, lost_s: float) -> str:
     pool = flow_run.work_pool_name or "fer"
-    return (f"flow run {flow_run.name} ({flow_run.id}) is running, but no worker has polled "
+    doing = ("was taken by a worker (Pending)"
+             if flow_run.state is not None and flow_run.state.type == StateType.PENDING
+             else "is running")
+    return (f"flow run {flow_run.name} ({flow_run.id}) {doing}, but no worker has polled "
             f"pool {pool} for {lost_s:g}s: its worker has probably died. The automation `fer "
             f"deploy` (or the compose stack) installs marks it Crashed once its heartbeats "
             f"have stopped for --crash-after seconds, which frees the pool; without it the "
@@ -300,7 +305,11 @@ def _posted_report(client, flow_run: FlowRun) -> PostedReport | None:
     """The report and metrics the flow posted as artifacts; None when it posted none."""
     posted = client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
-    by_key = {artifact.key: artifact.data for artifact in posted if artifact.key}
+    # oldest first, so that a retried run's own report wins over its earlier attempt's (ids
+    # are random: ordered by them, either could)
+    by_key = {artifact.key: artifact.data
+              for artifact in sorted(posted, key=lambda artifact: artifact.created)
+              if artifact.key}
     parsed = parse_report_markdown(by_key.get(REPORT_ARTIFACT) or "")
     if parsed is None:
         return None

@@ -38,7 +38,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.states import Running
+from prefect.states import Pending, Running
 from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
 from test_cli import FER, run_fer
@@ -64,6 +64,8 @@ from flows.deploy import (
 )
 from flows.remote import follow_run, trigger_retrain
 from flows.retrain import (
+    METRICS_ARTIFACT,
+    REPORT_ARTIFACT,
     check_parameters,
     fetch_data,
     parse_report_markdown,
@@ -120,8 +122,6 @@ def flow_run(flow_run_id):
 def left_pending():
     """A fer run of the deployment left Pending, as a worker that took it and died leaves
     it (Pending from the start: a worker polling the pool takes Scheduled runs only)."""
-    from prefect.states import Pending
-
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/retrain")
         return client.create_flow_run_from_deployment(deployment.id, tags=["fer"],
@@ -411,6 +411,28 @@ def test_report_markdown_reads_back_what_was_posted():
     assert parse_report_markdown("## something else\n") is None
 
 
+def test_following_a_retried_run_reads_its_latest_report():
+    """A retried flow run has posted a report per attempt under one key: the newest is the
+    run's (the server lists them by random id, so either had been printed)."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    def artifact(key, data, minute):
+        return SimpleNamespace(key=key, data=data, created=dt.datetime(2026, 1, 1, 0, minute,
+                                                                       tzinfo=dt.UTC))
+
+    attempts = [artifact(REPORT_ARTIFACT, report_markdown(run_id, f"report of {run_id}\n"),
+                         minute)
+                for run_id, minute in (("20260101-2-default-bbbb", 2),
+                                       ("20260101-1-default-aaaa", 1))]
+    attempts += [artifact(METRICS_ARTIFACT, json.dumps([{"metric": "accuracy", "value": v}]),
+                          minute) for v, minute in ((0.62, 2), (0.61, 1))]
+    for listed in (attempts, attempts[::-1]):
+        client = SimpleNamespace(read_artifacts=lambda artifact_filter, listed=listed: listed)
+        posted = remote_module._posted_report(client, SimpleNamespace(id=uuid.uuid4()))
+        assert (posted.run_id, posted.metrics) == ("20260101-2-default-bbbb", {"accuracy": 0.62})
+
+
 # --- the flow, in-process ---------------------------------------------------------------------
 
 
@@ -552,12 +574,26 @@ def _cmdline(pid: int) -> bytes:
 
 @integration
 def test_training_error_fails_the_flow_with_fers_message(prefect_api, tiny_fer_zip, data_dir,
-                                                         tmp_path):
-    state = retrain(epochs=0, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
+                                                         tmp_path, monkeypatch):
+    """A FerError raised while training (as a diverged run raises one) fails the train task
+    once, not retried, and the flow with fer's message; nothing is evaluated or published.
+    (Its epochs=0 had been refused by the parameter check before any task ran.)"""
+    import fer.train
+
+    calls = []
+
+    def fails_to_train(*args, **kwargs):
+        calls.append(1)
+        raise FerError("training diverged: the loss is NaN after epoch 1")
+
+    monkeypatch.setattr(fer.train, "fit", fails_to_train)
+    state = retrain(epochs=1, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
                     out_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
-    assert "epochs: 0: expected at least 1" in state.message
-    assert "publish" not in task_runs(state.state_details.flow_run_id)
+    assert "training diverged: the loss is NaN after epoch 1" in state.message
+    assert len(calls) == 1
+    ran = task_runs(state.state_details.flow_run_id)
+    assert "train" in ran and not {"evaluate", "publish"} & set(ran)
 
 
 @integration
@@ -1102,16 +1138,24 @@ def test_a_run_in_a_paused_queue_of_a_polled_pool_is_not_waited_for(worker):
 
 
 @integration
-def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_api):
-    """A run a worker claimed and started, on a pool no worker polls any more (the worker
-    died with it): following it ends with what to do, instead of waiting for ever."""
+@pytest.mark.parametrize(("left", "doing"), [(Running, "is running"),
+                                             (Pending, r"was taken by a worker \(Pending\)")])
+def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_api, left, doing):
+    """A run a worker claimed and started (or had taken, Pending, and was starting), on a
+    pool no worker polls any more (the worker died with it): following it ends with what to
+    do, instead of waiting for ever (a Pending one was waited for until the crash rule, or
+    for ever without it)."""
     retrain_on_pool("fer-lost", deployment="lost")
     run = trigger_retrain({}, deployment="retrain/lost")
     with get_client(sync_client=True) as client:  # as its worker did before it died
-        client.set_flow_run_state(uuid.UUID(run.flow_run_id), Running(), force=True)
-    with pytest.raises(RunStillGoing, match=rf"is running, but no worker has polled pool fer-lost "
-                                       rf"for 2s: .*`prefect flow-run cancel {run.flow_run_id}`"):
-        follow_run(run.flow_run_id, poll_seconds=0.5, worker_lost_s=2)
+        client.set_flow_run_state(uuid.UUID(run.flow_run_id), left(), force=True)
+    try:
+        with pytest.raises(RunStillGoing, match=rf"{doing}, but no worker has polled pool "
+                           rf"fer-lost for 2s: .*`prefect flow-run cancel {run.flow_run_id}`"):
+            follow_run(run.flow_run_id, poll_seconds=0.5, worker_lost_s=2)
+    finally:
+        with get_client(sync_client=True) as client:  # never to run
+            client.delete_flow_run(uuid.UUID(run.flow_run_id))
 
 
 @integration
