@@ -24,6 +24,7 @@ from common import BENCH_CACHE, machine_line
 from fer.config import DEFAULT_SEED
 from fer.data import load_dataset
 from fer.evaluate import predict_labels
+from fer.labels import CLASS_NAMES
 from fer.models import averaging, class_names_of, load_model, with_precision
 from fer.precision import PRECISIONS, choose_precision
 
@@ -74,10 +75,15 @@ def scores(model, split) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
     predicted = predict_labels(model, split.images)
+    # each class in CLASS_NAMES order (without `labels`, a class missing from a subset
+    # shifted the later ones left); a class the split has no images of has no recall
+    classes = list(range(len(CLASS_NAMES)))
+    recall = recall_score(split.labels, predicted, labels=classes, average=None, zero_division=0)
+    support = np.bincount(split.labels, minlength=len(classes))
     return {"accuracy": round(float(np.mean(predicted == split.labels)), 4),
             "macro_f1": round(float(f1_score(split.labels, predicted, average="macro")), 4),
-            "recall": [round(float(r), 3) for r in recall_score(split.labels, predicted,
-                                                                average=None)]}
+            "recall": [round(float(r), 3) if count else None
+                       for r, count in zip(recall, support, strict=True)]}
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Inference throughput (batch) and single-image latency: fer's model vs the mini-Xception peer.
 
-Both are measured in the same run on the same test images, in float32 and in the precision
+Both are measured in the same run on the same test images, through the call `fer predict`
+and `fer evaluate` score with, in float32 and in the precision
 `fer predict` picks on this machine (``auto``: bf16 on CPUs with bf16 instructions); fer's
 figures at ``auto`` are printed as ratios to the peer's faster ones. Usage:
 
@@ -18,29 +19,41 @@ import numpy as np
 from common import BENCH_CACHE, machine_line
 
 from fer.data import load_dataset
+from fer.evaluate import predict_probabilities
 
 
-def batch_throughput(model, pixels: np.ndarray, *, batch_size: int) -> float:
-    """Images/s of one ``model.predict`` pass over the whole array (float32 pixels)."""
+def batch_throughput(model, images: np.ndarray, *, batch_size: int) -> float:
+    """Images/s of one pass over the whole uint8 array through fer's own scoring call (its
+    input pipeline, as `fer predict` and `fer evaluate` run it; Keras' numpy input would
+    time another pipeline, with tf.data's autotuning on)."""
     started = time.perf_counter()
-    model.predict(pixels, batch_size=batch_size, verbose=0)
-    return len(pixels) / (time.perf_counter() - started)
+    predict_probabilities(model, images, batch_size=batch_size)
+    return len(images) / (time.perf_counter() - started)
 
 
-def single_image_latency_ms(model, image: np.ndarray, *, calls: int = 200) -> float:
-    """Median model time for one image through a compiled forward pass."""
+def median_ms(call, *, calls: int, warm_up: int = 10) -> float:
+    for _ in range(warm_up):
+        call()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def single_image_latency_ms(model, image: np.ndarray) -> tuple[float, float]:
+    """Median time for one image: the model's own (a compiled forward pass: issue 7's
+    "model time"), and through fer's scoring call as `fer predict` makes it (Keras'
+    per-call `predict` setup included)."""
     import tensorflow as tf
 
     forward = tf.function(lambda x: model(x, training=False))
     pixels = tf.constant(image[None, ..., None].astype("float32"))
-    for _ in range(10):
-        forward(pixels)
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        forward(pixels).numpy()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    model_ms = median_ms(lambda: forward(pixels).numpy(), calls=200)
+    call_ms = median_ms(lambda: predict_probabilities(model, image[None], batch_size=1),
+                        calls=50)
+    return model_ms, call_ms
 
 
 def main() -> None:
@@ -68,23 +81,23 @@ def main() -> None:
                 else with_precision(model, policy=precision)
                 for name, model in (("mini-xception", peer), ("fer", ours))
                 for precision in precisions}
-    pixels = test.images[..., None].astype("float32")
     throughputs = {key: 0.0 for key in variants}
     for variant in variants.values():  # warm-up: compile each predict function
-        variant.predict(pixels[:args.batch_size], batch_size=args.batch_size, verbose=0)
+        predict_probabilities(variant, test.images[:args.batch_size], batch_size=args.batch_size)
     # The VM's speed swings by 1.5x within minutes: rounds alternate the models, so each
     # one's best pass comes from the same phases, and the best of the rounds is kept.
     for _ in range(args.rounds):
         for key, variant in variants.items():
             throughputs[key] = max(throughputs[key], batch_throughput(
-                variant, pixels, batch_size=args.batch_size))
+                variant, test.images, batch_size=args.batch_size))
     results = {}
     for (name, precision), variant in variants.items():
-        latency = single_image_latency_ms(variant, test.images[0])
+        latency, call_ms = single_image_latency_ms(variant, test.images[0])
         results[name, precision] = (throughputs[name, precision], latency)
         print(f"{name:14s} {precision:15s} {throughputs[name, precision]:8.0f} images/s (batch "
               f"{args.batch_size}, {len(test)} images, best of {args.rounds} alternating "
-              f"rounds)   one image: {latency:.2f} ms", flush=True)
+              f"rounds)   one image: {latency:.2f} ms model time, {call_ms:.2f} ms through "
+              "fer's scoring call", flush=True)
     # fer at the precision `fer predict` picks here ("auto"); the peer at its best in each
     # figure apart (its higher throughput and its lower latency may come from different
     # precisions: a ratio to the other one would flatter fer).
