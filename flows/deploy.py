@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -91,11 +92,11 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
         for pool in sorted({pools[name] for name in chosen}):
             ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
         ensure_crash_detection(crash_after_s=crash_after_s)
-        for name, directory in moved_deployments(chosen, project_dir=project_dir):
+        for name, directory, will_be in moved_deployments(chosen, project_dir=project_dir):
             log.warning("deployment %s ran its flows from %s; from now on its runs start in "
                         "%s, which every worker must have (with the compose stack, register "
                         "from the images instead: README, Docker compose)", name, directory,
-                        project_dir)
+                        will_be)
     _prefect_deploy(project_dir, chosen, api_url=api_url, everything=names is None)
     with _api_answers(api_url, doing="reading the deployments back"):
         return _registered(chosen)
@@ -318,24 +319,61 @@ def _check_names(names: Sequence[str], pools: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def moved_deployments(names: Sequence[str], *, project_dir: Path) -> list[tuple[str, str]]:
-    """(name, folder) for each registered deployment of ``names`` whose runs start in
-    another folder than ``project_dir`` (its pull step's working directory): a deploy from
-    a host checkout against the compose stack's server sends the container's worker to a
-    path it does not have, and every run fails at its pull step."""
+def moved_deployments(names: Sequence[str], *, project_dir: Path
+                      ) -> list[tuple[str, str, str]]:
+    """(name, folder, new folder) for each registered deployment of ``names`` whose runs
+    start in another folder (its pull step's working directory) than registering it from
+    ``project_dir`` will give it: a deploy from a host checkout against the compose stack's
+    server sends the container's worker to a path it does not have, and every run fails at
+    its pull step. The new folder is what ``project_dir``'s prefect.yaml declares: the
+    folder deployed from where it says ``{{ project.stdout }}`` (the YAML as shipped), its
+    own folder where it names one (a Docker pool's /app: nothing moves)."""
+    declared = _pull_directories(project_dir / PREFECT_FILE)
     with get_client(sync_client=True) as client:
         found = client.read_deployments(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(names))))
     moved = []
     for deployment in found:
-        for step in deployment.pull_steps or []:
-            for kind, options in step.items():
-                directory = options.get("directory") if isinstance(options, dict) else None
-                if (kind.endswith("set_working_directory") and isinstance(directory, str)
-                        and "{{" not in directory  # known only when the run starts
-                        and Path(directory) != project_dir):
-                    moved.append((deployment.name, directory))
+        will_be = _will_start_in(declared.get(deployment.name), project_dir=project_dir)
+        for directory in _working_directories(deployment.pull_steps):
+            if (will_be is not None and "{{" not in directory  # known only when it runs
+                    and Path(directory) != Path(will_be)):
+                moved.append((deployment.name, directory, will_be))
     return moved
+
+
+def _working_directories(pull_steps: Any) -> list[str]:
+    """The directories of a pull section's set_working_directory steps."""
+    directories = []
+    for step in pull_steps if isinstance(pull_steps, list) else []:
+        for kind, options in (step.items() if isinstance(step, dict) else ()):
+            directory = options.get("directory") if isinstance(options, dict) else None
+            if kind.endswith("set_working_directory") and isinstance(directory, str):
+                directories.append(directory)
+    return directories
+
+
+def _pull_directories(prefect_file: Path) -> dict[str, str]:
+    """Deployment name -> the working directory its pull steps declare (its own pull
+    section, else the file's), as written; a deployment without one is left out."""
+    config = yaml.safe_load(prefect_file.read_text()) or {}  # read_deployments checked it
+    shared = _working_directories(config.get("pull"))
+    declared = {}
+    for deployment in config.get("deployments") or []:
+        own = _working_directories(deployment.get("pull")) if "pull" in deployment else shared
+        if own:
+            declared[deployment["name"]] = own[-1]  # the last step sets it
+    return declared
+
+
+def _will_start_in(declared: str | None, *, project_dir: Path) -> str | None:
+    """The folder a deployment's runs will start in once registered from ``project_dir``;
+    None when unknown here (no pull step, or another template than the project's folder)."""
+    if declared is None:
+        return None
+    if "{{" not in declared:
+        return declared
+    return str(project_dir) if declared.strip() == "{{ project.stdout }}" else None
 
 
 def _prefect_deploy(project_dir: Path, names: list[str], *, api_url: str,

@@ -6,6 +6,7 @@ with the exact command of docker/Dockerfile's CMD.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -164,10 +165,19 @@ def test_deploying_from_another_folder_is_warned_of(deployed, tmp_path):
     """A deployment records the folder its runs start in: registered from a host checkout
     against the compose stack's server, it would send the container's worker to a path it
     does not have. The folder a registered deployment starts in, read back from the
-    server, differs from another checkout's (fer deploy warns then) and not from its own."""
+    server, differs from another checkout's (fer deploy warns then) and not from its own;
+    nor from a checkout whose prefect.yaml names that folder itself (a Docker pool's /app:
+    registering from anywhere keeps it, and the warning had said it moved)."""
+    (tmp_path / "deploy").mkdir()
+    shutil.copy2(REPO / "deploy" / "prefect.yaml", tmp_path / "deploy" / "prefect.yaml")
     assert moved_deployments(["retrain-weekly"], project_dir=tmp_path) == [
-        ("retrain-weekly", str(REPO))]  # the fixture deployed from REPO: its path, rendered
+        ("retrain-weekly", str(REPO), str(tmp_path))]  # the fixture deployed from REPO
     assert moved_deployments(["retrain-weekly"], project_dir=REPO.resolve()) == []
+    templated = (tmp_path / "deploy" / "prefect.yaml").read_text()
+    assert templated.count('directory: "{{ project.stdout }}"') == 1
+    (tmp_path / "deploy" / "prefect.yaml").write_text(
+        templated.replace('"{{ project.stdout }}"', json.dumps(str(REPO))))
+    assert moved_deployments(["retrain-weekly"], project_dir=tmp_path) == []
 
 
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
