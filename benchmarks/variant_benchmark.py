@@ -286,8 +286,18 @@ def main() -> None:
                         help="train on train + validation for --epochs and keep the last epoch "
                              "(the count chosen on validation beforehand); validation figures "
                              "are then in-sample, only test counts")
+    parser.add_argument("--tail-average", type=int, metavar="K",
+                        help="keep the average of the last K epochs' weights instead of the "
+                             "best epoch's (stochastic weight averaging over the cosine "
+                             "schedule's tail; the batch-norm statistics recalibrated after, "
+                             "as fer.train does, where validation does not fall)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fer-variants")
     args = parser.parse_args()
+    if args.tail_average is not None and not 1 <= args.tail_average <= args.epochs:
+        parser.error(f"--tail-average {args.tail_average}: expected 1 to --epochs "
+                     f"({args.epochs})")
+    if args.tail_average and args.refit:
+        parser.error("--tail-average and --refit each choose the kept weights: give one")
     print(machine_line(), flush=True)
     precision = choose_precision(args.precision)
     if args.steps_only:
@@ -308,6 +318,8 @@ def main() -> None:
     if args.refit:
         dataset = fold_validation_into_train(dataset)
         keep_last_epoch()
+    if args.tail_average:
+        keep_tail_average(args.tail_average)
     for name in args.variant:
         register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
@@ -343,6 +355,27 @@ def keep_last_epoch() -> None:
             self.best_value, self.best_epoch = float((logs or {}).get("val_accuracy", 0)), epoch + 1
 
     fer.train.KeepBestWeights = KeepLastWeights
+
+
+def keep_tail_average(epochs: int) -> None:
+    """Make `fer.train` keep the running average of the weights of the last ``epochs``
+    epochs (in this process only), its validation accuracy and last epoch reported as the
+    kept ones (the average's own validation is the saved model's figure)."""
+    import fer.train
+
+    class KeepTailAverage(fer.train.KeepBestWeights):
+        def on_epoch_end(self, epoch, logs=None):
+            first = self.params["epochs"] - epochs + 1  # 1-based, the first epoch averaged
+            if epoch + 1 < first:
+                return
+            weights, count = self.model.get_weights(), epoch + 2 - first
+            self.weights = weights if count == 1 else [
+                (kept + (new - kept) / count).astype(new.dtype)
+                for kept, new in zip(self.weights, weights, strict=True)]
+            self.best_value = float((logs or {}).get("val_accuracy", 0))
+            self.best_epoch = epoch + 1
+
+    fer.train.KeepBestWeights = KeepTailAverage
 
 
 if __name__ == "__main__":

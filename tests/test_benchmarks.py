@@ -144,6 +144,28 @@ def test_refit_keeps_the_last_epoch_whatever_validation_says(monkeypatch):
     assert (keeper.best_epoch, keeper.best_value) == (2, 0.1)
 
 
+def test_tail_average_keeps_the_mean_of_the_last_epochs_weights(monkeypatch):
+    """--tail-average K keeps the mean of the last K epochs' weights, whatever validation
+    says of each, and nothing of the epochs before them."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import fer.train
+
+    monkeypatch.setattr(fer.train, "KeepBestWeights", fer.train.KeepBestWeights)  # undone after
+    import_benchmark("variant_benchmark").keep_tail_average(2)
+    keeper = fer.train.KeepBestWeights()
+    keeper.set_params({"epochs": 3})
+    for epoch, value in enumerate([100.0, 1.0, 4.0]):  # epoch 1 is not averaged
+        keeper.set_model(SimpleNamespace(get_weights=lambda value=value: [
+            np.full(2, value, dtype="float32"), np.array([value])]))
+        keeper.on_epoch_end(epoch, {"val_accuracy": 0.9 - epoch / 10})
+    assert [w.tolist() for w in keeper.weights] == [[2.5, 2.5], [2.5]]
+    assert keeper.weights[0].dtype == np.float32
+    assert (keeper.best_epoch, keeper.best_value) == (3, 0.7)
+
+
 def test_ensemble_scores_list_recall_in_class_order_when_a_class_is_absent(monkeypatch):
     """Per-class recall is one entry per class in CLASS_NAMES order, None for a class the
     split has no images of (a subset without `disgust` shifted fear..neutral one place)."""
