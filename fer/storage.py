@@ -593,6 +593,17 @@ def open_store(url: str, *, endpoint_url: str | None = None,
     )
 
 
+def location_from_anywhere(url: str) -> str:
+    """``url`` naming the same store from any folder and any shell: a folder store (a path
+    or ``file://PATH``) as its absolute path with ``~`` expanded (open_store expands it;
+    a shell given it quoted, or a FER_STORAGE from a service's environment, does not); an S3
+    URL as it is."""
+    scheme, found, rest = url.partition("://")
+    if found and scheme.lower() != "file":
+        return url
+    return os.path.abspath(expand_home(rest if found else url, what="storage folder"))
+
+
 # Two or more letters then a colon: a scheme. One letter is a Windows drive (C:).
 _LOOKS_LIKE_A_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 

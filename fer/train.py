@@ -10,7 +10,6 @@ import csv
 import datetime as dt
 import logging
 import math
-import os
 import shlex
 import shutil
 import time
@@ -43,6 +42,7 @@ from fer.options import check_config
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
 from fer.precision import dtype_policy, resolve_precision, slow_here
+from fer.storage import location_from_anywhere
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
@@ -78,11 +78,10 @@ def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
     have (the run's record keeps its training options, not where it was to be published).
     ``storage``, ``endpoint_url``: where it publishes, FER_STORAGE and AWS_ENDPOINT_URL
     applied (a resume from a shell without them published elsewhere); a folder store as an
-    absolute path, for a resume from another folder."""
+    absolute path, ~ expanded, for a resume from another folder or shell."""
     flags = ["--publish"]
     if storage:
-        where = storage if "://" in storage else os.path.abspath(storage)
-        flags += ["--storage", shlex.quote(where)]
+        flags += ["--storage", shlex.quote(location_from_anywhere(storage))]
     if endpoint_url:
         flags += ["--endpoint-url", shlex.quote(endpoint_url)]
     flags += [flag for flag, on in (("--create-bucket", create_bucket),

@@ -380,8 +380,11 @@ def test_the_resume_command_publishes_where_the_stopped_command_would_have(tmp_p
     from fer.train import publish_flags
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert publish_flags("my store", create_bucket=True) == (
         f"--publish --storage '{tmp_path / 'my store'}' --create-bucket")
+    for given in ("~/store", "file://~/store", "FILE://store/../home/store"):
+        assert publish_flags(given) == f"--publish --storage {tmp_path / 'home' / 'store'}"
     assert publish_flags("s3://team/prod", endpoint_url="http://minio:9000") == (
         "--publish --storage s3://team/prod --endpoint-url http://minio:9000")
 
