@@ -115,6 +115,21 @@ def test_an_empty_data_source_is_refused(tmp_path, data_dir, command):
                                   r"URL or s3://bucket/key")
 
 
+@pytest.mark.parametrize("command", [["publish", "runs/x", "--storage", ""],
+                                     ["reports", "list", "--storage", " "],
+                                     ["train", "--publish", "--storage", ""],
+                                     ["reports", "list", "--endpoint-url", ""]])
+def test_an_empty_store_is_refused(tmp_path, data_dir, command):
+    """`--storage "$STORE"` with the variable unset published to FER_STORAGE or ./artifacts
+    and exited 0 (and an empty --endpoint-url fell back to AWS_ENDPOINT_URL or AWS)."""
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    result = run_fer(*command, cwd=tmp_path, env={"FER_STORAGE": str(tmp_path / "prod")})
+    assert_one_line_error(result, r"(storage '\s*' is empty: expected a folder path, file://PATH "
+                                  r"or s3://BUCKET/PREFIX|endpoint URL '' is empty: expected an "
+                                  r"http\(s\) URL)")
+    assert not (tmp_path / "prod").exists() and not (tmp_path / "artifacts").exists()
+
+
 def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     """`fer train --remote` hands the worker what the user chose, profile filled in."""
     from typer.testing import CliRunner
