@@ -80,6 +80,10 @@ def _writable(folder: Path, what: str) -> Path:
     training rather than after."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # nothing can be created there: mkdir finds it taken
+            raise FerError(f"{what} {_printable(folder)}: {_printable(existing)} is a link to "
+                           f"{_printable(os.readlink(existing))}, which does not exist (a disk "
+                           "not mounted?)")
         existing = existing.parent
     if not existing.is_dir():
         raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
@@ -315,7 +319,7 @@ def train(
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "
                f"macro-F1 {metrics['macro_f1']:.4f}, "
                f"{metrics['train_images_per_second']:.0f} train images/s\n"
-               f"files in {result.run_dir}")
+               f"files in {_printable(result.run_dir)}")
     if publish:
         try:
             _publish(result.run_dir, settings, create_bucket=create_bucket,
@@ -479,12 +483,6 @@ def retrain(
     # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _check_data_named(data)  # before a server starts, or the one named is asked
-    remote = _import_flows("flows.remote")
-    if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
-        remote.require_api()
-        server = contextlib.nullcontext()
-    else:  # in a session of its own: Ctrl-C reaches fer, which records the stop through it
-        server = _import_flows("flows.local_server").temporary_server()
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one
@@ -492,6 +490,12 @@ def retrain(
                     precision=precision, out=out)
     _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
     _writable(out, "--out")
+    remote = _import_flows("flows.remote")  # a typo above costs no server round trip
+    if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
+        remote.require_api()
+        server = contextlib.nullcontext()
+    else:  # in a session of its own: Ctrl-C reaches fer, which records the stop through it
+        server = _import_flows("flows.local_server").temporary_server()
     flows_retrain = _import_flows("flows.retrain")
     from fer.runs import champion_note
 
@@ -502,7 +506,7 @@ def retrain(
                                        endpoint_url=endpoint_url, create_bucket=create_bucket,
                                        force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
-               f"{result['macro_f1']:.4f}; published to {result['location']}"
+               f"{result['macro_f1']:.4f}; published to {_printable(result['location'])}"
                + champion_note(became=result["became_champion"], now=result["is_champion"]))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import encode_image, shaded_image, write_image_tree
+from s3server import free_port
 
 from fer.data import file_sha256
 from fer.errors import DataError, FerError, RunStillGoing
@@ -99,8 +100,10 @@ def test_zip_slip_is_one_line_error(tmp_path, data_dir):
 @pytest.mark.parametrize("command", [["train"], ["train", "--remote"], ["retrain"]])
 def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, command, option,
                                                            pattern):
-    """A typo costs no download, decode or server round trip: the data named does not exist."""
-    result = run_fer(*command, "--data", tmp_path / "missing.csv", *option)
+    """A typo costs no download, decode or server round trip: the data named does not exist,
+    and the Prefect server named is not there (retrain had asked it first, and blamed it)."""
+    result = run_fer(*command, "--data", tmp_path / "missing.csv", *option,
+                     env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
     assert_one_line_error(result, pattern)
 
 
@@ -442,6 +445,20 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, data_dir, fer_subset,
     assert f"`fer train --resume {run_dir}{again}` continues it" in stderr
     assert "Traceback" not in stderr
     assert epochs_done(runs) >= 1
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "missing.csv"],
+                                     ["evaluate", "--model", "model.keras",
+                                      "--data", "missing.csv"]])
+def test_an_out_folder_that_links_to_nothing_is_named(tmp_path, data_dir, command):
+    """--out a link to a folder that is not there (an unmounted disk): named before any data
+    is read; train had failed after decoding, on "every run id tried was taken", and
+    evaluate with a FileExistsError traceback after scoring the test split."""
+    (tmp_path / "model.keras").write_bytes(b"not read")
+    (tmp_path / "runs").symlink_to(tmp_path / "mnt" / "runs")
+    result = run_fer(*command, "--out", "runs/sub", cwd=tmp_path)
+    assert_one_line_error(result, r"--out runs/sub: runs is a link to .*mnt/runs, which does "
+                                  r"not exist \(a disk not mounted\?\)")
 
 
 def test_train_publish_to_a_store_it_cannot_write_fails_before_training(tmp_path):
