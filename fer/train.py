@@ -233,6 +233,10 @@ def _new_run(config: TrainConfig, dataset: Dataset, spec: ModelSpec, *,
              started_by: str | None, data_origin: str | None) -> tuple[RunRecord, str]:
     """A new run folder, with the record a resume needs; and why this precision."""
     precision, why = resolve_precision(config.precision)
+    slow = slow_here(precision)  # only where asked for: auto never picks a slow one
+    if slow:
+        log.warning("training in %s as asked, but %s: it trains several times slower here "
+                    "than in what --precision auto picks", precision, slow)
     process = _process()  # the code that trains, not whatever is checked out hours later
     recipe, pixels = spec.recipe(), pixels_sha256(dataset)  # before the folder: a Ctrl-C
     run = RunRecord(  # while hashing would leave it without a record

@@ -152,6 +152,22 @@ def test_a_resume_where_its_precision_is_slow_says_so(tmp_path, tiny_dataset, mo
             "float32 would") in caplog.text
 
 
+def test_a_new_run_in_a_precision_slow_here_says_so(tmp_path, tiny_dataset, monkeypatch,
+                                                     caplog):
+    """`--precision mixed_bfloat16` asked for on a CPU without bf16 instructions trains about
+    10x slower than auto's float32: the log says so (it said only "as asked"). Stopped at
+    the start of epoch 1, before any bf16 step."""
+    monkeypatch.setattr(fer.precision, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(fer.precision, "has_gpu", lambda: False)
+    EpochSpy(monkeypatch, stop_at=1)
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="mixed_bfloat16")
+    with caplog.at_level("WARNING", logger="fer"), pytest.raises(KeyboardInterrupt):
+        train(tiny_dataset, config, verbose=0)
+    assert ("training in mixed_bfloat16 as asked, but this CPU has no bf16 instructions "
+            "(amx_bf16, avx512_bf16): it trains several times slower here than in what "
+            "--precision auto picks") in caplog.text
+
+
 def test_a_resumed_ensemble_trains_only_the_members_left(tmp_path, tiny_dataset, monkeypatch):
     """Member 1 finished before the stop: the resumed run reuses its final weights and
     trains member 2 alone."""
