@@ -13,7 +13,7 @@ from fer.data import Dataset, Split
 from fer.errors import FerError, NonFiniteScoresError, writing
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 from fer.manifest import read_json, write_json
-from fer.models import class_names_of
+from fer.models import class_names_of, computes_mixed
 from fer.pipeline import image_batches
 from fer.plots import plot_confusion_matrix
 
@@ -32,20 +32,12 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
     broken = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
     if broken:
         overflow = (", or overflows in this precision (try --precision float32)"
-                    if _mixed_precision(model) else "")
+                    if computes_mixed(model) else "")
         raise NonFiniteScoresError(
             f"the model gives non-finite scores (NaN or infinity) for {broken} of "
             f"{len(images)} images: it was not trained to a usable state (did its training "
             f"diverge? see its history.csv){overflow}")
     return probabilities
-
-
-def _mixed_precision(model) -> bool:
-    """Whether any layer computes in a mixed (16-bit) policy, where activations overflow
-    sooner than in float32."""
-    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith("mixed")
-               or _mixed_precision(layer)  # an ensemble's members are models in the model
-               for layer in getattr(model, "layers", []))
 
 
 def predict_labels(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

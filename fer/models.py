@@ -531,7 +531,17 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
         raise FerError(f"{path}: not a loadable Keras model ({_load_failure(exc)}); expected "
                        "a model.keras from `fer train`") from None
     _check_fer_model(model, path)
-    return model if precision == "float32" else with_precision(model, policy=precision)
+    if precision == "float32" and not computes_mixed(model):  # as fer saves its models
+        return model
+    return with_precision(model, policy=precision)  # a file saved mixed is computed as asked
+
+
+def computes_mixed(model) -> bool:
+    """Whether any layer computes in a mixed (16-bit) policy, where activations overflow
+    sooner than in float32."""
+    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith("mixed")
+               or computes_mixed(layer)  # an ensemble's members are models in the model
+               for layer in getattr(model, "layers", []))
 
 
 @contextlib.contextmanager

@@ -124,6 +124,22 @@ def test_load_model_errors_are_one_line(tmp_path):
         load_model(tmp_path / "empty.keras")
 
 
+def test_a_model_saved_in_mixed_precision_computes_as_asked_when_loaded(tmp_path):
+    """fer saves float32 models, but a model.keras saved while computing in bf16 (built
+    under a mixed policy elsewhere) computed in bf16 when loaded with --precision float32,
+    while the report said float32; loaded so, it computes in float32."""
+    from fer.models import computes_mixed
+    from fer.precision import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):
+        model = get_spec("seed").build()
+    assert computes_mixed(model)
+    model.save(tmp_path / "mixed.keras")
+    loaded = load_model(tmp_path / "mixed.keras", precision="float32")
+    assert not computes_mixed(loaded)
+    assert loaded.predict(np.zeros((1, 48, 48, 1), "float32"), verbose=0).dtype == np.float32
+
+
 def test_a_model_with_a_layer_fer_does_not_know_names_the_layer(tmp_path):
     """Another project's custom layer (or one an older fer had): the error names the class
     Keras could not find, not only that the model 'could not be deserialized properly'."""
