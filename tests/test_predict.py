@@ -205,3 +205,29 @@ def test_no_faces_in_a_blank_image(tmp_path, model):
     (tmp_path / "blank.png").write_bytes(encode_image(np.full((200, 200), 128, np.uint8)))
     assert detect_faces(np.full((200, 200), 128, np.uint8)) == []
     assert predict_files(model, [tmp_path / "blank.png"], faces=True) == []
+
+
+def test_predictions_are_named_in_the_models_own_class_order(tmp_path):
+    """A model whose stored class order is not CLASS_NAMES' (another fer's, or a user's):
+    each score is named by the model's own order, through a save and a load (a change to
+    the fixed order would name every class wrongly and pass every other test)."""
+    import keras
+
+    from fer.labels import CLASS_NAMES
+    from fer.models import ClassNames, load_model
+
+    order = list(reversed(CLASS_NAMES))  # index 0 is neutral here, angry in CLASS_NAMES
+    inputs = keras.Input((48, 48, 1))
+    scores = keras.layers.Dense(len(order), kernel_initializer="zeros",
+                                bias_initializer=keras.initializers.Constant(
+                                    [3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]))(
+        keras.layers.Flatten()(inputs))
+    outputs = ClassNames(order)(keras.layers.Softmax()(scores))
+    keras.Model(inputs, outputs).save(tmp_path / "model.keras")
+    model = load_model(tmp_path / "model.keras")
+    (prediction,) = fer.predict.predict_inputs(
+        model, [fer.predict.ModelInput(file="face.png", pixels=np.zeros((48, 48), np.uint8))])
+    assert prediction.emotion == "neutral"
+    assert list(prediction.probabilities) == order
+    assert prediction.probabilities["neutral"] > prediction.probabilities["surprise"] > (
+        prediction.probabilities["sad"]) > prediction.probabilities["angry"]
