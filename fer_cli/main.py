@@ -205,6 +205,32 @@ ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
     help=f"peak learning rate (> 0); {_profiles_help('learning_rate')}, else the model's own")]
+def _existing(*, folder: bool):
+    """An option callback for a path that must exist: ``~`` expanded first, as a shell does
+    not after `=` (`--model=~/m.keras`: Click's exists=True refused it as missing), then
+    Click's check, in its words."""
+    kind = "Directory" if folder else "File"
+
+    def check(value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        try:
+            value = Path(value).expanduser()
+        except RuntimeError:  # a ~user that is no user: named as given, missing
+            pass
+        if not value.exists():
+            raise typer.BadParameter(f"{kind} '{value}' does not exist.")
+        if value.is_dir() != folder:
+            raise typer.BadParameter(f"{kind} '{value}' is a {'file' if folder else 'directory'}.")
+        if not os.access(value, os.R_OK):
+            raise typer.BadParameter(f"{kind} '{value}' is not readable.")
+        return value
+    return check
+
+
+ModelFileOption = Annotated[Path, typer.Option(callback=_existing(folder=False),
+                                               help="a model.keras")]
+
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(
@@ -253,7 +279,7 @@ def train(
     wait: Annotated[bool, typer.Option(
         help="with --remote: follow the run to the end and print its report")] = False,
     resume: Annotated[Path | None, typer.Option(
-        exists=True, file_okay=False,
+        callback=_existing(folder=True),
         help="continue the run in this folder (runs/<run-id>) from its last finished epoch, "
              "with the options and data it started with")] = None,
 ) -> None:
@@ -513,7 +539,8 @@ def retrain(
 @app.command()
 def deploy(
     project_dir: Annotated[Path, typer.Option(
-        exists=True, file_okay=False, help="checkout holding deploy/prefect.yaml")] = Path("."),
+        callback=_existing(folder=True), help="checkout holding deploy/prefect.yaml")
+    ] = Path("."),
     name: Annotated[list[str] | None, typer.Option(
         "--name", help="only these deployments (repeatable); default: all")] = None,
     crash_after: Annotated[int | None, typer.Option(
@@ -581,7 +608,7 @@ def _keras_verbosity() -> int:
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a model.keras")],
+    model: ModelFileOption,
     data: Annotated[str | None, typer.Option(help="source whose test split is scored")] = None,
     out: Annotated[Path | None, typer.Option(
         help="report folder; default: evaluation/ beside the model")] = None,
@@ -629,7 +656,7 @@ def evaluate(
 def predict(
     images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False,
                                                  help="image files, any size or colour")],
-    model: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a model.keras")],
+    model: ModelFileOption,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
     faces: Annotated[bool, typer.Option(help="detect faces first, classify each")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH_SIZE)] = 64,

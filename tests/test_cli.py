@@ -295,6 +295,23 @@ def test_log_lines_show_fers_progress_bare_and_other_libraries_from_warnings_up(
     assert lines.format(stopped) == "error: Task run 'train-9f0' - Task run failed"
 
 
+def test_a_path_option_after_an_equals_sign_has_its_home_expanded(tmp_path):
+    """`--model=~/m.keras` and `--resume=~/runs/x` reach fer with ~ as typed (a shell
+    expands it only at a word's start): expanded, as --out's and --data's are, before the
+    existence check, which had called them missing."""
+    home = tmp_path / "home"
+    (home / "runs").mkdir(parents=True)
+    (home / "m.keras").write_bytes(b"not a zip")
+    (tmp_path / "face.png").write_bytes(encode_image(np.zeros((48, 48), np.uint8)))
+    env = {"HOME": str(home)}
+    found = run_fer("predict", tmp_path / "face.png", "--model=~/m.keras", env=env)
+    assert_one_line_error(found, r"m\.keras: not a zip archive")  # read: past the check
+    missing = usage_error(run_fer("train", "--resume=~/runs/none", env=env))
+    assert f"Directory'{home}/runs/none'doesnotexist." in missing.replace(" ", "")  # folded
+    folder = usage_error(run_fer("evaluate", "--model=~/runs", env=env))
+    assert "is a directory." in folder
+
+
 def test_usage_errors_are_reported_by_click(tmp_path):
     """Out-of-range numbers and missing files are rejected before anything runs."""
     result = run_fer("train", "--epochs", "0")
