@@ -13,6 +13,7 @@ import inspect
 import json
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -582,6 +583,11 @@ def _check_fer_model(model: keras.Model, path: Path) -> None:
         takes, gives = model.input_shape, model.output_shape
     except (AttributeError, ValueError):
         takes = gives = None
+    twice = sorted(name for name, count in Counter(map(str, names or [])).items() if count > 1)
+    if twice:  # a column would be overwritten when scores are put in CLASS_NAMES order
+        raise FerError(f"{path}: its stored class order names {', '.join(twice)} more than "
+                       f"once ({list(names)}); expected each class once, as `fer train` "
+                       "saves it")
     if names is not None and takes == (None, *INPUT_SHAPE) and gives == (None, len(names)):
         return
     found = (f"it takes {takes} and gives {gives}" if takes is not None

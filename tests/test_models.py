@@ -140,6 +140,19 @@ def test_a_model_saved_in_mixed_precision_computes_as_asked_when_loaded(tmp_path
     assert loaded.predict(np.zeros((1, 48, 48, 1), "float32"), verbose=0).dtype == np.float32
 
 
+def test_a_model_naming_a_class_twice_is_refused(tmp_path):
+    """A stored class order with a name twice (edited by hand, another tool's): scores put
+    in CLASS_NAMES order overwrote one column and scored the missing class 0, silently."""
+    order = [*CLASS_NAMES[:-1], "happy"]  # no neutral, happy twice
+    inputs = keras.Input((48, 48, 1))
+    scores = keras.layers.Dense(len(order))(keras.layers.Flatten()(inputs))
+    outputs = ClassNames(order, name="class_names")(keras.layers.Softmax()(scores))
+    keras.Model(inputs, outputs).save(tmp_path / "twice.keras")
+    with pytest.raises(FerError, match=r"twice\.keras: its stored class order names happy more "
+                                       r"than once"):
+        load_model(tmp_path / "twice.keras")
+
+
 def test_a_model_with_a_layer_fer_does_not_know_names_the_layer(tmp_path):
     """Another project's custom layer (or one an older fer had): the error names the class
     Keras could not find, not only that the model 'could not be deserialized properly'."""

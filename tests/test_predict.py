@@ -222,7 +222,7 @@ def test_predictions_are_named_in_the_models_own_class_order(tmp_path):
                                 bias_initializer=keras.initializers.Constant(
                                     [3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]))(
         keras.layers.Flatten()(inputs))
-    outputs = ClassNames(order)(keras.layers.Softmax()(scores))
+    outputs = ClassNames(order, name="class_names")(keras.layers.Softmax()(scores))
     keras.Model(inputs, outputs).save(tmp_path / "model.keras")
     model = load_model(tmp_path / "model.keras")
     (prediction,) = fer.predict.predict_inputs(
