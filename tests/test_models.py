@@ -278,7 +278,8 @@ def test_pixel_unshuffle_keeps_every_pixel():
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_trains_like_keras_batch_norm(policy):
-    """The fused training pass gives Keras' outputs, gradients and moving mean (a speed-up only)."""
+    """The fused training pass gives Keras' outputs, gradients (to the input, the scale and
+    the offset) and moving mean (a speed-up only)."""
     import tensorflow as tf
 
     from fer.models import FusedBatchNorm
@@ -293,12 +294,20 @@ def test_fused_batch_norm_trains_like_keras_batch_norm(policy):
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(images)
         outputs = [layer(images, training=True) for layer in (reference, fused)]
-        losses = [tf.reduce_sum(tf.cast(y, "float32") ** 2 * weights) for y in outputs]
+        # the linear term gives the offset a gradient (a sum of normalised values is 0)
+        losses = [tf.reduce_sum((tf.cast(y, "float32") ** 2 + tf.cast(y, "float32")) * weights)
+                  for y in outputs]
     tolerance = 1e-5 if policy == "float32" else 2e-2
     assert outputs[1].dtype == outputs[0].dtype
     assert np.allclose(tf.cast(outputs[0], "float32"), tf.cast(outputs[1], "float32"), atol=tolerance)
     grads = [tape.gradient(loss, images) for loss in losses]
     assert np.allclose(grads[0], grads[1], atol=tolerance * 10, rtol=1e-2)
+    for parameter in ("gamma", "beta"):
+        reference_grad, fused_grad = (tape.gradient(loss, getattr(layer, parameter))
+                                      for loss, layer in zip(losses, (reference, fused),
+                                                             strict=True))
+        assert not np.allclose(reference_grad, 0.0)
+        assert np.allclose(reference_grad, fused_grad, rtol=tolerance * 5, atol=tolerance * 10)
     assert np.allclose(reference.moving_mean, fused.moving_mean, atol=1e-6)
     assert not np.allclose(fused.moving_mean, 0.0)
     # The moving variance is updated from the unbiased batch variance (n/(n-1) of Keras').
