@@ -356,6 +356,13 @@ def train(
             raise FerError(f"{exc}; the run is complete in {result.run_dir}: once the cause "
                            f"is fixed, {resume_command(result.run_dir, flags)} publishes it"
                            ) from None
+        except BaseException:  # Ctrl-C, SIGTERM: a stop names what goes on, as training's does
+            from fer.train import resume_command
+
+            logging.getLogger("fer").warning(
+                "publishing stopped; the run is complete in %s: %s publishes it",
+                _printable(result.run_dir), resume_command(result.run_dir, flags))
+            raise
 
 
 # What a run records when it starts, so --resume takes none of them.

@@ -570,6 +570,37 @@ def test_a_publish_failing_after_training_names_the_command_that_publishes_the_r
     assert f"published {run_dir.name}" in again.stdout
 
 
+def test_a_stop_while_publishing_names_the_command_that_publishes_the_run(tmp_path,
+                                                                          monkeypatch, caplog):
+    """Ctrl-C (or SIGTERM) during the upload after training: the log names the command that
+    publishes the complete run, as a stop during training names its resume (it said
+    nothing)."""
+    from run_folders import make_run
+    from typer.testing import CliRunner
+
+    import fer_cli.main
+    from fer.train import RunResult
+
+    run_dir = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.7)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    monkeypatch.setattr(fer_cli.main, "_train_locally", lambda *args, **kwargs: RunResult(
+        run_dir.name, run_dir, {**metrics, "macro_f1": 0.6}))
+    monkeypatch.setattr(fer_cli.main, "_tensorflow_for_training", lambda: None)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fer_cli.main, "_publish", interrupted)
+    monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "data"))
+    store = tmp_path / "store"
+    with caplog.at_level("WARNING", logger="fer"):
+        result = CliRunner().invoke(fer_cli.main.app, [
+            "train", "--out", str(tmp_path / "runs"), "--publish", "--storage", str(store)])
+    assert result.exit_code != 0
+    assert (f"publishing stopped; the run is complete in {run_dir}: `fer train --resume "
+            f"{run_dir} --publish --storage {store}` publishes it") in caplog.text
+
+
 def test_train_resume_continues_a_stopped_run(tmp_path, data_dir, fer_subset, monkeypatch):
     """A run stopped by Ctrl-C after epoch 1 of 3, then `fer train --resume runs/<id>` as a
     user types it: it reads the data the run recorded, trains epochs 2-3, scores the test
