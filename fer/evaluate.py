@@ -27,8 +27,14 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
     would be `angry` to argmax (predict's answer, evaluate's confusion matrix) and invalid
     JSON in a report.
     """
-    probabilities = np.asarray(model.predict(image_batches(images, batch_size=batch_size),
-                                             verbose=0))
+    if 0 < len(images) <= batch_size:  # one batch (`fer predict face.png`): without the
+        # per-call setup of `predict` over a tf.data pipeline, 3-4x the model's own time
+        # for one image (BENCHMARKS.md, session 48)
+        pixels = images.reshape(-1, images.shape[1], images.shape[2], 1).astype("float32")
+        probabilities = np.asarray(model.predict_on_batch(pixels))
+    else:
+        probabilities = np.asarray(model.predict(image_batches(images, batch_size=batch_size),
+                                                 verbose=0))
     broken = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
     if broken:
         overflow = (", or overflows in this precision (try --precision float32)"
