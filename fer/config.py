@@ -67,17 +67,23 @@ class Settings:
 
     def with_options(self, *, storage: str | None = None,
                      endpoint_url: str | None = None) -> Settings:
-        """These settings with a command's or a flow's own options on top (None: keep). An
-        empty one is refused, as an empty data source is: ``--storage "$STORE"`` with the
-        variable unset had published to FER_STORAGE or ./artifacts and exited 0."""
-        for name, value, expected in (
-                ("storage", storage, "a folder path, file://PATH or s3://BUCKET/PREFIX (`.` "
-                                     "names the current folder)"),
-                ("endpoint URL", endpoint_url, "an http(s) URL such as http://localhost:9000")):
-            if value is not None and not value.strip():
-                raise FerError(f"{name} {value!r} is empty: expected {expected}")
+        """These settings with a command's or a flow's own options on top (None: keep); an
+        empty one is refused (check_store_named)."""
+        check_store_named(storage=storage, endpoint_url=endpoint_url)
         return replace(self, storage=storage or self.storage,
                        endpoint_url=endpoint_url or self.endpoint_url)
+
+
+def check_store_named(*, storage: str | None = None, endpoint_url: str | None = None) -> None:
+    """An empty store or endpoint (None: not given) is refused, as an empty data source is:
+    ``--storage "$STORE"`` with the variable unset had published to FER_STORAGE or
+    ./artifacts and exited 0."""
+    for name, value, expected in (
+            ("storage", storage, "a folder path, file://PATH or s3://BUCKET/PREFIX (`.` names "
+                                 "the current folder)"),
+            ("endpoint URL", endpoint_url, "an http(s) URL such as http://localhost:9000")):
+        if value is not None and not value.strip():
+            raise FerError(f"{name} {value!r} is empty: expected {expected}")
 
 
 # A bound on --batch-size for training and prediction: 48x48 images gain nothing from

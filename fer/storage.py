@@ -451,13 +451,16 @@ _CHANGED_MEANWHILE = {"PreconditionFailed", "412", "ConditionalRequestConflict",
 # A server that does not implement conditional writes, or rejects their headers.
 _CONDITIONS_REFUSED = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
 
-# Named by code where a server answers with another status than its usual one; any 408, 429
-# or 5xx but 501 is transient too, whatever its code (MinIO's 503 SlowDownWrite, 503
-# XMinioServerNotInitialized while it starts).
+# Named by code where a server answers with another status than its usual one; a 408, 429,
+# 500, 502, 503 or 504 is transient too, whatever its code (MinIO's 503 SlowDownWrite, 503
+# XMinioServerNotInitialized while it starts), unless its code says waiting will not help:
+# a full disk or a quota (MinIO's 507 XMinioStorageFull) would fail the publish after the
+# training instead of the store check before it.
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
                     "SlowDown", "SlowDownRead", "SlowDownWrite", "RequestTimeout",
                     "TooManyRequests", "Throttling", "ThrottlingException"}
-_TRANSIENT_STATUSES = {408, 429} | set(range(500, 600)) - {501}  # 501: not implemented at all
+_TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
+_LASTING_CODES = {"XMinioStorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded"}
 
 
 # A credential source that failed: an expired SSO session, a credential_process or an
@@ -470,8 +473,10 @@ _CREDENTIAL_SOURCE_ERRORS = (bce.CredentialRetrievalError, bce.TokenRetrievalErr
 def _is_transient(cause: BaseException) -> bool:
     """Whether trying again later may succeed: the server was unreachable, slow or failing."""
     if isinstance(cause, bce.ClientError):
+        code = _error_code(cause)
         status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return _error_code(cause) in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES
+        return code not in _LASTING_CODES and (code in _TRANSIENT_CODES
+                                               or status in _TRANSIENT_STATUSES)
     return not isinstance(cause, (bce.NoCredentialsError, bce.PartialCredentialsError,
                                   bce.SSLError, bce.ParamValidationError,
                                   *_CREDENTIAL_SOURCE_ERRORS))
@@ -601,7 +606,8 @@ def location_from_anywhere(url: str) -> str:
     scheme, found, rest = url.partition("://")
     if found and scheme.lower() != "file":
         return url
-    return os.path.abspath(expand_home(rest if found else url, what="storage folder"))
+    # absolute(), not abspath: a link before a `..` is followed, as open_store's folder is
+    return str(expand_home(rest if found else url, what="storage folder").absolute())
 
 
 # Two or more letters then a colon: a scheme. One letter is a Windows drive (C:).

@@ -20,7 +20,13 @@ from typing import Annotated
 
 import typer
 
-from fer.config import DEFAULT_SOURCE_URL, MAX_BATCH_SIZE, Settings, TrainConfig
+from fer.config import (
+    DEFAULT_SOURCE_URL,
+    MAX_BATCH_SIZE,
+    Settings,
+    TrainConfig,
+    check_store_named,
+)
 from fer.errors import FerError, FileWriteError, RunStillGoing, expand_home
 from fer.profiles import PROFILES
 
@@ -211,13 +217,13 @@ def _existing(*, folder: bool):
     Click's check, in its words."""
     kind = "Directory" if folder else "File"
 
-    def check(value: Path | None) -> Path | None:
+    def check(param: typer.CallbackParam, value: Path | None) -> Path | None:
         if value is None:
             return None
         try:
-            value = Path(value).expanduser()
-        except RuntimeError:  # a ~user that is no user: named as given, missing
-            pass
+            value = expand_home(value, what=param.opts[0])
+        except FerError as exc:  # a ~user that is no user
+            raise typer.BadParameter(str(exc)) from None
         if not value.exists():
             raise typer.BadParameter(f"{kind} '{value}' does not exist.")
         if value.is_dir() != folder:
@@ -301,6 +307,7 @@ def train(
         _check_resume_alone(ctx, remote=remote, publish=publish)
     else:
         _check_data_named(data)  # before a remote run is queued to fail on the worker
+        check_store_named(storage=storage, endpoint_url=endpoint_url)
         options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                    learning_rate=learning_rate, tta=tta, ensemble=ensemble)
         config = _checked_config(options, seed=seed, split_seed=split_seed,
@@ -356,7 +363,7 @@ def train(
             raise FerError(f"{exc}; the run is complete in {result.run_dir}: once the cause "
                            f"is fixed, {resume_command(result.run_dir, flags)} publishes it"
                            ) from None
-        except BaseException:  # Ctrl-C, SIGTERM: a stop names what goes on, as training's does
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, a hangup: named as training's stop is
             from fer.train import resume_command
 
             logging.getLogger("fer").warning(
@@ -516,6 +523,7 @@ def retrain(
     # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _check_data_named(data)  # before a server starts, or the one named is asked
+    check_store_named(storage=storage, endpoint_url=endpoint_url)
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one

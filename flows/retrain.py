@@ -28,7 +28,7 @@ from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 from prefect.utilities.templating import find_placeholders
 
-from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig
+from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig, check_store_named
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.fetch import check_not_empty
 from fer.options import check_config, parameter_name
@@ -344,6 +344,7 @@ def check_parameters(parameters: dict) -> None:
     check_config(_train_config(values), spell=parameter_name)
     if values.get("data") is not None:
         check_not_empty(values["data"])
+    check_store_named(storage=values.get("storage"), endpoint_url=values.get("endpoint_url"))
 
 
 def _templated(value: object) -> bool:

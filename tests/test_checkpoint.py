@@ -399,8 +399,13 @@ def test_the_resume_command_publishes_where_the_stopped_command_would_have(tmp_p
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert publish_flags("my store", create_bucket=True) == (
         f"--publish --storage '{tmp_path / 'my store'}' --create-bucket")
-    for given in ("~/store", "file://~/store", "FILE://store/../home/store"):
+    for given in ("~/store", "file://~/store", "FILE://home/store"):
         assert publish_flags(given) == f"--publish --storage {tmp_path / 'home' / 'store'}"
+    # a link before `..` is followed, as the store's folder is: not cancelled as text
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "er")
+    assert publish_flags("link/../store") == f"--publish --storage {tmp_path / 'link/../store'}"
+    assert (tmp_path / "link/../store").resolve() == tmp_path / "deep" / "store"
     assert publish_flags("s3://team/prod", endpoint_url="http://minio:9000") == (
         "--publish --storage s3://team/prod --endpoint-url http://minio:9000")
 

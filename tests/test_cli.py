@@ -121,10 +121,13 @@ def test_an_empty_data_source_is_refused(tmp_path, data_dir, command):
 @pytest.mark.parametrize("command", [["publish", "runs/x", "--storage", ""],
                                      ["reports", "list", "--storage", " "],
                                      ["train", "--publish", "--storage", ""],
-                                     ["reports", "list", "--endpoint-url", ""]])
+                                     ["reports", "list", "--endpoint-url", ""],
+                                     ["train", "--remote", "--storage", ""],
+                                     ["retrain", "--storage", ""]])
 def test_an_empty_store_is_refused(tmp_path, data_dir, command):
     """`--storage "$STORE"` with the variable unset published to FER_STORAGE or ./artifacts
-    and exited 0 (and an empty --endpoint-url fell back to AWS_ENDPOINT_URL or AWS)."""
+    and exited 0 (and an empty --endpoint-url fell back to AWS_ENDPOINT_URL or AWS); a
+    remote run is not queued to fail on the worker, nor a server started for retrain."""
     (tmp_path / "runs" / "x").mkdir(parents=True)
     result = run_fer(*command, cwd=tmp_path, env={"FER_STORAGE": str(tmp_path / "prod")})
     assert_one_line_error(result, r"(storage '\s*' is empty: expected a folder path, file://PATH "

@@ -162,9 +162,14 @@ def test_an_out_dir_with_a_tilde_is_the_home_folder_where_the_flow_runs(monkeypa
 
 
 def test_an_empty_data_parameter_is_refused_by_fer_deploy():
-    """`data: ""` read the worker's working folder as the dataset when the run fired."""
+    """`data: ""` read the worker's working folder as the dataset when the run fired; an
+    empty `storage:` or `endpoint_url:` fails the run when it fires."""
     with pytest.raises(FerError, match=r"data source '' is empty"):
         check_parameters({"data": ""})
+    with pytest.raises(FerError, match=r"storage '' is empty"):
+        check_parameters({"storage": ""})
+    with pytest.raises(FerError, match=r"endpoint URL ' ' is empty"):
+        check_parameters({"endpoint_url": " "})
 
 
 def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
@@ -1149,11 +1154,18 @@ def test_a_run_whose_worker_died_is_reported_not_waited_for(deployed, prefect_ap
     run = trigger_retrain({}, deployment="retrain/lost")
     with get_client(sync_client=True) as client:  # as its worker did before it died
         client.set_flow_run_state(uuid.UUID(run.flow_run_id), left(), force=True)
+    def still_following(signum, frame):  # a follow that waits for ever fails, not hangs
+        raise TimeoutError("follow_run still waiting after 120 s")
+
+    before = signal.signal(signal.SIGALRM, still_following)
+    signal.alarm(120)
     try:
         with pytest.raises(RunStillGoing, match=rf"{doing}, but no worker has polled pool "
                            rf"fer-lost for 2s: .*`prefect flow-run cancel {run.flow_run_id}`"):
             follow_run(run.flow_run_id, poll_seconds=0.5, worker_lost_s=2)
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
         with get_client(sync_client=True) as client:  # never to run
             client.delete_flow_run(uuid.UUID(run.flow_run_id))
 

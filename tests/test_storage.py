@@ -162,12 +162,14 @@ def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, version, conditi
     ("RequestTimeout", 408, True),
     ("InternalError", 500, True),
     ("NotImplemented", 501, False),  # the server cannot do it: no later try can either
+    ("XMinioStorageFull", 507, False),  # MinIO's full disk: fail the check before training
+    ("XMinioStorageFull", 500, False),  # the same code with another status
     ("AccessDenied", 403, False),
     ("NoSuchKey", 404, False),
 ])
 def test_s3_answers_worth_a_retry_are_transient(monkeypatch, code, status, transient):
-    """A publish that fails on an answer worth waiting for (408, 429, 5xx but 501, by
-    status whatever the server's code) is transient, so the Prefect task retries it and a
+    """A publish that fails on an answer worth waiting for (408, 429, 500, 502-504, by
+    status whatever the server's code, but a full disk) is transient, so the Prefect task retries it and a
     store check before training only warns; MinIO's 503 SlowDownWrite had failed a
     scheduled retrain outright."""
     from botocore.stub import Stubber
