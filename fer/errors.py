@@ -117,3 +117,19 @@ def expand_home(value: str | Path, *, what: str) -> Path:
     except RuntimeError as exc:
         raise FerError(f"{what} {str(value)!r}: cannot expand its ~ ({exc}); expected an "
                        "existing user's ~ or a path without one") from None
+
+
+# 4xx answers that may pass by themselves (a request timeout, too many requests); the other
+# 4xx (not found, forbidden, ...) will not, and retrying them only delays the failure.
+PASSING_HTTP_ERRORS = frozenset({408, 429})
+# 5xx answers that say the server cannot serve this request at all (not implemented, HTTP
+# version not supported, no storage left): asking again gets the same answer. Other 5xx
+# are outages.
+LASTING_SERVER_ERRORS = frozenset({501, 505, 507})
+
+
+def http_status_passes(status: object) -> bool:
+    """Whether an HTTP answer of ``status`` may pass by itself (worth trying again later):
+    the rule downloads and the S3 store share."""
+    return isinstance(status, int) and (status in PASSING_HTTP_ERRORS or (
+        500 <= status < 600 and status not in LASTING_SERVER_ERRORS))

@@ -38,19 +38,13 @@ from fer.data import (
     suffix_by_content,
     tag_cache_dir,
 )
-from fer.errors import DataError, FerError, StorageError, expand_home
+from fer.errors import DataError, FerError, StorageError, expand_home, http_status_passes
 from fer.locks import taking_turns
 from fer.manifest import read_json, write_json
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
 
-# 4xx answers that may pass by themselves (a request timeout, too many requests); the other
-# 4xx (not found, forbidden, ...) will not, and retrying them only delays the failure.
-PASSING_HTTP_ERRORS = frozenset({408, 429})
-# 5xx answers that say the server cannot serve this request at all (not implemented, HTTP
-# version not supported): asking again gets the same answer. Other 5xx are outages.
-LASTING_SERVER_ERRORS = frozenset({501, 505})
 DOWNLOAD_TIMEOUT_S = 60
 # How messages name the data source option, reached from the CLI and from a flow alike.
 DATA_OPTION = "--data, a flow's data"
@@ -430,8 +424,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         if exc.code == 304:  # Not Modified: the copy from before is current
             return target
         answer = f"the server answered HTTP {exc.code} ({exc.reason})"
-        if exc.code in PASSING_HTTP_ERRORS or (exc.code >= 500
-                                               and exc.code not in LASTING_SERVER_ERRORS):
+        if http_status_passes(exc.code):
             raise _SourceFailed(StorageError(
                 f"{redacted(url)}: download failed ({answer}); try again later, or use a local copy of "
                 "the file", transient=True)) from None

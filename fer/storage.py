@@ -24,7 +24,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bce
 from botocore.config import Config
 
-from fer.errors import MissingObjectError, StorageError, expand_home, fsync_folder, fsync_path
+from fer.errors import (
+    MissingObjectError,
+    StorageError,
+    expand_home,
+    fsync_folder,
+    fsync_path,
+    http_status_passes,
+)
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -451,15 +458,15 @@ _CHANGED_MEANWHILE = {"PreconditionFailed", "412", "ConditionalRequestConflict",
 # A server that does not implement conditional writes, or rejects their headers.
 _CONDITIONS_REFUSED = {"NotImplemented", "501", "InvalidArgument", "InvalidRequest"}
 
-# Named by code where a server answers with another status than its usual one; a 408, 429,
-# 500, 502, 503 or 504 is transient too, whatever its code (MinIO's 503 SlowDownWrite, 503
-# XMinioServerNotInitialized while it starts), unless its code says waiting will not help:
-# a full disk or a quota (MinIO's 507 XMinioStorageFull) would fail the publish after the
+# Named by code where a server answers with another status than its usual one; an answer
+# whose status may pass (fer.errors.http_status_passes: 408, 429, a 5xx outage) is transient
+# too, whatever its code (MinIO's 503 SlowDownWrite, 503 XMinioServerNotInitialized while it
+# starts), unless its code says waiting will not help: a full disk or a quota (MinIO's 507
+# XMinioStorageFull, SeaweedFS' 500 of the same code) would fail the publish after the
 # training instead of the store check before it.
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
                     "SlowDown", "SlowDownRead", "SlowDownWrite", "RequestTimeout",
                     "TooManyRequests", "Throttling", "ThrottlingException"}
-_TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
 _LASTING_CODES = {"XMinioStorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded"}
 
 
@@ -476,7 +483,7 @@ def _is_transient(cause: BaseException) -> bool:
         code = _error_code(cause)
         status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return code not in _LASTING_CODES and (code in _TRANSIENT_CODES
-                                               or status in _TRANSIENT_STATUSES)
+                                               or http_status_passes(status))
     return not isinstance(cause, (bce.NoCredentialsError, bce.PartialCredentialsError,
                                   bce.SSLError, bce.ParamValidationError,
                                   *_CREDENTIAL_SOURCE_ERRORS))

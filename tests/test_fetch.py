@@ -461,6 +461,7 @@ class _Answering(_Quiet):
     (503, StorageError, True, r"download failed \(the server answered HTTP 503 .*try again later"),
     (429, StorageError, True, r"download failed \(the server answered HTTP 429"),
     (501, DataError, None, r"HTTP 501 \(Not Implemented\); check the URL"),
+    (507, DataError, None, r"HTTP 507 \(Insufficient Storage\); check the URL"),  # as S3's
 ])
 def test_http_errors_say_whether_retrying_can_help(tmp_path, status, error, transient, message):
     """A missing or forbidden file, or a server that cannot serve the request at all (501),

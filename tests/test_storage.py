@@ -164,12 +164,14 @@ def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, version, conditi
     ("NotImplemented", 501, False),  # the server cannot do it: no later try can either
     ("XMinioStorageFull", 507, False),  # MinIO's full disk: fail the check before training
     ("XMinioStorageFull", 500, False),  # the same code with another status
+    ("InsufficientStorage", 507, False),  # any full disk, by status
+    ("OriginTimeout", 522, True),  # a proxy in front of the store (Cloudflare) timing out
     ("AccessDenied", 403, False),
     ("NoSuchKey", 404, False),
 ])
 def test_s3_answers_worth_a_retry_are_transient(monkeypatch, code, status, transient):
-    """A publish that fails on an answer worth waiting for (408, 429, 500, 502-504, by
-    status whatever the server's code, but a full disk) is transient, so the Prefect task retries it and a
+    """A publish that fails on an answer worth waiting for (408, 429, a 5xx outage, by
+    status whatever the server's code, but not a full disk) is transient, so the Prefect task retries it and a
     store check before training only warns; MinIO's 503 SlowDownWrite had failed a
     scheduled retrain outright."""
     from botocore.stub import Stubber
