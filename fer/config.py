@@ -53,8 +53,10 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        storage = env.get("FER_STORAGE", "")
         return cls(
-            storage=env.get("FER_STORAGE") or DEFAULT_STORAGE,
+            # empty or whitespace alone reads as unset, not as a folder named " "
+            storage=storage if storage.strip() else DEFAULT_STORAGE,
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             data_dir_env=tuple((name, env[name]) for name in _DATA_DIR_VARIABLES if name in env),
         )

@@ -217,11 +217,11 @@ def _existing(*, folder: bool):
     Click's check, in its words."""
     kind = "Directory" if folder else "File"
 
-    def check(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    def check(value: Path | None) -> Path | None:
         if value is None:
             return None
         try:
-            value = expand_home(value, what=param.opts[0])
+            value = expand_home(value, what="path")
         except FerError as exc:  # a ~user that is no user
             raise typer.BadParameter(str(exc)) from None
         if not value.exists():
@@ -292,7 +292,7 @@ def train(
     """Train a model; writes model, curves, reports, metrics and manifest to runs/<run-id>/."""
     if wait and not remote:
         raise typer.BadParameter("only follows a run started with --remote", param_hint="--wait")
-    if remote and endpoint_url:
+    if remote and endpoint_url is not None:  # an empty one too: it is refused either way
         raise typer.BadParameter("the worker uses its own AWS_ENDPOINT_URL; set it where the "
                                  "worker runs", param_hint="--endpoint-url")
     if remote and not publish and _given(ctx, "publish"):

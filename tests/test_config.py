@@ -18,3 +18,12 @@ def test_the_data_folder_is_resolved_when_it_is_asked_for(tmp_path):
     assert hash(settings) == hash(Settings.from_env({"FER_DATA_DIR": "~fer-no-such-user-4f2a/data",
                                                      "FER_STORAGE": str(tmp_path)}))
     assert Settings.from_env({"XDG_CACHE_HOME": str(tmp_path)}).data_dir == tmp_path / "fer"
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+def test_an_empty_fer_storage_reads_as_unset(value):
+    """FER_STORAGE empty or of whitespace alone (a compose file's `FER_STORAGE: ${STORE}`
+    with STORE unset or blank) is the default store, not a folder named " "."""
+    from fer.config import DEFAULT_STORAGE
+
+    assert Settings.from_env({"FER_STORAGE": value}).storage == DEFAULT_STORAGE
