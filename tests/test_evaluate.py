@@ -215,5 +215,6 @@ def test_one_batch_scores_as_several_batches_do(tmp_path, precision):
     assert np.allclose(predict_probabilities(model, images[:1]), one_batch[:1], atol=1e-2)
     for layer in model.layers:
         layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
-    with pytest.raises(NonFiniteScoresError):
-        predict_probabilities(model, images[:1])
+    for batch_size in (8, 2):  # one batch, and several
+        with pytest.raises(NonFiniteScoresError):
+            predict_probabilities(model, images, batch_size=batch_size)
