@@ -211,6 +211,8 @@ ValFractionOption = Annotated[float, typer.Option(
     min=0.01, max=0.9, help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
     help=f"peak learning rate (> 0); {_profiles_help('learning_rate')}, else the model's own")]
+
+
 def _existing(*, folder: bool):
     """An option callback for a path that must exist: ``~`` expanded first, as a shell does
     not after `=` (`--model=~/m.keras`: Click's exists=True refused it as missing), then
