@@ -42,6 +42,7 @@ from fer.options import check_config
 from fer.pipeline import training_batches
 from fer.plots import plot_curves
 from fer.precision import dtype_policy, resolve_precision, slow_here
+from fer.seeding import seeded
 from fer.storage import location_from_anywhere
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
@@ -381,8 +382,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
     checkpoint = MemberCheckpoint(run.run_dir, number)
     progress, started = checkpoint.progress(), time.perf_counter()
     wall_before = progress.wall_seconds  # spent on this member before a stop
-    keras.utils.set_random_seed(seed)
-    with dtype_policy(run.precision):
+    with seeded(seed), dtype_policy(run.precision):
         model = spec.build()
     if progress.finished:
         checkpoint.restore_final(model)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
+import threading
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +164,23 @@ def tiny_dataset() -> Dataset:
     """Seven classes of squares the default model learns in a few epochs (fer.train tests)."""
     return Dataset(source="generated", sha256="0" * 64, train=square_split(20, 1),
                    validation=square_split(5, 2), test=square_split(5, 3))
+
+
+@contextmanager
+def python_random_drawn_meanwhile() -> Iterator[None]:
+    """A thread drawing from Python's shared random module every half millisecond for the
+    whole block, as a websockets keep-alive or a retry jitter may in a process that runs a
+    flow (a model's build takes far longer; the pause leaves the cores to the training)."""
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.wait(0.0005):
+            random.random()
+
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        drawer.join()

@@ -1,0 +1,35 @@
+"""Seeding a member's model: the same seed gives the same initial weights and random draws.
+
+Keras seeds every initializer, dropout layer and ``SeedGenerator(None)`` it builds from
+Python's global ``random`` module, which every thread in the process shares. Where another
+thread draws from it while a model is built (Prefect's clients in a flow run, or any
+library's jitter), the layers' seeds shift and ``--seed`` no longer fixes the initial
+weights: a member of an ensemble then differed from the single run of its seed once in a
+CI run of the whole suite (tests/test_train.py) and never in that file alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python, NumPy, TensorFlow and Keras seeded with ``seed``; inside the block Keras draws
+    its default layer seeds from a generator of its own, seeded alike, that no other thread
+    reaches. Outside the block Keras draws from the shared module again.
+
+    The private generator starts where ``random.seed(seed)`` starts the shared one, so a
+    build that no thread disturbed gets the same weights as before this existed."""
+    import keras
+    from keras.src.random import seed_generator  # make_default_seed() reads its python_random
+
+    keras.utils.set_random_seed(seed)
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared

@@ -1,0 +1,30 @@
+import numpy as np
+from conftest import python_random_drawn_meanwhile
+
+from fer.models import get_spec
+from fer.seeding import seeded
+
+
+def _weights_built_from(seed: int) -> list[np.ndarray]:
+    with seeded(seed):
+        return get_spec("default").build().get_weights()
+
+
+def test_a_thread_drawing_from_pythons_random_leaves_a_seeds_initial_weights_alone():
+    """Keras seeds each layer from Python's shared random module: a thread drawing from it
+    during the build (websockets' keep-alive pings in the same process) changed the weights
+    a seed gave."""
+    quiet = _weights_built_from(7)
+    with python_random_drawn_meanwhile():
+        busy = _weights_built_from(7)
+    assert quiet and all(np.array_equal(a, b) for a, b in zip(quiet, busy, strict=True))
+    assert not np.array_equal(_weights_built_from(8)[0], quiet[0])
+
+
+def test_seeding_gives_keras_the_shared_generator_back_afterwards():
+    from keras.src.random import seed_generator
+
+    shared = seed_generator.python_random
+    with seeded(1):
+        assert seed_generator.python_random is not shared
+    assert seed_generator.python_random is shared
