@@ -28,3 +28,13 @@ def test_seeding_gives_keras_the_shared_generator_back_afterwards():
     with seeded(1):
         assert seed_generator.python_random is not shared
     assert seed_generator.python_random is shared
+
+
+def test_an_undisturbed_build_gets_the_weights_keras_seeding_gave_before():
+    """Runs recorded in BENCHMARKS.md before fer.seeding (keras.utils.set_random_seed, then
+    the build) start from the same weights now."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    before = get_spec("default").build().get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(before, _weights_built_from(11), strict=True))
