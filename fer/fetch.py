@@ -296,6 +296,11 @@ def _is_remote(source: str) -> bool:
     return _scheme(source) in ("http", "https", "s3")
 
 
+def is_s3_source(source: str) -> bool:
+    """Whether ``source`` is read through an S3 endpoint (``s3://bucket/key``)."""
+    return _scheme(source) == "s3"
+
+
 def _scheme(source: str) -> str:
     """A source's URL scheme ("" for a path); a DataError for what no URL parser reads."""
     try:
@@ -356,7 +361,7 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
 def _download(source: str, target: Path, *, endpoint_url: str | None,
               progress: Progress | None) -> Path:
     """An http(s) or s3:// source into ``target``; _SourceFailed where it cannot be had."""
-    if _scheme(source) == "s3":
+    if is_s3_source(source):
         from fer.storage import split_s3_url
 
         bucket, key = split_s3_url(source)
@@ -374,7 +379,7 @@ def _download(source: str, target: Path, *, endpoint_url: str | None,
 def source_name(source: str) -> str:
     """The file name a source (path or URL) ends in, without an http(s) URL's ``?dl=1``
     tail (an S3 key's '?' and '#' are part of its name); "" if none."""
-    if source[:5].lower() == "s3://":  # boto3 loads only for S3 sources
+    if is_s3_source(source):  # boto3 loads only for S3 sources
         from fer.storage import split_s3_url
 
         return PurePosixPath(split_s3_url(source)[1]).name

@@ -153,6 +153,7 @@ def fetch_data(
 
     if sha256 is not None:
         sha256 = _checked_sha256(sha256)
+    _check_endpoint_used(endpoint_url, source=source, reaches="an s3:// --source")
     settings = _settings(endpoint_url=endpoint_url)
     _writable(settings.data_dir, "FER_DATA_DIR")
     with _download_progress() as progress:
@@ -303,6 +304,9 @@ def train(
                                  param_hint="--no-publish")
     if not publish and not remote:
         _check_publish_options(ctx)
+        if resume is None:  # a resume's own check follows
+            _check_endpoint_used(endpoint_url, source=data,
+                                 reaches="an s3:// --data, or with --publish")
     if not remote:  # `--out=~/runs` keeps its ~ in the shell; a remote run's is the worker's
         out = expand_home(out, what="--out")
     if resume is not None:
@@ -397,6 +401,16 @@ def _check_publish_options(ctx: typer.Context) -> None:
         raise typer.BadParameter(f"{named} {'has' if len(given) == 1 else 'have'} no effect "
                                  "unless the run is published; add --publish",
                                  param_hint="--publish")
+
+
+def _check_endpoint_used(endpoint_url: str | None, *, source: str | None, reaches: str) -> None:
+    """A given --endpoint-url that nothing here reaches is refused: accepted, it was ignored,
+    and the user's s3:// source or store was not the one the command read or wrote."""
+    from fer.fetch import is_s3_source
+
+    if endpoint_url is not None and not (source is not None and is_s3_source(source)):
+        raise typer.BadParameter(f"the endpoint is used only to read {reaches}; this command "
+                                 "reaches no S3 store", param_hint="--endpoint-url")
 
 
 def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool) -> None:
@@ -638,7 +652,7 @@ def evaluate(
     from fer.precision import check_precision, choose_precision
 
     check_precision(precision)  # before any download
-
+    _check_endpoint_used(endpoint_url, source=data, reaches="an s3:// --data")
     settings = _settings(endpoint_url=endpoint_url)
     _writable(settings.data_dir, "FER_DATA_DIR")
     out = _writable(expand_home(out, what="--out") if out else model.parent / "evaluation",

@@ -401,6 +401,25 @@ def test_resume_refuses_an_endpoint_it_would_not_use(tmp_path):
     assert "the endpoint would only serve --publish" in usage_error(result)
 
 
+@pytest.mark.parametrize("command", [
+    ["train", "--data", "{folder}"],
+    ["train"],
+    ["fetch-data", "--source", "{folder}"],
+    ["fetch-data", "--source", "https://127.0.0.1:9/fer2013.zip"],
+    ["evaluate", "--model", "{file}", "--data", "{folder}"],
+])
+def test_an_endpoint_nothing_reaches_is_refused(tmp_path, command):
+    """--endpoint-url reaches S3 only for an s3:// source (or train's --publish); given with
+    a local folder or an http(s) URL it was accepted and ignored, so a user who meant to read
+    the dataset from the store got another one without a word."""
+    (tmp_path / "model.keras").write_bytes(b"")
+    paths = {"{folder}": str(tmp_path), "{file}": str(tmp_path / "model.keras")}
+    result = run_fer(*(paths.get(word, word) for word in command),
+                     "--endpoint-url", "http://127.0.0.1:9", env={"FER_DATA_DIR": str(tmp_path)})
+    assert re.search(r"Invalid value for --endpoint-url: the endpoint is used only to read an "
+                     r"s3:// --(data|source)", usage_error(result))
+
+
 @pytest.mark.parametrize(("command", "problem"), [
     (["train", "--out", "{file}"], r"--out .*taken: .*taken is a file, not a folder"),
     (["evaluate", "--model", "{file}", "--out", "{file}/reports"],
