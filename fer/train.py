@@ -192,6 +192,7 @@ def _write_run(members: list[Member], run: RunRecord, spec: ModelSpec, dataset: 
     predicted = predict_labels(saved, dataset.validation.images)
     training_metrics["saved_model_val_accuracy"] = round(
         float(np.mean(predicted == dataset.validation.labels)), 4)
+    training_metrics["saved_model_val_precision"] = "float32"  # beside bf16 figures, say so
     log.info("saved model%s: validation accuracy %.4f",
              f" (the average of {averaged})" if averaged else "",
              training_metrics["saved_model_val_accuracy"])

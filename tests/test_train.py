@@ -40,7 +40,7 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatc
         "epochs", "best_epoch", "best_val_accuracy", "wall_seconds", "train_seconds",
         "train_images_per_second", "test_images_per_second", "precision", "inference_precision",
         "test_time_augmentation", "class_weighting", "batch_norm_recalibration",
-        "saved_model_val_accuracy"}
+        "saved_model_val_accuracy", "saved_model_val_precision"}
     assert metrics["epochs"] == 2 and metrics["test_samples"] == len(tiny_dataset.test)
     recalibration = metrics["batch_norm_recalibration"]  # the default recipe's last step
     assert set(recalibration) == {"kept", "val_accuracy_before", "val_accuracy_after", "seconds"}
@@ -50,6 +50,7 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatc
     saved = predict_labels(load_model(result.run_dir / "model.keras"), validation.images)
     assert metrics["saved_model_val_accuracy"] == pytest.approx(
         np.mean(saved == validation.labels), abs=1e-4)
+    assert metrics["saved_model_val_precision"] == "float32"  # the file's, whatever trained it
     assert set(metrics["per_class_recall"]) == set(CLASS_NAMES)
     assert sum(metrics["per_class_support"].values()) == len(tiny_dataset.test)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
