@@ -204,13 +204,17 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
             (app / source).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / source, app / source)
     before = _contents(app)
-    done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=app,
-                          env={**os.environ, **prefect_api.client_env(),
-                               "PYTHONDONTWRITEBYTECODE": "1"},  # as the image sets it
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "deployed retrain/retrain"
-    assert _contents(app) == before  # no file added, removed or rewritten
+    try:
+        done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=app,
+                              env={**os.environ, **prefect_api.client_env(),
+                                   "PYTHONDONTWRITEBYTECODE": "1"},  # as the image sets it
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "deployed retrain/retrain"
+        assert _contents(app) == before  # no file added, removed or rewritten
+    finally:  # later tests' runs of `retrain` start in the checkout, not in this copy
+        deploy_all(REPO, names=["retrain"])
+    assert moved_deployments(["retrain"], project_dir=REPO.resolve()) == []
 
 
 def compose_prefect_server(volume: Path, log_path: Path) -> tuple[Process, str, dict]:
