@@ -584,16 +584,14 @@ def open_store(url: str, *, endpoint_url: str | None = None,
 
     An S3 bucket is checked here, so a wrong bucket, endpoint or key fails before any upload.
     """
-    if "://" not in url:
-        if _LOOKS_LIKE_A_SCHEME.match(url):  # s3:/bucket, s3:bucket: not a folder named so
-            raise StorageError(
-                f"storage URL {url!r} looks like a URL without '://'; expected a folder path, "
-                "file://PATH or s3://BUCKET/PREFIX (a folder whose name has a colon: ./NAME)")
-        return LocalStore(Path(url))
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    if scheme == "file":
-        return LocalStore(Path(rest))
+    if "://" not in url and _LOOKS_LIKE_A_SCHEME.match(url):  # s3:/bucket, s3:bucket
+        raise StorageError(
+            f"storage URL {url!r} looks like a URL without '://'; expected a folder path, "
+            "file://PATH or s3://BUCKET/PREFIX (a folder whose name has a colon: ./NAME)")
+    folder = _folder_named(url)
+    if folder is not None:
+        return LocalStore(Path(folder))
+    scheme = url.partition("://")[0].lower()
     if scheme == "s3":
         bucket, prefix = split_s3_url(url)
         store = S3Store(bucket, prefix=prefix, endpoint_url=endpoint_url)
@@ -610,11 +608,20 @@ def location_from_anywhere(url: str) -> str:
     or ``file://PATH``) as its absolute path with ``~`` expanded (open_store expands it;
     a shell given it quoted, or a FER_STORAGE from a service's environment, does not); an S3
     URL as it is."""
-    scheme, found, rest = url.partition("://")
-    if found and scheme.lower() != "file":
+    folder = _folder_named(url)
+    if folder is None:
         return url
     # absolute(), not abspath: a link before a `..` is followed, as open_store's folder is
-    return str(expand_home(rest if found else url, what="storage folder").absolute())
+    return str(expand_home(folder, what="storage folder").absolute())
+
+
+def _folder_named(url: str) -> str | None:
+    """The folder a folder store's URL names (a path, or ``file://PATH``), as given; None
+    for a URL of another scheme."""
+    scheme, found, rest = url.partition("://")
+    if not found:
+        return url
+    return rest if scheme.lower() == "file" else None
 
 
 # Two or more letters then a colon: a scheme. One letter is a Windows drive (C:).
