@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -218,8 +219,12 @@ def training_lock(run_dir: Path):
                        "it, before resuming") from None
     except OSError as exc:  # a filesystem without locks (some NFS, CIFS, FUSE mounts)
         handle.close()
+        unlocked = exc
+    else:
+        unlocked = None
+    if unlocked is not None:  # trained outside the except: the training's own errors are
         log.warning("%s: cannot lock the run (%s); nothing stops a second process resuming "
-                    "it at the same time", run_dir, exc.strerror)
+                    "it at the same time", run_dir, unlocked.strerror)  # not chained to it
         yield
         return
     handle.seek(0)
@@ -278,7 +283,11 @@ class MemberCheckpoint:
         if not self._state.is_file():
             return MemberProgress()
         try:
-            return MemberProgress(**json.loads(self._state.read_text()))
+            text = self._state.read_text()
+        except OSError as exc:
+            raise _unreadable_here(self._state, exc) from None
+        try:
+            return MemberProgress(**json.loads(text))
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{self._state}: unreadable checkpoint ({exc})",
                                   member_folder=self.folder) from None
@@ -348,12 +357,28 @@ class MemberCheckpoint:
 
     @contextlib.contextmanager
     def _readable(self, name: str):
-        """A damaged checkpoint file (a crash mid-write, another model) as one line."""
+        """A damaged checkpoint file (a crash mid-write, another model) as one line that
+        names the member folder to delete; a system error reading it as one line without
+        that remedy (see _unreadable_here)."""
         try:
             yield
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # .h5, .npz
+        except OSError as exc:  # h5py's "file signature not found" has no errno: damage
+            if exc.errno is not None and exc.errno != errno.ENOENT:
+                raise _unreadable_here(self.folder / name, exc) from None
             raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc})",
                                   member_folder=self.folder) from None
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # .h5, .npz
+            raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc})",
+                                  member_folder=self.folder) from None
+
+
+def _unreadable_here(path: Path, exc: OSError) -> FerError:
+    """A checkpoint file the system could not read (an I/O error, a stale NFS handle, too
+    many open files, no permission): the file may well be whole, since a stop never leaves a
+    half-written file recorded, so the error is not a CheckpointError, whose member folder a
+    Prefect retry deletes (a finished member: hours of training)."""
+    return FerError(f"{path}: cannot read it ({exc.strerror}); fix the cause, then resume "
+                    "the run")
 
 
 def _random_states(model: keras.Model) -> list:

@@ -379,6 +379,31 @@ def test_a_resume_that_locks_a_run_finished_meanwhile_says_so(tmp_path, monkeypa
             pass
 
 
+def test_a_run_on_a_filesystem_without_locks_trains_with_its_own_errors_unchained(
+        tmp_path, monkeypatch, caplog):
+    """Where flock fails (some NFS, CIFS, FUSE mounts) the run trains unlocked, with a
+    warning; an error of the training itself is not chained to flock's, which had prefixed
+    every later traceback with "During handling of the above exception"."""
+    import errno
+    import fcntl
+
+    from fer.checkpoint import RUN_RECORD, training_lock
+
+    run_dir = tmp_path / "r1"
+    (run_dir / FOLDER).mkdir(parents=True)
+    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ValueError, match="the training's own") as raised:
+        with training_lock(run_dir):
+            raise ValueError("the training's own")
+    assert raised.value.__context__ is None
+    assert "cannot lock the run (No locks available)" in caplog.text
+
+
 def test_the_resume_command_a_stop_names_can_be_pasted(tmp_path):
     """A run folder with a space (`--out "My Runs"`) is quoted in the hint, as the publish
     options are."""
@@ -578,6 +603,32 @@ def test_a_damaged_finished_member_is_a_one_line_error(tmp_path, tiny_dataset, m
                                               r".*member-1 to train this member again") as raised:
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
     assert raised.value.member_folder == run_dir / FOLDER / "member-1"
+
+
+def test_a_checkpoint_the_system_cannot_read_is_not_called_damaged(tmp_path, tiny_dataset,
+                                                                     monkeypatch):
+    """An I/O error (a failing disk, a stale NFS handle) reading a finished member's
+    final.npz is no sign of damage (a stop never leaves a half-written file recorded): it is
+    one line naming the file and the cause, not a CheckpointError, whose member folder a
+    Prefect retry deletes, and the member's files stay."""
+    import errno
+
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32",
+                         ensemble=2)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config,
+                          EpochSpy(monkeypatch, stop_at=2, stop_member=2))
+    final = run_dir / FOLDER / "member-1" / "final.npz"
+    before = final.read_bytes()
+
+    def failing_disk(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(fer.checkpoint.np, "load", failing_disk)
+    with pytest.raises(FerError, match=r"final\.npz: cannot read it \(Input/output error\); "
+                                       r"fix the cause, then resume the run$") as raised:
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert not isinstance(raised.value, CheckpointError)
+    assert final.read_bytes() == before
 
 
 def test_a_retried_flow_run_finds_the_run_it_began_and_no_other(tmp_path, tiny_dataset,
