@@ -310,7 +310,8 @@ def train(
     if not remote:  # `--out=~/runs` keeps its ~ in the shell; a remote run's is the worker's
         out = expand_home(out, what="--out")
     if resume is not None:
-        _check_resume_alone(ctx, remote=remote, publish=publish)
+        _check_resume_alone(ctx, remote=remote, publish=publish, data=data,
+                            endpoint_url=endpoint_url)
     else:
         _check_data_named(data)  # before a remote run is queued to fail on the worker
         check_store_named(storage=storage, endpoint_url=endpoint_url)
@@ -345,7 +346,7 @@ def train(
                            create_bucket=create_bucket, force_champion=force_champion)
              if publish else "")
     try:
-        result = (_resume_locally(resume, settings=settings, resume_flags=flags)
+        result = (_resume_locally(resume, data=data, settings=settings, resume_flags=flags)
                   if resume is not None
                   else _train_locally(config, data=data, settings=settings, resume_flags=flags))
     except FileWriteError as exc:
@@ -378,8 +379,9 @@ def train(
             raise
 
 
-# What a run records when it starts, so --resume takes none of them.
-RECORDED_OPTIONS = ("epochs", "batch_size", "model", "profile", "data", "out", "seed",
+# What a run records when it starts, so --resume takes none of them. Its data, too, but
+# --data may name a copy of it (another machine's, a moved FER_DATA_DIR): its sha256 is checked.
+RECORDED_OPTIONS = ("epochs", "batch_size", "model", "profile", "out", "seed",
                     "split_seed", "val_fraction", "learning_rate", "precision", "tta",
                     "ensemble")
 
@@ -413,7 +415,8 @@ def _check_endpoint_used(endpoint_url: str | None, *, source: str | None, reache
                                  "reaches no S3 store", param_hint="--endpoint-url")
 
 
-def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool) -> None:
+def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool, data: str | None,
+                        endpoint_url: str | None) -> None:
     given = [name for name in RECORDED_OPTIONS if _given(ctx, name)]
     if remote:
         given.append("remote")
@@ -421,10 +424,10 @@ def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool) -> N
         named = ", ".join("--" + name.replace("_", "-") for name in given)
         raise typer.BadParameter(f"takes the options and data the run recorded; leave out "
                                  f"{named}", param_hint="--resume")
-    if not publish and _given(ctx, "endpoint_url"):  # it reaches S3 for --data or --publish
-        raise typer.BadParameter("a resumed run reads the local copy of the data it recorded; "
-                                 "the endpoint would only serve --publish",
-                                 param_hint="--endpoint-url")
+    _check_data_named(data)
+    if not publish:  # it reaches S3 for an s3:// copy of the data or for --publish
+        _check_endpoint_used(endpoint_url, source=data,
+                             reaches="an s3:// --data copy of the run's data, or with --publish")
 
 
 # Training options a profile may leave unset, as `fer train` here would train them: sent
@@ -614,19 +617,31 @@ def _finished(run_dir: Path) -> bool:
     return True
 
 
-def _resume_locally(run_dir: Path, *, settings: Settings, resume_flags: str = ""):
-    """The stopped run's training, on the data source it recorded."""
+def _resume_locally(run_dir: Path, *, data: str | None, settings: Settings,
+                    resume_flags: str = ""):
+    """The stopped run's training, on the data source it recorded or on ``data``, a copy of
+    it (fer.train refuses one whose sha256 differs)."""
     from fer.checkpoint import read_run
+    from fer.fetch import resolve_data
 
     run = read_run(run_dir)
-    if not Path(run.data_source).exists():
+    if data is not None:
+        with _download_progress() as progress:
+            source = resolve_data(data, data_dir=settings.data_dir,
+                                  default_source=DEFAULT_SOURCE_URL,
+                                  endpoint_url=settings.endpoint_url, progress=progress).path
+    elif Path(run.data_source).exists():
+        source = Path(run.data_source)
+    else:
+        origin = f", such as {run.data_origin}" if run.data_origin else ""
         raise FerError(f"{run.run_dir}: the data it trained on, {run.data_source}, is gone; "
-                       "the run can only resume on that data")
+                       f"pass a copy of it (sha256 {run.data_sha256[:12]}...{origin}) with "
+                       "--data")
     _check_training(run.config)
     from fer.data import load_dataset
     from fer.train import train as train_run
 
-    dataset = load_dataset(Path(run.data_source), val_fraction=run.config.val_fraction,
+    dataset = load_dataset(source, val_fraction=run.config.val_fraction,
                            seed=run.config.split_seed, cache_dir=settings.data_dir)
     return train_run(dataset, run.config, verbose=_keras_verbosity(), resume=run,
                      resume_flags=resume_flags)

@@ -396,9 +396,41 @@ def test_resume_takes_no_options_of_its_own(tmp_path):
 
 def test_resume_refuses_an_endpoint_it_would_not_use(tmp_path):
     """A resumed run reads the local copy of its data, so --endpoint-url only serves
-    --publish; without it the option would be accepted and ignored."""
-    result = run_fer("train", "--resume", tmp_path, "--endpoint-url", "http://127.0.0.1:9")
-    assert "the endpoint would only serve --publish" in usage_error(result)
+    --publish or an s3:// copy of the data; without them it would be accepted and ignored."""
+    result = run_fer("train", "--resume", tmp_path, "--endpoint-url", "http://127.0.0.1:9",
+                     "--data", tmp_path)
+    assert ("the endpoint is used only to read an s3:// --data copy of the run's data, or with "
+            "--publish" in usage_error(result))
+
+
+def test_a_run_whose_data_is_gone_resumes_on_a_copy_named_with_data(tmp_path, monkeypatch):
+    """The folder a stopped run trained on is gone where it is resumed (another machine,
+    another FER_DATA_DIR): that had been a dead end, since --data was refused beside
+    --resume. The error now says to pass a copy with --data; a copy whose sha256 differs is
+    refused, and the run's own data moved elsewhere resumes it to the end."""
+    from test_checkpoint import EpochSpy, stopped_run
+
+    from fer.config import TrainConfig
+    from fer.data import load_dataset
+
+    data = write_image_tree(tmp_path / "faces", per_class=10)
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path / "runs", precision="float32")
+    dataset = load_dataset(data, cache_dir=tmp_path / "cache")
+    run_dir = stopped_run(tmp_path / "runs", dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    moved = data.rename(tmp_path / "faces-moved")
+    env = {"FER_DATA_DIR": str(tmp_path / "cache")}
+    assert_one_line_error(run_fer("train", "--resume", run_dir, env=env),
+                          rf"the data it trained on, {data}, is gone; pass a copy of it "
+                          r"\(sha256 [0-9a-f]{12}\.\.\.\) with --data$")
+    other = write_image_tree(tmp_path / "other", per_class=11)
+    assert_one_line_error(run_fer("train", "--resume", run_dir, "--data", other, env=env),
+                          r"it can only resume on the data it began with$")
+    resumed = run_fer("train", "--resume", run_dir, "--data", moved, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"\nrun {run_dir.name}: test accuracy " in resumed.stdout  # after Keras' epoch 2
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["resumed_at_epochs"] == {"member 1": [1]}
+    assert manifest["data"]["source"] == str(moved)
 
 
 @pytest.mark.parametrize("command", [
