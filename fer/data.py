@@ -689,16 +689,21 @@ def _entry_reader(archive: Path, name: str, read: Callable[[], bytes]) -> Callab
         try:
             return read()
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, RuntimeError,
-                NotImplementedError, OSError, KeyError) as exc:  # KeyError: a link's target
+                NotImplementedError, OSError, KeyError,  # KeyError: a link's target
+                *_LZMA_ERRORS) as exc:  # a damaged entry of a 7z -mm=LZMA zip
             raise DataError(f"{archive}: entry '{name}' cannot be read ({exc})") from None
 
     return checked
 
 
+# A Windows drive (C:, C:foo): a colon elsewhere is part of a name (fer2013.csv:Zone.Identifier)
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
 def check_entry_name(name: str, *, archive: Path) -> str:
     """Return ``name`` if it stays inside the folder it is unpacked to (no zip-slip)."""
     path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+    if path.is_absolute() or ".." in path.parts or (path.parts and _DRIVE.match(path.parts[0])):
         raise DataError(f"{archive}: entry '{name}' would be written outside the target folder "
                         "(zip-slip); refusing this archive")
     return name
@@ -775,6 +780,11 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
                     "was" if len(skipped) == 1 else "were", skipped[0])
     splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
               for s in SPLIT_FOLDERS if images[s]}
+    if not splits and skipped:  # `--data fer2013/test`: its class folders one level short
+        raise DataError(f"{origin}: no images in <train|test>/<class>/ folders ({len(skipped)} "
+                        f"file{'' if len(skipped) == 1 else 's'} elsewhere, the first: "
+                        f"'{skipped[0]}'); expected train/<class>/*.jpg and test/<class>/*.jpg "
+                        "(pass the folder that holds train/ and test/), or a fer2013.csv")
     if not splits:
         raise DataError(f"{origin}: no images found (empty source; expected train/<class>/*.jpg "
                         "and test/<class>/*.jpg, or a fer2013.csv)")

@@ -642,7 +642,8 @@ def test_missing_train_split_when_training(tmp_path):
         load_dataset(root)
 
 
-@pytest.mark.parametrize("evil", ["../outside.png", "/etc/evil.png", "train/../../evil.png"])
+@pytest.mark.parametrize("evil", ["../outside.png", "/etc/evil.png", "train/../../evil.png",
+                                  "C:evil.png", "c:/evil.png"])
 def test_zip_slip_entries_are_refused(tmp_path, evil):
     """Archive entries escaping the target folder are refused, reading and unpacking."""
     archive = tmp_path / "evil.zip"
@@ -654,6 +655,38 @@ def test_zip_slip_entries_are_refused(tmp_path, evil):
     with pytest.raises(DataError, match=r"zip-slip"):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "outside.png").exists()
+
+
+def test_a_colon_in_a_top_level_name_is_not_zip_slip(tmp_path, image_tree):
+    """Windows' `fer2013.csv:Zone.Identifier` beside the data (a WSL user's zip of a folder's
+    contents) had refused the whole archive as zip-slip: only a drive (C:) leaves the folder."""
+    (image_tree / "readme.txt:Zone.Identifier").write_text("[ZoneTransfer]\nZoneId=3\n")
+    archive = zip_folder(image_tree, tmp_path / "faces.zip")
+    assert set(read_splits(archive)) == {"train", "test"}
+    assert (safe_extract(archive, tmp_path / "out") / "readme.txt:Zone.Identifier").is_file()
+
+
+def test_a_damaged_lzma_entry_is_named(tmp_path):
+    """A zip of LZMA-compressed entries (7z -mm=LZMA) with one damaged: one line naming the
+    entry, not an LZMAError traceback (the other compressions' errors were caught)."""
+    archive = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_LZMA) as handle:
+        handle.writestr("train/happy/a.png", encode_image(shaded_image("happy")) * 20)
+    data = bytearray(archive.read_bytes())
+    start = data.index(b"a.png") + len(b"a.png")
+    data[start + 20:start + 60] = bytes(40)  # inside the compressed stream
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"faces\.zip: entry 'train/happy/a\.png' cannot be read"):
+        read_splits(archive)
+
+
+def test_a_folder_of_class_folders_one_level_short_is_not_called_empty(tmp_path, image_tree):
+    """`--data fer2013/test` holds thousands of images in angry/, happy/...: they were
+    counted in a warning, then the error said 'no images found (empty source)'."""
+    with pytest.raises(DataError, match=r"test: no images in <train\|test>/<class>/ folders "
+                                        r"\(21 files elsewhere, the first: '[a-z]+/0\.png'\); "
+                                        r"expected .*pass the folder that holds train/ and test/"):
+        read_splits(image_tree / "test")
 
 
 def test_tar_symlink_escape_is_refused(tmp_path):
