@@ -24,11 +24,13 @@ DEFAULT_VAL_FRACTION = 0.1  # of train, carved out (stratified) where the source
 
 
 def default_data_dir(env: Mapping[str, str]) -> Path:
-    """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux)."""
+    """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux); absolute, since the
+    current dataset's pointer records paths inside it (a relative FER_DATA_DIR had it name
+    a path that a command run from another folder read against that folder)."""
     if env.get("FER_DATA_DIR"):
-        return expand_home(env["FER_DATA_DIR"], what="FER_DATA_DIR")
+        return expand_home(env["FER_DATA_DIR"], what="FER_DATA_DIR").absolute()
     if env.get("XDG_CACHE_HOME"):
-        return expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME") / "fer"
+        return expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME").absolute() / "fer"
     try:
         return Path.home() / ".cache" / "fer"
     except RuntimeError:  # no HOME and no passwd entry: a bare container user

@@ -27,3 +27,19 @@ def test_an_empty_fer_storage_reads_as_unset(value):
     from fer.config import DEFAULT_STORAGE
 
     assert Settings.from_env({"FER_STORAGE": value}).storage == DEFAULT_STORAGE
+
+
+@pytest.mark.parametrize("variable, under", [("FER_DATA_DIR", ""), ("XDG_CACHE_HOME", "fer")])
+def test_a_relative_data_folder_is_made_absolute(tmp_path, monkeypatch, shaded_csv, variable,
+                                                 under):
+    """`FER_DATA_DIR=.cache/fer fer fetch-data` recorded the current dataset as a path
+    relative to the folder it ran in: a command run from elsewhere with the same folder
+    (named absolutely) found it gone, or read another file at that relative path."""
+    from fer.fetch import current_source, fetch_data
+
+    monkeypatch.chdir(tmp_path)
+    data_dir = Settings.from_env({variable: "cache"}).data_dir
+    assert data_dir == tmp_path / "cache" / under
+    fetch_data(str(shaded_csv), data_dir=data_dir)
+    monkeypatch.chdir(tmp_path.parent)
+    assert current_source(tmp_path / "cache" / under).path.is_file()
