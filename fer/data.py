@@ -403,6 +403,9 @@ def _the_csv(csvs: list[str], entries: list[tuple[str, Callable[[], bytes]]], *,
 
 
 def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
+    if data[:2] == b"\x1f\x8b":  # pandas would call it unreadable or name missing columns
+        raise DataError(f"{origin}: is gzip-compressed: gunzip it first (an object stored "
+                        "with Content-Encoding: gzip downloads compressed)")
     return {name: Split(images=images, labels=labels)
             for name, (images, labels) in read_fer_csv(data, origin=origin).items()}
 

@@ -657,6 +657,17 @@ def test_zip_slip_entries_are_refused(tmp_path, evil):
     assert not (tmp_path / "outside.png").exists()
 
 
+def test_a_gzipped_csv_named_csv_is_told_to_be_gunzipped(tmp_path, shaded_csv):
+    """A gzipped fer2013.csv (an object stored with Content-Encoding: gzip, which neither
+    urllib nor boto3 undoes) had been 'not a readable CSV' or 'missing column(s)'."""
+    import gzip
+
+    source = tmp_path / "fer2013.csv"
+    source.write_bytes(gzip.compress(shaded_csv.read_bytes()))
+    with pytest.raises(DataError, match=r"fer2013\.csv: is gzip-compressed: gunzip it first"):
+        read_splits(source)
+
+
 def test_a_colon_in_a_top_level_name_is_not_zip_slip(tmp_path, image_tree):
     """Windows' `fer2013.csv:Zone.Identifier` beside the data (a WSL user's zip of a folder's
     contents) had refused the whole archive as zip-slip: only a drive (C:) leaves the folder."""
