@@ -387,9 +387,24 @@ def source_name(source: str) -> str:
 
 
 def _download_name(source: str) -> str:
-    """A stable file name per URL that keeps the extension."""
+    """A stable file name per URL that keeps the extension. A presigned URL's signing
+    parameters (AWS's X-Amz-*, Google's X-Goog-*: signature, date, expiry) change with each
+    signing of the same object and are left out: a scheduled run on a freshly signed URL
+    had downloaded the whole file again under a new name every time, and kept each copy."""
     name = source_name(source) or "download"
-    return f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
+    return f"{hashlib.sha256(_unsigned(source).encode()).hexdigest()[:12]}-{name}"
+
+
+def _unsigned(source: str) -> str:
+    """An http(s) ``source`` without its presigned-URL signing parameters; else as it is."""
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme not in ("http", "https") or not parts.query:
+        return source
+    fields = parts.query.split("&")
+    kept = [field for field in fields
+            if not urllib.parse.unquote_plus(field).lower().startswith(("x-amz-", "x-goog-"))]
+    return source if len(kept) == len(fields) else urllib.parse.urlunsplit(
+        parts._replace(query="&".join(kept)))
 
 
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:

@@ -776,6 +776,24 @@ def test_a_presigned_url_is_recorded_and_named_without_its_secrets(tmp_path, sha
             json.loads((tmp_path / "data" / "current.json").read_text()))
 
 
+def test_a_freshly_signed_url_of_the_same_object_reuses_the_copy(tmp_path, shaded_csv):
+    """A scheduled run given a newly presigned URL each time (new date, expiry, signature):
+    the copy from before is asked about (304) instead of the whole file being downloaded
+    again under a new name and kept beside the others; another object is another copy."""
+    _CountingFiles.statuses = []
+    handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
+    data_dir = tmp_path / "d"
+    with serving(handler) as base:
+        for date, signature in (("20261206T010000Z", "aa11"), ("20261213T010000Z", "bb22")):
+            fetch_data(f"{base}/fer2013.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date={date}"
+                       f"&X-Amz-Expires=3600&X-Amz-Signature={signature}", data_dir=data_dir)
+        assert _CountingFiles.statuses == [200, 304]
+        (shaded_csv.parent / "copy.csv").write_bytes(shaded_csv.read_bytes())
+        fetch_data(f"{base}/copy.csv?X-Amz-Signature=cc33", data_dir=data_dir)
+    downloads = [p for p in (data_dir / "downloads").iterdir() if p.suffix == ".csv"]
+    assert sorted(p.name.split("-", 1)[1] for p in downloads) == ["copy.csv", "fer2013.csv"]
+
+
 def test_a_presigned_url_served_no_more_is_warned_of_without_its_secrets(tmp_path, shaded_csv,
                                                                           caplog):
     """The server gone on a second fetch of the same signed URL (a Prefect retry): the copy
