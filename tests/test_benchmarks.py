@@ -71,6 +71,23 @@ def test_inference_benchmark_prints_the_ratio_to_the_peer(tmp_path, fer_subset):
 
 
 @pytest.mark.integration
+def test_face_crop_benchmark_scores_each_margin(tmp_path, fer_subset):
+    from fer.models import get_spec
+
+    get_spec("default").build().save(tmp_path / "model.keras")
+    done = run_script("face_crop_benchmark.py", "--data", fer_subset, "--model",
+                      tmp_path / "model.keras", "--margins", "0", "0.1", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"^faces found in (\d+) of (\d+) test images$", done.stdout, re.MULTILINE)
+    assert found and 0 < int(found[1]) <= int(found[2]), done.stdout
+    assert re.search(r"^detected box side / FER2013 frame: median \d\.\d{3} ", done.stdout,
+                     re.MULTILINE)
+    margins = re.findall(r"^detected crop, margin ([+-]\d\.\d\d) of its side each side: test "
+                         r"accuracy \d\.\d{4}$", done.stdout, re.MULTILINE)
+    assert margins == ["+0.00", "+0.10"], done.stdout
+
+
+@pytest.mark.integration
 def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_average(
         tmp_path, fer_subset):
     """train_benchmark.py prints the profile's figures as ratios to the seed model's (timed

@@ -1,0 +1,97 @@
+"""How `fer predict --faces` frames a face, against how FER2013 frames it.
+
+Each test image is enlarged 4x (192x192) and set in a border of its own edge pixels (64 px
+a side: context for the detector, and room for a wider crop), then searched with the same
+Haar cascade `fer predict --faces` uses. Printed: how many faces were found; the detected
+box's side and centre as fractions of the face's FER2013 frame; test accuracy of the
+original 48x48 images of the faces found, and of their detected crops widened (or
+narrowed) by a margin on each side, as `fer predict --faces` would score them. Usage:
+
+    python benchmarks/face_crop_benchmark.py --data ../shared/data/fer2013.zip --model runs/<id>/model.keras
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from common import BENCH_CACHE, machine_line
+
+from fer.data import load_dataset, to_model_input
+from fer.evaluate import predict_probabilities
+from fer.predict import detect_faces
+
+ENLARGE = 4
+BORDER = 64  # px of the enlarged image's edge repeated around it: a box widened by up to
+# a third of its side stays on real or repeated pixels
+
+
+def framed(image: np.ndarray) -> np.ndarray:
+    """A 48x48 face enlarged and set in a border of its own edge pixels."""
+    import cv2
+
+    side = image.shape[0] * ENLARGE
+    big = cv2.resize(image, (side, side), interpolation=cv2.INTER_LINEAR)
+    return cv2.copyMakeBorder(big, BORDER, BORDER, BORDER, BORDER, cv2.BORDER_REPLICATE)
+
+
+def crop(canvas: np.ndarray, box: tuple[int, int, int, int], margin: float) -> np.ndarray:
+    """The square around ``box``'s centre, its side widened by ``margin`` of it on each side
+    (negative: narrowed), as the model's 48x48 input."""
+    import cv2
+
+    x, y, w, h = box
+    half = max(w, h) * (0.5 + margin)
+    left, top = round(x + w / 2 - half), round(y + h / 2 - half)
+    right, bottom = round(x + w / 2 + half), round(y + h / 2 + half)
+    room = BORDER  # repeat the edge further where a wide margin runs past the canvas
+    padded = cv2.copyMakeBorder(canvas, room, room, room, room, cv2.BORDER_REPLICATE)
+    return to_model_input(padded[top + room:bottom + room, left + room:right + room])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="a trained fer model")
+    parser.add_argument("--margins", type=float, nargs="+",
+                        default=[-0.1, -0.05, 0.0, 0.05, 0.1, 0.2])
+    args = parser.parse_args()
+    if any(not -0.4 < margin <= 0.3 for margin in args.margins):
+        parser.error("--margins: expected fractions above -0.4 and at most 0.3")
+
+    from fer.models import load_model
+
+    print(machine_line(), flush=True)
+    test = load_dataset(args.data, cache_dir=BENCH_CACHE, require_train=False).test
+    model = load_model(args.model)
+    found, canvases, boxes = [], [], []
+    for index, image in enumerate(test.images):
+        canvas = framed(image)
+        faces = detect_faces(canvas)
+        if faces:
+            found.append(index)
+            canvases.append(canvas)
+            boxes.append(faces[0])  # the largest, as the first `fer predict --faces` prints
+    if not found:
+        raise SystemExit(f"no face found in any of the {len(test)} test images")
+    frame = test.images.shape[1] * ENLARGE
+    sides = np.array([max(w, h) for _, _, w, h in boxes]) / frame
+    centres = np.array([((x + w / 2 - BORDER) / frame, (y + h / 2 - BORDER) / frame)
+                        for x, y, w, h in boxes])
+    print(f"faces found in {len(found)} of {len(test)} test images")
+    print("detected box side / FER2013 frame: median {:.3f} (10th-90th percentile "
+          "{:.3f}-{:.3f}); centre at x {:.3f}, y {:.3f} of the frame (medians)".format(
+              *np.quantile(sides, [0.5, 0.1, 0.9]), *np.median(centres, axis=0)))
+    labels = test.labels[found]
+    original = np.argmax(predict_probabilities(model, test.images[found]), axis=1)
+    print(f"the original 48x48 images of those faces: test accuracy {np.mean(original == labels):.4f}")
+    for margin in args.margins:
+        crops = np.stack([crop(c, b, margin) for c, b in zip(canvases, boxes, strict=True)])
+        predicted = np.argmax(predict_probabilities(model, crops), axis=1)
+        print(f"detected crop, margin {margin:+.2f} of its side each side: test accuracy "
+              f"{np.mean(predicted == labels):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
