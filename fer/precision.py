@@ -65,15 +65,18 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def slow_here(precision: str, *, flags: set[str] | None = None,
-              gpu: bool | None = None) -> str | None:
+def slow_here(precision: str, *, flags: set[str] | None = None, gpu: bool | None = None,
+              onednn: bool | None = None) -> str | None:
     """Why ``precision`` runs slowly on this machine (None where it does not): a run
     resumed elsewhere keeps the precision it began with, and bf16 without the CPU's bf16
-    instructions trained 10x slower than float32 (BENCHMARKS.md)."""
-    here = choose_precision("auto", flags=flags, gpu=gpu)
+    instructions, or without TensorFlow's oneDNN kernels, trained 10x slower than float32
+    (BENCHMARKS.md)."""
+    here = choose_precision("auto", flags=flags, gpu=gpu, onednn=onednn)
     if precision == "mixed_float16" and here != "mixed_float16":
         return "this machine has no GPU, and CPUs emulate float16"
     if precision == "mixed_bfloat16" and here == "float32":
+        if (cpu_flags() if flags is None else flags) & BF16_FLAGS:
+            return f"TensorFlow's oneDNN kernels are off here ({ONEDNN_SWITCH}=0)"
         return f"this CPU has no bf16 instructions ({', '.join(sorted(BF16_FLAGS))})"
     return None
 
@@ -85,22 +88,30 @@ def check_precision(requested: str, *, what: str = "--precision") -> None:
 
 
 def choose_precision(requested: str = "auto", *, flags: set[str] | None = None,
-                     gpu: bool | None = None) -> str:
+                     gpu: bool | None = None, onednn: bool | None = None) -> str:
     """Resolve ``auto`` to mixed_float16 (GPU), mixed_bfloat16 (bf16 CPU) or float32."""
-    return resolve_precision(requested, flags=flags, gpu=gpu)[0]
+    return resolve_precision(requested, flags=flags, gpu=gpu, onednn=onednn)[0]
 
 
 def resolve_precision(requested: str = "auto", *, flags: set[str] | None = None,
-                      gpu: bool | None = None) -> tuple[str, str]:
+                      gpu: bool | None = None, onednn: bool | None = None) -> tuple[str, str]:
     """``choose_precision``'s answer and why, in words for a run's log: the user's choice,
     a GPU, or the CPU's bf16 flags found or not (a person wondering why a run is slow
-    looks there first)."""
+    looks there first). ``flags``, ``gpu``, ``onednn``: None asks this machine.
+
+    The bf16 instructions pay only through TensorFlow's oneDNN kernels: with them off
+    (``TF_ENABLE_ONEDNN_OPTS=0``, which TensorFlow's start-up message suggests), bf16
+    trained 9.5x slower than float32 on a bf16 CPU and scored no faster (BENCHMARKS.md,
+    session 49), so ``auto`` is float32 there."""
     check_precision(requested)
     if requested != "auto":
         return requested, "as asked"
     if has_gpu() if gpu is None else gpu:
         return "mixed_float16", "auto: a GPU"
     present = sorted((cpu_flags() if flags is None else flags) & BF16_FLAGS)
+    if present and (onednn_enabled() if onednn is None else onednn) is False:
+        return "float32", (f"auto: the CPU has {', '.join(present)}, but TensorFlow's oneDNN "
+                           f"kernels are off ({ONEDNN_SWITCH}=0), without which bf16 is slower")
     if present:
         return "mixed_bfloat16", f"auto: the CPU has {', '.join(present)}"
     return "float32", f"auto: no bf16 instructions found ({', '.join(sorted(BF16_FLAGS))})"

@@ -71,6 +71,17 @@ def test_inference_benchmark_prints_the_ratio_to_the_peer(tmp_path, fer_subset):
 
 
 @pytest.mark.integration
+def test_precision_benchmark_times_both_precisions(tmp_path, fer_subset):
+    done = run_script("precision_benchmark.py", "--data", fer_subset, "--steps", "1",
+                      tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    timed = re.findall(r"^default (float32|mixed_bfloat16)\s+(training|inference)\s+\d+\.\d "
+                       r"images/s", done.stdout, re.MULTILINE)
+    assert sorted(timed) == sorted((p, kind) for p in ("float32", "mixed_bfloat16")
+                                   for kind in ("training", "inference")), done.stdout
+
+
+@pytest.mark.integration
 def test_face_crop_benchmark_scores_each_margin(tmp_path, fer_subset):
     from fer.models import get_spec
 

@@ -15,36 +15,46 @@ from fer.precision import (
 NO_BF16 = "auto: no bf16 instructions found (amx_bf16, avx512_bf16)"
 
 
-@pytest.mark.parametrize(("requested", "flags", "gpu", "precision", "why"), [
-    ("auto", {"avx2", "avx512f"}, False, "float32", NO_BF16),
-    ("auto", {"avx2"}, False, "float32", NO_BF16),
-    ("auto", {"avx2", "avx512_bf16"}, False, "mixed_bfloat16", "auto: the CPU has avx512_bf16"),
-    ("auto", {"amx_bf16"}, False, "mixed_bfloat16", "auto: the CPU has amx_bf16"),
-    ("auto", {"avx2"}, True, "mixed_float16", "auto: a GPU"),
+@pytest.mark.parametrize(("requested", "flags", "gpu", "onednn", "precision", "why"), [
+    ("auto", {"avx2", "avx512f"}, False, True, "float32", NO_BF16),
+    ("auto", {"avx2"}, False, False, "float32", NO_BF16),
+    ("auto", {"avx2", "avx512_bf16"}, False, True, "mixed_bfloat16",
+     "auto: the CPU has avx512_bf16"),
+    ("auto", {"amx_bf16"}, False, None, "mixed_bfloat16", "auto: the CPU has amx_bf16"),
+    # TF_ENABLE_ONEDNN_OPTS=0: bf16 trained 9.5x slower than float32 on a bf16 CPU
+    ("auto", {"avx512_bf16"}, False, False, "float32",
+     "auto: the CPU has avx512_bf16, but TensorFlow's oneDNN kernels are off "
+     "(TF_ENABLE_ONEDNN_OPTS=0), without which bf16 is slower"),
+    ("auto", {"avx2"}, True, False, "mixed_float16", "auto: a GPU"),
     # --precision float32 wins even on a bf16 CPU
-    ("float32", {"avx512_bf16"}, False, "float32", "as asked"),
+    ("float32", {"avx512_bf16"}, False, True, "float32", "as asked"),
 ])
 def test_precision_follows_cpu_flags_and_gpu_unless_asked_and_says_why(requested, flags, gpu,
-                                                                       precision, why):
-    """bf16 only where the CPU has native bf16; float16 on GPUs; float32 otherwise; the
-    user's choice wins. A run's log says why: the flags found, a GPU, or the user."""
-    assert resolve_precision(requested, flags=flags, gpu=gpu) == (precision, why)
-    assert choose_precision(requested, flags=flags, gpu=gpu) == precision
+                                                                       onednn, precision, why):
+    """bf16 only where the CPU has native bf16 and TensorFlow's oneDNN kernels run (None:
+    TensorFlow cannot say, as where it is not built with them: bf16 kept); float16 on
+    GPUs; float32 otherwise; the user's choice wins. A run's log says why."""
+    assert resolve_precision(requested, flags=flags, gpu=gpu, onednn=onednn) == (precision, why)
+    assert choose_precision(requested, flags=flags, gpu=gpu, onednn=onednn) == precision
 
 
-@pytest.mark.parametrize(("precision", "flags", "gpu", "slow"), [
-    ("mixed_bfloat16", {"avx2"}, False, "this CPU has no bf16 instructions (amx_bf16, "
-                                        "avx512_bf16)"),
-    ("mixed_bfloat16", {"avx512_bf16"}, False, None),
-    ("mixed_bfloat16", {"avx2"}, True, None),
-    ("mixed_float16", {"amx_bf16"}, False, "this machine has no GPU, and CPUs emulate float16"),
-    ("mixed_float16", set(), True, None),
-    ("float32", set(), False, None),
+@pytest.mark.parametrize(("precision", "flags", "gpu", "onednn", "slow"), [
+    ("mixed_bfloat16", {"avx2"}, False, True, "this CPU has no bf16 instructions (amx_bf16, "
+                                              "avx512_bf16)"),
+    ("mixed_bfloat16", {"avx512_bf16"}, False, True, None),
+    ("mixed_bfloat16", {"avx512_bf16"}, False, False,
+     "TensorFlow's oneDNN kernels are off here (TF_ENABLE_ONEDNN_OPTS=0)"),
+    ("mixed_bfloat16", {"avx2"}, True, True, None),
+    ("mixed_float16", {"amx_bf16"}, False, True,
+     "this machine has no GPU, and CPUs emulate float16"),
+    ("mixed_float16", set(), True, True, None),
+    ("float32", set(), False, False, None),
 ])
-def test_a_precision_slow_on_this_machine_is_named(precision, flags, gpu, slow):
+def test_a_precision_slow_on_this_machine_is_named(precision, flags, gpu, onednn, slow):
     """A resumed run keeps its precision: where it began on a bf16 CPU or a GPU and resumes
-    on a machine without, it trains several times slower, and the log says why."""
-    assert slow_here(precision, flags=flags, gpu=gpu) == slow
+    on a machine without (or with TensorFlow's oneDNN kernels off), it trains several times
+    slower, and the log says why."""
+    assert slow_here(precision, flags=flags, gpu=gpu, onednn=onednn) == slow
 
 
 def test_unknown_precision_is_refused_with_the_valid_names():
