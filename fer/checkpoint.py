@@ -283,11 +283,11 @@ class MemberCheckpoint:
         if not self._state.is_file():
             return MemberProgress()
         try:
-            text = self._state.read_text()
+            data = self._state.read_bytes()
         except OSError as exc:
             raise _unreadable_here(self._state, exc) from None
-        try:
-            return MemberProgress(**json.loads(text))
+        try:  # bytes that are not UTF-8 (UnicodeDecodeError) are damage too
+            return MemberProgress(**json.loads(data))
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{self._state}: unreadable checkpoint ({exc})",
                                   member_folder=self.folder) from None
@@ -362,12 +362,10 @@ class MemberCheckpoint:
         that remedy (see _unreadable_here)."""
         try:
             yield
-        except OSError as exc:  # h5py's "file signature not found" has no errno: damage
-            if exc.errno is not None and exc.errno != errno.ENOENT:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # .h5, .npz
+            # h5py's "file signature not found" has no errno: damage, as a missing file is
+            if isinstance(exc, OSError) and exc.errno not in (None, errno.ENOENT):
                 raise _unreadable_here(self.folder / name, exc) from None
-            raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc})",
-                                  member_folder=self.folder) from None
-        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # .h5, .npz
             raise CheckpointError(f"{self.folder / name}: unreadable checkpoint ({exc})",
                                   member_folder=self.folder) from None
 

@@ -605,6 +605,18 @@ def test_a_damaged_finished_member_is_a_one_line_error(tmp_path, tiny_dataset, m
     assert raised.value.member_folder == run_dir / FOLDER / "member-1"
 
 
+def test_a_state_file_of_bytes_that_are_not_text_is_a_damaged_checkpoint(tmp_path, tiny_dataset,
+                                                                         monkeypatch):
+    """state.json overwritten with bytes that are not UTF-8 (a disk's garbage after a crash)
+    names the member folder to delete, as an unparsable one does, not a traceback."""
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    (run_dir / FOLDER / "member-1" / "state.json").write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(CheckpointError, match=r"state\.json: unreadable checkpoint .*; delete "
+                                              r".*member-1 to train this member again"):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+
+
 def test_a_checkpoint_the_system_cannot_read_is_not_called_damaged(tmp_path, tiny_dataset,
                                                                      monkeypatch):
     """An I/O error (a failing disk, a stale NFS handle) reading a finished member's
