@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from contextlib import contextmanager
@@ -410,7 +411,10 @@ def _check_endpoint_used(endpoint_url: str | None, *, source: str | None, reache
     and the user's s3:// source or store was not the one the command read or wrote."""
     from fer.fetch import is_s3_source
 
-    if endpoint_url is not None and not (source is not None and is_s3_source(source)):
+    if endpoint_url is None:
+        return
+    _check_data_named(source)  # an empty --data is named as such, not as an unused endpoint
+    if not (source is not None and is_s3_source(source)):
         raise typer.BadParameter(f"the endpoint is used only to read {reaches}; this command "
                                  "reaches no S3 store", param_hint="--endpoint-url")
 
@@ -625,19 +629,21 @@ def _resume_locally(run_dir: Path, *, data: str | None, settings: Settings,
     from fer.fetch import resolve_data
 
     run = read_run(run_dir)
+    _check_training(run.config)
     if data is not None:
         with _download_progress() as progress:
             source = resolve_data(data, data_dir=settings.data_dir,
                                   default_source=DEFAULT_SOURCE_URL,
                                   endpoint_url=settings.endpoint_url, progress=progress).path
+        # a later stop's resume command reads the same copy (fetched: fer's, not the URL)
+        resume_flags = f"{resume_flags} --data {shlex.quote(str(source.resolve()))}".strip()
     elif Path(run.data_source).exists():
         source = Path(run.data_source)
     else:
         origin = f", such as {run.data_origin}" if run.data_origin else ""
         raise FerError(f"{run.run_dir}: the data it trained on, {run.data_source}, is gone; "
-                       f"pass a copy of it (sha256 {run.data_sha256[:12]}...{origin}) with "
-                       "--data")
-    _check_training(run.config)
+                       f"pass a copy of it (data sha256 {run.data_sha256[:12]}...{origin}) "
+                       "with --data")
     from fer.data import load_dataset
     from fer.train import train as train_run
 

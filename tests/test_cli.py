@@ -420,8 +420,8 @@ def test_a_run_whose_data_is_gone_resumes_on_a_copy_named_with_data(tmp_path, mo
     moved = data.rename(tmp_path / "faces-moved")
     env = {"FER_DATA_DIR": str(tmp_path / "cache")}
     assert_one_line_error(run_fer("train", "--resume", run_dir, env=env),
-                          rf"the data it trained on, {data}, is gone; pass a copy of it "
-                          r"\(sha256 [0-9a-f]{12}\.\.\.\) with --data$")
+                          rf"the data it trained on, {re.escape(str(data))}, is gone; pass a "
+                          r"copy of it \(data sha256 [0-9a-f]{12}\.\.\.\) with --data$")
     other = write_image_tree(tmp_path / "other", per_class=11)
     assert_one_line_error(run_fer("train", "--resume", run_dir, "--data", other, env=env),
                           r"it can only resume on the data it began with$")
@@ -431,6 +431,27 @@ def test_a_run_whose_data_is_gone_resumes_on_a_copy_named_with_data(tmp_path, mo
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_at_epochs"] == {"member 1": [1]}
     assert manifest["data"]["source"] == str(moved)
+
+
+def test_a_run_resumed_on_a_copy_names_the_copy_if_it_stops_again(tmp_path, monkeypatch, caplog):
+    """A second stop of a run resumed with --data logs a resume command that reads the same
+    copy: without --data it would meet the recorded path, gone, again."""
+    from test_checkpoint import EpochSpy, stopped_run
+
+    from fer.config import Settings, TrainConfig
+    from fer.data import load_dataset
+    from fer_cli.main import _resume_locally
+
+    data = write_image_tree(tmp_path / "faces", per_class=10)
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path / "runs", precision="float32")
+    dataset = load_dataset(data, cache_dir=tmp_path / "cache")
+    run_dir = stopped_run(tmp_path / "runs", dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    moved = data.rename(tmp_path / "faces moved")
+    EpochSpy(monkeypatch, stop_at=3)
+    settings = Settings.from_env({"FER_DATA_DIR": str(tmp_path / "cache")})
+    with caplog.at_level("INFO", logger="fer"), pytest.raises(KeyboardInterrupt):
+        _resume_locally(run_dir, data=str(moved), settings=settings, resume_flags="--publish")
+    assert f"`fer train --resume {run_dir} --publish --data '{moved}'`" in caplog.text
 
 
 @pytest.mark.parametrize("command", [
