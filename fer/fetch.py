@@ -282,14 +282,30 @@ def redacted(source: str) -> str:
         return source
     if parts.scheme not in ("http", "https"):
         return source
-    fields = parts.query.split("&") if parts.query else []
-    kept = [field for field in fields  # as they were written: only the secret ones go
-            if urllib.parse.unquote_plus(field.partition("=")[0]).lower()
-            not in _SECRET_PARAMETERS]
-    if "@" not in parts.netloc and len(kept) == len(fields):
+    query = _query_without(parts.query, _SECRET_PARAMETERS.__contains__)
+    if "@" not in parts.netloc and query is None:
         return source
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2],
-                                                  query="&".join(kept)))
+                                                  query=parts.query if query is None else query))
+
+
+# Query parameters that sign a URL and change with each signing of the same object:
+# SigV2's, Google's V2, CloudFront's and Azure SAS's (SigV4's and Google V4's: X-Amz-*,
+# X-Goog-*). Dropped only to name the local copy: a name shared by two different URLs costs
+# a download (the server is asked with the copy's validators), never a wrong file.
+_SIGNING_PARAMETERS = _SECRET_PARAMETERS | {
+    "expires", "googleaccessid", "policy", "key-pair-id",
+    "se", "st", "sv", "sp", "sr", "spr", "si", "ss", "srt", "skoid", "sktid", "skt", "ske",
+    "sks", "skv"}
+
+
+def _query_without(query: str, dropped) -> str | None:
+    """``query`` without the fields whose lower-cased name ``dropped`` picks, the others as
+    written (encoding, order, form); None where none is dropped."""
+    fields = query.split("&") if query else []
+    kept = [field for field in fields
+            if not dropped(urllib.parse.unquote_plus(field.partition("=")[0]).lower())]
+    return None if len(kept) == len(fields) else "&".join(kept)
 
 
 def _is_remote(source: str) -> bool:
@@ -388,9 +404,11 @@ def source_name(source: str) -> str:
 
 def _download_name(source: str) -> str:
     """A stable file name per URL that keeps the extension. A presigned URL's signing
-    parameters (AWS's X-Amz-*, Google's X-Goog-*: signature, date, expiry) change with each
-    signing of the same object and are left out: a scheduled run on a freshly signed URL
-    had downloaded the whole file again under a new name every time, and kept each copy."""
+    parameters (signature, date, expiry: _unsigned) change with each signing of the same
+    object and are left out: a scheduled run on a freshly signed URL had downloaded the
+    whole file again under a new name every time, and kept each copy. A freshly signed URL
+    the server refuses (403: expired, a wrong key) then falls back to that copy with a
+    warning, as a plain URL's 404 does."""
     name = source_name(source) or "download"
     return f"{hashlib.sha256(_unsigned(source).encode()).hexdigest()[:12]}-{name}"
 
@@ -398,13 +416,11 @@ def _download_name(source: str) -> str:
 def _unsigned(source: str) -> str:
     """An http(s) ``source`` without its presigned-URL signing parameters; else as it is."""
     parts = urllib.parse.urlsplit(source)
-    if parts.scheme not in ("http", "https") or not parts.query:
+    if parts.scheme not in ("http", "https"):
         return source
-    fields = parts.query.split("&")
-    kept = [field for field in fields
-            if not urllib.parse.unquote_plus(field).lower().startswith(("x-amz-", "x-goog-"))]
-    return source if len(kept) == len(fields) else urllib.parse.urlunsplit(
-        parts._replace(query="&".join(kept)))
+    query = _query_without(parts.query, lambda name: name.startswith(("x-amz-", "x-goog-"))
+                           or name in _SIGNING_PARAMETERS)
+    return source if query is None else urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
