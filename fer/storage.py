@@ -631,6 +631,8 @@ _LOOKS_LIKE_A_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 def split_s3_url(url: str) -> tuple[str, str]:
     """(bucket, key or prefix) of ``s3://BUCKET/KEY``, the key taken literally: '?' and '#'
     are characters of S3 keys (a URL parser would cut them off as query and fragment)."""
+    if url[:5].lower() != "s3://":  # s3:/bucket/key parses as scheme s3: not cut at 5
+        raise StorageError(f"{url!r}: expected s3://BUCKET/KEY")
     bucket, _, key = url[len("s3://"):].partition("/")  # any case: S3:// too
     return _check_bucket(bucket, url=url), key
 

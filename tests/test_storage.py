@@ -207,6 +207,19 @@ def test_an_s3_url_is_split_literally_in_any_case():
     assert split_s3_url("s3://fer-data") == ("fer-data", "")
 
 
+@pytest.mark.parametrize("url", ["s3:/mybucket/fer.csv", "s3:mybucket/fer.csv"])
+def test_an_s3_url_without_its_two_slashes_is_refused_not_misread(tmp_path, url):
+    """URL parsers give `s3:/mybucket/k` the scheme s3, so fetch-data took it for an S3
+    source, and five characters cut off read the bucket `ybucket`."""
+    from fer.fetch import fetch_data
+    from fer.storage import split_s3_url
+
+    with pytest.raises(StorageError, match=r"expected s3://BUCKET/KEY"):
+        split_s3_url(url)
+    with pytest.raises(StorageError, match=r"expected s3://BUCKET/KEY"):
+        fetch_data(url, data_dir=tmp_path)
+
+
 def test_a_folder_with_a_drive_letter_or_a_colon_further_on_is_still_a_folder(tmp_path):
     assert isinstance(open_store(str(tmp_path / "runs:2026")), LocalStore)
     assert isinstance(open_store("C:/runs"), LocalStore)
