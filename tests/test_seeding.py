@@ -38,3 +38,14 @@ def test_an_undisturbed_build_gets_the_weights_keras_seeding_gave_before():
     keras.utils.set_random_seed(11)
     before = get_spec("default").build().get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(before, _weights_built_from(11), strict=True))
+
+
+def test_a_keras_that_draws_seeds_elsewhere_is_warned_of(monkeypatch, caplog):
+    """keras.src is private: where a release moves the generator, seeding goes on as
+    set_random_seed alone did, and the log says the weights may then vary."""
+    from keras.src.random import seed_generator
+
+    monkeypatch.delattr(seed_generator, "python_random")
+    with caplog.at_level("WARNING", logger="fer"), seeded(3):
+        assert not hasattr(seed_generator, "python_random")  # nothing planted in its place
+    assert "draws layer seeds elsewhere" in caplog.text
