@@ -777,12 +777,12 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
             raise DataError(f"{origin}: entry '{name}' is {UNDECODABLE}")
         images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
-    if skipped:
+    splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
+              for s in SPLIT_FOLDERS if images[s]}
+    if splits and skipped:
         log.warning("%s: %d file%s outside <train|test>/<class>/ %s not read (the first: '%s')",
                     origin, len(skipped), "" if len(skipped) == 1 else "s",
                     "was" if len(skipped) == 1 else "were", skipped[0])
-    splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
-              for s in SPLIT_FOLDERS if images[s]}
     if not splits and skipped:  # `--data fer2013/test`: its class folders one level short
         raise DataError(f"{origin}: no images in <train|test>/<class>/ folders ({len(skipped)} "
                         f"file{'' if len(skipped) == 1 else 's'} elsewhere, the first: "
