@@ -597,11 +597,8 @@ def deploy(
 def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
                    resume_flags: str = ""):
     from fer.data import load_dataset
-    from fer.fetch import resolve_data
 
-    with _download_progress() as progress:
-        source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
-                              endpoint_url=settings.endpoint_url, progress=progress)
+    source = _resolved_data(data, settings)
     dataset = load_dataset(source.path, val_fraction=config.val_fraction,
                            seed=config.split_seed, cache_dir=settings.data_dir)
     from fer.train import train as train_run
@@ -621,20 +618,25 @@ def _finished(run_dir: Path) -> bool:
     return True
 
 
+def _resolved_data(data: str | None, settings: Settings):
+    """``--data`` as a local dataset (fer.fetch.resolve_data), a download's progress shown."""
+    from fer.fetch import resolve_data
+
+    with _download_progress() as progress:
+        return resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
+                            endpoint_url=settings.endpoint_url, progress=progress)
+
+
 def _resume_locally(run_dir: Path, *, data: str | None, settings: Settings,
                     resume_flags: str = ""):
     """The stopped run's training, on the data source it recorded or on ``data``, a copy of
     it (fer.train refuses one whose sha256 differs)."""
     from fer.checkpoint import read_run
-    from fer.fetch import resolve_data
 
     run = read_run(run_dir)
     _check_training(run.config)
     if data is not None:
-        with _download_progress() as progress:
-            source = resolve_data(data, data_dir=settings.data_dir,
-                                  default_source=DEFAULT_SOURCE_URL,
-                                  endpoint_url=settings.endpoint_url, progress=progress).path
+        source = _resolved_data(data, settings).path
         # a later stop's resume command reads the same copy (fetched: fer's, not the URL)
         resume_flags = f"{resume_flags} --data {shlex.quote(str(source.resolve()))}".strip()
     elif Path(run.data_source).exists():
@@ -669,7 +671,6 @@ def evaluate(
 ) -> None:
     """Score a saved model on a source's test split and write the report files."""
     from fer.data import load_dataset
-    from fer.fetch import resolve_data
     from fer.precision import check_precision, choose_precision
 
     check_precision(precision)  # before any download
@@ -689,9 +690,7 @@ def evaluate(
     precision = choose_precision(precision)
     loaded = load_model(model, precision=precision)  # a wrong --model fails before any download
     check_fer_classes(class_names_of(loaded))
-    with _download_progress() as progress:
-        source = resolve_data(data, data_dir=settings.data_dir, default_source=DEFAULT_SOURCE_URL,
-                              endpoint_url=settings.endpoint_url, progress=progress)
+    source = _resolved_data(data, settings)
     dataset = load_dataset(source.path, cache_dir=settings.data_dir, require_train=False)
     overlap = seen_in_training(model.parent, dataset, data_dir=settings.data_dir)
     metrics = evaluate_split(loaded, dataset.test, out_dir=out, extra_metrics={
