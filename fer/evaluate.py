@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,6 +20,8 @@ from fer.pipeline import image_batches
 from fer.plots import plot_confusion_matrix
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -88,14 +92,23 @@ def evaluate_run(run_dir: Path, test: Split, *, precision: str | None = None) ->
                               out_dir=run_dir,
                               extra_metrics={**training, "inference_precision": policy})
 
+    return in_float32_where_it_overflows(scored_in, precision, what="the test split")
+
+
+def in_float32_where_it_overflows(score: Callable[[str], T], precision: str, *,
+                                  what: str) -> T:
+    """``score(precision)``; where the model's scores are not finite in a mixed precision
+    (float16's range ends at 65,504: a GPU's ``auto``), ``score("float32")`` with a warning
+    naming ``what`` was scored. A model broken in float32 too fails there, with float32's
+    message."""
     try:
-        return scored_in(precision)
+        return score(precision)
     except NonFiniteScoresError:
         if precision == "float32":
             raise
-        log.warning("the model's scores overflow in %s on the test split; scoring it in "
-                    "float32 (the report's inference_precision says so)", precision)
-        return scored_in("float32")
+        log.warning("the model's scores overflow in %s on %s; scoring it in float32 (the "
+                    "report's inference_precision says so)", precision, what)
+        return score("float32")
 
 
 def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,

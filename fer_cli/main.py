@@ -684,7 +684,12 @@ def evaluate(
                        "as they are; pass another folder (default: evaluation/ beside the "
                        "model)")
     _load_tensorflow()
-    from fer.evaluate import check_fer_classes, evaluate_split, seen_in_training
+    from fer.evaluate import (
+        check_fer_classes,
+        evaluate_split,
+        in_float32_where_it_overflows,
+        seen_in_training,
+    )
     from fer.models import class_names_of, load_model
 
     precision = choose_precision(precision)
@@ -693,12 +698,18 @@ def evaluate(
     source = _resolved_data(data, settings)
     dataset = load_dataset(source.path, cache_dir=settings.data_dir, require_train=False)
     overlap = seen_in_training(model.parent, dataset, data_dir=settings.data_dir)
-    metrics = evaluate_split(loaded, dataset.test, out_dir=out, extra_metrics={
-        "model": str(model.resolve()),  # what was scored on what: a later evaluation
-        "data": {"source": str(source.path.resolve()), "origin": source.origin,  # replaces it
-                 "sha256": dataset.sha256},
-        "inference_precision": precision,
-        **({"test_images_seen_in_training": overlap} if overlap is not None else {})})
+
+    def scored_in(policy: str) -> dict:  # float32 where float16 (a GPU's auto) overflows
+        return evaluate_split(
+            loaded if policy == precision else load_model(model, precision=policy),
+            dataset.test, out_dir=out, extra_metrics={
+                "model": str(model.resolve()),  # what was scored on what: a later evaluation
+                "data": {"source": str(source.path.resolve()), "origin": source.origin,
+                         "sha256": dataset.sha256},  # replaces it
+                "inference_precision": policy,
+                **({"test_images_seen_in_training": overlap} if overlap is not None else {})})
+
+    metrics = in_float32_where_it_overflows(scored_in, precision, what="the test split")
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
                f"on {metrics['test_samples']} images\nreports in {_printable(out)}")
 
@@ -714,17 +725,20 @@ def predict(
     precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""
-    from fer.precision import check_precision
+    from fer.precision import check_precision, choose_precision
 
     check_precision(precision)  # before TensorFlow loads
     _load_tensorflow()
+    from fer.evaluate import in_float32_where_it_overflows
     from fer.models import load_model
     from fer.predict import predict_inputs, read_model_inputs
 
     images = list(dict.fromkeys(images))  # a file given twice: once, where first given
     inputs = read_model_inputs(images, faces=faces)  # every bad file named before the model loads
-    predictions = predict_inputs(load_model(model, precision=precision), inputs,
-                                 batch_size=batch_size)
+    predictions = in_float32_where_it_overflows(
+        lambda policy: predict_inputs(load_model(model, precision=policy), inputs,
+                                      batch_size=batch_size),
+        choose_precision(precision), what="the images")
     by_file: dict[str, list] = {str(path): [] for path in images}  # in the order given
     for p in predictions:
         by_file[p.file].append(p)

@@ -353,6 +353,34 @@ def test_evaluate_refuses_a_model_of_other_classes_before_reading_the_data(tmp_p
     assert_one_line_error(result, r"the model's classes \['contempt'\] are not FER2013 classes")
 
 
+def test_predict_and_evaluate_score_in_float32_where_float16_overflows(tmp_path):
+    """A model whose logits pass float16's 65,504 scores NaN in mixed_float16 (a GPU's
+    `auto`): `fer train` scored such a run in float32 with a warning, but `fer predict` and
+    `fer evaluate` stopped with an error blaming the training. They fall back alike now,
+    and evaluate's metrics.json records the precision it scored in."""
+    from fer.models import get_spec
+
+    model = get_spec("default").build()
+    head = model.layers[-3]  # the logits: Dense, then softmax and the class names
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel, bias + np.where(np.arange(len(bias)) == 3, 1e5, 0.0)])
+    model.save(tmp_path / "model.keras")
+    data = write_image_tree(tmp_path / "faces", splits=("test",))
+    face = next((data / "test" / "sad").iterdir())
+    warning = "the model's scores overflow in mixed_float16 on the {}; scoring it in float32"
+    predicted = run_fer("predict", face, "--model", tmp_path / "model.keras", "--json",
+                        "--precision", "mixed_float16")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["emotion"] == "happy"
+    assert warning.format("images") in predicted.stderr
+    evaluated = run_fer("evaluate", "--model", tmp_path / "model.keras", "--data", data,
+                        "--precision", "mixed_float16", env={"FER_DATA_DIR": str(tmp_path / "d")})
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert warning.format("test split") in evaluated.stderr
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["inference_precision"] == "float32" and metrics["accuracy"] == pytest.approx(1 / 7, abs=1e-4)
+
+
 def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path):
     """`fer predict` reads the images before the model: here the model file is junk too,
     and the error is about the images, all of them, in lines without a traceback."""
