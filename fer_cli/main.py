@@ -733,7 +733,7 @@ def predict(
     from fer.models import load_model
     from fer.predict import predict_inputs, read_model_inputs
 
-    images = list(dict.fromkeys(images))  # a file given twice: once, where first given
+    images = _once_each(images)
     inputs = read_model_inputs(images, faces=faces)  # every bad file named before the model loads
     predictions = in_float32_where_it_overflows(
         lambda policy: predict_inputs(load_model(model, precision=policy), inputs,
@@ -757,6 +757,15 @@ def predict(
                        + ", ".join(f"{name} {prob:.2f}" for name, prob in ranked) + ")")
         if not found:
             typer.echo(f"{_printable(file)}: no face found")
+
+
+def _once_each(paths: list[Path]) -> list[Path]:
+    """Each file once, as first given: `a.png`, `./a.png`, `$PWD/a.png` and a link to it
+    are one file (only identical spellings had been merged)."""
+    first: dict[Path, Path] = {}
+    for path in paths:
+        first.setdefault(path.resolve(), path)
+    return list(first.values())
 
 
 def _printable(name: str | Path) -> str:

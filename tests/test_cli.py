@@ -378,7 +378,24 @@ def test_predict_and_evaluate_score_in_float32_where_float16_overflows(tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert warning.format("test split") in evaluated.stderr
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
-    assert metrics["inference_precision"] == "float32" and metrics["accuracy"] == pytest.approx(1 / 7, abs=1e-4)
+    assert metrics["inference_precision"] == "float32"
+    assert metrics["accuracy"] == pytest.approx(1 / 7, abs=1e-4)  # all said happy
+
+
+def test_predict_classifies_a_file_given_twice_once_however_it_is_spelt(tmp_path):
+    """README: a file given twice is classified once, where first given; `a.png` beside
+    its absolute path, a `..` spelling or a link to it had been classified each time."""
+    from fer.models import get_spec
+
+    get_spec("default").build().save(tmp_path / "model.keras")
+    (tmp_path / "faces").mkdir()
+    face = tmp_path / "faces" / "a.png"
+    face.write_bytes(encode_image(shaded_image("happy")))
+    (tmp_path / "link.png").symlink_to(face)
+    result = run_fer("predict", "a.png", face, "../faces/a.png", tmp_path / "link.png",
+                     "--model", tmp_path / "model.keras", "--json", cwd=tmp_path / "faces")
+    assert result.returncode == 0, result.stderr
+    assert [record["file"] for record in json.loads(result.stdout)] == ["a.png"]
 
 
 def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path):
