@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does 
 FOLDER = "checkpoint"
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
+DIVERGED = "diverged.txt"  # why the run's training diverged: it is not to be resumed
 FORMAT = 1
 
 
@@ -107,6 +108,9 @@ def read_run(run_dir: Path) -> RunRecord:
     path = run_dir / FOLDER / RUN_RECORD
     if not path.is_file():
         raise FerError(f"{run_dir}: nothing to resume: {_why_not_resumable(run_dir)}")
+    diverged = diverged_reason(run_dir)
+    if diverged is not None:
+        raise FerError(f"{run_dir}: cannot be resumed: {diverged}")
     try:
         record = json.loads(path.read_text())
         if not isinstance(record, dict):
@@ -162,6 +166,22 @@ def find_started(out_dir: Path, *, started_by: str) -> Path | None:
             if read_json(record).get("started_by") == started_by:  # {} for none
                 return folder
     return None
+
+
+def mark_diverged(run_dir: Path, reason: str) -> None:
+    """Record that the run's training diverged, and why (the error's words, with the
+    learning rate and what to do): its checkpoint stays, but neither `fer train --resume`
+    nor `fer publish` offers to finish it at the same learning rate."""
+    with writing(Path(run_dir) / FOLDER / DIVERGED):
+        (Path(run_dir) / FOLDER / DIVERGED).write_text(reason + "\n")
+
+
+def diverged_reason(run_dir: Path) -> str | None:
+    """Why the run's training diverged (mark_diverged); None where it did not."""
+    try:
+        return (Path(run_dir) / FOLDER / DIVERGED).read_text().strip() or None
+    except OSError:  # none written (or unreadable: the record's own checks name problems)
+        return None
 
 
 def is_complete(run_dir: Path) -> bool:

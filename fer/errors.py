@@ -95,6 +95,11 @@ def fsync_folder(path: Path) -> None:
         fsync_path(path)
 
 
+class TrainingDiverged(FerError):
+    """The training loss became NaN or infinite: the run cannot go on at its learning rate
+    (fer.checkpoint.mark_diverged records it, so that no resume or publish suggests it)."""
+
+
 class CheckpointError(FerError):
     """A stopped run's checkpoint that cannot be continued: damaged (a crash mid-write), or
     written for another model (fer was upgraded). ``member_folder``: the ensemble member's

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from fer.checkpoint import diverged_reason
 from fer.errors import FerError, MissingObjectError, NotFerObjectError, StorageError
 from fer.storage import LocalStore, Store, local_errors
 
@@ -328,6 +329,9 @@ def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:
     if not folder.is_dir():
         raise FerError(f"run folder {folder} does not exist; pass the folder `fer train` wrote")
     if (folder / CHECKPOINT_FOLDER).is_dir():  # removed once the test split is scored
+        diverged = diverged_reason(folder)
+        if diverged is not None:
+            raise FerError(f"run folder {folder} is not complete: {diverged}")
         stage = "scoring" if (folder / MANIFEST).is_file() else "training"
         raise FerError(f"run folder {folder} is not complete: its {stage} stopped before the "
                        f"end; `fer train --resume {shlex.quote(str(folder))}` finishes it")

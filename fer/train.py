@@ -26,13 +26,14 @@ from fer.checkpoint import (
     MemberProgress,
     RunRecord,
     finish_run,
+    mark_diverged,
     record_resume,
     start_run,
     training_lock,
 )
 from fer.config import TrainConfig
 from fer.data import Dataset, Split, pixels_sha256
-from fer.errors import CheckpointError, FerError, writing
+from fer.errors import CheckpointError, FerError, TrainingDiverged, writing
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
 from fer.manifest import git_commit, machine, new_run_id, package_versions, write_json
@@ -169,6 +170,9 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
                                        clock=members[-1].clock if members else None,
                                        verbose=verbose))
         training_metrics = _write_run(members, run, spec, dataset)
+    except TrainingDiverged as exc:  # a resume would go on at the same learning rate
+        mark_diverged(run.run_dir, str(exc))
+        raise
     except FerError:
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again
     except BaseException:  # Ctrl-C, SIGTERM (Prefect raises its own TerminationSignal), any error
@@ -557,7 +561,7 @@ class StopWhenDiverged(keras.callbacks.Callback):
                 self._diverged(f"the {which} loss is {float(value)} after epoch {epoch + 1}")
 
     def _diverged(self, what: str) -> None:
-        raise FerError(
+        raise TrainingDiverged(
             f"training diverged: {what} "
             f"(learning rate {self.learning_rate:g}, precision {self.precision}); train "
             "again with a lower --learning-rate"

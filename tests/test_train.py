@@ -18,6 +18,7 @@ from conftest import (
 )
 from test_manifest import checkout_commit
 
+from fer.checkpoint import read_run
 from fer.config import TrainConfig
 from fer.data import Dataset, Split, load_dataset
 from fer.errors import FerError
@@ -25,6 +26,8 @@ from fer.evaluate import predict_labels
 from fer.labels import CLASS_NAMES
 from fer.models import load_model
 from fer.options import check_config
+from fer.runs import publish_run
+from fer.storage import LocalStore
 from fer.train import RUN_FILES, train
 
 
@@ -221,6 +224,13 @@ def test_a_training_that_diverges_stops_at_that_epoch_in_one_line(tmp_path, tiny
     assert not (run_dir / "model.keras").exists()
     state = run_dir / "checkpoint" / "member-1" / "state.json"  # the NaN epoch is not kept
     assert not state.exists() or json.loads(state.read_text())["epochs_done"] == 0
+    # no resume or publish offers to finish it at the same rate (publish had said
+    # `fer train --resume` finishes it, and a Prefect retry resumed it)
+    diverged = r"training diverged: the training loss is nan after epoch 1 .*lower --learning-rate"
+    with pytest.raises(FerError, match=rf"cannot be resumed: {diverged}"):
+        read_run(run_dir)
+    with pytest.raises(FerError, match=rf"run folder .* is not complete: {diverged}"):
+        publish_run(run_dir, LocalStore(tmp_path / "store"))
 
 
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
