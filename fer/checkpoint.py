@@ -179,9 +179,12 @@ def mark_diverged(run_dir: Path, reason: str) -> None:
 def diverged_reason(run_dir: Path) -> str | None:
     """Why the run's training diverged (mark_diverged); None where it did not."""
     try:
-        return (Path(run_dir) / FOLDER / DIVERGED).read_text().strip() or None
+        return (Path(run_dir) / FOLDER / DIVERGED).read_bytes().decode().strip() or None
     except OSError:  # none written (or unreadable: the record's own checks name problems)
         return None
+    except ValueError:  # not UTF-8: garbage where the reason was, so it did diverge
+        return ("training diverged (its recorded reason is unreadable); train again with a "
+                "lower --learning-rate")
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -171,7 +171,10 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
                                        verbose=verbose))
         training_metrics = _write_run(members, run, spec, dataset)
     except TrainingDiverged as exc:  # a resume would go on at the same learning rate
-        mark_diverged(run.run_dir, str(exc))
+        try:
+            mark_diverged(run.run_dir, str(exc))
+        except OSError as unmarked:  # a full disk (FileWriteError): the divergence is the news
+            log.warning("cannot record the divergence: %s", unmarked)
         raise
     except FerError:
         raise  # a problem to fix first (an unreadable checkpoint): resuming would meet it again

@@ -204,9 +204,12 @@ def _continue(run_dir: Path, dataset, *, split_as, resume_flags: str = "") -> Pa
     """An earlier attempt's run: taken as it is once complete, else resumed on the split it
     recorded (``split_as(config)`` carves it: an attempt begun by a fer before
     ``split_seed`` carved its validation with ``seed``)."""
-    from fer.checkpoint import is_complete, read_run
+    from fer.checkpoint import diverged_reason, is_complete, read_run
     from fer.train import fit
 
+    diverged = diverged_reason(run_dir)
+    if diverged is not None:  # trained anew with the same seed and rate, it would diverge
+        raise FerError(f"{run_dir}: {diverged}")  # again, hours later: the flow run fails
     if is_complete(run_dir):
         recorded = json.loads((run_dir / "manifest.json").read_text())["data"]["sha256"]
         if recorded != dataset.sha256:

@@ -617,6 +617,18 @@ def test_a_state_file_of_bytes_that_are_not_text_is_a_damaged_checkpoint(tmp_pat
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
 
+def test_a_divergence_record_of_garbage_still_says_the_run_diverged(tmp_path):
+    """diverged.txt overwritten with bytes that are not UTF-8: the run is still one that
+    diverged (a traceback from read_run and publish otherwise)."""
+    from fer.checkpoint import DIVERGED, diverged_reason
+
+    (tmp_path / FOLDER).mkdir()
+    assert diverged_reason(tmp_path) is None
+    (tmp_path / FOLDER / DIVERGED).write_bytes(b"\xff\xfe")
+    assert diverged_reason(tmp_path).startswith("training diverged (its recorded reason is "
+                                               "unreadable); train again with a lower")
+
+
 def test_a_checkpoint_the_system_cannot_read_is_not_called_damaged(tmp_path, tiny_dataset,
                                                                      monkeypatch):
     """An I/O error (a failing disk, a stale NFS handle) reading a finished member's

@@ -311,6 +311,23 @@ def test_a_retry_takes_its_completed_run_only_on_the_same_data(prefect_api, tmp_
     assert attempt("b" * 64) == "again: its data has changed since"
 
 
+def test_a_retry_of_a_diverged_run_fails_at_once(tmp_path):
+    """An earlier attempt whose training diverged: a retry would train anew with the same
+    seed and learning rate (no retry can change them) and diverge again, hours later; it
+    fails with the divergence's line instead, which says to lower the learning rate."""
+    from fer.checkpoint import mark_diverged
+
+    run_dir = make_run(tmp_path, "20250101-000000-default-0001", accuracy=0.61)
+    (run_dir / "checkpoint").mkdir()
+    mark_diverged(run_dir, "training diverged: the training loss is nan after epoch 2 "
+                           "(learning rate 0.1, precision float32); train again with a lower "
+                           "--learning-rate")
+    with pytest.raises(FerError, match=r"0001: training diverged: .* train again with a lower "
+                                       r"--learning-rate$") as raised:
+        retrain_module._continue(run_dir, None, split_as=None)
+    assert not isinstance(raised.value, retrain_module._TrainAgain)
+
+
 @integration
 def test_a_retry_resumes_on_the_split_its_run_recorded(prefect_api, tmp_path, tiny_dataset,
                                                        monkeypatch):
