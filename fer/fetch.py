@@ -289,14 +289,18 @@ def redacted(source: str) -> str:
                                                   query=parts.query if query is None else query))
 
 
-# Query parameters that sign a URL and change with each signing of the same object:
-# SigV2's, Google's V2, CloudFront's and Azure SAS's (SigV4's and Google V4's: X-Amz-*,
-# X-Goog-*). Dropped only to name the local copy: a name shared by two different URLs costs
-# a download (the server is asked with the copy's validators), never a wrong file.
-_SIGNING_PARAMETERS = _SECRET_PARAMETERS | {
-    "expires", "googleaccessid", "policy", "key-pair-id",
-    "se", "st", "sv", "sp", "sr", "spr", "si", "ss", "srt", "skoid", "sktid", "skt", "ske",
-    "sks", "skv"}
+# The signing schemes of presigned URLs: (a parameter only a signed URL of that scheme has,
+# the parameters that change with each signing of the same object). Dropped only to name
+# the local copy, and only where the scheme's signature is there: a plain URL's `token`
+# or `st` may name another object.
+_SIGNING_SCHEMES = (
+    ("x-amz-signature", lambda name: name.startswith("x-amz-")),  # S3 SigV4
+    ("x-goog-signature", lambda name: name.startswith("x-goog-")),  # Google V4
+    ("key-pair-id", {"policy", "signature", "key-pair-id", "expires"}.__contains__),  # CloudFront
+    ("signature", {"awsaccesskeyid", "googleaccessid", "expires", "signature"}.__contains__),
+    ("sig", {"sig", "se", "st", "sv", "sp", "sr", "spr", "si", "ss", "srt", "skoid", "sktid",
+             "skt", "ske", "sks", "skv"}.__contains__),  # Azure SAS
+)
 
 
 def _query_without(query: str, dropped) -> str | None:
@@ -418,8 +422,10 @@ def _unsigned(source: str) -> str:
     parts = urllib.parse.urlsplit(source)
     if parts.scheme not in ("http", "https"):
         return source
-    query = _query_without(parts.query, lambda name: name.startswith(("x-amz-", "x-goog-"))
-                           or name in _SIGNING_PARAMETERS)
+    names = {urllib.parse.unquote_plus(field.partition("=")[0]).lower()
+             for field in parts.query.split("&")}
+    signing = [changes for marker, changes in _SIGNING_SCHEMES if marker in names]
+    query = _query_without(parts.query, lambda name: any(changes(name) for changes in signing))
     return source if query is None else urllib.parse.urlunsplit(parts._replace(query=query))
 
 

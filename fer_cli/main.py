@@ -738,7 +738,7 @@ def predict(
     predictions = in_float32_where_it_overflows(
         lambda policy: predict_inputs(load_model(model, precision=policy), inputs,
                                       batch_size=batch_size),
-        choose_precision(precision), what="the images")
+        choose_precision(precision), what="the images", reported=False)
     by_file: dict[str, list] = {str(path): [] for path in images}  # in the order given
     for p in predictions:
         by_file[p.file].append(p)

@@ -373,6 +373,7 @@ def test_predict_and_evaluate_score_in_float32_where_float16_overflows(tmp_path)
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)[0]["emotion"] == "happy"
     assert warning.format("images") in predicted.stderr
+    assert "inference_precision" not in predicted.stderr  # predict writes no report
     evaluated = run_fer("evaluate", "--model", tmp_path / "model.keras", "--data", data,
                         "--precision", "mixed_float16", env={"FER_DATA_DIR": str(tmp_path / "d")})
     assert evaluated.returncode == 0, evaluated.stderr
@@ -516,6 +517,13 @@ def test_an_endpoint_nothing_reaches_is_refused(tmp_path, command):
                      "--endpoint-url", "http://127.0.0.1:9", env={"FER_DATA_DIR": str(tmp_path)})
     assert re.search(r"Invalid value for --endpoint-url: the endpoint is used only to read an "
                      r"s3:// --(data|source)", usage_error(result))
+
+
+def test_an_empty_data_beside_an_endpoint_is_named_as_empty():
+    """`--data "$DATA" --endpoint-url "$E"` with DATA unset: the empty source is the
+    mistake, not the endpoint it left unused."""
+    result = run_fer("train", "--data", "", "--endpoint-url", "http://127.0.0.1:9")
+    assert_one_line_error(result, r"data source '' is empty: expected a path")
 
 
 @pytest.mark.parametrize(("command", "problem"), [

@@ -811,6 +811,17 @@ def test_every_common_signing_scheme_names_one_local_copy(signed):
     assert _download_name(url.replace("=7", "=8") + signed.format(n=1)) != first
 
 
+@pytest.mark.parametrize("a, b", [("token=A", "token=B"), ("st=1&id=4", "st=2&id=4"),
+                                  ("api_key=A", "api_key=B"), ("expires=1", "expires=2")])
+def test_a_plain_urls_parameters_keep_naming_other_copies(a, b):
+    """Without a signature, `?token=` or `?st=` may name another object (two share links):
+    two such URLs keep two local copies, or one would be taken for the other."""
+    from fer.fetch import _download_name
+
+    url = "https://h.example/download?"
+    assert _download_name(url + a) != _download_name(url + b)
+
+
 def test_a_presigned_url_served_no_more_is_warned_of_without_its_secrets(tmp_path, shaded_csv,
                                                                           caplog):
     """The server gone on a second fetch of the same signed URL (a Prefect retry): the copy

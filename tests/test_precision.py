@@ -20,7 +20,7 @@ NO_BF16 = "auto: no bf16 instructions found (amx_bf16, avx512_bf16)"
     ("auto", {"avx2"}, False, False, "float32", NO_BF16),
     ("auto", {"avx2", "avx512_bf16"}, False, True, "mixed_bfloat16",
      "auto: the CPU has avx512_bf16"),
-    ("auto", {"amx_bf16"}, False, None, "mixed_bfloat16", "auto: the CPU has amx_bf16"),
+    ("auto", {"amx_bf16"}, False, True, "mixed_bfloat16", "auto: the CPU has amx_bf16"),
     # TF_ENABLE_ONEDNN_OPTS=0: bf16 trained 9.5x slower than float32 on a bf16 CPU
     ("auto", {"avx512_bf16"}, False, False, "float32",
      "auto: the CPU has avx512_bf16, but TensorFlow's oneDNN kernels are off "
@@ -31,11 +31,21 @@ NO_BF16 = "auto: no bf16 instructions found (amx_bf16, avx512_bf16)"
 ])
 def test_precision_follows_cpu_flags_and_gpu_unless_asked_and_says_why(requested, flags, gpu,
                                                                        onednn, precision, why):
-    """bf16 only where the CPU has native bf16 and TensorFlow's oneDNN kernels run (None:
-    TensorFlow cannot say, as where it is not built with them: bf16 kept); float16 on
-    GPUs; float32 otherwise; the user's choice wins. A run's log says why."""
+    """bf16 only where the CPU has native bf16 and TensorFlow's oneDNN kernels run; float16
+    on GPUs; float32 otherwise; the user's choice wins. A run's log says why."""
     assert resolve_precision(requested, flags=flags, gpu=gpu, onednn=onednn) == (precision, why)
     assert choose_precision(requested, flags=flags, gpu=gpu, onednn=onednn) == precision
+
+
+@pytest.mark.parametrize(("reported", "precision"), [(None, "mixed_bfloat16"),
+                                                     (False, "float32")])
+def test_auto_asks_tensorflow_whether_its_onednn_kernels_run(monkeypatch, reported, precision):
+    """Left to the machine, auto asks TensorFlow; where it cannot say (a private call gone in
+    a later release), bf16 is kept as the CPU's flags say."""
+    import fer.precision
+
+    monkeypatch.setattr(fer.precision, "onednn_enabled", lambda: reported)
+    assert choose_precision("auto", flags={"avx512_bf16"}, gpu=False) == precision
 
 
 @pytest.mark.parametrize(("precision", "flags", "gpu", "onednn", "slow"), [

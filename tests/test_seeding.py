@@ -49,3 +49,23 @@ def test_a_keras_that_draws_seeds_elsewhere_is_warned_of(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="fer"), seeded(3):
         assert not hasattr(seed_generator, "python_random")  # nothing planted in its place
     assert "draws layer seeds elsewhere" in caplog.text
+
+
+def test_two_builds_at_once_each_get_their_own_seeds_weights():
+    """Two threads building models at once (no fer path does, but a library user may):
+    each gets its seed's weights, and Keras gets the shared generator back after both."""
+    import threading
+
+    from keras.src.random import seed_generator
+
+    shared, alone = seed_generator.python_random, {s: _weights_built_from(s) for s in (7, 8)}
+    built: dict[int, list[np.ndarray]] = {}
+    threads = [threading.Thread(target=lambda s=s: built.__setitem__(s, _weights_built_from(s)))
+               for s in (7, 8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in (7, 8):
+        assert all(np.array_equal(a, b) for a, b in zip(alone[seed], built[seed], strict=True))
+    assert seed_generator.python_random is shared
