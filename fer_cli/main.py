@@ -642,7 +642,8 @@ def _resume_locally(run_dir: Path, *, data: str | None, settings: Settings,
     elif Path(run.data_source).exists():
         source = Path(run.data_source)
     else:
-        origin = f", such as {run.data_origin}" if run.data_origin else ""
+        origin = (f", such as {run.data_origin}"  # a URL or key; not the same path again
+                  if run.data_origin and run.data_origin != run.data_source else "")
         raise FerError(f"{run.run_dir}: the data it trained on, {run.data_source}, is gone; "
                        f"pass a copy of it (data sha256 {run.data_sha256[:12]}...{origin}) "
                        "with --data")
