@@ -63,6 +63,17 @@ def compiled_model(model_name: str, precision: str, images, *, metrics: tuple[st
     return model
 
 
+def batch_throughput(model, images: np.ndarray, *, batch_size: int) -> float:
+    """Images/s of one pass over the whole uint8 array through fer's own scoring call (its
+    input pipeline, as `fer predict` and `fer evaluate` run it; Keras' numpy input would
+    time another pipeline, with tf.data's autotuning on)."""
+    from fer.evaluate import predict_probabilities
+
+    started = time.perf_counter()
+    predict_probabilities(model, images, batch_size=batch_size)
+    return len(images) / (time.perf_counter() - started)
+
+
 def fit_images_per_second(model, batches, *, steps: int, batch_size: int) -> float:
     """Images/s of one `fit` over ``steps`` batches of ``batches`` (a repeating tf.data)."""
     started = time.perf_counter()

@@ -16,19 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import BENCH_CACHE, machine_line
+from common import BENCH_CACHE, batch_throughput, machine_line
 
 from fer.data import load_dataset
 from fer.evaluate import predict_probabilities
-
-
-def batch_throughput(model, images: np.ndarray, *, batch_size: int) -> float:
-    """Images/s of one pass over the whole uint8 array through fer's own scoring call (its
-    input pipeline, as `fer predict` and `fer evaluate` run it; Keras' numpy input would
-    time another pipeline, with tf.data's autotuning on)."""
-    started = time.perf_counter()
-    predict_probabilities(model, images, batch_size=batch_size)
-    return len(images) / (time.perf_counter() - started)
 
 
 def median_ms(call, *, calls: int, warm_up: int = 10) -> float:

@@ -13,13 +13,17 @@ the same compute), after a warm-up pass. Usage:
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from common import BENCH_CACHE, machine_line, measure_training_throughput, refuse_below_one
+from common import (
+    BENCH_CACHE,
+    batch_throughput,
+    machine_line,
+    measure_training_throughput,
+    refuse_below_one,
+)
 
 from fer.data import load_dataset
-from fer.evaluate import predict_probabilities
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -44,10 +48,8 @@ def main() -> None:
     model = get_spec(args.model).build()
     for precision in PRECISIONS:
         variant = model if precision == "float32" else with_precision(model, policy=precision)
-        predict_probabilities(variant, dataset.test.images)  # warm-up: traces the call
-        started = time.perf_counter()
-        predict_probabilities(variant, dataset.test.images)
-        images_per_second = len(dataset.test) / (time.perf_counter() - started)
+        batch_throughput(variant, dataset.test.images, batch_size=256)  # warm-up: traces it
+        images_per_second = batch_throughput(variant, dataset.test.images, batch_size=256)
         print(f"{args.model} {precision:15s} inference {images_per_second:7.1f} images/s "
               f"({len(dataset.test)} test images)", flush=True)
 

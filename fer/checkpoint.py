@@ -172,8 +172,9 @@ def mark_diverged(run_dir: Path, reason: str) -> None:
     """Record that the run's training diverged, and why (the error's words, with the
     learning rate and what to do): its checkpoint stays, but neither `fer train --resume`
     nor `fer publish` offers to finish it at the same learning rate."""
-    with writing(Path(run_dir) / FOLDER / DIVERGED):
-        (Path(run_dir) / FOLDER / DIVERGED).write_text(reason + "\n")
+    path = Path(run_dir) / FOLDER / DIVERGED
+    with writing(path):
+        path.write_text(reason + "\n")
 
 
 def diverged_reason(run_dir: Path) -> str | None:
@@ -305,15 +306,11 @@ class MemberCheckpoint:
         """What the member reached before a stop; a new member's is empty."""
         if not self._state.is_file():
             return MemberProgress()
-        try:
-            data = self._state.read_bytes()
-        except OSError as exc:
-            raise _unreadable_here(self._state, exc) from None
-        try:  # bytes that are not UTF-8 (UnicodeDecodeError) are damage too
-            return MemberProgress(**json.loads(data))
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{self._state}: unreadable checkpoint ({exc})",
-                                  member_folder=self.folder) from None
+        with self._readable(self._state.name):  # bytes that are not UTF-8 are damage too
+            try:
+                return MemberProgress(**json.loads(self._state.read_bytes()))
+            except TypeError as exc:  # JSON of other fields: as damaged as unparsable JSON
+                raise ValueError(exc) from None
 
     def restore(self, model: keras.Model, progress: MemberProgress) -> None:
         """The last finished epoch's weights and optimizer state (the model is compiled)."""

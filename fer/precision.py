@@ -71,11 +71,12 @@ def slow_here(precision: str, *, flags: set[str] | None = None, gpu: bool | None
     resumed elsewhere keeps the precision it began with, and bf16 without the CPU's bf16
     instructions, or without TensorFlow's oneDNN kernels, trained 10x slower than float32
     (BENCHMARKS.md)."""
+    flags = cpu_flags() if flags is None else flags  # read once, for both questions
     here = choose_precision("auto", flags=flags, gpu=gpu, onednn=onednn)
     if precision == "mixed_float16" and here != "mixed_float16":
         return "this machine has no GPU, and CPUs emulate float16"
     if precision == "mixed_bfloat16" and here == "float32":
-        if (cpu_flags() if flags is None else flags) & BF16_FLAGS:
+        if flags & BF16_FLAGS:
             return f"TensorFlow's oneDNN kernels are off here ({ONEDNN_SWITCH}=0)"
         return f"this CPU has no bf16 instructions ({', '.join(sorted(BF16_FLAGS))})"
     return None
