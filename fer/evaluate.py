@@ -42,7 +42,7 @@ def predict_probabilities(model, images: np.ndarray, *, batch_size: int = 256) -
     broken = int(np.sum(~np.isfinite(probabilities).all(axis=1)))
     if broken:
         overflow = (", or overflows in this precision (try --precision float32)"
-                    if computes_mixed(model) else "")
+                    if computes_mixed(model, "mixed_float16") else "")  # bf16: float32's range
         raise NonFiniteScoresError(
             f"the model gives non-finite scores (NaN or infinity) for {broken} of "
             f"{len(images)} images: it was not trained to a usable state (did its training "

@@ -537,11 +537,12 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
     return with_precision(model, policy=precision)  # a file saved mixed is computed as asked
 
 
-def computes_mixed(model) -> bool:
-    """Whether any layer computes in a mixed (16-bit) policy, where activations overflow
-    sooner than in float32."""
-    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith("mixed")
-               or computes_mixed(layer)  # an ensemble's members are models in the model
+def computes_mixed(model, policy: str = "mixed") -> bool:
+    """Whether any layer computes in a mixed (16-bit) policy, or in the one whose name
+    starts with ``policy`` ("mixed_float16": the one whose activations overflow sooner than
+    in float32; bfloat16 has float32's range)."""
+    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith(policy)
+               or computes_mixed(layer, policy)  # an ensemble's members are models in the model
                for layer in getattr(model, "layers", []))
 
 
