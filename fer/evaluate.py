@@ -127,10 +127,11 @@ def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
 
 
 def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int | None:
-    """For a run's model scored on other data than the run's: how many of ``scored``'s test
-    images are, pixel for pixel, ones the run trained or chose its epoch on (its data's train
-    and validation splits), with a warning when any. None: the same data, no run manifest
-    beside the model, or the run's data no longer on this machine (a warning says so).
+    """For a run's model: how many of ``scored``'s test images are, pixel for pixel, ones the
+    run trained or chose its epoch on (its data's train and validation splits), with a
+    warning when any; 0 for the run's own data. None: it cannot be told (no run manifest
+    beside the model, or the run's data no longer on this machine as it was: a warning
+    says so), which a report must not show as 0.
 
     FER2013's copies split one set of images differently (the CSV's PublicTest rows are a
     run's validation split there, and test images in the image layout): a model trained on
@@ -142,8 +143,10 @@ def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int |
     from fer.data import load_dataset
 
     recorded = read_json(run_dir / "manifest.json").get("data")
-    if not isinstance(recorded, dict) or recorded.get("sha256") in (None, scored.sha256):
+    if not isinstance(recorded, dict) or recorded.get("sha256") is None:
         return None
+    if recorded["sha256"] == scored.sha256:  # its own test split: the split keeps them apart
+        return 0
     source = str(recorded.get("source"))
     try:
         trained_on = load_dataset(Path(source), cache_dir=data_dir)

@@ -708,7 +708,7 @@ def evaluate(
                 "data": {"source": str(source.path.resolve()), "origin": source.origin,
                          "sha256": dataset.sha256},  # replaces it
                 "inference_precision": policy,
-                **({"test_images_seen_in_training": overlap} if overlap is not None else {})})
+                "test_images_seen_in_training": overlap})  # null: could not be told
 
     metrics = in_float32_where_it_overflows(scored_in, precision, what="the test split")
     typer.echo(f"test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

@@ -381,6 +381,7 @@ def test_predict_and_evaluate_score_in_float32_where_float16_overflows(tmp_path)
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert metrics["inference_precision"] == "float32"
     assert metrics["accuracy"] == pytest.approx(1 / 7, abs=1e-4)  # all said happy
+    assert metrics["test_images_seen_in_training"] is None  # no run beside it: cannot tell
 
 
 def test_predict_classifies_a_file_given_twice_once_however_it_is_spelt(tmp_path):
@@ -919,6 +920,7 @@ def test_end_to_end_train_evaluate_predict(tmp_path, data_dir, fer_subset, monke
     assert evaluation["data"] == {"source": str(fer_subset.resolve()),
                                   "origin": str(fer_subset.resolve()),
                                   "sha256": file_sha256(fer_subset)}
+    assert evaluation["test_images_seen_in_training"] == 0  # its images (the zip, not fer's copy)
     in_float32 = run_fer("evaluate", "--model", run_dir / "model.keras", "--data", fer_subset,
                          "--out", tmp_path / "eval32", "--precision", "float32")
     assert in_float32.returncode == 0, in_float32.stderr

@@ -167,7 +167,8 @@ def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     """A run trained on one copy and scored on another whose test/ holds some of its
     training images (FER2013's CSV and image layout split one set of images differently):
     counted and warned of, except one that is in the run's own test split too (FER2013
-    holds some images twice); none for its own data; said where its data is gone."""
+    holds some images twice); 0 for its own data; None (cannot be told, not 0) where its
+    data has changed or is gone, or no run manifest is beside the model, and said."""
     import json
     import shutil
 
@@ -191,7 +192,8 @@ def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") == 2
     assert "2 of the 17 test images are images the run trained or chose its epoch on" \
            in caplog.text
-    assert seen_in_training(run_dir, own, data_dir=tmp_path / "cache") is None
+    assert seen_in_training(run_dir, own, data_dir=tmp_path / "cache") == 0
+    assert seen_in_training(tmp_path, scored, data_dir=tmp_path / "cache") is None  # no run
     extra = trained_on / "train" / "sad" / "later.png"
     shutil.copy(next((trained_on / "train" / "sad").iterdir()), extra)
     assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None
