@@ -261,6 +261,25 @@ def training_lock(run_dir: Path):
         handle.close()
 
 
+def trainer_of(run_dir: Path) -> str | None:
+    """Who holds the run's training lock now ("process N on HOST"); None where no one does
+    (or it cannot be told): then the run stopped, or was never begun here."""
+    import fcntl
+
+    try:
+        handle = open(Path(run_dir) / FOLDER / LOCK)  # noqa: SIM115 - closed below
+    except OSError:  # never trained by this fer, or not ours to read
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        except OSError:  # a filesystem without locks
+            return None
+    return None
+
+
 def finish_run(run_dir: Path) -> None:
     """The run's files are written: its checkpoint is no longer needed. It is renamed away
     first, in one step: a stop while deleting could otherwise leave a checkpoint without its

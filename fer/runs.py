@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
-from fer.checkpoint import diverged_reason
+from fer.checkpoint import diverged_reason, trainer_of
 from fer.errors import FerError, MissingObjectError, NotFerObjectError, StorageError
 from fer.storage import LocalStore, Store, local_errors
 
@@ -332,6 +332,11 @@ def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:
         diverged = diverged_reason(folder)
         if diverged is not None:
             raise FerError(f"run folder {folder} is not complete: {diverged}")
+        trainer = trainer_of(folder)
+        if trainer is not None:
+            raise FerError(f"run folder {folder} is not complete: it is being trained by "
+                           f"{trainer}; publish it once that ends (`fer train --publish` "
+                           "publishes a run at its end)")
         stage = "scoring" if (folder / MANIFEST).is_file() else "training"
         raise FerError(f"run folder {folder} is not complete: its {stage} stopped before the "
                        f"end; `fer train --resume {shlex.quote(str(folder))}` finishes it")

@@ -547,6 +547,25 @@ def test_a_run_another_process_trains_is_not_resumed_beside_it(tmp_path, tiny_da
     assert is_complete(run_dir)
 
 
+def test_publishing_a_run_another_process_trains_says_it_is_training(tmp_path, tiny_dataset,
+                                                                      monkeypatch):
+    """`fer publish` on a run still training named it stopped, with a resume command that
+    the training lock then refuses; it names the process training it now, and once that
+    has let go, says again that the run stopped."""
+    from fer.runs import publish_run
+    from fer.storage import LocalStore
+
+    config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path / "runs", precision="float32")
+    run_dir = stopped_run(tmp_path / "runs", tiny_dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    store = LocalStore(tmp_path / "artifacts")
+    with training_lock(run_dir):  # as the process resuming it holds it while it trains
+        with pytest.raises(FerError, match=rf"is not complete: it is being trained by process "
+                                           rf"{os.getpid()} on .*; publish it once that ends"):
+            publish_run(run_dir, store)
+    with pytest.raises(FerError, match=r"is not complete: its training stopped before the end"):
+        publish_run(run_dir, store)
+
+
 def test_a_run_another_process_trains_is_not_scored_beside_it(tmp_path, tiny_dataset):
     """Scoring rewrites the run's reports and removes its checkpoint: it waits for no one,
     but refuses while another process holds the run (fitting it after a resume)."""
