@@ -24,6 +24,7 @@ import typer
 from fer.config import (
     DEFAULT_SOURCE_URL,
     MAX_BATCH_SIZE,
+    VAL_FRACTION_RANGE,
     Settings,
     TrainConfig,
     check_store_named,
@@ -210,7 +211,8 @@ SplitSeedOption = Annotated[int, typer.Option(
     help="seeds the validation split carved from train; kept apart from --seed so that runs "
          "of different seeds compare on one split (the champion is chosen within a split)")]
 ValFractionOption = Annotated[float, typer.Option(
-    min=0.01, max=0.9, help="fraction of train carved out for validation")]
+    min=VAL_FRACTION_RANGE[0], max=VAL_FRACTION_RANGE[1],
+    help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
     help=f"peak learning rate (> 0); {_profiles_help('learning_rate')}, else the model's own")]
 

@@ -196,9 +196,21 @@ def test_a_split_seed_numpy_cannot_take_is_refused_before_training(tmp_path, spl
     check_config(TrainConfig(epochs=1, split_seed=2**32 - 1, out_dir=tmp_path))
 
 
-def test_a_validation_fraction_outside_zero_to_one_is_refused_before_training(tmp_path):
-    with pytest.raises(FerError, match=r"--val-fraction 1.0: expected a fraction between 0 and 1"):
-        check_config(TrainConfig(epochs=1, val_fraction=1.0, out_dir=tmp_path))
+@pytest.mark.parametrize("val_fraction", [0.0, 0.005, 0.95, 1.0])
+def test_a_validation_fraction_outside_the_clis_range_is_refused_before_training(tmp_path,
+                                                                                 val_fraction):
+    """The flow and the library take the CLI's range (a flow had taken 0.005 and 0.95,
+    which `fer train --val-fraction` refuses), in the flow's spelling there."""
+    from fer.options import parameter_name
+
+    config = TrainConfig(epochs=1, val_fraction=val_fraction, out_dir=tmp_path)
+    with pytest.raises(FerError, match=rf"^--val-fraction {val_fraction}: expected a fraction "
+                                       r"from 0.01 to 0.9$"):
+        check_config(config)
+    with pytest.raises(FerError, match=rf"^val_fraction: {val_fraction}: expected"):
+        check_config(config, spell=parameter_name)
+    for bound in (0.01, 0.9):  # the CLI's min and max, which it takes
+        check_config(TrainConfig(epochs=1, val_fraction=bound, out_dir=tmp_path))
 
 
 @pytest.mark.parametrize("batch_size", [0, 8193, 2**63])
