@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import secrets
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -119,11 +123,32 @@ def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
     started = time.perf_counter()
     predicted = predict_labels(model, split.images, batch_size=batch_size)
     seconds = time.perf_counter() - started
-    out_dir.mkdir(parents=True, exist_ok=True)  # after scoring: a refused model leaves none
-    metrics = {**(extra_metrics or {}), **write_reports(split.labels, predicted, out_dir=out_dir)}
-    metrics["test_images_per_second"] = round(len(split) / seconds, 1)
-    write_json(out_dir / "metrics.json", metrics)  # a stop mid-write keeps the old one whole
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)  # after scoring: a refused model leaves none
+    with _staged(out_dir) as staging:
+        metrics = {**(extra_metrics or {}),
+                   **write_reports(split.labels, predicted, out_dir=staging)}
+        metrics["test_images_per_second"] = round(len(split) / seconds, 1)
+        write_json(staging / "metrics.json", metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A folder inside ``out_dir`` to write a report's files in, moved into ``out_dir`` when
+    all are written (metrics.json last): a write that fails (a full disk) or a stop leaves
+    the previous report whole, not its metrics beside half of the new files."""
+    staging = out_dir / f".report-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with writing(staging):
+            staging.mkdir()
+        yield staging
+        names = sorted(path.name for path in staging.iterdir())
+        for name in sorted(names, key=lambda name: name == "metrics.json"):
+            with writing(out_dir / name):
+                os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int | None:

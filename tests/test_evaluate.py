@@ -148,6 +148,33 @@ def test_a_split_with_every_class_keeps_every_row(tmp_path):
     assert metrics["macro_f1"] == round((2 / 3 + 0 + 5) / 7, 4)
 
 
+def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A full disk while the confusion matrix is drawn had left the new text and JSON
+    reports beside the previous confusion matrix and metrics.json (which then described
+    another model); the previous report stays whole, and no half-written one is left."""
+    import errno
+
+    import fer.evaluate
+    from fer.data import Split
+    from fer.evaluate import evaluate_split
+    from fer.models import get_spec
+
+    split = Split(images=np.full((7, 48, 48), 128, np.uint8), labels=np.arange(7))
+    evaluate_split(get_spec("default").build(), split, out_dir=tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert sorted(before) == ["classification_report.json", "classification_report.txt",
+                              "confusion_matrix.png", "metrics.json"]
+
+    def disk_full(matrix, names, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fer.evaluate, "plot_confusion_matrix", disk_full)
+    other = Split(images=split.images, labels=np.full(7, 3))  # a report that reads otherwise
+    with pytest.raises(OSError, match="No space left"):
+        evaluate_split(get_spec("default").build(), other, out_dir=tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def _noise_tree(root, *, seed: int, per_class: int = 2):
     """train/ and test/ of distinct random images, their pixels by the seed."""
     from conftest import encode_image
