@@ -6,6 +6,7 @@ scored once, after training, for the reports.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import logging
@@ -13,7 +14,7 @@ import math
 import shlex
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,14 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     ``resume_flags`` are added to the resume command a stop logs: options the run does not
     record (``--publish --storage ...``) that the command which stopped was given.
     """
-    run = fit(dataset, config, verbose=verbose, resume=resume, resume_flags=resume_flags,
-              data_origin=data_origin)
-    return RunResult(run_id=run.run_id, run_dir=run.run_dir,
-                     metrics=score(run.run_dir, dataset.test, resume_flags=resume_flags))
+    with _fitting(dataset, config, resume=resume, started_by=None,
+                  data_origin=data_origin) as (run, why, spec):
+        # one hold from the first epoch to the scored run: another process resuming it
+        # between the two would finish it, and this one's scoring would find it gone
+        fitted = _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
+                              verbose=verbose, resume_flags=resume_flags)
+        return RunResult(run_id=fitted.run_id, run_dir=fitted.run_dir,
+                         metrics=_score(fitted.run_dir, dataset.test, resume_flags=resume_flags))
 
 
 def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
@@ -133,6 +138,18 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     path is fer's copy under FER_DATA_DIR), recorded in the manifest.
     The test split is not touched here; ``score`` scores it afterwards.
     """
+    with _fitting(dataset, config, resume=resume, started_by=started_by,
+                  data_origin=data_origin) as (run, why, spec):
+        return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
+                            verbose=verbose, resume_flags=resume_flags)
+
+
+@contextlib.contextmanager
+def _fitting(dataset: Dataset, config: TrainConfig, *, resume: RunRecord | None,
+             started_by: str | None, data_origin: str | None
+             ) -> Iterator[tuple[RunRecord, str, ModelSpec]]:
+    """The run to fit (a new one, or ``resume`` checked against the data and recorded as
+    resumed), why its precision, and its model, held under the run's training lock."""
     if resume is not None and config != resume.config:
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
     _check_config(config, dataset)
@@ -144,8 +161,7 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     with training_lock(run.run_dir):
         if resume is not None:  # under the lock: a resume refused there trains nothing
             run = record_resume(run, {"at": _now(), **process})
-        return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
-                            verbose=verbose, resume_flags=resume_flags)
+        yield run, why, spec
 
 
 def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,

@@ -579,6 +579,34 @@ def test_a_run_another_process_trains_is_not_scored_beside_it(tmp_path, tiny_dat
     assert is_complete(run_dir)
 
 
+def test_a_run_is_held_from_its_first_epoch_to_its_scored_reports(tmp_path, tiny_dataset,
+                                                                    monkeypatch):
+    """`fer train` fitted the run, let go of it, and took it again to score it: a
+    `fer train --resume` of it in between could finish the run, and this process's scoring
+    then failed on a checkpoint gone. One hold spans both now."""
+    import contextlib
+
+    events, real_lock, real_evaluate = [], fer.train.training_lock, fer.train.evaluate_run
+
+    @contextlib.contextmanager
+    def recorded_lock(run_dir):
+        with real_lock(run_dir):
+            events.append("held")
+            yield
+            events.append("let go")
+
+    def recorded_evaluate(*args, **kwargs):
+        events.append("scored")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(fer.train, "training_lock", recorded_lock)
+    monkeypatch.setattr(fer.train, "evaluate_run", recorded_evaluate)
+    run_dir = train(tiny_dataset, TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path,
+                                              precision="float32"), verbose=0).run_dir
+    assert events == ["held", "scored", "let go"]
+    assert is_complete(run_dir)
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, tiny_dataset, monkeypatch):
     """A weights file cut short (a crash of the machine mid-write) names the file and what
     to delete, instead of an h5py traceback."""
