@@ -481,6 +481,19 @@ def test_large_artifact_uses_multipart_upload(s3_env, runs):
     assert head["ContentLength"] == BIG
 
 
+def test_an_endpoint_botocore_refuses_is_named_without_its_credentials(monkeypatch):
+    """An endpoint given with its key (`http://key:secret@minio_1:9000`; botocore refuses
+    the underscore) or beside an AWS_PROFILE that is no profile: the error had printed the
+    URL with the secret in it, which every other message leaves out."""
+    with pytest.raises(StorageError, match=r"Invalid endpoint: http://minio_1:9000") as raised:
+        open_store("s3://bucket/prefix", endpoint_url="http://key:s3cret@minio_1:9000")
+    assert "s3cret" not in str(raised.value)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(StorageError, match=r"for http://127.0.0.1:9 could not be") as raised:
+        open_store("s3://bucket/prefix", endpoint_url="http://key:s3cret@127.0.0.1:9")
+    assert "s3cret" not in str(raised.value)
+
+
 @pytest.mark.parametrize("endpoint", ["http://localhost:9OOO", "http://127.0.0.1:90000"])
 def test_an_endpoint_whose_port_is_not_a_port_is_one_error(endpoint):
     """botocore checks the endpoint's host only; its port was read later, a traceback."""
