@@ -622,6 +622,11 @@ def location_from_anywhere(url: str) -> str:
     return str(expand_home(folder, what="storage folder").absolute())
 
 
+def is_folder_store(url: str) -> bool:
+    """Whether ``url`` names a folder store (a path, or ``file://PATH``)."""
+    return _folder_named(url) is not None
+
+
 def _folder_named(url: str) -> str | None:
     """The folder a folder store's URL names (a path, or ``file://PATH``), as given; None
     for a URL of another scheme."""

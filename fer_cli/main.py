@@ -100,6 +100,26 @@ def _writable(folder: Path, what: str) -> Path:
     return folder
 
 
+def _store_settings(*, storage: str | None, endpoint_url: str | None,
+                    data: str | None = None) -> Settings:
+    """The settings of a command that reads or writes the store. A given --endpoint-url that
+    neither an s3:// store nor an s3:// ``data`` reaches is refused: accepted, it was
+    ignored, and the folder store was read or written instead of the S3 one meant."""
+    from fer.fetch import is_s3_source
+    from fer.storage import is_folder_store
+
+    settings = _settings(storage=storage, endpoint_url=endpoint_url)
+    if (endpoint_url is not None and is_folder_store(settings.storage)
+            and not (data is not None and is_s3_source(data))):
+        given = ("--storage" if storage else "FER_STORAGE" if os.environ.get("FER_STORAGE")
+                 else "the default")
+        raise typer.BadParameter(
+            f"the store, {settings.storage} ({given}), is a folder; the endpoint is used only "
+            f"for an s3:// store{' or --data' if data is not None else ''}",
+            param_hint="--endpoint-url")
+    return settings
+
+
 def _store(settings: Settings, *, create_bucket: bool = False):
     from fer.storage import open_store
 
@@ -329,7 +349,8 @@ def train(
             storage=storage, out=out, create_bucket=create_bucket,
             force_champion=force_champion), wait=wait)
         return
-    settings = _settings(storage=storage, endpoint_url=endpoint_url)
+    settings = (_store_settings(storage=storage, endpoint_url=endpoint_url, data=data)
+                if publish else _settings(storage=storage, endpoint_url=endpoint_url))
     _writable(resume or out, "--resume" if resume else "--out")
     if publish:
         from fer.runs import check_can_publish
@@ -548,7 +569,7 @@ def retrain(
     # environment turns them on (this default overrides a Prefect profile's setting).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _check_data_named(data)  # before a server starts, or the one named is asked
-    check_store_named(storage=storage, endpoint_url=endpoint_url)
+    _store_settings(storage=storage, endpoint_url=endpoint_url, data=data)  # its checks
     options = _profile_options(profile, epochs=epochs, batch_size=batch_size, model=model,
                                learning_rate=learning_rate, tta=tta, ensemble=ensemble)
     out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one
@@ -787,7 +808,7 @@ def publish(
     force_champion: ForceChampionOption = False,
 ) -> None:
     """Publish a run folder (made here or elsewhere) to object storage; safe to repeat."""
-    _publish(run_dir, _settings(storage=storage, endpoint_url=endpoint_url),
+    _publish(run_dir, _store_settings(storage=storage, endpoint_url=endpoint_url),
              create_bucket=create_bucket, force_champion=force_champion)
 
 
@@ -801,7 +822,7 @@ def reports_list(
     champion is chosen on."""
     from fer.runs import list_runs
 
-    store = _store(_settings(storage=storage, endpoint_url=endpoint_url))
+    store = _store(_store_settings(storage=storage, endpoint_url=endpoint_url))
     runs = list_runs(store)
     if as_json:
         typer.echo(json.dumps([vars(r) for r in runs], indent=2, default=str))
@@ -835,7 +856,7 @@ def reports_show(
     """Print a published run's classification report and metrics."""
     from fer.runs import read_report
 
-    report = read_report(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref)
+    report = read_report(_store(_store_settings(storage=storage, endpoint_url=endpoint_url)), ref)
     if as_json:
         typer.echo(json.dumps({"run_id": report.run_id, "report": report.text,
                                "metrics": report.metrics}, indent=2))
@@ -856,7 +877,7 @@ def reports_get(
     """Download every artifact of a published run, verifying each sha256."""
     from fer.runs import download_run
 
-    folder = download_run(_store(_settings(storage=storage, endpoint_url=endpoint_url)), ref,
+    folder = download_run(_store(_store_settings(storage=storage, endpoint_url=endpoint_url)), ref,
                           dest=expand_home(dest, what="--dest"))
     typer.echo(f"downloaded to {_printable(folder)} (sha256 verified)")
 

@@ -520,6 +520,38 @@ def test_an_endpoint_nothing_reaches_is_refused(tmp_path, command):
                      r"s3:// --(data|source)", usage_error(result))
 
 
+@pytest.mark.parametrize("command", [
+    ["publish", "{folder}"],
+    ["reports", "list"],
+    ["reports", "show"],
+    ["reports", "get", "latest"],
+    ["train", "--publish", "--data", "{folder}"],
+    ["retrain", "--data", "{folder}"],
+])
+def test_an_endpoint_beside_a_folder_store_is_refused(tmp_path, command):
+    """--endpoint-url with the store a folder (--storage, FER_STORAGE or ./artifacts): it
+    was ignored, and the folder was published to or read (`no published runs`) instead of
+    the S3 store the user meant; a train's s3:// --data would still use it."""
+    paths = {"{folder}": str(tmp_path)}
+    result = run_fer(*(paths.get(word, word) for word in command),
+                     "--endpoint-url", "http://127.0.0.1:9", cwd=tmp_path,
+                     env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store")})
+    assert re.search(r"Invalid value for --endpoint-url: the store, .*store \(FER_STORAGE\), "
+                     r"is a folder; the endpoint is used only for an s3:// store",
+                     usage_error(result))
+    assert not (tmp_path / "store").exists()
+
+
+def test_an_endpoint_beside_a_folder_store_still_reads_an_s3_data(tmp_path):
+    """Train's s3:// --data is read through the endpoint: not refused with a folder store
+    (here it fails on the dead endpoint instead)."""
+    result = run_fer("train", "--publish", "--data", "s3://bucket/fer2013.zip", "--endpoint-url",
+                     "http://127.0.0.1:9", cwd=tmp_path,
+                     env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store")})
+    assert result.returncode == 1 and "127.0.0.1:9" in result.stderr, result.stderr
+    assert "Invalid value" not in result.stderr
+
+
 def test_an_empty_data_beside_an_endpoint_is_named_as_empty():
     """`--data "$DATA" --endpoint-url "$E"` with DATA unset: the empty source is the
     mistake, not the endpoint it left unused."""
