@@ -57,15 +57,23 @@ class PublishResult:
     became_champion: bool
     location: str
     is_champion: bool
+    not_champion_because: str | None = None  # why the champion stayed, where it did
 
     @property
     def champion_note(self) -> str:
-        return champion_note(became=self.became_champion, now=self.is_champion)
+        return champion_note(became=self.became_champion, now=self.is_champion,
+                             because=self.not_champion_because)
 
 
-def champion_note(*, became: bool, now: bool) -> str:
-    """What a publishing message adds about the champion."""
-    return " (new champion)" if became else " (the champion already)" if now else ""
+def champion_note(*, became: bool, now: bool, because: str | None = None) -> str:
+    """What a publishing message adds about the champion: with ``because``, why this run
+    is not it (a user whose better run stayed behind on other data or another split had
+    no word of it, nor of --force-champion)."""
+    if became:
+        return " (new champion)"
+    if now:
+        return " (the champion already)"
+    return f" (not champion: {because}; --force-champion makes it the champion)" if because else ""
 
 
 @dataclass(frozen=True)
@@ -106,9 +114,9 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
             "this folder as well, copy it and give the copy a new run_id in its manifest.json"
         )
     _upload(run, remote, store, manifest=published is None)
-    became, now = _move_pointers(store, remote, force_champion=force_champion)
+    became, now, because = _move_pointers(store, remote, force_champion=force_champion)
     return PublishResult(run.run_id, became, store.url(_run_key(run.run_id, "")),
-                         is_champion=now)
+                         is_champion=now, not_champion_because=None if now else because)
 
 
 WRITE_CHECK = ".fer-write-check"
@@ -180,26 +188,28 @@ def _upload(run: _LocalRun, remote: dict[str, Any], store: Store, *, manifest: b
 
 
 def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
-                   ) -> tuple[bool, bool]:
+                   ) -> tuple[bool, bool, str | None]:
     """Move ``latest`` and ``champion`` where the run beats them; whether ``champion`` moved,
-    and whether it names the run now."""
+    whether it names the run now, and why not where the champion stayed."""
     record = _pointer_record(remote)
-    champion_already = False
+    champion_already, because = False, None
 
     def newer_than(latest: dict[str, Any] | None) -> bool:
         return latest is None or _age(record) >= _age(latest) or _run_gone(store, latest, "latest")
 
     def beats(champion: dict[str, Any] | None) -> bool:
-        nonlocal champion_already
+        nonlocal champion_already, because
         champion = _comparable_champion(store, champion)
         champion_already = champion is not None and champion.get("run_id") == record["run_id"]
         if champion_already:
             return False  # published again: it is the champion already, nothing moves
-        return force_champion or champion is None or _beats(record, champion)
+        because = None if force_champion or champion is None else _why_not_beaten(record,
+                                                                                 champion)
+        return because is None
 
     _move_pointer(store, "latest", record, when=newer_than)
     moved = _move_pointer(store, "champion", record, when=beats)
-    return moved, moved or champion_already
+    return moved, moved or champion_already, because
 
 
 POINTER_ATTEMPTS = 10
@@ -307,20 +317,28 @@ def _run_gone(store: Store, pointer: dict[str, Any], name: str) -> bool:
         return False
 
 
-def _beats(record: dict[str, Any], champion: dict[str, Any]) -> bool:
-    """Same data, same validation split (fraction, seed, how it was made: the recorded
-    origin) and a higher validation accuracy,
-    or an equal one and a newer run; unknowns never win. Ties go by age, not by publishing
-    order, so publishing an older run again cannot take the champion back."""
-    for key in ("data_sha256", "validation"):
-        if record[key] is None or record[key] != champion.get(key):
-            return False
+def _why_not_beaten(record: dict[str, Any], champion: dict[str, Any]) -> str | None:
+    """None where the run beats the champion: same data, same validation split (fraction,
+    seed, how it was made: the recorded origin) and a higher validation accuracy, or an
+    equal one and a newer run; unknowns never win. Ties go by age, not by publishing order,
+    so publishing an older run again cannot take the champion back. Else why not, in words."""
+    theirs_id = champion.get("run_id")
+    for key, what in (("data_sha256", "data"), ("validation", "validation split")):
+        if record[key] is None:
+            return f"its {what} is not recorded"
+        if record[key] != champion.get(key):
+            return f"trained on another {what} than the champion {theirs_id}"
     ours, theirs = record["val_accuracy"], champion.get("val_accuracy")
     if ours is None:
-        return False
+        return "its validation accuracy is not recorded"
     if theirs is None or ours > theirs:
-        return True
-    return ours == theirs and _age(record) > _age(champion)
+        return None
+    if ours < theirs:
+        return (f"validation accuracy {ours:.4f}, under the champion {theirs_id}'s "
+                f"{theirs:.4f}")
+    if _age(record) > _age(champion):
+        return None
+    return f"validation accuracy {ours:.4f}, as the newer champion {theirs_id}'s"
 
 
 def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:

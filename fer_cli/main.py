@@ -594,7 +594,8 @@ def retrain(
                                        force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
                f"{result['macro_f1']:.4f}; published to {_printable(result['location'])}"
-               + champion_note(became=result["became_champion"], now=result["is_champion"]))
+               + champion_note(became=result["became_champion"], now=result["is_champion"],
+                               because=result.get("not_champion_because")))
 
 
 @app.command()

@@ -319,6 +319,7 @@ def retrain(
         "run_id": published.run_id,
         "became_champion": published.became_champion,
         "is_champion": published.is_champion,
+        "not_champion_because": published.not_champion_because,
         "location": published.location,
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],

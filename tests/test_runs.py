@@ -78,7 +78,10 @@ def test_champion_moves_only_for_better_or_equal_run(store, runs):
     """latest always moves to the newest run; champion only for validation accuracy >= the
     champion's."""
     assert publish_run(make_run(runs, "r1", accuracy=0.60, minute=1), store).became_champion
-    assert not publish_run(make_run(runs, "r2", accuracy=0.55, minute=2), store).became_champion
+    worse = publish_run(make_run(runs, "r2", accuracy=0.55, minute=2), store)
+    assert not worse.became_champion
+    assert worse.champion_note == (" (not champion: validation accuracy 0.5500, under the "
+                                   "champion r1's 0.6000; --force-champion makes it the champion)")
     assert pointers(store) == ("r2", "r1")
     assert publish_run(make_run(runs, "r3", accuracy=0.60, minute=3), store).became_champion
     assert pointers(store) == ("r3", "r3")
@@ -138,14 +141,20 @@ def test_an_older_champion_pointer_is_compared_on_its_saved_models_figure(store,
 
 
 def test_champion_compares_only_runs_on_the_same_data(store, runs):
-    """A run on other data (a subset, a new release) cannot unseat the champion by itself."""
+    """A run on other data (a subset, a new release) cannot unseat the champion by itself;
+    publishing says why, and what overrides it (it had said nothing)."""
     publish_run(make_run(runs, "full", accuracy=0.60, minute=1), store)
     subset = make_run(runs, "subset", accuracy=0.90, minute=2, data_sha256="1" * 64)
-    assert not publish_run(subset, store).became_champion
+    result = publish_run(subset, store)
+    assert not result.became_champion
+    assert result.champion_note == (" (not champion: trained on another data than the champion "
+                                    "full; --force-champion makes it the champion)")
     assert pointers(store) == ("subset", "full")
     small = make_run(runs, "small-validation", accuracy=0.90, minute=3,
                      validation="carved from train (0.01, seed 1337)")
-    assert not publish_run(small, store).became_champion  # 1% of train: other, noisier images
+    result = publish_run(small, store)
+    assert not result.became_champion  # 1% of train: other, noisier images
+    assert "trained on another validation split than the champion full" in result.champion_note
     assert pointers(store) == ("small-validation", "full")
 
 
@@ -299,7 +308,8 @@ def test_publish_twice_is_harmless(store, runs):
     assert resolve_run(store, "run-a").manifest == manifest
     assert [s.run_id for s in list_runs(store)] == ["run-a"]
     worse = publish_run(make_run(runs, "run-b", accuracy=0.4, minute=1), store)
-    assert (worse.became_champion, worse.is_champion, worse.champion_note) == (False, False, "")
+    assert (worse.became_champion, worse.is_champion) == (False, False)
+    assert worse.champion_note.startswith(" (not champion: validation accuracy 0.4000, under ")
 
 
 def test_publishing_again_restores_files_lost_or_damaged_in_the_store(store, runs, tmp_path):
@@ -330,9 +340,13 @@ def test_publishing_an_older_run_again_does_not_take_a_tie_back(store, runs):
     older = make_run(runs, "r1", accuracy=0.60, minute=1)
     newer = make_run(runs, "r2", accuracy=0.60, minute=2)
     assert publish_run(newer, store).became_champion
-    assert not publish_run(older, store).became_champion
+    tied = publish_run(older, store)
+    assert not tied.became_champion
+    assert "(not champion: validation accuracy 0.6000, as the newer champion r2's;" in (
+        tied.champion_note)
     assert pointers(store) == ("r2", "r2")
-    assert not publish_run(newer, store).became_champion  # it is already
+    again = publish_run(newer, store)
+    assert not again.became_champion and again.champion_note == " (the champion already)"
     assert not publish_run(older, store).became_champion
     assert pointers(store) == ("r2", "r2")
 
