@@ -61,3 +61,18 @@ def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag)
                        "number above 0")
     check_model_name(config.model)
     check_precision(config.precision, what=spell("precision"))
+
+
+def endpoint_left_unused(endpoint_url: str | None, *, storage: str, data: str | None) -> str | None:
+    """Why a given endpoint (None: not given) reaches nothing where the store is ``storage``
+    (resolved: a command's or flow's own, else FER_STORAGE, else ./artifacts) and the data
+    ``data``: a folder store and no s3:// data. Accepted, it was ignored, and the folder was
+    read or written instead of the S3 store meant. None where it is used."""
+    from fer.fetch import is_s3_source
+    from fer.storage import is_folder_store
+
+    if endpoint_url is None or not is_folder_store(storage):
+        return None
+    if data is not None and is_s3_source(data):
+        return None
+    return f"the store, {storage}, is a folder; the endpoint is used only for an s3:// store or data"

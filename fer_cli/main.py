@@ -105,18 +105,15 @@ def _store_settings(*, storage: str | None, endpoint_url: str | None,
     """The settings of a command that reads or writes the store. A given --endpoint-url that
     neither an s3:// store nor an s3:// ``data`` reaches is refused: accepted, it was
     ignored, and the folder store was read or written instead of the S3 one meant."""
-    from fer.fetch import is_s3_source
-    from fer.storage import is_folder_store
+    from fer.options import endpoint_left_unused
 
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
-    if (endpoint_url is not None and is_folder_store(settings.storage)
-            and not (data is not None and is_s3_source(data))):
+    unused = endpoint_left_unused(endpoint_url, storage=settings.storage, data=data)
+    if unused:
         given = ("--storage" if storage else "FER_STORAGE" if os.environ.get("FER_STORAGE")
                  else "the default")
-        raise typer.BadParameter(
-            f"the store, {settings.storage} ({given}), is a folder; the endpoint is used only "
-            f"for an s3:// store{' or --data' if data is not None else ''}",
-            param_hint="--endpoint-url")
+        raise typer.BadParameter(f"{unused} (the store from {given})",
+                                 param_hint="--endpoint-url")
     return settings
 
 

@@ -31,7 +31,7 @@ from prefect.utilities.templating import find_placeholders
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig, check_store_named
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.fetch import check_not_empty
-from fer.options import check_config, parameter_name
+from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
 
@@ -295,6 +295,9 @@ def retrain(
     prefer_onednn()  # before TensorFlow loads in this process (fer.train loads Keras)
     from fer.train import publish_flags
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
+    unused = endpoint_left_unused(endpoint_url, storage=settings.storage, data=data)
+    if unused:  # a deployment's endpoint_url, not the worker's AWS_ENDPOINT_URL
+        raise FerError(f"endpoint_url: {unused}")
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
 
@@ -349,6 +352,11 @@ def check_parameters(parameters: dict) -> None:
     if values.get("data") is not None:
         check_not_empty(values["data"])
     check_store_named(storage=values.get("storage"), endpoint_url=values.get("endpoint_url"))
+    if values.get("storage") is not None:  # else the worker's FER_STORAGE, unknown here
+        unused = endpoint_left_unused(values.get("endpoint_url"), storage=values["storage"],
+                                      data=values.get("data"))
+        if unused:
+            raise FerError(f"endpoint_url: {unused}")
 
 
 def _templated(value: object) -> bool:

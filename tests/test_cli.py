@@ -536,9 +536,9 @@ def test_an_endpoint_beside_a_folder_store_is_refused(tmp_path, command):
     result = run_fer(*(paths.get(word, word) for word in command),
                      "--endpoint-url", "http://127.0.0.1:9", cwd=tmp_path,
                      env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store")})
-    assert re.search(r"Invalid value for --endpoint-url: the store, .*store \(FER_STORAGE\), "
-                     r"is a folder; the endpoint is used only for an s3:// store",
-                     usage_error(result))
+    assert re.search(r"Invalid value for --endpoint-url: the store, .*store, is a folder; the "
+                     r"endpoint is used only for an s3:// store or data \(the store from "
+                     r"FER_STORAGE\)", usage_error(result))
     assert not (tmp_path / "store").exists()
 
 

@@ -172,6 +172,26 @@ def test_an_empty_data_parameter_is_refused_by_fer_deploy():
         check_parameters({"endpoint_url": " "})
 
 
+def test_an_endpoint_parameter_beside_a_folder_store_is_refused(tmp_path, monkeypatch):
+    """`endpoint_url:` with `storage:` a folder and no s3:// data reaches nothing: refused by
+    `fer deploy` and by the run before any download, as `fer retrain --endpoint-url` is (the
+    run had published to the folder). With an s3:// data, or storage left to the worker's
+    FER_STORAGE, `fer deploy` leaves it to the run."""
+    from flows.retrain import retrain
+
+    problem = r"^endpoint_url: the store, .*, is a folder; the endpoint is used only for an s3://"
+    with pytest.raises(FerError, match=problem):
+        check_parameters({"storage": "./artifacts", "endpoint_url": "http://minio:9000"})
+    check_parameters({"storage": "./artifacts", "endpoint_url": "http://minio:9000",
+                      "data": "s3://datasets/fer2013.zip"})
+    check_parameters({"endpoint_url": "http://minio:9000"})
+    monkeypatch.setenv("FER_STORAGE", str(tmp_path / "store"))
+    monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(FerError, match=problem):
+        retrain.fn(endpoint_url="http://127.0.0.1:9", out_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
 def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
     """YAML reads an unquoted `data: 2025-01-06` as a date, which Prefect's placeholder
     search raised ValueError on (a traceback from `fer deploy`); it is a type error named."""
