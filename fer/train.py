@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import json
 import logging
 import math
 import shlex
@@ -27,6 +28,7 @@ from fer.checkpoint import (
     MemberProgress,
     RunRecord,
     finish_run,
+    is_complete,
     mark_diverged,
     record_resume,
     start_run,
@@ -106,8 +108,16 @@ def score(run_dir: Path, test: Split, *, resume_flags: str = "") -> dict:
     finishes the run instead of finding nothing to do. It holds the run's training lock, as
     fitting does: another process resuming the run meanwhile would rewrite the model being
     scored and find its checkpoint removed."""
-    with training_lock(run_dir):
-        return _score(run_dir, test, resume_flags=resume_flags)
+    try:
+        with training_lock(run_dir):
+            return _score(run_dir, test, resume_flags=resume_flags)
+    except FerError:
+        if not is_complete(run_dir):
+            raise
+    # Another process (a `fer train --resume` between a flow's train and evaluate tasks)
+    # finished the run meanwhile: its reports stand, and the run is not a failure.
+    log.info("%s was finished by another process meanwhile; its test reports stand", run_dir)
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _score(run_dir: Path, test: Split, *, resume_flags: str) -> dict:

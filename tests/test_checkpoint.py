@@ -582,6 +582,19 @@ def test_a_run_another_process_trains_is_not_scored_beside_it(tmp_path, tiny_dat
     assert is_complete(run_dir)
 
 
+def test_scoring_a_run_another_process_finished_meanwhile_returns_its_reports(tmp_path,
+                                                                              tiny_dataset):
+    """A flow's train task lets go of the run before its evaluate task scores it: a `fer
+    train --resume` of it in between finishes it. The flow's scoring then failed ("nothing
+    to resume: its checkpoint is gone") and the flow run with it; the reports stand now."""
+    config = TrainConfig(epochs=1, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = fit(tiny_dataset, config, verbose=0).run_dir
+    finished = train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))  # the other
+    assert is_complete(run_dir)
+    metrics = score(run_dir, tiny_dataset.test)
+    assert metrics == finished.metrics == json.loads((run_dir / "metrics.json").read_text())
+
+
 def test_a_run_is_held_from_its_first_epoch_to_its_scored_reports(tmp_path, tiny_dataset,
                                                                     monkeypatch):
     """`fer train` fitted the run, let go of it, and took it again to score it: a
