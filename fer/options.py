@@ -7,7 +7,9 @@ loading TensorFlow) refuse the same impossible values in the same words.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from fer.config import MAX_BATCH_SIZE, TrainConfig
 from fer.data import check_val_fraction
@@ -76,3 +78,20 @@ def endpoint_left_unused(endpoint_url: str | None, *, storage: str, data: str | 
     if data is not None and is_s3_source(data):
         return None
     return f"the store, {storage}, is a folder; the endpoint is used only for an s3:// store or data"
+
+
+def check_writable(folder: Path, what: str) -> Path:
+    """``folder``, checked to be a folder this user can write or create (nothing is created
+    here): a one-line error naming ``what`` set it, before any download, decoding or
+    training rather than after."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # nothing can be created there: mkdir finds it taken
+            raise FerError(f"{what} {folder}: {existing} is a link to "
+                           f"{os.readlink(existing)}, which does not exist (a disk not mounted?)")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FerError(f"{what} {folder}: {existing} is not writable by this user")
+    return folder

@@ -30,6 +30,7 @@ from fer.config import (
     check_store_named,
 )
 from fer.errors import FerError, FileWriteError, RunStillGoing, expand_home
+from fer.options import check_writable
 from fer.profiles import PROFILES
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",
@@ -80,24 +81,6 @@ def _load_tensorflow() -> None:
 def _settings(*, storage: str | None = None, endpoint_url: str | None = None) -> Settings:
     """Environment first, then the command's own options on top."""
     return Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)
-
-
-def _writable(folder: Path, what: str) -> Path:
-    """``folder``, checked to be a folder this user can write or create (nothing is created
-    here): a one-line error naming ``what`` set it, before any download, decoding or
-    training rather than after."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # nothing can be created there: mkdir finds it taken
-            raise FerError(f"{what} {_printable(folder)}: {_printable(existing)} is a link to "
-                           f"{_printable(os.readlink(existing))}, which does not exist (a disk "
-                           "not mounted?)")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FerError(f"{what} {folder}: {existing} is not writable by this user")
-    return folder
 
 
 def _store_settings(*, storage: str | None, endpoint_url: str | None,
@@ -174,7 +157,7 @@ def fetch_data(
         sha256 = _checked_sha256(sha256)
     _check_endpoint_used(endpoint_url, source=source, reaches="an s3:// --source")
     settings = _settings(endpoint_url=endpoint_url)
-    _writable(settings.data_dir, "FER_DATA_DIR")
+    check_writable(settings.data_dir, "FER_DATA_DIR")
     with _download_progress() as progress:
         fetched = fetch(source, data_dir=settings.data_dir, sha256=sha256,
                         endpoint_url=settings.endpoint_url, progress=progress)
@@ -348,7 +331,7 @@ def train(
         return
     settings = (_store_settings(storage=storage, endpoint_url=endpoint_url, data=data)
                 if publish else _settings(storage=storage, endpoint_url=endpoint_url))
-    _writable(resume or out, "--resume" if resume else "--out")
+    check_writable(resume or out, "--resume" if resume else "--out")
     if publish:
         from fer.runs import check_can_publish
 
@@ -358,7 +341,7 @@ def train(
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return
-    _writable(settings.data_dir, "FER_DATA_DIR")
+    check_writable(settings.data_dir, "FER_DATA_DIR")
     _tensorflow_for_training()  # before fer.train imports it (a resume has no config checked)
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags
@@ -572,8 +555,8 @@ def retrain(
     out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one
     _checked_config(options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
                     precision=precision, out=out)
-    _writable(Settings.from_env().data_dir, "FER_DATA_DIR")
-    _writable(out, "--out")
+    check_writable(Settings.from_env().data_dir, "FER_DATA_DIR")
+    check_writable(out, "--out")
     remote = _import_flows("flows.remote")  # a typo above costs no server round trip
     if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
         remote.require_api()
@@ -698,8 +681,8 @@ def evaluate(
     check_precision(precision)  # before any download
     _check_endpoint_used(endpoint_url, source=data, reaches="an s3:// --data")
     settings = _settings(endpoint_url=endpoint_url)
-    _writable(settings.data_dir, "FER_DATA_DIR")
-    out = _writable(expand_home(out, what="--out") if out else model.parent / "evaluation",
+    check_writable(settings.data_dir, "FER_DATA_DIR")
+    out = check_writable(expand_home(out, what="--out") if out else model.parent / "evaluation",
                     "--out")
     if (out / "manifest.json").exists():  # its reports and metrics are the run's record
         raise FerError(f"--out {out}: is a run folder, whose reports `fer publish` uploads "
@@ -962,8 +945,8 @@ def main() -> None:
     terminated = _stop_on_sigterm()
     try:
         app()
-    except FerError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except FerError as exc:  # a file name in it may hold bytes that are not UTF-8
+        typer.echo(f"error: {_printable(str(exc))}", err=True)
         sys.exit(EXIT_RUN_STILL_GOING if isinstance(exc, RunStillGoing) else 1)
     except FileWriteError as exc:  # a full disk under `fer evaluate --out`, say
         typer.echo(f"error: cannot write {exc.filename}: {exc.strerror}", err=True)

@@ -31,7 +31,7 @@ from prefect.utilities.templating import find_placeholders
 from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig, check_store_named
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.fetch import check_not_empty
-from fer.options import check_config, endpoint_left_unused, parameter_name
+from fer.options import check_config, check_writable, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
 
@@ -300,6 +300,8 @@ def retrain(
         raise FerError(f"endpoint_url: {unused}")
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
+    check_writable(config.out_dir, parameter_name("out_dir"))  # before any download, not
+    check_writable(settings.data_dir, "FER_DATA_DIR")  # after it and the decoding
 
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket,

@@ -639,6 +639,17 @@ def test_an_out_folder_that_links_to_nothing_is_named(tmp_path, data_dir, comman
                                   r"not exist \(a disk not mounted\?\)")
 
 
+def test_an_error_naming_a_file_whose_name_is_not_utf8_prints_it_escaped(tmp_path):
+    """A Latin-1 `café` in an error's path is printed as `caf\\xe9`, as fer's other output
+    prints such names (the error line printed `caf\\udce9`)."""
+    import os
+
+    latin1 = os.fsdecode(b"caf\xe9")
+    (tmp_path / latin1).write_text("a file, not a folder")
+    result = run_fer("train", "--out", f"{latin1}/runs", "--data", "missing.csv", cwd=tmp_path)
+    assert_one_line_error(result, r"--out caf\\xe9/runs: caf\\xe9 is a file, not a folder")
+
+
 def test_train_publish_to_a_store_it_cannot_write_fails_before_training(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     result = run_fer("train", "--epochs", "1", "--data", tmp_path / "no-data.zip", "--publish",

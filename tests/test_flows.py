@@ -192,6 +192,22 @@ def test_an_endpoint_parameter_beside_a_folder_store_is_refused(tmp_path, monkey
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
+def test_an_out_dir_the_run_cannot_write_is_refused_before_any_download(tmp_path, monkeypatch):
+    """`fer train --remote --out experiments` on a worker that may not write there failed
+    when the run folder was made, after the download, decoding and hashing of the data."""
+    from flows.retrain import retrain
+
+    (tmp_path / "taken").write_text("")
+    monkeypatch.setenv("FER_STORAGE", str(tmp_path / "store"))
+    monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(FerError, match=r"^out_dir: .*taken/runs: .*taken is a file, not a folder"):
+        retrain.fn(out_dir=str(tmp_path / "taken" / "runs"), data="https://127.0.0.1:9/f.zip")
+    monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "taken" / "data"))
+    with pytest.raises(FerError, match=r"^FER_DATA_DIR .*taken/data: .*taken is a file"):
+        retrain.fn(out_dir=str(tmp_path / "runs"), data="https://127.0.0.1:9/f.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 def test_a_parameter_yaml_reads_as_a_date_is_named_not_a_traceback():
     """YAML reads an unquoted `data: 2025-01-06` as a date, which Prefect's placeholder
     search raised ValueError on (a traceback from `fer deploy`); it is a type error named."""
