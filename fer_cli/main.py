@@ -326,7 +326,8 @@ def train(
         _train_remotely(_remote_parameters(
             options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
             precision=precision, data=data,
-            storage=storage, out=out, create_bucket=create_bucket,
+            storage=storage, out=out if _given(ctx, "out") else None,
+            create_bucket=create_bucket,
             force_champion=force_champion), wait=wait)
         return
     settings = (_store_settings(storage=storage, endpoint_url=endpoint_url, data=data)
@@ -444,14 +445,14 @@ REMOTE_TRAINING_DEFAULTS = {"tta": TrainConfig.tta, "ensemble": TrainConfig.ense
                             "learning_rate": None}
 
 
-def _remote_parameters(options: dict, *, out: Path, create_bucket: bool, force_champion: bool,
-                       **given) -> dict:
+def _remote_parameters(options: dict, *, out: Path | None, create_bucket: bool,
+                       force_champion: bool, **given) -> dict:
     """The retrain deployment's parameters for what the user asked: every training option
     (the profile's, the given values, and REMOTE_TRAINING_DEFAULTS), so that the run trains
     what `fer train` would here; other options left unset are left out, so the deployment's
-    own values apply (its data, storage and out_dir)."""
+    own values apply (its data, storage and out_dir; ``out`` None: --out not given)."""
     parameters = {**given,
-                  "out_dir": str(out) if out != DEFAULT_OUT else None,
+                  "out_dir": str(out) if out is not None else None,
                   "create_bucket": create_bucket or None,
                   "force_champion": force_champion or None}
     return {**REMOTE_TRAINING_DEFAULTS, **options,

@@ -172,6 +172,13 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
                     "ensemble": 1, "learning_rate": None, "seed": 1337, "split_seed": 1337,
                     "val_fraction": 0.1, "precision": "auto"}
 
+    # --out given as the default's value is given: it had been left out, and a deployment's
+    # own out_dir (`/data/runs` in its YAML) used instead
+    sent.clear()
+    result = CliRunner().invoke(app, ["train", "--remote", "--out", "runs"])
+    assert result.exit_code == 0, result.output
+    assert sent["out_dir"] == "runs"
+
 
 def test_remote_only_options_are_usage_errors():
     """--wait follows a remote run; --endpoint-url cannot reach a remote worker; a remote
