@@ -26,6 +26,7 @@ import math
 import os
 import shlex
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,6 @@ def training_lock(run_dir: Path):
     (`fer train --resume` in another terminal, a Prefect retry of a run still training)
     would overwrite its epochs' files and delete the other's, so it is refused, naming the
     holder. The kernel releases the lock when the holder exits, however it exits."""
-    import fcntl
     import socket
 
     path = Path(run_dir) / FOLDER / LOCK
@@ -231,7 +231,7 @@ def training_lock(run_dir: Path):
     except OSError as exc:  # a read-only or full filesystem, say
         raise FerError(f"{path}: cannot open it to resume the run ({exc.strerror})") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_unless_held(handle)
         if not (path.parent / RUN_RECORD).exists():  # finished between our open and lock:
             handle.close()  # the lock is on a removed file, and training would start anew
             raise gone
@@ -259,6 +259,21 @@ def training_lock(run_dir: Path):
         yield
     finally:
         handle.close()
+
+
+def _lock_unless_held(handle) -> None:
+    """An exclusive flock on ``handle``, or BlockingIOError where a process holds the run.
+    A few tries over a tenth of a second: `fer publish` asking who trains the run
+    (trainer_of) holds a shared lock for a moment, which is no training."""
+    import fcntl
+
+    for _ in range(4):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.03)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def trainer_of(run_dir: Path) -> str | None:

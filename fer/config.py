@@ -116,3 +116,20 @@ class TrainConfig:
     tta: bool = False  # save a model that averages each image with its mirror (2x inference)
     ensemble: int = 1  # members trained from seeds seed, seed+1, ...; the saved model averages them
     out_dir: Path = Path("runs")
+
+
+def check_writable(folder: Path, what: str) -> Path:
+    """``folder`` (a run or data folder), checked to be a folder this user can write or
+    create (nothing is created here): a one-line error naming ``what`` set it, before any
+    download, decoding or training rather than after."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # nothing can be created there: mkdir finds it taken
+            raise FerError(f"{what} {folder}: {existing} is a link to "
+                           f"{os.readlink(existing)}, which does not exist (a disk not mounted?)")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FerError(f"{what} {folder}: {existing} is not writable by this user")
+    return folder

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION, VAL_FRACTION_RANGE
+from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
@@ -856,9 +856,10 @@ def _on_white(gray: np.ndarray, with_alpha: np.ndarray | None) -> np.ndarray:
 
 
 def check_val_fraction(val_fraction: float, *, what: str = "--val-fraction") -> None:
-    low, high = VAL_FRACTION_RANGE
-    if not low <= val_fraction <= high:
-        raise DataError(f"{what} {val_fraction}: expected a fraction from {low} to {high}")
+    """A fraction a split can be carved at. A new run takes VAL_FRACTION_RANGE only
+    (fer.options.check_config); a run begun before that range resumes at its own."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"{what} {val_fraction}: expected a fraction between 0 and 1")
 
 
 def to_model_input(gray: np.ndarray) -> np.ndarray:

@@ -133,12 +133,18 @@ def evaluate_split(model, split: Split, *, out_dir: Path, batch_size: int = 256,
     return metrics
 
 
+STAGING_PREFIX = ".report-"
+
+
 @contextlib.contextmanager
 def _staged(out_dir: Path) -> Iterator[Path]:
     """A folder inside ``out_dir`` to write a report's files in, moved into ``out_dir`` when
-    all are written (metrics.json last): a write that fails (a full disk) or a stop leaves
-    the previous report whole, not its metrics beside half of the new files."""
-    staging = out_dir / f".report-{os.getpid()}-{secrets.token_hex(4)}"
+    all are written (metrics.json last): a write that fails (a full disk) or a stop while
+    writing leaves the previous report whole, not its metrics beside half of the new files
+    (only a stop between the four renames that follow can still mix them). One left by a
+    killed process is removed by the next report written there."""
+    _remove_abandoned_staging(out_dir)
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         with writing(staging):
             staging.mkdir()
@@ -149,6 +155,21 @@ def _staged(out_dir: Path) -> Iterator[Path]:
                 os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned_staging(out_dir: Path) -> None:
+    """Remove the staging folders of processes that no longer run (killed mid-report);
+    another process's report in progress keeps its own."""
+    for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # another user's process: running
+            pass
 
 
 def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int | None:

@@ -7,11 +7,9 @@ loading TensorFlow) refuse the same impossible values in the same words.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
-from fer.config import MAX_BATCH_SIZE, TrainConfig
+from fer.config import MAX_BATCH_SIZE, VAL_FRACTION_RANGE, TrainConfig
 from fer.data import check_val_fraction
 from fer.errors import FerError
 from fer.precision import check_precision
@@ -38,9 +36,11 @@ def parameter_name(field: str) -> str:
     return f"{field}:"
 
 
-def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag) -> None:
+def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag,
+                 new_run: bool = True) -> None:
     """Refuse impossible options (numbers, model or precision names) before any data is read.
-    ``spell`` names a field in the messages: the CLI's flags, or the flow's parameters."""
+    ``spell`` names a field in the messages: the CLI's flags, or the flow's parameters.
+    A resumed run (``new_run`` False) keeps the validation fraction it began with."""
     if config.epochs < 1:
         raise FerError(f"{spell('epochs')} {config.epochs}: expected at least 1")
     if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
@@ -57,6 +57,10 @@ def check_config(config: TrainConfig, *, spell: Callable[[str], str] = cli_flag)
     if not 0 <= config.split_seed <= MAX_SEED:
         raise FerError(f"{spell('split_seed')} {config.split_seed}: expected a seed from 0 to "
                        f"{MAX_SEED} (NumPy's range)")
+    low, high = VAL_FRACTION_RANGE
+    if new_run and not low <= config.val_fraction <= high:
+        raise FerError(f"{spell('val_fraction')} {config.val_fraction}: expected a fraction "
+                       f"from {low} to {high}")
     check_val_fraction(config.val_fraction, what=spell("val_fraction"))
     if config.learning_rate is not None and not 0 < config.learning_rate < math.inf:
         raise FerError(f"{spell('learning_rate')} {config.learning_rate}: expected a finite "
@@ -79,19 +83,3 @@ def endpoint_left_unused(endpoint_url: str | None, *, storage: str, data: str | 
         return None
     return f"the store, {storage}, is a folder; the endpoint is used only for an s3:// store or data"
 
-
-def check_writable(folder: Path, what: str) -> Path:
-    """``folder``, checked to be a folder this user can write or create (nothing is created
-    here): a one-line error naming ``what`` set it, before any download, decoding or
-    training rather than after."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # nothing can be created there: mkdir finds it taken
-            raise FerError(f"{what} {folder}: {existing} is a link to "
-                           f"{os.readlink(existing)}, which does not exist (a disk not mounted?)")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FerError(f"{what} {folder}: {existing} is not writable by this user")
-    return folder

@@ -65,15 +65,16 @@ class PublishResult:
                              because=self.not_champion_because)
 
 
-def champion_note(*, became: bool, now: bool, because: str | None = None) -> str:
+def champion_note(*, became: bool, now: bool, because: str | None = None,
+                  override: str = "--force-champion") -> str:
     """What a publishing message adds about the champion: with ``because``, why this run
     is not it (a user whose better run stayed behind on other data or another split had
-    no word of it, nor of --force-champion)."""
+    no word of it, nor of ``override``, the option or a flow's parameter)."""
     if became:
         return " (new champion)"
     if now:
         return " (the champion already)"
-    return f" (not champion: {because}; --force-champion makes it the champion)" if because else ""
+    return f" (not champion: {because}; {override} makes it the champion)" if because else ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,12 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     figure compares.
     """
     run = _read_run_folder(Path(run_dir))
-    published = _load_manifest(store, run.run_id)
+    try:
+        published = _load_manifest(store, run.run_id)
+    except NotFerObjectError as exc:  # not overwritten: it may be someone's run folder
+        raise NotFerObjectError(
+            f"{exc}; if it is this run's published manifest, damaged (a cut-short copy of "
+            "the store), delete that one object and publish the run again") from None
     if published is not None and run.manifest.get("artifacts") is None:  # an older fer's run:
         run = _read_run_folder(Path(run_dir), published=published.get("files"))  # as published
     remote = {**run.manifest, "files": run.files, "metrics": run.metrics}
@@ -326,6 +332,8 @@ def _why_not_beaten(record: dict[str, Any], champion: dict[str, Any]) -> str | N
     for key, what in (("data_sha256", "data"), ("validation", "validation split")):
         if record[key] is None:
             return f"its {what} is not recorded"
+        if champion.get(key) is None:
+            return f"the champion {theirs_id} records no {what} to compare with"
         if record[key] != champion.get(key):
             return f"trained on another {what} than the champion {theirs_id}"
     ours, theirs = record["val_accuracy"], champion.get("val_accuracy")
@@ -338,7 +346,8 @@ def _why_not_beaten(record: dict[str, Any], champion: dict[str, Any]) -> str | N
                 f"{theirs:.4f}")
     if _age(record) > _age(champion):
         return None
-    return f"validation accuracy {ours:.4f}, as the newer champion {theirs_id}'s"
+    return (f"validation accuracy {ours:.4f}, tied with the champion {theirs_id}, which is "
+            "the later run")
 
 
 def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:

@@ -519,15 +519,16 @@ def _s3_client(endpoint_url: str | None, *, max_attempts: int, connect_timeout: 
     except _CREDENTIAL_SOURCE_ERRORS as exc:  # a profile's source runs when the client is made
         raise StorageError(_userinfo_dropped(_credential_source_failed(
             exc, f"for {endpoint_url or 'S3'}"))) from exc
-    except (bce.BotoCoreError, ValueError) as exc:  # "Invalid endpoint: <the URL as given>"
-        raise StorageError(_userinfo_dropped(
-            f"cannot set up the S3 client: {_one_line(str(exc))}")) from exc
+    except (bce.BotoCoreError, ValueError) as exc:  # "Invalid endpoint: <the URL as given>":
+        raise StorageError(_userinfo_dropped(  # not chained, or a flow run's logged
+            f"cannot set up the S3 client: {_one_line(str(exc))}")) from None  # traceback has it
 
 
 def _userinfo_dropped(message: str) -> str:
-    """``message`` without the ``user:password@`` of any URL in it: an endpoint given with
-    its credentials is printed without them, as everywhere else."""
-    return re.sub(r"(://)[^/@\s]*@", r"\1", message)
+    """``message`` without the ``user:password@`` of any URL in it (up to the last ``@``
+    before the host: a password may hold one): an endpoint given with its credentials is
+    printed without them, as everywhere else."""
+    return re.sub(r"(://)[^/\s]*@", r"\1", message)
 
 
 def _transfer_config():

@@ -162,7 +162,7 @@ def _fitting(dataset: Dataset, config: TrainConfig, *, resume: RunRecord | None,
     resumed), why its precision, and its model, held under the run's training lock."""
     if resume is not None and config != resume.config:
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
-    _check_config(config, dataset)
+    _check_config(config, dataset, new_run=resume is None)
     spec = get_spec(config.model)
     if resume is None:
         run, why = _new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
@@ -522,8 +522,8 @@ def _training_metrics(members: list[Member], config: TrainConfig, dataset: Datas
     return metrics
 
 
-def _check_config(config: TrainConfig, dataset: Dataset) -> None:
-    check_config(config)
+def _check_config(config: TrainConfig, dataset: Dataset, *, new_run: bool) -> None:
+    check_config(config, new_run=new_run)
     if dataset.train is None or dataset.validation is None:
         raise FerError(f"{dataset.source}: has no train split; it can be evaluated, not trained on")
     if not len(dataset.train) or not len(dataset.validation):  # a handful of images per class

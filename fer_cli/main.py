@@ -28,9 +28,9 @@ from fer.config import (
     Settings,
     TrainConfig,
     check_store_named,
+    check_writable,
 )
 from fer.errors import FerError, FileWriteError, RunStillGoing, expand_home
-from fer.options import check_writable
 from fer.profiles import PROFILES
 
 app = typer.Typer(help="Facial-emotion recognition: train, evaluate, predict, publish.",

@@ -28,12 +28,18 @@ from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 from prefect.utilities.templating import find_placeholders
 
-from fer.config import DEFAULT_SOURCE_URL, Settings, TrainConfig, check_store_named
+from fer.config import (
+    DEFAULT_SOURCE_URL,
+    Settings,
+    TrainConfig,
+    check_store_named,
+    check_writable,
+)
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.fetch import check_not_empty
-from fer.options import check_config, check_writable, endpoint_left_unused, parameter_name
+from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
-from fer.runs import REPORT, PublishResult
+from fer.runs import REPORT, PublishResult, champion_note
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
@@ -319,7 +325,10 @@ def retrain(
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
-    print(f"published run {published.run_id} to {published.location}{published.champion_note}")
+    note = champion_note(became=published.became_champion, now=published.is_champion,
+                         because=published.not_champion_because,
+                         override="the force_champion parameter")
+    print(f"published run {published.run_id} to {published.location}{note}")
     return {
         "run_id": published.run_id,
         "became_champion": published.became_champion,
@@ -354,7 +363,9 @@ def check_parameters(parameters: dict) -> None:
     if values.get("data") is not None:
         check_not_empty(values["data"])
     check_store_named(storage=values.get("storage"), endpoint_url=values.get("endpoint_url"))
-    if values.get("storage") is not None:  # else the worker's FER_STORAGE, unknown here
+    templated = set(parameters) - set(values)  # filled in when the run fires
+    if values.get("storage") is not None and not templated & {"data", "endpoint_url"}:
+        # (else the worker's FER_STORAGE, or a data template, decides: the run checks it)
         unused = endpoint_left_unused(values.get("endpoint_url"), storage=values["storage"],
                                       data=values.get("data"))
         if unused:

@@ -569,6 +569,23 @@ def test_publishing_a_run_another_process_trains_says_it_is_training(tmp_path, t
         publish_run(run_dir, store)
 
 
+def test_a_glance_at_who_trains_a_run_does_not_refuse_its_resume(tmp_path, tiny_dataset,
+                                                                   monkeypatch):
+    """`fer publish` asks who trains a run by taking a shared lock for a moment; a resume
+    starting in that moment was refused as "being trained by" the last holder named in
+    the lock file (perhaps long gone). It waits out such a glance."""
+    import fcntl
+    import threading
+
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=1))
+    glance = open(run_dir / FOLDER / "training.lock")  # noqa: SIM115 - closed by the timer
+    fcntl.flock(glance, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.04, glance.close).start()
+    with training_lock(run_dir):
+        pass
+
+
 def test_a_run_another_process_trains_is_not_scored_beside_it(tmp_path, tiny_dataset):
     """Scoring rewrites the run's reports and removes its checkpoint: it waits for no one,
     but refuses while another process holds the run (fitting it after a resume)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -173,6 +174,14 @@ def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path,
     with pytest.raises(OSError, match="No space left"):
         evaluate_split(get_spec("default").build(), other, out_dir=tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+    # a killed process's staging folder goes with the next report; a running one's stays
+    monkeypatch.undo()
+    (tmp_path / ".report-999999999-dead").mkdir()
+    (tmp_path / f".report-{os.getppid()}-live").mkdir()
+    evaluate_split(get_spec("default").build(), other, out_dir=tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f".report-{os.getppid()}-live", *sorted(before)]
 
 
 def _noise_tree(root, *, seed: int, per_class: int = 2):

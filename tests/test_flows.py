@@ -185,6 +185,8 @@ def test_an_endpoint_parameter_beside_a_folder_store_is_refused(tmp_path, monkey
     check_parameters({"storage": "./artifacts", "endpoint_url": "http://minio:9000",
                       "data": "s3://datasets/fer2013.zip"})
     check_parameters({"endpoint_url": "http://minio:9000"})
+    check_parameters({"storage": "./artifacts", "endpoint_url": "http://minio:9000",
+                      "data": "{{ $FER_DATA }}"})  # an s3:// key, perhaps, when the run fires
     monkeypatch.setenv("FER_STORAGE", str(tmp_path / "store"))
     monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "data"))
     with pytest.raises(FerError, match=problem):

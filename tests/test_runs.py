@@ -158,6 +158,16 @@ def test_champion_compares_only_runs_on_the_same_data(store, runs):
     assert pointers(store) == ("small-validation", "full")
 
 
+def test_a_champion_that_records_no_data_is_named_as_such(store, runs):
+    """A champion whose manifest records no data sha256 (hand-made, or older) is kept, and
+    the note says it cannot be compared, not that the new run's data is another."""
+    publish_run(make_run(runs, "r1", accuracy=0.50, minute=1, data_sha256=None), store)
+    result = publish_run(make_run(runs, "r2", accuracy=0.60, minute=2), store)
+    assert not result.became_champion
+    assert "(not champion: the champion r1 records no data to compare with;" in (
+        result.champion_note)
+
+
 def test_artifacts_listed_outside_the_run_folder_are_refused(tmp_path, runs):
     folder = make_run(runs, "run-a", accuracy=0.5)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -342,8 +352,8 @@ def test_publishing_an_older_run_again_does_not_take_a_tie_back(store, runs):
     assert publish_run(newer, store).became_champion
     tied = publish_run(older, store)
     assert not tied.became_champion
-    assert "(not champion: validation accuracy 0.6000, as the newer champion r2's;" in (
-        tied.champion_note)
+    assert ("(not champion: validation accuracy 0.6000, tied with the champion r2, which is "
+            "the later run;") in tied.champion_note
     assert pointers(store) == ("r2", "r2")
     again = publish_run(newer, store)
     assert not again.became_champion and again.champion_note == " (the champion already)"
@@ -677,6 +687,12 @@ def test_a_manifest_that_is_not_json_hides_only_its_own_run(store, runs, caplog)
     store.put_bytes("runs/broken/manifest.json", b"{not json")
     assert [r.run_id for r in list_runs(store)] == ["good"]
     assert "broken/manifest.json is not a JSON object" in caplog.text
+    # publishing that run again is refused (it may be someone's file), saying how to repair
+    # a damaged copy of its own manifest (it had only said "not written by fer")
+    with pytest.raises(StorageError, match=r"broken/manifest\.json is not a JSON object; .*; "
+                                           r"if it is this run's published manifest, damaged .*"
+                                           r"delete that one object and publish the run again"):
+        publish_run(make_run(runs, "broken", accuracy=0.5), store)
 
 
 @pytest.mark.parametrize("damage", [

@@ -211,6 +211,11 @@ def test_a_validation_fraction_outside_the_clis_range_is_refused_before_training
         check_config(config, spell=parameter_name)
     for bound in (0.01, 0.9):  # the CLI's min and max, which it takes
         check_config(TrainConfig(epochs=1, val_fraction=bound, out_dir=tmp_path))
+    if 0 < val_fraction < 1:  # a flow run begun before the range resumes at its own
+        check_config(config, new_run=False)
+    else:
+        with pytest.raises(FerError, match=r"expected a fraction between 0 and 1"):
+            check_config(config, new_run=False)
 
 
 @pytest.mark.parametrize("batch_size", [0, 8193, 2**63])
