@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -630,11 +630,19 @@ def is_folder_store(url: str) -> bool:
 
 def _folder_named(url: str) -> str | None:
     """The folder a folder store's URL names (a path, or ``file://PATH``), as given; None
-    for a URL of another scheme."""
+    for a URL of another scheme. A file URL as a file manager copies it is read as RFC 8089
+    writes it: ``file://localhost/srv/store`` is /srv/store, ``%20`` a space (they had
+    named ./localhost/srv/store and a folder called my%20store). ``file://runs`` stays the
+    relative folder it has always named."""
     scheme, found, rest = url.partition("://")
     if not found:
         return url
-    return rest if scheme.lower() == "file" else None
+    if scheme.lower() != "file":
+        return None
+    host, slash, path = rest.partition("/")
+    if host.lower() == "localhost" and slash:
+        rest = "/" + path
+    return unquote(rest)
 
 
 # Two or more letters then a colon: a scheme. One letter is a Windows drive (C:).

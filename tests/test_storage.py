@@ -42,6 +42,19 @@ def test_open_store_picks_backend_from_url(tmp_path):
     assert [s.run_id for s in list_runs(by_url)] == ["run-a"]
 
 
+def test_a_file_url_as_a_file_manager_copies_it_names_its_folder(tmp_path, monkeypatch):
+    """`file://localhost/PATH` and `%20` for a space (RFC 8089, as file managers copy a
+    folder's location) had named ./localhost/PATH and a folder called `my%20store`, and
+    publishing there went ahead without a word."""
+    folder = make_run(tmp_path / "runs", "run-a", accuracy=0.5)
+    publish_run(folder, open_store(str(tmp_path / "my store")))
+    monkeypatch.chdir(tmp_path)
+    for url in (f"file://localhost{tmp_path}/my%20store", f"file://{tmp_path}/my%20store",
+                "file://my%20store", "FILE://LOCALHOST" + str(tmp_path / "my store")):
+        assert [s.run_id for s in list_runs(open_store(url))] == ["run-a"], url
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my store", "runs"]
+
+
 def test_both_backends_have_every_method_the_interface_declares():
     """Publishing and reports are written against Store alone: a method it declares that a
     backend lacks fails only when that backend is in use (in a user's run, not here)."""
