@@ -263,16 +263,16 @@ def training_lock(run_dir: Path):
 
 def _lock_unless_held(handle) -> None:
     """An exclusive flock on ``handle``, or BlockingIOError where a process holds the run.
-    A few tries over a tenth of a second: `fer publish` asking who trains the run
-    (trainer_of) holds a shared lock for a moment, which is no training."""
+    Tries for half a second: `fer publish` asking who trains the run (trainer_of) holds a
+    shared lock for a moment, which is no training."""
     import fcntl
 
-    for _ in range(4):
+    for _ in range(10):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            time.sleep(0.03)
+            time.sleep(0.05)
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 

@@ -144,7 +144,7 @@ def _staged(out_dir: Path) -> Iterator[Path]:
     (only a stop between the four renames that follow can still mix them). One left by a
     killed process is removed by the next report written there."""
     _remove_abandoned_staging(out_dir)
-    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{_host()}"
     try:
         with writing(staging):
             staging.mkdir()
@@ -157,12 +157,20 @@ def _staged(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _remove_abandoned_staging(out_dir: Path) -> None:
-    """Remove the staging folders of processes that no longer run (killed mid-report);
-    another process's report in progress keeps its own."""
+    """Remove the staging folders of this machine's processes that no longer run (killed
+    mid-report); another process's report in progress keeps its own, and so does every
+    other machine's (a shared disk, a container: its process ids are not this one's)."""
     for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
-        pid = folder.name[len(STAGING_PREFIX):].partition("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        pid, _, rest = folder.name[len(STAGING_PREFIX):].partition("-")
+        if (not pid.isdigit() or int(pid) == os.getpid()
+                or rest.partition("-")[2] != _host()):
             continue
         try:
             os.kill(int(pid), 0)

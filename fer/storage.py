@@ -25,6 +25,7 @@ from botocore import exceptions as bce
 from botocore.config import Config
 
 from fer.errors import (
+    FerError,
     MissingObjectError,
     StorageError,
     expand_home,
@@ -528,7 +529,7 @@ def _userinfo_dropped(message: str) -> str:
     """``message`` without the ``user:password@`` of any URL in it (up to the last ``@``
     before the host: a password may hold one): an endpoint given with its credentials is
     printed without them, as everywhere else."""
-    return re.sub(r"(://)[^/\s]*@", r"\1", message)
+    return re.sub(r"(://)\S*@", r"\1", message)  # a secret may hold `/` too
 
 
 def _transfer_config():
@@ -570,7 +571,7 @@ def _connection_reason(exc: BaseException) -> str:
 
 
 def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
+    parts = urlsplit(_userinfo_dropped(url))  # urlsplit ends userinfo at a `/` in a secret
     host = parts.hostname or ""
     try:
         port = parts.port
@@ -642,7 +643,23 @@ def _folder_named(url: str) -> str | None:
     host, slash, path = rest.partition("/")
     if host.lower() == "localhost" and slash:
         rest = "/" + path
-    return unquote(rest)
+    try:
+        decoded = unquote(rest, errors="strict")
+    except UnicodeDecodeError:
+        raise StorageError(f"storage URL {url!r}: its %-escapes are not UTF-8") from None
+    if decoded != rest and not _exists(decoded) and _exists(rest):
+        # a store made before fer decoded %-escapes: the folder it made is the store
+        log.warning("storage URL %r: reading the existing folder %s, named with %%-escapes "
+                    "as they are (write %%25 for a %% in a name)", url, rest)
+        return rest
+    return decoded
+
+
+def _exists(folder: str) -> bool:
+    try:
+        return expand_home(folder, what="storage folder").exists()
+    except FerError:  # a ~user that is no user: open_store names it
+        return False
 
 
 # Two or more letters then a colon: a scheme. One letter is a Windows drive (C:).

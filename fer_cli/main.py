@@ -491,12 +491,13 @@ def _checked_config(options: dict, *, seed: int, split_seed: int, val_fraction: 
     return config
 
 
-def _check_training(config: TrainConfig) -> None:
+def _check_training(config: TrainConfig, *, new_run: bool = True) -> None:
     """fer.options' checks, which load no TensorFlow: a --remote run trains nothing here
-    (a local one loads it, oneDNN asked for first, before fer.train)."""
+    (a local one loads it, oneDNN asked for first, before fer.train). A resumed run keeps
+    the validation fraction it began with (``new_run`` False)."""
     from fer.options import check_config
 
-    check_config(config)
+    check_config(config, new_run=new_run)
 
 
 def _train_remotely(parameters: dict, *, wait: bool) -> None:
@@ -639,7 +640,7 @@ def _resume_locally(run_dir: Path, *, data: str | None, settings: Settings,
     from fer.checkpoint import read_run
 
     run = read_run(run_dir)
-    _check_training(run.config)
+    _check_training(run.config, new_run=False)
     if data is not None:
         source = _resolved_data(data, settings).path
         # a later stop's resume command reads the same copy (fetched: fer's, not the URL)

@@ -297,7 +297,9 @@ def retrain(
     """
     config = _train_config(locals())  # first: locals() are the flow's parameters alone
     config = dataclasses.replace(config, out_dir=_on_this_machine(config.out_dir))
-    check_config(config, spell=parameter_name)  # a deployment's typo fails before any download
+    # a deployment's typo fails before any download; a retry resumes the run its first
+    # attempt began, with that attempt's validation fraction (a fer before its range took it)
+    check_config(config, spell=parameter_name, new_run=this_flow_run.run_count <= 1)
     prefer_onednn()  # before TensorFlow loads in this process (fer.train loads Keras)
     from fer.train import publish_flags
     settings = Settings.from_env().with_options(storage=storage, endpoint_url=endpoint_url)

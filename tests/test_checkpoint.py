@@ -581,7 +581,7 @@ def test_a_glance_at_who_trains_a_run_does_not_refuse_its_resume(tmp_path, tiny_
     run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=1))
     glance = open(run_dir / FOLDER / "training.lock")  # noqa: SIM115 - closed by the timer
     fcntl.flock(glance, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    threading.Timer(0.04, glance.close).start()
+    threading.Timer(0.02, glance.close).start()
     with training_lock(run_dir):
         pass
 

@@ -508,6 +508,29 @@ def test_a_run_resumed_on_a_copy_names_the_copy_if_it_stops_again(tmp_path, monk
     assert f"`fer train --resume {run_dir} --publish --data '{moved}'`" in caplog.text
 
 
+def test_a_run_begun_with_a_fraction_outside_todays_range_resumes(tmp_path, monkeypatch):
+    """A flow run begun with val_fraction 0.95 (flows took (0, 1) before the range) and
+    stopped: `fer train --resume` had refused it for a fraction the user never gave."""
+    from test_checkpoint import EpochSpy, stopped_run
+
+    import fer.options
+    from fer.checkpoint import is_complete
+    from fer.config import Settings, TrainConfig
+    from fer.data import load_dataset
+    from fer_cli.main import _resume_locally
+
+    monkeypatch.setattr(fer.options, "VAL_FRACTION_RANGE", (0.01, 0.99))  # the older fer's
+    data = write_image_tree(tmp_path / "faces", per_class=20)
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path / "runs", val_fraction=0.95,
+                         precision="float32")
+    dataset = load_dataset(data, val_fraction=0.95, cache_dir=tmp_path / "cache")
+    run_dir = stopped_run(tmp_path / "runs", dataset, config, EpochSpy(monkeypatch, stop_at=2))
+    monkeypatch.setattr(fer.options, "VAL_FRACTION_RANGE", (0.01, 0.9))  # this fer's
+    settings = Settings.from_env({"FER_DATA_DIR": str(tmp_path / "cache")})
+    _resume_locally(run_dir, data=None, settings=settings)
+    assert is_complete(run_dir)
+
+
 @pytest.mark.parametrize("command", [
     ["train", "--data", "{folder}"],
     ["train"],

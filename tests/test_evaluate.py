@@ -177,11 +177,16 @@ def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(tmp_path,
 
     # a killed process's staging folder goes with the next report; a running one's stays
     monkeypatch.undo()
-    (tmp_path / ".report-999999999-dead").mkdir()
-    (tmp_path / f".report-{os.getppid()}-live").mkdir()
+    import socket
+
+    here = socket.gethostname()
+    for name in (f".report-999999999-dead-{here}", f".report-{os.getppid()}-live-{here}",
+                 ".report-999999999-elsewhere-another-host"):
+        (tmp_path / name).mkdir()
     evaluate_split(get_spec("default").build(), other, out_dir=tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        f".report-{os.getppid()}-live", *sorted(before)]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([
+        f".report-{os.getppid()}-live-{here}", ".report-999999999-elsewhere-another-host",
+        *before])
 
 
 def _noise_tree(root, *, seed: int, per_class: int = 2):

@@ -53,6 +53,11 @@ def test_a_file_url_as_a_file_manager_copies_it_names_its_folder(tmp_path, monke
                 "file://my%20store", "FILE://LOCALHOST" + str(tmp_path / "my store")):
         assert [s.run_id for s in list_runs(open_store(url))] == ["run-a"], url
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my store", "runs"]
+    with pytest.raises(StorageError, match=r"its %-escapes are not UTF-8"):
+        open_store("file://caf%E9")
+    # a store an earlier fer made under the escapes as written stays the store
+    publish_run(make_run(tmp_path / "runs", "run-b", accuracy=0.5), open_store("old%20store"))
+    assert [s.run_id for s in list_runs(open_store("file://old%20store"))] == ["run-b"]
 
 
 def test_both_backends_have_every_method_the_interface_declares():
