@@ -267,13 +267,14 @@ def _lock_unless_held(handle) -> None:
     shared lock for a moment, which is no training."""
     import fcntl
 
-    for _ in range(10):
+    for attempt in range(10):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
+            if attempt == 9:
+                raise
             time.sleep(0.05)
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def trainer_of(run_dir: Path) -> str | None:

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -143,8 +144,9 @@ def _staged(out_dir: Path) -> Iterator[Path]:
     writing leaves the previous report whole, not its metrics beside half of the new files
     (only a stop between the four renames that follow can still mix them). One left by a
     killed process is removed by the next report written there."""
-    _remove_abandoned_staging(out_dir)
-    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{_host()}"
+    host = socket.gethostname()
+    _remove_abandoned_staging(out_dir, host=host)
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{host}"
     try:
         with writing(staging):
             staging.mkdir()
@@ -157,20 +159,14 @@ def _staged(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
-def _remove_abandoned_staging(out_dir: Path) -> None:
-    """Remove the staging folders of this machine's processes that no longer run (killed
-    mid-report); another process's report in progress keeps its own, and so does every
-    other machine's (a shared disk, a container: its process ids are not this one's)."""
+def _remove_abandoned_staging(out_dir: Path, *, host: str) -> None:
+    """Remove the staging folders of ``host``'s (this machine's) processes that no longer
+    run (killed mid-report); another process's report in progress keeps its own, and so
+    does every other machine's (a shared disk, a container: its process ids are not this
+    one's)."""
     for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
         pid, _, rest = folder.name[len(STAGING_PREFIX):].partition("-")
-        if (not pid.isdigit() or int(pid) == os.getpid()
-                or rest.partition("-")[2] != _host()):
+        if not pid.isdigit() or int(pid) == os.getpid() or rest.partition("-")[2] != host:
             continue
         try:
             os.kill(int(pid), 0)

@@ -537,12 +537,12 @@ def load_model(path: Path, *, precision: str = "float32") -> keras.Model:
     return with_precision(model, policy=precision)  # a file saved mixed is computed as asked
 
 
-def computes_mixed(model, policy: str = "mixed") -> bool:
-    """Whether any layer computes in a mixed (16-bit) policy, or in the one whose name
-    starts with ``policy`` ("mixed_float16": the one whose activations overflow sooner than
-    in float32; bfloat16 has float32's range)."""
-    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith(policy)
-               or computes_mixed(layer, policy)  # an ensemble's members are models in the model
+def computes_mixed(model, prefix: str = "mixed") -> bool:
+    """Whether any layer computes in a policy whose name starts with ``prefix``: any mixed
+    (16-bit) one, or "mixed_float16", whose activations overflow sooner than float32's
+    (bfloat16 has float32's range)."""
+    return any(str(getattr(getattr(layer, "dtype_policy", None), "name", "")).startswith(prefix)
+               or computes_mixed(layer, prefix)  # an ensemble's members are models in the model
                for layer in getattr(model, "layers", []))
 
 
