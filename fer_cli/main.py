@@ -49,6 +49,15 @@ CreateBucketOption = Annotated[bool, typer.Option(
     "--create-bucket", help="create the bucket if it does not exist")]
 ForceChampionOption = Annotated[bool, typer.Option(
     "--force-champion", help="make this run the champion even if it scores lower")]
+# `fer train`'s own two: with --remote, the --no- forms override a deployment that sets them.
+TrainCreateBucketOption = Annotated[bool, typer.Option(
+    "--create-bucket/--no-create-bucket",
+    help="create the bucket if it does not exist (--no-create-bucket: with --remote, not even "
+         "where the deployment sets create_bucket)")]
+TrainForceChampionOption = Annotated[bool, typer.Option(
+    "--force-champion/--no-force-champion",
+    help="make this run the champion even if it scores lower (--no-force-champion: with "
+         "--remote, not even where the deployment sets force_champion)")]
 
 
 def _tensorflow_for_training() -> None:
@@ -284,8 +293,8 @@ def train(
     publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
     storage: StorageOption = None,
     endpoint_url: EndpointOption = None,
-    create_bucket: CreateBucketOption = False,
-    force_champion: ForceChampionOption = False,
+    create_bucket: TrainCreateBucketOption = False,
+    force_champion: TrainForceChampionOption = False,
     remote: Annotated[bool, typer.Option(
         help="run on a Prefect worker: trigger the 'retrain' deployment instead")] = False,
     wait: Annotated[bool, typer.Option(
@@ -327,8 +336,8 @@ def train(
             options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
             precision=precision, data=data,
             storage=storage, out=out if _given(ctx, "out") else None,
-            create_bucket=create_bucket,
-            force_champion=force_champion), wait=wait)
+            create_bucket=create_bucket if _given(ctx, "create_bucket") else None,
+            force_champion=force_champion if _given(ctx, "force_champion") else None), wait=wait)
         return
     settings = (_store_settings(storage=storage, endpoint_url=endpoint_url, data=data)
                 if publish else _settings(storage=storage, endpoint_url=endpoint_url))
@@ -445,16 +454,13 @@ REMOTE_TRAINING_DEFAULTS = {"tta": TrainConfig.tta, "ensemble": TrainConfig.ense
                             "learning_rate": None}
 
 
-def _remote_parameters(options: dict, *, out: Path | None, create_bucket: bool,
-                       force_champion: bool, **given) -> dict:
+def _remote_parameters(options: dict, *, out: Path | None, **given) -> dict:
     """The retrain deployment's parameters for what the user asked: every training option
     (the profile's, the given values, and REMOTE_TRAINING_DEFAULTS), so that the run trains
-    what `fer train` would here; other options left unset are left out, so the deployment's
-    own values apply (its data, storage and out_dir; ``out`` None: --out not given)."""
-    parameters = {**given,
-                  "out_dir": str(out) if out is not None else None,
-                  "create_bucket": create_bucket or None,
-                  "force_champion": force_champion or None}
+    what `fer train` would here; other options left unset (None) are left out, so the
+    deployment's own values apply (its data, storage, out_dir, create_bucket and
+    force_champion; ``out`` None: --out not given)."""
+    parameters = {**given, "out_dir": str(out) if out is not None else None}
     return {**REMOTE_TRAINING_DEFAULTS, **options,
             **{key: value for key, value in parameters.items() if value is not None}}
 

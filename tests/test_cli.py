@@ -179,6 +179,14 @@ def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     assert result.exit_code == 0, result.output
     assert sent["out_dir"] == "runs"
 
+    # a deployment's `force_champion: true` or `create_bucket: true` can be turned off for
+    # one run (they could only be turned on: false was never sent)
+    sent.clear()
+    result = CliRunner().invoke(app, ["train", "--remote", "--no-force-champion",
+                                      "--no-create-bucket"])
+    assert result.exit_code == 0, result.output
+    assert sent["force_champion"] is False and sent["create_bucket"] is False
+
 
 def test_remote_only_options_are_usage_errors():
     """--wait follows a remote run; --endpoint-url cannot reach a remote worker; a remote
