@@ -24,7 +24,6 @@ import re
 import secrets
 import stat
 import tarfile
-import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ import numpy as np
 
 from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
-from fer.errors import DataError
+from fer.errors import DataError, remove_abandoned
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fer.manifest import RUN_ID_PATTERN, read_json, write_json
 
@@ -975,18 +974,6 @@ def _load_cached(cache_dir: Path, digest: str) -> dict[str, Split] | None:
         return None
 
 
-ABANDONED_AFTER_S = 24 * 3600
-
-
-def _remove_abandoned(temporaries: Iterator[Path]) -> None:
-    """Temporary cache files a day old: their writer was killed mid-write (an out-of-memory
-    kill), since a write takes seconds; removed so they do not pile up."""
-    for tmp in temporaries:
-        with contextlib.suppress(OSError):
-            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
-                tmp.unlink()
-
-
 def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None:
     path = _cache_path(cache_dir, digest)
     arrays = {}
@@ -994,7 +981,7 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
     # two writers never share one (containers sharing a volume often share a pid: 1)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
-    _remove_abandoned(path.parent.glob(f"{digest}.v*.tmp.npz"))
+    remove_abandoned(path.parent.glob(f"{digest}.v*.tmp.npz"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, **arrays)

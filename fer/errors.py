@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -93,6 +94,19 @@ def fsync_folder(path: Path) -> None:
     network filesystems refuse to fsync a folder, which must not fail the write."""
     with contextlib.suppress(OSError):
         fsync_path(path)
+
+
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def remove_abandoned(temporaries: Iterable[Path]) -> None:
+    """Temporary files (a decode cache's, a folder store's) a day old: their writer was
+    killed mid-write (an out-of-memory kill, Ctrl-C twice), since a write takes seconds and
+    touches its file as it goes; removed so they do not pile up."""
+    for tmp in temporaries:
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                tmp.unlink()
 
 
 class TrainingDiverged(FerError):

@@ -7,6 +7,7 @@ Errors are one-line StorageErrors that say whether retrying may help, never with
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from fer.errors import (
     fsync_folder,
     fsync_path,
     http_status_passes,
+    remove_abandoned,
 )
 from fer.locks import taking_turns
 
@@ -163,11 +165,13 @@ class LocalStore:
     def _write(self, key: str, fill: Callable[[Path], object]) -> None:
         """Write beside the target, flush it to disk, and rename: readers never see half a
         file, and a power loss never leaves an empty one in its place (a pointer read as
-        empty would stop every later publish)."""
+        empty would stop every later publish). A killed writer's temporary, a day old, is
+        removed by the next write of the same file."""
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with local_errors("write", path):
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_abandoned(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
             try:
                 fill(tmp)
                 fsync_path(tmp)
@@ -216,6 +220,10 @@ def local_errors(verb: str, path: Path, *, folder: str = "the storage folder") -
 
 _MISSING_CODES = {"NoSuchKey", "404"}  # an object that is not there (GET, HEAD)
 _DENIED_CODES = {"403", "AccessDenied"}  # a HEAD's 403 has no body, so no code of its own
+# A HEAD's bare 400 or 301: the bucket is in another region than the request was signed for
+# (AuthorizationHeaderMalformed, PermanentRedirect), or the request is malformed; a listing's
+# answer says which.
+_UNEXPLAINED_HEAD_CODES = {"400", "301"}
 
 
 class S3Store:
@@ -268,7 +276,7 @@ class S3Store:
                 code = _error_code(exc)
                 if code in {"404", "NoSuchBucket"}:
                     return False
-                if code in _DENIED_CODES:
+                if code in _DENIED_CODES or code in _UNEXPLAINED_HEAD_CODES:
                     return self._prefix_listable()
                 raise
         return True
@@ -276,9 +284,9 @@ class S3Store:
     def _prefix_listable(self) -> bool:
         """Whether the bucket exists, asked by listing fer's prefix: HeadBucket needs
         s3:ListBucket on the whole bucket, which a policy scoped to fer's prefix (an
-        s3:prefix condition) refuses though every call fer makes is allowed. A refusal here
-        is the one to report: a listing's error names its cause (a bad key, say), a HEAD's
-        has no body."""
+        s3:prefix condition) refuses though every call fer makes is allowed; asked too after
+        a HEAD's bare 400 or 301. A refusal here is the one to report: a listing's error
+        names its cause (a bad key, the bucket's region), a HEAD's has no body."""
         try:
             self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
         except bce.ClientError as exc:
@@ -443,11 +451,16 @@ class S3Store:
         code = _error_code(exc)
         if code == "NoSuchBucket":
             return self._missing_bucket()
+        message = exc.response.get("Error", {}).get("Message", "")
+        if code == "AuthorizationHeaderMalformed":  # signed for another region than the bucket's
+            region = self._client.meta.region_name
+            return (f"S3 at {self.endpoint} refused {action}: {code} {_one_line(message)}; "
+                    f"the request was signed for region '{region}': set AWS_REGION (or "
+                    "AWS_DEFAULT_REGION) to the bucket's").rstrip()
         if code in _AUTH_CODES:
             return (f"S3 at {self.endpoint} denied access while {action} ({code}); check the "
                     "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and "
                     f"their permissions on bucket '{self.bucket}'")
-        message = exc.response.get("Error", {}).get("Message", "")
         return f"S3 at {self.endpoint} refused {action}: {code} {_one_line(message)}".rstrip()
 
 

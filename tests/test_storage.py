@@ -3,6 +3,7 @@ URL, multipart uploads, and S3 failures as one line in bounded time, without sec
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -101,6 +102,26 @@ def test_a_download_that_cannot_write_locally_raises_the_os_error(store, tmp_pat
     (tmp_path / "a-file").write_text("in the way")
     with pytest.raises(OSError):
         store.download("runs/a/x.txt", tmp_path / "a-file" / "x.txt.part")
+
+
+def test_a_killed_writers_temporary_in_a_folder_store_is_removed_a_day_later(tmp_path):
+    """A publish killed mid-copy leaves `.model.keras.<uuid>.tmp` beside the target; the
+    next write of that file removes it once a day old (they had piled up, a model's size
+    each), and leaves a fresh one alone: another publisher may be writing it."""
+    store = LocalStore(tmp_path / "store")
+    folder = tmp_path / "store" / "runs" / "r"
+    folder.mkdir(parents=True)
+    abandoned, fresh, other = (folder / ".model.keras.aa.tmp", folder / ".model.keras.bb.tmp",
+                               folder / ".metrics.json.cc.tmp")
+    for tmp in (abandoned, fresh, other):
+        tmp.write_bytes(b"half a model")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for tmp in (abandoned, other):
+        os.utime(tmp, (two_days_ago, two_days_ago))
+    store.put_bytes("runs/r/model.keras", b"model")
+    assert (folder / "model.keras").read_bytes() == b"model"
+    assert not abandoned.exists()
+    assert fresh.exists() and other.exists()  # another file's temporaries: its own write's
 
 
 def test_a_conditional_write_lands_only_on_the_version_it_read(store):
@@ -202,6 +223,40 @@ def test_s3_answers_worth_a_retry_are_transient(monkeypatch, code, status, trans
         with pytest.raises(StorageError) as error:
             store.put_bytes("p.json", b"x")
     assert error.value.transient == transient
+
+
+@pytest.mark.parametrize(("head_status", "code", "message", "expected"), [
+    (400, "AuthorizationHeaderMalformed", "The authorization header is malformed; the region "
+     "'us-east-1' is wrong; expecting 'eu-west-1'",
+     r"refused checking bucket '{BUCKET}': AuthorizationHeaderMalformed .*expecting "
+     r"'eu-west-1'; the request was signed for region 'us-east-1': set AWS_REGION"),
+    (301, "PermanentRedirect", "The bucket you are attempting to access must be addressed "
+     "using the specified endpoint.", r"refused checking bucket '{BUCKET}': "
+     r"PermanentRedirect The bucket you are attempting to access must be addressed"),
+])
+def test_a_bucket_check_answered_by_a_bare_status_says_why(monkeypatch, head_status, code,
+                                                            message, expected):
+    """A HEAD's answer has no body: a bucket in another region than the request was signed
+    for (MinIO or AWS with another AWS_REGION) read "refused checking bucket: 400 Bad
+    Request"; a listing of the prefix is asked, whose answer names the cause (replayed
+    through botocore's Stubber: SeaweedFS has no regions)."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    store = S3Store(BUCKET, prefix="p", endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    with Stubber(store._client) as stub:
+        stub.add_client_error("head_bucket", service_error_code=str(head_status),
+                              http_status_code=head_status)
+        stub.add_client_error("list_objects_v2", service_error_code=code, service_message=message,
+                              http_status_code=head_status,
+                              expected_params={"Bucket": BUCKET, "Prefix": "p/", "MaxKeys": 1})
+        with pytest.raises(StorageError, match=expected.format(BUCKET=BUCKET)) as error:
+            store.ensure_bucket()
+        stub.assert_no_pending_responses()
+    assert not error.value.transient
 
 
 @pytest.mark.parametrize(("url", "message"), [
