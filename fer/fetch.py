@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from fer.config import check_writable
 from fer.data import (
     BY_CONTENT,
     CURRENT_POINTER,
@@ -228,6 +229,16 @@ def current_source(data_dir: Path) -> DataSource | None:
                         f"gone; run `fer fetch-data` again, or name a data source ({DATA_OPTION})")
     origin = pointer.get("origin")
     return DataSource(path, origin if isinstance(origin, str) else None)
+
+
+def check_can_fetch(data: str | None, *, data_dir: Path) -> None:
+    """FER_DATA_DIR checked writable where ``data`` will be fetched into it (a remote
+    source, or none while no dataset is current), before any download. A local source is
+    read where it is and the current dataset where fetch-data put it: a data folder
+    provisioned read-only (a container's volume mounted ``:ro`` after ``fer fetch-data``)
+    serves them, only its decode cache going unwritten (a warning)."""
+    if (_is_remote(data) if data is not None else not (data_dir / CURRENT_POINTER).exists()):
+        check_writable(data_dir, "FER_DATA_DIR")
 
 
 def check_not_empty(source: str) -> None:

@@ -351,7 +351,10 @@ def train(
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return
-    check_writable(settings.data_dir, "FER_DATA_DIR")
+    if resume is None or data is not None:  # a resume reads the data it recorded, or --data
+        from fer.fetch import check_can_fetch
+
+        check_can_fetch(data, data_dir=settings.data_dir)
     _tensorflow_for_training()  # before fer.train imports it (a resume has no config checked)
     # A stop logs the resume command; it must publish too, as this command would have.
     from fer.train import publish_flags
@@ -563,7 +566,9 @@ def retrain(
     out = expand_home(out, what="--out")  # the flow runs here: the home folder is this one
     _checked_config(options, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
                     precision=precision, out=out)
-    check_writable(Settings.from_env().data_dir, "FER_DATA_DIR")
+    from fer.fetch import check_can_fetch
+
+    check_can_fetch(data, data_dir=Settings.from_env().data_dir)
     check_writable(out, "--out")
     remote = _import_flows("flows.remote")  # a typo above costs no server round trip
     if remote.PREFECT_API_URL.value():  # that server runs the flow: it must answer first
@@ -689,7 +694,9 @@ def evaluate(
     check_precision(precision)  # before any download
     _check_endpoint_used(endpoint_url, source=data, reaches="an s3:// --data")
     settings = _settings(endpoint_url=endpoint_url)
-    check_writable(settings.data_dir, "FER_DATA_DIR")
+    from fer.fetch import check_can_fetch
+
+    check_can_fetch(data, data_dir=settings.data_dir)
     out = check_writable(expand_home(out, what="--out") if out else model.parent / "evaluation",
                     "--out")
     if (out / "manifest.json").exists():  # its reports and metrics are the run's record

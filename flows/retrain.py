@@ -36,7 +36,7 @@ from fer.config import (
     check_writable,
 )
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
-from fer.fetch import check_not_empty
+from fer.fetch import check_can_fetch, check_not_empty
 from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult, champion_note
@@ -309,7 +309,7 @@ def retrain(
     storage, endpoint_url = settings.storage, settings.endpoint_url
     data_dir = str(settings.data_dir)
     check_writable(config.out_dir, parameter_name("out_dir"))  # before any download, not
-    check_writable(settings.data_dir, "FER_DATA_DIR")  # after it and the decoding
+    check_can_fetch(data, data_dir=settings.data_dir)  # after it and the decoding
 
     with fer_log_in_run_log():
         check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket,

@@ -881,3 +881,39 @@ def test_a_url_with_a_password_is_refused_without_printing_it(tmp_path):
                                         r"password in the URL is not supported") as refused:
         fetch_data("https://user:s3cret@files.example/fer.zip", data_dir=tmp_path / "data")
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("data", "current", "checked"), [
+    (None, True, False),  # the current dataset, read where fetch-data put it
+    ("faces.zip", False, False),  # a local source, read where it is
+    (None, False, True),  # no current dataset: the default source is downloaded
+    ("https://example.org/fer.zip", True, True),  # a remote source is always fetched
+    ("s3://bucket/fer.zip", False, True),
+])
+def test_the_data_folder_must_be_writable_only_where_data_is_fetched_into_it(
+        tmp_path, monkeypatch, data, current, checked):
+    """A data folder provisioned read-only (a container's volume mounted `:ro` after `fer
+    fetch-data`) was refused by `fer train`, `fer evaluate` and the retrain flow before
+    reading its current dataset; it is checked only where a download will write into it.
+    (Tests run as root, whom no permission bit stops: which folders are checked is what is
+    asserted.)"""
+    import fer.fetch
+
+    checked_folders = []
+    monkeypatch.setattr(fer.fetch, "check_writable",
+                        lambda folder, what: checked_folders.append((folder, what)))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    if current:
+        (data_dir / "current.json").write_text("{}")
+    fer.fetch.check_can_fetch(data, data_dir=data_dir)
+    assert checked_folders == ([(data_dir, "FER_DATA_DIR")] if checked else [])
+
+
+def test_a_data_folder_that_cannot_be_fetched_into_is_one_line(tmp_path):
+    """The check itself, unpatched: FER_DATA_DIR under a file, before any download."""
+    from fer.fetch import check_can_fetch
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(FerError, match=r"^FER_DATA_DIR .*taken/data: .*taken is a file"):
+        check_can_fetch("https://127.0.0.1:9/f.zip", data_dir=tmp_path / "taken" / "data")
