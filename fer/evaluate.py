@@ -102,15 +102,15 @@ def evaluate_run(run_dir: Path, test: Split, *, precision: str | None = None) ->
 
 def in_float32_where_it_overflows(score: Callable[[str], T], precision: str, *, what: str,
                                   reported: bool = True) -> T:
-    """``score(precision)``; where the model's scores are not finite in a mixed precision
-    (float16's range ends at 65,504: a GPU's ``auto``), ``score("float32")`` with a warning
+    """``score(precision)``; where the model's scores are not finite in mixed float16
+    (whose range ends at 65,504: a GPU's ``auto``), ``score("float32")`` with a warning
     naming ``what`` was scored (and, with ``reported``, that the report's
     inference_precision says so). A model broken in float32 too fails there, with float32's
     message."""
     try:
         return score(precision)
     except NonFiniteScoresError:
-        if precision == "float32":
+        if precision != "mixed_float16":  # float32, or bf16, which has float32's range
             raise
         log.warning("the model's scores overflow in %s on %s; scoring it in float32%s",
                     precision, what,

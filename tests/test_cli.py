@@ -399,6 +399,30 @@ def test_predict_and_evaluate_score_in_float32_where_float16_overflows(tmp_path)
     assert metrics["test_images_seen_in_training"] is None  # no run beside it: cannot tell
 
 
+def test_a_model_broken_in_bfloat16_is_not_said_to_overflow(tmp_path):
+    """bfloat16 has float32's range: non-finite scores in mixed_bfloat16 (an AVX512_BF16
+    CPU's `auto`) are the model's, not the precision's. `fer predict` and `fer evaluate` had
+    warned "the model's scores overflow in mixed_bfloat16; scoring it in float32", loaded
+    and scored it again, then failed in float32."""
+    from fer.models import get_spec
+
+    model = get_spec("default").build()
+    head = model.layers[-3]  # the logits
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel, bias + np.nan])
+    model.save(tmp_path / "model.keras")
+    data = write_image_tree(tmp_path / "faces", splits=("test",))
+    face = next((data / "test" / "sad").iterdir())
+    predicted = run_fer("predict", face, "--model", tmp_path / "model.keras",
+                        "--precision", "mixed_bfloat16")
+    evaluated = run_fer("evaluate", "--model", tmp_path / "model.keras", "--data", data,
+                        "--precision", "mixed_bfloat16", env={"FER_DATA_DIR": str(tmp_path / "d")})
+    for result in (predicted, evaluated):
+        assert_one_line_error(result, r"non-finite scores .*\(did its training diverge\? see "
+                                      r"its history\.csv\)$")
+        assert "overflow" not in result.stderr
+
+
 def test_predict_classifies_a_file_given_twice_once_however_it_is_spelt(tmp_path):
     """README: a file given twice is classified once, where first given; `a.png` beside
     its absolute path, a `..` spelling or a link to it had been classified each time."""
