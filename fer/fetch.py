@@ -115,9 +115,8 @@ def _fetch(source: str, *, data_dir: Path, sha256: str | None, endpoint_url: str
               else str(expand_home(source, what="data source").resolve()))
     local = obtained
     if obtained.is_file() and suffix_by_content(obtained) == WEB_PAGE:
-        raise DataError(f"{source}: the server sent a web page, not a dataset (a login or "
-                        "download-confirmation page?); use the file's direct download link"
-                        if _is_remote(source) else f"{source}: a web page, not a dataset")
+        raise (_web_page_sent(source) if _is_remote(source)  # kept by a fer before the check
+               else DataError(f"{source}: a web page, not a dataset"))
     if obtained.is_file() and not (obtained.name.lower().endswith(".csv") or is_archive(obtained)):
         local = _named_by_content(obtained, data_dir=data_dir)
     digest = file_sha256(local) if local.is_file() else None
@@ -494,6 +493,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         raise _SourceFailed(StorageError(
             f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the command "
             "again, or use a local copy of the file", transient=True))
+    _refuse_web_page(partial, url)
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target
@@ -506,6 +506,20 @@ class _SourceFailed(Exception):
     def __init__(self, error: FerError):
         super().__init__(str(error))
         self.error = error
+
+
+def _refuse_web_page(partial: Path, source: str) -> None:
+    """A download that is a web page (an expired share's login page, a confirmation page) is
+    removed before it replaces the copy from before: that copy, a dataset, stays for the
+    fallback (with a warning) instead of the page taking its place for good."""
+    if suffix_by_content(partial) == WEB_PAGE:
+        partial.unlink(missing_ok=True)
+        raise _SourceFailed(_web_page_sent(source))
+
+
+def _web_page_sent(source: str) -> DataError:
+    return DataError(f"{redacted(source)}: the server sent a web page, not a dataset (a login "
+                     "or download-confirmation page?); use the file's direct download link")
 
 
 class _DiskError(Exception):
@@ -568,6 +582,7 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     except StorageError as exc:  # cut short, as an http download can be
         partial.unlink(missing_ok=True)
         raise _SourceFailed(exc) from None
+    _refuse_web_page(partial, f"s3://{bucket}/{key}")
     os.replace(partial, target)
     write_json(version_path, {"version": version})
     return target

@@ -410,6 +410,29 @@ def test_a_full_answer_with_the_same_strong_etag_keeps_the_copy(tmp_path, shaded
         assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).sha256 != first.sha256
 
 
+def test_a_web_page_in_place_of_a_dataset_fetched_before_leaves_that_copy(tmp_path,
+                                                                          shaded_csv, caplog):
+    """A share that expires answers with its login page: refused, as before, but the page
+    had already replaced the good copy, so the copy fetched before that a later outage
+    falls back to was the page. The copy stays now, used with a warning."""
+    _IgnoringConditions.body = shaded_csv.read_bytes()
+    data_dir = tmp_path / "d"
+    try:
+        with serving(_IgnoringConditions) as base:
+            url = f"{base}/fer2013.csv"
+            first = fetch_data(url, data_dir=data_dir)
+            _IgnoringConditions.body, _IgnoringConditions.etag = b"<html>Sign in</html>", '"v2"'
+            again = fetch_data(url, data_dir=data_dir)
+    finally:
+        _IgnoringConditions.etag = '"v1"'
+    assert again.sha256 == first.sha256
+    assert "sent a web page, not a dataset" in caplog.text
+    assert "using the copy fetched before" in caplog.text
+    caplog.clear()
+    assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256  # the server is gone now
+    assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
+
+
 def test_a_server_without_validators_is_downloaded_every_time(tmp_path, shaded_csv):
     """A server with neither ETag nor Last-Modified cannot say whether its file changed: a
     scheduled retrain on its URL gets the file as it is now, not its first download."""
