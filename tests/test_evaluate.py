@@ -204,6 +204,66 @@ def _noise_tree(root, *, seed: int, per_class: int = 2):
     return root
 
 
+def _faces(rng, count: int) -> list[np.ndarray]:
+    """Smooth random 48x48 images with a little grain: as JPEG treats faces, not noise."""
+    import cv2
+
+    images = []
+    for _ in range(count):
+        coarse = rng.uniform(0, 255, (6, 6)).astype(np.float32)
+        smooth = cv2.resize(coarse, (48, 48), interpolation=cv2.INTER_CUBIC)
+        images.append(np.clip(smooth + rng.normal(0, 3, smooth.shape), 0, 255).astype(np.uint8))
+    return images
+
+
+def test_a_run_trained_on_the_csv_and_scored_on_the_image_layout_counts_its_images(tmp_path,
+                                                                                  caplog):
+    """FER2013's image layout holds the CSV's pixels through JPEG (quality 95): a run
+    trained on the CSV and scored on the layout's test/, whose faces are its validation and
+    training rows, was reported to have seen none of them (0, without a warning), since no
+    decoded JPEG equals its row byte for byte. Near copies count; other faces do not, nor
+    one whose near copy the run's own test split holds (FER2013 has some faces twice, and
+    the run's own test report scored those without a word)."""
+    import json
+
+    from conftest import csv_row, encode_image, write_csv
+
+    from fer.data import load_dataset
+    from fer.evaluate import seen_in_training
+
+    rng = np.random.default_rng(3)
+    rows, seen = [], []
+    for usage in ("Training", "PublicTest", "PrivateTest"):
+        for label in range(len(CLASS_NAMES)):
+            for image in _faces(rng, 3):
+                rows.append(csv_row(label, image, usage))
+                if usage != "PrivateTest":
+                    seen.append((label, image))
+    twice_label, twice = seen[0]  # in its test split too, a grey level lighter
+    rows.append(csv_row(twice_label, np.minimum(twice.astype(int) + 1, 255).astype(np.uint8),
+                        "PrivateTest"))
+    csv = write_csv(tmp_path / "fer2013.csv", rows)
+    own = load_dataset(csv, cache_dir=tmp_path / "cache")
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"data": {"source": str(csv), "sha256": own.sha256}}))
+    layout = tmp_path / "layout"
+    for n, (label, image) in enumerate(seen[::4]):  # 11 of its training and validation faces, twice the first
+        folder = layout / "test" / CLASS_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"seen-{n}.jpg").write_bytes(encode_image(image, ".jpg"))
+    for n, image in enumerate(_faces(rng, 7)):  # and faces it never saw
+        (layout / "test" / CLASS_NAMES[n]).mkdir(parents=True, exist_ok=True)
+        (layout / "test" / CLASS_NAMES[n] / f"new-{n}.jpg").write_bytes(encode_image(image, ".jpg"))
+    scored = load_dataset(layout, cache_dir=tmp_path / "cache", require_train=False)
+    assert not any(image.tobytes() == original.tobytes()  # why byte for byte found none
+                   for image in scored.test.images for _, original in seen)
+    assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") == 10  # not twice
+    assert "10 of the 18 test images are images the run trained or chose its epoch on" \
+           in caplog.text
+
+
 def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     """A run trained on one copy and scored on another whose test/ holds some of its
     training images (FER2013's CSV and image layout split one set of images differently):
