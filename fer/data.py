@@ -430,17 +430,23 @@ def _walk_files(root: Path) -> Iterator[Path]:
     linked from a bigger disk), but not round a link back up to a folder above it, nor into
     a cache folder below the root. A folder that cannot be listed is an OSError naming it:
     Path.rglob skipped both kinds of folder without a word, and the model trained without
-    that class."""
+    that class. A folder read as data twice, through links, is refused (see _read_twice)."""
     def refuse(error: OSError) -> None:
         if not isinstance(error, FileNotFoundError):  # removed meanwhile: not there to read
             raise error
 
+    read_as: dict[str, str] = {}  # a real folder that holds data -> where it was read
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=refuse):
         here = Path(folder)
         if here != root and (_is_loop(here, root) or (
                 CACHEDIR_TAG in names and _is_cachedir_tag((here / CACHEDIR_TAG).read_bytes))):
             subfolders.clear()
             continue
+        parts = here.relative_to(root).parts
+        if _holds_data(parts):
+            earlier = read_as.setdefault(os.path.realpath(here), "/".join(parts))
+            if earlier != "/".join(parts):
+                raise _read_twice(str(root), "/".join(parts), earlier)
         for name in names:
             path = here / name
             if path.is_file():  # a file, or a link to one; not a broken link or a socket
@@ -587,7 +593,8 @@ def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Call
                _entry_reader(archive, info.filename, lambda i=info: handle.read(i)))
               for info in links if info not in folder_links]
     return _through_folder_links(files, {posixpath.normpath(info.filename): folder
-                                         for info, folder in folder_links.items()})
+                                         for info, folder in folder_links.items()},
+                                 archive=archive)
 
 
 def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
@@ -622,7 +629,8 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
         elif member.issym():  # to a folder, to nothing (left out, as before), round a loop
             links[member] = name
     return _through_folder_links(files, {posixpath.normpath(member.name): folder
-                                         for member, folder in _folder_links(links, files).items()})
+                                         for member, folder in _folder_links(links, files).items()},
+                                 archive=archive)
 
 
 def _follow_links(name: str, entry, by_name: dict, *, is_link: Callable, target_of: Callable):
@@ -651,20 +659,45 @@ def _folder_links(links: dict, files: list[tuple[str, Callable[[], bytes]]]) -> 
 
 
 def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
-                          folder_links: dict[str, str]) -> list[tuple[str, Callable[[], bytes]]]:
+                          folder_links: dict[str, str], *, archive: Path
+                          ) -> list[tuple[str, Callable[[], bytes]]]:
     """``files`` and, for each link to a folder (its name -> the folder it names), the files
     under that folder once more under the link's name, as a folder tree's linked class
     folder reads (a link to anything else adds nothing). One level: links to folders inside
-    the linked folder are not followed again, nor a link to a folder holding it (a loop)."""
+    the linked folder are not followed again, nor a link to a folder holding it (a loop). A
+    folder read as data twice is refused (see _read_twice)."""
     linked = []
-    for link, folder in folder_links.items():
+    read_as: dict[str, str] = {}  # a linked folder -> the link in a split folder that reads it
+    for link, folder in sorted(folder_links.items()):
         if link == folder or link.startswith(folder + "/"):
             continue
+        if _holds_data(tuple(link.split("/"))):
+            if _holds_data(tuple(folder.split("/"))):
+                raise _read_twice(str(archive), link, folder)
+            earlier = read_as.setdefault(folder, link)
+            if earlier != link:
+                raise _read_twice(str(archive), link, earlier)
         prefix = folder + "/"
         linked += [(f"{link}/{name[len(prefix):]}", read)
                    for name, read in files
                    for name in [posixpath.normpath(name)] if name.startswith(prefix)]
     return files + linked
+
+
+def _holds_data(parts: tuple[str, ...]) -> bool:
+    """Whether a folder (its path's parts below the dataset's top) is a split folder or
+    inside one: what is read there is data."""
+    return any(part.lower() in SPLIT_FOLDERS for part in parts) and not _is_noise(parts)
+
+
+def _read_twice(source: str, name: str, earlier: str) -> DataError:
+    """One folder read as data under two names, through symbolic links (`ln -s train
+    test`, train/happy and test/happy linked to one folder): its images would count twice,
+    in the test split too a model's own training images, scored as if unseen."""
+    return DataError(f"{source}: '{name}' is the same folder as '{earlier}', through a "
+                     "symbolic link: its images would be read twice (in both splits, the "
+                     "test images being training images); give each split and class its own "
+                     "folder")
 
 
 _LINK_HOPS = 8  # a link to a link ...: as far as a sane archive goes, never round a loop

@@ -763,14 +763,15 @@ def test_a_symbolic_link_in_a_zip_is_read_as_the_file_it_names(tmp_path):
     assert len(read_splits(archive)["train"]) == 3
 
 
-def _linked_class_archive(archive: Path) -> None:
-    """train/ and test/ with two happy images each, kept in a folder outside them that
+def _linked_class_archive(archive: Path, *, links: dict[str, str] | None = None) -> None:
+    """train/ and test/ with two happy images each, kept in folders outside them that
     train/happy and test/happy link to (as `tar` without -h and `zip -y` pack a linked class
-    folder); train/sad/loop links back up to train/, a loop."""
-    data = encode_image(shaded_image("happy"))
-    images = {f"kept/happy/{n}.png": data for n in (1, 2)}
-    links = {"train/happy": "../kept/happy", "test/happy": "../kept/happy",
-             "train/sad/loop": ".."}
+    folder); train/sad/loop links back up to train/, a loop. ``links``: others instead."""
+    images = {f"kept/{folder}/{n}.png": encode_image(shaded_image("happy", serial=serial))
+              for serial, (folder, n) in enumerate((f, n) for f in ("happy", "test-happy")
+                                                   for n in (1, 2))}
+    links = links or {"train/happy": "../kept/happy", "test/happy": "../kept/test-happy",
+                      "train/sad/loop": ".."}
     images["train/sad/a.png"] = encode_image(shaded_image("sad"))
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive, "w") as handle:
@@ -805,6 +806,35 @@ def test_class_folders_linked_inside_an_archive_are_read(tmp_path, suffix):
         assert splits["train"].class_counts()["happy"] == 2, source
         assert splits["train"].class_counts()["sad"] == 1, source
         assert splits["test"].class_counts()["happy"] == 2, source
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar"])
+@pytest.mark.parametrize("links", [
+    {"train/happy": "../kept/happy", "test/happy": "../kept/happy"},  # one folder, twice
+    {"train/happy": "../kept/happy", "test/happy": "../train/happy"},
+])
+def test_a_folder_linked_into_two_splits_of_an_archive_is_refused(tmp_path, suffix, links):
+    """README: linked folders are read once each. One folder linked as train/happy and
+    test/happy was read as both, and its images tested a model trained on them."""
+    archive = tmp_path / f"twice{suffix}"
+    _linked_class_archive(archive, links=links)
+    with pytest.raises(DataError, match=rf"twice\{suffix}: '(test|train)/happy' is the same "
+                                        r"folder as '(kept|train|test)/happy', through a symbolic link: its "
+                                        r"images would be read twice"):
+        read_splits(archive)
+
+
+@pytest.mark.parametrize("link", ["test", "test/happy"])
+def test_a_folder_linked_into_two_splits_is_refused(tmp_path, link):
+    """`ln -s train test` to get past "missing split 'test'" (or one class folder linked
+    into both splits) read the training images as the test split too, and the run reported
+    a test accuracy on images it trained on, without a word."""
+    root = write_image_tree(tmp_path / "ds", per_class=2)
+    shutil.rmtree(root / link)
+    (root / link).symlink_to(root / link.replace("test", "train"), target_is_directory=True)
+    with pytest.raises(DataError, match=r"ds: '(test|train)(/happy)?' is the same folder as "
+                                        r"'(train|test)(/happy)?', through a symbolic link"):
+        read_splits(root)
 
 
 def test_class_folders_linked_from_elsewhere_are_read(tmp_path):
