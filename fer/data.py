@@ -443,7 +443,7 @@ def _walk_files(root: Path) -> Iterator[Path]:
             subfolders.clear()
             continue
         parts = here.relative_to(root).parts
-        if _holds_data(parts):
+        if _is_class_folder(parts):  # (a split folder's name may be anyone's: a venv's test/)
             earlier = read_as.setdefault(os.path.realpath(here), "/".join(parts))
             if earlier != "/".join(parts):
                 raise _read_twice(str(root), "/".join(parts), earlier)
@@ -666,17 +666,11 @@ def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
     folder reads (a link to anything else adds nothing). One level: links to folders inside
     the linked folder are not followed again, nor a link to a folder holding it (a loop). A
     folder read as data twice is refused (see _read_twice)."""
+    _check_read_once(folder_links, archive=archive)
     linked = []
-    read_as: dict[str, str] = {}  # a linked folder -> the link in a split folder that reads it
-    for link, folder in sorted(folder_links.items()):
+    for link, folder in folder_links.items():
         if link == folder or link.startswith(folder + "/"):
             continue
-        if _holds_data(tuple(link.split("/"))):
-            if _holds_data(tuple(folder.split("/"))):
-                raise _read_twice(str(archive), link, folder)
-            earlier = read_as.setdefault(folder, link)
-            if earlier != link:
-                raise _read_twice(str(archive), link, earlier)
         prefix = folder + "/"
         linked += [(f"{link}/{name[len(prefix):]}", read)
                    for name, read in files
@@ -684,10 +678,27 @@ def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
     return files + linked
 
 
-def _holds_data(parts: tuple[str, ...]) -> bool:
-    """Whether a folder (its path's parts below the dataset's top) is a split folder or
-    inside one: what is read there is data."""
-    return any(part.lower() in SPLIT_FOLDERS for part in parts) and not _is_noise(parts)
+def _check_read_once(folder_links: dict[str, str], *, archive: Path) -> None:
+    """An archive's links to folders (name -> folder) that would read one folder as data
+    twice are refused: a split or class folder linked to another, or two linked to one."""
+    read_as: dict[str, str] = {}  # a linked folder -> the split or class folder link to it
+    for link, folder in sorted(folder_links.items()):
+        if link == folder or link.startswith(folder + "/") or not _is_split_or_class_folder(link):
+            continue
+        earlier = folder if _is_split_or_class_folder(folder) else read_as.setdefault(folder, link)
+        if earlier != link:
+            raise _read_twice(str(archive), link, earlier)
+
+
+def _is_class_folder(parts: tuple[str, ...]) -> bool:
+    """Whether a folder (its path's parts below the dataset's top) is ``<split>/<class>``."""
+    return (len(parts) >= 2 and parts[-2].lower() in SPLIT_FOLDERS
+            and parts[-1].lower() in CLASS_INDEX and not _is_noise(parts))
+
+
+def _is_split_or_class_folder(name: str) -> bool:
+    parts = tuple(name.split("/"))
+    return _is_class_folder(parts) or parts[-1].lower() in SPLIT_FOLDERS and not _is_noise(parts)
 
 
 def _read_twice(source: str, name: str, earlier: str) -> DataError:
