@@ -454,9 +454,12 @@ class S3Store:
         message = exc.response.get("Error", {}).get("Message", "")
         if code == "AuthorizationHeaderMalformed":  # signed for another region than the bucket's
             region = self._client.meta.region_name
+            signed = (f"region '{region}'" if region not in (None, "aws-global")
+                      else "us-east-1, no region being set")
+            # boto3 reads AWS_DEFAULT_REGION; AWS_REGION, other SDKs' name, it does not
             return (f"S3 at {self.endpoint} refused {action}: {code} {_one_line(message)}; "
-                    f"the request was signed for region '{region}': set AWS_REGION (or "
-                    "AWS_DEFAULT_REGION) to the bucket's").rstrip()
+                    f"the request was signed for {signed}: set AWS_DEFAULT_REGION (or the "
+                    "AWS profile's region) to the bucket's")
         if code in _AUTH_CODES:
             return (f"S3 at {self.endpoint} denied access while {action} ({code}); check the "
                     "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and "

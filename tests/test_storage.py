@@ -229,7 +229,8 @@ def test_s3_answers_worth_a_retry_are_transient(monkeypatch, code, status, trans
     (400, "AuthorizationHeaderMalformed", "The authorization header is malformed; the region "
      "'us-east-1' is wrong; expecting 'eu-west-1'",
      r"refused checking bucket '{BUCKET}': AuthorizationHeaderMalformed .*expecting "
-     r"'eu-west-1'; the request was signed for region 'us-east-1': set AWS_REGION"),
+     r"'eu-west-1'; the request was signed for region 'us-east-1': set AWS_DEFAULT_REGION "
+     r"\(or the AWS profile's region\) to the bucket's$"),
     (301, "PermanentRedirect", "The bucket you are attempting to access must be addressed "
      "using the specified endpoint.", r"refused checking bucket '{BUCKET}': "
      r"PermanentRedirect The bucket you are attempting to access must be addressed"),
@@ -237,7 +238,7 @@ def test_s3_answers_worth_a_retry_are_transient(monkeypatch, code, status, trans
 def test_a_bucket_check_answered_by_a_bare_status_says_why(monkeypatch, head_status, code,
                                                             message, expected):
     """A HEAD's answer has no body: a bucket in another region than the request was signed
-    for (MinIO or AWS with another AWS_REGION) read "refused checking bucket: 400 Bad
+    for (MinIO or AWS with another AWS_DEFAULT_REGION) read "refused checking bucket: 400 Bad
     Request"; a listing of the prefix is asked, whose answer names the cause (replayed
     through botocore's Stubber: SeaweedFS has no regions)."""
     from botocore.stub import Stubber
