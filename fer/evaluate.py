@@ -225,12 +225,13 @@ COPY_BLOCK_RMS = 2.0
 COPY_MEAN_DIFFERENCE = 3.0
 
 
-def have_copies_in(images: np.ndarray, pool: np.ndarray, *, chunk: int = 512) -> np.ndarray:
+def have_copies_in(images: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """Which of ``images`` (n x 48 x 48) have a copy in ``pool``: the same pixels, or as a
     JPEG re-encoding leaves them (the image layout's faces are the CSV's rows through JPEG,
     so a byte-for-byte comparison found none of them; its test/ holds such near copies of
-    287 of its train/ faces too). Each image's nearest in ``pool`` on an 8x8 grid of block
-    means, then checked pixel by pixel."""
+    287 of its train/ faces too). Faces close on an 8x8 grid of block means are candidates,
+    checked pixel by pixel; the images are compared in chunks of at most 4M pairs (32 MB a
+    matrix, whatever the pool's size)."""
     copies = np.zeros(len(images), dtype=bool)
     if not len(images) or not len(pool):
         return copies
@@ -242,15 +243,15 @@ def have_copies_in(images: np.ndarray, pool: np.ndarray, *, chunk: int = 512) ->
 
     grid, pool_grid = block_means(images), block_means(pool)
     pool_norms = (pool_grid ** 2).sum(axis=1)
+    chunk = max(1, min(512, (1 << 22) // len(pool)))
     for start in range(0, len(grid), chunk):
         part = grid[start:start + chunk]
         squared = (part ** 2).sum(axis=1)[:, None] + pool_norms[None, :] - 2 * part @ pool_grid.T
-        nearest = squared.argmin(axis=1)
-        close = squared[np.arange(len(part)), nearest] <= 64 * COPY_BLOCK_RMS ** 2
-        for row in np.flatnonzero(close):
-            difference = np.abs(images[start + row].astype(np.int16)
-                                - pool[nearest[row]].astype(np.int16))
-            copies[start + row] = difference.mean() <= COPY_MEAN_DIFFERENCE
+        for row, candidate in zip(*np.nonzero(squared <= 64 * COPY_BLOCK_RMS ** 2), strict=True):
+            if not copies[start + row]:
+                difference = np.abs(images[start + row].astype(np.int16)
+                                    - pool[candidate].astype(np.int16))
+                copies[start + row] = difference.mean() <= COPY_MEAN_DIFFERENCE
     return copies
 
 

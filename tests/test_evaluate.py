@@ -264,6 +264,21 @@ def test_a_run_trained_on_the_csv_and_scored_on_the_image_layout_counts_its_imag
            in caplog.text
 
 
+def test_a_copy_is_found_behind_a_face_closer_on_the_coarse_grid():
+    """A face whose block means equal the image's (a fine checkerboard added: its blocks
+    average it out) is nearest on the coarse grid but no copy; the copy a grey level away
+    behind it is still found (only the nearest was checked pixel by pixel)."""
+    from fer.evaluate import have_copies_in
+
+    face = 50 + _faces(np.random.default_rng(5), 1)[0].astype(int) * 150 // 255  # no clipping
+    checkerboard = np.where(np.indices((48, 48)).sum(axis=0) % 2, 40, -40)
+    decoy = np.clip(face + checkerboard, 0, 255)
+    copy = np.clip(face + 1, 0, 255)
+    pool = np.stack([decoy, copy]).astype(np.uint8)
+    assert have_copies_in(face[None].astype(np.uint8), pool).tolist() == [True]
+    assert have_copies_in(face[None].astype(np.uint8), pool[:1]).tolist() == [False]
+
+
 def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     """A run trained on one copy and scored on another whose test/ holds some of its
     training images (FER2013's CSV and image layout split one set of images differently):
