@@ -414,7 +414,8 @@ PUBLISH_OPTIONS = ("storage", "create_bucket", "force_champion")
 
 
 def _check_publish_options(ctx: typer.Context) -> None:
-    given = [name for name in PUBLISH_OPTIONS if _given(ctx, name)]
+    # `--no-force-champion` and `--no-create-bucket` turn off what is off here: harmless
+    given = [name for name in PUBLISH_OPTIONS if _given(ctx, name) and ctx.params[name] is not False]
     if given:
         named = ", ".join("--" + name.replace("_", "-") for name in given)
         raise typer.BadParameter(f"{named} {'has' if len(given) == 1 else 'have'} no effect "

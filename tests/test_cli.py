@@ -763,6 +763,15 @@ def test_publishing_options_without_publish_are_refused(options):
     assert all(option in message for option in options if option.startswith("--"))
 
 
+def test_the_no_forms_of_publishing_flags_are_accepted_without_publish(tmp_path):
+    """`--no-force-champion` / `--no-create-bucket` (for a --remote run) turn off what a
+    local run without --publish has off anyway: harmless, not refused as "--force-champion
+    has no effect", a flag the user never typed; the command goes on to its data."""
+    result = run_fer("train", "--epochs", "1", "--no-force-champion", "--no-create-bucket",
+                     "--data", tmp_path / "nowhere.zip", env={"FER_DATA_DIR": str(tmp_path / "d")})
+    assert_one_line_error(result, r"nowhere\.zip: data source not found")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("given_by", ["--storage", "FER_STORAGE"])
 def test_a_publish_failing_after_training_names_the_command_that_publishes_the_run(
