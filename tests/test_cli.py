@@ -642,6 +642,40 @@ def test_an_unwritable_folder_is_one_line_before_any_work(tmp_path, data_dir, co
     assert_one_line_error(result, problem)
 
 
+def test_a_read_only_data_folder_serves_its_current_dataset(tmp_path, data_dir, monkeypatch):
+    """A data folder provisioned read-only after `fer fetch-data` (a volume mounted `:ro`)
+    was refused by `fer evaluate` before its current dataset was read. Tests run as root,
+    whom no permission bit stops, so the data folder's check is made to refuse it, as it
+    does for another user: evaluate reads the dataset all the same, and only a command that
+    would fetch into the folder is refused."""
+    from typer.testing import CliRunner
+
+    import fer.fetch
+    from fer.errors import FerError as Refused
+    from fer.models import get_spec
+    from fer_cli.main import app
+
+    fer.fetch.fetch_data(str(write_image_tree(tmp_path / "faces")), data_dir=data_dir)
+    get_spec("default").build().save(tmp_path / "model.keras")
+
+    import fer_cli.main
+    from fer.config import check_writable
+
+    def read_only(folder, what):  # the data folder only: --out is written
+        if what == "FER_DATA_DIR":
+            raise Refused(f"{what} {folder}: not writable by this user")
+        return check_writable(folder, what)
+
+    for module in (fer.fetch, fer_cli.main):
+        monkeypatch.setattr(module, "check_writable", read_only)
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "model.keras")])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "model.keras"),
+                                      "--data", "https://127.0.0.1:9/fer.zip"])
+    assert "FER_DATA_DIR" in str(result.exception) and "not writable" in str(result.exception)
+
+
 def test_an_unwritable_data_folder_is_one_line(tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
