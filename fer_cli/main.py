@@ -208,7 +208,17 @@ ProfileOption = Annotated[str, typer.Option(
     help=f"preset: {' | '.join(PROFILES)} (see README); explicit options win")]
 DataOption = Annotated[str | None, typer.Option(
     help="file, folder, archive, URL or s3://; default: the fetched dataset")]
+def _folder_path(value: str | Path) -> Path:
+    """An --out as given; an empty one (`--out "$OUT"`, the variable unset) is refused, where
+    Path("") would have named the current folder."""
+    if not str(value).strip():
+        raise typer.BadParameter(f"{str(value)!r} is empty: expected a folder path (`.` names "
+                                 "the current folder)")
+    return Path(value)
+
+
 OutOption = Annotated[Path, typer.Option(
+    parser=_folder_path, metavar="<path>",
     help="folder that receives <run-id>/ (with --remote: a folder on the worker)")]
 DEFAULT_OUT = TrainConfig.out_dir
 # `fer train --remote --wait` stopped following a run that had not ended (no worker took it,
@@ -684,6 +694,7 @@ def evaluate(
     model: ModelFileOption,
     data: Annotated[str | None, typer.Option(help="source whose test split is scored")] = None,
     out: Annotated[Path | None, typer.Option(
+        parser=_folder_path, metavar="<path>",
         help="report folder; default: evaluation/ beside the model")] = None,
     precision: InferencePrecisionOption = "auto",
     endpoint_url: EndpointOption = None,

@@ -136,6 +136,18 @@ def test_an_empty_store_is_refused(tmp_path, data_dir, command):
     assert not (tmp_path / "prod").exists() and not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.parametrize("command", [["train"], ["train", "--remote"], ["retrain"],
+                                     ["evaluate", "--model", "README.md"]])
+def test_an_empty_out_is_refused(tmp_path, command):
+    """`--out "$OUT"` with the variable unset wrote the run into the current folder (Path("")
+    is "."), and a remote run sent out_dir "." to a worker whose working folder it may not
+    write; refused before anything starts, as an empty --data or --storage is."""
+    (tmp_path / "README.md").write_text("")
+    message = usage_error(run_fer(*command, "--out", "", cwd=tmp_path))
+    assert "Invalid value for '--out': '' is empty: expected a folder path" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]
+
+
 def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
     """`fer train --remote` hands the worker what the user chose, profile filled in."""
     from typer.testing import CliRunner
