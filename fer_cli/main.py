@@ -351,13 +351,15 @@ def train(
         return
     settings = (_store_settings(storage=storage, endpoint_url=endpoint_url, data=data)
                 if publish else _settings(storage=storage, endpoint_url=endpoint_url))
-    check_writable(resume or out, "--resume" if resume else "--out")
+    only_publish = publish and resume is not None and _finished(resume)  # reads the run
+    if not only_publish:  # (the resume command a failed publish names: the folder may be
+        check_writable(resume or out, "--resume" if resume else "--out")  # another user's)
     if publish:
         from fer.runs import check_can_publish
 
         check_can_publish(_store(settings, create_bucket=create_bucket),  # before the hours
                           out_dir=Path(resume).resolve().parent if resume else out)
-        if resume is not None and _finished(resume):  # publishing is all that is left
+        if only_publish:
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return

@@ -40,6 +40,31 @@ def test_resume_publish_of_a_run_that_finished_publishes_it(tmp_path, storage_en
     assert listing.stdout.splitlines()[1].startswith(run.name)
 
 
+def test_resume_publish_of_a_finished_run_needs_no_write_access_to_it(tmp_path, monkeypatch):
+    """The command a failed publish names, `fer train --resume <run> --publish`, on a run
+    folder this user may only read (the worker's): it publishes, as `fer publish` does; it
+    was refused as "not writable by this user" before it looked. Tests run as root, whom
+    no permission bit stops, so the folder's check is made to refuse it."""
+    from typer.testing import CliRunner
+
+    import fer_cli.main
+    from fer.errors import FerError
+
+    def read_only(folder, what):
+        raise FerError(f"{what} {folder}: not writable by this user")
+
+    monkeypatch.setattr(fer_cli.main, "check_writable", read_only)
+    monkeypatch.setenv("FER_STORAGE", str(tmp_path / "artifacts"))
+    run = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70)
+    result = CliRunner().invoke(fer_cli.main.app, ["train", "--resume", str(run), "--publish"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"published {run.name}" in result.output
+    stopped = make_run(tmp_path / "runs", "20250101-000000-default-bbbb", accuracy=0.70)
+    (stopped / "manifest.json").unlink()  # not finished: the resume trains, so it writes
+    result = CliRunner().invoke(fer_cli.main.app, ["train", "--resume", str(stopped)])
+    assert "not writable by this user" in str(result.exception)
+
+
 def test_publish_list_show_get(tmp_path, storage_env):
     """Two runs published; list marks champion/latest; show and get return the right run."""
     good = make_run(tmp_path / "runs", "20250101-000000-default-aaaa", accuracy=0.70, minute=0,
