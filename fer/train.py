@@ -15,7 +15,7 @@ import math
 import shlex
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +72,10 @@ def train(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     record (``--publish --storage ...``) that the command which stopped was given.
     """
     with _fitting(dataset, config, resume=resume, started_by=None,
-                  data_origin=data_origin) as (run, why, spec):
+                  data_origin=data_origin) as (run, why, spec, resuming):
         # one hold from the first epoch to the scored run: another process resuming it
         # between the two would finish it, and this one's scoring would find it gone
-        fitted = _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
+        fitted = _fit_members(dataset, run, spec, why=why, resuming=resuming,
                               verbose=verbose, resume_flags=resume_flags)
         return RunResult(run_id=fitted.run_id, run_dir=fitted.run_dir,
                          metrics=_score(fitted.run_dir, dataset.test, resume_flags=resume_flags))
@@ -149,40 +149,48 @@ def fit(dataset: Dataset, config: TrainConfig, *, verbose: int = 1,
     The test split is not touched here; ``score`` scores it afterwards.
     """
     with _fitting(dataset, config, resume=resume, started_by=started_by,
-                  data_origin=data_origin) as (run, why, spec):
-        return _fit_members(dataset, run, spec, why=why, resumed=resume is not None,
+                  data_origin=data_origin) as (run, why, spec, resuming):
+        return _fit_members(dataset, run, spec, why=why, resuming=resuming,
                             verbose=verbose, resume_flags=resume_flags)
 
 
 @contextlib.contextmanager
 def _fitting(dataset: Dataset, config: TrainConfig, *, resume: RunRecord | None,
              started_by: str | None, data_origin: str | None
-             ) -> Iterator[tuple[RunRecord, str, ModelSpec]]:
-    """The run to fit (a new one, or ``resume`` checked against the data and recorded as
-    resumed), why its precision, and its model, held under the run's training lock."""
+             ) -> Iterator[tuple[RunRecord, str, ModelSpec, dict | None]]:
+    """The run to fit (a new one, or ``resume`` checked against the data), why its
+    precision, its model, and this process as a resume records it (None: a new run), held
+    under the run's training lock."""
     if resume is not None and config != resume.config:
         raise ValueError(f"resuming {resume.run_dir} takes the config it recorded, not {config}")
     _check_config(config, dataset, new_run=resume is None)
     spec = get_spec(config.model)
     if resume is None:
         run, why = _new_run(config, dataset, spec, started_by=started_by, data_origin=data_origin)
+        process = None
     else:
         run, why, process = _resumed_run(resume, dataset, spec)
     with training_lock(run.run_dir):
-        if resume is not None:  # under the lock: a resume refused there trains nothing
-            run = record_resume(run, {"at": _now(), **process})
-        yield run, why, spec
+        yield run, why, spec, process
 
 
 def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
-                 resumed: bool, verbose: int, resume_flags: str) -> RunResult:
+                 resuming: dict | None, verbose: int, resume_flags: str) -> RunResult:
     """Train the run's members one after another (each continued from its checkpoint), then
-    write the run's training files; a stop logs how to resume."""
+    write the run's training files; a stop logs how to resume. ``resuming``: this process,
+    added to the run's resumes once its checkpoint is restored (a resume that fails before,
+    on a checkpoint another Keras wrote, say, continued nothing and is not listed)."""
     config = run.config
+
+    def continuing() -> None:
+        nonlocal run, resuming
+        if resuming is not None:
+            run, resuming = record_resume(run, {"at": _now(), **resuming}), None
+
     averaged = _averaged(config)
     log.info("%s model %s: %s, batch size %d, %s (%s); %d training and %d validation "
              "images (validation %s); seed %d%s; run folder %s",
-             "resuming" if resumed else "training",
+             "resuming" if resuming is not None else "training",
              spec.name, _count(config.epochs, "epoch"), config.batch_size, run.precision, why,
              len(dataset.train), len(dataset.validation), dataset.validation_origin, config.seed,
              f"; the saved model averages {averaged}" if averaged else "", run.run_dir)
@@ -194,7 +202,7 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
                          config.seed + number - 1)
             members.append(_fit_member(dataset, run, spec, number=number,
                                        clock=members[-1].clock if members else None,
-                                       verbose=verbose))
+                                       verbose=verbose, restored=continuing))
         training_metrics = _write_run(members, run, spec, dataset)
     except TrainingDiverged as exc:  # a resume would go on at the same learning rate
         try:
@@ -409,9 +417,10 @@ class Member:
 
 
 def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: int,
-                clock: float | None, verbose: int) -> Member:
+                clock: float | None, verbose: int, restored: Callable[[], None]) -> Member:
     """Member ``number`` (from seed ``seed + number - 1``: weights, augmentation, shuffling;
-    the split is the dataset's), continued from its checkpoint where it has one."""
+    the split is the dataset's), continued from its checkpoint where it has one;
+    ``restored`` is called once that checkpoint is restored, or the member is to start."""
     config, seed = run.config, run.config.seed + number - 1
     checkpoint = MemberCheckpoint(run.run_dir, number)
     progress, started = checkpoint.progress(), time.perf_counter()
@@ -420,6 +429,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
         model = spec.build()
     if progress.finished:
         checkpoint.restore_final(model)
+        restored()
         log.info("trained before the stop: best validation accuracy %.4f at epoch %d of %d",
                  progress.best_value, progress.best_epoch, config.epochs)
         return _member(model, progress, seed=seed, clock=started - progress.elapsed[-1])
@@ -429,6 +439,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
         checkpoint.restore(model, progress)
         progress.resumed_at.append(progress.epochs_done)
         log.info("resuming after epoch %d of %d", progress.epochs_done, config.epochs)
+    restored()
     timer = EpochTimer(started - progress.elapsed[-1] if progress.elapsed else clock,
                        train_seconds=progress.train_seconds, elapsed=progress.elapsed)
     best = KeepBestWeights(best_value=progress.best_value, best_epoch=progress.best_epoch,

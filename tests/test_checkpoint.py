@@ -279,7 +279,9 @@ def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_
                                                                  monkeypatch):
     """A run begun on one machine and resumed twice on others: the manifest's start,
     versions and machine are the first process's, as its commit and precision are, and each
-    resume's process is listed with its time; "created" is when the model was saved."""
+    resume's process is listed with its time; "created" is when the model was saved. A
+    resume that fails on the checkpoint (one another Keras wrote) continued nothing: it is
+    not listed (it was, with the Keras that could not read it)."""
     import fer.train as train_module
 
     config = TrainConfig(epochs=3, batch_size=16, out_dir=tmp_path, precision="float32")
@@ -292,6 +294,15 @@ def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_
     EpochSpy(monkeypatch, stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "machine", lambda: {"cpu": "another keras"})
+
+        def unreadable(self, model, progress):
+            raise CheckpointError("the optimizer's state did not load")
+
+        patched.setattr(train_module.MemberCheckpoint, "restore", unreadable)
+        with pytest.raises(CheckpointError):
+            train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
     monkeypatch.setattr(train_module, "machine", lambda: {"cpu": "third"})
     train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
