@@ -381,8 +381,8 @@ def train(
     except FileWriteError as exc:
         if not Path(exc.filename).resolve().is_relative_to((resume or out).resolve()):
             raise  # not the run's own file (the data folder's): nothing to resume
-        # a full disk: the log has named the resume command
-        raise FerError(f"training stopped: {exc.filename}: {exc.strerror}; make room (or fix "
+        # a full disk while training or scoring: the log has named the resume command
+        raise FerError(f"the run stopped: {exc.filename}: {exc.strerror}; make room (or fix "
                        "the cause), then resume it as logged above") from None
     metrics = result.metrics
     typer.echo(f"run {result.run_id}: test accuracy {metrics['accuracy']:.4f}, "

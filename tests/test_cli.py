@@ -961,7 +961,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_line_and_the_run_resumes(tmp_p
     assert "Traceback" not in stopped.stderr + stopped.stdout
     assert f"`fer train --resume {run_dir}` continues it" in stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: training stopped: {re.escape(str(run_dir))}/checkpoint/\S+"
+    assert re.fullmatch(rf"error: the run stopped: {re.escape(str(run_dir))}/checkpoint/\S+"
                         r"\.weights\.h5: File too large; make room .*", last), last
     resumed = run_fer("train", "--resume", run_dir)
     assert resumed.returncode == 0, resumed.stderr
@@ -998,7 +998,7 @@ def test_a_run_file_that_cannot_be_written_is_one_error_line_and_the_run_resumes
         assert "Traceback" not in failed.stderr + failed.stdout
         assert logged.format(run_dir) in failed.stderr, failed.stderr
         assert failed.stderr.strip().splitlines()[-1] == (
-            f"error: training stopped: {run_dir / blocked}: Is a directory; make room (or fix "
+            f"error: the run stopped: {run_dir / blocked}: Is a directory; make room (or fix "
             "the cause), then resume it as logged above")
         (run_dir / blocked).rmdir()
     resumed = run_fer("train", "--resume", run_dir)
