@@ -35,7 +35,7 @@ from fer.checkpoint import (
     training_lock,
 )
 from fer.config import TrainConfig
-from fer.data import Dataset, Split, pixels_sha256
+from fer.data import Dataset, Split, pixels_sha256, split_sha256
 from fer.errors import CheckpointError, FerError, TrainingDiverged, writing
 from fer.evaluate import evaluate_run, predict_labels
 from fer.labels import NUM_CLASSES
@@ -178,8 +178,9 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
                  resuming: dict | None, verbose: int, resume_flags: str) -> RunResult:
     """Train the run's members one after another (each continued from its checkpoint), then
     write the run's training files; a stop logs how to resume. ``resuming``: this process,
-    added to the run's resumes once its checkpoint is restored (a resume that fails before,
-    on a checkpoint another Keras wrote, say, continued nothing and is not listed)."""
+    added to the run's resumes when it first trains a member on (its checkpoint read whole)
+    or, every member having finished, saves the run (a resume that fails before, on a
+    checkpoint another Keras wrote, say, continued nothing and is not listed)."""
     config = run.config
 
     def continuing() -> None:
@@ -203,6 +204,7 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
             members.append(_fit_member(dataset, run, spec, number=number,
                                        clock=members[-1].clock if members else None,
                                        verbose=verbose, restored=continuing))
+        continuing()  # every member had finished: this process saves and scores the run
         training_metrics = _write_run(members, run, spec, dataset)
     except TrainingDiverged as exc:  # a resume would go on at the same learning rate
         try:
@@ -420,7 +422,7 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
                 clock: float | None, verbose: int, restored: Callable[[], None]) -> Member:
     """Member ``number`` (from seed ``seed + number - 1``: weights, augmentation, shuffling;
     the split is the dataset's), continued from its checkpoint where it has one;
-    ``restored`` is called once that checkpoint is restored, or the member is to start."""
+    ``restored`` is called when it is about to train on (a finished member's is not)."""
     config, seed = run.config, run.config.seed + number - 1
     checkpoint = MemberCheckpoint(run.run_dir, number)
     progress, started = checkpoint.progress(), time.perf_counter()
@@ -429,7 +431,6 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
         model = spec.build()
     if progress.finished:
         checkpoint.restore_final(model)
-        restored()
         log.info("trained before the stop: best validation accuracy %.4f at epoch %d of %d",
                  progress.best_value, progress.best_epoch, config.epochs)
         return _member(model, progress, seed=seed, clock=started - progress.elapsed[-1])
@@ -439,11 +440,11 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
         checkpoint.restore(model, progress)
         progress.resumed_at.append(progress.epochs_done)
         log.info("resuming after epoch %d of %d", progress.epochs_done, config.epochs)
-    restored()
     timer = EpochTimer(started - progress.elapsed[-1] if progress.elapsed else clock,
                        train_seconds=progress.train_seconds, elapsed=progress.elapsed)
     best = KeepBestWeights(best_value=progress.best_value, best_epoch=progress.best_epoch,
                            weights=checkpoint.best_weights(progress))
+    restored()  # its checkpoint read whole: it trains on from here
     saver = EpochCheckpoint(checkpoint, progress, timer=timer, best=best,
                             wall_before=wall_before, started=started)
     diverged = StopWhenDiverged(learning_rate=run.learning_rate, precision=run.precision)
@@ -576,6 +577,7 @@ def _data_record(dataset: Dataset) -> dict:
     return {
         "source": _absolute(dataset.source),  # `fer evaluate` run elsewhere finds it
         "sha256": dataset.sha256,
+        "test_split_sha256": split_sha256(dataset.test),  # `fer evaluate` on a copy knows it
         "validation": dataset.validation_origin,
         "counts": {name: split.class_counts()
                    for name, split in (("train", dataset.train), ("validation", dataset.validation),

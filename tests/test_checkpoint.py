@@ -315,6 +315,30 @@ def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_
     assert manifest["resumed_at_epochs"] == {"member 1": [1, 2]}
 
 
+def test_a_resume_that_fails_on_a_later_member_or_its_best_weights_is_not_listed(
+        tmp_path, tiny_dataset, monkeypatch):
+    """An ensemble stopped in member 2, member 1 finished: a resume whose member-2
+    checkpoint cannot be read (another Keras), or whose best weights cannot, continued
+    nothing; it was listed, by member 1's restore or before the best weights were read."""
+    import fer.train as train_module
+
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32",
+                         ensemble=2)
+    run_dir = stopped_run(tmp_path, tiny_dataset, config,
+                          EpochSpy(monkeypatch, stop_at=2, stop_member=2))
+    for broken in ("restore", "best_weights"):
+        with monkeypatch.context() as patched:
+            def unreadable(*args, **kwargs):
+                raise CheckpointError("the optimizer's state did not load")
+
+            patched.setattr(train_module.MemberCheckpoint, broken, unreadable)
+            with pytest.raises(CheckpointError):
+                train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+        assert json.loads((run_dir / FOLDER / RUN_RECORD).read_text())["resumes"] == [], broken
+    train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert len(json.loads((run_dir / "manifest.json").read_text())["resumes"]) == 1
+
+
 def test_only_a_stopped_run_can_be_resumed(tmp_path, tiny_dataset):
     """A finished run (its checkpoint removed), one an older fer stopped while scoring (it
     removed the checkpoint before), and a folder fer did not train say why."""
