@@ -680,14 +680,18 @@ def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
 
 def _check_read_once(folder_links: dict[str, str], *, archive: Path) -> None:
     """An archive's links to folders (name -> folder) that would read one folder as data
-    twice are refused: a split or class folder linked to another, or two linked to one."""
+    twice are refused: a split or class folder linked to another, or two linked to one
+    folder or to folders one inside the other (`train -> pool`, `test/happy -> pool/happy`)."""
     read_as: dict[str, str] = {}  # a linked folder -> the split or class folder link to it
     for link, folder in sorted(folder_links.items()):
         if link == folder or link.startswith(folder + "/") or not _is_split_or_class_folder(link):
             continue
-        earlier = folder if _is_split_or_class_folder(folder) else read_as.setdefault(folder, link)
-        if earlier != link:
-            raise _read_twice(str(archive), link, earlier)
+        if _is_split_or_class_folder(folder):
+            raise _read_twice(str(archive), link, folder)
+        for other, earlier in read_as.items():
+            if other == folder or other.startswith(folder + "/") or folder.startswith(other + "/"):
+                raise _read_twice(str(archive), link, earlier)
+        read_as[folder] = link
 
 
 def _is_class_folder(parts: tuple[str, ...]) -> bool:
@@ -705,7 +709,7 @@ def _read_twice(source: str, name: str, earlier: str) -> DataError:
     """One folder read as data under two names, through symbolic links (`ln -s train
     test`, train/happy and test/happy linked to one folder): its images would count twice,
     in the test split too a model's own training images, scored as if unseen."""
-    return DataError(f"{source}: '{name}' is the same folder as '{earlier}', through a "
+    return DataError(f"{source}: '{name}' reads the same folder as '{earlier}', through a "
                      "symbolic link: its images would be read twice (in both splits, the "
                      "test images being training images); give each split and class its own "
                      "folder")
@@ -930,6 +934,16 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def split_sha256(split: Split) -> str:
+    """sha256 of a split's images and labels, in any order: the same test split read from
+    another copy of the data (the archive a folder was unpacked from, another machine's
+    folder, whose files may list in another order) has the same one."""
+    images = np.ascontiguousarray(split.images, dtype=np.uint8)
+    rows = sorted(hashlib.sha256(memoryview(image)).digest() + int(label).to_bytes(1, "big")
+                  for image, label in zip(images, split.labels, strict=True))
+    return hashlib.sha256(b"".join(rows)).hexdigest()
 
 
 def pixels_sha256(dataset: Dataset) -> str:
