@@ -191,13 +191,15 @@ def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int |
     are not counted: FER2013 has some images twice, in train and test, and the run's own
     test report scored those without a word.
     """
-    from fer.data import load_dataset
+    from fer.data import load_dataset, split_sha256
 
     recorded = read_json(run_dir / "manifest.json").get("data")
     if not isinstance(recorded, dict) or recorded.get("sha256") is None:
         return None
     if recorded["sha256"] == scored.sha256:  # its own test split: the split keeps them apart
         return 0
+    if recorded.get("test_split_sha256") == split_sha256(scored.test):  # the same, from
+        return 0  # another copy of its data (the archive its folder was unpacked from)
     source = str(recorded.get("source"))
     try:
         trained_on = load_dataset(Path(source), cache_dir=data_dir)

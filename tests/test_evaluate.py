@@ -279,6 +279,37 @@ def test_a_copy_is_found_behind_a_face_closer_on_the_coarse_grid():
     assert have_copies_in(face[None].astype(np.uint8), pool[:1]).tolist() == [False]
 
 
+def test_the_runs_own_test_split_from_another_copy_of_its_data_is_unseen(tmp_path, caplog):
+    """A run trained on a fetched archive's unpacked folder, scored on the archive itself on
+    another machine (its model from `fer reports get`): the archive's sha256 is not the
+    folder's, and the folder is not there to compare with, so it read null with a warning;
+    the test split's own fingerprint, in the manifest, says it is the run's test split: 0."""
+    import json
+    import shutil
+
+    from conftest import zip_folder
+
+    from fer.data import load_dataset, split_sha256
+    from fer.evaluate import seen_in_training
+
+    folder = _noise_tree(tmp_path / "unpacked", seed=1)
+    own = load_dataset(folder, cache_dir=tmp_path / "cache")
+    archive = zip_folder(folder, tmp_path / "fer.zip")
+    shutil.rmtree(folder)  # another machine: only the archive
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    scored = load_dataset(archive, cache_dir=tmp_path / "cache", require_train=False)
+    assert scored.sha256 != own.sha256
+    record = {"source": str(folder), "sha256": own.sha256}
+    (run_dir / "manifest.json").write_text(json.dumps({"data": record}))
+    assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") is None  # an old run's
+    record["test_split_sha256"] = split_sha256(own.test)
+    (run_dir / "manifest.json").write_text(json.dumps({"data": record}))
+    caplog.clear()
+    assert seen_in_training(run_dir, scored, data_dir=tmp_path / "cache") == 0
+    assert "other data" not in caplog.text
+
+
 def test_scoring_on_other_data_counts_the_images_the_run_saw(tmp_path, caplog):
     """A run trained on one copy and scored on another whose test/ holds some of its
     training images (FER2013's CSV and image layout split one set of images differently):

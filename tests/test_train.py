@@ -20,7 +20,7 @@ from test_manifest import checkout_commit
 
 from fer.checkpoint import read_run
 from fer.config import TrainConfig
-from fer.data import Dataset, Split, load_dataset
+from fer.data import Dataset, Split, load_dataset, split_sha256
 from fer.errors import FerError
 from fer.evaluate import predict_labels
 from fer.labels import CLASS_NAMES
@@ -59,6 +59,7 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatc
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["parameters"]["epochs"] == 2 and manifest["seed"] == 3
     assert manifest["data"]["sha256"] == "0" * 64 and manifest["precision"] == "float32"
+    assert manifest["data"]["test_split_sha256"] == split_sha256(tiny_dataset.test)
     assert manifest["precision_reason"] == "as asked"
     with zipfile.ZipFile(result.run_dir / "model.keras") as saved:  # not the training model:
         assert not json.loads(saved.read("config.json")).get("compile_config")  # no optimizer
