@@ -211,7 +211,7 @@ DataOption = Annotated[str | None, typer.Option(
 def _folder_path(value: str | Path) -> Path:
     """An --out as given; an empty one (`--out "$OUT"`, the variable unset) is refused, where
     Path("") would have named the current folder."""
-    if not str(value).strip():
+    if not str(value).strip():  # blank too: `--out " "` is a typo sooner than a folder
         raise typer.BadParameter(f"{str(value)!r} is empty: expected a folder path (`.` names "
                                  "the current folder)")
     return Path(value)
@@ -359,7 +359,8 @@ def train(
 
         check_can_publish(_store(settings, create_bucket=create_bucket),  # before the hours
                           out_dir=Path(resume).resolve().parent if resume else out)
-        if only_publish:
+        if only_publish:  # the store answered: say so only now
+            typer.echo(f"{resume} finished training before it stopped; publishing it", err=True)
             _publish(resume, settings, create_bucket=create_bucket,
                      force_champion=force_champion)
             return
@@ -639,13 +640,10 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
 
 def _finished(run_dir: Path) -> bool:
     """Whether a run named by ``--resume --publish`` had finished (a stop while publishing,
-    a flow run that crashed after scoring): then publishing is what is left, and done."""
+    a flow run that crashed after scoring): then publishing is what is left."""
     from fer.checkpoint import is_complete
 
-    if not is_complete(run_dir):
-        return False
-    typer.echo(f"{run_dir} finished training before it stopped; publishing it", err=True)
-    return True
+    return is_complete(run_dir)
 
 
 def _resolved_data(data: str | None, settings: Settings):
