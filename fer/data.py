@@ -679,19 +679,24 @@ def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
 
 
 def _check_read_once(folder_links: dict[str, str], *, archive: Path) -> None:
-    """An archive's links to folders (name -> folder) that would read one folder as data
-    twice are refused: a split or class folder linked to another, or two linked to one
-    folder or to folders one inside the other (`train -> pool`, `test/happy -> pool/happy`)."""
-    read_as: dict[str, str] = {}  # a linked folder -> the split or class folder link to it
+    """An archive's links to folders (name -> folder) that would read one class folder as
+    data twice are refused, as the walk of an unpacked tree refuses them: a split or class
+    folder linked to another, or two links whose class folders meet (`train -> pool` and
+    `test/happy -> pool/happy`). Folders one inside the other that share no class folder
+    (`train -> raw`, `test -> raw/heldout`: images are read at <split>/<class>/ only) pass."""
+    read_by: dict[str, str] = {}  # a class folder a link reads (lower case) -> that link
     for link, folder in sorted(folder_links.items()):
         if link == folder or link.startswith(folder + "/") or not _is_split_or_class_folder(link):
             continue
         if _is_split_or_class_folder(folder):
             raise _read_twice(str(archive), link, folder)
-        for other, earlier in read_as.items():
-            if other == folder or other.startswith(folder + "/") or folder.startswith(other + "/"):
+        split_link = link.split("/")[-1].lower() in SPLIT_FOLDERS
+        reads = ({f"{folder}/{name}".lower() for name in CLASS_INDEX} if split_link
+                 else {folder.lower()})
+        for read in reads:
+            earlier = read_by.setdefault(read, link)
+            if earlier != link:
                 raise _read_twice(str(archive), link, earlier)
-        read_as[folder] = link
 
 
 def _is_class_folder(parts: tuple[str, ...]) -> bool:

@@ -826,6 +826,24 @@ def test_a_folder_linked_into_two_splits_of_an_archive_is_refused(tmp_path, suff
         read_splits(archive)
 
 
+def test_split_links_to_folders_one_inside_the_other_sharing_no_class_folder_are_read(
+        tmp_path):
+    """`train -> raw` and `test -> raw/heldout`: nested, but images are read at
+    <split>/<class>/ only, so no face is read twice (train/heldout/angry is one folder too
+    deep); the archive reads as the unpacked tree does, not refused."""
+    archive = tmp_path / "nested.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("raw/angry/1.png", encode_image(shaded_image("angry", serial=1)))
+        handle.writestr("raw/heldout/angry/2.png", encode_image(shaded_image("angry", serial=2)))
+        for name, target in {"train": "raw", "test": "raw/heldout"}.items():
+            link = zipfile.ZipInfo(name)
+            link.external_attr = (0o120777 << 16)
+            handle.writestr(link, target)
+    splits = read_splits(archive)
+    assert splits["train"].class_counts()["angry"] == 1
+    assert splits["test"].class_counts()["angry"] == 1
+
+
 @pytest.mark.parametrize("link", ["test", "test/happy"])
 def test_a_folder_linked_into_two_splits_is_refused(tmp_path, link):
     """`ln -s train test` to get past "missing split 'test'" (or one class folder linked
