@@ -198,8 +198,9 @@ def seen_in_training(run_dir: Path, scored: Dataset, *, data_dir: Path) -> int |
         return None
     if recorded["sha256"] == scored.sha256:  # its own test split: the split keeps them apart
         return 0
-    if recorded.get("test_split_sha256") == split_sha256(scored.test):  # the same, from
-        return 0  # another copy of its data (the archive its folder was unpacked from)
+    if ("test_split_sha256" in recorded  # runs since the manifest records it
+            and recorded["test_split_sha256"] == split_sha256(scored.test)):  # its own test
+        return 0  # split from another copy of its data (the archive its folder came from)
     source = str(recorded.get("source"))
     try:
         trained_on = load_dataset(Path(source), cache_dir=data_dir)

@@ -179,8 +179,9 @@ def _fit_members(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, why: str,
     """Train the run's members one after another (each continued from its checkpoint), then
     write the run's training files; a stop logs how to resume. ``resuming``: this process,
     added to the run's resumes when it first trains a member on (its checkpoint read whole)
-    or, every member having finished, saves the run (a resume that fails before, on a
-    checkpoint another Keras wrote, say, continued nothing and is not listed)."""
+    or, every member having finished, is about to save the run (a resume that fails before,
+    on a checkpoint another Keras wrote, say, continued nothing and is not listed; one whose
+    save then fails, on a full disk, is, as the manifest it writes must list it)."""
     config = run.config
 
     def continuing() -> None:
