@@ -444,9 +444,10 @@ def _walk_files(root: Path) -> Iterator[Path]:
             continue
         parts = here.relative_to(root).parts
         if _is_class_folder(parts):  # (a split folder's name may be anyone's: a venv's test/)
-            earlier = read_as.setdefault(os.path.realpath(here), "/".join(parts))
-            if earlier != "/".join(parts):
-                raise _read_twice(str(root), "/".join(parts), earlier)
+            name = "/".join(parts)
+            earlier = read_as.setdefault(os.path.realpath(here), name)
+            if earlier != name:
+                raise _read_twice(str(root), name, earlier)
         for name in names:
             path = here / name
             if path.is_file():  # a file, or a link to one; not a broken link or a socket
@@ -669,7 +670,7 @@ def _through_folder_links(files: list[tuple[str, Callable[[], bytes]]],
     _check_read_once(folder_links, archive=archive)
     linked = []
     for link, folder in folder_links.items():
-        if link == folder or link.startswith(folder + "/"):
+        if _is_loop_link(link, folder):
             continue
         prefix = folder + "/"
         linked += [(f"{link}/{name[len(prefix):]}", read)
@@ -686,7 +687,7 @@ def _check_read_once(folder_links: dict[str, str], *, archive: Path) -> None:
     (`train -> raw`, `test -> raw/heldout`: images are read at <split>/<class>/ only) pass."""
     read_by: dict[str, str] = {}  # a class folder a link reads (lower case) -> that link
     for link, folder in sorted(folder_links.items()):
-        if link == folder or link.startswith(folder + "/") or not _is_split_or_class_folder(link):
+        if _is_loop_link(link, folder) or not _is_split_or_class_folder(link):
             continue
         if _is_split_or_class_folder(folder):
             raise _read_twice(str(archive), link, folder)
@@ -697,6 +698,11 @@ def _check_read_once(folder_links: dict[str, str], *, archive: Path) -> None:
             earlier = read_by.setdefault(read, link)
             if earlier != link:
                 raise _read_twice(str(archive), link, earlier)
+
+
+def _is_loop_link(link: str, folder: str) -> bool:
+    """Whether an archive's link names a folder holding it (followed, it would loop)."""
+    return link == folder or link.startswith(folder + "/")
 
 
 def _is_class_folder(parts: tuple[str, ...]) -> bool:

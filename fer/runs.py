@@ -61,8 +61,13 @@ class PublishResult:
 
     @property
     def champion_note(self) -> str:
+        return self.note(override="--force-champion")
+
+    def note(self, *, override: str) -> str:
+        """:func:`champion_note` for this result, naming ``override`` (an option, or a
+        flow's parameter) as what makes the run the champion."""
         return champion_note(became=self.became_champion, now=self.is_champion,
-                             because=self.not_champion_because)
+                             because=self.not_champion_because, override=override)
 
 
 def champion_note(*, became: bool, now: bool, because: str | None = None,

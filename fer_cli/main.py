@@ -208,6 +208,8 @@ ProfileOption = Annotated[str, typer.Option(
     help=f"preset: {' | '.join(PROFILES)} (see README); explicit options win")]
 DataOption = Annotated[str | None, typer.Option(
     help="file, folder, archive, URL or s3://; default: the fetched dataset")]
+
+
 def _folder_path(value: str | Path) -> Path:
     """An --out as given; an empty one (`--out "$OUT"`, the variable unset) is refused, where
     Path("") would have named the current folder."""
@@ -351,7 +353,10 @@ def train(
         return
     settings = (_store_settings(storage=storage, endpoint_url=endpoint_url, data=data)
                 if publish else _settings(storage=storage, endpoint_url=endpoint_url))
-    only_publish = publish and resume is not None and _finished(resume)  # reads the run
+    from fer.checkpoint import is_complete
+
+    only_publish = publish and resume is not None and is_complete(resume)  # a stop while
+    # publishing, a flow run that crashed after scoring: publishing is what is left
     if not only_publish:  # (the resume command a failed publish names: the folder may be
         check_writable(resume or out, "--resume" if resume else "--out")  # another user's)
     if publish:
@@ -636,14 +641,6 @@ def _train_locally(config: TrainConfig, *, data: str | None, settings: Settings,
 
     return train_run(dataset, config, verbose=_keras_verbosity(), resume_flags=resume_flags,
                      data_origin=source.origin)
-
-
-def _finished(run_dir: Path) -> bool:
-    """Whether a run named by ``--resume --publish`` had finished (a stop while publishing,
-    a flow run that crashed after scoring): then publishing is what is left."""
-    from fer.checkpoint import is_complete
-
-    return is_complete(run_dir)
 
 
 def _resolved_data(data: str | None, settings: Settings):

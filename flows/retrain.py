@@ -39,7 +39,7 @@ from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.fetch import check_can_fetch, check_not_empty
 from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
-from fer.runs import REPORT, PublishResult, champion_note
+from fer.runs import REPORT, PublishResult
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
@@ -327,9 +327,7 @@ def retrain(
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
-    note = champion_note(became=published.became_champion, now=published.is_champion,
-                         because=published.not_champion_because,
-                         override="the force_champion parameter")
+    note = published.note(override="the force_champion parameter")
     print(f"published run {published.run_id} to {published.location}{note}")
     return {
         "run_id": published.run_id,
