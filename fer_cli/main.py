@@ -599,11 +599,11 @@ def retrain(
     from fer.runs import champion_note
 
     with server:
-        result = flows_retrain.retrain(**options, data=data, storage=storage, seed=seed,
-                                       split_seed=split_seed, val_fraction=val_fraction,
-                                       out_dir=str(out), precision=precision,
-                                       endpoint_url=endpoint_url, create_bucket=create_bucket,
-                                       force_champion=force_champion)
+        result = flows_retrain.retrain_in_this_process(
+            **options, data=data, storage=storage, seed=seed, split_seed=split_seed,
+            val_fraction=val_fraction, out_dir=str(out), precision=precision,
+            endpoint_url=endpoint_url, create_bucket=create_bucket,
+            force_champion=force_champion)
     typer.echo(f"run {result['run_id']}: test accuracy {result['accuracy']:.4f}, macro-F1 "
                f"{result['macro_f1']:.4f}; published to {_printable(result['location'])}"
                + champion_note(became=result["became_champion"], now=result["is_champion"],

@@ -48,7 +48,7 @@ from prefect.workers.process import ProcessWorker
 
 from fer.errors import FerError
 from flows.remote import api_refused, require_api
-from flows.retrain import check_parameters
+from flows.retrain import FER_TAG, check_parameters
 
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
@@ -70,7 +70,6 @@ WATCH_EVENT = "fer.flow-run.watch"
 # A trigger service apart from the API (not `prefect server start`'s, which loads a changed
 # rule at once) loads it on its next 5 s reconcile, after an evaluation pass: sent again then.
 WATCH_RESEND_S = 12
-FER_TAG = "fer"  # every deployment of deploy/prefect.yaml tags its runs so
 FER_TAG_RESOURCE = f"prefect.tag.{FER_TAG}"  # the tag as events name it
 
 
@@ -235,7 +234,8 @@ def ensure_crash_detection(*, crash_after_s: int | None) -> AutomationCore:
         ),
         actions=[ChangeFlowRunState(
             state=StateType.CRASHED,
-            message=f"no heartbeat for {crash_after_s} s: its worker or machine stopped")],
+            message=f"no heartbeat for {crash_after_s} s: its worker, or the `fer retrain` "
+                    "running it, or their machine stopped")],
     )
     with get_client(sync_client=True) as client:
         changed = not existing

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pydantic
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
@@ -49,6 +49,10 @@ NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a fla
 # (train continues or takes its run folder, evaluate keeps a complete run's reports,
 # publishing is idempotent), so none is cached.
 TASK_OPTIONS = {"cache_policy": NO_CACHE}
+# deploy/prefect.yaml tags every deployment's runs so, and `fer retrain` its run in its own
+# process: the crash automation of `fer deploy` watches the runs that carry it.
+FER_TAG = "fer"
+IN_PROCESS_TAG = "in-process"
 REPORT_ARTIFACT = "classification-report"
 METRICS_ARTIFACT = "test-metrics"
 
@@ -338,6 +342,16 @@ def retrain(
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
     }
+
+
+def retrain_in_this_process(**parameters: typing.Any) -> dict:
+    """The retrain flow run by ``fer retrain``, tagged FER_TAG as the deployments' runs are:
+    with PREFECT_API_URL set, the run is the server's, and should this process die without
+    a word (killed, its machine lost) the crash automation marks it Crashed instead of it
+    showing Running for ever. It does not take work pool `fer`'s slot: it trains now, beside
+    a deployed run, not after it."""
+    with tags(FER_TAG, IN_PROCESS_TAG):
+        return retrain(**parameters)
 
 
 def check_parameters(parameters: dict) -> None:

@@ -975,6 +975,45 @@ def test_a_run_whose_worker_died_is_marked_crashed_and_frees_the_pool(worker, ti
 
 
 @integration
+def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefect_api,
+                                                                          tiny_fer_zip,
+                                                                          tmp_path):
+    """`fer retrain` with PREFECT_API_URL set records its run on that server. Killed outright
+    (its machine lost), nothing reported the run's end, and it showed Running for ever: its
+    run had no `fer` tag, which the crash automation watches. It has the tag now, as the
+    deployments' runs do, and is marked Crashed."""
+    runs = tmp_path / "runs"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(prefect_api.client_env(), FER_DATA_DIR=str(tmp_path / "data"),
+               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3",
+               PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")  # Prefect's shortest
+    ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
+    try:
+        with (tmp_path / "stderr").open("w") as log:
+            retrain_here = subprocess.Popen(
+                [*FER, "retrain", "--epochs", "300", "--batch-size", "32", "--data",
+                 str(tiny_fer_zip), "--out", str(runs)], cwd=REPO, env=env,
+                stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                deadline = time.monotonic() + 240
+                while epochs_done(runs) < 1:
+                    assert retrain_here.poll() is None and time.monotonic() < deadline, (
+                        (tmp_path / "stderr").read_text()[-3000:])
+                    time.sleep(0.2)
+            finally:
+                retrain_here.kill()
+                retrain_here.wait()
+        killed_at = time.monotonic()
+        with get_client(sync_client=True) as client:
+            (run,) = [run for run in client.read_flow_runs()
+                      if run.parameters.get("out_dir") == str(runs)]
+        assert {"fer", "in-process"} <= set(run.tags)
+        assert_marked_crashed(run.id, still="Running", since=killed_at)
+    finally:
+        ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
+
+
+@integration
 def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(prefect_api,
                                                                              deployed):
     """A worker that takes a run (Pending) and dies before the run sends its first
