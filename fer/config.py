@@ -118,6 +118,16 @@ class TrainConfig:
     out_dir: Path = Path("runs")
 
 
+def folder_named(value: str | Path) -> Path:
+    """A folder as a user or a deployment named it. An empty one (`--out "$OUT"` with the
+    variable unset, a deployment's `out_dir: ""`) is refused, where Path("") would have
+    named the current folder; blank too: " " is a typo sooner than a folder."""
+    if not str(value).strip():
+        raise FerError(f"{str(value)!r} is empty: expected a folder path (`.` names the "
+                       "current folder)")
+    return Path(value)
+
+
 def check_writable(folder: Path, what: str) -> Path:
     """``folder`` (a run or data folder), checked to be a folder this user can write or
     create (nothing is created here): a one-line error naming ``what`` set it, before any

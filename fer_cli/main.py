@@ -29,6 +29,7 @@ from fer.config import (
     TrainConfig,
     check_store_named,
     check_writable,
+    folder_named,
 )
 from fer.errors import FerError, FileWriteError, RunStillGoing, expand_home
 from fer.profiles import PROFILES
@@ -211,12 +212,11 @@ DataOption = Annotated[str | None, typer.Option(
 
 
 def _folder_path(value: str | Path) -> Path:
-    """An --out as given; an empty one (`--out "$OUT"`, the variable unset) is refused, where
-    Path("") would have named the current folder."""
-    if not str(value).strip():  # blank too: `--out " "` is a typo sooner than a folder
-        raise typer.BadParameter(f"{str(value)!r} is empty: expected a folder path (`.` names "
-                                 "the current folder)")
-    return Path(value)
+    """An --out as given; an empty one is refused (folder_named)."""
+    try:
+        return folder_named(value)
+    except FerError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 OutOption = Annotated[Path, typer.Option(

@@ -34,6 +34,7 @@ from fer.config import (
     TrainConfig,
     check_store_named,
     check_writable,
+    folder_named,
 )
 from fer.errors import CheckpointError, FerError, StorageError, expand_home
 from fer.fetch import check_can_fetch, check_not_empty
@@ -401,8 +402,11 @@ def _train_config(arguments: dict) -> TrainConfig:
     defaults are TrainConfig's own, so one left out is the default either way)."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {name: value for name, value in arguments.items() if name in fields}
-    if "out_dir" in options:
-        options["out_dir"] = Path(options["out_dir"])
+    if "out_dir" in options:  # a deployment's `out_dir: ""` had trained into "."
+        try:
+            options["out_dir"] = folder_named(options["out_dir"])
+        except FerError as exc:
+            raise FerError(f"{parameter_name('out_dir')} {exc}") from None
     return TrainConfig(**options)
 
 

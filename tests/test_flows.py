@@ -166,6 +166,8 @@ def test_an_empty_data_parameter_is_refused_by_fer_deploy():
     empty `storage:` or `endpoint_url:` fails the run when it fires."""
     with pytest.raises(FerError, match=r"data source '' is empty"):
         check_parameters({"data": ""})
+    with pytest.raises(FerError, match=r"^out_dir: ' ' is empty: expected a folder path"):
+        check_parameters({"out_dir": " "})  # had trained into the worker's working folder
     with pytest.raises(FerError, match=r"storage '' is empty"):
         check_parameters({"storage": ""})
     with pytest.raises(FerError, match=r"endpoint URL ' ' is empty"):
@@ -204,6 +206,8 @@ def test_an_out_dir_the_run_cannot_write_is_refused_before_any_download(tmp_path
     monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "data"))
     with pytest.raises(FerError, match=r"^out_dir: .*taken/runs: .*taken is a file, not a folder"):
         retrain.fn(out_dir=str(tmp_path / "taken" / "runs"), data="https://127.0.0.1:9/f.zip")
+    with pytest.raises(FerError, match=r"^out_dir: '' is empty: expected a folder path"):
+        retrain.fn(out_dir="", data="https://127.0.0.1:9/f.zip")  # not the working folder
     monkeypatch.setenv("FER_DATA_DIR", str(tmp_path / "taken" / "data"))
     with pytest.raises(FerError, match=r"^FER_DATA_DIR .*taken/data: .*taken is a file"):
         retrain.fn(out_dir=str(tmp_path / "runs"), data="https://127.0.0.1:9/f.zip")
