@@ -59,10 +59,11 @@ UNDECODABLE = ("not a decodable image (expected a jpg, png or other format OpenC
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".jp2", ".bmp", ".dib", ".gif",
                   ".webp", ".avif", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pxm", ".pnm",
                   ".pfm", ".sr", ".ras", ".exr", ".hdr", ".pic")
-CACHE_FORMAT = 6  # bump when decoding changes (2: one resize for train and predict; 3: each
+CACHE_FORMAT = 7  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
 # 4: one CSV beside image folders is not the dataset, labels are ASCII digits only; 5: images
-# with an alpha channel are seen on white; 6: so are PNGs with tRNS, turned alpha follows EXIF)
+# with an alpha channel are seen on white; 6: so are PNGs with tRNS, turned alpha follows EXIF;
+# 7: an archive's images in name order, as its unpacked folder's, so that both split alike)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_ALPHA_COLOUR_TYPES = (4, 6)  # IHDR colour type: grey + alpha, RGB + alpha
 PNG_TRNS_COLOUR_TYPES = (2, 3)  # RGB, palette: transparent with a tRNS chunk (pngquant's)
@@ -803,6 +804,8 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
     """
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
     labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
+    # (class folder, file name) of each image, to put a split in a folder's sorted order
+    names: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLIT_FOLDERS}
     skipped: list[str] = []
     # per split: the folder holding it -> its first entry (train/ and test/ may sit in
     # different folders, as two archives unpacked each into its own, but one split once)
@@ -835,8 +838,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
             raise DataError(f"{origin}: entry '{name}' is {UNDECODABLE}")
         images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
-    splits = {s: Split(images=np.stack(images[s]), labels=np.asarray(labels[s], dtype=np.int64))
-              for s in SPLIT_FOLDERS if images[s]}
+        names[split].append(parts[-2:])
+    splits = {s: _in_name_order(images[s], labels[s], names[s]) for s in SPLIT_FOLDERS
+              if images[s]}
     if splits and skipped:
         log.warning("%s: %d file%s outside <train|test>/<class>/ %s not read (the first: '%s')",
                     origin, len(skipped), "" if len(skipped) == 1 else "s",
@@ -850,6 +854,18 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
         raise DataError(f"{origin}: no images found (empty source; expected train/<class>/*.jpg "
                         "and test/<class>/*.jpg, or a fer2013.csv)")
     return splits
+
+
+def _in_name_order(images: list[np.ndarray], labels: list[int],
+                   names: list[tuple[str, str]]) -> Split:
+    """A split's images sorted by class folder and file name, as a folder's are read: an
+    archive lists them in the order they were added (a zip tool's, a file manager's), and
+    validation is carved by position, so an archive and its unpacked folder carve the same
+    validation images from one --split-seed. (Sorted after decoding: a .tar.gz read out of
+    order would decompress it again for each image.)"""
+    order = sorted(range(len(names)), key=names.__getitem__)  # stable: a zip's repeated name
+    return Split(images=np.stack([images[i] for i in order]),
+                 labels=np.asarray([labels[i] for i in order], dtype=np.int64))
 
 
 def decode_grayscale(data: bytes) -> np.ndarray | None:

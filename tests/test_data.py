@@ -508,6 +508,34 @@ def test_validation_split_is_stratified_and_seeded():
     assert not set(val_a.images[:, 0, 0]) & set(train_a.images[:, 0, 0])
 
 
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_an_archive_in_any_entry_order_carves_its_folders_validation(tmp_path, suffix):
+    """One --split-seed carves the same validation images from a folder and from an archive
+    of it whose entries are in another order (a zip tool's, a file manager's): validation
+    is carved by position, and the archive's images had kept the order they were added in."""
+    import random
+    import tarfile
+
+    folder = write_image_tree(tmp_path / "layout", per_class=12)
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    random.Random(3).shuffle(files)
+    archive = tmp_path / f"ds{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as handle:
+            for path in files:
+                handle.write(path, path.relative_to(folder).as_posix())
+    else:
+        with tarfile.open(archive, "w:gz") as handle:
+            for path in files:
+                handle.add(path, arcname=path.relative_to(folder).as_posix())
+    unpacked = load_dataset(folder, cache_dir=tmp_path / "cache", val_fraction=0.25, seed=9)
+    packed = load_dataset(archive, cache_dir=tmp_path / "cache", val_fraction=0.25, seed=9)
+    for name in ("train", "validation", "test"):
+        ours, theirs = getattr(packed, name), getattr(unpacked, name)
+        assert np.array_equal(ours.images, theirs.images), name
+        assert np.array_equal(ours.labels, theirs.labels), name
+
+
 def test_decoded_cache_is_used_on_second_load(tmp_path, shaded_csv, monkeypatch):
     """The second load reads the sha256-keyed npz cache (no decoding) and returns the same."""
     cache = tmp_path / "cache"
