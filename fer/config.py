@@ -133,12 +133,14 @@ def check_writable(folder: Path, what: str) -> Path:
     create (nothing is created here): a one-line error naming ``what`` set it, before any
     download, decoding or training rather than after."""
     existing = folder
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # nothing can be created there: mkdir finds it taken
+    # os.path's tests, not Path's: they say False where a folder above may not be entered
+    # (Path.exists raises PermissionError), and the walk goes on up to that folder
+    while not os.path.exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):  # nothing can be created there: mkdir finds it taken
             raise FerError(f"{what} {folder}: {existing} is a link to "
                            f"{os.readlink(existing)}, which does not exist (a disk not mounted?)")
         existing = existing.parent
-    if not existing.is_dir():
+    if not os.path.isdir(existing):
         raise FerError(f"{what} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FerError(f"{what} {folder}: {existing} is not writable by this user")

@@ -236,7 +236,8 @@ def check_can_fetch(data: str | None, *, data_dir: Path) -> None:
     read where it is and the current dataset where fetch-data put it: a data folder
     provisioned read-only (a container's volume mounted ``:ro`` after ``fer fetch-data``)
     serves them, only its decode cache going unwritten (a warning)."""
-    if (_is_remote(data) if data is not None else not (data_dir / CURRENT_POINTER).exists()):
+    if (_is_remote(data) if data is not None  # (os.path: False in a folder not enterable)
+            else not os.path.exists(data_dir / CURRENT_POINTER)):
         check_writable(data_dir, "FER_DATA_DIR")
 
 

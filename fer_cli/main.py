@@ -251,11 +251,15 @@ def _existing(*, folder: bool):
             value = expand_home(value, what="path")
         except FerError as exc:  # a ~user that is no user
             raise typer.BadParameter(str(exc)) from None
-        if not value.exists():
-            raise typer.BadParameter(f"{kind} '{value}' does not exist.")
+        try:
+            if not value.exists():
+                raise typer.BadParameter(f"{kind} '{value}' does not exist.")
+        except PermissionError:  # a folder above it that this user may not enter
+            raise typer.BadParameter(f"{kind} '{value}' cannot be reached: a folder above it "
+                                     "is not readable by this user.") from None
         if value.is_dir() != folder:
             raise typer.BadParameter(f"{kind} '{value}' is a {'file' if folder else 'directory'}.")
-        if not os.access(value, os.R_OK):
+        if not os.access(value, os.R_OK | (os.X_OK if folder else 0)):  # a folder: entered too
             raise typer.BadParameter(f"{kind} '{value}' is not readable.")
         return value
     return check
@@ -431,11 +435,18 @@ def _given(ctx: typer.Context, name: str) -> bool:
 PUBLISH_OPTIONS = ("storage", "create_bucket", "force_champion")
 
 
+def _as_typed(ctx: typer.Context, names: list[str]) -> str:
+    """Options as the user typed them: a switch given as False is its --no- form (a
+    refused `--no-tta` had been named --tta)."""
+    return ", ".join(("--no-" if ctx.params.get(name) is False else "--")
+                     + name.replace("_", "-") for name in names)
+
+
 def _check_publish_options(ctx: typer.Context) -> None:
     # `--no-force-champion` and `--no-create-bucket` turn off what is off here: harmless
     given = [name for name in PUBLISH_OPTIONS if _given(ctx, name) and ctx.params[name] is not False]
     if given:
-        named = ", ".join("--" + name.replace("_", "-") for name in given)
+        named = _as_typed(ctx, given)
         raise typer.BadParameter(f"{named} {'has' if len(given) == 1 else 'have'} no effect "
                                  "unless the run is published; add --publish",
                                  param_hint="--publish")
@@ -460,7 +471,7 @@ def _check_resume_alone(ctx: typer.Context, *, remote: bool, publish: bool, data
     if remote:
         given.append("remote")
     if given:
-        named = ", ".join("--" + name.replace("_", "-") for name in given)
+        named = _as_typed(ctx, given)
         raise typer.BadParameter(f"takes the options and data the run recorded; leave out "
                                  f"{named}", param_hint="--resume")
     _check_data_named(data)
@@ -613,7 +624,8 @@ def retrain(
 @app.command()
 def deploy(
     project_dir: Annotated[Path, typer.Option(
-        callback=_existing(folder=True), help="checkout holding deploy/prefect.yaml")
+        parser=_folder_path, callback=_existing(folder=True), metavar="<path>",
+        help="checkout holding deploy/prefect.yaml")
     ] = Path("."),
     name: Annotated[list[str] | None, typer.Option(
         "--name", help="only these deployments (repeatable); default: all")] = None,
@@ -875,7 +887,8 @@ def reports_show(
 @reports_app.command("get")
 def reports_get(
     ref: Annotated[str, typer.Argument(help="run id, 'latest' or 'champion'")],
-    dest: Annotated[Path, typer.Option(help="folder that receives <run-id>/")] = Path("."),
+    dest: Annotated[Path, typer.Option(parser=_folder_path, metavar="<path>",
+                                       help="folder that receives <run-id>/")] = Path("."),
     storage: StorageOption = None,
     endpoint_url: EndpointOption = None,
 ) -> None:
@@ -974,6 +987,11 @@ def main() -> None:
         sys.exit(EXIT_RUN_STILL_GOING if isinstance(exc, RunStillGoing) else 1)
     except FileWriteError as exc:  # a full disk under `fer evaluate --out`, say
         typer.echo(f"error: cannot write {exc.filename}: {exc.strerror}", err=True)
+        sys.exit(1)
+    except PermissionError as exc:  # a path under a folder this user may not enter
+        where = f"{_printable(str(exc.filename))}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror} (this user may not read it, or enter a "
+                   "folder above it)", err=True)
         sys.exit(1)
     except SystemExit:
         if terminated:  # Typer exits 130 (Ctrl-C's) for the interrupt the signal raised

@@ -51,6 +51,63 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
     assert "Traceback" not in result.stderr + result.stdout
 
 
+# Root (as these tests run) passes permission bits by its capabilities: without them, as
+# setpriv runs a command here, a folder of mode 0 shuts it out as it does any user.
+WITHOUT_OVERRIDES = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                     "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_fer_as_a_user(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """run_fer as a user whom permission bits stop."""
+    if os.geteuid() != 0:
+        return run_fer(*args, env=env)
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to run fer as root without its overrides")
+    return subprocess.run([*WITHOUT_OVERRIDES, *FER, *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600, check=False)
+
+
+@pytest.fixture
+def shut(tmp_path) -> Path:
+    """A folder that this user may not list or enter (another user's home, say), holding a
+    runs/ folder and a model file."""
+    folder = tmp_path / "shut"
+    (folder / "runs").mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"")
+    folder.chmod(0)
+    yield folder
+    folder.chmod(0o755)
+
+
+def test_a_path_in_a_folder_this_user_may_not_enter_is_one_error_line(shut, tmp_path):
+    """`fer train --out /root/runs` as a user, a --model or FER_DATA_DIR in another user's
+    home: Path.exists raised PermissionError there, and fer printed a traceback."""
+    data = write_image_tree(tmp_path / "layout")
+    env = {"FER_DATA_DIR": str(tmp_path / "data")}
+    wide = {"COLUMNS": "400"}  # a usage error's box wraps the folder's long name otherwise
+    assert_one_line_error(run_fer_as_a_user("train", "--epochs", "1", "--data", data, "--out",
+                                            shut / "runs", env=env),
+                          rf"^error: --out {shut}/runs: {shut} is not writable by this user$")
+    assert_one_line_error(run_fer_as_a_user("fetch-data", "--source", data,
+                                            env={"FER_DATA_DIR": str(shut / "fer")}),
+                          rf"^error: FER_DATA_DIR {shut}/fer: {shut} is not writable by this user$")
+    assert_one_line_error(run_fer_as_a_user("train", "--epochs", "1", "--out", tmp_path / "runs",
+                                            env={"FER_DATA_DIR": str(shut / "fer")}),
+                          rf"^error: FER_DATA_DIR {shut}/fer: {shut} is not writable by this user$")
+    (tmp_path / "runs").mkdir()  # compared with the store's runs/, which fer may not see
+    assert_one_line_error(run_fer_as_a_user("train", "--epochs", "1", "--data", data, "--out",
+                                            tmp_path / "runs", "--publish", "--storage",
+                                            shut / "store", env=env),
+                          rf"^error: {shut}/store/runs: Permission denied \(this user may not "
+                          r"read it, or enter a folder above it\)$")
+    assert re.search(rf"File '{shut}/model.keras' cannot be reached: a folder above it is not "
+                     r"readable by this user", usage_error(run_fer_as_a_user(
+                         "evaluate", "--model", shut / "model.keras", env=wide)))
+    shut.chmod(0o444)  # listed, not entered: a resume would read nothing in it
+    assert re.search(rf"Directory '{shut}' is not readable", usage_error(run_fer_as_a_user(
+        "train", "--resume", shut, "--publish", env=wide)))
+
+
 def test_train_help_shows_each_profiles_settings():
     """`fer train --help` states the epochs, batch size, learning rate, flip averaging and
     ensemble size each profile trains with, as fer.profiles defines them (the help once
@@ -146,6 +203,17 @@ def test_an_empty_out_is_refused(tmp_path, command):
     message = usage_error(run_fer(*command, "--out", "", cwd=tmp_path))
     assert "Invalid value for '--out': '' is empty: expected a folder path" in message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]
+
+
+@pytest.mark.parametrize("command", [["reports", "get", "latest", "--dest", ""],
+                                     ["deploy", "--project-dir", " "]])
+def test_an_empty_dest_or_project_dir_is_refused(tmp_path, command):
+    """`fer reports get latest --dest "$DEST"` with the variable unset downloaded into the
+    current folder, and `fer deploy --project-dir ""` registered its checkout, exit 0."""
+    message = usage_error(run_fer(*command, cwd=tmp_path,
+                                  env={"FER_STORAGE": str(tmp_path / "store")}))
+    assert re.search(r"Invalid value for '--(dest|project-dir)': '\s*' is empty: expected a "
+                     r"folder path", message), message
 
 
 def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):
@@ -490,6 +558,8 @@ def test_resume_takes_no_options_of_its_own(tmp_path):
     result = run_fer("train", "--resume", tmp_path, "--epochs", "3", "--seed", "2")
     assert result.returncode == 2, result.stderr
     assert "leave out --epochs, --seed" in " ".join(result.stderr.split())
+    # named as typed: it had said "leave out --tta" to a user who typed --no-tta
+    assert "leave out --no-tta" in usage_error(run_fer("train", "--resume", tmp_path, "--no-tta"))
 
 
 def test_resume_refuses_an_endpoint_it_would_not_use(tmp_path):
