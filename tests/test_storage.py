@@ -61,6 +61,24 @@ def test_a_file_url_as_a_file_manager_copies_it_names_its_folder(tmp_path, monke
     assert [s.run_id for s in list_runs(open_store("file://old%20store"))] == ["run-b"]
 
 
+def test_s3_requests_name_the_bucket_in_the_path_as_minio_needs(monkeypatch, tmp_path):
+    """Path-style addressing, http://minio:9000/BUCKET/KEY, even where the user's AWS config
+    asks for virtual-hosted style (AWS's: BUCKET.minio:9000, a name the compose stack's
+    network does not know). The S3 tests' 127.0.0.1 endpoints get path style whatever the
+    setting, so this checks it with the compose stack's endpoint (a presigned URL is made
+    without a request)."""
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\ns3 =\n    addressing_style = virtual\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)  # the [default] profile above
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fer")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fer-secret")
+    store = S3Store("fer-artifacts", prefix="prod", endpoint_url="http://minio:9000")
+    url = store._client.generate_presigned_url(
+        "get_object", Params={"Bucket": store.bucket, "Key": "prod/latest.json"})
+    assert url.startswith("http://minio:9000/fer-artifacts/prod/latest.json?"), url
+
+
 def test_both_backends_have_every_method_the_interface_declares():
     """Publishing and reports are written against Store alone: a method it declares that a
     backend lacks fails only when that backend is in use (in a user's run, not here)."""
