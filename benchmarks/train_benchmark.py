@@ -75,6 +75,10 @@ def main() -> None:
                                                precision=precision)
         print(f"seed: {seed_ips:.1f} train images/s over {steps} steps of 64 ({precision})",
               flush=True)
+        epoch = one_epoch_of_steps(dataset.train, 64)
+        if steps < epoch:  # a quick look; issue 7's speed targets time at least one epoch
+            print(f"note: the seed was timed over {steps} steps, under one epoch's {epoch}: "
+                  "the ratios below are not target figures", flush=True)
 
     profile = PROFILES[args.profile]
     overrides = {key: value for key, value in (("epochs", args.epochs), ("model", args.model),

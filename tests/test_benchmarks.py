@@ -108,6 +108,9 @@ def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_avera
                       tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^seed: \d+\.\d train images/s over 3 steps of 64", done.stdout, re.MULTILINE)
+    # under one epoch's steps (the subset's): said, so that no one takes it for a target figure
+    assert re.search(r"^note: the seed was timed over 3 steps, under one epoch's \d+: the "
+                     r"ratios below are not target figures$", done.stdout, re.MULTILINE)
     assert re.search(r"^ratios: training images/s \d+\.\d\dx the seed's \(batch 128 against the "
                      r"seed's 64\) \(ours over every epoch, .*\); wall time \d+\.\d{3} of the "
                      r"seed's 20 epochs", done.stdout,
