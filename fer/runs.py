@@ -105,6 +105,8 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     accuracy would be choosing the model on the test set; across different data neither
     figure compares.
     """
+    if isinstance(store, LocalStore):  # a run folder trained into the store's own runs/: its
+        _check_outside(store, Path(run_dir).parent)  # manifest is read as a damaged one
     run = _read_run_folder(Path(run_dir))
     try:
         published = _load_manifest(store, run.run_id)
@@ -194,8 +196,17 @@ def _upload(run: _LocalRun, remote: dict[str, Any], store: Store, *, manifest: b
     # Artifacts first, manifest last: until the manifest lands the run does not exist.
     for name in run.files:
         store.put_file(_run_key(run.run_id, name), run.folder / name)
-    if manifest:
-        store.put_bytes(_run_key(run.run_id, MANIFEST), _dump(remote))
+    if manifest and not store.put_bytes_if(_run_key(run.run_id, MANIFEST), _dump(remote),
+                                           version=None):
+        # another publisher of this run id wrote its manifest since ours was read as missing:
+        # the same run (a retry and a `fer publish`) is fine; another folder is not
+        theirs = _load_manifest(store, run.run_id)
+        if theirs is None or theirs.get("files") != run.files:
+            raise StorageError(
+                f"run '{run.run_id}' was published at {store.url(_run_key(run.run_id, ''))} "
+                "meanwhile, by another publisher, with other files, and its files there may "
+                "now mix both: publish the run folder that manifest came from again to restore "
+                "them, and give this one a new run_id in its manifest.json")
 
 
 def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool
@@ -664,9 +675,10 @@ def _safe_parts(name: str, *, run: PublishedRun) -> tuple[str, ...]:
 
 
 def _escapes_run_folder(name: str) -> bool:
-    """Whether a file name from a manifest is empty, absolute or climbs out with '..'."""
+    """Whether a file name from a manifest is empty, absolute or climbs out with '..', or
+    holds a NUL, which no file name can (open() raised ValueError: a traceback)."""
     path = PurePosixPath(name)
-    return not path.parts or path.is_absolute() or ".." in path.parts
+    return not path.parts or path.is_absolute() or ".." in path.parts or "\0" in name
 
 
 def _verify(digest: str, *, run: PublishedRun, name: str) -> None:

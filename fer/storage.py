@@ -659,6 +659,8 @@ def _folder_named(url: str) -> str | None:
     host, slash, path = rest.partition("/")
     if host.lower() == "localhost" and slash:
         rest = "/" + path
+    if not rest.strip():  # `file://$STORE` with the variable unset: Path("") is "."
+        raise StorageError(f"storage URL {url!r} names no folder: expected file://PATH")
     try:
         decoded = unquote(rest, errors="strict")
     except UnicodeDecodeError:

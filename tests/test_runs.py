@@ -409,6 +409,51 @@ def test_a_run_an_older_fer_published_whole_is_published_again_as_it_was(store, 
     assert set(resolve_run(elsewhere, "run-a").manifest["files"]) == published
 
 
+class ReadBeforeTheOtherWrote:
+    """A store whose first read of a run's manifest answers what it held before another
+    publisher of that run id wrote its own: nothing."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.read = inner, False
+
+    def get_versioned(self, key):
+        if key.endswith("/manifest.json") and not self.read:
+            self.read = True
+            return None, None
+        return self.inner.get_versioned(key)
+
+    def get_bytes(self, key):
+        return self.get_versioned(key)[0]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_two_publishers_of_one_run_id_at_once_are_told_apart(store, runs):
+    """Two publishers of one run id that both read its manifest as missing: the second's
+    manifest had overwritten the first's, over files mixed from both, without a word. A
+    second publisher of the same folder (a flow's retry beside `fer publish`) goes on."""
+    folder = make_run(runs, "run-a", accuracy=0.5)
+    publish_run(folder, store)
+    assert publish_run(folder, ReadBeforeTheOtherWrote(store)).run_id == "run-a"
+    other = make_run(runs / "elsewhere", "run-a", accuracy=0.6)
+    with pytest.raises(StorageError, match=r"run 'run-a' was published at .* meanwhile, by "
+                                           r"another publisher, with other files"):
+        publish_run(other, ReadBeforeTheOtherWrote(store))
+    assert resolve_run(store, "run-a").manifest["metrics"]["accuracy"] == 0.5  # the first's
+
+
+def test_a_manifest_file_name_holding_a_nul_is_refused_by_name(store, runs, tmp_path):
+    """A foreign or hand-edited manifest naming a file "a\\0b": open() raised ValueError,
+    a traceback, where a name that leaves the run folder is one error."""
+    publish_run(make_run(runs, "run-a", accuracy=0.5), store)
+    manifest = json.loads(store.get_bytes("runs/run-a/manifest.json"))
+    manifest["files"]["a\0b"] = manifest["files"]["history.csv"]
+    store.put_bytes("runs/run-a/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(StorageError, match=r"manifest of run 'run-a' names an unsafe file path"):
+        download_run(store, "run-a", dest=tmp_path / "copy")
+
+
 def test_republish_with_other_files_is_refused(store, runs):
     """A published run never changes: different files under the same id are refused."""
     folder = make_run(runs, "run-a", accuracy=0.5)
@@ -650,8 +695,14 @@ def test_a_run_folder_inside_a_folder_store_is_named_not_a_traceback(tmp_path, r
     expected = r"trained-here/manifest\.json is not the manifest of a published run .*--out"
     with pytest.raises(StorageError, match=expected):
         resolve_run(store, "trained-here")
-    with pytest.raises(StorageError, match=expected):
+    # `fer publish` of it says where it is; the advice for a damaged published manifest
+    # ("delete that one object and publish the run again") would delete the run's own
+    with pytest.raises(StorageError, match=r"artifacts/runs: is where the store .* keeps its "
+                                           r"published runs; .*keep run folders outside the "
+                                           r"store") as refused:
         publish_run(inside, store)
+    assert "delete" not in str(refused.value)
+    assert (inside / "manifest.json").is_file()
 
 
 class DeniesReadingManifests:

@@ -312,6 +312,16 @@ def test_an_s3_url_without_its_two_slashes_is_refused_not_misread(tmp_path, url)
         fetch_data(url, data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("url", ["file://", "FILE:// "])
+def test_a_file_url_naming_no_folder_is_refused(url, tmp_path, monkeypatch):
+    """`--storage "file://$STORE"` with the variable unset published into the current folder
+    (Path("") is "."), as an empty --storage no longer does."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match=r"names no folder: expected file://PATH"):
+        open_store(url)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_with_a_drive_letter_or_a_colon_further_on_is_still_a_folder(tmp_path):
     assert isinstance(open_store(str(tmp_path / "runs:2026")), LocalStore)
     assert isinstance(open_store("C:/runs"), LocalStore)
