@@ -105,12 +105,12 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     accuracy would be choosing the model on the test set; across different data neither
     figure compares.
     """
-    if isinstance(store, LocalStore):  # a run folder trained into the store's own runs/: its
-        _check_outside(store, Path(run_dir).parent)  # manifest is read as a damaged one
     run = _read_run_folder(Path(run_dir))
     try:
         published = _load_manifest(store, run.run_id)
     except NotFerObjectError as exc:  # not overwritten: it may be someone's run folder
+        if isinstance(store, LocalStore):  # trained into the store's own runs/: say so, not
+            _check_outside(store, Path(run_dir).resolve().parent)  # "delete the manifest"
         raise NotFerObjectError(
             f"{exc}; if it is this run's published manifest, damaged (a cut-short copy of "
             "the store), delete that one object and publish the run again") from None
@@ -172,8 +172,10 @@ def _check_outside(store: LocalStore, out_dir: Path) -> None:
     """A run folder trained inside the store's runs/ is read there as a published run whose
     manifest lacks what publishing adds: its publishing fails, after the training."""
     runs, out_dir = Path(store.url("runs")), out_dir.expanduser()
-    same = (os.path.samefile(out_dir, runs) if out_dir.exists() and runs.exists()  # mounts too
-            else out_dir.resolve() == runs.resolve())
+    with local_errors("read", runs):  # os.path: False in a folder this user may not enter
+        same = (os.path.samefile(out_dir, runs)  # mounts too
+                if os.path.exists(out_dir) and os.path.exists(runs)
+                else out_dir.resolve() == runs.resolve())
     if same:
         raise StorageError(f"{out_dir}: is where the store {store.location} keeps its "
                            "published runs; a run folder there cannot be published to it: keep "
@@ -196,17 +198,31 @@ def _upload(run: _LocalRun, remote: dict[str, Any], store: Store, *, manifest: b
     # Artifacts first, manifest last: until the manifest lands the run does not exist.
     for name in run.files:
         store.put_file(_run_key(run.run_id, name), run.folder / name)
-    if manifest and not store.put_bytes_if(_run_key(run.run_id, MANIFEST), _dump(remote),
-                                           version=None):
-        # another publisher of this run id wrote its manifest since ours was read as missing:
-        # the same run (a retry and a `fer publish`) is fine; another folder is not
+    if manifest:
+        _write_manifest(run, remote, store)
+
+
+def _write_manifest(run: _LocalRun, remote: dict[str, Any], store: Store) -> None:
+    """The run's manifest, written only where none is: another publisher of this run id may
+    have written its own since ours was read as missing. The same run (a flow's retry beside
+    `fer publish`) goes on; another folder's is an error."""
+    key = _run_key(run.run_id, MANIFEST)
+    for attempt in range(POINTER_ATTEMPTS):
+        if store.put_bytes_if(key, _dump(remote), version=None):
+            return
         theirs = _load_manifest(store, run.run_id)
-        if theirs is None or theirs.get("files") != run.files:
-            raise StorageError(
-                f"run '{run.run_id}' was published at {store.url(_run_key(run.run_id, ''))} "
-                "meanwhile, by another publisher, with other files, and its files there may "
-                "now mix both: publish the run folder that manifest came from again to restore "
-                "them, and give this one a new run_id in its manifest.json")
+        if theirs is not None:
+            if theirs.get("files") != run.files:
+                raise StorageError(
+                    f"run '{run.run_id}' was published at {store.url(_run_key(run.run_id, ''))} "
+                    "meanwhile, by another publisher, with other files, and its files there "
+                    "may now mix both: publish the run folder that manifest came from again to "
+                    "restore them, and give this one a new run_id in its manifest.json")
+            return
+        _back_off(attempt)  # refused (S3's 409) before the other's write shows: try again
+    raise StorageError(f"{store.url(key)}: the store refused writing the manifest "
+                       f"{POINTER_ATTEMPTS} times though none was there; publish the run again",
+                       transient=True)
 
 
 def _move_pointers(store: Store, remote: dict[str, Any], *, force_champion: bool

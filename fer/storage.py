@@ -349,8 +349,7 @@ class S3Store:
 
     def _write_unconditionally(self, key: str, data: bytes, *, why: str) -> None:
         log.warning("S3 at %s %s; writing %s unconditionally: two publishers at the same "
-                    "moment may overwrite each other's pointer", self.endpoint, why,
-                    self._key(key))
+                    "moment may write over each other", self.endpoint, why, self._key(key))
         self.put_bytes(key, data)
 
     def version(self, key: str) -> str | None:

@@ -443,6 +443,31 @@ def test_two_publishers_of_one_run_id_at_once_are_told_apart(store, runs):
     assert resolve_run(store, "run-a").manifest["metrics"]["accuracy"] == 0.5  # the first's
 
 
+class RefusesTheFirstManifestWrite:
+    """A store that answers the first conditional write of a manifest as S3 answers a
+    conflicting one (409), before the write it conflicted with is visible."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.refused = inner, False
+
+    def put_bytes_if(self, key, data, *, version):
+        if key.endswith("/manifest.json") and not self.refused:
+            self.refused = True
+            return False
+        return self.inner.put_bytes_if(key, data, version=version)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_manifest_write_refused_before_the_other_shows_is_tried_again(store, runs):
+    """A refused conditional write with no manifest there yet (a 409 answered before the
+    conflicting write is visible) is not taken for another publisher's other files."""
+    result = publish_run(make_run(runs, "run-a", accuracy=0.5), RefusesTheFirstManifestWrite(store))
+    assert result.run_id == "run-a" and pointers(store) == ("run-a", "run-a")
+    assert resolve_run(store, "run-a").manifest["metrics"]["accuracy"] == 0.5
+
+
 def test_a_manifest_file_name_holding_a_nul_is_refused_by_name(store, runs, tmp_path):
     """A foreign or hand-edited manifest naming a file "a\\0b": open() raised ValueError,
     a traceback, where a name that leaves the run folder is one error."""
@@ -703,6 +728,11 @@ def test_a_run_folder_inside_a_folder_store_is_named_not_a_traceback(tmp_path, r
         publish_run(inside, store)
     assert "delete" not in str(refused.value)
     assert (inside / "manifest.json").is_file()
+    # a published run's own folder there publishes, as before: how a champion is rolled back
+    publish_run(make_run(runs, "newer", accuracy=0.9, minute=5), store)
+    rolled_back = publish_run(tmp_path / "artifacts" / "runs" / "published", store,
+                              force_champion=True)
+    assert rolled_back.became_champion and pointers(store) == ("newer", "published")
 
 
 class DeniesReadingManifests:
