@@ -804,8 +804,9 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
     """
     images: dict[str, list[np.ndarray]] = {s: [] for s in SPLIT_FOLDERS}
     labels: dict[str, list[int]] = {s: [] for s in SPLIT_FOLDERS}
-    # (class folder, file name) of each image, to put a split in a folder's sorted order
-    names: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLIT_FOLDERS}
+    # (split folder, class folder, file name) of each image, to put a split in a folder's
+    # sorted order (Train/ and train/ make one split)
+    names: dict[str, list[tuple[str, ...]]] = {s: [] for s in SPLIT_FOLDERS}
     skipped: list[str] = []
     # per split: the folder holding it -> its first entry (train/ and test/ may sit in
     # different folders, as two archives unpacked each into its own, but one split once)
@@ -838,7 +839,7 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
             raise DataError(f"{origin}: entry '{name}' is {UNDECODABLE}")
         images[split].append(to_model_input(pixels))
         labels[split].append(CLASS_INDEX[class_folder])
-        names[split].append(parts[-2:])
+        names[split].append(parts[-3:])
     splits = {s: _in_name_order(images[s], labels[s], names[s]) for s in SPLIT_FOLDERS
               if images[s]}
     if splits and skipped:
@@ -857,8 +858,8 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
 
 
 def _in_name_order(images: list[np.ndarray], labels: list[int],
-                   names: list[tuple[str, str]]) -> Split:
-    """A split's images sorted by class folder and file name, as a folder's are read: an
+                   names: list[tuple[str, ...]]) -> Split:
+    """A split's images sorted by their folders and file name, as a folder's are read: an
     archive lists them in the order they were added (a zip tool's, a file manager's), and
     validation is carved by position, so an archive and its unpacked folder carve the same
     validation images from one --split-seed. (Sorted after decoding: a .tar.gz read out of

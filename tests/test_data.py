@@ -517,6 +517,11 @@ def test_an_archive_in_any_entry_order_carves_its_folders_validation(tmp_path, s
     import tarfile
 
     folder = write_image_tree(tmp_path / "layout", per_class=12)
+    for n, name in enumerate(CLASS_NAMES):  # Train/ beside train/: one split, two folders
+        (folder / "Train" / name).mkdir(parents=True)
+        for k in range(4):
+            image = shaded_image(name, serial=1000 + 10 * n + k)
+            (folder / "Train" / name / f"{k}.png").write_bytes(encode_image(image))
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     random.Random(3).shuffle(files)
     archive = tmp_path / f"ds{suffix}"
