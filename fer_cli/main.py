@@ -9,6 +9,7 @@ name against the registry, then read data.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -990,8 +991,9 @@ def main() -> None:
         sys.exit(1)
     except PermissionError as exc:  # a path under a folder this user may not enter
         where = f"{_printable(str(exc.filename))}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror} (this user may not read it, or enter a "
-                   "folder above it)", err=True)
+        why = (" (this user may not read it, or enter a folder above it)"
+               if exc.errno == errno.EACCES and exc.filename else "")
+        typer.echo(f"error: {where}{exc.strerror}{why}", err=True)
         sys.exit(1)
     except SystemExit:
         if terminated:  # Typer exits 130 (Ctrl-C's) for the interrupt the signal raised

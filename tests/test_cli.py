@@ -98,14 +98,36 @@ def test_a_path_in_a_folder_this_user_may_not_enter_is_one_error_line(shut, tmp_
     assert_one_line_error(run_fer_as_a_user("train", "--epochs", "1", "--data", data, "--out",
                                             tmp_path / "runs", "--publish", "--storage",
                                             shut / "store", env=env),
-                          rf"^error: {shut}/store/runs: Permission denied \(this user may not "
-                          r"read it, or enter a folder above it\)$")
+                          rf"^error: cannot write {shut}/store/.fer-write-check: Permission "
+                          r"denied; check the storage folder, its permissions and free space$")
     assert re.search(rf"File '{shut}/model.keras' cannot be reached: a folder above it is not "
                      r"readable by this user", usage_error(run_fer_as_a_user(
                          "evaluate", "--model", shut / "model.keras", env=wide)))
     shut.chmod(0o444)  # listed, not entered: a resume would read nothing in it
     assert re.search(rf"Directory '{shut}' is not readable", usage_error(run_fer_as_a_user(
         "train", "--resume", shut, "--publish", env=wide)))
+
+
+def test_any_other_permission_error_is_one_error_line(monkeypatch, capsys):
+    """A PermissionError from a path no check above foresaw is one `error:` line naming the
+    file and exit 1, not a traceback; the hint about folders only where it is EACCES."""
+    import fer_cli.main as cli
+
+    monkeypatch.setattr(cli, "_configure_logging", lambda: None)  # this process's own
+    monkeypatch.setattr(cli, "_stop_on_sigterm", lambda: [])
+    for error, expected in (
+            (PermissionError(13, "Permission denied", "/srv/fer/x"),
+             "error: /srv/fer/x: Permission denied (this user may not read it, or enter a "
+             "folder above it)\n"),
+            (PermissionError(1, "Operation not permitted", "/srv/fer/y"),
+             "error: /srv/fer/y: Operation not permitted\n")):
+        def fail(error=error):
+            raise error
+        monkeypatch.setattr(cli, "app", fail)
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        assert exited.value.code == 1
+        assert capsys.readouterr().err == expected
 
 
 def test_train_help_shows_each_profiles_settings():
@@ -206,6 +228,7 @@ def test_an_empty_out_is_refused(tmp_path, command):
 
 
 @pytest.mark.parametrize("command", [["reports", "get", "latest", "--dest", ""],
+                                     ["deploy", "--project-dir", ""],
                                      ["deploy", "--project-dir", " "]])
 def test_an_empty_dest_or_project_dir_is_refused(tmp_path, command):
     """`fer reports get latest --dest "$DEST"` with the variable unset downloaded into the
