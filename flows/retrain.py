@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.utilities.templating import find_placeholders
 
 from fer.config import (
@@ -54,6 +55,7 @@ TASK_OPTIONS = {"cache_policy": NO_CACHE}
 # process: the crash automation of `fer deploy` watches the runs that carry it.
 FER_TAG = "fer"
 IN_PROCESS_TAG = "in-process"
+HEARTBEAT_S = 30  # `fer retrain`'s: Prefect's shortest interval
 REPORT_ARTIFACT = "classification-report"
 METRICS_ARTIFACT = "test-metrics"
 
@@ -349,9 +351,13 @@ def retrain_in_this_process(**parameters: typing.Any) -> dict:
     """The retrain flow run by ``fer retrain``, tagged FER_TAG as the deployments' runs are:
     with PREFECT_API_URL set, the run is the server's, and should this process die without
     a word (killed, its machine lost) the crash automation marks it Crashed instead of it
-    showing Running for ever. It does not take work pool `fer`'s slot: it trains now, beside
-    a deployed run, not after it."""
-    with tags(FER_TAG, IN_PROCESS_TAG):
+    showing Running for ever. Its heartbeats come every HEARTBEAT_S, Prefect's shortest
+    interval: a `fer deploy --crash-after` chosen for workers that send theirs that often
+    (Prefect's default is 180 s) would otherwise mark this healthy run Crashed, and Prefect
+    would stop its evaluation and publishing. It does not take work pool `fer`'s slot: it
+    trains now, beside a deployed run, not after it."""
+    with tags(FER_TAG, IN_PROCESS_TAG), temporary_settings(
+            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
         return retrain(**parameters)
 
 

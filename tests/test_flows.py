@@ -985,12 +985,15 @@ def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefe
     """`fer retrain` with PREFECT_API_URL set records its run on that server. Killed outright
     (its machine lost), nothing reported the run's end, and it showed Running for ever: its
     run had no `fer` tag, which the crash automation watches. It has the tag now, as the
-    deployments' runs do, and is marked Crashed."""
+    deployments' runs do, and is marked Crashed. Its heartbeats come every 30 s, whatever
+    Prefect's default (180 s), so that a --crash-after set for workers that send theirs that
+    often does not mark it Crashed while it trains."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
     runs = tmp_path / "runs"
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(prefect_api.client_env(), FER_DATA_DIR=str(tmp_path / "data"),
-               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3",
-               PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")  # Prefect's shortest
+               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3")
     ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
     try:
         with (tmp_path / "stderr").open("w") as log:
@@ -1004,14 +1007,27 @@ def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefe
                     assert retrain_here.poll() is None and time.monotonic() < deadline, (
                         (tmp_path / "stderr").read_text()[-3000:])
                     time.sleep(0.2)
+                with get_client(sync_client=True) as client:
+                    (run,) = [run for run in client.read_flow_runs()
+                              if run.parameters.get("out_dir") == str(runs)]
+                deadline = time.monotonic() + 90  # the second at 30 s, not at 180
+                while True:
+                    # made anew each time: a filter's window ends when it is made
+                    beats = EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                        resource=EventResourceFilter(
+                                            id=[f"prefect.flow-run.{run.id}"]))
+                    with get_client(sync_client=True) as client:
+                        heard = client.read_events(filter=beats, limit=50).events
+                    if len(heard) >= 2:
+                        break
+                    assert retrain_here.poll() is None and time.monotonic() < deadline, (
+                        f"{len(heard)} heartbeat(s)")
+                    time.sleep(1)
             finally:
                 retrain_here.kill()
                 retrain_here.wait()
         killed_at = time.monotonic()
-        with get_client(sync_client=True) as client:
-            (run,) = [run for run in client.read_flow_runs()
-                      if run.parameters.get("out_dir") == str(runs)]
-        assert {"fer", "in-process"} <= set(run.tags)
+        assert {"fer", "in-process"} <= set(flow_run(run.id).tags)
         assert_marked_crashed(run.id, still="Running", since=killed_at)
     finally:
         ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
