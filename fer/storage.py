@@ -658,7 +658,7 @@ def _folder_named(url: str) -> str | None:
     host, slash, path = rest.partition("/")
     if host.lower() == "localhost" and slash:
         rest = "/" + path
-    if not rest.strip():  # `file://$STORE` with the variable unset: Path("") is "."
+    if rest.strip() in ("", "/"):  # `file://$STORE`, `file:///$STORE` with it unset: ".", "/"
         raise StorageError(f"storage URL {url!r} names no folder: expected file://PATH")
     try:
         decoded = unquote(rest, errors="strict")

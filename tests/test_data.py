@@ -517,6 +517,8 @@ def test_an_archive_in_any_entry_order_carves_its_folders_validation(tmp_path, s
     import tarfile
 
     folder = write_image_tree(tmp_path / "layout", per_class=12)
+    if (folder / "TRAIN").exists():
+        pytest.skip("Train/ and train/ are one folder on this case-insensitive file system")
     for n, name in enumerate(CLASS_NAMES):  # Train/ beside train/: one split, two folders
         (folder / "Train" / name).mkdir(parents=True)
         for k in range(4):

@@ -312,10 +312,10 @@ def test_an_s3_url_without_its_two_slashes_is_refused_not_misread(tmp_path, url)
         fetch_data(url, data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("url", ["file://", "FILE:// "])
+@pytest.mark.parametrize("url", ["file://", "FILE:// ", "file:///", "file://localhost/"])
 def test_a_file_url_naming_no_folder_is_refused(url, tmp_path, monkeypatch):
     """`--storage "file://$STORE"` with the variable unset published into the current folder
-    (Path("") is "."), as an empty --storage no longer does."""
+    (Path("") is "."), as an empty --storage no longer does; `file:///$STORE` into /."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StorageError, match=r"names no folder: expected file://PATH"):
         open_store(url)
