@@ -172,10 +172,11 @@ def _check_outside(store: LocalStore, out_dir: Path) -> None:
     """A run folder trained inside the store's runs/ is read there as a published run whose
     manifest lacks what publishing adds: its publishing fails, after the training."""
     runs, out_dir = Path(store.url("runs")), out_dir.expanduser()
-    with local_errors("read", runs):  # os.path: False in a folder this user may not enter
-        same = (os.path.samefile(out_dir, runs)  # mounts too
-                if os.path.exists(out_dir) and os.path.exists(runs)
-                else out_dir.resolve() == runs.resolve())
+    # os.path: False in a folder this user may not enter (Path.exists raised), where writing
+    # the store's .fer-write-check then says what is wrong
+    same = (os.path.samefile(out_dir, runs)  # mounts too
+            if os.path.exists(out_dir) and os.path.exists(runs)
+            else out_dir.resolve() == runs.resolve())
     if same:
         raise StorageError(f"{out_dir}: is where the store {store.location} keeps its "
                            "published runs; a run folder there cannot be published to it: keep "

@@ -409,17 +409,14 @@ def test_a_run_an_older_fer_published_whole_is_published_again_as_it_was(store, 
     assert set(resolve_run(elsewhere, "run-a").manifest["files"]) == published
 
 
-class ReadBeforeTheOtherWrote:
-    """A store whose first read of a run's manifest answers what it held before another
-    publisher of that run id wrote its own: nothing."""
+class StoreAround:
+    """A store that answers as ``inner`` does, but for what a subclass changes; its reads of
+    whole objects go through get_versioned, so a subclass changes both by changing that."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.read = inner, False
+        self.inner = inner
 
     def get_versioned(self, key):
-        if key.endswith("/manifest.json") and not self.read:
-            self.read = True
-            return None, None
         return self.inner.get_versioned(key)
 
     def get_bytes(self, key):
@@ -427,6 +424,19 @@ class ReadBeforeTheOtherWrote:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+class ReadBeforeTheOtherWrote(StoreAround):
+    """A store whose first read of a run's manifest answers what it held before another
+    publisher of that run id wrote its own: nothing."""
+
+    read = False
+
+    def get_versioned(self, key):
+        if key.endswith("/manifest.json") and not self.read:
+            self.read = True
+            return None, None
+        return self.inner.get_versioned(key)
 
 
 def test_two_publishers_of_one_run_id_at_once_are_told_apart(store, runs):
@@ -443,21 +453,17 @@ def test_two_publishers_of_one_run_id_at_once_are_told_apart(store, runs):
     assert resolve_run(store, "run-a").manifest["metrics"]["accuracy"] == 0.5  # the first's
 
 
-class RefusesTheFirstManifestWrite:
+class RefusesTheFirstManifestWrite(StoreAround):
     """A store that answers the first conditional write of a manifest as S3 answers a
     conflicting one (409), before the write it conflicted with is visible."""
 
-    def __init__(self, inner) -> None:
-        self.inner, self.refused = inner, False
+    refused = False
 
     def put_bytes_if(self, key, data, *, version):
         if key.endswith("/manifest.json") and not self.refused:
             self.refused = True
             return False
         return self.inner.put_bytes_if(key, data, version=version)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_a_manifest_write_refused_before_the_other_shows_is_tried_again(store, runs):
@@ -735,22 +741,13 @@ def test_a_run_folder_inside_a_folder_store_is_named_not_a_traceback(tmp_path, r
     assert rolled_back.became_champion and pointers(store) == ("newer", "published")
 
 
-class DeniesReadingManifests:
+class DeniesReadingManifests(StoreAround):
     """A store whose keys may list runs but not read their manifests (S3 AccessDenied)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
 
     def get_versioned(self, key):
         if key.endswith("/manifest.json"):
             raise StorageError(f"S3 denied access while reading {key} (AccessDenied)")
         return self.inner.get_versioned(key)
-
-    def get_bytes(self, key):
-        return self.get_versioned(key)[0]
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_a_manifest_that_cannot_be_read_stops_the_listing(store, runs):
