@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -178,7 +179,12 @@ def _place_copy(local: Path, target: Path) -> None:
     try:
         os.link(local, partial)
     except OSError:
-        shutil.copy2(local, partial)
+        try:
+            shutil.copy2(local, partial)
+            _synced(partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     os.replace(partial, target)
 
 
@@ -376,17 +382,33 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
                         "or s3://bucket/key)")
     if path.is_dir():
         return path.resolve()
-    target = downloads / path.name
+    target = downloads / _fitting(path.name)
     # An edited source is copied again. Its ctime, kept beside the copy, catches an edit
     # that kept size and mtime (cp -p, rsync -a, touch -r), as load_dataset's memo does.
     stamp_path = _source_stamp_path(target)
     record = {"source": str(path.resolve()), "stamp": stat_stamp(path, change_time=True)}
     if not target.exists() or read_json(stamp_path) != record:
-        partial = target.with_suffix(target.suffix + ".part")
-        shutil.copy2(path, partial)
+        partial = target.with_name(target.name + ".part")
+        try:
+            shutil.copy2(path, partial)
+            _synced(partial)
+        except BaseException:  # a full disk, Ctrl-C: no partial copy is left to fill it
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, target)
         write_json(stamp_path, record)
     return target
+
+
+def _synced(path: Path) -> None:
+    """``path``'s bytes on disk before it is renamed into place, as fer's records are: after
+    a power loss, a copy's name with no bytes (or half of them) behind it would be kept by
+    the records beside it, which are fsynced, and fall back to for good."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _download(source: str, target: Path, *, endpoint_url: str | None,
@@ -425,7 +447,29 @@ def _download_name(source: str) -> str:
     the server refuses (403: expired, a wrong key) then falls back to that copy with a
     warning, as a plain URL's 404 does."""
     name = source_name(source) or "download"
-    return f"{hashlib.sha256(_unsigned(source).encode()).hexdigest()[:12]}-{name}"
+    return _fitting(f"{hashlib.sha256(_unsigned(source).encode()).hexdigest()[:12]}-{name}")
+
+
+# The longest name a copy under FER_DATA_DIR may have, in UTF-8 bytes: most file systems
+# take 255, and the records beside a copy add up to 41 to it
+# (".NAME.source-stamp.json.PID-HEX.part" while being written).
+COPY_NAME_MAX_BYTES = 200
+
+
+def _fitting(name: str) -> str:
+    """``name`` as a local copy's file name: a longer one (a URL's or an S3 key's last part
+    may be 1,000 bytes) is cut to COPY_NAME_MAX_BYTES, after a hash of the whole name that
+    keeps two cut names apart, keeping its extension, by which the copy is read. Uncut, it
+    had failed as "File name too long", blamed on FER_DATA_DIR's space and permissions."""
+    if len(name.encode()) <= COPY_NAME_MAX_BYTES:
+        return name
+    extension = "".join(PurePosixPath(name).suffixes[-2:])  # .tar.gz
+    if len(extension.encode()) > 16:  # dots inside the name, not an extension
+        extension = ""
+    prefix = hashlib.sha256(name.encode()).hexdigest()[:12] + "-"
+    room = COPY_NAME_MAX_BYTES - len(prefix) - len(extension.encode())
+    stem = name[:len(name) - len(extension)].encode()[:room].decode(errors="ignore")
+    return prefix + stem + extension
 
 
 def _unsigned(source: str) -> str:
@@ -441,27 +485,32 @@ def _unsigned(source: str) -> str:
 
 
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
-    """``url`` into ``target``. A copy from before is asked about first (its ETag and
-    Last-Modified, sent back as If-None-Match / If-Modified-Since) and kept while the
-    server answers 304 or the same strong ETag. A server that gives neither cannot say
-    whether its file changed, so it is downloaded again (identical bytes are then
-    recognised by their sha256 and not unpacked twice); so is a copy older than these
-    records."""
+    """``url`` into ``target``. A copy from before is asked about first (its ETag, sent
+    back as If-None-Match) and kept while the server answers 304 or the same strong ETag,
+    or the same Last-Modified date and length: the body is then not read. A server that
+    gives neither cannot say whether its file changed, so it is downloaded again
+    (identical bytes are then recognised by their sha256 and not unpacked twice); so is a
+    copy older than these records.
+
+    The date is compared, not sent as If-Modified-Since: a server answers that with 304
+    for a file replaced by an older one (a dataset rolled back, its date kept), and the
+    newer copy would have stayed for good."""
     validators_path = target.with_name(target.name + ".http.json")
-    validators = read_json(validators_path)
-    headers = ({header: validators[field] for field, header in _HTTP_VALIDATORS.items()
-                if validators.get(field)} if target.exists() else {})
+    validators = read_json(validators_path) if target.exists() else {}
+    headers = {"If-None-Match": validators["etag"]} if validators.get("etag") else {}
     partial = target.with_name(target.name + ".part")
+    opener = urllib.request.build_opener(_RedirectsKeepingTls)
     try:
-        with urllib.request.urlopen(urllib.request.Request(_ascii_url(url), headers=headers),
-                                    timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with opener.open(urllib.request.Request(_ascii_url(url), headers=headers),
+                         timeout=DOWNLOAD_TIMEOUT_S) as response:
             answered = {field: response.headers.get(header)
                         for field, header in _HTTP_RESPONSE_VALIDATORS.items()}
-            if target.exists() and _same_strong_etag(answered, validators):
-                return target  # a server that ignores If-None-Match, with the same file
             # http.client's reading of Content-Length: None where it is not a length
             # (int() of `abc` raised a traceback; a negative one promised -5 bytes)
             total = getattr(response, "length", None) or None  # ftp:// (a redirect): none
+            if validators and (_same_strong_etag(answered, validators)
+                               or _same_date_and_length(answered, validators, total, target)):
+                return target  # the same file (a server that ignores If-None-Match)
             # Neither a length nor chunks: an answer cut short cannot be told from a whole
             # one, so it is not kept by its validators (a 304 would keep it for good).
             checkable = total is not None or getattr(response, "chunked", False)
@@ -486,6 +535,10 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
+        if _lasting(exc):
+            raise _SourceFailed(DataError(
+                f"{redacted(url)}: download failed ({reason}); check the URL, or use a local "
+                "copy of the file")) from None
         raise _SourceFailed(StorageError(
             f"{redacted(url)}: download failed ({reason}); check the URL and your network, or use a "
             "local copy of the file", transient=True)) from None
@@ -498,6 +551,30 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target
+
+
+def _lasting(exc: Exception) -> bool:
+    """Whether a failure to download is one that asking again cannot mend (a flow does not
+    retry it): a URL that names no host or a malformed one, or a server whose TLS
+    certificate is not trusted here. A refused or dropped connection, a timeout or a host
+    name not found (DNS) may pass."""
+    reason = getattr(exc, "reason", None)
+    return (isinstance(exc, http.client.InvalidURL) or isinstance(reason, ssl.SSLCertVerificationError)
+            or (isinstance(exc, urllib.error.URLError) and isinstance(reason, str)))
+
+
+class _RedirectsKeepingTls(urllib.request.HTTPRedirectHandler):
+    """Redirects followed as urllib does, except from https to another scheme: the file
+    would come over a connection anyone on the way may read and change, from a URL the
+    user gave as https."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if urllib.parse.urlsplit(req.full_url).scheme == "https" and scheme != "https":
+            raise urllib.error.HTTPError(
+                req.full_url, code, f"a redirect to {redacted(newurl)}, refused: it leaves "
+                "https", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class _SourceFailed(Exception):
@@ -547,11 +624,14 @@ def _save_body(response, partial: Path, *, total: int | None,
             done += len(chunk)
             if progress:
                 progress(done, total)
+        try:
+            os.fsync(handle.fileno())  # on disk before it is renamed into place (_synced)
+        except OSError as exc:
+            raise _DiskError from exc
     return done
 
 
-# How a copy's validators are sent back, and where the server's answer carries them.
-_HTTP_VALIDATORS = {"etag": "If-None-Match", "last_modified": "If-Modified-Since"}
+# Where the server's answer carries a copy's validators.
 _HTTP_RESPONSE_VALIDATORS = {"etag": "ETag", "last_modified": "Last-Modified"}
 
 
@@ -559,6 +639,14 @@ def _same_strong_etag(answered: dict, stored: dict) -> bool:
     """A strong ETag (not W/...) names one exact file: the same one means the same bytes."""
     etag = answered.get("etag")
     return bool(etag) and not etag.startswith("W/") and etag == stored.get("etag")
+
+
+def _same_date_and_length(answered: dict, stored: dict, total: int | None, copy: Path) -> bool:
+    """The same Last-Modified date as the copy's, and its length where the answer gives one:
+    the same file, as far as a server without a (strong) ETag can say."""
+    date = answered.get("last_modified")
+    return (bool(date) and date == stored.get("last_modified")
+            and (total is None or total == copy.stat().st_size))
 
 
 def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | None) -> Path:
@@ -583,6 +671,11 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     except StorageError as exc:  # cut short, as an http download can be
         partial.unlink(missing_ok=True)
         raise _SourceFailed(exc) from None
+    try:
+        _synced(partial)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
     _refuse_web_page(partial, f"s3://{bucket}/{key}")
     os.replace(partial, target)
     write_json(version_path, {"version": version})

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import functools
 import http.server
+import ipaddress
 import json
 import os
 import re
+import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -297,12 +302,15 @@ def test_missing_local_source_is_named(tmp_path):
 
 
 @contextlib.contextmanager
-def serving(handler) -> Iterator[str]:
-    """An HTTP server on loopback answering with ``handler``; yields its base URL."""
+def serving(handler, *, tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """An HTTP server on loopback answering with ``handler`` (over TLS with ``tls``, a
+    server context); yields its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
@@ -325,8 +333,8 @@ def test_http_download_with_progress(tmp_path, layout_zip):
 
 
 class _CountingFiles(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder (with Last-Modified, answering If-Modified-Since with 304) and
-    records each answer's status."""
+    """Serves a folder (with Last-Modified, answering If-Modified-Since with 304, as most
+    servers do, for a file not newer than the date) and records each answer's status."""
 
     statuses: list[int] = []
 
@@ -334,24 +342,32 @@ class _CountingFiles(http.server.SimpleHTTPRequestHandler):
         self.statuses.append(code)
         super().send_response(code, message)
 
+    def copyfile(self, source, outputfile):
+        with contextlib.suppress(ConnectionError):  # a client that read the headers only
+            super().copyfile(source, outputfile)
+
     def log_message(self, *args):
         pass
 
 
 def test_a_url_is_downloaded_again_only_when_the_server_has_a_newer_copy(tmp_path, shaded_csv,
                                                                          caplog):
-    """The cached copy is revalidated (If-Modified-Since): kept while the server answers
-    304, replaced once the file changed there, and used with a warning when the server
-    cannot be reached; a weekly retrain on a URL trains on the current file."""
+    """The cached copy is revalidated by the server's Last-Modified date and length: kept
+    while they are the copy's (the body is not read: bytes changed behind the same date
+    and length do not show), replaced once the file changed there, and used with a
+    warning when the server cannot be reached; a weekly retrain on a URL trains on the
+    current file."""
     _CountingFiles.statuses = []
     handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
     data_dir = tmp_path / "d"
+    served_at = shaded_csv.stat().st_mtime
     with serving(handler) as base:
         url = f"{base}/fer2013.csv"
         first = fetch_data(url, data_dir=data_dir)
-        assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256
-        assert _CountingFiles.statuses == [200, 304]
         shaded_csv.write_text(shaded_csv.read_text().replace("\n3,", "\n4,", 1))
+        os.utime(shaded_csv, (served_at, served_at))  # the same date and length
+        assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256
+        assert _CountingFiles.statuses == [200, 200]
         os.utime(shaded_csv, (time.time() + 60, time.time() + 60))
         changed = fetch_data(url, data_dir=data_dir)
         assert changed.sha256 != first.sha256 and _CountingFiles.statuses[-1] == 200
@@ -359,6 +375,22 @@ def test_a_url_is_downloaded_again_only_when_the_server_has_a_newer_copy(tmp_pat
         offline = fetch_data(url, data_dir=data_dir)
     assert offline.sha256 == changed.sha256
     assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
+
+
+def test_a_file_replaced_by_an_older_one_is_downloaded_again(tmp_path, shaded_csv):
+    """A dataset rolled back on its server (an older file put back with its date): asked
+    with If-Modified-Since, the server had answered 304, and the newer copy was kept for
+    good."""
+    handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
+    data_dir = tmp_path / "d"
+    with serving(handler) as base:
+        url = f"{base}/fer2013.csv"
+        newer = fetch_data(url, data_dir=data_dir)
+        shaded_csv.write_text(shaded_csv.read_text().replace("\n3,", "\n4,", 1))
+        os.utime(shaded_csv, (time.time() - 86400, time.time() - 86400))
+        older = fetch_data(url, data_dir=data_dir)
+    assert older.sha256 != newer.sha256
+    assert older.sha256 == load_dataset(shaded_csv).sha256
 
 
 def test_a_caller_that_retries_gets_the_transient_failure_not_the_copy(tmp_path, shaded_csv,
@@ -653,6 +685,186 @@ def test_a_url_that_cannot_be_parsed_is_one_error(tmp_path):
         fetch_data("http://[::1/x.zip", data_dir=tmp_path / "d")
 
 
+@pytest.fixture
+def loopback_tls(tmp_path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for 127.0.0.1 with a self-signed certificate, and the
+    certificate's file (which SSL_CERT_FILE names for a client that trusts it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName(
+                       [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "loopback.pem", tmp_path / "loopback.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, cert_file
+
+
+class _Redirecting(_Quiet):
+    """Answers every request with a redirect to ``to`` + its path."""
+
+    to = ""
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(302)
+        self.send_header("Location", self.to + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_an_https_url_redirected_to_http_is_refused(tmp_path, shaded_csv, loopback_tls,
+                                                    monkeypatch):
+    """A dataset asked for over https comes over https: a redirect to plain http (where
+    anyone on the way may read and change it) is refused, naming the target, before it
+    is asked; one to https is followed."""
+    context, cert_file = loopback_tls
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    _CountingFiles.statuses = []
+    plain = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
+    with serving(plain) as http_base, serving(_Redirecting, tls=context) as https_base:
+        _Redirecting.to = http_base
+        with pytest.raises(DataError, match=rf"{re.escape(https_base)}/fer2013\.csv: the server "
+                                            r"answered HTTP 302 \(a redirect to "
+                                            rf"{re.escape(http_base)}/fer2013\.csv, refused: it "
+                                            r"leaves https\)"):
+            fetch_data(f"{https_base}/fer2013.csv", data_dir=tmp_path / "d")
+        assert _CountingFiles.statuses == []
+        with serving(plain, tls=context) as files_over_tls:
+            _Redirecting.to = files_over_tls
+            fetched = fetch_data(f"{https_base}/fer2013.csv", data_dir=tmp_path / "d")
+    assert fetched.sha256 == load_dataset(shaded_csv).sha256
+
+
+def test_a_server_whose_certificate_is_not_trusted_is_not_retried(tmp_path, shaded_csv,
+                                                                  loopback_tls):
+    """An untrusted TLS certificate does not pass by itself: a DataError, which a flow does
+    not retry (it had been a transient error, retried three times), with the reason."""
+    context, _ = loopback_tls
+    plain = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
+    with serving(plain, tls=context) as base, pytest.raises(
+            DataError, match=r"download failed \(.*CERTIFICATE_VERIFY_FAILED.*\); check the URL"):
+        fetch_data(f"{base}/fer2013.csv", data_dir=tmp_path / "d", retry_later=True)
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("http://127.0.0.1:abc/fer2013.csv", "nonnumeric port: 'abc'"),
+    ("http://exa mple.com/fer2013.csv", "URL can't contain control characters"),
+    ("http:///fer2013.csv", "no host given"),
+])
+def test_a_malformed_url_is_not_retried(tmp_path, url, reason):
+    """A URL no asking again can mend is a DataError (a flow's retries had asked it three
+    times, as a server that was down)."""
+    with pytest.raises(DataError, match=rf"download failed \({re.escape(reason)}"):
+        fetch_data(url, data_dir=tmp_path / "d", retry_later=True)
+
+
+class _AnyPath(_Quiet):
+    """Answers any path with ``body``."""
+
+    body = b""
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".csv", "é" * 150 + ".tar.gz"])
+def test_a_url_with_a_very_long_file_name_is_downloaded(tmp_path, shaded_csv, image_tree, name):
+    """A URL's last part may be longer than a file name may be: it had failed as "File name
+    too long", blamed on FER_DATA_DIR's space and permissions. The copy's name is cut,
+    keeping the extension (a multi-byte character is not cut in half)."""
+    import tarfile
+
+    if name.endswith(".csv"):
+        _AnyPath.body = shaded_csv.read_bytes()
+        expected = load_dataset(shaded_csv).sha256
+    else:
+        with tarfile.open(tmp_path / "served.tar.gz", "w:gz") as archive:
+            archive.add(image_tree, arcname=".")
+        _AnyPath.body = (tmp_path / "served.tar.gz").read_bytes()
+        expected = load_dataset(image_tree).sha256
+    with serving(_AnyPath) as base:
+        fetched = fetch_data(f"{base}/{name}", data_dir=tmp_path / "d")
+        again = fetch_data(f"{base}/{name}", data_dir=tmp_path / "d")
+    assert fetched.sha256 == again.sha256 == expected
+    copies = [path.name for path in (tmp_path / "d" / "downloads").iterdir()
+              if not path.name.endswith(".json")]
+    assert len(copies) == 1 and copies[0].endswith(name[-10:])
+    assert len(copies[0].encode()) <= 200
+
+
+def test_a_local_source_with_a_long_name_is_copied(tmp_path, shaded_csv):
+    """A local file's name may take the whole 255 bytes, with no room for the records fer
+    keeps beside its copy (`.source-stamp.json`)."""
+    source = tmp_path / ("b" * 248 + ".csv")
+    source.write_bytes(shaded_csv.read_bytes())
+    assert fetch_data(str(source), data_dir=tmp_path / "d").sha256 == load_dataset(
+        shaded_csv).sha256
+
+
+def test_a_local_copy_that_fails_leaves_no_partial_file(tmp_path, shaded_csv, monkeypatch):
+    """A copy the disk cannot take is one error, and takes back what it wrote."""
+    def copy_on_a_full_disk(source, target):
+        Path(target).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(shutil, "copy2", copy_on_a_full_disk)
+    with pytest.raises(DataError, match="No space left on device"):
+        fetch_data(str(shaded_csv), data_dir=tmp_path / "d")
+    assert not list((tmp_path / "d").rglob("*.part"))
+
+
+@pytest.mark.parametrize("kind", ["http", "s3", "local"])
+def test_a_copy_is_on_disk_before_it_is_renamed_into_place(tmp_path, shaded_csv, monkeypatch,
+                                                           kind):
+    """Each partial copy is fsynced before it takes the copy's name: after a power loss,
+    a name with no bytes behind it would be kept by its records (fsynced) for good."""
+    from fer.storage import S3Store
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(handle):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{handle}")))
+        fsync(handle)
+
+    def recording_replace(source, target):
+        events.append(("replace", str(source)))
+        replace(source, target)
+
+    monkeypatch.setattr(S3Store, "version", lambda store, key: "v1")
+    monkeypatch.setattr(S3Store, "download",
+                        lambda store, key, target: target.write_bytes(shaded_csv.read_bytes()))
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
+    with serving(handler) as base:
+        source = {"http": f"{base}/fer2013.csv", "s3": "s3://bucket/fer2013.csv",
+                  "local": str(shaded_csv)}[kind]
+        fetch_data(source, data_dir=tmp_path / "d", endpoint_url="http://127.0.0.1:9")
+    copied = [path for event, path in events if event == "replace" and "downloads" in path
+              and not path.endswith(".json.part") and not Path(path).name.startswith(".")]
+    assert len(copied) == 1
+    assert events.index(("fsync", copied[0])) < events.index(("replace", copied[0]))
+
+
 def test_unreachable_url_is_one_clear_error(tmp_path):
     """A dead URL fails with the URL and a hint, and leaves no partial file behind."""
     with pytest.raises(FerError, match=r"127\.0\.0\.1:9/fer2013\.csv: download failed"):
@@ -801,8 +1013,9 @@ def test_a_presigned_url_is_recorded_and_named_without_its_secrets(tmp_path, sha
 
 def test_a_freshly_signed_url_of_the_same_object_reuses_the_copy(tmp_path, shaded_csv):
     """A scheduled run given a newly presigned URL each time (new date, expiry, signature):
-    the copy from before is asked about (304) instead of the whole file being downloaded
-    again under a new name and kept beside the others; another object is another copy."""
+    the copy from before is asked about (its date and length) instead of the whole file
+    being downloaded again under a new name and kept beside the others; another object is
+    another copy."""
     _CountingFiles.statuses = []
     handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
     data_dir = tmp_path / "d"
@@ -810,7 +1023,7 @@ def test_a_freshly_signed_url_of_the_same_object_reuses_the_copy(tmp_path, shade
         for date, signature in (("20261206T010000Z", "aa11"), ("20261213T010000Z", "bb22")):
             fetch_data(f"{base}/fer2013.csv?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date={date}"
                        f"&X-Amz-Expires=3600&X-Amz-Signature={signature}", data_dir=data_dir)
-        assert _CountingFiles.statuses == [200, 304]
+        assert _CountingFiles.statuses == [200, 200]
         (shaded_csv.parent / "copy.csv").write_bytes(shaded_csv.read_bytes())
         fetch_data(f"{base}/copy.csv?X-Amz-Signature=cc33", data_dir=data_dir)
     downloads = [p for p in (data_dir / "downloads").iterdir() if p.suffix == ".csv"]
