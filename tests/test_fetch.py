@@ -688,7 +688,8 @@ def test_a_url_that_cannot_be_parsed_is_one_error(tmp_path):
 @pytest.fixture
 def loopback_tls(tmp_path) -> tuple[ssl.SSLContext, Path]:
     """A server TLS context for 127.0.0.1 with a self-signed certificate, and the
-    certificate's file (which SSL_CERT_FILE names for a client that trusts it)."""
+    certificate's file (which SSL_CERT_FILE names for a client that trusts it).
+    cryptography is installed with prefect, a dev requirement."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
