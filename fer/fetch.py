@@ -547,7 +547,7 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         raise _SourceFailed(StorageError(
             f"{redacted(url)}: download incomplete ({done} of {total} bytes); run the command "
             "again, or use a local copy of the file", transient=True))
-    _refuse_web_page(partial, url)
+    _refuse_what_is_no_dataset(partial, url)
     os.replace(partial, target)
     write_json(validators_path, {k: v for k, v in answered.items() if v} if checkable else {})
     return target
@@ -586,13 +586,35 @@ class _SourceFailed(Exception):
         self.error = error
 
 
-def _refuse_web_page(partial: Path, source: str) -> None:
-    """A download that is a web page (an expired share's login page, a confirmation page) is
-    removed before it replaces the copy from before: that copy, a dataset, stays for the
-    fallback (with a warning) instead of the page taking its place for good."""
-    if suffix_by_content(partial) == WEB_PAGE:
-        partial.unlink(missing_ok=True)
-        raise _SourceFailed(_web_page_sent(source))
+def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
+    """A download that fer cannot read as a dataset, by its first bytes, is removed before
+    it replaces the copy from before: that copy, a dataset, stays for the fallback (with a
+    warning) instead of the download taking its place for good. Such are a web page (an
+    expired share's login page, a confirmation page), a file of another kind, and text
+    that is not a FER2013 CSV (an error in JSON answered with 200)."""
+    kind = suffix_by_content(partial)
+    if kind == WEB_PAGE:
+        problem = _web_page_sent(source)
+    elif kind in (None, GZIP):
+        problem = DataError(f"{redacted(source)}: unsupported source type: the server sent "
+                            f"{'a gzip that is not a tarball' if kind == GZIP else 'a binary file'}"
+                            ", not a CSV, .zip, .tar or .tar.gz")
+    elif kind == ".csv" and not {"emotion", "pixels", "Usage"} <= _first_line_fields(partial):
+        problem = DataError(f"{redacted(source)}: the server sent text that is not a FER2013 CSV "
+                            "(its first line is not the header emotion,pixels,Usage)")
+    else:
+        return
+    partial.unlink(missing_ok=True)
+    raise _SourceFailed(problem)
+
+
+def _first_line_fields(path: Path) -> set[str]:
+    """The comma-separated fields of a text file's first line, as a lenient reader sees
+    them: without a byte-order mark, spaces or quotes."""
+    with open(path, "rb") as handle:
+        line = handle.read(64 * 1024).split(b"\n", 1)[0]
+    text = line.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    return {field.strip().strip('"').strip() for field in text.split(",")}
 
 
 def _web_page_sent(source: str) -> DataError:
@@ -676,7 +698,7 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     except OSError:
         partial.unlink(missing_ok=True)
         raise
-    _refuse_web_page(partial, f"s3://{bucket}/{key}")
+    _refuse_what_is_no_dataset(partial, f"s3://{bucket}/{key}")
     os.replace(partial, target)
     write_json(version_path, {"version": version})
     return target

@@ -465,6 +465,33 @@ def test_a_web_page_in_place_of_a_dataset_fetched_before_leaves_that_copy(tmp_pa
     assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
 
 
+@pytest.mark.parametrize(("answer", "message"), [
+    (b'{"error": "quota exceeded"}', r"sent text that is not a FER2013 CSV \(its first line"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", r"unsupported source type: the server sent a binary file"),
+    (b"\x1f\x8b\x08\x00" + bytes(16), r"sent a gzip that is not a tarball"),
+], ids=["json", "png", "gzip"])
+def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, shaded_csv, caplog,
+                                                                   answer, message):
+    """A server that answers 200 with something fer cannot read (an error in JSON, a file
+    of another kind) is refused, as a web page is, before it replaces the copy: that
+    copy is used with a warning, and stays for the next outage."""
+    _IgnoringConditions.body = shaded_csv.read_bytes()
+    data_dir = tmp_path / "d"
+    try:
+        with serving(_IgnoringConditions) as base:
+            url = f"{base}/fer2013.csv"
+            first = fetch_data(url, data_dir=data_dir)
+            _IgnoringConditions.body, _IgnoringConditions.etag = answer, '"v2"'
+            with caplog.at_level("WARNING", logger="fer"):
+                again = fetch_data(url, data_dir=data_dir)
+    finally:
+        _IgnoringConditions.etag = '"v1"'
+    assert again.sha256 == first.sha256
+    assert re.search(message, caplog.text) and "using the copy fetched before" in caplog.text
+    assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256  # the server is gone now
+    assert not list((data_dir / "downloads").glob("*.part"))
+
+
 def test_a_server_without_validators_is_downloaded_every_time(tmp_path, shaded_csv):
     """A server with neither ETag nor Last-Modified cannot say whether its file changed: a
     scheduled retrain on its URL gets the file as it is now, not its first download."""
