@@ -442,39 +442,18 @@ def test_a_full_answer_with_the_same_strong_etag_keeps_the_copy(tmp_path, shaded
         assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).sha256 != first.sha256
 
 
-def test_a_web_page_in_place_of_a_dataset_fetched_before_leaves_that_copy(tmp_path,
-                                                                          shaded_csv, caplog):
-    """A share that expires answers with its login page: refused, as before, but the page
-    had already replaced the good copy, so the copy fetched before that a later outage
-    falls back to was the page. The copy stays now, used with a warning."""
-    _IgnoringConditions.body = shaded_csv.read_bytes()
-    data_dir = tmp_path / "d"
-    try:
-        with serving(_IgnoringConditions) as base:
-            url = f"{base}/fer2013.csv"
-            first = fetch_data(url, data_dir=data_dir)
-            _IgnoringConditions.body, _IgnoringConditions.etag = b"<html>Sign in</html>", '"v2"'
-            again = fetch_data(url, data_dir=data_dir)
-    finally:
-        _IgnoringConditions.etag = '"v1"'
-    assert again.sha256 == first.sha256
-    assert "sent a web page, not a dataset" in caplog.text
-    assert "using the copy fetched before" in caplog.text
-    caplog.clear()
-    assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256  # the server is gone now
-    assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
-
-
 @pytest.mark.parametrize(("answer", "message"), [
+    (b"<html>Sign in</html>", r"sent a web page, not a dataset"),
     (b'{"error": "quota exceeded"}', r"sent text that is not a FER2013 CSV \(its first line"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", r"unsupported source type: the server sent a binary file"),
     (b"\x1f\x8b\x08\x00" + bytes(16), r"sent a gzip that is not a tarball"),
-], ids=["json", "png", "gzip"])
+], ids=["web page", "json", "png", "gzip"])
 def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, shaded_csv, caplog,
                                                                    answer, message):
-    """A server that answers 200 with something fer cannot read (an error in JSON, a file
-    of another kind) is refused, as a web page is, before it replaces the copy: that
-    copy is used with a warning, and stays for the next outage."""
+    """A server that answers 200 with something fer cannot read (a share that expired
+    answers with its login page; an error in JSON; a file of another kind) is refused
+    before it replaces the copy. It had replaced it, so the copy a later outage falls
+    back to was that answer. The copy stays now, used with a warning."""
     _IgnoringConditions.body = shaded_csv.read_bytes()
     data_dir = tmp_path / "d"
     try:
@@ -488,7 +467,9 @@ def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, s
         _IgnoringConditions.etag = '"v1"'
     assert again.sha256 == first.sha256
     assert re.search(message, caplog.text) and "using the copy fetched before" in caplog.text
+    caplog.clear()
     assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256  # the server is gone now
+    assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
     assert not list((data_dir / "downloads").glob("*.part"))
 
 
