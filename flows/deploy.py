@@ -98,7 +98,12 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
                         will_be)
     _prefect_deploy(project_dir, chosen, api_url=api_url, everything=names is None)
     with _api_answers(api_url, doing="reading the deployments back"):
-        return _registered(chosen)
+        registered = _registered(chosen)
+    declared = declared_schedules(project_dir / PREFECT_FILE)
+    with _api_answers(api_url, doing="matching the schedules to the YAML"):
+        for name, full_name in zip(chosen, registered, strict=True):
+            match_schedules(full_name, declared[name])
+    return registered
 
 
 @contextlib.contextmanager
@@ -152,6 +157,45 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
 
 
 RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
+
+
+def declared_schedules(prefect_file: Path) -> dict[str, dict[str, bool | None] | None]:
+    """Deployment name -> each of its schedules' slug -> whether it is active (True where
+    `active` is left out, as Prefect takes it; None where it is not a boolean, a template
+    Prefect fills in), as the YAML (read_deployments checked) declares them; None where a
+    schedule has no slug: Prefect then replaces the deployment's schedules with the
+    YAML's itself, or refuses."""
+    declared = {}
+    for deployment in yaml.safe_load(prefect_file.read_text())["deployments"]:
+        schedules = deployment.get("schedules") or []
+        entries = [schedule if isinstance(schedule, dict) else {} for schedule in schedules]
+        declared[deployment["name"]] = (
+            None if any(not isinstance(entry.get("slug"), str) for entry in entries)
+            else {entry["slug"]: _active(entry.get("active", True)) for entry in entries})
+    return declared
+
+
+def _active(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def match_schedules(full_name: str, declared: dict[str, bool | None] | None) -> None:
+    """The deployment's schedules on the server made the YAML's: `prefect deploy` updates
+    and adds schedules by slug but never removes one, so a schedule renamed (its slug
+    with it), taken out of the YAML or left as `schedules: []` had kept firing beside the
+    new one, and one paused with `active: false` stayed paused once that line went."""
+    if declared is None:
+        return
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(full_name)
+        for schedule in client.read_deployment_schedules(deployment.id):
+            if schedule.slug not in declared:
+                client.delete_deployment_schedule(deployment.id, schedule.id)
+                log.info("deployment %s: removed schedule %s, which %s does not declare",
+                         full_name, schedule.slug or schedule.id, PREFECT_FILE)
+            elif declared[schedule.slug] not in (None, schedule.active):
+                client.update_deployment_schedule(deployment.id, schedule.id,
+                                                  active=declared[schedule.slug])
 
 
 def _check_retrain_parameters(deployment: dict, *, where: str) -> None:

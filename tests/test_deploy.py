@@ -55,6 +55,19 @@ def read(name: str):
         return client.read_deployment_by_name(name)
 
 
+def copy_of_the_image(app: Path) -> Path:
+    """What the image holds at /app, copied to ``app``."""
+    app.mkdir()
+    for source in copied_into_the_image():
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, app / source,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (app / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / source, app / source)
+    return app
+
+
 @integration
 def test_deploy_registers_both_deployments_on_pool_fer(deployed):
     """Both deployments exist, run flows/retrain.py from this checkout, on pool `fer`."""
@@ -97,6 +110,36 @@ def test_deploying_again_updates_in_place(deployed):
     weekly = read("retrain/retrain-weekly")
     assert weekly.id == before["retrain/retrain-weekly"] and len(weekly.schedules) == 1
     assert read("retrain/retrain").id == before["retrain/retrain"]
+
+
+@integration
+def test_the_schedules_on_the_server_are_the_yamls(deployed, tmp_path):
+    """`prefect deploy` updates and adds schedules by slug but never removes one: a
+    schedule renamed (slug and all) had kept firing beside the new one, one taken out of
+    the YAML kept firing, and one paused stayed paused once `active: false` went. After
+    `fer deploy` the server has the YAML's schedules, no others."""
+    project = copy_of_the_image(tmp_path / "project")
+    prefect_file = project / PREFECT_FILE
+    config = yaml.safe_load(prefect_file.read_text())
+    (weekly,) = [entry for entry in config["deployments"] if entry["name"] == "retrain-weekly"]
+
+    def deployed_as(schedules: list[dict]) -> list[tuple[str, str, bool]]:
+        weekly["schedules"] = schedules
+        prefect_file.write_text(yaml.safe_dump(config))
+        deploy_all(project, names=["retrain-weekly"])
+        return sorted((schedule.slug, schedule.schedule.cron, schedule.active)
+                      for schedule in read("retrain/retrain-weekly").schedules)
+
+    friday = {"cron": "0 3 * * 5", "timezone": "UTC", "slug": "weekly-friday-0300"}
+    try:
+        assert deployed_as([{**friday, "active": False}]) == [
+            ("weekly-friday-0300", "0 3 * * 5", False)]
+        assert deployed_as([friday]) == [("weekly-friday-0300", "0 3 * * 5", True)]
+        assert deployed_as([]) == []
+    finally:
+        deploy_all(REPO, names=["retrain-weekly"])
+    assert [(schedule.slug, schedule.active) for schedule in
+            read("retrain/retrain-weekly").schedules] == [("weekly-monday-0300", True)]
 
 
 def crash_automations():
@@ -194,15 +237,7 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
     holds at /app. It writes nothing there: /app is root's, and the step runs as user 10001."""
     command = yaml.safe_load(COMPOSE.read_text())["services"]["deploy"]["command"]
     assert command[:3] == ["python", "-m", "flows.deploy"]
-    app = tmp_path / "app"
-    app.mkdir()
-    for source in copied_into_the_image():
-        if (REPO / source).is_dir():
-            shutil.copytree(REPO / source, app / source,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (app / source).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / source, app / source)
+    app = copy_of_the_image(tmp_path / "app")
     before = _contents(app)
     try:
         done = subprocess.run([sys.executable, *command[1:], "--name", "retrain"], cwd=app,
