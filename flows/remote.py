@@ -33,7 +33,8 @@ POLL_SECONDS = 5.0
 PICKUP_TIMEOUT_S = 120.0
 WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then this much more
 # SCHEDULED states that wait for a worker to take the run: not taken yet, or sent back by
-# the deployment's concurrency limit (ENQUEUE), for a worker to take again
+# a deployment's concurrency limit (ENQUEUE: fer's have none since 2026-12-07, a user's
+# may), for a worker to take again
 _WAITING_FOR_WORKER = {"Scheduled", "Late", "AwaitingConcurrencySlot"}
 _PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it will not take
 _CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "

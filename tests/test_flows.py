@@ -1110,32 +1110,6 @@ def test_triggered_and_scheduled_runs_never_overlap(worker, tiny_fer_zip, tmp_pa
     assert earlier.end_time <= later.start_time
 
 
-@integration
-def test_a_deployment_queues_its_own_second_run(worker, tmp_path):
-    """Without the pool limit, the deployment's own limit makes the second run wait (ENQUEUE).
-
-    The runs fail fast on missing data, and that failure reaches the caller as a FerError.
-    """
-    parameters = {"data": str(tmp_path / "missing.zip"), "out_dir": str(tmp_path)}
-    with get_client(sync_client=True) as client:
-        client.update_work_pool("fer", WorkPoolUpdate(concurrency_limit=None))
-    try:
-        runs = [trigger_retrain(parameters, wait=False) for _ in range(2)]
-        for run in runs:
-            with pytest.raises(FerError, match=r"ended Failed: .*missing\.zip: data source not "
-                                               r"found.*; once its cause is fixed, `prefect "
-                                               r"flow-run retry .+` runs it again; logs: http"):
-                follow(run)
-    finally:
-        ensure_work_pool("fer", concurrency_limit=1)
-    first, second = sorted((flow_run(run.flow_run_id) for run in runs),
-                           key=lambda run: run.start_time)
-    assert first.end_time <= second.start_time
-    with get_client(sync_client=True) as client:
-        waited = [client.read_flow_run_states(run.id) for run in (first, second)]
-    assert any(state.name == "AwaitingConcurrencySlot" for states in waited for state in states)
-
-
 def retrain_on_pool(pool: str, *, deployment: str) -> None:
     """Deployment retrain/<deployment> of the retrain flow on work pool ``pool``, which no
     worker polls."""
