@@ -13,6 +13,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 import urllib.error
@@ -40,7 +41,14 @@ from fer.data import (
     suffix_by_content,
     tag_cache_dir,
 )
-from fer.errors import DataError, FerError, StorageError, expand_home, http_status_passes
+from fer.errors import (
+    DataError,
+    FerError,
+    StorageError,
+    expand_home,
+    fsync_path,
+    http_status_passes,
+)
 from fer.locks import taking_turns
 from fer.manifest import read_json, write_json
 
@@ -179,13 +187,21 @@ def _place_copy(local: Path, target: Path) -> None:
     try:
         os.link(local, partial)
     except OSError:
-        try:
-            shutil.copy2(local, partial)
-            _synced(partial)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        _copy_whole(local, partial)
     os.replace(partial, target)
+
+
+def _copy_whole(source: Path, partial: Path) -> None:
+    """``source`` copied to ``partial`` and on disk, before the caller renames it into place
+    (after a power loss, a copy's name with no bytes behind it would be kept by its records,
+    which are fsynced, and fallen back to for good); nothing left where it fails (a full
+    disk, Ctrl-C)."""
+    try:
+        shutil.copy2(source, partial)
+        fsync_path(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _as_given(message: str, copies: dict[str, tuple[str, str]]) -> str:
@@ -389,26 +405,10 @@ def _obtain(source: str, *, data_dir: Path, endpoint_url: str | None,
     record = {"source": str(path.resolve()), "stamp": stat_stamp(path, change_time=True)}
     if not target.exists() or read_json(stamp_path) != record:
         partial = target.with_name(target.name + ".part")
-        try:
-            shutil.copy2(path, partial)
-            _synced(partial)
-        except BaseException:  # a full disk, Ctrl-C: no partial copy is left to fill it
-            partial.unlink(missing_ok=True)
-            raise
+        _copy_whole(path, partial)
         os.replace(partial, target)
         write_json(stamp_path, record)
     return target
-
-
-def _synced(path: Path) -> None:
-    """``path``'s bytes on disk before it is renamed into place, as fer's records are: after
-    a power loss, a copy's name with no bytes (or half of them) behind it would be kept by
-    the records beside it, which are fsynced, and fall back to for good."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _download(source: str, target: Path, *, endpoint_url: str | None,
@@ -463,9 +463,9 @@ def _fitting(name: str) -> str:
     had failed as "File name too long", blamed on FER_DATA_DIR's space and permissions."""
     if len(name.encode()) <= COPY_NAME_MAX_BYTES:
         return name
-    extension = "".join(PurePosixPath(name).suffixes[-2:])  # .tar.gz
-    if len(extension.encode()) > 16:  # dots inside the name, not an extension
-        extension = ""
+    suffixes = PurePosixPath(name).suffixes
+    extension = next((kept for kept in ("".join(suffixes[-2:]), "".join(suffixes[-1:]))
+                      if len(kept.encode()) <= 16), "")  # .tar.gz, else .csv; dots in a name
     prefix = hashlib.sha256(name.encode()).hexdigest()[:12] + "-"
     room = COPY_NAME_MAX_BYTES - len(prefix) - len(extension.encode())
     stem = name[:len(name) - len(extension)].encode()[:room].decode(errors="ignore")
@@ -487,8 +487,8 @@ def _unsigned(source: str) -> str:
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
     """``url`` into ``target``. A copy from before is asked about first (its ETag, sent
     back as If-None-Match) and kept while the server answers 304 or the same strong ETag,
-    or the same Last-Modified date and length: the body is then not read. A server that
-    gives neither cannot say whether its file changed, so it is downloaded again
+    or, where it gives no ETag, the same Last-Modified date and length: the body is then
+    not read. A server that gives neither cannot say whether its file changed, so it is downloaded again
     (identical bytes are then recognised by their sha256 and not unpacked twice); so is a
     copy older than these records.
 
@@ -595,7 +595,7 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
     kind = suffix_by_content(partial)
     if kind == WEB_PAGE:
         problem = _web_page_sent(source)
-    elif kind in (None, GZIP):
+    elif kind in (None, GZIP) and not _is_archive_by_reader(partial):
         problem = DataError(f"{redacted(source)}: unsupported source type: the server sent "
                             f"{'a gzip that is not a tarball' if kind == GZIP else 'a binary file'}"
                             ", not a CSV, .zip, .tar or .tar.gz")
@@ -608,11 +608,25 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
     raise _SourceFailed(problem)
 
 
+def _is_archive_by_reader(path: Path) -> bool:
+    """An archive that tarfile or zipfile reads, which fer reads as they do, though its
+    first bytes do not say so: a bzip2- or xz-compressed tarball, a tar from before
+    POSIX's `ustar`, a self-extracting zip."""
+    import tarfile
+    import zipfile
+
+    try:
+        return tarfile.is_tarfile(path) or zipfile.is_zipfile(path)
+    except (OSError, EOFError):
+        return False
+
+
 def _first_line_fields(path: Path) -> set[str]:
     """The comma-separated fields of a text file's first line, as a lenient reader sees
-    them: without a byte-order mark, spaces or quotes."""
+    them: without a byte-order mark, spaces or quotes; its end CR LF, LF or CR alone (as
+    old Mac exports write, which fer's CSV reader takes)."""
     with open(path, "rb") as handle:
-        line = handle.read(64 * 1024).split(b"\n", 1)[0]
+        line = re.split(rb"\r\n|\r|\n", handle.read(64 * 1024), maxsplit=1)[0]
     text = line.decode("utf-8", errors="replace").removeprefix("\ufeff")
     return {field.strip().strip('"').strip() for field in text.split(",")}
 
@@ -647,7 +661,7 @@ def _save_body(response, partial: Path, *, total: int | None,
             if progress:
                 progress(done, total)
         try:
-            os.fsync(handle.fileno())  # on disk before it is renamed into place (_synced)
+            os.fsync(handle.fileno())  # on disk before its rename, as _copy_whole's
         except OSError as exc:
             raise _DiskError from exc
     return done
@@ -664,10 +678,12 @@ def _same_strong_etag(answered: dict, stored: dict) -> bool:
 
 
 def _same_date_and_length(answered: dict, stored: dict, total: int | None, copy: Path) -> bool:
-    """The same Last-Modified date as the copy's, and its length where the answer gives one:
-    the same file, as far as a server without a (strong) ETag can say."""
+    """The same Last-Modified date as the copy's, and its length where the answer gives one,
+    from a server that gives no ETag: the same file, as far as it can say. An ETag decides
+    where there is one: dates have whole seconds, and an object overwritten twice in one
+    second (or files all dated alike, as reproducible builds date them) keeps its date."""
     date = answered.get("last_modified")
-    return (bool(date) and date == stored.get("last_modified")
+    return (bool(date) and not answered.get("etag") and date == stored.get("last_modified")
             and (total is None or total == copy.stat().st_size))
 
 
@@ -694,7 +710,7 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
         partial.unlink(missing_ok=True)
         raise _SourceFailed(exc) from None
     try:
-        _synced(partial)
+        fsync_path(partial)
     except OSError:
         partial.unlink(missing_ok=True)
         raise

@@ -48,7 +48,7 @@ from prefect.workers.process import ProcessWorker
 
 from fer.errors import FerError
 from flows.remote import api_refused, require_api
-from flows.retrain import FER_TAG, check_parameters
+from flows.retrain import FER_TAG, check_parameters, retrain
 
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
 POOL_CONCURRENCY_LIMIT = 1  # one training at a time per pool, whichever deployment asks
@@ -101,8 +101,8 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
         registered = _registered(chosen)
     declared = declared_schedules(project_dir / PREFECT_FILE)
     with _api_answers(api_url, doing="matching the schedules to the YAML"):
-        for name, full_name in zip(chosen, registered, strict=True):
-            match_schedules(full_name, declared[name])
+        for name in chosen:
+            match_schedules(f"{retrain.name}/{name}", declared.get(name))
     return registered
 
 
@@ -160,17 +160,21 @@ RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
 
 
 def declared_schedules(prefect_file: Path) -> dict[str, dict[str, bool | None] | None]:
-    """Deployment name -> each of its schedules' slug -> whether it is active (True where
-    `active` is left out, as Prefect takes it; None where it is not a boolean, a template
-    Prefect fills in), as the YAML (read_deployments checked) declares them; None where a
-    schedule has no slug: Prefect then replaces the deployment's schedules with the
-    YAML's itself, or refuses."""
+    """Name of each deployment of fer's retrain flow -> each of its schedules' slug ->
+    whether it is active (True where `active` is left out, as Prefect takes it; None
+    where it is not a boolean: a template Prefect fills in), as the YAML
+    (read_deployments checked) declares them. None where a schedule has no slug (Prefect
+    then replaces the deployment's schedules with the YAML's itself, or refuses) or a
+    templated one (`{{ $VAR }}`: known once Prefect fills it in)."""
     declared = {}
     for deployment in yaml.safe_load(prefect_file.read_text())["deployments"]:
+        if deployment.get("entrypoint") != RETRAIN_ENTRYPOINT:  # another flow's: as Prefect has it
+            continue
         schedules = deployment.get("schedules") or []
         entries = [schedule if isinstance(schedule, dict) else {} for schedule in schedules]
         declared[deployment["name"]] = (
-            None if any(not isinstance(entry.get("slug"), str) for entry in entries)
+            None if any(not isinstance(entry.get("slug"), str) or "{{" in entry["slug"]
+                        for entry in entries)
             else {entry["slug"]: _active(entry.get("active", True)) for entry in entries})
     return declared
 
@@ -451,7 +455,10 @@ def _registered(names: list[str]) -> list[str]:
         found = client.read_deployments(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
         flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found}
-    full = {d.name: f"{flows[d.flow_id]}/{d.name}" for d in found}
+    full: dict[str, str] = {}
+    for deployment in found:  # fer's own flow's where another flow has one of that name too
+        if deployment.name not in full or flows[deployment.flow_id] == retrain.name:
+            full[deployment.name] = f"{flows[deployment.flow_id]}/{deployment.name}"
     missing = [name for name in names if name not in full]
     if missing:
         raise FerError(f"`prefect deploy` finished but {', '.join(missing)} is not registered; "

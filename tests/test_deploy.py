@@ -125,11 +125,21 @@ def test_deploying_again_updates_in_place(deployed):
 
 
 @integration
-def test_the_schedules_on_the_server_are_the_yamls(deployed, tmp_path):
+def test_the_schedules_on_the_server_are_the_yamls(deployed, tmp_path, monkeypatch):
     """`prefect deploy` updates and adds schedules by slug but never removes one: a
     schedule renamed (slug and all) had kept firing beside the new one, one taken out of
     the YAML kept firing, and one paused stayed paused once `active: false` went. After
-    `fer deploy` the server has the YAML's schedules, no others."""
+    `fer deploy` the server has the YAML's schedules, no others: a templated slug is
+    known once Prefect fills it in, and another flow's deployment of the same name on a
+    shared server is not fer's to change."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+
+    with get_client(sync_client=True) as client:
+        other = client.create_deployment(
+            flow_id=client.create_flow_from_name("another-project"), name="retrain-weekly",
+            schedules=[DeploymentScheduleCreate(schedule=CronSchedule(cron="0 4 * * *"),
+                                                slug="theirs")])
     project = copy_of_the_image(tmp_path / "project")
     prefect_file = project / PREFECT_FILE
     config = yaml.safe_load(prefect_file.read_text())
@@ -148,10 +158,17 @@ def test_the_schedules_on_the_server_are_the_yamls(deployed, tmp_path):
             ("weekly-friday-0300", "0 3 * * 5", False)]
         assert deployed_as([friday]) == [("weekly-friday-0300", "0 3 * * 5", True)]
         assert deployed_as([]) == []
+        monkeypatch.setenv("FER_TEST_SLUG", "weekly-friday-0300")
+        assert deployed_as([{**friday, "slug": "{{ $FER_TEST_SLUG }}"}]) == [
+            ("weekly-friday-0300", "0 3 * * 5", True)]
     finally:
         deploy_all(REPO, names=["retrain-weekly"])
+        with get_client(sync_client=True) as client:
+            theirs = client.read_deployment_schedules(other)
+            client.delete_deployment(other)
     assert [(schedule.slug, schedule.active) for schedule in
             read("retrain/retrain-weekly").schedules] == [("weekly-monday-0300", True)]
+    assert [schedule.slug for schedule in theirs] == ["theirs"]
 
 
 def crash_automations():

@@ -414,14 +414,17 @@ def test_a_caller_that_retries_gets_the_transient_failure_not_the_copy(tmp_path,
 
 
 class _IgnoringConditions(_Quiet):
-    """Answers 200 with the body and ETag it is given, whatever the request asks."""
+    """Answers 200 with the body, ETag and Last-Modified it is given, whatever the request
+    asks."""
 
-    body, etag = b"", '"v1"'
+    body, etag, last_modified = b"", '"v1"', None
 
     def do_GET(self):  # noqa: N802 (the http.server API)
         self.send_response(200)
         if self.etag:
             self.send_header("ETag", self.etag)
+        if self.last_modified:
+            self.send_header("Last-Modified", self.last_modified)
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
         self.wfile.write(self.body)
@@ -471,6 +474,46 @@ def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, s
     assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256  # the server is gone now
     assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
     assert not list((data_dir / "downloads").glob("*.part"))
+
+
+def test_a_new_etag_is_a_new_file_whatever_its_date_and_length(tmp_path, shaded_csv):
+    """Dates have whole seconds: an object overwritten twice in one second (or files all
+    dated alike, as reproducible builds date them) keeps its date and, a label changed,
+    its length. Its new ETag says it changed."""
+    _IgnoringConditions.body = shaded_csv.read_bytes()
+    _IgnoringConditions.last_modified = "Mon, 07 Dec 2026 03:00:00 GMT"
+    data_dir = tmp_path / "d"
+    try:
+        with serving(_IgnoringConditions) as base:
+            first = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+            _IgnoringConditions.body = shaded_csv.read_text().replace("\n3,", "\n4,", 1).encode()
+            _IgnoringConditions.etag = '"v2"'
+            changed = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+    finally:
+        _IgnoringConditions.etag, _IgnoringConditions.last_modified = '"v1"', None
+    assert changed.sha256 != first.sha256
+
+
+@pytest.mark.parametrize("kind", ["CR line ends", "bzip2 tarball", "xz tarball"])
+def test_a_download_fer_reads_is_not_refused_for_its_first_bytes(tmp_path, shaded_csv,
+                                                                image_tree, kind):
+    """What fer's readers take, though the first bytes do not say so plainly: a CSV with
+    old Mac line ends (CR alone), a .tgz compressed with bzip2 or xz (tarfile reads
+    either)."""
+    import tarfile
+
+    name = "fer2013.csv" if kind == "CR line ends" else "fer2013.tgz"
+    if kind == "CR line ends":
+        (tmp_path / name).write_bytes(shaded_csv.read_bytes().replace(b"\n", b"\r"))
+        _AnyPath.body = (tmp_path / name).read_bytes()
+        expected = load_dataset(tmp_path / name).sha256
+    else:
+        with tarfile.open(tmp_path / name, "w:bz2" if kind == "bzip2 tarball" else "w:xz") as tar:
+            tar.add(image_tree, arcname=".")
+        _AnyPath.body = (tmp_path / name).read_bytes()
+        expected = load_dataset(image_tree).sha256
+    with serving(_AnyPath) as base:
+        assert fetch_data(f"{base}/{name}", data_dir=tmp_path / "d").sha256 == expected
 
 
 def test_a_server_without_validators_is_downloaded_every_time(tmp_path, shaded_csv):
@@ -794,8 +837,12 @@ class _AnyPath(_Quiet):
         self.wfile.write(self.body)
 
 
-@pytest.mark.parametrize("name", ["a" * 300 + ".csv", "é" * 150 + ".tar.gz"])
-def test_a_url_with_a_very_long_file_name_is_downloaded(tmp_path, shaded_csv, image_tree, name):
+@pytest.mark.parametrize(("name", "extension"), [
+    ("a" * 300 + ".csv", "a.csv"), ("é" * 150 + ".tar.gz", "é.tar.gz"),
+    ("a" * 300 + ".version_final.csv", "a.csv"),  # dots in the name: its last suffix
+])
+def test_a_url_with_a_very_long_file_name_is_downloaded(tmp_path, shaded_csv, image_tree, name,
+                                                        extension):
     """A URL's last part may be longer than a file name may be: it had failed as "File name
     too long", blamed on FER_DATA_DIR's space and permissions. The copy's name is cut,
     keeping the extension (a multi-byte character is not cut in half)."""
@@ -815,7 +862,7 @@ def test_a_url_with_a_very_long_file_name_is_downloaded(tmp_path, shaded_csv, im
     assert fetched.sha256 == again.sha256 == expected
     copies = [path.name for path in (tmp_path / "d" / "downloads").iterdir()
               if not path.name.endswith(".json")]
-    assert len(copies) == 1 and copies[0].endswith(name[-10:])
+    assert len(copies) == 1 and copies[0].endswith(extension)
     assert len(copies[0].encode()) <= 200
 
 
