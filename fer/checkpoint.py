@@ -179,14 +179,21 @@ def mark_diverged(run_dir: Path, reason: str) -> None:
 
 
 def diverged_reason(run_dir: Path) -> str | None:
-    """Why the run's training diverged (mark_diverged); None where it did not."""
+    """Why the run's training diverged (mark_diverged); None where it did not. A record that
+    is there but empty (a stop or a power loss as it was written) or not UTF-8 (garbage
+    where the reason was) still says it did."""
     try:
-        return (Path(run_dir) / FOLDER / DIVERGED).read_bytes().decode().strip() or None
+        recorded = (Path(run_dir) / FOLDER / DIVERGED).read_bytes()
     except OSError:  # none written (or unreadable: the record's own checks name problems)
         return None
-    except ValueError:  # not UTF-8: garbage where the reason was, so it did diverge
-        return ("training diverged (its recorded reason is unreadable); train again with a "
-                "lower --learning-rate")
+    try:
+        return recorded.decode().strip() or _UNREADABLE_DIVERGENCE
+    except ValueError:
+        return _UNREADABLE_DIVERGENCE
+
+
+_UNREADABLE_DIVERGENCE = ("training diverged (its recorded reason is unreadable); train "
+                          "again with a lower --learning-rate")
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -299,9 +306,20 @@ def trainer_of(run_dir: Path) -> str | None:
 def finish_run(run_dir: Path) -> None:
     """The run's files are written: its checkpoint is no longer needed. It is renamed away
     first, in one step: a stop while deleting could otherwise leave a checkpoint without its
-    record, which neither a resume nor `fer publish` accepts."""
+    record, which neither a resume nor `fer publish` accepts.
+
+    The run's files are flushed to disk before: the removal, a change to the folder alone,
+    could reach the disk before their bytes (Keras writes model.keras without an fsync),
+    and a power loss then left an empty model.keras, which `fer publish` uploads, and no
+    checkpoint to rebuild it from."""
     folder = Path(run_dir) / FOLDER
     removing = folder.with_name(f".{FOLDER}-removed")
+    for path in sorted(Path(run_dir).rglob("*")):
+        if path.relative_to(run_dir).parts[0] not in (folder.name, removing.name) \
+                and path.is_file():
+            with writing(path):
+                fsync_path(path)
+    fsync_folder(Path(run_dir))
     shutil.rmtree(removing, ignore_errors=True)  # one left by a stop during the removal
     if folder.exists():
         os.replace(folder, removing)

@@ -732,6 +732,34 @@ def test_a_state_file_of_bytes_that_are_not_text_is_a_damaged_checkpoint(tmp_pat
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
 
+def test_a_finished_runs_files_are_on_disk_before_its_checkpoint_goes(tmp_path, monkeypatch):
+    """The checkpoint's removal could reach the disk before the run's files' bytes (Keras
+    writes model.keras without an fsync): a power loss then left an empty model.keras,
+    which `fer publish` uploads, and no checkpoint to rebuild it from."""
+    run_dir = make_run(tmp_path, "20250101-000000-default-0001", accuracy=0.5)
+    (run_dir / FOLDER / "member-1").mkdir(parents=True)
+    (run_dir / FOLDER / RUN_RECORD).write_text("{}")
+    files = {str(path) for path in run_dir.rglob("*")
+             if path.is_file() and FOLDER not in path.relative_to(run_dir).parts}
+    assert "model.keras" in {Path(path).name for path in files}
+    events: list = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        events.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    def recording_replace(source, target):
+        events.append(("replace", str(source)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    finish_run(run_dir)
+    removal = events.index(("replace", str(run_dir / FOLDER)))
+    assert files | {str(run_dir)} <= set(events[:removal])
+
+
 def test_a_divergence_record_of_garbage_still_says_the_run_diverged(tmp_path):
     """diverged.txt overwritten with bytes that are not UTF-8: the run is still one that
     diverged (a traceback from read_run and publish otherwise)."""
@@ -742,6 +770,9 @@ def test_a_divergence_record_of_garbage_still_says_the_run_diverged(tmp_path):
     (tmp_path / FOLDER / DIVERGED).write_bytes(b"\xff\xfe")
     assert diverged_reason(tmp_path).startswith("training diverged (its recorded reason is "
                                                "unreadable); train again with a lower")
+    (tmp_path / FOLDER / DIVERGED).write_bytes(b"")  # a stop or a power loss as it was written
+    assert diverged_reason(tmp_path).startswith("training diverged (its recorded reason is "
+                                               "unreadable)")
 
 
 def test_a_checkpoint_the_system_cannot_read_is_not_called_damaged(tmp_path, tiny_dataset,
