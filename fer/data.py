@@ -885,8 +885,8 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
         if gray is not None and _may_have_alpha(data):
             # turned by its EXIF orientation as the grey is (IMREAD_UNCHANGED is not); these
             # flags keep the alpha since OpenCV 4.11 (hence pyproject's floor)
-            return _on_white(gray, cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR
-                                                | cv2.IMREAD_ANYDEPTH))
+            return _on_white(gray, _alpha_of(cv2.imdecode(
+                encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH), gray))
         return gray
     except cv2.error:
         return None
@@ -919,15 +919,32 @@ def _png_has_trns(data: bytes) -> bool:
     return False
 
 
-def _on_white(gray: np.ndarray, with_alpha: np.ndarray | None) -> np.ndarray:
-    """``gray`` over a white background as its alpha channel says, as a viewer shows it: a
-    transparent cut-out of a face was seen on whatever its transparent pixels hold (black,
-    mostly), which no viewer shows."""
+def _alpha_of(with_alpha: np.ndarray | None, gray: np.ndarray) -> np.ndarray | None:
+    """A copy of the alpha channel of a decode with colour and alpha, which is dropped on
+    return (4 or 8 bytes a pixel); None where it has none fitting ``gray``."""
     if (with_alpha is None or with_alpha.ndim != 3 or with_alpha.shape[2] != 4
             or with_alpha.shape[:2] != gray.shape):
+        return None
+    return with_alpha[..., 3].copy()
+
+
+ALPHA_STRIP_ROWS = 256  # rows composited at a time: float32 temporaries for these alone
+
+
+def _on_white(gray: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """``gray`` over a white background as its alpha channel says, as a viewer shows it: a
+    transparent cut-out of a face was seen on whatever its transparent pixels hold (black,
+    mostly), which no viewer shows. In strips of rows: over the whole image at once, its
+    float32 temporaries took about 21 bytes a pixel (2 GB for a 100-megapixel cut-out)."""
+    if alpha is None:
         return gray
-    opacity = with_alpha[..., 3].astype(np.float32) / np.iinfo(with_alpha.dtype).max
-    return np.rint(gray * opacity + 255.0 * (1.0 - opacity)).astype(np.uint8)
+    opaque = np.iinfo(alpha.dtype).max
+    out = np.empty_like(gray)
+    for start in range(0, gray.shape[0], ALPHA_STRIP_ROWS):
+        rows = slice(start, start + ALPHA_STRIP_ROWS)
+        opacity = alpha[rows].astype(np.float32) / opaque
+        out[rows] = np.rint(gray[rows] * opacity + 255.0 * (1.0 - opacity))
+    return out
 
 
 def check_val_fraction(val_fraction: float, *, what: str = "--val-fraction") -> None:

@@ -785,9 +785,13 @@ def predict(
     for p in predictions:
         by_file[p.file].append(p)
     if as_json:  # every file given, in order; one without a face has emotion null
-        typer.echo(json.dumps([record for file, found in by_file.items() for record in (
+        records = [record for file, found in by_file.items() for record in (
             [vars(p) for p in found] if found else
-            [{"file": file, "emotion": None, "probabilities": None, "box": None}])], indent=2))
+            [{"file": file, "emotion": None, "probabilities": None, "box": None}])]
+        # a name's bytes that are not UTF-8 escaped as in the text lines: json.dumps wrote a
+        # lone surrogate (\udce9), which jq turns into U+FFFD and strict parsers refuse
+        typer.echo(json.dumps([{**record, "file": _printable(record["file"])}
+                               for record in records], indent=2))
         for file in (file for file, found in by_file.items() if not found):
             typer.echo(f"{_printable(file)}: no face found", err=True)
         return

@@ -559,7 +559,8 @@ def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path)
 def test_predict_prints_a_file_name_that_is_not_utf8(tmp_path):
     """An image saved by a tool writing Latin-1 names (`café.png` as bytes 63 61 66 e9): its
     line is printed with the byte escaped (printing it raised UnicodeEncodeError after the
-    model had run, a traceback); --json already escaped it."""
+    model had run, a traceback), and so is its --json record's `file` (it was a lone
+    surrogate, `\\udce9`, which jq turns into U+FFFD and strict JSON parsers refuse)."""
     from conftest import encode_image, shaded_image
 
     from fer.models import get_spec
@@ -574,6 +575,14 @@ def test_predict_prints_a_file_name_that_is_not_utf8(tmp_path):
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().startswith(f"{tmp_path}/caf\\xe9.png: ")
+    as_json = subprocess.run([*FER, "predict", os.fsdecode(image), "--model",
+                              str(tmp_path / "model.keras"), "--json"], capture_output=True,
+                             env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"},
+                             timeout=300, check=False)
+    assert as_json.returncode == 0, as_json.stderr.decode()
+    assert "\\ud" not in as_json.stdout.decode()
+    assert [record["file"] for record in json.loads(as_json.stdout)] == [
+        f"{tmp_path}/caf\\xe9.png"]
 
 
 def test_resume_takes_no_options_of_its_own(tmp_path):
