@@ -351,15 +351,21 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
                               "on one side), so the rest of the run would train on other images; "
                               f"resume it with the fer that began it{began}, or train it anew")
     if run.pixels_sha256 != pixels_sha256(dataset):
+        decoders = _listed(_version_changes(run.versions, process["versions"], DECODERS))
         raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "
                               "or splits them otherwise here than where the run began (the "
                               "same file; another fer's decoding or validation carving, see "
                               "CACHE_FORMAT and split_validation in fer/data.py, or another "
-                              f"decoder{_decoder_changes(run.versions, process['versions'])}); "
+                              f"decoder{decoders}); "
                               f"resume it with the fer that began it{began}, or train it anew")
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
+    trainers = _version_changes(run.versions, process["versions"], TRAINERS)
+    if trainers:  # the optimiser's defaults (Muon's) and kernels are theirs
+        log.warning("resuming %s with %s: the rest of the run trains with their optimiser "
+                    "defaults and kernels (the manifest records the first)",
+                    run.run_dir.name, ", ".join(trainers))
     slow = slow_here(run.precision)
     if slow:  # kept: the weights and optimizer state continue in it
         log.warning("resuming %s in %s, as it began, but %s: it trains several times slower "
@@ -368,14 +374,18 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
 
 
 DECODERS = ("fer", "opencv-python-headless", "numpy")
+TRAINERS = ("keras", "tensorflow", "tensorflow-cpu")
 
 
-def _decoder_changes(began: dict | None, now: dict) -> str:
-    """': name then -> now, ...' for the decoding packages whose versions differ from the
-    record's; '' where none does (or an older record has none)."""
-    changed = [f"{name} {began.get(name)} -> {now.get(name)}" for name in DECODERS
-               if began and began.get(name) != now.get(name)]
-    return f": {', '.join(changed)}" if changed else ""
+def _version_changes(began: dict | None, now: dict, names: tuple[str, ...]) -> list[str]:
+    """'name then -> now' for the packages of ``names`` whose versions differ from the
+    record's; none where an older record has no versions."""
+    return [f"{name} {began.get(name)} -> {now.get(name)}" for name in names
+            if began and began.get(name) != now.get(name)]
+
+
+def _listed(changes: list[str]) -> str:
+    return f": {', '.join(changes)}" if changes else ""
 
 
 def _recipe_changes(began: dict, now: dict) -> list[str]:

@@ -315,6 +315,23 @@ def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_
     assert manifest["resumed_at_epochs"] == {"member 1": [1, 2]}
 
 
+def test_a_resume_under_another_keras_says_so(tmp_path, tiny_dataset, monkeypatch, caplog):
+    """A run stopped, then Keras upgraded: the rest of the run trains with the new
+    version's optimiser defaults (Muon's are Keras's) and kernels, which only a changed
+    git commit had been warned of."""
+    config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=1))
+    record_path = run_dir / FOLDER / RUN_RECORD
+    record = json.loads(record_path.read_text())
+    keras_now = record["versions"]["keras"]
+    record["versions"]["keras"] = "3.0.0"
+    record_path.write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="fer"):
+        train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
+    assert f"with keras 3.0.0 -> {keras_now}: the rest of the run trains with their " \
+        "optimiser defaults" in caplog.text
+
+
 def test_a_resume_that_fails_on_a_later_member_or_its_best_weights_is_not_listed(
         tmp_path, tiny_dataset, monkeypatch):
     """An ensemble stopped in member 2, member 1 finished: a resume whose member-2
