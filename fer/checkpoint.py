@@ -316,7 +316,7 @@ def finish_run(run_dir: Path) -> None:
     removing = folder.with_name(f".{FOLDER}-removed")
     for path in sorted(Path(run_dir).rglob("*")):
         if path.relative_to(run_dir).parts[0] not in (folder.name, removing.name) \
-                and path.is_file():
+                and path.is_file() and not path.is_symlink():  # fer's own files
             with writing(path):
                 fsync_path(path)
     fsync_folder(Path(run_dir))

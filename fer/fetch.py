@@ -608,16 +608,23 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
     raise _SourceFailed(problem)
 
 
-def _is_archive_by_reader(path: Path) -> bool:
-    """An archive that tarfile or zipfile reads, which fer reads as they do, though its
-    first bytes do not say so: a bzip2- or xz-compressed tarball, a tar from before
-    POSIX's `ustar`, a self-extracting zip."""
+def _is_archive_by_reader(partial: Path) -> bool:
+    """A download named as an archive (.zip, .tar, .tar.gz, .tgz: fer reads it as one by
+    its name) that zipfile or tarfile reads, with a member, though its first bytes do not
+    say so: a bzip2- or xz-compressed tarball, a tar from before POSIX's `ustar`, a
+    self-extracting zip. Under another name fer would not read it (an empty tar is 512
+    zero bytes)."""
     import tarfile
     import zipfile
 
+    if not is_archive(partial.with_name(partial.name.removesuffix(".part"))):
+        return False
     try:
-        return tarfile.is_tarfile(path) or zipfile.is_zipfile(path)
-    except (OSError, EOFError):
+        if zipfile.is_zipfile(partial):
+            return True
+        with tarfile.open(partial) as archive:
+            return archive.next() is not None
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
         return False
 
 
@@ -679,11 +686,13 @@ def _same_strong_etag(answered: dict, stored: dict) -> bool:
 
 def _same_date_and_length(answered: dict, stored: dict, total: int | None, copy: Path) -> bool:
     """The same Last-Modified date as the copy's, and its length where the answer gives one,
-    from a server that gives no ETag: the same file, as far as it can say. An ETag decides
-    where there is one: dates have whole seconds, and an object overwritten twice in one
-    second (or files all dated alike, as reproducible builds date them) keeps its date."""
+    from a server that gives no ETag or the same one (a weak ETag, which a server that
+    ignores If-None-Match sends back): the same file, as far as it can say. Another ETag
+    decides: dates have whole seconds, and an object overwritten twice in one second (or
+    files all dated alike, as reproducible builds date them) keeps its date."""
     date = answered.get("last_modified")
-    return (bool(date) and not answered.get("etag") and date == stored.get("last_modified")
+    return (bool(date) and answered.get("etag") in (None, stored.get("etag"))
+            and date == stored.get("last_modified")
             and (total is None or total == copy.stat().st_size))
 
 

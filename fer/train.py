@@ -361,7 +361,8 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
-    trainers = _version_changes(run.versions, process["versions"], TRAINERS)
+    trainers = _version_changes(_trainers(run.versions), _trainers(process["versions"]),
+                                ("keras", "tensorflow"))
     if trainers:  # the optimiser's defaults (Muon's) and kernels are theirs
         log.warning("resuming %s with %s: the rest of the run trains with their optimiser "
                     "defaults and kernels (the manifest records the first)",
@@ -374,7 +375,13 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
 
 
 DECODERS = ("fer", "opencv-python-headless", "numpy")
-TRAINERS = ("keras", "tensorflow", "tensorflow-cpu")
+
+
+def _trainers(versions: dict | None) -> dict | None:
+    """Keras's and TensorFlow's versions, TensorFlow's whichever package holds it
+    (tensorflow-cpu on x86_64, tensorflow on arm64: pyproject's markers)."""
+    return versions and {"keras": versions.get("keras"),
+                         "tensorflow": versions.get("tensorflow") or versions.get("tensorflow-cpu")}
 
 
 def _version_changes(began: dict | None, now: dict, names: tuple[str, ...]) -> list[str]:

@@ -332,6 +332,18 @@ def test_a_resume_under_another_keras_says_so(tmp_path, tiny_dataset, monkeypatc
         "optimiser defaults" in caplog.text
 
 
+def test_tensorflow_under_either_package_name_is_one_version():
+    """x86_64 installs tensorflow-cpu, arm64 tensorflow (pyproject's markers): a run moved
+    between them on one TensorFlow version trains as it did, and is not warned of."""
+    from fer.train import _trainers, _version_changes
+
+    x86 = {"keras": "3.15.0", "tensorflow-cpu": "2.21.0"}
+    arm = {"keras": "3.15.0", "tensorflow": "2.21.0"}
+    assert _version_changes(_trainers(x86), _trainers(arm), ("keras", "tensorflow")) == []
+    assert _version_changes(_trainers(x86), _trainers({**arm, "tensorflow": "2.22.0"}),
+                            ("keras", "tensorflow")) == ["tensorflow 2.21.0 -> 2.22.0"]
+
+
 def test_a_resume_that_fails_on_a_later_member_or_its_best_weights_is_not_listed(
         tmp_path, tiny_dataset, monkeypatch):
     """An ensemble stopped in member 2, member 1 finished: a resume whose member-2

@@ -445,12 +445,26 @@ def test_a_full_answer_with_the_same_strong_etag_keeps_the_copy(tmp_path, shaded
         assert fetch_data(f"{base}/fer2013.csv", data_dir=data_dir).sha256 != first.sha256
 
 
+def _bzip2_tarball() -> bytes:
+    """A bzip2-compressed tar of one file: fer reads it by a name ending .tar, .tgz or
+    .tar.gz only."""
+    import io
+    import tarfile
+
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:bz2") as archive:
+        member = tarfile.TarInfo("README")
+        archive.addfile(member)
+    return packed.getvalue()
+
+
 @pytest.mark.parametrize(("answer", "message"), [
     (b"<html>Sign in</html>", r"sent a web page, not a dataset"),
     (b'{"error": "quota exceeded"}', r"sent text that is not a FER2013 CSV \(its first line"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", r"unsupported source type: the server sent a binary file"),
     (b"\x1f\x8b\x08\x00" + bytes(16), r"sent a gzip that is not a tarball"),
-], ids=["web page", "json", "png", "gzip"])
+    (_bzip2_tarball(), r"unsupported source type: the server sent a binary file"),  # named .csv
+], ids=["web page", "json", "png", "gzip", "bzip2 tarball"])
 def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, shaded_csv, caplog,
                                                                    answer, message):
     """A server that answers 200 with something fer cannot read (a share that expired
@@ -492,6 +506,22 @@ def test_a_new_etag_is_a_new_file_whatever_its_date_and_length(tmp_path, shaded_
     finally:
         _IgnoringConditions.etag, _IgnoringConditions.last_modified = '"v1"', None
     assert changed.sha256 != first.sha256
+
+
+def test_a_weak_etag_sent_back_leaves_the_date_and_length_to_decide(tmp_path, shaded_csv):
+    """A server that ignores If-None-Match and sends its weak ETag back: the same date and
+    length keep the copy, its body not read (bytes changed behind them do not show)."""
+    _IgnoringConditions.body, _IgnoringConditions.etag = shaded_csv.read_bytes(), 'W/"v1"'
+    _IgnoringConditions.last_modified = "Mon, 07 Dec 2026 03:00:00 GMT"
+    data_dir = tmp_path / "d"
+    try:
+        with serving(_IgnoringConditions) as base:
+            first = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+            _IgnoringConditions.body = shaded_csv.read_text().replace("\n3,", "\n4,", 1).encode()
+            again = fetch_data(f"{base}/fer2013.csv", data_dir=data_dir)
+    finally:
+        _IgnoringConditions.etag, _IgnoringConditions.last_modified = '"v1"', None
+    assert again.sha256 == first.sha256
 
 
 @pytest.mark.parametrize("kind", ["CR line ends", "bzip2 tarball", "xz tarball"])
