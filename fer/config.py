@@ -31,7 +31,7 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux); absolute, since the
     current dataset's pointer records paths inside it (a relative FER_DATA_DIR had it name
     a path that a command run from another folder read against that folder)."""
-    if env.get("FER_DATA_DIR"):
+    if env.get("FER_DATA_DIR", "").strip():  # whitespace alone: unset, as for FER_STORAGE
         return expand_home(env["FER_DATA_DIR"], what="FER_DATA_DIR").absolute()
     if env.get("XDG_CACHE_HOME"):
         return expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME").absolute() / "fer"
@@ -40,6 +40,17 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     except RuntimeError:  # no HOME and no passwd entry: a bare container user
         raise FerError("no home folder to keep fer's data in (~/.cache/fer); set "
                        "FER_DATA_DIR") from None
+
+
+def endpoint_from_env(env: Mapping[str, str]) -> str | None:
+    """The S3 endpoint the environment names, in botocore's order: AWS_ENDPOINT_URL_S3,
+    then AWS_ENDPOINT_URL, neither where AWS_IGNORE_CONFIGURED_ENDPOINT_URLS is true. fer
+    passes it to boto3 as the client's own endpoint, which wins over all of them: read
+    as AWS_ENDPOINT_URL alone, it had sent an S3 publish to the endpoint meant for
+    other services."""
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
 
 
 # The variables default_data_dir reads (Path.home() reads HOME itself).
@@ -63,7 +74,7 @@ class Settings:
         return cls(
             # empty or whitespace alone reads as unset, not as a folder named " "
             storage=storage if storage.strip() else DEFAULT_STORAGE,
-            endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+            endpoint_url=endpoint_from_env(env),
             data_dir_env=tuple((name, env[name]) for name in _DATA_DIR_VARIABLES if name in env),
         )
 

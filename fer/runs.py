@@ -187,7 +187,12 @@ def _check_outside(store: LocalStore, out_dir: Path) -> None:
 def _back_off(attempt: int) -> None:
     """A random wait, doubling with each attempt up to a second, before trying a write that
     another writer's got in the way of again (random: two that met do not meet again)."""
-    time.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+    time.sleep(_UNSEEDED.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
+
+
+# Not the shared `random`, which training seeds (keras.utils.set_random_seed) and leaves
+# seeded: two runs of one --seed publishing at once had drawn the same waits, and met again.
+_UNSEEDED = random.SystemRandom()
 
 
 _NO_SUCH_VERSION = '"fer-no-such-version"'

@@ -46,7 +46,7 @@ StorageOption = Annotated[str | None, typer.Option(
     "--storage", help="s3://bucket/prefix, file://path or a folder; default: $FER_STORAGE "
                       "or ./artifacts")]
 EndpointOption = Annotated[str | None, typer.Option(
-    "--endpoint-url", help="S3 endpoint (MinIO etc.); default: $AWS_ENDPOINT_URL")]
+    "--endpoint-url", help="S3 endpoint (MinIO etc.); default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL")]
 CreateBucketOption = Annotated[bool, typer.Option(
     "--create-bucket", help="create the bucket if it does not exist")]
 ForceChampionOption = Annotated[bool, typer.Option(

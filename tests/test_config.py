@@ -43,3 +43,25 @@ def test_a_relative_data_folder_is_made_absolute(tmp_path, monkeypatch, shaded_c
     fetch_data(str(shaded_csv), data_dir=data_dir)
     monkeypatch.chdir(tmp_path.parent)
     assert current_source(tmp_path / "cache" / under).path.is_file()
+
+
+@pytest.mark.parametrize(("env", "endpoint"), [
+    ({"AWS_ENDPOINT_URL": "http://localstack:4566"}, "http://localstack:4566"),
+    ({"AWS_ENDPOINT_URL": "http://localstack:4566", "AWS_ENDPOINT_URL_S3": "http://minio:9000"},
+     "http://minio:9000"),
+    ({"AWS_ENDPOINT_URL": "http://localstack:4566", "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+      "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}, None),
+])
+def test_the_s3_endpoint_is_read_from_the_environment_as_boto3_reads_it(env, endpoint):
+    """fer hands the endpoint to boto3 as the client's own, which wins over botocore's
+    order: read as AWS_ENDPOINT_URL alone, a publish went to the endpoint given for every
+    service rather than to AWS_ENDPOINT_URL_S3's, and the switch that turns both off was
+    not heeded."""
+    assert Settings.from_env(env).endpoint_url == endpoint
+
+
+def test_a_blank_data_folder_variable_reads_as_unset(tmp_path):
+    """`FER_DATA_DIR: ${X:- }` in a compose file: the data was cached in a folder named " "
+    in the current folder; whitespace alone reads as unset, as for FER_STORAGE."""
+    assert Settings.from_env({"FER_DATA_DIR": " ", "XDG_CACHE_HOME": str(tmp_path)}
+                             ).data_dir == tmp_path / "fer"

@@ -1007,3 +1007,19 @@ def test_a_download_stopped_while_writing_the_manifest_leaves_none(tmp_path, mon
     left = sorted(p.name for p in (tmp_path / "got" / "run-a").iterdir())
     assert "manifest.json" not in left and not [n for n in left if n.endswith(".part")]
     assert "model.keras" in left
+
+
+def test_publishers_back_off_by_waits_that_training_did_not_seed(monkeypatch):
+    """Training seeds Python's shared random module (keras.utils.set_random_seed) and leaves
+    it seeded: two runs of one --seed whose publishes met drew the same waits, and met
+    again at each retry."""
+    import random
+
+    import fer.runs
+
+    waits: list[float] = []
+    monkeypatch.setattr(fer.runs.time, "sleep", waits.append)
+    for _ in range(2):
+        random.seed(1337)  # as each run's training left it
+        fer.runs._back_off(5)
+    assert len(waits) == 2 and waits[0] != waits[1]
