@@ -24,6 +24,7 @@ import typer
 
 from fer.config import (
     DEFAULT_SOURCE_URL,
+    DEFAULT_STORAGE,
     MAX_BATCH_SIZE,
     VAL_FRACTION_RANGE,
     Settings,
@@ -104,8 +105,8 @@ def _store_settings(*, storage: str | None, endpoint_url: str | None,
     settings = _settings(storage=storage, endpoint_url=endpoint_url)
     unused = endpoint_left_unused(endpoint_url, storage=settings.storage, data=data)
     if unused:
-        given = ("--storage" if storage else "FER_STORAGE" if os.environ.get("FER_STORAGE")
-                 else "the default")
+        given = ("--storage" if storage else "the default" if settings.storage == DEFAULT_STORAGE
+                 else "FER_STORAGE")
         raise typer.BadParameter(f"{unused} (the store from {given})",
                                  param_hint="--endpoint-url")
     return settings

@@ -718,6 +718,15 @@ def test_an_endpoint_beside_a_folder_store_is_refused(tmp_path, command):
     assert not (tmp_path / "store").exists()
 
 
+def test_a_blank_fer_storage_is_named_as_the_default_it_reads_as(tmp_path):
+    """FER_STORAGE of whitespace reads as unset: the store is ./artifacts, which the
+    message names as the default, not as FER_STORAGE's."""
+    result = run_fer("reports", "list", "--endpoint-url", "http://127.0.0.1:9", cwd=tmp_path,
+                     env={"FER_STORAGE": " "})
+    assert re.search(r"the store, \./artifacts, is a folder; .* \(the store from the "
+                     r"default\)", usage_error(result))
+
+
 def test_an_endpoint_beside_a_folder_store_still_reads_an_s3_data(tmp_path):
     """Train's s3:// --data is read through the endpoint: not refused with a folder store
     (here it fails on the dead endpoint instead)."""
