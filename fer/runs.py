@@ -730,6 +730,11 @@ def _load_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
             "created time, files with a sha256 each, and metrics with accuracy): a `fer "
             "train` run folder inside the store? Keep run folders (--out, a flow's out_dir) "
             "outside it")
+    if manifest is not None and manifest["run_id"] != run_id:  # listed twice as that run
+        raise NotFerObjectError(
+            f"{store.url(key)} is the manifest of run '{manifest['run_id']}', not of "
+            f"'{run_id}': a copy of that run's folder? Remove it, or give the copy its own "
+            "run_id and publish it from a run folder")
     return manifest
 
 

@@ -758,6 +758,18 @@ def test_a_manifest_that_cannot_be_read_stops_the_listing(store, runs):
         list_runs(DeniesReadingManifests(store))
 
 
+def test_a_copy_of_a_runs_folder_in_the_store_is_not_listed_as_that_run(store, runs, caplog):
+    """runs/good/ copied to runs/copy/ in the bucket: the listing showed run 'good' twice
+    (its rows read the manifests' run ids), and `fer reports get copy` fetched 'good' under
+    another name. The copy is left out with a warning, and named when asked for."""
+    publish_run(make_run(runs, "good", accuracy=0.5), store)
+    store.put_bytes("runs/copy/manifest.json", store.get_bytes("runs/good/manifest.json"))
+    assert [r.run_id for r in list_runs(store)] == ["good"]
+    assert "copy/manifest.json is the manifest of run 'good', not of 'copy'" in caplog.text
+    with pytest.raises(StorageError, match=r"manifest of run 'good', not of 'copy': a copy"):
+        resolve_run(store, "copy")
+
+
 def test_a_manifest_that_is_not_json_hides_only_its_own_run(store, runs, caplog):
     """One unreadable manifest in the store is left out of a listing with a warning; the
     other runs are still listed."""
