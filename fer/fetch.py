@@ -198,6 +198,15 @@ def _copy_whole(source: Path, partial: Path) -> None:
     disk, Ctrl-C)."""
     try:
         shutil.copy2(source, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _synced_or_removed(partial)
+
+
+def _synced_or_removed(partial: Path) -> None:
+    """``partial`` on disk, or gone where that fails (the caller renames it into place)."""
+    try:
         fsync_path(partial)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -460,15 +469,21 @@ def _fitting(name: str) -> str:
     """``name`` as a local copy's file name: a longer one (a URL's or an S3 key's last part
     may be 1,000 bytes) is cut to COPY_NAME_MAX_BYTES, after a hash of the whole name that
     keeps two cut names apart, keeping its extension, by which the copy is read. Uncut, it
-    had failed as "File name too long", blamed on FER_DATA_DIR's space and permissions."""
-    if len(name.encode()) <= COPY_NAME_MAX_BYTES:
+    had failed as "File name too long", blamed on FER_DATA_DIR's space and permissions.
+    Lengths are the name's bytes on disk: a Latin-1 `café.csv` holds one that is not UTF-8."""
+    if len(os.fsencode(name)) <= COPY_NAME_MAX_BYTES:
         return name
     suffixes = PurePosixPath(name).suffixes
     extension = next((kept for kept in ("".join(suffixes[-2:]), "".join(suffixes[-1:]))
-                      if len(kept.encode()) <= 16), "")  # .tar.gz, else .csv; dots in a name
-    prefix = hashlib.sha256(name.encode()).hexdigest()[:12] + "-"
-    room = COPY_NAME_MAX_BYTES - len(prefix) - len(extension.encode())
-    stem = name[:len(name) - len(extension)].encode()[:room].decode(errors="ignore")
+                      if len(os.fsencode(kept)) <= 16), "")  # .tar.gz, else .csv; dots in a name
+    prefix = hashlib.sha256(os.fsencode(name)).hexdigest()[:12] + "-"
+    room = COPY_NAME_MAX_BYTES - len(prefix) - len(os.fsencode(extension))
+    stem, size = "", 0
+    for character in name[:len(name) - len(extension)]:  # whole characters only
+        size += len(os.fsencode(character))
+        if size > room:
+            break
+        stem += character
     return prefix + stem + extension
 
 
@@ -487,10 +502,10 @@ def _unsigned(source: str) -> str:
 def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path:
     """``url`` into ``target``. A copy from before is asked about first (its ETag, sent
     back as If-None-Match) and kept while the server answers 304 or the same strong ETag,
-    or, where it gives no ETag, the same Last-Modified date and length: the body is then
-    not read. A server that gives neither cannot say whether its file changed, so it is downloaded again
-    (identical bytes are then recognised by their sha256 and not unpacked twice); so is a
-    copy older than these records.
+    or, where it gives no ETag or the same weak one, the same Last-Modified date and
+    length: the body is then not read. A server that gives neither cannot say whether its
+    file changed, so it is downloaded again (identical bytes are then recognised by their
+    sha256 and not unpacked twice); so is a copy older than these records.
 
     The date is compared, not sent as If-Modified-Since: a server answers that with 304
     for a file replaced by an older one (a dataset rolled back, its date kept), and the
@@ -536,9 +551,11 @@ def _download_http(url: str, target: Path, *, progress: Progress | None) -> Path
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         if _lasting(exc):
+            remedy = ("; if your own CA signed the server's certificate, name its file in "
+                      "SSL_CERT_FILE" if isinstance(reason, ssl.SSLCertVerificationError) else "")
             raise _SourceFailed(DataError(
-                f"{redacted(url)}: download failed ({reason}); check the URL, or use a local "
-                "copy of the file")) from None
+                f"{redacted(url)}: download failed ({reason}); check the URL{remedy}, or use a "
+                "local copy of the file")) from None
         raise _SourceFailed(StorageError(
             f"{redacted(url)}: download failed ({reason}); check the URL and your network, or use a "
             "local copy of the file", transient=True)) from None
@@ -718,11 +735,7 @@ def _download_s3(bucket: str, key: str, target: Path, *, endpoint_url: str | Non
     except StorageError as exc:  # cut short, as an http download can be
         partial.unlink(missing_ok=True)
         raise _SourceFailed(exc) from None
-    try:
-        fsync_path(partial)
-    except OSError:
-        partial.unlink(missing_ok=True)
-        raise
+    _synced_or_removed(partial)
     _refuse_what_is_no_dataset(partial, f"s3://{bucket}/{key}")
     os.replace(partial, target)
     write_json(version_path, {"version": version})

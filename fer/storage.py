@@ -39,7 +39,7 @@ from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 # How messages name where the endpoint comes from: the CLI, a flow, the environment.
-ENDPOINT_OPTION = "--endpoint-url, a flow's endpoint_url, or AWS_ENDPOINT_URL"
+ENDPOINT_OPTION = "--endpoint-url, a flow's endpoint_url, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL"
 
 log = logging.getLogger(__name__)
 

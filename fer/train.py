@@ -85,8 +85,8 @@ def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
                   create_bucket: bool = False, force_champion: bool = False) -> str:
     """`fer train --resume`'s options that publish a resumed run as the stopped command would
     have (the run's record keeps its training options, not where it was to be published).
-    ``storage``, ``endpoint_url``: where it publishes, FER_STORAGE and AWS_ENDPOINT_URL
-    applied (a resume from a shell without them published elsewhere); a folder store as an
+    ``storage``, ``endpoint_url``: where it publishes, FER_STORAGE and the environment's
+    endpoint applied (a resume from a shell without them published elsewhere); a folder store as an
     absolute path, ~ expanded, for a resume from another folder or shell."""
     flags = ["--publish"]
     if storage:

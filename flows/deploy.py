@@ -170,6 +170,9 @@ def declared_schedules(prefect_file: Path) -> dict[str, dict[str, bool | None] |
     for deployment in yaml.safe_load(prefect_file.read_text())["deployments"]:
         if deployment.get("entrypoint") != RETRAIN_ENTRYPOINT:  # another flow's: as Prefect has it
             continue
+        if "schedule" in deployment:  # Prefect's older single `schedule:`: left as it has it
+            declared[deployment["name"]] = None
+            continue
         schedules = deployment.get("schedules") or []
         entries = [schedule if isinstance(schedule, dict) else {} for schedule in schedules]
         declared[deployment["name"]] = (
@@ -378,10 +381,9 @@ def moved_deployments(names: Sequence[str], *, project_dir: Path
     own folder where it names one (a Docker pool's /app: nothing moves)."""
     declared = _pull_directories(project_dir / PREFECT_FILE)
     with get_client(sync_client=True) as client:
-        found = client.read_deployments(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(names))))
+        found = _one_per_name(client, list(names))
     moved = []
-    for deployment in found:
+    for _, deployment in found.values():
         will_be = _will_start_in(declared.get(deployment.name), project_dir=project_dir)
         for directory in _working_directories(deployment.pull_steps):
             if (will_be is not None and "{{" not in directory  # known only when it runs
@@ -449,16 +451,24 @@ def _prefect_deploy(project_dir: Path, names: list[str], *, api_url: str,
                        + " | ".join(line.strip() for line in output[-5:] if line.strip()))
 
 
+def _one_per_name(client, names: list[str]) -> dict[str, tuple[str, Any]]:
+    """Name -> (flow name, deployment) of the registered deployments of ``names``; fer's
+    retrain flow's where another flow on a shared server has one of that name too."""
+    found = client.read_deployments(
+        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+    flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found}
+    chosen: dict[str, tuple[str, Any]] = {}
+    for deployment in found:
+        if deployment.name not in chosen or flows[deployment.flow_id] == retrain.name:
+            chosen[deployment.name] = (flows[deployment.flow_id], deployment)
+    return chosen
+
+
 def _registered(names: list[str]) -> list[str]:
     """``flow/deployment`` for each name, from the server: proof that the deploy took effect."""
     with get_client(sync_client=True) as client:
-        found = client.read_deployments(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
-        flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found}
-    full: dict[str, str] = {}
-    for deployment in found:  # fer's own flow's where another flow has one of that name too
-        if deployment.name not in full or flows[deployment.flow_id] == retrain.name:
-            full[deployment.name] = f"{flows[deployment.flow_id]}/{deployment.name}"
+        found = _one_per_name(client, names)
+    full = {name: f"{flow}/{name}" for name, (flow, _) in found.items()}
     missing = [name for name in names if name not in full]
     if missing:
         raise FerError(f"`prefect deploy` finished but {', '.join(missing)} is not registered; "

@@ -296,8 +296,9 @@ def retrain(
     endpoint_url: str | None = None,
 ) -> dict:
     """Train a model on fresh data, report it, and publish it; ``storage`` None: FER_STORAGE,
-    ``endpoint_url`` None: AWS_ENDPOINT_URL, both where the flow runs (``fer retrain`` passes
-    its --endpoint-url; ``fer train --remote`` sends none, so a worker uses its own).
+    ``endpoint_url`` None: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, both where the flow runs
+    (``fer retrain`` passes its --endpoint-url; ``fer train --remote`` sends none, so a
+    worker uses its own).
 
     Returns the published run's id, location, whether it became the champion, and its
     test accuracy and macro-F1.

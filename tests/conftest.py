@@ -18,6 +18,16 @@ from fer.labels import CLASS_NAMES
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013.zip"
 
+# The tests' servers are on loopback: urllib and httpx (the Prefect client) send even
+# 127.0.0.1 through the proxy that http_proxy or https_proxy name unless no_proxy exempts it.
+for _variable in ("no_proxy", "NO_PROXY"):
+    os.environ[_variable] = ",".join(filter(None, [os.environ.get(_variable), "127.0.0.1",
+                                                   "localhost"]))
+# The tests name their S3 endpoint in AWS_ENDPOINT_URL; the machine's own S3 endpoint
+# settings, which win over it, are not theirs.
+for _variable in ("AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+    os.environ.pop(_variable, None)
+
 # A distinct grey level per class: a loaded image's pixel value reveals which class folder
 # or CSV label it came from, so any swap of two classes shows up in the tests.
 CLASS_SHADE = {name: 20 + 30 * i for i, name in enumerate(CLASS_NAMES)}

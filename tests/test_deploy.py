@@ -171,6 +171,20 @@ def test_the_schedules_on_the_server_are_the_yamls(deployed, tmp_path, monkeypat
     assert [schedule.slug for schedule in theirs] == ["theirs"]
 
 
+def test_a_schedule_under_prefects_older_single_key_is_left_to_prefect(tmp_path):
+    """`schedule:` (one, Prefect's older key, which it still reads as `schedules`): read as
+    no schedules, the one `prefect deploy` had just registered was deleted."""
+    from flows.deploy import declared_schedules
+
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump({"deployments": [
+        {"name": "weekly", "entrypoint": "flows/retrain.py:retrain",
+         "schedule": {"cron": "0 3 * * 1"}},
+        {"name": "daily", "entrypoint": "flows/retrain.py:retrain",
+         "schedules": [{"cron": "0 3 * * *", "slug": "daily"}]}]}))
+    assert declared_schedules(prefect_file) == {"weekly": None, "daily": {"daily": True}}
+
+
 def crash_automations():
     with get_client(sync_client=True) as client:
         return client.read_automations_by_name(CRASH_AUTOMATION)

@@ -830,7 +830,9 @@ def test_a_server_whose_certificate_is_not_trusted_is_not_retried(tmp_path, shad
     context, _ = loopback_tls
     plain = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
     with serving(plain, tls=context) as base, pytest.raises(
-            DataError, match=r"download failed \(.*CERTIFICATE_VERIFY_FAILED.*\); check the URL"):
+            DataError, match=r"download failed \(.*CERTIFICATE_VERIFY_FAILED.*\); check the URL; "
+                             r"if your own CA signed the server's certificate, name its file in "
+                             r"SSL_CERT_FILE"):
         fetch_data(f"{base}/fer2013.csv", data_dir=tmp_path / "d", retry_later=True)
 
 
@@ -891,6 +893,15 @@ def test_a_local_source_with_a_long_name_is_copied(tmp_path, shaded_csv):
     """A local file's name may take the whole 255 bytes, with no room for the records fer
     keeps beside its copy (`.source-stamp.json`)."""
     source = tmp_path / ("b" * 248 + ".csv")
+    source.write_bytes(shaded_csv.read_bytes())
+    assert fetch_data(str(source), data_dir=tmp_path / "d").sha256 == load_dataset(
+        shaded_csv).sha256
+
+
+def test_a_local_source_whose_name_is_not_utf8_is_copied(tmp_path, shaded_csv):
+    """A Latin-1 `café.csv` (bytes 63 61 66 e9): measuring its copy's name as UTF-8 raised
+    UnicodeEncodeError, a traceback."""
+    source = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.csv"))
     source.write_bytes(shaded_csv.read_bytes())
     assert fetch_data(str(source), data_dir=tmp_path / "d").sha256 == load_dataset(
         shaded_csv).sha256

@@ -600,6 +600,7 @@ def test_an_endpoint_botocore_refuses_is_named_without_its_credentials(monkeypat
 @pytest.mark.parametrize("endpoint", ["http://localhost:9OOO", "http://127.0.0.1:90000"])
 def test_an_endpoint_whose_port_is_not_a_port_is_one_error(endpoint):
     """botocore checks the endpoint's host only; its port was read later, a traceback."""
-    with pytest.raises(StorageError, match=r"AWS_ENDPOINT_URL\) .*: its port '\w+' is not a "
+    with pytest.raises(StorageError, match=r"AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL\) .*: its "
+                                           r"port '\w+' is not a "
                                            r"number from 0 to 65535"):
         open_store("s3://bucket/prefix", endpoint_url=endpoint)
