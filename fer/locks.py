@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,12 +53,17 @@ def _open_for_locking(path: Path) -> int | None:
     else read-only (a lock file another user created in a shared folder locks as well);
     None when it exists but neither is allowed. An OSError when it can be neither opened
     nor created: the folder is not writable, and the work there would fail anyway."""
+    existed = os.path.lexists(path)
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         if exc.errno not in _NOT_ALLOWED:
             raise
         refused = exc
+    else:
+        if not existed:
+            _writable_by_the_folders_writers(descriptor, path)
+        return descriptor
     try:
         return os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -66,3 +72,12 @@ def _open_for_locking(path: Path) -> int | None:
         if exc.errno not in _NOT_ALLOWED:
             raise
     return None
+
+
+def _writable_by_the_folders_writers(descriptor: int, path: Path) -> None:
+    """A new lock file made writable by whoever may write its folder: the umask (0644,
+    mostly) had left the other users of a group-shared folder store only a read-only
+    descriptor, which NFS refuses an exclusive lock, so their publishes went ahead
+    unprotected."""
+    with contextlib.suppress(OSError):  # not ours after all, or a filesystem without modes
+        os.fchmod(descriptor, stat.S_IMODE(os.stat(path.parent).st_mode) & 0o666)

@@ -48,3 +48,25 @@ def test_the_lock_file_is_created_and_left_for_the_next_holder(tmp_path):
     with taking_turns(lock, waiting="-", unprotected="-"):
         assert lock.exists()
     assert lock.exists()
+
+
+def test_a_new_lock_file_is_writable_by_whoever_may_write_its_folder(tmp_path):
+    """A folder store shared by a group (its folder 2775): the umask had made the lock file
+    0644, so other members could open it read-only only, which NFS refuses an exclusive
+    lock, and their publishes went ahead unprotected. A private folder's stays private."""
+    import os
+    import stat
+
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir(mode=0o2775)
+    private.mkdir(mode=0o700)
+    os.chmod(shared, 0o2775)  # past the umask
+    old_umask = os.umask(0o022)
+    try:
+        for folder in (shared, private):
+            with taking_turns(folder / "x.lock", waiting="-", unprotected="-"):
+                pass
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((shared / "x.lock").stat().st_mode) == 0o664
+    assert stat.S_IMODE((private / "x.lock").stat().st_mode) == 0o600
