@@ -314,9 +314,8 @@ def finish_run(run_dir: Path) -> None:
     checkpoint to rebuild it from."""
     folder = Path(run_dir) / FOLDER
     removing = folder.with_name(f".{FOLDER}-removed")
-    for path in sorted(Path(run_dir).rglob("*")):
-        if path.relative_to(run_dir).parts[0] not in (folder.name, removing.name) \
-                and path.is_file() and not path.is_symlink():  # fer's own files
+    for path in sorted(Path(run_dir).iterdir()):  # its files; the checkpoint is a folder
+        if path.is_file() and not path.is_symlink():
             with writing(path):
                 fsync_path(path)
     fsync_folder(Path(run_dir))

@@ -86,8 +86,8 @@ def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
     """`fer train --resume`'s options that publish a resumed run as the stopped command would
     have (the run's record keeps its training options, not where it was to be published).
     ``storage``, ``endpoint_url``: where it publishes, FER_STORAGE and the environment's
-    endpoint applied (a resume from a shell without them published elsewhere); a folder store as an
-    absolute path, ~ expanded, for a resume from another folder or shell."""
+    endpoint applied (a resume from a shell without them published elsewhere); a folder
+    store as an absolute path, ~ expanded, for a resume from another folder or shell."""
     flags = ["--publish"]
     if storage:
         flags += ["--storage", shlex.quote(location_from_anywhere(storage))]
@@ -351,18 +351,18 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
                               "on one side), so the rest of the run would train on other images; "
                               f"resume it with the fer that began it{began}, or train it anew")
     if run.pixels_sha256 != pixels_sha256(dataset):
-        decoders = _listed(_version_changes(run.versions, process["versions"], DECODERS))
+        decoders = ", ".join(_version_changes(run.versions, process["versions"], DECODERS))
         raise CheckpointError(f"{run.run_dir}: {dataset.source} decodes into other pixels "
                               "or splits them otherwise here than where the run began (the "
                               "same file; another fer's decoding or validation carving, see "
                               "CACHE_FORMAT and split_validation in fer/data.py, or another "
-                              f"decoder{decoders}); "
+                              f"decoder{': ' + decoders if decoders else ''}); "
                               f"resume it with the fer that began it{began}, or train it anew")
     if commit != run.git_commit:
         log.warning("resuming %s with code at commit %s; it began at %s (the manifest records "
                     "the first)", run.run_dir.name, commit, run.git_commit)
     trainers = _version_changes(_trainers(run.versions), _trainers(process["versions"]),
-                                ("keras", "tensorflow"))
+                                TRAINERS)
     if trainers:  # the optimiser's defaults (Muon's) and kernels are theirs
         log.warning("resuming %s with %s: the rest of the run trains with their optimiser "
                     "defaults and kernels (the manifest records the first)",
@@ -375,6 +375,7 @@ def _resumed_run(run: RunRecord, dataset: Dataset, spec: ModelSpec
 
 
 DECODERS = ("fer", "opencv-python-headless", "numpy")
+TRAINERS = ("keras", "tensorflow")  # as _trainers names them
 
 
 def _trainers(versions: dict | None) -> dict | None:
@@ -389,10 +390,6 @@ def _version_changes(began: dict | None, now: dict, names: tuple[str, ...]) -> l
     record's; none where an older record has no versions."""
     return [f"{name} {began.get(name)} -> {now.get(name)}" for name in names
             if began and began.get(name) != now.get(name)]
-
-
-def _listed(changes: list[str]) -> str:
-    return f": {', '.join(changes)}" if changes else ""
 
 
 def _recipe_changes(began: dict, now: dict) -> list[str]:

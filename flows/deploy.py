@@ -195,7 +195,7 @@ def match_schedules(full_name: str, declared: dict[str, bool | None] | None) -> 
         return
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(full_name)
-        for schedule in client.read_deployment_schedules(deployment.id):
+        for schedule in deployment.schedules:
             if schedule.slug not in declared:
                 client.delete_deployment_schedule(deployment.id, schedule.id)
                 log.info("deployment %s: removed schedule %s, which %s does not declare",
