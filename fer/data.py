@@ -54,6 +54,10 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # How an image file OpenCV cannot decode is described, in datasets and in `fer predict`.
 UNDECODABLE = ("not a decodable image (expected a jpg, png or other format OpenCV reads, "
                "of at most 2^30 pixels)")
+# How an image is described that OpenCV could not find the memory to decode (a valid file,
+# so not "undecodable": the same file decodes where there is more memory).
+TOO_LARGE_FOR_MEMORY = ("too large to decode in the memory free here (expected an image of "
+                        "fewer pixels, or more memory: a pixel takes a byte or more)")
 # What counts as an image when telling an image layout from a CSV beside other files: the
 # file types OpenCV's imread reads.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".jp2", ".bmp", ".dib", ".gif",
@@ -820,7 +824,10 @@ def read_image_layout(entries: Iterator[tuple[str, Callable[[], bytes]]], *, ori
             continue
         # A file without an image's suffix is read if it decodes (images were, before) and
         # otherwise not counted as one (a desktop.ini, a :Zone.Identifier, src/train/x.py).
-        pixels = decode_grayscale(read())
+        try:
+            pixels = decode_grayscale(read())
+        except MemoryError:
+            raise DataError(f"{origin}: entry '{name}' is {TOO_LARGE_FOR_MEMORY}") from None
         if pixels is None and not parts[-1].lower().endswith(IMAGE_SUFFIXES):
             skipped.append(name)
             continue
@@ -874,6 +881,8 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
 
     OpenCV raises instead of saying None for an empty buffer and for a header that claims
     more than its limit of 2^30 pixels (a 19-byte file can), so both are None here too.
+    Running out of memory raises MemoryError (callers say TOO_LARGE_FOR_MEMORY with the
+    file's name): OpenCV raises it as its cv2.error, which had read as an undecodable file.
     """
     import cv2
 
@@ -888,7 +897,9 @@ def decode_grayscale(data: bytes) -> np.ndarray | None:
             return _on_white(gray, _alpha_of(cv2.imdecode(
                 encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH), gray))
         return gray
-    except cv2.error:
+    except cv2.error as exc:
+        if exc.code == cv2.Error.StsNoMem:
+            raise MemoryError(exc.err) from None
         return None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer.data import UNDECODABLE, decode_grayscale, to_model_input
+from fer.data import TOO_LARGE_FOR_MEMORY, UNDECODABLE, decode_grayscale, to_model_input
 from fer.errors import FerError
 from fer.evaluate import predict_probabilities
 from fer.models import class_names_of
@@ -53,7 +53,10 @@ def read_grayscale(path: Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
-    image = decode_grayscale(data)
+    try:
+        image = decode_grayscale(data)
+    except MemoryError:
+        raise FerError(f"{path}: {TOO_LARGE_FOR_MEMORY}") from None
     if image is None:
         raise FerError(f"{path}: {UNDECODABLE}")
     return image

@@ -50,6 +50,46 @@ def encode_image(image: np.ndarray, suffix: str = ".png") -> bytes:
     return encoded.tobytes()
 
 
+def large_grey_png(width: int, height: int) -> bytes:
+    """A valid 8-bit grey PNG of one shade, built row by row: a few hundred KB on disk for
+    hundreds of megabytes decoded, without ever holding those pixels here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\x00" + b"\x80" * width  # filter byte 0, then mid-grey
+    packer = zlib.compressobj()
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+            + chunk(b"IEND", b""))
+
+
+# Caps this process's address space at what it maps now plus HEADROOM_MB, so that a large
+# allocation fails as on a machine short of memory: the first lines of a script run by
+# run_short_of_memory, after its imports (which map far more than they use).
+CAP_MEMORY = """
+import resource
+_, hard = resource.getrlimit(resource.RLIMIT_AS)
+mapped = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + HEADROOM_MB * 2**20, hard))
+"""
+
+
+def run_short_of_memory(imports: str, action: str, *, headroom_mb: int = 200):
+    """Runs ``imports``, then ``action`` in a Python process that may map only
+    ``headroom_mb`` more; returns the finished process (its output as text)."""
+    import subprocess
+    import sys
+
+    script = "\n".join([imports, CAP_MEMORY.replace("HEADROOM_MB", str(headroom_mb)), action])
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+
+
 def csv_row(label: int, image: np.ndarray, usage: str) -> str:
     return f"{label},{' '.join(map(str, image.ravel().tolist()))},{usage}"
 

@@ -18,6 +18,8 @@ from conftest import (
     assert_labels_match_shades,
     csv_row,
     encode_image,
+    large_grey_png,
+    run_short_of_memory,
     shaded_image,
     write_csv,
     write_image_tree,
@@ -626,6 +628,22 @@ def test_undecodable_image(tmp_path, content):
     (root / "test" / "happy" / "broken.jpg").write_bytes(content)
     with pytest.raises(DataError, match=r"entry 'test/happy/broken\.jpg' is not a decodable image"):
         read_splits(root)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_an_image_too_large_for_the_memory_free_is_not_called_undecodable(tmp_path):
+    """A valid 20000x20000 PNG (400 MB decoded) read where 200 MB more may be mapped: OpenCV
+    raises its out-of-memory cv2.error, which had read as "not a decodable image", blaming
+    the file for the machine. It is named as too large for the memory free."""
+    root = write_image_tree(tmp_path / "t")
+    (root / "test" / "happy" / "big.png").write_bytes(large_grey_png(20000, 20000))
+    done = run_short_of_memory(
+        "import cv2\nfrom pathlib import Path\nfrom fer.data import read_splits\n"
+        "from fer.errors import DataError",  # cv2 first: fer imports it when it decodes
+        f"try:\n    read_splits(Path({str(root)!r}))\nexcept DataError as exc:\n    print(exc)")
+    assert done.returncode == 0, done.stderr
+    assert ("entry 'test/happy/big.png' is too large to decode in the memory free here"
+            in done.stdout)
 
 
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import encode_image, subset_of_shared_archive
+from conftest import encode_image, large_grey_png, run_short_of_memory, subset_of_shared_archive
 
 import fer.predict
 from fer.data import read_splits, to_model_input
@@ -99,6 +100,21 @@ def test_undecodable_file_is_named(tmp_path, model, content):
     (tmp_path / "notes.txt").write_bytes(content)
     with pytest.raises(FerError, match=r"notes\.txt: not a decodable image"):
         predict_files(model, [tmp_path / "notes.txt"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_a_photo_too_large_for_the_memory_free_is_named_as_such(tmp_path):
+    """A valid 20000x20000 PNG (400 MB decoded) where 200 MB more may be mapped is too
+    large for the memory free, not "not a decodable image" (OpenCV's out-of-memory error
+    had been taken for a file it cannot read)."""
+    photo = tmp_path / "big.png"
+    photo.write_bytes(large_grey_png(20000, 20000))
+    done = run_short_of_memory(
+        "from pathlib import Path\nfrom fer.errors import FerError\n"
+        "from fer.predict import read_grayscale",
+        f"try:\n    read_grayscale(Path({str(photo)!r}))\nexcept FerError as exc:\n    print(exc)")
+    assert done.returncode == 0, done.stderr
+    assert f"{photo}: too large to decode in the memory free here" in done.stdout
 
 
 def test_a_jpeg_cut_short_is_refused_not_classified(tmp_path, model):
