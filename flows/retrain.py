@@ -27,6 +27,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.states import Cancelled
 from prefect.utilities.templating import find_placeholders
 
 from fer.config import (
@@ -42,6 +43,7 @@ from fer.fetch import check_can_fetch, check_not_empty
 from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
+from flows.cancellation import CancellationWatch
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
@@ -319,19 +321,30 @@ def retrain(
     check_writable(config.out_dir, parameter_name("out_dir"))  # before any download, not
     check_can_fetch(data, data_dir=settings.data_dir)  # after it and the decoding
 
-    with fer_log_in_run_log():
-        check_storage(storage=storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
-                      out_dir=config.out_dir)
-        source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
-        # a stop names the resume command that publishes where this run would have
-        flags = publish_flags(storage, endpoint_url=endpoint_url, create_bucket=create_bucket,
-                              force_champion=force_champion)
-        run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
-                        data_origin=origin, resume_flags=flags)
-        metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
-        _post_report(Path(run_dir), metrics)
-        published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
-                            create_bucket=create_bucket, force_champion=force_champion)
+    # a deployment's run stops when cancelled even where its worker's watch gave up (the
+    # server away); `fer retrain`'s run in its own process is stopped with Ctrl-C
+    watch = CancellationWatch(this_flow_run.id)
+    try:
+        with fer_log_in_run_log(), watch if this_deployment.id else contextlib.nullcontext():
+            check_storage(storage=storage, endpoint_url=endpoint_url,
+                          create_bucket=create_bucket, out_dir=config.out_dir)
+            source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
+            # a stop names the resume command that publishes where this run would have
+            flags = publish_flags(storage, endpoint_url=endpoint_url,
+                                  create_bucket=create_bucket, force_champion=force_champion)
+            run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
+                            data_origin=origin, resume_flags=flags)
+            metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
+            _post_report(Path(run_dir), metrics)
+            published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
+                                create_bucket=create_bucket, force_champion=force_champion)
+    except KeyboardInterrupt:
+        if not watch.cancelled.is_set():
+            raise
+        message = ("cancelled: stopped by fer's own check of the run's state (its worker had "
+                   "stopped watching for cancellations, the Prefect server away meanwhile)")
+        get_run_logger().warning(message)
+        return Cancelled(message=message)
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")

@@ -38,7 +38,9 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Pending, Running
+from prefect_server import PrefectServer, start_worker
 from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
 from test_cli import FER, run_fer
@@ -59,6 +61,7 @@ from flows.deploy import (
     MIN_CRASH_AFTER_S,
     WATCH_EVENT,
     WATCH_RESEND_S,
+    deploy_all,
     ensure_crash_detection,
     ensure_work_pool,
 )
@@ -907,6 +910,49 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     assert manifest["started_by"] == f"prefect flow run {run.flow_run_id}"
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 40  # header, then every epoch once
+
+
+@integration
+def test_a_run_cancelled_after_its_server_was_away_stops_and_publishes_nothing(
+        tiny_fer_zip, tmp_path):
+    """The Prefect server away mid-training long enough that the worker stops watching for
+    cancellations ("Cancellation observer failed" in its log; Prefect 3.9.1 gives up after
+    about 30 s), then back, then the run cancelled as a user does: the run stops within a
+    minute and ends Cancelled, without publishing. It had trained to its last epoch,
+    published, and shown Cancelling for ever. A server and worker of its own: the session's
+    stay up for the other tests."""
+    server = PrefectServer(tmp_path / "prefect-home").start()
+    store = tmp_path / "store"
+    worker = None
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            deploy_all(REPO, names=["retrain"])
+            worker = start_worker(server, log_path=tmp_path / "worker.log", env={
+                "FER_DATA_DIR": str(tmp_path / "data"), "FER_STORAGE": str(store)})
+            worker.wait_for_log(r"Worker '.*' started!", timeout=90)
+            # epochs enough to train until long after the cancellation
+            run = trigger_retrain({**TINY, "epochs": 2000, "batch_size": 8,
+                                   "data": str(tiny_fer_zip), "out_dir": str(tmp_path / "runs")})
+            deadline = time.monotonic() + 180
+            while epochs_done(tmp_path / "runs") < 2:
+                assert time.monotonic() < deadline, worker.log()[-3000:]
+                time.sleep(0.2)
+            server.stop()
+            worker.wait_for_log(r"Cancellation observer failed", timeout=120)
+            server.start()
+            prefect_cli(server, "flow-run", "cancel", run.flow_run_id)
+            cancelled_at = time.monotonic()
+            while not (state := flow_run(run.flow_run_id).state).is_final():
+                assert time.monotonic() - cancelled_at < 90, worker.log()[-3000:]
+                time.sleep(1)
+            assert state.name == "Cancelled", state
+            assert "publish" not in task_runs(run.flow_run_id)
+        assert epochs_done(tmp_path / "runs") < 2000
+        assert not store.exists() or not any(store.rglob("manifest.json"))
+    finally:
+        if worker is not None:
+            worker.kill_with_descendants()
+        server.stop()
 
 
 @integration
