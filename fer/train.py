@@ -455,7 +455,10 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
         checkpoint.restore(model, progress)
         progress.resumed_at.append(progress.epochs_done)
         log.info("resuming after epoch %d of %d", progress.epochs_done, config.epochs)
-    timer = EpochTimer(started - progress.elapsed[-1] if progress.elapsed else clock,
+    # the first member's clock starts with its build, as its wall_seconds does, so that the
+    # time to an accuracy and the wall compare (from fit's start, it left out the build)
+    timer = EpochTimer(started - progress.elapsed[-1] if progress.elapsed
+                       else started if clock is None else clock,
                        train_seconds=progress.train_seconds, elapsed=progress.elapsed)
     best = KeepBestWeights(best_value=progress.best_value, best_epoch=progress.best_epoch,
                            weights=checkpoint.best_weights(progress))
