@@ -59,15 +59,20 @@ def test_inference_benchmark_prints_the_ratio_to_the_peer(tmp_path, fer_subset):
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^mini-xception\s+float32\s+\d+ images/s", done.stdout, re.MULTILINE)
     ratios = re.search(r"^ratios \(fer at auto = (\w+) vs the peer's best of each\): "
-                       r"throughput \d+\.\d\dx the peer's highest; latency (\d+\.\d\d)x the "
+                       r"throughput (\d+\.\d\d)x the peer's highest; latency (\d+\.\d\d)x the "
                        r"peer's lowest$", done.stdout, re.MULTILINE)
     assert ratios, done.stdout
+    # the throughput ratio is ours at auto over the peer's highest, over the precisions
+    peer_ips = [int(ips) for ips in re.findall(r"^mini-xception\s+\w+\s+(\d+) images/s",
+                                                done.stdout, re.MULTILINE)]
+    (our_ips,) = re.findall(rf"^fer\s+{ratios[1]}\s+(\d+) images/s", done.stdout, re.MULTILINE)
+    assert float(ratios[2]) == pytest.approx(int(our_ips) / max(peer_ips), rel=0.02)
     # the latency ratio is to the peer's lowest latency over the precisions measured
     one_image = r" one image: (\d+\.\d\d) ms model time, \d+\.\d\d ms through fer's scoring call$"
     peer_ms = [float(ms) for ms in re.findall(r"^mini-xception .*" + one_image, done.stdout,
                                                re.MULTILINE)]
     (our_ms,) = re.findall(rf"^fer\s+{ratios[1]}\s.*" + one_image, done.stdout, re.MULTILINE)
-    assert float(ratios[2]) == pytest.approx(float(our_ms) / min(peer_ms), abs=0.03)
+    assert float(ratios[3]) == pytest.approx(float(our_ms) / min(peer_ms), rel=0.03)
 
 
 @pytest.mark.integration
@@ -89,13 +94,21 @@ def test_face_crop_benchmark_scores_each_margin(tmp_path, fer_subset):
     done = run_script("face_crop_benchmark.py", "--data", fer_subset, "--model",
                       tmp_path / "model.keras", "--margins", "0", "0.1", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    found = re.search(r"^faces found in (\d+) of (\d+) test images$", done.stdout, re.MULTILINE)
+    found = re.search(r"^faces found in (\d+) of (\d+) validation images$", done.stdout,
+                      re.MULTILINE)
     assert found and 0 < int(found[1]) <= int(found[2]), done.stdout
     assert re.search(r"^detected box side / FER2013 frame: median \d\.\d{3} ", done.stdout,
                      re.MULTILINE)
-    margins = re.findall(r"^detected crop, margin ([+-]\d\.\d\d) of its side each side: test "
-                         r"accuracy \d\.\d{4}$", done.stdout, re.MULTILINE)
-    assert margins == ["+0.00", "+0.10"], done.stdout
+    margins = dict(re.findall(r"^detected crop, margin ([+-]\d\.\d\d) of its side each side: "
+                              r"validation accuracy (\d\.\d{4})$", done.stdout, re.MULTILINE))
+    assert list(margins) == ["+0.00", "+0.10"], done.stdout
+    # the margin is chosen on validation; the test split is scored once, at the end
+    chosen = max(margins, key=lambda margin: float(margins[margin]))
+    assert re.findall(r"test", done.stdout) == ["test"], done.stdout
+    assert re.search(rf"^test, read once: faces found in \d+ of \d+ images; the original 48x48 "
+                     rf"images of those faces \d\.\d{{4}}; their detected crops at the margin "
+                     rf"chosen on validation, {re.escape(chosen)}, \d\.\d{{4}}$", done.stdout,
+                     re.MULTILINE), done.stdout
 
 
 @pytest.mark.integration
@@ -111,10 +124,17 @@ def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_avera
     # under one epoch's steps (the subset's): said, so that no one takes it for a target figure
     assert re.search(r"^note: the seed was timed over 3 steps, under one epoch's \d+: the "
                      r"ratios below are not target figures$", done.stdout, re.MULTILINE)
-    assert re.search(r"^ratios: training images/s \d+\.\d\dx the seed's \(batch 128 against the "
-                     r"seed's 64\) \(ours over every epoch, .*\); wall time \d+\.\d{3} of the "
-                     r"seed's 20 epochs", done.stdout,
-                     re.MULTILINE), done.stdout
+    ratios = re.search(r"^ratios: training images/s (\d+\.\d\d)x the seed's \(batch 128 against "
+                       r"the seed's 64\) \(ours over every epoch, .*\); wall time (\d+\.\d{3}) of "
+                       r"the seed's 20 epochs \(projected (\d+) s", done.stdout, re.MULTILINE)
+    assert ratios, done.stdout
+    # ours over the seed's, from the figures as printed (whole seconds: a loose tolerance,
+    # which still tells a ratio inverted or a projection of one epoch instead of 20)
+    seed_ips = float(re.search(r"^seed: (\d+\.\d) train", done.stdout, re.MULTILINE)[1])
+    ours = re.search(r"^wall (\d+) s .*, training (\d+\.\d) images/s", done.stdout, re.MULTILINE)
+    assert ours, done.stdout
+    assert float(ratios[1]) == pytest.approx(float(ours[2]) / seed_ips, rel=0.02)
+    assert float(ratios[2]) == pytest.approx(max(int(ours[1]), 0.5) / int(ratios[3]), rel=0.3)
     # and the time a user waits, data loading to scored model, beside it
     assert re.search(r"^end to end \(loading the data, \d+\.\d s, then .*\): .+, \d+\.\d{3} of "
                      r"the seed's projection$", done.stdout, re.MULTILINE), done.stdout
@@ -160,6 +180,19 @@ def test_speed_ratio_benchmark_times_windows_of_equal_length(tmp_path, fer_subse
     assert model_steps > 2  # several times the seed's speed, so more steps per window
     assert re.search(r"^fastest window: seed \d+\.\d, default-pca \d+\.\d images/s, ratio "
                      r"\d+\.\d\dx$", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_the_time_to_63_percent_is_the_first_epoch_at_or_above_it(tmp_path):
+    """The integration run above never reaches 63% in one epoch on the subset, so the time
+    BENCHMARKS.md quotes is read here from a history written by hand: the first epoch at or
+    above the threshold, over an ensemble's members in order; None where none reaches it."""
+    first_crossing = import_benchmark("train_benchmark").first_crossing
+    history = tmp_path / "history.csv"
+    history.write_text("member,epoch,val_accuracy,elapsed_seconds\n"
+                       "1,1,0.55,10.0\n1,2,0.63,20.0\n1,3,0.66,30.0\n2,1,0.64,40.0\n")
+    assert first_crossing(history, 0.63) == 20.0
+    assert first_crossing(history, 0.65) == 30.0
+    assert first_crossing(history, 0.70) is None
 
 
 def test_refit_keeps_the_last_epoch_whatever_validation_says(monkeypatch):
