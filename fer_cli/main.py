@@ -46,6 +46,10 @@ app.add_typer(reports_app, name="reports")
 StorageOption = Annotated[str | None, typer.Option(
     "--storage", help="s3://bucket/prefix, file://path or a folder; default: $FER_STORAGE "
                       "or ./artifacts")]
+TrainStorageOption = Annotated[str | None, typer.Option(
+    "--storage", help="with --publish: s3://bucket/prefix, file://path or a folder; default: "
+                      "$FER_STORAGE or ./artifacts; with --remote: default the deployment's "
+                      "storage, else the worker's $FER_STORAGE or ./artifacts there")]
 EndpointOption = Annotated[str | None, typer.Option(
     "--endpoint-url", help="S3 endpoint (MinIO etc.); default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL")]
 CreateBucketOption = Annotated[bool, typer.Option(
@@ -237,7 +241,8 @@ ValFractionOption = Annotated[float, typer.Option(
     min=VAL_FRACTION_RANGE[0], max=VAL_FRACTION_RANGE[1],
     help="fraction of train carved out for validation")]
 LearningRateOption = Annotated[float | None, typer.Option(
-    help=f"peak learning rate (> 0); {_profiles_help('learning_rate')}, else the model's own")]
+    help=f"peak learning rate (> 0); {_profiles_help('learning_rate')}, unless --model or "
+         "--batch-size differs from the profile's; else the model's own")]
 
 
 def _existing(*, folder: bool):
@@ -273,8 +278,9 @@ ModelFileOption = Annotated[Path, typer.Option(callback=_existing(folder=False),
 PrecisionOption = Annotated[str, typer.Option(
     help="auto | float32 | mixed_bfloat16 | mixed_float16")]
 InferencePrecisionOption = Annotated[str, typer.Option(
-    help="auto (mixed_float16 on a GPU, mixed_bfloat16 on CPUs with bf16 instructions, else "
-         "float32) | float32 | mixed_bfloat16 | mixed_float16")]
+    help="auto (mixed_float16 on a GPU, mixed_bfloat16 on CPUs with bf16 instructions and "
+         "TensorFlow's oneDNN kernels on, else float32) | float32 | mixed_bfloat16 | "
+         "mixed_float16")]
 EnsembleOption = Annotated[int | None, typer.Option(
     min=1, help="train N models from seeds seed..seed+N-1 on the same split and save their "
                 "average (N times the training and inference cost); "
@@ -309,7 +315,7 @@ def train(
     tta: TtaOption = None,
     ensemble: EnsembleOption = None,
     publish: Annotated[bool, typer.Option(help="publish the run to --storage when done")] = False,
-    storage: StorageOption = None,
+    storage: TrainStorageOption = None,
     endpoint_url: EndpointOption = None,
     create_bucket: TrainCreateBucketOption = False,
     force_champion: TrainForceChampionOption = False,
