@@ -466,12 +466,16 @@ def _may_hold_data(path: Path, root: Path) -> bool:
     """Whether ``path`` stands where the dataset is read from: a split folder, a class
     folder in one, an image in one, or a CSV (a broken link elsewhere, in a venv say, or
     in clutter, is not)."""
-    parts = path.relative_to(root).parts
-    if _is_noise(parts):
+    return _stands_where_data_is(path.relative_to(root).parts)
+
+
+def _stands_where_data_is(parts: tuple[str, ...]) -> bool:
+    """_may_hold_data for a path's parts below the dataset's top (an archive's entry's)."""
+    if not parts or _is_noise(parts):
         return False
     return (parts[-1].lower() in SPLIT_FOLDERS
             or len(parts) >= 2 and parts[-2].lower() in SPLIT_FOLDERS
-            or _in_a_split_folder(parts) or path.name.lower().endswith(".csv"))
+            or _in_a_split_folder(parts) or parts[-1].lower().endswith(".csv"))
 
 
 def _is_loop(folder: Path, root: Path) -> bool:
@@ -734,11 +738,15 @@ def _read_twice(source: str, name: str, earlier: str) -> DataError:
 _LINK_HOPS = 8  # a link to a link ...: as far as a sane archive goes, never round a loop
 
 
-def _link_target(name: str, target: str, *, archive: Path) -> str:
-    """The entry a symbolic link ``name`` points at, as an archive path; a DataError where
-    it leaves the archive (an absolute path, or ``..`` above its top)."""
+def _link_target(name: str, target: str, *, archive: Path) -> str | None:
+    """The entry a symbolic link ``name`` points at, as an archive path. One that leaves the
+    archive (an absolute path, or ``..`` above its top) is a DataError where the link stands
+    where data is read (see _may_hold_data), and otherwise a link to nothing, left out as
+    the walk of the unpacked folder leaves it (a venv's bin/python -> /usr/bin/python3)."""
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
     if posixpath.isabs(target) or joined == ".." or joined.startswith("../"):
+        if not _stands_where_data_is(PurePosixPath(posixpath.normpath(name)).parts):
+            return None
         raise DataError(f"{archive}: entry '{name}' links to '{target}', outside the archive; "
                         "refusing this archive")
     return joined

@@ -774,6 +774,36 @@ def test_tar_symlink_escape_is_refused(tmp_path):
         read_splits(archive)
 
 
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_a_link_out_of_an_archive_away_from_the_data_is_left_out(tmp_path, kind):
+    """A venv beside the split folders holds links out of it (bin/python ->
+    /usr/bin/python3): the unpacked folder reads with them left out, and so does its tarball
+    or zip (the whole archive was refused for them). A link out of it that stands where data
+    is read is still refused (the test above)."""
+    data = encode_image(shaded_image("happy"))
+    images = ("ds/train/happy/a.png", "ds/test/happy/a.png")
+    outside = ("ds/venv/bin/python", "/usr/bin/python3")
+    archive = tmp_path / f"ds.{kind}"
+    if kind == "tar":
+        with tarfile.open(archive, "w") as handle:
+            for name in images:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                handle.addfile(info, io.BytesIO(data))
+            link = tarfile.TarInfo(outside[0])
+            link.type, link.linkname = tarfile.SYMTYPE, outside[1]
+            handle.addfile(link)
+    else:
+        with zipfile.ZipFile(archive, "w") as handle:
+            for name in images:
+                handle.writestr(name, data)
+            link = zipfile.ZipInfo(outside[0])
+            link.external_attr = (0o120777 << 16)  # a symbolic link, as zip -y writes it
+            handle.writestr(link, outside[1])
+    splits = read_splits(archive)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 1, "test": 1}
+
+
 def test_links_inside_a_tar_are_read_as_the_files_they_name(tmp_path):
     """A deduplicated folder's tarball stores second copies as hard links, and a symbolic
     link may point at an image elsewhere in it: both are images of their class (hard
