@@ -249,10 +249,15 @@ def read_splits(source: Path) -> dict[str, Split]:
         with _archive_entries(source) as entries:
             return _splits_of(_without_tagged_caches(entries), source=source, separator="!")
     suffix = suffix_by_content(source)
-    hint = (f"; its first bytes are a {suffix}'s: name it {source.name}{suffix}, or fetch it "
-            "with `fer fetch-data --source`, which reads a file by its first bytes"
-            if suffix not in (None, WEB_PAGE, GZIP) else
-            f"; it is {_GZIP_NOT_TAR}" if suffix == GZIP else "")
+    if suffix == ".csv" and not has_fer_csv_header(source):  # notes, a README: no dataset
+        hint = ("; it is text, and its first line is not the FER2013 CSV's header "
+                f"{','.join(FER_CSV_HEADER)}")
+    elif suffix not in (None, WEB_PAGE, GZIP):
+        hint = (f"; its first bytes are a {suffix}'s: name it {source.name}{suffix}, or fetch "
+                "it with `fer fetch-data --source`, which reads a file by its first bytes")
+    else:
+        hint = {GZIP: f"; it is {_GZIP_NOT_TAR}", WEB_PAGE: f"; it {WEB_PAGE_SAVED}"}.get(
+            suffix, "")
     raise DataError(f"{source}: unsupported source type (expected .csv, .zip, .tar, .tar.gz "
                     f"or a folder with train/ and test/){hint}")
 
@@ -264,6 +269,8 @@ except ImportError:  # a Python built without xz support: tarfile reads the rest
     _LZMA_ERRORS = ()
 
 WEB_PAGE = "web page"
+WEB_PAGE_SAVED = "is a web page (a download site's page saved in place of the file?)"
+FER_CSV_HEADER = ("emotion", "pixels", "Usage")
 GZIP = "gzip"  # a gzip holding something other than a tarball (a gzipped CSV)
 _GZIP_NOT_TAR = "gzip-compressed, and not a tarball: gunzip it first"
 
@@ -275,10 +282,16 @@ def suffix_by_content(path: Path) -> str | None:
     named .tar.gz it would fail as a damaged tarball); None for another binary kind."""
     with open(path, "rb") as handle:
         head = handle.read(512)
+    return _suffix_of_head(head, gunzipped=lambda: _gunzipped_head(path))
+
+
+def _suffix_of_head(head: bytes, *, gunzipped: Callable[[], bytes]) -> str | None:
+    """suffix_by_content of a file's first 512 bytes; ``gunzipped`` gives those of what a
+    gzip holds."""
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return ".zip"
     if head.startswith(b"\x1f\x8b"):
-        return ".tar.gz" if _is_tar(_gunzipped_head(path)) else GZIP
+        return ".tar.gz" if _is_tar(gunzipped()) else GZIP
     if _is_tar(head):
         return ".tar"
     if head.removeprefix(b"\xef\xbb\xbf").lstrip().lower().startswith(
@@ -287,6 +300,16 @@ def suffix_by_content(path: Path) -> str | None:
     if b"\x00" not in head and not head.startswith((b"BZh", b"\xfd7zXZ")):  # bzip2, xz
         return ".csv"
     return None
+
+
+def has_fer_csv_header(path: Path) -> bool:
+    """Whether a text file's first line holds FER2013's header (emotion,pixels,Usage), as a
+    lenient reader sees it: without a byte-order mark, spaces or quotes; its end CR LF, LF
+    or CR alone (as old Mac exports write, which fer's CSV reader takes)."""
+    with open(path, "rb") as handle:
+        line = re.split(rb"\r\n|\r|\n", handle.read(64 * 1024), maxsplit=1)[0]
+    text = line.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    return set(FER_CSV_HEADER) <= {field.strip().strip('"').strip() for field in text.split(",")}
 
 
 def _is_tar(head: bytes) -> bool:
@@ -407,9 +430,17 @@ def _the_csv(csvs: list[str], entries: list[tuple[str, Callable[[], bytes]]], *,
 
 
 def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
-    if data[:2] == b"\x1f\x8b":  # pandas would call it unreadable or name missing columns
+    # pandas would call these unreadable or name missing columns
+    if data[:2] == b"\x1f\x8b":
         raise DataError(f"{origin}: is gzip-compressed: gunzip it first (an object stored "
                         "with Content-Encoding: gzip downloads compressed)")
+    found = _suffix_of_head(data[:512], gunzipped=bytes)
+    if found == WEB_PAGE:
+        raise DataError(f"{origin}: {WEB_PAGE_SAVED}, not a CSV")
+    if found in (".zip", ".tar"):
+        raise DataError(f"{origin}: its first bytes are a {found}'s, not a CSV's: give it "
+                        f"the suffix {found} (or fetch it with `fer fetch-data --source`, which "
+                        "reads a file by its first bytes)")
     return {name: Split(images=images, labels=labels)
             for name, (images, labels) in read_fer_csv(data, origin=origin).items()}
 
@@ -566,9 +597,12 @@ def _readable_archive(archive: Path) -> Iterator[None]:
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
             *_LZMA_ERRORS) as exc:
         detail = " ".join(str(exc).split())
-        if isinstance(exc, tarfile.ReadError) and "could not be opened" in detail:
+        is_zip = isinstance(exc, zipfile.BadZipFile) and "is not a zip file" in detail
+        if is_zip or isinstance(exc, tarfile.ReadError) and "could not be opened" in detail:
             found = suffix_by_content(archive)
-            detail = ("not a tarball, compressed or not" if found is None else
+            detail = (detail if is_zip and found == ".zip" else  # a zip cut short
+                      f"not a {'zip archive' if is_zip else 'tarball, compressed or not'}"
+                      if found is None else
                       _GZIP_NOT_TAR if found == GZIP else
                       f"its first bytes are a {found}'s" if found.startswith(".") else
                       f"it is a {found}")

@@ -13,7 +13,6 @@ import http.client
 import json
 import logging
 import os
-import re
 import shutil
 import ssl
 import urllib.error
@@ -34,6 +33,7 @@ from fer.data import (
     WEB_PAGE,
     dataset_root,
     file_sha256,
+    has_fer_csv_header,
     is_archive,
     load_dataset,
     safe_extract,
@@ -616,7 +616,7 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
         problem = DataError(f"{redacted(source)}: unsupported source type: the server sent "
                             f"{'a gzip that is not a tarball' if kind == GZIP else 'a binary file'}"
                             ", not a CSV, .zip, .tar or .tar.gz")
-    elif kind == ".csv" and not {"emotion", "pixels", "Usage"} <= _first_line_fields(partial):
+    elif kind == ".csv" and not has_fer_csv_header(partial):
         problem = DataError(f"{redacted(source)}: the server sent text that is not a FER2013 CSV "
                             "(its first line is not the header emotion,pixels,Usage)")
     else:
@@ -643,16 +643,6 @@ def _is_archive_by_reader(partial: Path) -> bool:
             return archive.next() is not None
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
         return False
-
-
-def _first_line_fields(path: Path) -> set[str]:
-    """The comma-separated fields of a text file's first line, as a lenient reader sees
-    them: without a byte-order mark, spaces or quotes; its end CR LF, LF or CR alone (as
-    old Mac exports write, which fer's CSV reader takes)."""
-    with open(path, "rb") as handle:
-        line = re.split(rb"\r\n|\r|\n", handle.read(64 * 1024), maxsplit=1)[0]
-    text = line.decode("utf-8", errors="replace").removeprefix("\ufeff")
-    return {field.strip().strip('"').strip() for field in text.split(",")}
 
 
 def _web_page_sent(source: str) -> DataError:

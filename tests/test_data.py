@@ -999,6 +999,38 @@ def test_corrupt_zip(tmp_path):
         read_splits(tmp_path / "broken.zip")
 
 
+PAGE = b"<!DOCTYPE html><html><body>Sign in</body></html>"
+
+
+def _zip_bytes() -> bytes:
+    held = io.BytesIO()
+    with zipfile.ZipFile(held, "w") as handle:
+        handle.writestr("notes.txt", "x")
+    return held.getvalue()
+
+
+@pytest.mark.parametrize(("name", "content", "said"), [
+    # a share's sign-in page saved under the name asked for (zipfile: "File is not a zip file")
+    ("fer2013.zip", PAGE, r"fer2013\.zip: not a readable archive \(it is a web page\)"),
+    ("fer2013", PAGE, r"fer2013: unsupported source type .*; it is a web page \(a download "
+                      r"site's page saved in place of the file\?\)"),
+    # pandas had named the columns missing
+    ("fer2013.csv", PAGE, r"fer2013\.csv: is a web page .*, not a CSV"),
+    ("fer2013.csv", _zip_bytes(), r"fer2013\.csv: its first bytes are a \.zip's, not a CSV's: "
+                                  r"give it the suffix \.zip"),
+    # any text had been told to take the suffix .csv
+    ("README.md", b"# notes\n", r"README\.md: unsupported source type .*; it is text, and its "
+                               r"first line is not the FER2013 CSV's header emotion,pixels,Usage"),
+])
+def test_a_file_of_another_kind_is_said_what_it_is(tmp_path, name, content, said):
+    """Whatever its name, a file that is no dataset fer reads is said what it is, in one
+    line, by its first bytes."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=said) as raised:
+        read_splits(tmp_path / name)
+    assert "\n" not in str(raised.value)
+
+
 @pytest.mark.parametrize(("content", "said"), [
     (b"<!doctype html><html>sign in</html>", r"it is a web page"),
     (b"x", r"its first bytes are a \.csv's"),
