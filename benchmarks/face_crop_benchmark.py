@@ -3,11 +3,12 @@
 Each image is enlarged 4x (192x192) and set in a border of its own edge pixels (64 px a
 side: context for the detector, and room for a wider crop), then searched with the same
 Haar cascade `fer predict --faces` uses. Printed, for the validation split (carved from
-train as `fer train` carves it): how many faces were found; the detected box's side and
-centre as fractions of the face's FER2013 frame; the accuracy of the original 48x48 images
-of the faces found, and of their detected crops widened (or narrowed) by each margin on
-each side, as `fer predict --faces` would score them. The margin is chosen there; the test
-split is read once, at the end, for the originals and the chosen margin's crops. Usage:
+train as the model's run carved it, by its manifest): how many faces were found; the
+detected box's side and centre as fractions of the face's FER2013 frame; the accuracy of
+the original 48x48 images of the faces found, and of their detected crops widened (or
+narrowed) by each margin on each side, as `fer predict --faces` would score them. The
+margin is chosen there; the test split is read once, at the end, for the originals and the
+chosen margin's crops. Usage:
 
     python benchmarks/face_crop_benchmark.py --data ../shared/data/fer2013.zip --model runs/<id>/model.keras
 """
@@ -15,11 +16,13 @@ split is read once, at the end, for the originals and the chosen margin's crops.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 from common import BENCH_CACHE, machine_line
 
+from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.data import Split, load_dataset, to_model_input
 from fer.evaluate import predict_labels
 from fer.predict import detect_faces
@@ -81,6 +84,16 @@ def crop_accuracy(model, split: Split, found, canvases, boxes, margin: float) ->
     return float(np.mean(predict_labels(model, crops) == split.labels[found]))
 
 
+def split_of_run(model: Path) -> dict:
+    """The validation fraction and split seed the model was trained with, from the manifest
+    of its run folder (a model elsewhere: `fer train`'s defaults): validation carved
+    otherwise would hold images the model trained on."""
+    manifest = model.parent / "manifest.json"
+    parameters = json.loads(manifest.read_text())["parameters"] if manifest.is_file() else {}
+    return {"val_fraction": parameters.get("val_fraction", DEFAULT_VAL_FRACTION),
+            "split_seed": parameters.get("split_seed", DEFAULT_SEED)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -94,7 +107,11 @@ def main() -> None:
     from fer.models import load_model
 
     print(machine_line(), flush=True)
-    dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
+    split = split_of_run(args.model)
+    print(f"validation: {split['val_fraction']:g} of train, split seed {split['split_seed']}",
+          flush=True)
+    dataset = load_dataset(args.data, cache_dir=BENCH_CACHE, val_fraction=split["val_fraction"],
+                           seed=split["split_seed"])
     model = load_model(args.model)
     frame = dataset.test.images.shape[1] * ENLARGE
     validation = dataset.validation

@@ -250,8 +250,7 @@ def read_splits(source: Path) -> dict[str, Split]:
             return _splits_of(_without_tagged_caches(entries), source=source, separator="!")
     suffix = suffix_by_content(source)
     if suffix == ".csv" and not has_fer_csv_header(source):  # notes, a README: no dataset
-        hint = ("; it is text, and its first line is not the FER2013 CSV's header "
-                f"{','.join(FER_CSV_HEADER)}")
+        hint = f"; {TEXT_NOT_FER_CSV}"
     elif suffix not in (None, WEB_PAGE, GZIP):
         hint = (f"; its first bytes are a {suffix}'s: name it {source.name}{suffix}, or fetch "
                 "it with `fer fetch-data --source`, which reads a file by its first bytes")
@@ -271,6 +270,8 @@ except ImportError:  # a Python built without xz support: tarfile reads the rest
 WEB_PAGE = "web page"
 WEB_PAGE_SAVED = "is a web page (a download site's page saved in place of the file?)"
 FER_CSV_HEADER = ("emotion", "pixels", "Usage")
+TEXT_NOT_FER_CSV = ("it is text, and its first line is not the FER2013 CSV's header "
+                    f"{','.join(FER_CSV_HEADER)}")
 GZIP = "gzip"  # a gzip holding something other than a tarball (a gzipped CSV)
 _GZIP_NOT_TAR = "gzip-compressed, and not a tarball: gunzip it first"
 
@@ -604,7 +605,8 @@ def _readable_archive(archive: Path) -> Iterator[None]:
                       f"not a {'zip archive' if is_zip else 'tarball, compressed or not'}"
                       if found is None else
                       _GZIP_NOT_TAR if found == GZIP else
-                      f"its first bytes are a {found}'s" if found.startswith(".") else
+                      TEXT_NOT_FER_CSV if found == ".csv" and not has_fer_csv_header(archive)
+                      else f"its first bytes are a {found}'s" if found.startswith(".") else
                       f"it is a {found}")
         raise DataError(f"{archive}: not a readable archive ({detail})") from None
 
@@ -614,10 +616,11 @@ def _zip_entries(handle: zipfile.ZipFile, archive: Path) -> list[tuple[str, Call
         check_entry_name(info.filename, archive=archive)
     by_name = {posixpath.normpath(info.filename): info for info in handle.infolist()}
 
-    def link_target(info: zipfile.ZipInfo) -> str:
+    def link_target(info: zipfile.ZipInfo, chain: str) -> str | None:
         """`zip -y` stores a link as an entry holding the path it links to."""
         held = _entry_reader(archive, info.filename, lambda: handle.read(info))()
-        return _link_target(info.filename, held.decode(errors="replace"), archive=archive)
+        return _link_target(info.filename, held.decode(errors="replace"), archive=archive,
+                            chain=chain)
 
     files, links = [], {}
     for info in handle.infolist():
@@ -666,7 +669,8 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
     for member in members:
         name, target = _follow_links(
             member.name, member, by_name, is_link=tarfile.TarInfo.issym,
-            target_of=lambda m: _link_target(m.name, m.linkname, archive=archive))
+            target_of=lambda m, chain: _link_target(m.name, m.linkname, archive=archive,
+                                                    chain=chain))
         if target is not None and (target.isfile() or target.islnk()):
             files.append((member.name, _entry_reader(archive, member.name,
                                                      lambda m=member: read(m))))
@@ -678,14 +682,15 @@ def _tar_entries(handle: tarfile.TarFile, archive: Path) -> list[tuple[str, Call
 
 
 def _follow_links(name: str, entry, by_name: dict, *, is_link: Callable, target_of: Callable):
-    """The name and entry a chain of symbolic links from ``entry`` (called ``name``) ends at:
+    """The name and entry a chain of symbolic links from ``entry`` (called ``name``) ends at
+    (``target_of(link, name)``: where a link of the chain points, judged as the chain's):
     the entry None where nothing has that name (perhaps a folder the archive stored no entry
     for), both None where the chain is longer than _LINK_HOPS (round a loop)."""
-    name = posixpath.normpath(name)
+    name = first = posixpath.normpath(name)
     for _ in range(_LINK_HOPS + 1):  # up to _LINK_HOPS links, then the entry named
         if not is_link(entry):
             return name, entry
-        name = target_of(entry)
+        name = target_of(entry, first)
         entry = by_name.get(name)
         if entry is None:
             return name, None
@@ -772,14 +777,15 @@ def _read_twice(source: str, name: str, earlier: str) -> DataError:
 _LINK_HOPS = 8  # a link to a link ...: as far as a sane archive goes, never round a loop
 
 
-def _link_target(name: str, target: str, *, archive: Path) -> str | None:
+def _link_target(name: str, target: str, *, archive: Path, chain: str) -> str | None:
     """The entry a symbolic link ``name`` points at, as an archive path. One that leaves the
-    archive (an absolute path, or ``..`` above its top) is a DataError where the link stands
-    where data is read (see _may_hold_data), and otherwise a link to nothing, left out as
-    the walk of the unpacked folder leaves it (a venv's bin/python -> /usr/bin/python3)."""
+    archive (an absolute path, or ``..`` above its top) is a DataError where the ``chain``
+    of links it ends stands where data is read (see _may_hold_data), and otherwise a link
+    to nothing, left out as the walk of the unpacked folder leaves it (a venv's bin/python
+    -> /usr/bin/python3)."""
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
     if posixpath.isabs(target) or joined == ".." or joined.startswith("../"):
-        if not _stands_where_data_is(PurePosixPath(posixpath.normpath(name)).parts):
+        if not _stands_where_data_is(PurePosixPath(chain).parts):
             return None
         raise DataError(f"{archive}: entry '{name}' links to '{target}', outside the archive; "
                         "refusing this archive")

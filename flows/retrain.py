@@ -27,7 +27,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import deployment as this_deployment
 from prefect.runtime import flow_run as this_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 from prefect.utilities.templating import find_placeholders
 
 from fer.config import (
@@ -43,7 +43,7 @@ from fer.fetch import check_can_fetch, check_not_empty
 from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
-from flows.cancellation import CancellationWatch
+from flows.cancellation import CancellationWatch, CancelledOnServer
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
@@ -323,28 +323,27 @@ def retrain(
 
     # a deployment's run stops when cancelled even where its worker's watch gave up (the
     # server away); `fer retrain`'s run in its own process is stopped with Ctrl-C
-    watch = CancellationWatch(this_flow_run.id)
-    try:
-        with fer_log_in_run_log(), watch if this_deployment.id else contextlib.nullcontext():
-            check_storage(storage=storage, endpoint_url=endpoint_url,
-                          create_bucket=create_bucket, out_dir=config.out_dir)
-            source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
-            # a stop names the resume command that publishes where this run would have
-            flags = publish_flags(storage, endpoint_url=endpoint_url,
-                                  create_bucket=create_bucket, force_champion=force_champion)
-            run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
-                            data_origin=origin, resume_flags=flags)
-            metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
-            _post_report(Path(run_dir), metrics)
-            published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
-                                create_bucket=create_bucket, force_champion=force_champion)
-    except KeyboardInterrupt:
-        if not watch.cancelled.is_set():
-            raise
-        message = ("cancelled: stopped by fer's own check of the run's state (its worker had "
-                   "stopped watching for cancellations, the Prefect server away meanwhile)")
-        get_run_logger().warning(message)
-        return Cancelled(message=message)
+    watch = CancellationWatch(this_flow_run.id) if this_deployment.id else None
+    with fer_log_in_run_log():
+        try:
+            with watch or contextlib.nullcontext():
+                check_storage(storage=storage, endpoint_url=endpoint_url,
+                              create_bucket=create_bucket, out_dir=config.out_dir)
+                source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
+                # a stop names the resume command that publishes where this run would have
+                flags = publish_flags(storage, endpoint_url=endpoint_url,
+                                      create_bucket=create_bucket, force_champion=force_champion)
+                run_dir = train(source, config, data_dir=data_dir, started_by=_retryable_run(),
+                                data_origin=origin, resume_flags=flags)
+                metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
+                _post_report(Path(run_dir), metrics)
+            # not stopped halfway through publishing: asked once before it instead
+            if watch is not None and watch.is_cancelling():
+                raise CancelledOnServer
+        except CancelledOnServer:
+            return _cancelled()
+        published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
+                            create_bucket=create_bucket, force_champion=force_champion)
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
@@ -428,6 +427,15 @@ def _train_config(arguments: dict) -> TrainConfig:
         except FerError as exc:
             raise FerError(f"{parameter_name('out_dir')} {exc}") from None
     return TrainConfig(**options)
+
+
+def _cancelled() -> State:
+    """The state a run ends in that stopped itself, seen Cancelling on its server."""
+    message = ("cancelled: stopped by fer's own check of the run's state on the server, "
+               "Prefect's own stop not having come (a worker stops watching a run for "
+               "cancellation once its Prefect server was away for about 30 s)")
+    get_run_logger().warning(message)
+    return Cancelled(message=message)
 
 
 def _on_this_machine(out_dir: Path) -> Path:

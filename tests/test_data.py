@@ -804,6 +804,24 @@ def test_a_link_out_of_an_archive_away_from_the_data_is_left_out(tmp_path, kind)
     assert {name: len(split) for name, split in splits.items()} == {"train": 1, "test": 1}
 
 
+def test_a_chain_of_links_out_of_a_tar_from_where_data_is_read_is_refused(tmp_path):
+    """An image that links, through a link away from the data, out of the archive is judged
+    where the chain starts, among the images: refused, not left out unsaid."""
+    archive = tmp_path / "chain.tar"
+    data = encode_image(shaded_image("happy"))
+    with tarfile.open(archive, "w") as handle:
+        info = tarfile.TarInfo("ds/test/happy/a.png")
+        info.size = len(data)
+        handle.addfile(info, io.BytesIO(data))
+        for name, target in (("ds/train/happy/b.png", "../../x"), ("ds/x", "/etc/passwd")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            handle.addfile(link)
+    with pytest.raises(DataError, match=r"entry 'ds/x' links to '/etc/passwd', outside the "
+                                        r"archive"):
+        read_splits(archive)
+
+
 def test_links_inside_a_tar_are_read_as_the_files_they_name(tmp_path):
     """A deduplicated folder's tarball stores second copies as hard links, and a symbolic
     link may point at an image elsewhere in it: both are images of their class (hard
@@ -1033,7 +1051,9 @@ def test_a_file_of_another_kind_is_said_what_it_is(tmp_path, name, content, said
 
 @pytest.mark.parametrize(("content", "said"), [
     (b"<!doctype html><html>sign in</html>", r"it is a web page"),
-    (b"x", r"its first bytes are a \.csv's"),
+    (b"x", r"it is text, and its first line is not the FER2013 CSV's header "
+           r"emotion,pixels,Usage"),
+    (b"emotion,pixels,Usage\n", r"its first bytes are a \.csv's"),
     (gzip.compress(b"emotion,pixels,Usage\n0,1 2 3,Training\n"),
      r"gzip-compressed, and not a tarball: gunzip it first"),
 ])
