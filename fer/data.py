@@ -432,10 +432,10 @@ def _the_csv(csvs: list[str], entries: list[tuple[str, Callable[[], bytes]]], *,
 
 def _csv_splits(data: bytes, *, origin: str) -> dict[str, Split]:
     # pandas would call these unreadable or name missing columns
-    if data[:2] == b"\x1f\x8b":
+    found = _suffix_of_head(data[:512], gunzipped=bytes)  # any gzip: GZIP
+    if found == GZIP:
         raise DataError(f"{origin}: is gzip-compressed: gunzip it first (an object stored "
                         "with Content-Encoding: gzip downloads compressed)")
-    found = _suffix_of_head(data[:512], gunzipped=bytes)
     if found == WEB_PAGE:
         raise DataError(f"{origin}: {WEB_PAGE_SAVED}, not a CSV")
     if found in (".zip", ".tar"):
