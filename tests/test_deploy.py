@@ -541,6 +541,32 @@ def test_the_images_pinned_requirements_satisfy_pyproject(machine):
         dockerfile.index("COPY fer/ fer/")  # a code change rebuilds no dependency layer
 
 
+def test_the_images_lock_pins_what_its_packages_require():
+    """Every package a pinned package requires (markers and extras as this machine installs
+    them) is pinned too, so a rebuild gets no version the lock does not name. A plain
+    `pip freeze` leaves setuptools (TensorFlow requires it) and wheel (astunparse does) out,
+    and `pip check` in the Dockerfile passes on whatever version the base image brings."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pinned = {canonicalize_name(Requirement(line).name)
+              for line in (REPO / "docker" / "requirements.lock").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    unpinned = set()
+    for name in pinned:
+        try:
+            requirements = distribution(name).requires or []
+        except PackageNotFoundError:  # the other platform's TensorFlow
+            continue
+        for line in requirements:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                if canonicalize_name(requirement.name) not in pinned:
+                    unpinned.add(f"{requirement.name} (required by {name})")
+    assert not unpinned, sorted(unpinned)
+
 def test_prefect_deploy_gets_the_settings_fer_read(monkeypatch):
     """Settings fer read from a prefect.toml or .env where it ran (an auth string for a
     server that asks for a login) reach `prefect deploy`, which runs in the project folder
