@@ -261,6 +261,9 @@ def have_copies_in(images: np.ndarray, pool: np.ndarray) -> np.ndarray:
 def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> dict:
     """sklearn's report with the canonical class names, the confusion matrix, and key metrics.
 
+    The confusion matrix is in the metrics as counts too (``{true: {predicted: n}}``), for
+    a reader of a published report who wants the numbers the plot only draws.
+
     A class the split has no images of has no recall: it is null, not a 0 that would read
     as a model failing a class it was never tested on, and the class is left out of the
     report and macro-F1 unless the model predicted it (then, as in scikit-learn's own macro
@@ -291,5 +294,7 @@ def write_reports(true: np.ndarray, predicted: np.ndarray, *, out_dir: Path) -> 
         "per_class_recall": {n: None if n in absent else round(float(report[n]["recall"]), 4)
                              for n in CLASS_NAMES},
         "per_class_support": {n: int(count) for n, count in zip(CLASS_NAMES, support, strict=True)},
+        "confusion_matrix": {n: dict(zip(CLASS_NAMES, map(int, row), strict=True))
+                             for n, row in zip(CLASS_NAMES, matrix, strict=True)},
         "test_samples": int(len(true)),
     }

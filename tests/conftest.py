@@ -90,6 +90,43 @@ def run_short_of_memory(imports: str, action: str, *, headroom_mb: int = 200):
                           timeout=300)
 
 
+def sharpened(model, *, scale: float = 100.0):
+    """``model`` (a registry model: logits Dense, softmax, class names last) with its logits
+    scaled, so that its scores depend on the image: an untrained model's are about 1/7
+    everywhere, and a comparison within 2e-2 cannot tell a missing mirror view or member.
+    How much depends on the random initial weights (the mirror's scores of ramp_faces
+    differed by 0.01-0.16 over 15 builds): tests that need a margin seed the build
+    (keras.utils.set_random_seed(3): about 0.23)."""
+    logits = model.layers[-3]
+    kernel, bias = logits.get_weights()
+    logits.set_weights([kernel * scale, bias])
+    return model
+
+
+def brightness_model(order: list[str]):
+    """A model in class order ``order`` that calls a dark image (pixels 0) its column 4 and a
+    bright one (255) its column 0: scores that depend on the image, unlike an untrained
+    model's, whose every row is about 1/7 everywhere."""
+    import keras
+
+    from fer.models import ClassNames
+
+    inputs = keras.Input((48, 48, 1))
+    brightness = keras.layers.GlobalAveragePooling2D()(inputs)
+    logits = keras.layers.Dense(
+        len(order), kernel_initializer=keras.initializers.Constant(
+            [[0.1, 0, 0, 0, 0, 0, 0]]),
+        bias_initializer=keras.initializers.Constant([0, 0, 0, 0, 5.0, 0, 0]))(brightness)
+    outputs = ClassNames(order, name="class_names")(keras.layers.Softmax()(logits))
+    return keras.Model(inputs, outputs)
+
+def ramp_faces(count: int, *, seed: int) -> np.ndarray:
+    """float32 (count, 48, 48, 1) images bright on the left, dark on the right, with noise:
+    their mirror images score differently, unlike noise alone's."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, 48)[None, None, :, None] * rng.uniform(0.3, 1, (count, 1, 1, 1))
+    return (ramp + rng.integers(0, 40, (count, 48, 48, 1))).clip(0, 255).astype("float32")
+
 def csv_row(label: int, image: np.ndarray, usage: str) -> str:
     return f"{label},{' '.join(map(str, image.ravel().tolist()))},{usage}"
 

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import brightness_model, ramp_faces, sharpened
 
 from fer.errors import FerError
 from fer.evaluate import to_canonical
@@ -14,10 +15,71 @@ from fer.labels import CLASS_NAMES
 
 
 def test_columns_are_reordered_by_class_name():
-    """A model that stores neutral first still scores neutral as class 6."""
+    """A model that stores neutral first still scores neutral as class 6, and every other
+    column moves to its own name's place; a model of six of the classes scores 0 for the
+    seventh."""
     own_order = ["neutral", *CLASS_NAMES[:-1]]
-    probabilities = np.eye(7, dtype=np.float32)[:1]  # all mass on the model's column 0
-    assert to_canonical(probabilities, own_order).argmax(axis=1).tolist() == [6]
+    probabilities = np.eye(7, dtype=np.float32)  # row i: all mass on the model's column i
+    assert to_canonical(probabilities, own_order).argmax(axis=1).tolist() == [6, 0, 1, 2, 3, 4, 5]
+    six = [name for name in CLASS_NAMES if name != "disgust"][::-1]
+    canonical = to_canonical(np.eye(6, dtype=np.float32), six)
+    assert canonical[:, CLASS_NAMES.index("disgust")].tolist() == [0.0] * 6
+    assert [CLASS_NAMES[i] for i in canonical.argmax(axis=1)] == six
+
+
+def test_an_evaluation_scores_a_model_in_its_own_class_order(tmp_path):
+    """evaluate_split of a model that stores its classes in reverse: its column 4 is fear
+    and its column 0 neutral, so dark faces are scored fear and bright ones neutral (read in
+    CLASS_NAMES' order they would be sad and angry), in the accuracy, the recalls and the
+    confusion matrix alike."""
+    from fer.data import Split
+    from fer.evaluate import evaluate_split
+
+    images = np.concatenate([np.zeros((3, 48, 48), np.uint8), np.full((4, 48, 48), 255, np.uint8)])
+    labels = np.array([2, 2, 4, 6, 6, 6, 0])  # one sad face scored fear, one angry neutral
+    metrics = evaluate_split(brightness_model(list(reversed(CLASS_NAMES))),
+                             Split(images=images, labels=labels), out_dir=tmp_path)
+    assert metrics["accuracy"] == round(5 / 7, 4)
+    recall = metrics["per_class_recall"]
+    assert (recall["fear"], recall["neutral"], recall["sad"], recall["angry"]) == (1.0, 1.0, 0.0, 0.0)
+    matrix = metrics["confusion_matrix"]
+    assert (matrix["fear"]["fear"], matrix["sad"]["fear"], matrix["neutral"]["neutral"],
+            matrix["angry"]["neutral"]) == (2, 1, 3, 1)
+    assert sum(n for row in matrix.values() for n in row.values()) == 7
+
+
+def test_the_confusion_matrix_has_true_classes_in_rows(tmp_path, monkeypatch):
+    """One angry face called fear is counted at row angry, column fear, in the metrics and in
+    the matrix the plot is drawn from, whose rows it labels `true`; a class the split lacks
+    (disgust) is an empty row, drawn without dividing by zero."""
+    import warnings
+
+    import fer.evaluate
+    from fer.evaluate import write_reports
+
+    drawn = {}
+    plot = fer.evaluate.plot_confusion_matrix
+
+    def recorded(matrix, names, path):
+        drawn.update(matrix=matrix.tolist(), names=list(names))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a 0/0 for the empty row would warn
+            return plot(matrix, names, path)
+
+    monkeypatch.setattr(fer.evaluate, "plot_confusion_matrix", recorded)
+    true = np.array([0, 0, 2, 3, 4, 5, 6, 6])
+    predicted = np.array([2, 0, 2, 3, 4, 5, 6, 6])
+    metrics = write_reports(true, predicted, out_dir=tmp_path)
+    angry, fear = CLASS_NAMES.index("angry"), CLASS_NAMES.index("fear")
+    assert drawn["names"] == list(CLASS_NAMES)
+    assert drawn["matrix"][angry][fear] == 1 and drawn["matrix"][fear][angry] == 0
+    assert drawn["matrix"][angry][angry] == 1 and drawn["matrix"][fear][fear] == 1
+    assert metrics["confusion_matrix"]["angry"] == {
+        name: {"angry": 1, "fear": 1}.get(name, 0) for name in CLASS_NAMES}
+    assert metrics["confusion_matrix"]["disgust"] == dict.fromkeys(CLASS_NAMES, 0)
+    assert [[metrics["confusion_matrix"][t][p] for p in CLASS_NAMES] for t in CLASS_NAMES] == \
+        drawn["matrix"]
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
 
 
 def test_a_model_with_foreign_class_names_is_refused_by_name():
@@ -357,17 +419,22 @@ def test_one_batch_scores_as_several_batches_do(tmp_path, precision):
     """Inputs that fit one batch skip predict's tf.data setup (`fer predict face.png` paid
     3-4x the model's own time for it): the scores are those of the batched path, and a NaN
     is refused on both."""
+    import keras
+
     from fer.errors import NonFiniteScoresError
     from fer.evaluate import predict_probabilities
     from fer.models import get_spec, with_precision
 
-    model = with_precision(get_spec("default").build(), policy=precision)
-    images = np.random.default_rng(3).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
+    model = with_precision(sharpened(get_spec("default").build()), policy=precision)
+    images = ramp_faces(5, seed=3)[..., 0].astype(np.uint8)
     one_batch = predict_probabilities(model, images, batch_size=8)
     batched = predict_probabilities(model, images, batch_size=2)
     assert one_batch.shape == (5, 7) and one_batch.dtype == batched.dtype
-    assert np.allclose(one_batch, batched, atol=1e-6 if precision == "float32" else 1e-2)
-    assert np.allclose(predict_probabilities(model, images[:1]), one_batch[:1], atol=1e-2)
+    tolerance = 1e-6 if precision == "float32" else 1e-2
+    assert np.allclose(one_batch, batched, atol=tolerance)
+    assert np.allclose(predict_probabilities(model, images[:1]), batched[:1], atol=tolerance)
+    assert not np.allclose(batched[1:], batched[:-1], atol=1e-2)  # each image's own scores
     for layer in model.layers:
         layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
     for batch_size in (8, 2):  # one batch, and several

@@ -82,6 +82,36 @@ def checkout_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
+def test_a_write_that_fails_leaves_the_previous_record_and_no_part_file(tmp_path, monkeypatch):
+    """A rename refused (a full disk, a stop) leaves the record as it was and removes the
+    temporary file beside it, which would otherwise pile up in a cache folder."""
+    import errno
+    import os
+
+    import fer.manifest
+
+    path = write_json(tmp_path / "record.json", {"version": 1})
+
+    def refused(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(fer.manifest.os, "replace", refused)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"version": 2})
+    monkeypatch.undo()
+    assert read_json(path) == {"version": 1}
+    assert os.listdir(tmp_path) == ["record.json"]
+
+
+def test_new_run_ids_are_ones_fer_recognises_as_run_folders():
+    """fer.data tells a run folder (left out of a dataset's walk) by RUN_ID_PATTERN: every
+    id new_run_id makes, whatever the model's name, must match it."""
+    from fer.manifest import RUN_ID_PATTERN, new_run_id
+    from fer.options import MODEL_NAMES
+
+    for model in MODEL_NAMES:
+        assert RUN_ID_PATTERN.fullmatch(new_run_id(model)), model
+
 @pytest.mark.skipif(not shutil.which("git"), reason="git is not installed")
 def test_a_commit_with_uncommitted_changes_is_marked_dirty_and_another_repo_is_not_ours(
         tmp_path, monkeypatch):
@@ -110,17 +140,16 @@ def test_a_commit_with_uncommitted_changes_is_marked_dirty_and_another_repo_is_n
     assert git_commit(installed) is None
     monkeypatch.setenv("FER_GIT_COMMIT", "0123abc")
     assert git_commit(installed) == "0123abc"
+    assert git_commit(repo / "fer") == head  # a checkout's own commit wins over the image's
 
 
 def test_without_git_the_commit_is_the_one_the_image_was_built_with(monkeypatch, tmp_path):
     """In the container image (no git binary, no .git), run manifests record the
-    FER_GIT_COMMIT the image was built with (docker/compose.yaml passes it), not null;
-    with git, the checkout's own commit wins."""
+    FER_GIT_COMMIT the image was built with (docker/compose.yaml passes it), not null
+    (with git, the checkout's own commit wins: the test above)."""
     from fer.manifest import git_commit
 
     monkeypatch.setenv("FER_GIT_COMMIT", "0123abc")
-    if (checkout := checkout_commit()) is not None:  # a checkout (CI's clone is one): its HEAD
-        assert git_commit() == checkout
     monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
     assert git_commit() == "0123abc"
     monkeypatch.delenv("FER_GIT_COMMIT")

@@ -7,6 +7,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from conftest import ramp_faces, sharpened
 
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES
@@ -352,23 +353,28 @@ def test_flip_averaging_is_the_mean_of_both_views_and_survives_saving(tmp_path):
 
 def test_loading_in_bf16_computes_in_bf16_and_agrees_with_float32(tmp_path):
     """load_model(precision=...) recasts the layers, keeps the weights and a float32 softmax."""
-    model = get_spec("default").build()
+    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
+    model = sharpened(get_spec("default").build())
     model.save(tmp_path / "model.keras")
     bf16 = load_model(tmp_path / "model.keras", precision="mixed_bfloat16")
     assert bf16.get_layer("probabilities").dtype_policy.name == "float32"
     assert {layer.dtype_policy.name for layer in bf16.layers if layer.weights} == {"mixed_bfloat16"}
-    pixels = np.random.default_rng(5).integers(0, 256, (8, 48, 48, 1)).astype("float32")
+    pixels = ramp_faces(8, seed=5)
     out = np.asarray(bf16(pixels, training=False))
     assert out.dtype == np.float32
-    assert np.allclose(out, model(pixels, training=False), atol=2e-2)
+    expected = np.asarray(model(pixels, training=False))
+    assert np.allclose(out, expected, atol=2e-2)
+    other = sharpened(get_spec("default").build())  # other weights: told apart at 2e-2
+    assert not np.allclose(other(pixels, training=False), expected, atol=2e-2)
 
 
 def test_averaging_several_models_is_the_mean_of_each_and_survives_saving(tmp_path):
     """An ensemble predicts the mean over its members (and mirrors), reloads, keeps the order."""
     from fer.models import averaging
 
-    members = [get_spec("default").build() for _ in range(2)]
-    pixels = np.random.default_rng(6).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
+    members = [sharpened(get_spec("default").build()) for _ in range(2)]
+    pixels = ramp_faces(3, seed=6)
     ensemble = averaging(members, flip=True)
     views = [m(p) for m in members for p in (pixels, pixels[:, :, ::-1])]
     expected = sum(np.asarray(v) for v in views) / 4
@@ -379,6 +385,8 @@ def test_averaging_several_models_is_the_mean_of_each_and_survives_saving(tmp_pa
     loaded = load_model(tmp_path / "ensemble.keras", precision="mixed_bfloat16")
     assert class_names_of(loaded) == list(CLASS_NAMES)
     assert np.allclose(loaded(pixels), expected, atol=2e-2)
+    for fewer in views[:2], views[::2]:  # one member, or no mirror: told apart at 2e-2
+        assert not np.allclose(sum(np.asarray(v) for v in fewer) / 2, expected, atol=2e-2)
     assert averaging(members[:1]) is members[0]  # nothing to average: the model itself
 
 
@@ -400,7 +408,8 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
 
     from fer.models import ClassNames, HorizontalFlip
 
-    model = get_spec("default").build()
+    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
+    model = sharpened(get_spec("default").build())
     core = keras.Model(model.inputs, model.get_layer("probabilities").output, name="default")
     inputs = keras.Input((48, 48, 1), name="pixels")
     averaged = layers.Average(name="flip_average")([core(inputs), core(HorizontalFlip()(inputs))])
@@ -408,8 +417,9 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
     old.save(tmp_path / "old.keras")
     loaded = load_model(tmp_path / "old.keras", precision="mixed_bfloat16")
     assert loaded.get_layer("flip_average").dtype_policy.name == "float32"
-    pixels = np.random.default_rng(7).integers(0, 256, (2, 48, 48, 1)).astype("float32")
+    pixels = ramp_faces(2, seed=7)
     assert np.allclose(loaded(pixels), old(pixels), atol=2e-2)
+    assert not np.allclose(core(pixels), old(pixels), atol=2e-2)  # the mirror view counts
 
 
 def test_default_model_standardises_each_image_to_zero_mean_and_unit_variance():

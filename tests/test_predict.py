@@ -8,7 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import encode_image, large_grey_png, run_short_of_memory, subset_of_shared_archive
+from conftest import (
+    brightness_model,
+    encode_image,
+    large_grey_png,
+    run_short_of_memory,
+    subset_of_shared_archive,
+)
 
 import fer.predict
 from fer.data import read_splits, to_model_input
@@ -43,6 +49,20 @@ def test_images_of_any_size_and_colour_are_classified(tmp_path, model):
         assert p.emotion == max(p.probabilities, key=p.probabilities.get)
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-3)
 
+
+def test_each_file_gets_the_prediction_of_its_own_image(tmp_path):
+    """A dark, a bright colour and a bright grey file, to a model that calls dark faces sad
+    and bright ones angry: each prediction is its own file's (an untrained model scores
+    every image alike, so the test above cannot tell a mix-up)."""
+    files = {"dark.png": encode_image(np.zeros((60, 60), np.uint8)),
+             "bright.jpg": encode_image(np.full((100, 80, 3), 255, np.uint8), ".jpg"),
+             "bright.png": encode_image(np.full((48, 48), 255, np.uint8))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    predictions = predict_files(brightness_model(list(CLASS_NAMES)),
+                                [tmp_path / name for name in files])
+    assert [(Path(p.file).name, p.emotion) for p in predictions] == [
+        ("dark.png", "sad"), ("bright.jpg", "angry"), ("bright.png", "angry")]
 
 def test_a_model_that_outputs_nan_is_named_not_reported_as_angry(tmp_path):
     """A model whose training diverged gives NaN scores: an error saying so, not `angry`

@@ -3,6 +3,7 @@ and reading them back: pointers, listing, reports, verified downloads."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -67,8 +68,9 @@ def test_remote_manifest_adds_files_and_metrics(store, runs):
     local = json.loads((folder / "manifest.json").read_text())
     assert {k: manifest[k] for k in local} == local
     assert manifest["metrics"] == json.loads((folder / "metrics.json").read_text())
-    assert set(manifest["files"]) == set(local_files(folder))
-    assert manifest["files"]["history.csv"]["size"] == (folder / "history.csv").stat().st_size
+    assert manifest["files"] == {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in local_files(folder).items()}
 
 
 # --- pointers -------------------------------------------------------------------------------
@@ -167,6 +169,27 @@ def test_a_champion_that_records_no_data_is_named_as_such(store, runs):
     assert "(not champion: the champion r1 records no data to compare with;" in (
         result.champion_note)
 
+
+def test_unknowns_never_win_the_champion(store, runs):
+    """A run whose data or validation figure is not recorded cannot take the champion, even
+    with a higher test accuracy; a champion whose validation figure is not recorded loses
+    to a run whose figure is."""
+    publish_run(make_run(runs, "r1", accuracy=0.60, minute=1), store)
+    result = publish_run(make_run(runs, "r2", accuracy=0.90, minute=2, data_sha256=None), store)
+    assert not result.became_champion
+    assert "(not champion: its data is not recorded;" in result.champion_note
+    unmeasured = make_run(runs, "r3", accuracy=0.90, minute=3)
+    metrics = json.loads((unmeasured / "metrics.json").read_text())
+    del metrics["best_val_accuracy"]
+    (unmeasured / "metrics.json").write_text(json.dumps(metrics))
+    result = publish_run(unmeasured, store)
+    assert not result.became_champion
+    assert "(not champion: its validation accuracy is not recorded;" in result.champion_note
+    assert pointers(store) == ("r3", "r1")
+    record = json.loads(store.get_bytes("champion.json"))
+    store.put_bytes("champion.json", json.dumps({**record, "val_accuracy": None}).encode())
+    assert publish_run(make_run(runs, "r4", accuracy=0.30, minute=4), store).became_champion
+    assert pointers(store) == ("r4", "r4")
 
 def test_artifacts_listed_outside_the_run_folder_are_refused(tmp_path, runs):
     folder = make_run(runs, "run-a", accuracy=0.5)

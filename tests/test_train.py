@@ -39,7 +39,8 @@ def test_run_folder_has_every_file_and_metric(tmp_path, tiny_dataset, monkeypatc
     assert sorted(p.name for p in result.run_dir.iterdir()) == sorted(RUN_FILES)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert set(metrics) == {
-        "accuracy", "macro_f1", "per_class_recall", "per_class_support", "test_samples",
+        "accuracy", "macro_f1", "per_class_recall", "per_class_support", "confusion_matrix",
+        "test_samples",
         "epochs", "best_epoch", "best_val_accuracy", "wall_seconds", "train_seconds",
         "train_images_per_second", "test_images_per_second", "precision", "inference_precision",
         "test_time_augmentation", "class_weighting", "batch_norm_recalibration",
