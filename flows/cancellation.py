@@ -6,7 +6,9 @@ server restarting for about half a minute), and from then on nothing stops that 
 Prefect 3.9.1, a training running while `docker compose restart prefect-server` took 50 s
 was cancelled afterwards: it trained to its last epoch, published (possibly as the new
 champion), and showed Cancelling for ever. So the run also asks the server itself, and
-stops where Prefect's own stop did not come.
+stops where Prefect's own stop did not come. A run no worker runs (`fer retrain`'s, in its
+own process) has no stop of Prefect's at all: cancelled in the UI, it trained on and
+published; this is its only stop.
 """
 
 from __future__ import annotations

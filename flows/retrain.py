@@ -321,12 +321,12 @@ def retrain(
     check_writable(config.out_dir, parameter_name("out_dir"))  # before any download, not
     check_can_fetch(data, data_dir=settings.data_dir)  # after it and the decoding
 
-    # a deployment's run stops when cancelled even where its worker's watch gave up (the
-    # server away); `fer retrain`'s run in its own process is stopped with Ctrl-C
-    watch = CancellationWatch(this_flow_run.id) if this_deployment.id else None
+    # a run stops when cancelled on its server: a deployment's even where its worker's
+    # watch gave up (the server away), and `fer retrain`'s, which no worker would stop
+    watch = CancellationWatch(this_flow_run.id)
     with fer_log_in_run_log():
         try:
-            with watch or contextlib.nullcontext():
+            with watch:
                 check_storage(storage=storage, endpoint_url=endpoint_url,
                               create_bucket=create_bucket, out_dir=config.out_dir)
                 source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
@@ -338,12 +338,14 @@ def retrain(
                 metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
                 _post_report(Path(run_dir), metrics)
             # not stopped halfway through publishing: asked once before it instead
-            if watch is not None and watch.is_cancelling():
+            if watch.is_cancelling():
                 raise CancelledOnServer
         except CancelledOnServer:
             return _cancelled()
         published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
                             create_bucket=create_bucket, force_champion=force_champion)
+    if watch.is_cancelling():  # cancelled while publishing, which went on to the end: the
+        return _cancelled(published=published)  # server takes no Completed now, so say so
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
@@ -371,7 +373,10 @@ def retrain_in_this_process(**parameters: typing.Any) -> dict:
     trains now, beside a deployed run, not after it."""
     with tags(FER_TAG, IN_PROCESS_TAG), temporary_settings(
             updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
-        return retrain(**parameters)
+        state = retrain(**parameters, return_state=True)
+    if state.is_cancelled():  # on its server (Ctrl-C here raises KeyboardInterrupt)
+        raise FerError(f"the run was {state.message}")
+    return state.result()  # a failed run's error raised
 
 
 def check_parameters(parameters: dict) -> None:
@@ -429,11 +434,19 @@ def _train_config(arguments: dict) -> TrainConfig:
     return TrainConfig(**options)
 
 
-def _cancelled() -> State:
-    """The state a run ends in that stopped itself, seen Cancelling on its server."""
-    message = ("cancelled: stopped by fer's own check of the run's state on the server, "
-               "Prefect's own stop not having come (a worker stops watching a run for "
-               "cancellation once its Prefect server was away for about 30 s)")
+def _cancelled(*, published: PublishResult | None = None) -> State:
+    """The state a run ends in that was seen Cancelling on its server: stopped by fer's own
+    check, or, ``published``, cancelled while it published."""
+    if published is not None:
+        message = (f"cancelled while publishing, which went on to the end: run "
+                   f"{published.run_id} is published to {published.location}")
+    elif this_deployment.id:
+        message = ("cancelled: stopped by fer's own check of the run's state on the server, "
+                   "Prefect's own stop not having come (a worker stops watching a run for "
+                   "cancellation once its Prefect server was away for about 30 s)")
+    else:
+        message = ("cancelled: stopped by fer's own check of the run's state on the server "
+                   "(no worker runs `fer retrain`'s run, to stop it)")
     get_run_logger().warning(message)
     return Cancelled(message=message)
 

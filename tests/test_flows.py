@@ -537,6 +537,9 @@ def test_fer_retrain_runs_in_process_without_a_server(tiny_fer_zip, tmp_path):
                      re.MULTILINE), done.stderr[-3000:]
     # Prefect's analytics are off: on an offline machine (as CI's) sending them logs an error
     assert "telemetry" not in done.stderr
+    # the flow's result is kept (`--wait` reads it where it can), not each task's as well
+    # (Prefect keeps no result of a task without a cache policy, NO_CACHE)
+    assert len(list((tmp_path / "prefect" / "storage").iterdir())) == 1
 
 
 @integration
@@ -1025,6 +1028,34 @@ def test_a_run_whose_worker_died_is_marked_crashed_and_frees_the_pool(worker, ti
             worker.start()
 
 
+@contextlib.contextmanager
+def fer_retrain_training(server, data: Path, tmp_path: Path, *, epochs: int):
+    """`fer retrain` as a user runs it with PREFECT_API_URL set to ``server``: yields the
+    process and its flow run once the first epoch is done (runs in tmp_path/runs, published
+    to the folder tmp_path/artifacts, its stderr in tmp_path/stderr); killed at the end."""
+    runs = tmp_path / "runs"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(server.client_env(), FER_DATA_DIR=str(tmp_path / "data"),
+               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3")
+    with (tmp_path / "stderr").open("w") as log:
+        process = subprocess.Popen(
+            [*FER, "retrain", "--epochs", str(epochs), "--batch-size", "32", "--data",
+             str(data), "--out", str(runs)], cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + 240
+            while epochs_done(runs) < 1:
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    (tmp_path / "stderr").read_text()[-3000:])
+                time.sleep(0.2)
+            with get_client(sync_client=True) as client:
+                (run,) = [run for run in client.read_flow_runs()
+                          if run.parameters.get("out_dir") == str(runs)]
+            yield process, run
+        finally:
+            process.kill()
+            process.wait()
+
 @integration
 def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefect_api,
                                                                           tiny_fer_zip,
@@ -1037,48 +1068,55 @@ def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefe
     often does not mark it Crashed while it trains."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    runs = tmp_path / "runs"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(prefect_api.client_env(), FER_DATA_DIR=str(tmp_path / "data"),
-               FER_STORAGE=str(tmp_path / "artifacts"), TF_CPP_MIN_LOG_LEVEL="3")
     ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
     try:
-        with (tmp_path / "stderr").open("w") as log:
-            retrain_here = subprocess.Popen(
-                [*FER, "retrain", "--epochs", "300", "--batch-size", "32", "--data",
-                 str(tiny_fer_zip), "--out", str(runs)], cwd=REPO, env=env,
-                stdout=subprocess.DEVNULL, stderr=log)
-            try:
-                deadline = time.monotonic() + 240
-                while epochs_done(runs) < 1:
-                    assert retrain_here.poll() is None and time.monotonic() < deadline, (
-                        (tmp_path / "stderr").read_text()[-3000:])
-                    time.sleep(0.2)
+        with fer_retrain_training(prefect_api, tiny_fer_zip, tmp_path,
+                                  epochs=300) as (retrain_here, run):
+            deadline = time.monotonic() + 90  # the second at 30 s, not at 180
+            while True:
+                # made anew each time: a filter's window ends when it is made
+                beats = EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                    resource=EventResourceFilter(
+                                        id=[f"prefect.flow-run.{run.id}"]))
                 with get_client(sync_client=True) as client:
-                    (run,) = [run for run in client.read_flow_runs()
-                              if run.parameters.get("out_dir") == str(runs)]
-                deadline = time.monotonic() + 90  # the second at 30 s, not at 180
-                while True:
-                    # made anew each time: a filter's window ends when it is made
-                    beats = EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-                                        resource=EventResourceFilter(
-                                            id=[f"prefect.flow-run.{run.id}"]))
-                    with get_client(sync_client=True) as client:
-                        heard = client.read_events(filter=beats, limit=50).events
-                    if len(heard) >= 2:
-                        break
-                    assert retrain_here.poll() is None and time.monotonic() < deadline, (
-                        f"{len(heard)} heartbeat(s)")
-                    time.sleep(1)
-            finally:
-                retrain_here.kill()
-                retrain_here.wait()
+                    heard = client.read_events(filter=beats, limit=50).events
+                if len(heard) >= 2:
+                    break
+                assert retrain_here.poll() is None and time.monotonic() < deadline, (
+                    f"{len(heard)} heartbeat(s)")
+                time.sleep(1)
         killed_at = time.monotonic()
         assert {"fer", "in-process"} <= set(flow_run(run.id).tags)
         assert_marked_crashed(run.id, still="Running", since=killed_at)
     finally:
         ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
 
+
+@integration
+def test_a_fer_retrain_cancelled_on_its_server_stops_and_publishes_nothing(prefect_api,
+                                                                          tiny_fer_zip,
+                                                                          tmp_path):
+    """`fer retrain` with PREFECT_API_URL set, cancelled on that server (Cancel in the UI):
+    no worker runs it to stop it, and it had trained on to its last epoch and published,
+    the cancel ignored. fer's own check stops it: the run ends Cancelled, nothing is
+    published, and fer exits 1 with one line saying so and the resume command above it."""
+    runs, store = tmp_path / "runs", tmp_path / "artifacts"
+    with fer_retrain_training(prefect_api, tiny_fer_zip, tmp_path,
+                              epochs=2000) as (retrain_here, run):
+        prefect_cli(prefect_api, "flow-run", "cancel", str(run.id))
+        retrain_here.wait(timeout=90)  # two checks 15 s apart, then the stop
+    stderr = (tmp_path / "stderr").read_text()
+    assert retrain_here.returncode == 1, stderr[-3000:]
+    assert re.search(r"^error: the run was cancelled: stopped by fer's own check of the "
+                     r"run's state on the server", stderr, re.MULTILINE), stderr[-3000:]
+    assert "Traceback" not in stderr
+    (run_dir,) = runs.iterdir()
+    assert f"training stopped; `fer train --resume {run_dir} --publish --storage {store}` " \
+        "continues it" in stderr
+    assert epochs_done(runs) < 2000
+    assert not store.exists() or not any(store.rglob("manifest.json"))
+    state = flow_run(run.id).state
+    assert state.name == "Cancelled" and "fer's own check" in state.message, state
 
 @integration
 def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(prefect_api,
