@@ -667,6 +667,34 @@ def test_training_error_fails_the_flow_with_fers_message(prefect_api, tiny_fer_z
 
 
 @integration
+def test_a_run_cancelled_while_it_publishes_ends_cancelled_naming_what_it_published(
+        prefect_api, tiny_fer_zip, data_dir, tmp_path, monkeypatch):
+    """A cancel that comes while the run publishes (which is not stopped halfway) leaves the
+    run Cancelled, with a message naming the run it published all the same: the server takes
+    no Completed from a Cancelling run, and the run had been left to Prefect's timeout."""
+    from prefect.runtime import flow_run as this_flow_run
+    from prefect.states import Cancelling
+
+    import fer.runs
+
+    publish_run = fer.runs.publish_run
+
+    def cancelled_meanwhile(*args, **kwargs):
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(this_flow_run.id, Cancelling(), force=True)
+        return publish_run(*args, **kwargs)
+
+    monkeypatch.setattr(fer.runs, "publish_run", cancelled_meanwhile)
+    state = retrain(**TINY, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
+                    out_dir=str(tmp_path / "runs"), return_state=True)
+    (published,) = list_runs(LocalStore(tmp_path / "store"))
+    assert state.is_cancelled(), state
+    assert state.message == ("cancelled while publishing, which went on to the end: run "
+                             f"{published.run_id} is published to "
+                             f"{LocalStore(tmp_path / 'store').url('runs/' + published.run_id)}")
+    assert flow_run(state.state_details.flow_run_id).state.name == "Cancelled"
+
+@integration
 def test_bad_parameters_fail_the_flow_before_any_data_is_fetched(prefect_api, data_dir,
                                                                  tmp_path):
     """A typo in a deployment's parameters (an unknown model) fails the run at once, before
