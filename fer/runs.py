@@ -637,7 +637,7 @@ def read_report(store: Store, ref: str) -> RunReport:
         raise StorageError(f"run '{run.run_id}' in {store.location} was published without {REPORT}")
     data = store.get_bytes(_run_key(run.run_id, REPORT))
     if data is None:
-        raise _missing(REPORT, run=run)
+        raise _missing(store, REPORT, run=run)
     _verify(hashlib.sha256(data).hexdigest(), run=run, name=REPORT)
     return RunReport(run.run_id, data.decode("utf-8"), run.metrics)
 
@@ -673,7 +673,7 @@ def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Pa
             try:
                 store.download(_run_key(run.run_id, name), partial)
             except MissingObjectError:
-                raise _missing(name, run=run) from None
+                raise _missing(store, name, run=run) from None
             digest = _sha256(partial)
         _verify(digest, run=run, name=name)
         with local_errors("write", path, folder="--dest"):
@@ -683,10 +683,10 @@ def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Pa
             partial.unlink(missing_ok=True)
 
 
-def _missing(name: str, *, run: PublishedRun) -> StorageError:
-    """A published file gone from the store, named with what restores it."""
-    return StorageError(f"{name} of run '{run.run_id}' is missing from the store; publish the "
-                        "run again")
+def _missing(store: Store, name: str, *, run: PublishedRun) -> StorageError:
+    """A published file gone from the store, named where it was and with what restores it."""
+    return StorageError(f"{name} of run '{run.run_id}' is missing from the store (no "
+                        f"{store.url(_run_key(run.run_id, name))}); publish the run again")
 
 
 def _safe_parts(name: str, *, run: PublishedRun) -> tuple[str, ...]:

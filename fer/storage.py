@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import mimetypes
 import os
 import re
 import uuid
@@ -306,6 +307,7 @@ class S3Store:
         try:
             with self._errors(f"uploading {self._key(key)}"):
                 self._client.upload_file(str(path), self.bucket, self._key(key),
+                                         ExtraArgs={"ContentType": content_type(key)},
                                          Config=_transfer_config())
         except OSError as exc:  # reading the local file (botocore's timeouts, OSErrors too,
             # are StorageErrors by now); the folder store names it too
@@ -313,7 +315,8 @@ class S3Store:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors(f"writing {self._key(key)}"):
-            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                    ContentType=content_type(key))
 
     def get_bytes(self, key: str) -> bytes | None:
         return self.get_versioned(key)[0]
@@ -337,7 +340,7 @@ class S3Store:
         with self._errors(f"writing {self._key(key)}"):
             try:
                 self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                        **condition)
+                                        ContentType=content_type(key), **condition)
             except bce.ClientError as exc:
                 code = _error_code(exc)
                 if code in _CHANGED_MEANWHILE:
@@ -585,6 +588,16 @@ def _connection_reason(exc: BaseException) -> str:
     return "connection broken"
 
 
+def content_type(key: str) -> str:
+    """The Content-Type an object is stored with, by its name: a browser opening a published
+    run's curves.png or classification_report.txt (a MinIO console link, a presigned URL)
+    shows it instead of downloading an octet stream, which every object had been."""
+    guessed, encoding = mimetypes.guess_type(key)
+    if guessed is None or encoding is not None:  # model.keras; a .gz's type is its content's
+        return "application/octet-stream"
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+
+
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(_userinfo_dropped(url))  # urlsplit ends userinfo at a `/` in a secret
     host = parts.hostname or ""
@@ -594,6 +607,8 @@ def _without_userinfo(url: str) -> str:
         raise StorageError(f"endpoint ({ENDPOINT_OPTION}) {host}: its port "
                            f"{parts.netloc.rpartition(':')[2]!r} is not a number from 0 to "
                            "65535") from None
+    if ":" in host:  # IPv6: urlsplit's hostname drops the brackets the URL needs
+        host = f"[{host}]"
     netloc = f"{host}:{port}" if port else host
     return parts._replace(netloc=netloc).geturl()
 

@@ -868,13 +868,23 @@ def test_a_file_missing_from_the_store_is_named_with_the_remedy(store, runs, tmp
     had been 'cannot read ...: No such file or directory; check the storage folder' or
     'S3 ... refused ...: 404 Not Found': now it is named as missing, with what restores it."""
     publish_run(make_run(runs, "run-a", accuracy=0.5), store)
-    if isinstance(store, LocalStore):
-        (store.root / "runs" / "run-a" / "model.keras").unlink()
-    else:
-        store._client.delete_object(Bucket=store.bucket, Key=store._key("runs/run-a/model.keras"))
-    with pytest.raises(StorageError, match=r"^model\.keras of run 'run-a' is missing from the "
-                                           r"store; publish the run again$"):
+
+    def delete(name: str) -> None:
+        if isinstance(store, LocalStore):
+            (store.root / "runs" / "run-a" / name).unlink()
+        else:
+            store._client.delete_object(Bucket=store.bucket, Key=store._key(f"runs/run-a/{name}"))
+
+    delete("model.keras")
+    where = re.escape(store.url("runs/run-a/model.keras"))  # which store: a user may have several
+    with pytest.raises(StorageError, match=rf"^model\.keras of run 'run-a' is missing from the "
+                                           rf"store \(no {where}\); publish the run again$"):
         download_run(store, "run-a", dest=tmp_path / "download")
+    delete("classification_report.txt")
+    with pytest.raises(StorageError, match=r"^classification_report\.txt of run 'run-a' is "
+                                           r"missing from the store \(no .*/runs/run-a/"
+                                           r"classification_report\.txt\); publish the run again$"):
+        read_report(store, "run-a")
 
 
 def test_report_detects_sha256_mismatch(store, runs):

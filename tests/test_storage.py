@@ -197,7 +197,7 @@ def test_s3_answers_to_a_conditional_write(monkeypatch, caplog, version, conditi
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     store = S3Store(BUCKET, endpoint_url="http://127.0.0.1:9", max_attempts=1)
-    request = {"Bucket": BUCKET, "Key": "p.json", "Body": b"x"}
+    request = {"Bucket": BUCKET, "Key": "p.json", "Body": b"x", "ContentType": "application/json"}
     with Stubber(store._client) as stub:
         stub.add_client_error("put_object", service_error_code=code, http_status_code=status,
                               expected_params={**request, **condition})
@@ -581,7 +581,28 @@ def test_large_artifact_uses_multipart_upload(s3_env, runs):
     head = s3_env.client().head_object(Bucket=BUCKET, Key=f"{store.prefix}/runs/run-a/model.keras")
     assert "-" in head["ETag"]
     assert head["ContentLength"] == BIG
+    assert head["ContentType"] == "application/octet-stream"  # S3's own: binary/octet-stream
+    assert head["ContentType"] == "application/octet-stream"  # S3s
 
+@integration
+def test_published_objects_carry_their_content_type(s3_env, runs):
+    """A browser opening a published plot or report through the S3 server (a MinIO console
+    link, a presigned URL) shows it: every object had been stored as binary/octet-stream,
+    which browsers download instead."""
+    store = open_store(f"s3://{BUCKET}/types-{uuid.uuid4().hex[:8]}",
+                       endpoint_url=s3_env.endpoint_url)
+    publish_run(make_run(runs, "run-a", accuracy=0.5), store)
+    client = s3_env.client()
+
+    def stored_type(key: str) -> str:
+        return client.head_object(Bucket=BUCKET, Key=f"{store.prefix}/{key}")["ContentType"]
+
+    assert stored_type("runs/run-a/confusion_matrix.png") == "image/png"
+    assert stored_type("runs/run-a/classification_report.txt") == "text/plain; charset=utf-8"
+    assert stored_type("runs/run-a/history.csv") == "text/csv; charset=utf-8"
+    assert stored_type("runs/run-a/model.keras") == "application/octet-stream"
+    for pointer in ("runs/run-a/manifest.json", "latest.json", "champion.json"):
+        assert stored_type(pointer) == "application/json", pointer
 
 def test_an_endpoint_botocore_refuses_is_named_without_its_credentials(monkeypatch):
     """An endpoint given with its key (`http://key:secret@minio_1:9000`; botocore refuses
@@ -596,6 +617,14 @@ def test_an_endpoint_botocore_refuses_is_named_without_its_credentials(monkeypat
         open_store("s3://bucket/prefix", endpoint_url="http://key:s3cret@127.0.0.1:9")
     assert "s3cret" not in str(raised.value)
 
+
+def test_an_ipv6_endpoint_is_printed_as_a_url(monkeypatch):
+    """The endpoint the store's messages name: an IPv6 host keeps its brackets (it had been
+    printed `http://::1:9000`, no URL at all)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    assert S3Store(BUCKET, endpoint_url="http://[::1]:9000").endpoint == "http://[::1]:9000"
+    assert S3Store(BUCKET, endpoint_url="http://[::1]").endpoint == "http://[::1]"
 
 @pytest.mark.parametrize("endpoint", ["http://localhost:9OOO", "http://127.0.0.1:90000"])
 def test_an_endpoint_whose_port_is_not_a_port_is_one_error(endpoint):
