@@ -120,12 +120,14 @@ def brightness_model(order: list[str]):
     outputs = ClassNames(order, name="class_names")(keras.layers.Softmax()(logits))
     return keras.Model(inputs, outputs)
 
+
 def ramp_faces(count: int, *, seed: int) -> np.ndarray:
     """float32 (count, 48, 48, 1) images bright on the left, dark on the right, with noise:
     their mirror images score differently, unlike noise alone's."""
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 255, 48)[None, None, :, None] * rng.uniform(0.3, 1, (count, 1, 1, 1))
     return (ramp + rng.integers(0, 40, (count, 48, 48, 1))).clip(0, 255).astype("float32")
+
 
 def csv_row(label: int, image: np.ndarray, usage: str) -> str:
     return f"{label},{' '.join(map(str, image.ravel().tolist()))},{usage}"

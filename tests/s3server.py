@@ -38,6 +38,7 @@ _PORT_TAKEN = re.compile(r"address already in use|port \d+ .* is not available")
 class PortTakenError(RuntimeError):
     """``weed`` exited because one of its ports was taken between our probe and its bind."""
 
+
 # Every listener ``weed mini`` opens; the defaults (8333, 9333, ...) collide between sessions.
 _PORT_FLAGS = (
     "master.port",

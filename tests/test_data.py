@@ -37,7 +37,6 @@ pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
               pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 
 
-
 def test_canonical_class_order_is_the_csv_label_order():
     """CSV integers are positions in CLASS_NAMES: 0 angry ... 4 sad, 5 surprise, 6 neutral."""
     assert CLASS_NAMES == ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")

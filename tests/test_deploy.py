@@ -567,6 +567,7 @@ def test_the_images_lock_pins_what_its_packages_require():
                     unpinned.add(f"{requirement.name} (required by {name})")
     assert not unpinned, sorted(unpinned)
 
+
 def test_prefect_deploy_gets_the_settings_fer_read(monkeypatch):
     """Settings fer read from a prefect.toml or .env where it ran (an auth string for a
     server that asks for a login) reach `prefect deploy`, which runs in the project folder

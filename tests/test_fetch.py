@@ -38,7 +38,6 @@ pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
               pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 
 
-
 @pytest.fixture
 def layout_zip(tmp_path):
     return zip_folder(write_image_tree(tmp_path / "layout"), tmp_path / "archive.zip")

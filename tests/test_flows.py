@@ -694,6 +694,7 @@ def test_a_run_cancelled_while_it_publishes_ends_cancelled_naming_what_it_publis
                              f"{LocalStore(tmp_path / 'store').url('runs/' + published.run_id)}")
     assert flow_run(state.state_details.flow_run_id).state.name == "Cancelled"
 
+
 @integration
 def test_bad_parameters_fail_the_flow_before_any_data_is_fetched(prefect_api, data_dir,
                                                                  tmp_path):
@@ -1084,6 +1085,7 @@ def fer_retrain_training(server, data: Path, tmp_path: Path, *, epochs: int):
             process.kill()
             process.wait()
 
+
 @integration
 def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefect_api,
                                                                           tiny_fer_zip,
@@ -1145,6 +1147,7 @@ def test_a_fer_retrain_cancelled_on_its_server_stops_and_publishes_nothing(prefe
     assert not store.exists() or not any(store.rglob("manifest.json"))
     state = flow_run(run.id).state
     assert state.name == "Cancelled" and "fer's own check" in state.message, state
+
 
 @integration
 def test_a_run_whose_worker_died_before_its_first_heartbeat_is_marked_crashed(prefect_api,
@@ -1501,7 +1504,6 @@ def test_triggering_without_a_server_says_how_to_start_one():
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(FerError, match=r"PREFECT_API_URL is not set"):
             trigger_retrain(TINY)
-
 
 
 def test_the_temporary_server_gets_time_to_migrate_its_database():

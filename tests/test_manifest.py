@@ -112,6 +112,7 @@ def test_new_run_ids_are_ones_fer_recognises_as_run_folders():
     for model in MODEL_NAMES:
         assert RUN_ID_PATTERN.fullmatch(new_run_id(model)), model
 
+
 @pytest.mark.skipif(not shutil.which("git"), reason="git is not installed")
 def test_a_commit_with_uncommitted_changes_is_marked_dirty_and_another_repo_is_not_ours(
         tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ def test_each_file_gets_the_prediction_of_its_own_image(tmp_path):
     assert [(Path(p.file).name, p.emotion) for p in predictions] == [
         ("dark.png", "sad"), ("bright.jpg", "angry"), ("bright.png", "angry")]
 
+
 def test_a_model_that_outputs_nan_is_named_not_reported_as_angry(tmp_path):
     """A model whose training diverged gives NaN scores: an error saying so, not `angry`
     (the argmax of NaN) nor NaN in the --json document, which strict parsers reject."""

@@ -34,8 +34,6 @@ store = run_folders.store  # an empty store of each backend
 integration = pytest.mark.integration
 
 
-
-
 # --- round trip -----------------------------------------------------------------------------
 
 
@@ -190,6 +188,7 @@ def test_unknowns_never_win_the_champion(store, runs):
     store.put_bytes("champion.json", json.dumps({**record, "val_accuracy": None}).encode())
     assert publish_run(make_run(runs, "r4", accuracy=0.30, minute=4), store).became_champion
     assert pointers(store) == ("r4", "r4")
+
 
 def test_artifacts_listed_outside_the_run_folder_are_refused(tmp_path, runs):
     folder = make_run(runs, "run-a", accuracy=0.5)
@@ -978,7 +977,6 @@ def test_publish_names_a_listed_artifact_that_is_missing(tmp_path, runs):
     (folder / "confusion_matrix.png").unlink()
     with pytest.raises(FerError, match=r"run-a has no confusion_matrix\.png \(listed in manifest"):
         publish_run(folder, LocalStore(tmp_path / "artifacts"))
-
 
 
 def test_downloads_of_one_run_into_one_folder_at_once_all_succeed(store, runs, tmp_path):

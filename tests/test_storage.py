@@ -90,8 +90,6 @@ def test_both_backends_have_every_method_the_interface_declares():
         assert declared <= set(dir(backend)), backend
 
 
-
-
 def test_an_upload_whose_local_file_cannot_be_read_is_one_error_naming_it(store, tmp_path):
     """A run file gone or unreadable while publishing: S3's upload let the OSError out as a
     traceback, and the folder store blamed itself ("cannot write" its own target)."""
@@ -584,6 +582,7 @@ def test_large_artifact_uses_multipart_upload(s3_env, runs):
     assert head["ContentType"] == "application/octet-stream"  # S3's own: binary/octet-stream
     assert head["ContentType"] == "application/octet-stream"  # S3s
 
+
 @integration
 def test_published_objects_carry_their_content_type(s3_env, runs):
     """A browser opening a published plot or report through the S3 server (a MinIO console
@@ -603,6 +602,7 @@ def test_published_objects_carry_their_content_type(s3_env, runs):
     assert stored_type("runs/run-a/model.keras") == "application/octet-stream"
     for pointer in ("runs/run-a/manifest.json", "latest.json", "champion.json"):
         assert stored_type(pointer) == "application/json", pointer
+
 
 def test_an_endpoint_botocore_refuses_is_named_without_its_credentials(monkeypatch):
     """An endpoint given with its key (`http://key:secret@minio_1:9000`; botocore refuses
@@ -625,6 +625,7 @@ def test_an_ipv6_endpoint_is_printed_as_a_url(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     assert S3Store(BUCKET, endpoint_url="http://[::1]:9000").endpoint == "http://[::1]:9000"
     assert S3Store(BUCKET, endpoint_url="http://[::1]").endpoint == "http://[::1]"
+
 
 @pytest.mark.parametrize("endpoint", ["http://localhost:9OOO", "http://127.0.0.1:90000"])
 def test_an_endpoint_whose_port_is_not_a_port_is_one_error(endpoint):

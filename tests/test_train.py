@@ -383,6 +383,65 @@ def test_a_source_validation_of_copies_only_is_refused_without_suggesting_a_frac
     assert "--val-fraction" not in str(refused.value)
 
 
+def test_training_uses_the_train_split_alone_and_weighs_its_classes(tmp_path, tiny_dataset,
+                                                                   monkeypatch):
+    """The class weights come from the train split's counts (rare disgust weighs most), not
+    validation's or test's, which are imbalanced otherwise here, and the batch-norm
+    statistics from its images; the test split takes no part in training: other test images
+    and labels leave the trained weights, the chosen epoch and the validation figures
+    exactly as they were."""
+    import fer.train
+
+    def thinned(split: Split, keep: dict[int, int]) -> Split:
+        chosen = np.concatenate([np.flatnonzero(split.labels == c)[:keep.get(c, 99)]
+                                 for c in range(7)])
+        return Split(images=split.images[chosen], labels=split.labels[chosen])
+
+    train_split = thinned(tiny_dataset.train, {1: 4})  # disgust rare in train only
+    validation = thinned(tiny_dataset.validation, {3: 1})  # happy rare in validation only
+    weighed = []
+    batches = fer.train.training_batches
+
+    def recorded(split, **kwargs):
+        if kwargs.get("class_weights") is not None:
+            weighed.append(kwargs["class_weights"])
+        return batches(split, **kwargs)
+
+    monkeypatch.setattr(fer.train, "training_batches", recorded)
+    recalibrated_on = []
+    recalibrate = fer.train.recalibrate_if_better
+
+    def recalibration_recorded(model, images, **kwargs):
+        recalibrated_on.append(images)
+        return recalibrate(model, images, **kwargs)
+
+    monkeypatch.setattr(fer.train, "recalibrate_if_better", recalibration_recorded)
+    config = dict(epochs=2, batch_size=16, seed=3, precision="float32")
+    runs = []
+    for test in (tiny_dataset.test, Split(images=tiny_dataset.test.images[::-1],
+                                          labels=np.roll(tiny_dataset.test.labels, 3))):
+        dataset = Dataset(source="generated", sha256="0" * 64, train=train_split,
+                          validation=validation, test=test)
+        runs.append(train(dataset, TrainConfig(out_dir=tmp_path / str(len(runs)), **config),
+                          verbose=0))
+    assert len(weighed) == 2 and np.array_equal(weighed[0], weighed[1])
+    assert np.array_equal(weighed[0], fer.train.class_weights(train_split, scheme="sqrt"))
+    assert int(np.argmax(weighed[0])) == 1  # disgust: the train split's rarest
+    assert len(recalibrated_on) == 2  # the batch-norm statistics: from training images alone
+    assert all(np.array_equal(images, train_split.images) for images in recalibrated_on)
+    first, second = (load_model(run.run_dir / "model.keras") for run in runs)
+    assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights(),
+                                                    strict=True))
+
+    def chosen_on_validation(metrics: dict) -> dict:
+        recalibration = {k: v for k, v in metrics["batch_norm_recalibration"].items()
+                         if k != "seconds"}
+        return {"recalibration": recalibration, **{key: metrics[key] for key in (
+            "best_epoch", "best_val_accuracy", "saved_model_val_accuracy")}}
+
+    assert chosen_on_validation(runs[0].metrics) == chosen_on_validation(runs[1].metrics)
+
+
 def test_sqrt_class_weights_lift_rare_classes_and_keep_the_mean():
     """Rare classes weigh more, frequent ones less; the average weight per sample stays 1."""
     from fer.train import class_weights
