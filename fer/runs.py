@@ -685,8 +685,8 @@ def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Pa
 
 def _missing(store: Store, name: str, *, run: PublishedRun) -> StorageError:
     """A published file gone from the store, named where it was and with what restores it."""
-    return StorageError(f"{name} of run '{run.run_id}' is missing from the store (no "
-                        f"{store.url(_run_key(run.run_id, name))}); publish the run again")
+    return StorageError(f"{name} of run '{run.run_id}' is missing from the store (not found "
+                        f"at {store.url(_run_key(run.run_id, name))}); publish the run again")
 
 
 def _safe_parts(name: str, *, run: PublishedRun) -> tuple[str, ...]:

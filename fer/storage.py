@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import mimetypes
 import os
 import re
 import uuid
@@ -588,27 +587,31 @@ def _connection_reason(exc: BaseException) -> str:
     return "connection broken"
 
 
+# What fer publishes, by suffix; anything else (model.keras, a checkpoint) is a byte stream.
+# A fixed table, not the mimetypes module's, which reads the machine's own (/etc/mime.types,
+# Windows' registry: .csv as application/vnd.ms-excel there).
+CONTENT_TYPES = {".png": "image/png", ".txt": "text/plain; charset=utf-8",
+                 ".csv": "text/csv; charset=utf-8", ".json": "application/json"}
+
+
 def content_type(key: str) -> str:
     """The Content-Type an object is stored with, by its name: a browser opening a published
     run's curves.png or classification_report.txt (a MinIO console link, a presigned URL)
     shows it instead of downloading an octet stream, which every object had been."""
-    guessed, encoding = mimetypes.guess_type(key)
-    if guessed is None or encoding is not None:  # model.keras; a .gz's type is its content's
-        return "application/octet-stream"
-    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
+    return CONTENT_TYPES.get(PurePosixPath(key).suffix.lower(), "application/octet-stream")
 
 
 def _without_userinfo(url: str) -> str:
     parts = urlsplit(_userinfo_dropped(url))  # urlsplit ends userinfo at a `/` in a secret
     host = parts.hostname or ""
+    if ":" in host:  # IPv6: urlsplit's hostname drops the brackets the URL needs
+        host = f"[{host}]"
     try:
         port = parts.port
     except ValueError:  # botocore checks the host only: `localhost:9OOO`, `:90000`
         raise StorageError(f"endpoint ({ENDPOINT_OPTION}) {host}: its port "
                            f"{parts.netloc.rpartition(':')[2]!r} is not a number from 0 to "
                            "65535") from None
-    if ":" in host:  # IPv6: urlsplit's hostname drops the brackets the URL needs
-        host = f"[{host}]"
     netloc = f"{host}:{port}" if port else host
     return parts._replace(netloc=netloc).geturl()
 

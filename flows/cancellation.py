@@ -32,6 +32,9 @@ SIGHTINGS_TO_STOP = 2
 # socket wait, which _thread.interrupt_main does not, and it is not SIGINT, which a worker
 # started in the background of a script passes on ignored.
 STOP_SIGNAL = signal.SIGUSR1
+# How the message of a run cancelled while it published begins: it published all the same,
+# so following it (`fer train --remote --wait`) does not offer a retry that trains on.
+CANCELLED_WHILE_PUBLISHING = "cancelled while publishing"
 
 
 class CancelledOnServer(BaseException):

@@ -26,6 +26,7 @@ from prefect.utilities.urls import url_for
 
 from fer.errors import FerError, RunStillGoing
 from fer.fetch import redacted
+from flows.cancellation import CANCELLED_WHILE_PUBLISHING
 from flows.retrain import METRICS_ARTIFACT, REPORT_ARTIFACT, parse_report_markdown
 
 DEPLOYMENT = "retrain/retrain"
@@ -292,7 +293,8 @@ def _worker_lost(flow_run: FlowRun, lost_s: float) -> str:
 def _finish(client, flow_run: FlowRun) -> RemoteRun:
     state = flow_run.state
     if not state.is_completed():
-        retry = (f"; `prefect flow-run retry {flow_run.id}` runs it again, its training "
+        retry = ("" if (state.message or "").startswith(CANCELLED_WHILE_PUBLISHING) else
+                 f"; `prefect flow-run retry {flow_run.id}` runs it again, its training "
                  "continuing from the last finished epoch"
                  if state.type in (StateType.CRASHED, StateType.CANCELLED) else
                  f"; once its cause is fixed, `prefect flow-run retry {flow_run.id}` runs it "

@@ -43,7 +43,7 @@ from fer.fetch import check_can_fetch, check_not_empty
 from fer.options import check_config, endpoint_left_unused, parameter_name
 from fer.precision import prefer_onednn
 from fer.runs import REPORT, PublishResult
-from flows.cancellation import CancellationWatch, CancelledOnServer
+from flows.cancellation import CANCELLED_WHILE_PUBLISHING, CancellationWatch, CancelledOnServer
 
 NETWORK_RETRIES = 3
 NETWORK_RETRY_DELAYS = [10, 30, 90]  # seconds: rides out an S3 restart or a flaky download
@@ -323,10 +323,11 @@ def retrain(
 
     # a run stops when cancelled on its server: a deployment's even where its worker's
     # watch gave up (the server away), and `fer retrain`'s, which no worker would stop
-    watch = CancellationWatch(this_flow_run.id)
+    # (none outside a flow run: `retrain.fn()` called as a function)
+    watch = CancellationWatch(this_flow_run.id) if this_flow_run.id else None
     with fer_log_in_run_log():
         try:
-            with watch:
+            with watch or contextlib.nullcontext():
                 check_storage(storage=storage, endpoint_url=endpoint_url,
                               create_bucket=create_bucket, out_dir=config.out_dir)
                 source, origin = fetch_data(data, data_dir=data_dir, endpoint_url=endpoint_url)
@@ -338,14 +339,14 @@ def retrain(
                 metrics = evaluate(run_dir, source, data_dir=data_dir, resume_flags=flags)
                 _post_report(Path(run_dir), metrics)
             # not stopped halfway through publishing: asked once before it instead
-            if watch.is_cancelling():
+            if watch is not None and watch.is_cancelling():
                 raise CancelledOnServer
         except CancelledOnServer:
             return _cancelled()
         published = publish(run_dir, storage=storage, endpoint_url=endpoint_url,
                             create_bucket=create_bucket, force_champion=force_champion)
-    if watch.is_cancelling():  # cancelled while publishing, which went on to the end: the
-        return _cancelled(published=published)  # server takes no Completed now, so say so
+    if watch is not None and watch.is_cancelling():  # cancelled while publishing, which
+        return _cancelled(published=published)  # went on: the server takes no Completed now
     create_link_artifact(key="published-run", link=published.location,
                          link_text=f"run {published.run_id}",
                          description="Where the run's model, reports and manifest were published.")
@@ -374,8 +375,14 @@ def retrain_in_this_process(**parameters: typing.Any) -> dict:
     with tags(FER_TAG, IN_PROCESS_TAG), temporary_settings(
             updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_S}):
         state = retrain(**parameters, return_state=True)
-    if state.is_cancelled():  # on its server (Ctrl-C here raises KeyboardInterrupt)
+    # cancelled on its server (Ctrl-C here raises KeyboardInterrupt); Cancelling: cancelled
+    # as it ended otherwise (failed, or published after the last check), an end the server
+    # refuses a Cancelling run, which it takes to Cancelled alone
+    if state.is_cancelled() and state.message:
         raise FerError(f"the run was {state.message}")
+    if state.is_cancelled() or state.is_cancelling():
+        raise FerError("the run was cancelled on its Prefect server as it ended; its log "
+                       "there says how far it got (whether it published)")
     return state.result()  # a failed run's error raised
 
 
@@ -438,15 +445,18 @@ def _cancelled(*, published: PublishResult | None = None) -> State:
     """The state a run ends in that was seen Cancelling on its server: stopped by fer's own
     check, or, ``published``, cancelled while it published."""
     if published is not None:
-        message = (f"cancelled while publishing, which went on to the end: run "
-                   f"{published.run_id} is published to {published.location}")
+        message = (f"{CANCELLED_WHILE_PUBLISHING}, which went on to the end: run "
+                   f"{published.run_id} is published to {published.location}"
+                   f"{published.note(override='the force_champion parameter')}")
     elif this_deployment.id:
         message = ("cancelled: stopped by fer's own check of the run's state on the server, "
                    "Prefect's own stop not having come (a worker stops watching a run for "
-                   "cancellation once its Prefect server was away for about 30 s)")
+                   "cancellation once its Prefect server was away for about 30 s); nothing "
+                   "was published")
     else:
         message = ("cancelled: stopped by fer's own check of the run's state on the server "
-                   "(no worker runs `fer retrain`'s run, to stop it)")
+                   "(`fer retrain` runs it in its own process, which no worker stops); "
+                   "nothing was published")
     get_run_logger().warning(message)
     return Cancelled(message=message)
 

@@ -545,7 +545,9 @@ def test_the_images_lock_pins_what_its_packages_require():
     """Every package a pinned package requires (markers and extras as this machine installs
     them) is pinned too, so a rebuild gets no version the lock does not name. A plain
     `pip freeze` leaves setuptools (TensorFlow requires it) and wheel (astunparse does) out,
-    and `pip check` in the Dockerfile passes on whatever version the base image brings."""
+    and `pip check` in the Dockerfile passes on whatever version the base image brings.
+    Read from the packages installed here (the lock's, as CI installs it): the other
+    platform's TensorFlow, not installed, is not checked."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     from packaging.requirements import Requirement

@@ -691,9 +691,39 @@ def test_a_run_cancelled_while_it_publishes_ends_cancelled_naming_what_it_publis
     assert state.is_cancelled(), state
     assert state.message == ("cancelled while publishing, which went on to the end: run "
                              f"{published.run_id} is published to "
-                             f"{LocalStore(tmp_path / 'store').url('runs/' + published.run_id)}")
-    assert flow_run(state.state_details.flow_run_id).state.name == "Cancelled"
+                             f"{LocalStore(tmp_path / 'store').url('runs/' + published.run_id)}"
+                             " (new champion)")
+    ended = flow_run(state.state_details.flow_run_id)
+    assert ended.state.name == "Cancelled"
+    # following it (`fer train --remote --wait`) offers no retry: it published already
+    with pytest.raises(FerError, match=r"ended Cancelled: cancelled while publishing") as raised:
+        with get_client(sync_client=True) as client:
+            remote_module._finish(client, ended)
+    assert "retry" not in str(raised.value)
 
+
+@integration
+def test_fer_retrain_cancelled_as_its_run_failed_is_one_error_line(
+        prefect_api, tiny_fer_zip, data_dir, tmp_path, monkeypatch):
+    """A cancel that comes as the run fails otherwise (here publishing fails): the server
+    takes no Failed from a Cancelling run, which stays Cancelling, and `fer retrain` had
+    ended in Prefect's UnfinishedRun traceback; it is one FerError line now."""
+    from prefect.runtime import flow_run as this_flow_run
+    from prefect.states import Cancelling
+
+    import fer.runs
+
+    def cancelled_and_failed(*args, **kwargs):
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(this_flow_run.id, Cancelling(), force=True)
+        raise FerError("cannot write the store: No space left on device")
+
+    monkeypatch.setattr(fer.runs, "publish_run", cancelled_and_failed)
+    with pytest.raises(FerError, match=r"^the run was cancelled on its Prefect server as it "
+                                       r"ended; its log there says how far it got"):
+        retrain_module.retrain_in_this_process(
+            **TINY, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
+            out_dir=str(tmp_path / "runs"))
 
 @integration
 def test_bad_parameters_fail_the_flow_before_any_data_is_fetched(prefect_api, data_dir,

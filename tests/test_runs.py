@@ -877,11 +877,11 @@ def test_a_file_missing_from_the_store_is_named_with_the_remedy(store, runs, tmp
     delete("model.keras")
     where = re.escape(store.url("runs/run-a/model.keras"))  # which store: a user may have several
     with pytest.raises(StorageError, match=rf"^model\.keras of run 'run-a' is missing from the "
-                                           rf"store \(no {where}\); publish the run again$"):
+                                           rf"store \(not found at {where}\); publish the run again$"):
         download_run(store, "run-a", dest=tmp_path / "download")
     delete("classification_report.txt")
     with pytest.raises(StorageError, match=r"^classification_report\.txt of run 'run-a' is "
-                                           r"missing from the store \(no .*/runs/run-a/"
+                                           r"missing from the store \(not found at .*/runs/run-a/"
                                            r"classification_report\.txt\); publish the run again$"):
         read_report(store, "run-a")
 
