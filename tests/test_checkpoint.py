@@ -107,6 +107,8 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, tiny_data
     resumed = spy.begun[2]
     assert resumed["epoch"] == 3 and resumed["iterations"] == 2 * steps  # not from step 0
     assert resumed["random_states"] == before["random_states"]  # not epoch 1's draws again
+    # (streams there are, augmentation's and dropout's, and they had moved on by epoch 3)
+    assert before["random_states"] and before["random_states"] != spy.begun[0]["random_states"]
     assert result.run_dir == run_dir
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
     history = np.genfromtxt(run_dir / "history.csv", delimiter=",", names=True)

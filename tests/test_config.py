@@ -1,5 +1,7 @@
 """fer.config: settings from the environment."""
 
+import dataclasses
+
 import pytest
 
 from fer.config import Settings
@@ -18,6 +20,8 @@ def test_the_data_folder_is_resolved_when_it_is_asked_for(tmp_path):
     assert hash(settings) == hash(Settings.from_env({"FER_DATA_DIR": "~fer-no-such-user-4f2a/data",
                                                      "FER_STORAGE": str(tmp_path)}))
     assert Settings.from_env({"XDG_CACHE_HOME": str(tmp_path)}).data_dir == tmp_path / "fer"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.storage = "elsewhere"  # what a command read stays what it checked
 
 
 @pytest.mark.parametrize("value", ["", " ", "\t"])

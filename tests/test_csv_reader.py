@@ -1,5 +1,5 @@
 """fer.csv_reader, through fer.data.read_splits as a user's CSV reaches it: labels by the
-CSV's integers, usages to splits, every malformed row named by file and line, and speed."""
+CSV's integers, usages to splits, every malformed row named by file and line."""
 
 from __future__ import annotations
 

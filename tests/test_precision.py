@@ -1,5 +1,8 @@
 """fer.precision: precision follows the hardware unless the user overrides it."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from fer.errors import FerError
@@ -79,6 +82,16 @@ def test_cpu_flags_reads_proc_cpuinfo_format(tmp_path):
     assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "none") == set()
 
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo here")
+def test_auto_reads_this_machines_cpu_flags():
+    """Left to the machine, auto picks bf16 exactly where this CPU's /proc/cpuinfo names a
+    bf16 instruction (the sessions' machines differ: AVX512_BF16 or AVX2 only), read here
+    independently of fer's parser."""
+    named = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    precision, why = resolve_precision("auto", gpu=False, onednn=True)
+    assert precision == ("mixed_bfloat16" if named else "float32"), why
+    assert why == (f"auto: the CPU has {', '.join(sorted(named))}" if named else NO_BF16)
 
 def test_onednn_is_asked_for_unless_the_user_chose():
     """TF_ENABLE_ONEDNN_OPTS=1 by default; a user's 0 (to reproduce an old run) is kept."""
