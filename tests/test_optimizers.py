@@ -58,11 +58,21 @@ def test_conv_muon_update_is_scaled_to_adamw_size():
                                             ("adamw", keras.optimizers.AdamW),
                                             ("muon", ConvMuon)])
 def test_build_optimizer_makes_each_kind(kind, expected):
-    """Each optimiser name a ModelSpec may carry builds that optimiser, with its weight decay."""
+    """Each optimiser name a ModelSpec may carry builds that optimiser, with its weight decay
+    and rate: AdamW and Muon on the warm-up and cosine schedule over the run's steps (a
+    tenth of the peak first, a hundredth at the last step), the seed's Adam at a constant
+    rate, as the original script trained."""
     optimizer = build_optimizer(kind, learning_rate=1e-3, weight_decay=0.05, total_steps=100)
     assert type(optimizer) is expected
     if kind == "muon":  # the spec's weight decay on both halves, not Keras' default 0.004
         assert optimizer.weight_decay == optimizer.adam_weight_decay == 0.05
+    if kind == "adamw":
+        assert optimizer.weight_decay == 0.05
+    rate = optimizer._learning_rate
+    if kind == "adam":
+        assert not callable(rate) and float(rate.numpy()) == pytest.approx(1e-3)
+    else:
+        assert [float(rate(step)) for step in (0, 100)] == pytest.approx([1e-4, 1e-5], rel=1e-4)
 
 
 @pytest.mark.parametrize("precision, newton_schulz_dtype", [
