@@ -277,6 +277,22 @@ def test_a_training_that_diverges_stops_at_that_epoch_in_one_line(tmp_path, tiny
         publish_run(run_dir, LocalStore(tmp_path / "store"))
 
 
+def test_a_validation_loss_gone_nan_stops_the_run_too():
+    """An epoch's last update can make the weights NaN after its training loss was computed:
+    the validation loss then says so, and the run stops as for the training loss (bf16
+    runs are told of float32 too); finite losses go on."""
+    from fer.errors import TrainingDiverged
+    from fer.train import StopWhenDiverged
+
+    watch = StopWhenDiverged(learning_rate=3e-3, precision="mixed_bfloat16")
+    watch.on_epoch_end(0, {"loss": 1.2, "val_loss": 1.4})
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: the validation loss is "
+                                               r"inf after epoch 3 \(learning rate 0\.003, "
+                                               r"precision mixed_bfloat16\); train again with "
+                                               r"a lower --learning-rate or --precision "
+                                               r"float32$"):
+        watch.on_epoch_end(2, {"loss": 1.1, "val_loss": float("inf")})
+
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
     """The saved weights are those of the epoch with the best validation accuracy.
 
