@@ -21,6 +21,28 @@ def test_a_thread_drawing_from_pythons_random_leaves_a_seeds_initial_weights_alo
     assert not np.array_equal(_weights_built_from(8)[0], quiet[0])
 
 
+def test_draws_from_pythons_random_inside_the_build_leave_a_seeds_weights_alone(monkeypatch):
+    """The test above depends on the thread being scheduled during the build; here every
+    layer's build draws from the shared module first, as another thread might, every time.
+    Keras' own seeding alone gives other weights then (the control): fer's does not."""
+    import random
+
+    import keras
+
+    quiet = _weights_built_from(7)
+    layer_init = keras.layers.Layer.__init__
+
+    def drawing_first(self, *args, **kwargs):
+        random.random()
+        layer_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__init__", drawing_first)
+    disturbed = _weights_built_from(7)
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, disturbed, strict=True))
+    keras.utils.set_random_seed(7)
+    unprotected = get_spec("default").build().get_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(quiet, unprotected, strict=True))
+
 def test_seeding_gives_keras_the_shared_generator_back_afterwards():
     from keras.src.random import seed_generator
 
