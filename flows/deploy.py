@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,17 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
     Returns the registered deployments as ``flow/deployment`` names, read back from the server.
     """
     project_dir = Path(project_dir).resolve()
-    pools = read_deployments(project_dir / PREFECT_FILE)
-    chosen = list(pools) if names is None else _check_names(names, pools)
+    declared = read_deployments(project_dir / PREFECT_FILE)
+    chosen = list(declared.pools) if names is None else _check_names(names, declared.pools)
     if crash_after_s is not None:
         _check_crash_after(crash_after_s)
     api_url = require_api()
     with _api_answers(api_url, doing="setting up the work pools and the crash automation"):
-        for pool in sorted({pools[name] for name in chosen}):
+        for pool in sorted({declared.pools[name] for name in chosen}):
             ensure_work_pool(pool, concurrency_limit=POOL_CONCURRENCY_LIMIT)
         ensure_crash_detection(crash_after_s=crash_after_s)
-        for name, directory, will_be in moved_deployments(chosen, project_dir=project_dir):
+        for name, directory, will_be in moved_deployments(
+                chosen, project_dir=project_dir, pull_directories=declared.pull_directories):
             log.warning("deployment %s ran its flows from %s; from now on its runs start in "
                         "%s, which every worker must have (with the compose stack, register "
                         "from the images instead: README, Docker compose)", name, directory,
@@ -99,10 +101,9 @@ def deploy_all(project_dir: Path, *, names: Sequence[str] | None = None,
     _prefect_deploy(project_dir, chosen, api_url=api_url, everything=names is None)
     with _api_answers(api_url, doing="reading the deployments back"):
         registered = _registered(chosen)
-    declared = declared_schedules(project_dir / PREFECT_FILE)
     with _api_answers(api_url, doing="matching the schedules to the YAML"):
         for name in chosen:
-            match_schedules(f"{retrain.name}/{name}", declared.get(name))
+            match_schedules(f"{retrain.name}/{name}", declared.schedules.get(name))
     return registered
 
 
@@ -119,8 +120,18 @@ def _api_answers(api_url: str, *, doing: str) -> Iterator[None]:
                        f"({exc or type(exc).__name__})") from None
 
 
-def read_deployments(prefect_file: Path) -> dict[str, str]:
-    """Deployment name -> work pool name, as the YAML declares them."""
+@dataclass(frozen=True)
+class DeclaredDeployments:
+    """What deploy/prefect.yaml declares, read and checked once (by read_deployments)."""
+
+    pools: dict[str, str]  # deployment name -> work pool name
+    schedules: dict[str, dict[str, bool | None] | None]  # see _declared_schedules
+    pull_directories: dict[str, str]  # see _pull_directories
+
+
+def read_deployments(prefect_file: Path) -> DeclaredDeployments:
+    """The deployments the YAML declares, each checked: a name and a work pool the server
+    takes, and a retrain deployment's parameters as each of its runs will get them."""
     try:
         config = yaml.safe_load(prefect_file.read_text())
     except OSError as exc:
@@ -153,21 +164,22 @@ def read_deployments(prefect_file: Path) -> dict[str, str]:
         pools[name] = pool
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")
-    return pools
+    return DeclaredDeployments(pools=pools, schedules=_declared_schedules(deployments),
+                               pull_directories=_pull_directories(config))
 
 
 RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
 
 
-def declared_schedules(prefect_file: Path) -> dict[str, dict[str, bool | None] | None]:
+def _declared_schedules(deployments: list[dict]) -> dict[str, dict[str, bool | None] | None]:
     """Name of each deployment of fer's retrain flow -> each of its schedules' slug ->
     whether it is active (True where `active` is left out, as Prefect takes it; None
-    where it is not a boolean: a template Prefect fills in), as the YAML
-    (read_deployments checked) declares them. None where a schedule has no slug (Prefect
+    where it is not a boolean: a template Prefect fills in), of the YAML's ``deployments``
+    (read_deployments checked them). None where a schedule has no slug (Prefect
     then replaces the deployment's schedules with the YAML's itself, or refuses) or a
     templated one (`{{ $VAR }}`: known once Prefect fills it in)."""
     declared = {}
-    for deployment in yaml.safe_load(prefect_file.read_text())["deployments"]:
+    for deployment in deployments:
         if deployment.get("entrypoint") != RETRAIN_ENTRYPOINT:  # another flow's: as Prefect has it
             continue
         if "schedule" in deployment:  # Prefect's older single `schedule:`: left as it has it
@@ -370,21 +382,22 @@ def _check_names(names: Sequence[str], pools: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def moved_deployments(names: Sequence[str], *, project_dir: Path
-                      ) -> list[tuple[str, str, str]]:
+def moved_deployments(names: Sequence[str], *, project_dir: Path,
+                      pull_directories: dict[str, str]) -> list[tuple[str, str, str]]:
     """(name, folder, new folder) for each registered deployment of ``names`` whose runs
     start in another folder (its pull step's working directory) than registering it from
     ``project_dir`` will give it: a deploy from a host checkout against the compose stack's
     server sends the container's worker to a path it does not have, and every run fails at
-    its pull step. The new folder is what ``project_dir``'s prefect.yaml declares: the
-    folder deployed from where it says ``{{ project.stdout }}`` (the YAML as shipped), its
-    own folder where it names one (a Docker pool's /app: nothing moves)."""
-    declared = _pull_directories(project_dir / PREFECT_FILE)
+    its pull step. The new folder is what ``project_dir``'s prefect.yaml declares
+    (``pull_directories``, from read_deployments): the folder deployed from where it says
+    ``{{ project.stdout }}`` (the YAML as shipped), its own folder where it names one (a
+    Docker pool's /app: nothing moves)."""
     with get_client(sync_client=True) as client:
         found = _one_per_name(client, list(names))
     moved = []
     for _, deployment in found.values():
-        will_be = _will_start_in(declared.get(deployment.name), project_dir=project_dir)
+        will_be = _will_start_in(pull_directories.get(deployment.name),
+                                 project_dir=project_dir)
         for directory in _working_directories(deployment.pull_steps):
             if (will_be is not None and "{{" not in directory  # known only when it runs
                     and Path(directory) != Path(will_be)):
@@ -403,10 +416,9 @@ def _working_directories(pull_steps: Any) -> list[str]:
     return directories
 
 
-def _pull_directories(prefect_file: Path) -> dict[str, str]:
+def _pull_directories(config: dict) -> dict[str, str]:
     """Deployment name -> the working directory its pull steps declare (its own pull
     section, else the file's), as written; a deployment without one is left out."""
-    config = yaml.safe_load(prefect_file.read_text()) or {}  # read_deployments checked it
     shared = _working_directories(config.get("pull"))
     declared = {}
     for deployment in config.get("deployments") or []:

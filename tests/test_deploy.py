@@ -174,15 +174,21 @@ def test_the_schedules_on_the_server_are_the_yamls(deployed, tmp_path, monkeypat
 def test_a_schedule_under_prefects_older_single_key_is_left_to_prefect(tmp_path):
     """`schedule:` (one, Prefect's older key, which it still reads as `schedules`): read as
     no schedules, the one `prefect deploy` had just registered was deleted."""
-    from flows.deploy import declared_schedules
-
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump({"deployments": [
         {"name": "weekly", "entrypoint": "flows/retrain.py:retrain",
-         "schedule": {"cron": "0 3 * * 1"}},
+         "work_pool": {"name": "fer"}, "schedule": {"cron": "0 3 * * 1"}},
         {"name": "daily", "entrypoint": "flows/retrain.py:retrain",
-         "schedules": [{"cron": "0 3 * * *", "slug": "daily"}]}]}))
-    assert declared_schedules(prefect_file) == {"weekly": None, "daily": {"daily": True}}
+         "work_pool": {"name": "fer"}, "schedules": [{"cron": "0 3 * * *", "slug": "daily"}]}]}))
+    assert read_deployments(prefect_file).schedules == {
+        "weekly": None, "daily": {"daily": True}}
+
+
+def moved_from(project_dir: Path, names: list[str]) -> list[tuple[str, str, str]]:
+    """moved_deployments as deploy_all asks it: with project_dir's own prefect.yaml."""
+    declared = read_deployments(project_dir / PREFECT_FILE)
+    return moved_deployments(names, project_dir=project_dir,
+                             pull_directories=declared.pull_directories)
 
 
 def crash_automations():
@@ -256,14 +262,14 @@ def test_deploying_from_another_folder_is_warned_of(deployed, tmp_path):
     registering from anywhere keeps it, and the warning had said it moved)."""
     (tmp_path / "deploy").mkdir()
     shutil.copy2(REPO / "deploy" / "prefect.yaml", tmp_path / "deploy" / "prefect.yaml")
-    assert moved_deployments(["retrain-weekly"], project_dir=tmp_path) == [
+    assert moved_from(tmp_path, ["retrain-weekly"]) == [
         ("retrain-weekly", str(REPO), str(tmp_path))]  # the fixture deployed from REPO
-    assert moved_deployments(["retrain-weekly"], project_dir=REPO.resolve()) == []
+    assert moved_from(REPO.resolve(), ["retrain-weekly"]) == []
     templated = (tmp_path / "deploy" / "prefect.yaml").read_text()
     assert templated.count('directory: "{{ project.stdout }}"') == 1
     (tmp_path / "deploy" / "prefect.yaml").write_text(
         templated.replace('"{{ project.stdout }}"', json.dumps(str(REPO))))
-    assert moved_deployments(["retrain-weekly"], project_dir=tmp_path) == []
+    assert moved_from(tmp_path, ["retrain-weekly"]) == []
 
 
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
@@ -292,7 +298,7 @@ def test_python_m_flows_deploy_is_the_compose_deploy_step(prefect_api, tmp_path)
         assert _contents(app) == before  # no file added, removed or rewritten
     finally:  # later tests' runs of `retrain` start in the checkout, not in this copy
         deploy_all(REPO, names=["retrain"])
-    assert moved_deployments(["retrain"], project_dir=REPO.resolve()) == []
+    assert moved_from(REPO.resolve(), ["retrain"]) == []
 
 
 def compose_prefect_server(volume: Path, log_path: Path) -> tuple[Process, str, dict]:
