@@ -104,6 +104,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
                     "space_to_depth": False}, {}),
 }
 
+
 def _sam_train_step(model, data, *, rho: float):
     """One sharpness-aware minimisation step (Foret et al. 2021): the gradient is taken at
     the weights moved ``rho`` along the normalised gradient (the worst nearby point), then

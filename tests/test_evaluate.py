@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import brightness_model, ramp_faces, sharpened
+from conftest import brightness_model, ramp_faces, sharpened_defaults
 
 from fer.errors import FerError
 from fer.evaluate import to_canonical
@@ -419,14 +419,12 @@ def test_one_batch_scores_as_several_batches_do(tmp_path, precision):
     """Inputs that fit one batch skip predict's tf.data setup (`fer predict face.png` paid
     3-4x the model's own time for it): the scores are those of the batched path, and a NaN
     is refused on both."""
-    import keras
 
     from fer.errors import NonFiniteScoresError
     from fer.evaluate import predict_probabilities
-    from fer.models import get_spec, with_precision
+    from fer.models import with_precision
 
-    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
-    model = with_precision(sharpened(get_spec("default").build()), policy=precision)
+    model = with_precision(sharpened_defaults(1)[0], policy=precision)
     images = ramp_faces(5, seed=3)[..., 0].astype(np.uint8)
     one_batch = predict_probabilities(model, images, batch_size=8)
     batched = predict_probabilities(model, images, batch_size=2)

@@ -725,6 +725,7 @@ def test_fer_retrain_cancelled_as_its_run_failed_is_one_error_line(
             **TINY, data=str(tiny_fer_zip), storage=str(tmp_path / "store"),
             out_dir=str(tmp_path / "runs"))
 
+
 @integration
 def test_bad_parameters_fail_the_flow_before_any_data_is_fetched(prefect_api, data_dir,
                                                                  tmp_path):

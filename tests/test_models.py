@@ -7,7 +7,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import ramp_faces, sharpened
+from conftest import ramp_faces, sharpened_defaults
 
 from fer.errors import FerError
 from fer.labels import CLASS_NAMES
@@ -353,8 +353,7 @@ def test_flip_averaging_is_the_mean_of_both_views_and_survives_saving(tmp_path):
 
 def test_loading_in_bf16_computes_in_bf16_and_agrees_with_float32(tmp_path):
     """load_model(precision=...) recasts the layers, keeps the weights and a float32 softmax."""
-    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
-    model = sharpened(get_spec("default").build())
+    model, other = sharpened_defaults(2)  # other weights: told apart at 2e-2 below
     model.save(tmp_path / "model.keras")
     bf16 = load_model(tmp_path / "model.keras", precision="mixed_bfloat16")
     assert bf16.get_layer("probabilities").dtype_policy.name == "float32"
@@ -364,7 +363,6 @@ def test_loading_in_bf16_computes_in_bf16_and_agrees_with_float32(tmp_path):
     assert out.dtype == np.float32
     expected = np.asarray(model(pixels, training=False))
     assert np.allclose(out, expected, atol=2e-2)
-    other = sharpened(get_spec("default").build())  # other weights: told apart at 2e-2
     assert not np.allclose(other(pixels, training=False), expected, atol=2e-2)
 
 
@@ -372,8 +370,7 @@ def test_averaging_several_models_is_the_mean_of_each_and_survives_saving(tmp_pa
     """An ensemble predicts the mean over its members (and mirrors), reloads, keeps the order."""
     from fer.models import averaging
 
-    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
-    members = [sharpened(get_spec("default").build()) for _ in range(2)]
+    members = sharpened_defaults(2)
     pixels = ramp_faces(3, seed=6)
     ensemble = averaging(members, flip=True)
     views = [m(p) for m in members for p in (pixels, pixels[:, :, ::-1])]
@@ -408,8 +405,7 @@ def test_flip_models_saved_before_ensembles_still_load_with_a_float32_average(tm
 
     from fer.models import ClassNames, HorizontalFlip
 
-    keras.utils.set_random_seed(3)  # weights whose scores differ by image (sharpened)
-    model = sharpened(get_spec("default").build())
+    (model,) = sharpened_defaults(1)
     core = keras.Model(model.inputs, model.get_layer("probabilities").output, name="default")
     inputs = keras.Input((48, 48, 1), name="pixels")
     averaged = layers.Average(name="flip_average")([core(inputs), core(HorizontalFlip()(inputs))])

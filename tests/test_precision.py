@@ -93,6 +93,7 @@ def test_auto_reads_this_machines_cpu_flags():
     assert precision == ("mixed_bfloat16" if named else "float32"), why
     assert why == (f"auto: the CPU has {', '.join(sorted(named))}" if named else NO_BF16)
 
+
 def test_onednn_is_asked_for_unless_the_user_chose():
     """TF_ENABLE_ONEDNN_OPTS=1 by default; a user's 0 (to reproduce an old run) is kept."""
     unset, chosen = {}, {ONEDNN_SWITCH: "0"}

@@ -43,6 +43,7 @@ def test_draws_from_pythons_random_inside_the_build_leave_a_seeds_weights_alone(
     unprotected = get_spec("default").build().get_weights()
     assert not all(np.array_equal(a, b) for a, b in zip(quiet, unprotected, strict=True))
 
+
 def test_seeding_gives_keras_the_shared_generator_back_afterwards():
     from keras.src.random import seed_generator
 

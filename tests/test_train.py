@@ -293,6 +293,7 @@ def test_a_validation_loss_gone_nan_stops_the_run_too():
                                                r"float32$"):
         watch.on_epoch_end(2, {"loss": 1.1, "val_loss": float("inf")})
 
+
 def test_best_epoch_is_chosen_on_validation(tmp_path, tiny_dataset):
     """The saved weights are those of the epoch with the best validation accuracy.
 
