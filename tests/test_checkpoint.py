@@ -120,6 +120,31 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, tiny_data
     assert result.metrics["epochs"] == 4 and 1 <= result.metrics["best_epoch"] <= 4
 
 
+def test_a_best_epoch_before_the_stop_is_the_one_its_resume_keeps(tmp_path, tiny_dataset,
+                                                                  monkeypatch):
+    """Validation accuracy 0.3, 0.9, stop, 0.2, 0.4: the resumed member calls epoch 2 its
+    best, and the saved model has epoch 2's trained weights (kept in the checkpoint across
+    the stop), not those of epoch 4, the better of the epochs this process trained."""
+    scripted, trained = {1: 0.3, 2: 0.9, 3: 0.2, 4: 0.4}, {}
+    original = fer.train.EpochTimer.on_epoch_end
+
+    def on_epoch_end(timer, epoch, logs=None):  # the first callback: the others read its logs
+        logs["val_accuracy"] = scripted[epoch + 1]
+        trained[epoch + 1] = [w.numpy() for w in timer.model.trainable_weights]
+        original(timer, epoch, logs)
+
+    monkeypatch.setattr(fer.train.EpochTimer, "on_epoch_end", on_epoch_end)
+    config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
+    run_dir = stopped_run(tmp_path, tiny_dataset, config, EpochSpy(monkeypatch, stop_at=3))
+    assert sorted(trained) == [1, 2] and state(run_dir)["best_epoch"] == 2
+    result = train(tiny_dataset, read_run(run_dir).config, verbose=0, resume=read_run(run_dir))
+    assert sorted(trained) == [1, 2, 3, 4]
+    assert result.metrics["best_epoch"] == 2 and result.metrics["best_val_accuracy"] == 0.9
+    saved = [w.numpy() for w in load_model(run_dir / "model.keras").trainable_weights]
+    assert all(np.array_equal(a, b) for a, b in zip(saved, trained[2], strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(saved, trained[4], strict=True))
+
+
 def test_a_run_records_its_split_seed_and_an_older_record_reads_as_its_seed(
         tmp_path, tiny_dataset, monkeypatch):
     """A run records its split seed; one begun before --split-seed existed carved its
