@@ -163,7 +163,7 @@ def fetch_data(
         DEFAULT_SOURCE_URL,
     sha256: Annotated[str | None, typer.Option(
         help="expected sha256 of the file (of a folder: its data sha256, as printed)")] = None,
-    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO)")] = None,
+    endpoint_url: EndpointOption = None,
 ) -> None:
     """Download (or copy), verify, unpack and decode a dataset once; later runs reuse it."""
     from fer.fetch import fetch_data as fetch
@@ -225,9 +225,11 @@ def _folder_path(value: str | Path) -> Path:
         raise typer.BadParameter(str(exc)) from None
 
 
-OutOption = Annotated[Path, typer.Option(
+OUT_HELP = "folder that receives <run-id>/"
+OutOption = Annotated[Path, typer.Option(parser=_folder_path, metavar="<path>", help=OUT_HELP)]
+TrainOutOption = Annotated[Path, typer.Option(  # `fer train` has --remote; `fer retrain` not
     parser=_folder_path, metavar="<path>",
-    help="folder that receives <run-id>/ (with --remote: a folder on the worker)")]
+    help=f"{OUT_HELP} (with --remote: a folder on the worker)")]
 DEFAULT_OUT = TrainConfig.out_dir
 # `fer train --remote --wait` stopped following a run that had not ended (no worker took it,
 # its worker stopped polling, the API went away): not the run's failure, which exits 1.
@@ -306,7 +308,7 @@ def train(
     model: ModelOption = None,
     profile: ProfileOption = "default",
     data: DataOption = None,
-    out: OutOption = DEFAULT_OUT,
+    out: TrainOutOption = DEFAULT_OUT,
     seed: SeedOption = TrainConfig.seed,
     split_seed: SplitSeedOption = TrainConfig.split_seed,
     val_fraction: ValFractionOption = TrainConfig.val_fraction,
@@ -639,8 +641,8 @@ def deploy(
         "--name", help="only these deployments (repeatable); default: all")] = None,
     crash_after: Annotated[int | None, typer.Option(
         help="seconds without a heartbeat after which a fer flow run is marked Crashed (its "
-             "worker died), freeing the pool; default: keep the current setting, 600 for a "
-             "new automation")] = None,
+             "worker died), freeing the pool; at least 60; default: keep the current setting, "
+             "600 for a new automation")] = None,
 ) -> None:
     """Register the Prefect deployments in deploy/prefect.yaml (work pool `fer`), and the
     automation that marks a run whose worker died Crashed."""
@@ -709,7 +711,8 @@ def _keras_verbosity() -> int:
 @app.command()
 def evaluate(
     model: ModelFileOption,
-    data: Annotated[str | None, typer.Option(help="source whose test split is scored")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="source whose test split is scored; default: the fetched dataset")] = None,
     out: Annotated[Path | None, typer.Option(
         parser=_folder_path, metavar="<path>",
         help="report folder; default: evaluation/ beside the model")] = None,
@@ -770,7 +773,8 @@ def predict(
     model: ModelFileOption,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
     faces: Annotated[bool, typer.Option(help="detect faces first, classify each")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH_SIZE)] = 64,
+    batch_size: Annotated[int, typer.Option(
+        min=1, max=MAX_BATCH_SIZE, help="images scored at once (memory against speed)")] = 64,
     precision: InferencePrecisionOption = "auto",
 ) -> None:
     """Print the top emotion and the probabilities of each image (or each face)."""

@@ -147,6 +147,27 @@ def test_train_help_shows_each_profiles_settings():
     assert f"(best {PROFILES['best'].train_options['ensemble']}; else 1)" in result.stdout
 
 
+def test_each_options_help_names_only_options_its_command_has():
+    """An option's help that points to another option points to one of its own command's:
+    `fer retrain --help` had offered `fer train`'s --remote, which retrain does not take."""
+    import typer
+
+    from fer_cli.main import app
+
+    def commands(command, path=()):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, (*path, name)) if hasattr(sub, "commands") else [
+                (" ".join((*path, name)), sub)]
+
+    found = list(commands(typer.main.get_command(app)))
+    assert {"train", "retrain", "predict", "reports show"} <= {name for name, _ in found}
+    for name, command in found:
+        own = {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)}
+        for param in command.params:
+            named = set(re.findall(r"--[a-z][a-z0-9-]*", getattr(param, "help", None) or ""))
+            assert named <= own, f"fer {name} {param.opts[0]}: help names {named - own}"
+
+
 def test_bad_csv_is_one_line_error(tmp_path, data_dir):
     """`fer train --data bad.csv` names the file and line, exits 1, prints no traceback."""
     bad = tmp_path / "bad.csv"
