@@ -492,10 +492,20 @@ def _artifact_names(folder: Path, listed: Any, *, published: Any = None) -> list
 
 def _added_later(name: str) -> bool:
     """A file no `fer train` wrote into its run folder: `fer evaluate`'s default reports,
-    hidden files (a desktop's .DS_Store) and partial downloads of `fer reports get`."""
+    hidden files (a desktop's .DS_Store), partial downloads of `fer reports get`, and
+    names whose bytes are not UTF-8 (which an S3 key cannot hold)."""
     parts = PurePosixPath(name).parts
     return (parts[0] == "evaluation" or any(part.startswith(".") for part in parts)
-            or name.endswith(".part"))
+            or name.endswith(".part") or not _is_utf8(name))
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name Python read with surrogate escapes: bytes that are not UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:

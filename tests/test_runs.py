@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -398,13 +399,15 @@ def test_runs_created_in_one_second_point_the_same_way_whatever_the_order(store,
 
 def test_a_run_without_an_artifact_list_publishes_what_training_wrote(store, runs):
     """A run of a fer before the manifest's artifact list: `fer evaluate`'s evaluation/ and
-    hidden files added to its folder since stay local, as the list would keep them."""
+    hidden files added to its folder since stay local, as the list would keep them, and so
+    does a file whose name is not UTF-8 (no fer wrote it; an S3 key cannot hold it)."""
     folder = make_run(runs, "run-a", accuracy=0.5)
     trained = set(local_files(folder))
     (folder / "evaluation").mkdir()
     (folder / "evaluation" / "metrics.json").write_text("{}")
     (folder / ".DS_Store").write_bytes(b"\0")
     (folder / "model.keras.part").write_bytes(b"\0")
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"\0")  # Latin-1 bytes: no S3 key
     publish_run(folder, store)
     assert set(resolve_run(store, "run-a").manifest["files"]) == trained
 
