@@ -15,6 +15,7 @@ The backends only move bytes; publishing, listing and verification live here, on
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -88,7 +89,13 @@ class _LocalRun:
     run_id: str
     manifest: dict[str, Any]
     metrics: dict[str, Any]
-    files: dict[str, dict[str, Any]]
+    names: list[str]  # the files to publish, relative to the folder
+
+    @functools.cached_property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """Size and sha256 of each file to publish, read when publishing first needs them:
+        an older fer's run is read twice (its names then depend on the store's manifest)."""
+        return _describe_files(self.folder, self.names)
 
 
 def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) -> PublishResult:
@@ -416,7 +423,7 @@ def _read_run_folder(folder: Path, *, published: Any = None) -> _LocalRun:
                            "object, as `fer train` writes it")
     names = _artifact_names(folder, manifest.get("artifacts"),
                             published=manifest.get("files") if published is None else published)
-    return _LocalRun(folder, run_id, manifest, metrics, _describe_files(folder, names))
+    return _LocalRun(folder, run_id, manifest, metrics, names)
 
 
 def _read_json_file(folder: Path, name: str) -> dict[str, Any]:
