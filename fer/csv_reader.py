@@ -214,9 +214,9 @@ def _parse_pixel_chunk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     hundreds = tens & is_digit[ends - 2]
     if (hundreds & is_digit[ends - 3]).any():
         return None  # four or more digits
-    values = digits[ends].astype(np.int16)
-    values += digits[ends - 1] * tens * np.int16(10)
-    values += digits[ends - 2] * hundreds * np.int16(100)
+    values = digits[ends].astype(np.int16)  # each product in int16 too: NumPy 1.x kept
+    values += digits[ends - 1].astype(np.int16) * tens * 10  # uint8 * int16(100) in uint8,
+    values += digits[ends - 2].astype(np.int16) * hundreds * 100  # and 300 read as 44
     return values, ends - 3
 
 

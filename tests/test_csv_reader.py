@@ -56,6 +56,9 @@ GOOD = " ".join(["7"] * 2304)
     (f"0,{GOOD}x,Training", r"line 3: pixel 2304 is '7x', expected an integer 0-255"),
     (f"0,{GOOD[:-1]}1.5,Training", r"line 3: pixel 2304 is '1\.5', expected an integer"),
     (f"0,256 {GOOD[2:]},Training", r"line 3: pixel 1 is 256, out of range 0-255"),
+    # under NumPy 1.x's casting, hundreds wrapped in uint8: 300 read as 44, 999 as 231
+    (f"0,300 {GOOD[2:]},Training", r"line 3: pixel 1 is 300, out of range 0-255"),
+    (f"0,{GOOD[:-1]}999,Training", r"line 3: pixel 2304 is 999, out of range 0-255"),
     (f"0,-1 {GOOD[2:]},Training", r"line 3: pixel 1 is '-1', expected an integer"),
     (f"7,{GOOD},Training", r"line 3: emotion '7' is not a label 0-6"),
     (f"happy,{GOOD},Training", r"line 3: emotion 'happy' is not a label 0-6"),
