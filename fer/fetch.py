@@ -753,6 +753,12 @@ def _content_addressed(local: Path, *, data_dir: Path, digest: str) -> Path:
     return target
 
 
+# Raised whenever safe_extract writes an archive's entries otherwise, so that a folder an
+# older fer unpacked is unpacked again: 2 made a Windows zip's `train\happy\0.png` folders
+# (an older fer wrote such file names) and kept a tar's hard links and links to folders.
+UNPACK_FORMAT = 2
+
+
 def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
     """Extract once per archive content; return the folder or CSV that holds the data.
 
@@ -762,19 +768,20 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
     """
     target = _unpacked_folder(archive, data_dir=data_dir, digest=digest)
     done_marker = target / ".fer-unpacked"
-    if not done_marker.exists():
+    record = read_json(done_marker)  # {} where missing, or an older fer's (its text: {})
+    if record.get("format") != UNPACK_FORMAT:
         shutil.rmtree(target, ignore_errors=True)
         try:
             safe_extract(archive, target)
         except BaseException:  # a refused entry, a full disk, Ctrl-C: no half tree is kept
             shutil.rmtree(target, ignore_errors=True)
             raise
-        write_json(done_marker, {"archive": str(archive)})
-    record = read_json(done_marker)  # {} for an older fer's marker, the archive's path as text
+        record = {"archive": str(archive), "format": UNPACK_FORMAT}
+        write_json(done_marker, record)
     if isinstance(record.get("root"), str):
         return target / record["root"]
     root = _dataset_root(target, archive=archive)
-    write_json(done_marker, {"archive": str(archive), "root": root.relative_to(target).as_posix()})
+    write_json(done_marker, {**record, "root": root.relative_to(target).as_posix()})
     return root
 
 

@@ -295,6 +295,24 @@ def test_a_second_fetch_into_one_data_folder_waits_for_the_first(tmp_path, layou
     assert marker.stat().st_mtime_ns == unpacked_at  # found unpacked, not extracted again
 
 
+@pytest.mark.parametrize("older_marker", ["text", "json without format"])
+def test_an_archive_an_older_fer_unpacked_is_unpacked_again(tmp_path, layout_zip, older_marker):
+    """An older fer extracted some archives otherwise (a Windows zip's `train\\happy\\0.png`
+    as file names, a tar without its hard links): its unpacked folder, told by its marker,
+    is unpacked again instead of being reused with files missing or misnamed."""
+    data_dir = tmp_path / "data"
+    first = fetch_data(str(layout_zip), data_dir=data_dir)
+    (marker,) = data_dir.glob("sources/*/.fer-unpacked")
+    folder = marker.parent
+    (folder / "train" / "happy" / "0.png").rename(folder / "train\\happy\\0.png")
+    marker.write_text(str(layout_zip) if older_marker == "text" else
+                      json.dumps({"archive": str(layout_zip), "root": "."}))
+    again = fetch_data(str(layout_zip), data_dir=data_dir)
+    assert (again.path / "train" / "happy" / "0.png").is_file()
+    assert not (folder / "train\\happy\\0.png").exists()
+    assert again.sha256 == first.sha256
+
+
 def test_missing_local_source_is_named(tmp_path):
     with pytest.raises(DataError, match=r"nothing\.zip: no such file or folder"):
         fetch_data(str(tmp_path / "nothing.zip"), data_dir=tmp_path / "d")
