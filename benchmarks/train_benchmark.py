@@ -44,6 +44,24 @@ def first_crossing(history_csv: Path, threshold: float) -> float | None:
     return None
 
 
+def ratios(metrics: dict, *, seed_ips: float, seed_20: float, batch_size: int,
+           crossing: float | None) -> str:
+    """The line of our figures as ratios to the seed's: images/s, and the wall and the time
+    to 63% as fractions of the seed's projected ``seed_20`` seconds (its 20 epochs)."""
+    batches = "" if batch_size == 64 else f" (batch {batch_size} against the seed's 64)"
+    # Both sides favour the seed: its rate is timed after 3 warm-up steps, ours over
+    # whole epochs with the first one's tracing; its projection is training steps alone.
+    return (f"ratios: training images/s {metrics['train_images_per_second'] / seed_ips:.2f}x "
+            f"the seed's{batches} (ours over every epoch, the first one's tracing included; the "
+            f"seed's after 3 warm-up steps); wall time {metrics['wall_seconds'] / seed_20:.3f} "
+            f"of the seed's {SEED_EPOCHS} epochs (projected {fmt_seconds(seed_20)} from its "
+            "training steps alone; ours is the member's whole training: building the model, "
+            "its epochs with their validation passes, tracing and checkpoints, and the "
+            "batch-norm recalibration; loading the data, the final save and scoring are "
+            "outside both)"
+            + (f"; time to {HEADLINE:.0%} = {crossing / seed_20:.3f} of it" if crossing else ""))
+
+
 def main() -> None:
     prefer_onednn()  # as `fer train` does, before TensorFlow loads
     from fer.train import train
@@ -108,19 +126,8 @@ def main() -> None:
           f"images/s, validation first >= {HEADLINE:.0%} at {fmt_seconds(crossing)}")
     if seed_ips:
         seed_20 = SEED_EPOCHS * len(dataset.train) / seed_ips
-        batches = ("" if config.batch_size == 64 else
-                   f" (batch {config.batch_size} against the seed's 64)")
-        # Both sides favour the seed: its rate is timed after 3 warm-up steps, ours over
-        # whole epochs with the first one's tracing; its projection is training steps alone.
-        print(f"ratios: training images/s {m['train_images_per_second'] / seed_ips:.2f}x the "
-              f"seed's{batches} (ours over every epoch, the first one's tracing included; the "
-              f"seed's after 3 warm-up steps); wall time {m['wall_seconds'] / seed_20:.3f} of "
-              f"the seed's {SEED_EPOCHS} epochs (projected {fmt_seconds(seed_20)} from its "
-              "training steps alone; ours is the member's whole training: building the model, "
-              "its epochs with their validation passes, tracing and checkpoints, and the "
-              "batch-norm recalibration; loading the data, the final save and scoring are "
-              "outside both)"
-              + (f"; time to {HEADLINE:.0%} = {crossing / seed_20:.3f} of it" if crossing else ""))
+        print(ratios(m, seed_ips=seed_ips, seed_20=seed_20, batch_size=config.batch_size,
+                     crossing=crossing))
     # the data's load is a cached one where BENCH_CACHE holds it, as after `fer fetch-data`
     print(f"end to end (loading the data, {load_seconds:.1f} s, then `fer train`'s whole "
           f"run with saving and scoring): {fmt_seconds(end_to_end)}"

@@ -195,6 +195,20 @@ def test_the_time_to_63_percent_is_the_first_epoch_at_or_above_it(tmp_path):
     assert first_crossing(history, 0.70) is None
 
 
+
+def test_the_time_to_63_percent_is_printed_as_a_fraction_of_the_seeds_20_epochs():
+    """The figure the `fast` target is read from (the integration run never reaches 63%, so
+    it never prints it): the crossing's seconds over the seed's projected 20 epochs, beside
+    the wall's; none where validation never got there."""
+    ratios = import_benchmark("train_benchmark").ratios
+    figures = {"train_images_per_second": 700.0, "wall_seconds": 360.0}
+    line = ratios(figures, seed_ips=100.0, seed_20=3600.0, batch_size=128, crossing=180.0)
+    assert line.startswith("ratios: training images/s 7.00x the seed's (batch 128 against")
+    assert "wall time 0.100 of the seed's 20 epochs (projected 3600 s" in line
+    assert line.endswith("; time to 63% = 0.050 of it")
+    assert "time to" not in ratios(figures, seed_ips=100.0, seed_20=3600.0, batch_size=64,
+                                   crossing=None)
+
 def test_refit_keeps_the_last_epoch_whatever_validation_says(monkeypatch):
     """--refit's keeper takes each epoch as it ends, a worse one too (the integration test
     above ends on a better second epoch as often as not, so it cannot tell)."""
