@@ -321,6 +321,7 @@ def main() -> None:
         keep_last_epoch()
     if args.tail_average:
         keep_tail_average(args.tail_average)
+    trained = {}  # variant -> its metrics; test figures printed for the one chosen alone
     for name in args.variant:
         register(name)
         result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
@@ -328,9 +329,13 @@ def main() -> None:
                                             seed=args.seed, learning_rate=args.learning_rate,
                                             precision=precision),
                        verbose=2)
-        keys = ("best_epoch", "best_val_accuracy", "accuracy", "macro_f1",
+        keys = ("best_epoch", "best_val_accuracy", "saved_model_val_accuracy",
                 "train_images_per_second", "wall_seconds")
         print(f"{name}: " + json.dumps({k: result.metrics[k] for k in keys}), flush=True)
+        trained[name] = result.metrics
+    chosen = max(trained, key=lambda name: trained[name]["saved_model_val_accuracy"])
+    print(f"chosen on validation (saved model): {chosen}: test accuracy "
+          f"{trained[chosen]['accuracy']:.4f}  macro-F1 {trained[chosen]['macro_f1']:.4f}")
 
 
 def fold_validation_into_train(dataset):
