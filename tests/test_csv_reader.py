@@ -151,6 +151,25 @@ def test_a_comma_ending_every_row_reads_like_none(tmp_path):
     assert read_splits(path)["train"].labels.tolist() == [3]
 
 
+@pytest.mark.parametrize("export", ["crlf", "utf-8 bom", "bom and crlf"])
+def test_excels_csv_exports_read_like_a_plain_csv(shaded_csv, tmp_path, export):
+    """Excel writes CRLF line endings and, as "CSV UTF-8", a byte-order mark before the
+    header: the same rows, pixels and splits as the plain file."""
+    plain = read_splits(shaded_csv)
+    data = shaded_csv.read_bytes()
+    if "crlf" in export:
+        data = data.replace(b"\n", b"\r\n")
+    if "bom" in export:
+        data = b"\xef\xbb\xbf" + data
+    path = tmp_path / "exported.csv"
+    path.write_bytes(data)
+    exported = read_splits(path)
+    assert sorted(exported) == sorted(plain)
+    for split in plain:
+        assert np.array_equal(exported[split].images, plain[split].images), split
+        assert np.array_equal(exported[split].labels, plain[split].labels), split
+
+
 def test_blank_lines_between_rows_are_skipped(tmp_path):
     path = write_csv(tmp_path / "ok.csv", [f"0,{GOOD},Training", "", f"3,{GOOD},PublicTest", ""])
     splits = read_splits(path)
