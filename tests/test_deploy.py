@@ -576,6 +576,27 @@ def test_the_images_lock_pins_what_its_packages_require():
     assert not unpinned, sorted(unpinned)
 
 
+
+def test_the_image_builds_fer_with_the_locks_setuptools(tmp_path):
+    """The Dockerfile installs fer without build isolation, so the build backend is the
+    lock's setuptools (with isolation pip fetched the newest one from the index on every
+    build); that build, from what the image copies, works offline with the setuptools
+    installed here (the lock's, as CI installs it)."""
+    from importlib.metadata import version
+
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    (install,) = re.findall(r"^RUN pip install .*\./\[orchestration\].*$", dockerfile, re.MULTILINE)
+    assert "--no-build-isolation" in install.split()
+    lock = (REPO / "docker" / "requirements.lock").read_text()
+    assert f"setuptools=={version('setuptools')}" in lock.splitlines()
+    app = copy_of_the_image(tmp_path / "app")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+                           "--no-build-isolation", "--wheel-dir", str(tmp_path / "wheels"),
+                           f"{app}[orchestration]"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [path.name.split("-")[0] for path in (tmp_path / "wheels").iterdir()] == ["fer"]
+
 def test_prefect_deploy_gets_the_settings_fer_read(monkeypatch):
     """Settings fer read from a prefect.toml or .env where it ran (an auth string for a
     server that asks for a login) reach `prefect deploy`, which runs in the project folder
