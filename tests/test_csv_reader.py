@@ -56,7 +56,8 @@ GOOD = " ".join(["7"] * 2304)
     (f"0,{GOOD}x,Training", r"line 3: pixel 2304 is '7x', expected an integer 0-255"),
     (f"0,{GOOD[:-1]}1.5,Training", r"line 3: pixel 2304 is '1\.5', expected an integer"),
     (f"0,256 {GOOD[2:]},Training", r"line 3: pixel 1 is 256, out of range 0-255"),
-    # under NumPy 1.x's casting, hundreds wrapped in uint8: 300 read as 44, 999 as 231
+    # under NumPy 1.x's casting (pyproject allows it) hundreds wrapped in uint8: 300 read as
+    # 44, 999 as 231; these rows guard a NumPy 1.x install (the lock's NumPy 2 read them right)
     (f"0,300 {GOOD[2:]},Training", r"line 3: pixel 1 is 300, out of range 0-255"),
     (f"0,{GOOD[:-1]}999,Training", r"line 3: pixel 2304 is 999, out of range 0-255"),
     (f"0,-1 {GOOD[2:]},Training", r"line 3: pixel 1 is '-1', expected an integer"),

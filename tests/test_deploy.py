@@ -272,6 +272,17 @@ def test_deploying_from_another_folder_is_warned_of(deployed, tmp_path):
     assert moved_from(tmp_path, ["retrain-weekly"]) == []
 
 
+def test_fer_deploy_help_states_the_crash_times_flows_deploy_uses():
+    """`fer deploy --help` writes the minimum and the default out (the CLI does not import
+    Prefect to print its help): they are flows.deploy's."""
+    from flows.deploy import DEFAULT_CRASH_AFTER_S, MIN_CRASH_AFTER_S
+
+    done = run_fer("deploy", "--help", env={"COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    assert f"at least {MIN_CRASH_AFTER_S};" in done.stdout
+    assert f"{DEFAULT_CRASH_AFTER_S} for a new automation" in done.stdout
+
+
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
     """Before the server is asked anything, by the library and by `fer deploy` alike."""
     with pytest.raises(FerError, match=r"--crash-after 30: expected at least 60 seconds"):
@@ -576,7 +587,6 @@ def test_the_images_lock_pins_what_its_packages_require():
     assert not unpinned, sorted(unpinned)
 
 
-
 def test_the_image_builds_fer_with_the_locks_setuptools(tmp_path):
     """The Dockerfile installs fer without build isolation, so the build backend is the
     lock's setuptools (with isolation pip fetched the newest one from the index on every
@@ -588,7 +598,8 @@ def test_the_image_builds_fer_with_the_locks_setuptools(tmp_path):
     (install,) = re.findall(r"^RUN pip install .*\./\[orchestration\].*$", dockerfile, re.MULTILINE)
     assert "--no-build-isolation" in install.split()
     lock = (REPO / "docker" / "requirements.lock").read_text()
-    assert f"setuptools=={version('setuptools')}" in lock.splitlines()
+    assert f"setuptools=={version('setuptools')}" in lock.splitlines(), (
+        "install with the lock as constraints, as .ci/run and README do")
     app = copy_of_the_image(tmp_path / "app")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
                            "--no-build-isolation", "--wheel-dir", str(tmp_path / "wheels"),
@@ -596,6 +607,7 @@ def test_the_image_builds_fer_with_the_locks_setuptools(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert [path.name.split("-")[0] for path in (tmp_path / "wheels").iterdir()] == ["fer"]
+
 
 def test_prefect_deploy_gets_the_settings_fer_read(monkeypatch):
     """Settings fer read from a prefect.toml or .env where it ran (an auth string for a
