@@ -769,7 +769,7 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
     target = _unpacked_folder(archive, data_dir=data_dir, digest=digest)
     done_marker = target / ".fer-unpacked"
     record = read_json(done_marker)  # {} where missing, or an older fer's (its text: {})
-    if record.get("format") != UNPACK_FORMAT:
+    if not _unpacked_as_now(record.get("format")):
         shutil.rmtree(target, ignore_errors=True)
         try:
             safe_extract(archive, target)
@@ -783,6 +783,13 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
     root = _dataset_root(target, archive=archive)
     write_json(done_marker, {**record, "root": root.relative_to(target).as_posix()})
     return root
+
+
+def _unpacked_as_now(unpack_format: object) -> bool:
+    """Whether a folder unpacked in ``unpack_format`` holds what this fer would extract; a
+    later fer's (a higher one) is kept as it is: unpacking it again here, then there, on a
+    shared FER_DATA_DIR would delete the folder under a training reading it."""
+    return isinstance(unpack_format, int) and unpack_format >= UNPACK_FORMAT
 
 
 def _unpacked_folder(archive: Path, *, data_dir: Path, digest: str | None) -> Path:

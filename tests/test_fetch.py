@@ -313,6 +313,22 @@ def test_an_archive_an_older_fer_unpacked_is_unpacked_again(tmp_path, layout_zip
     assert again.sha256 == first.sha256
 
 
+def test_an_archive_a_later_fer_unpacked_is_kept_as_it_is(tmp_path, layout_zip):
+    """A marker of a later unpack format (a newer fer sharing the FER_DATA_DIR) is not
+    unpacked again here: each fer would otherwise delete the other's folder in turn, under
+    a training that reads it."""
+    from fer.fetch import UNPACK_FORMAT
+
+    data_dir = tmp_path / "data"
+    fetch_data(str(layout_zip), data_dir=data_dir)
+    (marker,) = data_dir.glob("sources/*/.fer-unpacked")
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "format": UNPACK_FORMAT + 1}))
+    (marker.parent / "written-by-the-later-fer").write_text("")
+    fetch_data(str(layout_zip), data_dir=data_dir)
+    assert (marker.parent / "written-by-the-later-fer").exists()
+
+
 def test_missing_local_source_is_named(tmp_path):
     with pytest.raises(DataError, match=r"nothing\.zip: no such file or folder"):
         fetch_data(str(tmp_path / "nothing.zip"), data_dir=tmp_path / "d")
