@@ -333,9 +333,16 @@ def main() -> None:
                 "train_images_per_second", "wall_seconds")
         print(f"{name}: " + json.dumps({k: result.metrics[k] for k in keys}), flush=True)
         trained[name] = result.metrics
+    if args.refit:  # validation was trained on: nothing to choose by, each its test figures
+        for name, metrics in trained.items():
+            print(f"refit, validation in-sample: {name}: {test_figures(metrics)}")
+        return
     chosen = max(trained, key=lambda name: trained[name]["saved_model_val_accuracy"])
-    print(f"chosen on validation (saved model): {chosen}: test accuracy "
-          f"{trained[chosen]['accuracy']:.4f}  macro-F1 {trained[chosen]['macro_f1']:.4f}")
+    print(f"chosen on validation (saved model): {chosen}: {test_figures(trained[chosen])}")
+
+
+def test_figures(metrics: dict) -> str:
+    return f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
 
 
 def fold_validation_into_train(dataset):

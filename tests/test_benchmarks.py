@@ -5,6 +5,7 @@ on a small subset of the real archive."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,23 +39,39 @@ def import_benchmark(name: str):
 def test_variant_benchmark_trains_and_refits(tmp_path, fer_subset):
     """--refit keeps the last epoch through a subclass of fer.train.KeepBestWeights, which
     broke once when that class changed under it. A variant that is no registry model
-    (`flat`) trains too: fer's model-name check once refused every such variant. Test
-    figures are printed for the variant chosen on validation alone (every variant's were)."""
+    (`flat`) trains too: fer's model-name check once refused every such variant."""
     done = run_script("variant_benchmark.py", "--data", fer_subset, "--variant", "flat",
                       "--epochs", "2", "--refit", "--out", tmp_path / "runs", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # the last epoch whatever validation says (a broken override keeps epoch 1 when it wins)
     assert re.search(r'^flat: \{"best_epoch": 2, "best_val_accuracy": 0\.\d+, '
                      r'"saved_model_val_accuracy": ', done.stdout, re.MULTILINE), done.stdout
-    # test figures once, for the variant validation chose (the docstring's promise)
+    # its validation is in-sample, so it cannot be chosen among on validation: each
+    # variant's test figures (without --refit, test_variant_benchmark_chooses_on_validation)
     assert re.findall(r"test", done.stdout) == ["test"], done.stdout
-    assert re.search(r"^chosen on validation \(saved model\): flat: test accuracy 0\.\d{4}  "
+    assert re.search(r"^refit, validation in-sample: flat: test accuracy 0\.\d{4}  "
                      r"macro-F1 0\.\d{4}$", done.stdout, re.MULTILINE), done.stdout
-    # its validation is in-sample, so it cannot be chosen among on validation
     (run_dir,) = (tmp_path / "runs").iterdir()
     averaged = run_script("ensemble_benchmark.py", "--data", fer_subset, "--run", run_dir,
                           tmp_path=tmp_path)
     assert averaged.returncode != 0 and "trained on its validation images too" in averaged.stderr
+
+
+@pytest.mark.integration
+def test_variant_benchmark_chooses_on_validation(tmp_path, fer_subset):
+    """Variants are compared on their saved models' validation accuracy; the test split's
+    figures are printed once, for the one chosen (every variant's were, side by side)."""
+    done = run_script("variant_benchmark.py", "--data", fer_subset, "--variant", "flat",
+                      "--variant", "default", "--epochs", "1", "--out", tmp_path / "runs",
+                      tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    validation = {name: json.loads(figures)["saved_model_val_accuracy"] for name, figures in
+                  re.findall(r"^(flat|default): (\{.*\})$", done.stdout, re.MULTILINE)}
+    assert list(validation) == ["flat", "default"], done.stdout
+    chosen = max(validation, key=validation.get)  # the first of equals, as the script
+    assert re.findall(r"test", done.stdout) == ["test"], done.stdout
+    assert re.search(rf"^chosen on validation \(saved model\): {chosen}: test accuracy "
+                     r"0\.\d{4}  macro-F1 0\.\d{4}$", done.stdout, re.MULTILINE), done.stdout
 
 
 @pytest.mark.integration
@@ -200,7 +217,6 @@ def test_the_time_to_63_percent_is_the_first_epoch_at_or_above_it(tmp_path):
     assert first_crossing(history, 0.70) is None
 
 
-
 def test_the_time_to_63_percent_is_printed_as_a_fraction_of_the_seeds_20_epochs():
     """The figure the `fast` target is read from (the integration run never reaches 63%, so
     it never prints it): the crossing's seconds over the seed's projected 20 epochs, beside
@@ -213,6 +229,7 @@ def test_the_time_to_63_percent_is_printed_as_a_fraction_of_the_seeds_20_epochs(
     assert line.endswith("; time to 63% = 0.050 of it")
     assert "time to" not in ratios(figures, seed_ips=100.0, seed_20=3600.0, batch_size=64,
                                    crossing=None)
+
 
 def test_refit_keeps_the_last_epoch_whatever_validation_says(monkeypatch):
     """--refit's keeper takes each epoch as it ends, a worse one too (the integration test
