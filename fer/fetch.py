@@ -619,10 +619,26 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
     elif kind == ".csv" and not has_fer_csv_header(partial):
         problem = DataError(f"{redacted(source)}: the server sent text that is not a FER2013 CSV "
                             "(its first line is not the header emotion,pixels,Usage)")
+    elif kind in (".zip", ".tar", ".tar.gz", ".csv") and _read_as(
+            partial.name.removesuffix(".part")) not in (None, _read_as(f"x{kind}")):
+        problem = DataError(f"{redacted(source)}: the server sent a {kind.lstrip('.')} file, "
+                            "but fer reads a file of this name by its suffix, as another kind; "
+                            f"pass a local copy of it named *{kind} to --data")
     else:
         return
     partial.unlink(missing_ok=True)
     raise _SourceFailed(problem)
+
+
+def _read_as(name: str) -> str | None:
+    """How fer reads a file of this name: "zip", "tar" (tarfile reads any compression) or
+    "csv" by its suffix; None where the name has no such suffix (read by its first bytes)."""
+    lowered = name.lower()
+    if lowered.endswith(".zip"):
+        return "zip"
+    if is_archive(Path(name)):
+        return "tar"
+    return "csv" if lowered.endswith(".csv") else None
 
 
 def _is_archive_by_reader(partial: Path) -> bool:

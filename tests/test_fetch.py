@@ -491,13 +491,25 @@ def _bzip2_tarball() -> bytes:
     return packed.getvalue()
 
 
+def _zip_of_one_file() -> bytes:
+    import io
+    import zipfile
+
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as archive:
+        archive.writestr("README", "")
+    return packed.getvalue()
+
+
 @pytest.mark.parametrize(("answer", "message"), [
     (b"<html>Sign in</html>", r"sent a web page, not a dataset"),
     (b'{"error": "quota exceeded"}', r"sent text that is not a FER2013 CSV \(its first line"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", r"unsupported source type: the server sent a binary file"),
     (b"\x1f\x8b\x08\x00" + bytes(16), r"sent a gzip that is not a tarball"),
     (_bzip2_tarball(), r"unsupported source type: the server sent a binary file"),  # named .csv
-], ids=["web page", "json", "png", "gzip", "bzip2 tarball"])
+    (_zip_of_one_file(), r"sent a zip file, but fer reads a file of this name by its suffix, "
+                         r"as another kind; pass a local copy of it named \*\.zip to --data"),
+], ids=["web page", "json", "png", "gzip", "bzip2 tarball", "zip named .csv"])
 def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, shaded_csv, caplog,
                                                                    answer, message):
     """A server that answers 200 with something fer cannot read (a share that expired
@@ -521,6 +533,25 @@ def test_an_answer_that_is_no_dataset_leaves_the_copy_fetched_before(tmp_path, s
     assert fetch_data(url, data_dir=data_dir).sha256 == first.sha256  # the server is gone now
     assert "download failed" in caplog.text and "using the copy fetched before" in caplog.text
     assert not list((data_dir / "downloads").glob("*.part"))
+
+
+def test_a_csv_sent_for_a_zip_leaves_the_zip_fetched_before(tmp_path, layout_zip, shaded_csv,
+                                                            caplog):
+    """A URL ending .zip is read as a zip: a CSV its server sends there (a FER2013 CSV too)
+    is refused before it replaces the zip, which stays in use with a warning."""
+    _IgnoringConditions.body = layout_zip.read_bytes()
+    data_dir = tmp_path / "d"
+    try:
+        with serving(_IgnoringConditions) as base:
+            first = fetch_data(f"{base}/fer2013.zip", data_dir=data_dir)
+            _IgnoringConditions.body, _IgnoringConditions.etag = shaded_csv.read_bytes(), '"v2"'
+            with caplog.at_level("WARNING", logger="fer"):
+                again = fetch_data(f"{base}/fer2013.zip", data_dir=data_dir)
+    finally:
+        _IgnoringConditions.etag = '"v1"'
+    assert again.sha256 == first.sha256
+    assert "sent a csv file, but fer reads a file of this name by its suffix" in caplog.text
+    assert "using the copy fetched before" in caplog.text
 
 
 @pytest.mark.parametrize(("etags", "downloaded"), [
