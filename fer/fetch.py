@@ -792,6 +792,9 @@ def _unpack(archive: Path, *, data_dir: Path, digest: str | None) -> Path:
         except BaseException:  # a refused entry, a full disk, Ctrl-C: no half tree is kept
             shutil.rmtree(target, ignore_errors=True)
             raise
+        # the files on disk before the marker that vouches for them (write_json flushes it):
+        # after a power loss, a marked folder of empty images would be reused for good
+        os.sync()
         record = {"archive": str(archive), "format": UNPACK_FORMAT}
         write_json(done_marker, record)
     if isinstance(record.get("root"), str):

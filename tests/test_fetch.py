@@ -313,6 +313,22 @@ def test_an_archive_an_older_fer_unpacked_is_unpacked_again(tmp_path, layout_zip
     assert again.sha256 == first.sha256
 
 
+def test_an_unpacked_archive_is_on_disk_before_its_marker(tmp_path, layout_zip, monkeypatch):
+    """The marker says the folder is complete, so it is written after the extracted files
+    are flushed: otherwise a power loss could leave a marked folder of empty images, reused
+    by every later fetch."""
+    import fer.fetch
+
+    steps = []
+    real_write_json = fer.fetch.write_json
+    monkeypatch.setattr(fer.fetch.os, "sync", lambda: steps.append("sync"))
+    monkeypatch.setattr(fer.fetch, "write_json", lambda path, record: (
+        steps.append(path.name), real_write_json(path, record)))
+    fetch_data(str(layout_zip), data_dir=tmp_path / "data")
+    assert ".fer-unpacked" in steps
+    assert steps.index("sync") < steps.index(".fer-unpacked")
+
+
 def test_an_archive_a_later_fer_unpacked_is_kept_as_it_is(tmp_path, layout_zip):
     """A marker of a later unpack format (a newer fer sharing the FER_DATA_DIR) is not
     unpacked again here: each fer would otherwise delete the other's folder in turn, under
