@@ -335,13 +335,13 @@ def main() -> None:
         trained[name] = result.metrics
     if args.refit:  # validation was trained on: nothing to choose by, each its test figures
         for name, metrics in trained.items():
-            print(f"refit, validation in-sample: {name}: {test_figures(metrics)}")
+            print(f"refit, validation in-sample: {name}: {scored_on_test(metrics)}")
         return
     chosen = max(trained, key=lambda name: trained[name]["saved_model_val_accuracy"])
-    print(f"chosen on validation (saved model): {chosen}: {test_figures(trained[chosen])}")
+    print(f"chosen on validation (saved model): {chosen}: {scored_on_test(trained[chosen])}")
 
 
-def test_figures(metrics: dict) -> str:
+def scored_on_test(metrics: dict) -> str:
     return f"test accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
 
 
