@@ -478,20 +478,27 @@ def _fit_member(dataset: Dataset, run: RunRecord, spec: ModelSpec, *, number: in
     best.restore(model)
     log.info("best validation accuracy %.4f at epoch %d of %d", best.best_value, best.best_epoch,
              config.epochs)
-    recalibration = (recalibrate_if_better(model, dataset.train.images, validation=dataset.validation)
-                     if spec.recalibrate_batch_norm else None)
-    if recalibration is not None:
-        before, after = recalibration.val_accuracy_before, recalibration.val_accuracy_after
-        if before is None:
-            log.warning("batch-norm statistics: %s", recalibration.outcome)
-        else:
-            log.info("batch-norm statistics recomputed from un-augmented training images: "
-                     "validation accuracy %.4f -> %s, %s", before,
-                     "none" if after is None else f"{after:.4f}", recalibration.outcome)
-        progress.batch_norm_recalibration = recalibration.as_record()
+    if spec.recalibrate_batch_norm:
+        progress.batch_norm_recalibration = _recalibrate(model, dataset)
     progress.wall_seconds = wall_before + time.perf_counter() - started
     checkpoint.save_final(model, progress)
     return _member(model, progress, seed=seed, clock=timer.started)
+
+
+def _recalibrate(model: keras.Model, dataset: Dataset) -> dict:
+    """The trained member's batch-norm statistics recomputed from un-augmented training
+    images, kept where validation does not fall (fer.batchnorm); the outcome logged, and
+    returned as the record the manifest keeps."""
+    recalibration = recalibrate_if_better(model, dataset.train.images,
+                                          validation=dataset.validation)
+    before, after = recalibration.val_accuracy_before, recalibration.val_accuracy_after
+    if before is None:
+        log.warning("batch-norm statistics: %s", recalibration.outcome)
+    else:
+        log.info("batch-norm statistics recomputed from un-augmented training images: "
+                 "validation accuracy %.4f -> %s, %s", before,
+                 "none" if after is None else f"{after:.4f}", recalibration.outcome)
+    return recalibration.as_record()
 
 
 def _compile(model: keras.Model, spec: ModelSpec, run: RunRecord, *, steps: int) -> None:
