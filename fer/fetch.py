@@ -619,8 +619,8 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
     elif kind == ".csv" and not has_fer_csv_header(partial):
         problem = DataError(f"{redacted(source)}: the server sent text that is not a FER2013 CSV "
                             "(its first line is not the header emotion,pixels,Usage)")
-    elif kind in (".zip", ".tar", ".tar.gz", ".csv") and _read_as(
-            partial.name.removesuffix(".part")) not in (None, _read_as(f"x{kind}")):
+    elif kind in _READ_AS_BY_CONTENT and _read_as(
+            partial.name.removesuffix(".part")) not in (None, _READ_AS_BY_CONTENT[kind]):
         problem = DataError(f"{redacted(source)}: the server sent a {kind.lstrip('.')} file, "
                             "but fer reads a file of this name by its suffix, as another kind; "
                             f"pass a local copy of it named *{kind} to --data")
@@ -628,6 +628,10 @@ def _refuse_what_is_no_dataset(partial: Path, source: str) -> None:
         return
     partial.unlink(missing_ok=True)
     raise _SourceFailed(problem)
+
+
+# How fer reads a file whose first bytes say it is of this kind (suffix_by_content's answer).
+_READ_AS_BY_CONTENT = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".csv": "csv"}
 
 
 def _read_as(name: str) -> str | None:

@@ -165,7 +165,7 @@ def read_deployments(prefect_file: Path) -> DeclaredDeployments:
     if not pools:
         raise FerError(f"{prefect_file} declares no deployments")
     return DeclaredDeployments(pools=pools, schedules=_declared_schedules(deployments),
-                               pull_directories=_pull_directories(config))
+                               pull_directories=_pull_directories(deployments, config.get("pull")))
 
 
 RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"
@@ -416,12 +416,13 @@ def _working_directories(pull_steps: Any) -> list[str]:
     return directories
 
 
-def _pull_directories(config: dict) -> dict[str, str]:
+def _pull_directories(deployments: list[dict], file_pull: Any) -> dict[str, str]:
     """Deployment name -> the working directory its pull steps declare (its own pull
-    section, else the file's), as written; a deployment without one is left out."""
-    shared = _working_directories(config.get("pull"))
+    section, else the file's ``file_pull``), as written, of the YAML's ``deployments``
+    (read_deployments checked them); a deployment without one is left out."""
+    shared = _working_directories(file_pull)
     declared = {}
-    for deployment in config.get("deployments") or []:
+    for deployment in deployments:
         own = _working_directories(deployment.get("pull")) if "pull" in deployment else shared
         if own:
             declared[deployment["name"]] = own[-1]  # the last step sets it
