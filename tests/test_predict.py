@@ -77,18 +77,35 @@ def test_a_model_that_outputs_nan_is_named_not_reported_as_angry(tmp_path):
         predict_files(diverged, [tmp_path / "face.png"])
 
 
+def test_a_face_at_the_photos_edge_is_boxed_inside_the_photo(monkeypatch):
+    """Scaling a box found on the shrunk copy back to the photo's pixels rounds each side:
+    at the edge of a 4001x3001 photo the box would end a pixel past it (3950 + 52), and
+    its crop and the box printed would not be the photo's. The box is cut at the edge."""
+    class EdgeCascade:
+        def detectMultiScale(self, image, **options):  # noqa: N802 (OpenCV's name)
+            assert image.shape == (1920, 2560)
+            return np.array([[2527, 1887, 33, 33]], np.int32)  # touching the copy's corner
+
+    monkeypatch.setattr(fer.predict, "_face_cascade", lambda: EdgeCascade())
+    assert detect_faces(np.full((3001, 4001), 128, np.uint8)) == [(3950, 2949, 51, 52)]
+
+
 def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
     """Model input is always 48x48 uint8 grayscale, by OpenCV's luminance weights (not one
-    channel: blue, green and red differ here)."""
+    channel: blue, green and red differ here), resized whole: the left half of a photo
+    wider than high stays the left half, neither cropped to a square nor turned."""
     colour = np.empty((30, 70, 3), np.uint8)
-    colour[...] = (40, 120, 220)  # B, G, R
+    colour[:, :35] = (40, 120, 220)  # B, G, R
+    colour[:, 35:] = (200, 30, 10)
     (tmp_path / "c.png").write_bytes(encode_image(colour, ".png"))
     gray = read_grayscale(tmp_path / "c.png")
     assert gray.shape == (30, 70) and gray.dtype == np.uint8
-    luminance = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY).astype(int)  # 141; channels 40/120/220
+    luminance = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY).astype(int)  # 141 | 43
     assert np.abs(gray.astype(int) - luminance).max() <= 1  # decoding rounds its own way
     model_input = to_model_input(gray)
     assert model_input.shape == (48, 48) and model_input.dtype == np.uint8
+    assert np.abs(model_input[:, :20].astype(int) - 141).max() <= 1
+    assert np.abs(model_input[:, 28:].astype(int) - 43).max() <= 1
 
 
 def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path, model,
@@ -223,7 +240,6 @@ def test_faces_in_a_large_photo_are_found_on_a_shrunk_copy_and_boxed_in_its_pixe
     assert searched == [(1920, 2560)]
     overlap = max(0, min(x + w, 4200) - max(x, 2600)) * max(0, min(y + h, 3400) - max(y, 1800))
     assert overlap / (w * h + 1600 * 1600 - overlap) > 0.5  # the box lies on the face
-    assert x + w <= 8000 and y + h <= 6000
     detect_faces(np.full((1000, 12000), 128, np.uint8))  # a panorama: an area, not a side
     assert searched[1] == (640, 7680)
 

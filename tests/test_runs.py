@@ -960,13 +960,16 @@ def test_publish_refuses_bad_run_metadata(tmp_path, runs, file, patch, message):
 
 
 def test_publish_uploads_only_the_artifacts_the_manifest_lists(store, runs):
-    """`fer evaluate` writes evaluation/ into the run folder; publishing leaves it out."""
+    """`fer evaluate` writes evaluation/ into the run folder, and a user may add notes:
+    publishing leaves out what the list does not name, not only what a run of a fer
+    before the list would leave out (evaluation/, hidden files)."""
     folder = make_run(runs, "run-a", accuracy=0.5)
     listed = sorted(local_files(folder))
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "artifacts": listed}))
     (folder / "evaluation").mkdir()
     (folder / "evaluation" / "classification_report.txt").write_text("other data\n")
+    (folder / "notes.txt").write_text("tried a lower learning rate first\n")
     publish_run(folder, store)
     assert sorted(resolve_run(store, "run-a").manifest["files"]) == listed
     publish_run(folder, store)  # still the same files: harmless, not "different files"

@@ -158,8 +158,9 @@ def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_aver
     predicted = np.asarray(model(validation.images[..., None].astype("float32"))).argmax(axis=1)
     assert metrics["saved_model_val_accuracy"] == pytest.approx(
         np.mean(predicted == validation.labels), abs=1e-4)  # the averaged model's, not a member's
-    assert metrics["train_images_per_second"] == pytest.approx(
-        len(tiny_dataset.train) * 2 * 2 / metrics["train_seconds"], rel=0.01)
+    images, seconds = len(tiny_dataset.train) * 2 * 2, metrics["train_seconds"]  # to 0.1 s
+    assert (images / (seconds + 0.05) - 0.05 <= metrics["train_images_per_second"]
+            <= images / (seconds - 0.05) + 0.05)
     history = np.genfromtxt(result.run_dir / "history.csv", delimiter=",", names=True)
     assert list(history["member"]) == [1, 1, 2, 2] and list(history["epoch"]) == [1, 2, 1, 2]
     assert np.all(np.diff(history["elapsed_seconds"]) > 0)  # one clock for the whole run
