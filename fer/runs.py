@@ -2,8 +2,9 @@
 
 Both backends hold the same layout under their root or prefix::
 
-    runs/<run-id>/<artifact>        each artifact the run's manifest lists (every file of
-                                    the run folder if it lists none)
+    runs/<run-id>/<artifact>        each artifact the run's manifest lists (a run of a fer
+                                    before the list: every file of the run folder but
+                                    later additions, see _added_later)
     runs/<run-id>/manifest.json     the run's manifest + ``files`` + ``metrics``; written LAST
     latest.json, champion.json      pointers; written after the manifest they name
 
@@ -107,8 +108,9 @@ def publish_run(run_dir: Path, store: Store, *, force_champion: bool = False) ->
     advise.
 
     ``latest`` moves to the newest run by ``created``; ``champion`` moves when the run was
-    trained on the same data as the current champion and its saved model's validation
-    accuracy is higher, or equal and the run newer; or always with ``force_champion``. Choosing on test
+    trained on the same data and validation split as the current champion and its saved
+    model's validation accuracy is higher, or equal and the run newer (see _why_not_beaten);
+    when the champion's run is gone from the store; or always with ``force_champion``. Choosing on test
     accuracy would be choosing the model on the test set; across different data neither
     figure compares.
     """

@@ -71,8 +71,9 @@ class Store(Protocol):
         """Write a small object only if it is still at ``version`` (None: only if it does not
         exist); False, writing nothing, when another writer changed it first. This is how
         two publishers at the same moment both see their pointer moves counted. Where the
-        store cannot compare (an S3 server without conditional writes, a folder without
-        locks) it writes anyway, with a warning, and returns True."""
+        store cannot make the compare and the write one step (an S3 server without
+        conditional writes, a folder without locks) it warns, and a writer in between may
+        be overwritten."""
 
     def download(self, key: str, dest: Path) -> None:
         """Copy an object to a local file; MissingObjectError when there is none."""
@@ -254,6 +255,8 @@ class S3Store:
             read_timeout=read_timeout,
         )
         self.endpoint = _without_userinfo(self._client.meta.endpoint_url)
+        given = self._client.meta.endpoint_url
+        self._endpoint_has_userinfo = userinfo_dropped(given) != given
 
     def ensure_bucket(self, *, create: bool = False) -> None:
         """Fail early and clearly when the bucket is missing, or create it when asked."""
@@ -426,8 +429,11 @@ class S3Store:
         try:
             yield
         except (bce.ClientError, bce.BotoCoreError, Boto3Error) as exc:
-            raise StorageError(self._explain(exc, action),
-                               transient=_is_transient(_root_cause(exc))) from exc
+            error = StorageError(self._explain(exc, action),
+                                 transient=_is_transient(_root_cause(exc)))
+            # botocore's text names the endpoint as given, a password in it too, and a
+            # flow run's logged traceback prints the cause: chained only without one
+            raise error from (None if self._endpoint_has_userinfo else exc)
 
     def _explain(self, exc: BaseException, action: str) -> str:
         cause = _root_cause(exc)
@@ -535,14 +541,14 @@ def _s3_client(endpoint_url: str | None, *, max_attempts: int, connect_timeout: 
     try:
         return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
     except _CREDENTIAL_SOURCE_ERRORS as exc:  # a profile's source runs when the client is made
-        raise StorageError(_userinfo_dropped(_credential_source_failed(
+        raise StorageError(userinfo_dropped(_credential_source_failed(
             exc, f"for {endpoint_url or 'S3'}"))) from exc
     except (bce.BotoCoreError, ValueError) as exc:  # "Invalid endpoint: <the URL as given>":
-        raise StorageError(_userinfo_dropped(  # not chained, or a flow run's logged
+        raise StorageError(userinfo_dropped(  # not chained, or a flow run's logged
             f"cannot set up the S3 client: {_one_line(str(exc))}")) from None  # traceback has it
 
 
-def _userinfo_dropped(message: str) -> str:
+def userinfo_dropped(message: str) -> str:
     """``message`` without the ``user:password@`` of any URL in it (up to the last ``@``
     before the host: a password may hold one): an endpoint given with its credentials is
     printed without them, as everywhere else."""
@@ -602,7 +608,7 @@ def content_type(key: str) -> str:
 
 
 def _without_userinfo(url: str) -> str:
-    parts = urlsplit(_userinfo_dropped(url))  # urlsplit ends userinfo at a `/` in a secret
+    parts = urlsplit(userinfo_dropped(url))  # urlsplit ends userinfo at a `/` in a secret
     host = parts.hostname or ""
     if ":" in host:  # IPv6: urlsplit's hostname drops the brackets the URL needs
         host = f"[{host}]"
@@ -640,8 +646,8 @@ def open_store(url: str, *, endpoint_url: str | None = None,
         store.ensure_bucket(create=create_bucket)
         return store
     raise StorageError(
-        f"unsupported storage URL {url!r} (scheme {scheme!r}); expected a folder path, "
-        "file://PATH or s3://BUCKET/PREFIX"
+        f"unsupported storage URL {userinfo_dropped(url)!r} (scheme {scheme!r}); expected a "
+        "folder path, file://PATH or s3://BUCKET/PREFIX"
     )
 
 
@@ -705,12 +711,17 @@ def split_s3_url(url: str) -> tuple[str, str]:
     """(bucket, key or prefix) of ``s3://BUCKET/KEY``, the key taken literally: '?' and '#'
     are characters of S3 keys (a URL parser would cut them off as query and fragment)."""
     if url[:5].lower() != "s3://":  # s3:/bucket/key parses as scheme s3: not cut at 5
-        raise StorageError(f"{url!r}: expected s3://BUCKET/KEY")
+        raise StorageError(f"{userinfo_dropped(url)!r}: expected s3://BUCKET/KEY")
     bucket, _, key = url[len("s3://"):].partition("/")  # any case: S3:// too
     return _check_bucket(bucket, url=url), key
 
 
 def _check_bucket(bucket: str, *, url: str) -> str:
+    if not _BUCKET.fullmatch(bucket) and "@" in url:  # s3://KEY:SECRET@BUCKET, as Hadoop takes
+        raise StorageError(
+            f"storage URL {userinfo_dropped(url)!r}: credentials or a user before the bucket "
+            "(KEY:SECRET@) are not read from the URL, and are left out of messages and logs; "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
     if not _BUCKET.fullmatch(bucket):
         raise StorageError(
             f"URL {url!r} has bucket name {bucket!r}; expected 3-63 lowercase letters, "

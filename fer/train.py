@@ -47,7 +47,7 @@ from fer.pipeline import training_batches
 from fer.plots import plot_curves
 from fer.precision import dtype_policy, resolve_precision, slow_here
 from fer.seeding import seeded
-from fer.storage import is_folder_store, location_from_anywhere
+from fer.storage import is_folder_store, location_from_anywhere, userinfo_dropped
 
 RUN_FILES = ("model.keras", "history.csv", "curves.png", "classification_report.txt",
              "classification_report.json", "confusion_matrix.png", "metrics.json",
@@ -92,7 +92,9 @@ def publish_flags(storage: str | None, *, endpoint_url: str | None = None,
     if storage:
         flags += ["--storage", shlex.quote(location_from_anywhere(storage))]
     if endpoint_url and not (storage and is_folder_store(storage)):  # a folder store's
-        flags += ["--endpoint-url", shlex.quote(endpoint_url)]  # resume would refuse it
+        # resume would refuse it; the password left out: the command is logged (a flow's
+        # to its server), and boto3 signs with AWS_* credentials, not the URL's
+        flags += ["--endpoint-url", shlex.quote(userinfo_dropped(endpoint_url))]
     flags += [flag for flag, on in (("--create-bucket", create_bucket),
                                     ("--force-champion", force_champion)) if on]
     return " ".join(flags)

@@ -524,6 +524,9 @@ def test_the_resume_command_publishes_where_the_stopped_command_would_have(tmp_p
     assert (tmp_path / "link/../store").resolve() == tmp_path / "deep" / "store"
     assert publish_flags("s3://team/prod", endpoint_url="http://minio:9000") == (
         "--publish --storage s3://team/prod --endpoint-url http://minio:9000")
+    # the command is logged (a flow's, to its server): a password in the endpoint left out
+    assert publish_flags("s3://team/prod", endpoint_url="http://key:s3/cret@minio:9000") == (
+        "--publish --storage s3://team/prod --endpoint-url http://minio:9000")
     # an AWS_ENDPOINT_URL from the environment beside a folder store: the resume would refuse it
     assert publish_flags("store", endpoint_url="http://minio:9000") == (
         f"--publish --storage {tmp_path / 'store'}")

@@ -617,6 +617,37 @@ def test_an_endpoint_botocore_refuses_is_named_without_its_credentials(monkeypat
     assert "s3cret" not in str(raised.value)
 
 
+def test_a_password_in_the_endpoint_stays_out_of_a_failures_traceback(monkeypatch):
+    """botocore's own error names the endpoint as given (`Could not connect to the endpoint
+    URL: "http://key:secret@...`), and a flow run logs a failed task's traceback, causes
+    included, to its server: the cause is left off there, and kept for an endpoint
+    without a password (its text helps whoever reads the log)."""
+    import traceback
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    port, secret = free_port(), uuid.uuid4().hex  # nothing listens there; the traceback
+    with pytest.raises(StorageError, match=rf"cannot reach S3 endpoint http://127.0.0.1:{port} "
+                       ) as raised:  # quotes the lines that raised: a literal would be in it
+        open_store("s3://bucket/prefix", endpoint_url=f"http://key:{secret}@127.0.0.1:{port}")
+    assert secret not in "".join(traceback.format_exception(raised.value))
+    with pytest.raises(StorageError) as raised:
+        open_store("s3://bucket/prefix", endpoint_url=f"http://127.0.0.1:{port}")
+    assert "Could not connect" in str(raised.value.__cause__)
+
+
+@pytest.mark.parametrize("url", ["s3://AKIAKEY:s3cret@bucket/runs",
+                                 "s3://AKIAKEY:s3/cret@bucket/runs"])  # a secret with a `/`
+def test_credentials_in_a_storage_url_are_refused_without_being_repeated(url):
+    """`s3://KEY:SECRET@BUCKET/...` (Hadoop's form) was refused as a bad bucket name with
+    the URL repeated, the secret in it, into a flow's log on its server."""
+    with pytest.raises(StorageError, match=r"storage URL 's3://bucket/runs': credentials or a "
+                                           r"user before the bucket .* AWS_ACCESS_KEY_ID"
+                       ) as raised:
+        open_store(url)
+    assert "cret" not in str(raised.value)
+
+
 def test_an_ipv6_endpoint_is_printed_as_a_url(monkeypatch):
     """The endpoint the store's messages name: an IPv6 host keeps its brackets (it had been
     printed `http://::1:9000`, no URL at all)."""
