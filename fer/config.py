@@ -1,8 +1,9 @@
 """Typed settings: built once at the edge (CLI, flow) and passed into core functions.
 
-Environment variables are read here and nowhere else in the package; the one write is
-fer.precision.prefer_onednn, which the edges call to set TensorFlow's oneDNN switch before
-TensorFlow is imported.
+Environment variables are read here and nowhere else in the package, but for
+FER_GIT_COMMIT (fer.manifest: the image's commit, which no user sets for a run); the one
+write is fer.precision.prefer_onednn, which the edges call to set TensorFlow's oneDNN switch
+before TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ VAL_FRACTION_RANGE = (0.01, 0.9)
 def default_data_dir(env: Mapping[str, str]) -> Path:
     """``FER_DATA_DIR``, else the user's cache folder (XDG on Linux); absolute, since the
     current dataset's pointer records paths inside it (a relative FER_DATA_DIR had it name
-    a path that a command run from another folder read against that folder)."""
+    a path that a command run from another folder read against that folder). A relative
+    or blank XDG_CACHE_HOME is ignored, as the XDG spec asks (made absolute, each folder
+    a command ran in had held a cache of its own)."""
     if env.get("FER_DATA_DIR", "").strip():  # whitespace alone: unset, as for FER_STORAGE
         return expand_home(env["FER_DATA_DIR"], what="FER_DATA_DIR").absolute()
-    if env.get("XDG_CACHE_HOME"):
-        return expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME").absolute() / "fer"
+    cache = expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME") if env.get(
+        "XDG_CACHE_HOME", "").strip() else None
+    if cache is not None and cache.is_absolute():
+        return cache / "fer"
     try:
         return Path.home() / ".cache" / "fer"
     except RuntimeError:  # no HOME and no passwd entry: a bare container user

@@ -36,11 +36,12 @@ def taking_turns(path: Path, *, waiting: str, unprotected: str) -> Iterator[None
         return
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s", waiting)
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        except OSError as exc:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s", waiting)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as exc:  # the wait's too: NFS's lock manager restarted meanwhile
             log.warning("%s: cannot lock it (%s); %s", path, exc.strerror, unprotected)
         yield
     finally:

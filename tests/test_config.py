@@ -33,20 +33,29 @@ def test_an_empty_fer_storage_reads_as_unset(value):
     assert Settings.from_env({"FER_STORAGE": value}).storage == DEFAULT_STORAGE
 
 
-@pytest.mark.parametrize("variable, under", [("FER_DATA_DIR", ""), ("XDG_CACHE_HOME", "fer")])
-def test_a_relative_data_folder_is_made_absolute(tmp_path, monkeypatch, shaded_csv, variable,
-                                                 under):
+def test_a_relative_data_folder_is_made_absolute(tmp_path, monkeypatch, shaded_csv):
     """`FER_DATA_DIR=.cache/fer fer fetch-data` recorded the current dataset as a path
     relative to the folder it ran in: a command run from elsewhere with the same folder
     (named absolutely) found it gone, or read another file at that relative path."""
     from fer.fetch import current_source, fetch_data
 
     monkeypatch.chdir(tmp_path)
-    data_dir = Settings.from_env({variable: "cache"}).data_dir
-    assert data_dir == tmp_path / "cache" / under
+    data_dir = Settings.from_env({"FER_DATA_DIR": "cache"}).data_dir
+    assert data_dir == tmp_path / "cache"
     fetch_data(str(shaded_csv), data_dir=data_dir)
     monkeypatch.chdir(tmp_path.parent)
-    assert current_source(tmp_path / "cache" / under).path.is_file()
+    assert current_source(tmp_path / "cache").path.is_file()
+
+
+@pytest.mark.parametrize("value", ["cache", " ", "./.cache"])
+def test_a_relative_or_blank_xdg_cache_home_is_ignored(tmp_path, monkeypatch, value):
+    """The XDG spec: a relative path there is invalid, to be ignored. Made absolute, it
+    gave each folder a command ran in its own data cache (fetch-data in one, train in
+    another found no dataset); a blank one named a folder " "."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({"XDG_CACHE_HOME": value}).data_dir == (
+        tmp_path / "home" / ".cache" / "fer")
 
 
 @pytest.mark.parametrize(("env", "endpoint"), [

@@ -41,6 +41,29 @@ def test_a_second_holder_waits_until_the_first_lets_go(tmp_path, caplog):
     assert "second waits for the first" in caplog.text
 
 
+def test_a_wait_for_the_lock_that_fails_goes_ahead_with_a_warning(tmp_path, monkeypatch,
+                                                                 caplog):
+    """The lock taken, the wait for it failing (NFS: ENOLCK, its lock manager restarted
+    meanwhile): the work goes ahead after the warning, as where no lock can be had at all;
+    the error had reached the fetch or publish as a traceback."""
+    import errno
+    import fcntl
+
+    def flock(descriptor, operation):
+        if operation & fcntl.LOCK_NB:
+            raise BlockingIOError(errno.EWOULDBLOCK, "taken")
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    ran = []
+    with caplog.at_level("INFO", logger="fer.locks"), taking_turns(
+            tmp_path / "x.lock", waiting="waiting for the other", unprotected="may collide"):
+        ran.append(True)
+    assert ran == [True]
+    assert "waiting for the other" in caplog.text
+    assert "x.lock: cannot lock it (No locks available); may collide" in caplog.text
+
+
 def test_the_lock_file_is_created_and_left_for_the_next_holder(tmp_path):
     """The lock file is made when missing and kept (deleting it while another process
     waits on it would let a third take a different lock)."""
