@@ -732,7 +732,8 @@ def test_an_endpoint_beside_a_folder_store_is_refused(tmp_path, command):
     paths = {"{folder}": str(tmp_path)}
     result = run_fer(*(paths.get(word, word) for word in command),
                      "--endpoint-url", "http://127.0.0.1:9", cwd=tmp_path,
-                     env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store")})
+                     env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store"),
+                          "COLUMNS": "300"})  # Click's box breaks a long path mid-name
     assert re.search(r"Invalid value for --endpoint-url: the store, .*store, is a folder; the "
                      r"endpoint is used only for an s3:// store or data \(the store from "
                      r"FER_STORAGE\)", usage_error(result))
