@@ -716,10 +716,16 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return _check_bucket(bucket, url=url), key
 
 
+# s3://KEY:SECRET@BUCKET/..., as Hadoop takes it (a secret may hold a `/`), or s3://USER@...;
+# not an `@` in a key (s3://bucket/runs@2024)
+_CREDENTIALS_BEFORE_BUCKET = re.compile(r"s3://[^/@]*(:[^@]*)?@", re.IGNORECASE)
+
+
 def _check_bucket(bucket: str, *, url: str) -> str:
-    if not _BUCKET.fullmatch(bucket) and "@" in url:  # s3://KEY:SECRET@BUCKET, as Hadoop takes
+    credentials = _CREDENTIALS_BEFORE_BUCKET.match(url)
+    if not _BUCKET.fullmatch(bucket) and credentials:
         raise StorageError(
-            f"storage URL {userinfo_dropped(url)!r}: credentials or a user before the bucket "
+            f"URL 's3://{url[credentials.end():]}': credentials or a user before the bucket "
             "(KEY:SECRET@) are not read from the URL, and are left out of messages and logs; "
             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
     if not _BUCKET.fullmatch(bucket):

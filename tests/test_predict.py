@@ -92,11 +92,12 @@ def test_a_face_at_the_photos_edge_is_boxed_inside_the_photo(monkeypatch):
 
 def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
     """Model input is always 48x48 uint8 grayscale, by OpenCV's luminance weights (not one
-    channel: blue, green and red differ here), resized whole: the left half of a photo
-    wider than high stays the left half, neither cropped to a square nor turned."""
+    channel: blue, green and red differ here), resized whole: the left two sevenths of a
+    photo wider than high stay its left two sevenths, neither cropped to a square (at the
+    centre, the left or the right) nor turned."""
     colour = np.empty((30, 70, 3), np.uint8)
-    colour[:, :35] = (40, 120, 220)  # B, G, R
-    colour[:, 35:] = (200, 30, 10)
+    colour[:, :20] = (40, 120, 220)  # B, G, R
+    colour[:, 20:] = (200, 30, 10)
     (tmp_path / "c.png").write_bytes(encode_image(colour, ".png"))
     gray = read_grayscale(tmp_path / "c.png")
     assert gray.shape == (30, 70) and gray.dtype == np.uint8
@@ -104,8 +105,8 @@ def test_colour_is_converted_to_grayscale_and_resized(tmp_path):
     assert np.abs(gray.astype(int) - luminance).max() <= 1  # decoding rounds its own way
     model_input = to_model_input(gray)
     assert model_input.shape == (48, 48) and model_input.dtype == np.uint8
-    assert np.abs(model_input[:, :20].astype(int) - 141).max() <= 1
-    assert np.abs(model_input[:, 28:].astype(int) - 43).max() <= 1
+    assert np.abs(model_input[:, :12].astype(int) - 141).max() <= 1  # 20 of 70 columns: 13.7
+    assert np.abs(model_input[:, 15:].astype(int) - 43).max() <= 1
 
 
 def test_an_image_is_resized_for_prediction_as_it_was_for_training(tmp_path, model,

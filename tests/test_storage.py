@@ -641,11 +641,15 @@ def test_a_password_in_the_endpoint_stays_out_of_a_failures_traceback(monkeypatc
 def test_credentials_in_a_storage_url_are_refused_without_being_repeated(url):
     """`s3://KEY:SECRET@BUCKET/...` (Hadoop's form) was refused as a bad bucket name with
     the URL repeated, the secret in it, into a flow's log on its server."""
-    with pytest.raises(StorageError, match=r"storage URL 's3://bucket/runs': credentials or a "
+    with pytest.raises(StorageError, match=r"URL 's3://bucket/runs': credentials or a "
                                            r"user before the bucket .* AWS_ACCESS_KEY_ID"
                        ) as raised:
         open_store(url)
     assert "cret" not in str(raised.value)
+    # an `@` in a key is no credentials: a bad bucket name is named as one
+    with pytest.raises(StorageError, match=r"URL 's3://My_Bucket/runs@2024' has bucket name "
+                                           r"'My_Bucket'; expected 3-63 lowercase"):
+        open_store("s3://My_Bucket/runs@2024")
 
 
 def test_an_ipv6_endpoint_is_printed_as_a_url(monkeypatch):
