@@ -551,9 +551,15 @@ def _check_training(config: TrainConfig, *, new_run: bool = True) -> None:
 
 def _train_remotely(parameters: dict, *, wait: bool) -> None:
     """Start the run and name it at once; with ``wait``, follow it. Ctrl-C (or SIGTERM)
-    stops the following only: the run goes on, and the message says how to cancel it."""
+    stops the following only: the run goes on, and the message says how to cancel it.
+    One while the run is being created (Prefect's client retries a struggling server for
+    tens of seconds) says the run may exist, as a lost answer does."""
     remote = _import_flows("flows.remote")
-    started = remote.trigger_retrain(parameters)
+    try:
+        started = remote.trigger_retrain(parameters)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped while starting the run; {remote.CREATED_OR_NOT}", err=True)
+        raise
     typer.echo(f"flow run {started.flow_run_id} ({started.name}): {started.state}\n{started.url}")
     if not wait:
         return

@@ -38,7 +38,7 @@ WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then t
 # may), for a worker to take again
 _WAITING_FOR_WORKER = {"Scheduled", "Late", "AwaitingConcurrencySlot"}
 _PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it will not take
-_CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "
+CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "
                    "shows it, before you trigger another")
 
 StateCallback = Callable[[str], None]
@@ -140,12 +140,12 @@ def trigger_retrain(
             raise FerError(api_refused(api_url, exc, doing=starting)) from None
         # whether the run was created is not known: exit as for a run not followed to its end
         raise RunStillGoing(f"{api_refused(api_url, exc, doing=starting)}; "
-                            f"{_CREATED_OR_NOT}") from None
+                            f"{CREATED_OR_NOT}") from None
     except httpx.TransportError as exc:
         lost = f"lost the Prefect API at {api_url} {starting} ({exc or type(exc).__name__})"
         if not _creating(exc.request):
             raise FerError(lost) from None
-        raise RunStillGoing(f"{lost}; {_CREATED_OR_NOT}") from None
+        raise RunStillGoing(f"{lost}; {CREATED_OR_NOT}") from None
     if not wait:
         return _describe(flow_run)
     return follow_run(flow_run.id, poll_seconds=poll_seconds, pickup_timeout_s=pickup_timeout_s,

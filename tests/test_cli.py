@@ -359,6 +359,25 @@ def test_remote_wait_names_the_run_before_following_and_ctrl_c_leaves_it(monkeyp
             "`prefect flow-run cancel run-id`)") in result.output
 
 
+def test_ctrl_c_while_the_remote_run_is_created_says_it_may_exist(monkeypatch):
+    """Prefect's client retries a struggling server for tens of seconds while it creates
+    the run: Ctrl-C then had exited without a word, though the run might be on the server
+    and train later, and a second trigger train it twice."""
+    from typer.testing import CliRunner
+
+    import flows.remote
+    from fer_cli.main import app
+
+    def trigger(parameters, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.remote, "trigger_retrain", trigger)
+    result = CliRunner().invoke(app, ["train", "--remote", "--wait"])
+    assert result.exit_code != 0
+    assert ("stopped while starting the run; the run may have been created: `prefect flow-run "
+            "ls --flow-name retrain` shows it, before you trigger another") in result.output
+
+
 @pytest.mark.parametrize(("outcome", "code"), [
     (RunStillGoing("no worker picked up flow run run-name"), 3),
     (FerError("flow run run-name ended Failed"), 1),
