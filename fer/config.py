@@ -36,10 +36,10 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     a command ran in had held a cache of its own)."""
     if env.get("FER_DATA_DIR", "").strip():  # whitespace alone: unset, as for FER_STORAGE
         return expand_home(env["FER_DATA_DIR"], what="FER_DATA_DIR").absolute()
-    cache = expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME") if env.get(
-        "XDG_CACHE_HOME", "").strip() else None
-    if cache is not None and cache.is_absolute():
-        return cache / "fer"
+    if env.get("XDG_CACHE_HOME", "").strip():
+        cache = expand_home(env["XDG_CACHE_HOME"], what="XDG_CACHE_HOME")
+        if cache.is_absolute():
+            return cache / "fer"
     try:
         return Path.home() / ".cache" / "fer"
     except RuntimeError:  # no HOME and no passwd entry: a bare container user
