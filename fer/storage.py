@@ -255,8 +255,6 @@ class S3Store:
             read_timeout=read_timeout,
         )
         self.endpoint = _without_userinfo(self._client.meta.endpoint_url)
-        given = self._client.meta.endpoint_url
-        self._endpoint_has_userinfo = userinfo_dropped(given) != given
 
     def ensure_bucket(self, *, create: bool = False) -> None:
         """Fail early and clearly when the bucket is missing, or create it when asked."""
@@ -433,7 +431,8 @@ class S3Store:
                                  transient=_is_transient(_root_cause(exc)))
             # botocore's text names the endpoint as given, a password in it too, and a
             # flow run's logged traceback prints the cause: chained only without one
-            raise error from (None if self._endpoint_has_userinfo else exc)
+            given = self._client.meta.endpoint_url
+            raise error from (exc if userinfo_dropped(given) == given else None)
 
     def _explain(self, exc: BaseException, action: str) -> str:
         cause = _root_cause(exc)

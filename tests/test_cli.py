@@ -26,12 +26,16 @@ from fer.labels import CLASS_NAMES
 from fer.train import RUN_FILES
 
 FER = [str(Path(sys.executable).parent / "fer")]
+# Click's boxes and help wrap at the terminal's width, and break a long temporary path
+# mid-name (usage_error cannot join it again): wide enough for any message here
+WIDE = {"COLUMNS": "400"}
 
 
 def run_fer(*args: str, env: dict | None = None, cwd: Path | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*FER, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout, check=False)
+                          env={**os.environ, **WIDE, **(env or {})}, cwd=cwd, timeout=timeout,
+                          check=False)
 
 
 def usage_error(result: subprocess.CompletedProcess) -> str:
@@ -64,7 +68,8 @@ def run_fer_as_a_user(*args: str, env: dict | None = None) -> subprocess.Complet
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to run fer as root without its overrides")
     return subprocess.run([*WITHOUT_OVERRIDES, *FER, *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=600, check=False)
+                          text=True, env={**os.environ, **WIDE, **(env or {})}, timeout=600,
+                          check=False)
 
 
 @pytest.fixture
@@ -84,7 +89,6 @@ def test_a_path_in_a_folder_this_user_may_not_enter_is_one_error_line(shut, tmp_
     home: Path.exists raised PermissionError there, and fer printed a traceback."""
     data = write_image_tree(tmp_path / "layout")
     env = {"FER_DATA_DIR": str(tmp_path / "data")}
-    wide = {"COLUMNS": "400"}  # a usage error's box wraps the folder's long name otherwise
     assert_one_line_error(run_fer_as_a_user("train", "--epochs", "1", "--data", data, "--out",
                                             shut / "runs", env=env),
                           rf"^error: --out {shut}/runs: {shut} is not writable by this user$")
@@ -102,10 +106,10 @@ def test_a_path_in_a_folder_this_user_may_not_enter_is_one_error_line(shut, tmp_
                           r"denied; check the storage folder, its permissions and free space$")
     assert re.search(rf"File '{shut}/model.keras' cannot be reached: a folder above it is not "
                      r"readable by this user", usage_error(run_fer_as_a_user(
-                         "evaluate", "--model", shut / "model.keras", env=wide)))
+                         "evaluate", "--model", shut / "model.keras")))
     shut.chmod(0o444)  # listed, not entered: a resume would read nothing in it
     assert re.search(rf"Directory '{shut}' is not readable", usage_error(run_fer_as_a_user(
-        "train", "--resume", shut, "--publish", env=wide)))
+        "train", "--resume", shut, "--publish")))
 
 
 def test_any_other_permission_error_is_one_error_line(monkeypatch, capsys):
@@ -136,7 +140,7 @@ def test_train_help_shows_each_profiles_settings():
     named a stale schedule)."""
     from fer.profiles import PROFILES
 
-    result = run_fer("train", "--help", env={"COLUMNS": "300"})
+    result = run_fer("train", "--help")
     assert result.returncode == 0, result.stderr
     fast = PROFILES["fast"].train_options
     assert f"fast {fast['epochs']}," in result.stdout
@@ -751,8 +755,7 @@ def test_an_endpoint_beside_a_folder_store_is_refused(tmp_path, command):
     paths = {"{folder}": str(tmp_path)}
     result = run_fer(*(paths.get(word, word) for word in command),
                      "--endpoint-url", "http://127.0.0.1:9", cwd=tmp_path,
-                     env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store"),
-                          "COLUMNS": "300"})  # Click's box breaks a long path mid-name
+                     env={"FER_DATA_DIR": str(tmp_path), "FER_STORAGE": str(tmp_path / "store")})
     assert re.search(r"Invalid value for --endpoint-url: the store, .*store, is a folder; the "
                      r"endpoint is used only for an s3:// store or data \(the store from "
                      r"FER_STORAGE\)", usage_error(result))

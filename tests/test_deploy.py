@@ -277,7 +277,7 @@ def test_fer_deploy_help_states_the_crash_times_flows_deploy_uses():
     Prefect to print its help): they are flows.deploy's."""
     from flows.deploy import DEFAULT_CRASH_AFTER_S, MIN_CRASH_AFTER_S
 
-    done = run_fer("deploy", "--help", env={"COLUMNS": "300"})
+    done = run_fer("deploy", "--help")
     assert done.returncode == 0, done.stderr
     assert f"at least {MIN_CRASH_AFTER_S};" in done.stdout
     assert f"{DEFAULT_CRASH_AFTER_S} for a new automation" in done.stdout
