@@ -103,11 +103,12 @@ class Process:
         except OSError:
             return ""
 
-    def wait_for_log(self, pattern: str, *, timeout: float) -> re.Match[str]:
-        """The first match of ``pattern`` in the log; fails with the log tail on timeout."""
+    def wait_for_log(self, pattern: str, *, timeout: float, since: int = 0) -> re.Match[str]:
+        """The first match of ``pattern`` in the log from character ``since`` on (a length of
+        ``log()`` taken earlier); fails with the log tail on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if match := re.search(pattern, self.log()):
+            if match := re.search(pattern, self.log()[since:]):
                 return match
             if not self.running():
                 break

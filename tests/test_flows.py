@@ -866,6 +866,16 @@ def follow(run, **options):
     return follow_run(run.flow_run_id, poll_seconds=1, pickup_timeout_s=90, **options)
 
 
+def wait_for_the_workers_crash_report(worker, *, since: int) -> None:
+    """Wait, after a flow run of ``worker`` ended Crashed, until the worker has reported the
+    crash itself. Prefect 3.9 proposes Crashed twice: its executor first, then the worker,
+    seconds later (loading the flow for its crash hooks); the worker's late proposal lands on
+    a run retried meanwhile, which then ends Crashed without running (seen in CI). A user
+    retries after reading the error, long after; a test retries at once. The worker logs a
+    line as `prefect.flow_runs.worker` after its proposal, whether it was taken or not."""
+    worker.wait_for_log(r"prefect\.flow_runs\.worker - ", since=since, timeout=60)
+
+
 @integration
 def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, s3_server,
                                                                 storage_url, tiny_fer_zip,
@@ -948,6 +958,7 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     while epochs_done(tmp_path) < 2:
         assert time.monotonic() < deadline, worker.log()[-3000:]
         time.sleep(0.05)
+    stopped_at = len(worker.log())
     if stop == "Crashed":
         assert worker.kill_descendants()
     else:
@@ -957,8 +968,10 @@ def test_a_retried_run_continues_its_training(worker, prefect_api, tiny_fer_zip,
     # (once, with the CPU shared by a training): either way following names the retry.
     ended = "Crashed" if stop == "Crashed" else "(Cancelled|Crashed)"
     with pytest.raises(FerError, match=rf"ended {ended}: .*`prefect flow-run retry "
-                                       rf"{run.flow_run_id}` runs it again"):
+                                       rf"{run.flow_run_id}` runs it again") as stopped:
         follow(run)
+    if " ended Crashed: " in str(stopped.value):
+        wait_for_the_workers_crash_report(worker, since=stopped_at)
     (run_dir,) = tmp_path.iterdir()
     stopped_after = epochs_done(tmp_path)
     assert 2 <= stopped_after < 40
@@ -1035,9 +1048,11 @@ def test_a_retry_fetches_the_data_again_and_trains_anew_when_it_changed(worker, 
     while epochs_done(out) < 2:
         assert time.monotonic() < deadline, worker.log()[-3000:]
         time.sleep(0.05)
+    killed_at = len(worker.log())
     assert worker.kill_descendants()
     with pytest.raises(FerError, match=r"ended Crashed"):
         follow(run)
+    wait_for_the_workers_crash_report(worker, since=killed_at)
     (first,) = out.iterdir()
     newer = subset_of_shared_archive(tmp_path / "newer.zip", train_per_class=15, test_per_class=5)
     assert run_fer("fetch-data", "--source", newer, env=worker_data).returncode == 0
