@@ -68,6 +68,7 @@ def main() -> None:
     warm = {name: window(name) for name in models}  # traced: each model's speed
     if args.model_steps is None:  # windows of about equal length
         steps[args.model] = max(1, round(args.seed_steps * warm[args.model] / warm["seed"]))
+    print(f"warm-up window: seed {warm['seed']:.1f}, {args.model} {warm[args.model]:.1f} images/s")
     print(f"steps per window: seed {steps['seed']}, {args.model} {steps[args.model]}")
     began = time.perf_counter()
     while time.perf_counter() - began < args.seconds:

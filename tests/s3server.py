@@ -268,8 +268,10 @@ class SeaweedS3:
         self.stop()
         return self.start()
 
-    def client(self):
-        """A boto3 S3 client with this server's credentials (for fixtures, not for fer)."""
+    def client(self, *, attempts: int = 3):
+        """A boto3 S3 client with this server's credentials (for fixtures, not for fer). It
+        tries a request ``attempts`` times: a server sharing the machine with trainings may
+        answer one with a 5xx."""
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
@@ -277,7 +279,7 @@ class SeaweedS3:
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
             config=Config(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=10,
-                          retries={"mode": "standard", "max_attempts": 1}),
+                          retries={"mode": "standard", "max_attempts": attempts}),
         )
 
     def create_bucket(self, name: str) -> None:
@@ -289,7 +291,7 @@ class SeaweedS3:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        client = self.client()
+        client = self.client(attempts=1)  # polled: a retry would only slow each look
         while True:
             if self._process is not None and self._process.poll() is not None:
                 self._process = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from fer.locks import taking_turns
 
@@ -32,7 +33,10 @@ def test_a_second_holder_waits_until_the_first_lets_go(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fer.locks"):
         waiter = threading.Thread(target=second)
         waiter.start()
-        waiter.join(0.5)
+        deadline = time.monotonic() + 10  # its thread may start late on a loaded machine
+        while "second waits for the first" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiter.join(0.2)
         assert waiter.is_alive() and order == ["first in"]  # still waiting
         release.set()
         waiter.join(10)
