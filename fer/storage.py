@@ -721,15 +721,14 @@ _CREDENTIALS_BEFORE_BUCKET = re.compile(r"s3://[^/@]*(:[^@]*)?@", re.IGNORECASE)
 
 
 def _check_bucket(bucket: str, *, url: str) -> str:
-    credentials = _CREDENTIALS_BEFORE_BUCKET.match(url)
-    if not _BUCKET.fullmatch(bucket) and credentials:
+    if _BUCKET.fullmatch(bucket):
+        return bucket
+    if credentials := _CREDENTIALS_BEFORE_BUCKET.match(url):
         raise StorageError(
             f"URL 's3://{url[credentials.end():]}': credentials or a user before the bucket "
             "(KEY:SECRET@) are not read from the URL, and are left out of messages and logs; "
             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
-    if not _BUCKET.fullmatch(bucket):
-        raise StorageError(
-            f"URL {url!r} has bucket name {bucket!r}; expected 3-63 lowercase letters, "
-            "digits, '.' or '-' as in s3://BUCKET/PREFIX"
-        )
-    return bucket
+    raise StorageError(
+        f"URL {url!r} has bucket name {bucket!r}; expected 3-63 lowercase letters, "
+        "digits, '.' or '-' as in s3://BUCKET/PREFIX"
+    )

@@ -39,7 +39,7 @@ WORKER_LOST_S = 300.0  # the server takes ~2 min to notice a worker gone; then t
 _WAITING_FOR_WORKER = {"Scheduled", "Late", "AwaitingConcurrencySlot"}
 _PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it will not take
 CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "
-                   "shows it, before you trigger another")
+                  "shows it, before you trigger another")
 
 StateCallback = Callable[[str], None]
 """Called with the state name each time a followed run changes state."""
