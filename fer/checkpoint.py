@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fer.config import TrainConfig
-from fer.errors import CheckpointError, FerError, fsync_folder, fsync_path, writing
+from fer.errors import CheckpointError, FerError, writing
+from fer.files import fsync_folder, fsync_path
 from fer.manifest import read_json, write_json
 
 if TYPE_CHECKING:  # importing Keras would load TensorFlow, which fer.runs does not need
@@ -416,8 +417,8 @@ class MemberCheckpoint:
         self._commit(progress)
 
     def _commit(self, progress: MemberProgress) -> None:
+        # flushed with its rename (fer.files) before the files it retires go
         write_json(self._state, dataclasses.asdict(progress))
-        fsync_folder(self.folder)  # the rename on disk before the files it retires go
         keep = {self._state.name, "final.npz", progress.weights_file, progress.best_file}
         for path in self.folder.iterdir():
             if path.name not in keep:

@@ -21,7 +21,6 @@ import logging
 import os
 import posixpath
 import re
-import secrets
 import stat
 import tarfile
 import zipfile
@@ -34,7 +33,8 @@ import numpy as np
 
 from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
-from fer.errors import DataError, remove_abandoned
+from fer.errors import DataError
+from fer.files import remove_abandoned, written_whole
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fer.manifest import RUN_ID_PATTERN, read_json, write_json
 
@@ -1141,18 +1141,12 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    # two writers never share one (containers sharing a volume often share a pid: 1)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
-    remove_abandoned(path.parent.glob(f"{digest}.v*.tmp.npz"))
+    remove_abandoned(path.parent.glob(f".{digest}.v*.tmp.npz"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **arrays)
-        with open(tmp, "rb") as handle:  # on disk before it is named: a power loss leaves no husk
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with written_whole(path, suffix=".tmp.npz") as tmp:  # numpy names it .npz otherwise
+            np.savez(tmp, **arrays)
     except OSError as exc:  # a full disk, say: the data is decoded, only the next load is slower
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         log.warning("%s: cannot write the decode cache (%s); going on without it", path,
                     exc.strerror or exc)
         return
@@ -1160,6 +1154,6 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
         version = re.fullmatch(rf"{digest}\.v(\d+)\.npz", stale.name)
         if version and int(version[1]) < CACHE_FORMAT:  # a newer fer's, sharing the folder, stays
             with contextlib.suppress(OSError):  # (another user's, say: it only takes space)
-                stale.unlink(missing_ok=True)  # (another writer's .tmp.npz is left alone)
+                stale.unlink(missing_ok=True)
 
 

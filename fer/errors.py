@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -78,35 +77,6 @@ def writing(path: Path) -> Iterator[None]:
         cause = (os.strerror(exc.errno) if exc.errno
                  else (str(exc).splitlines() or [type(exc).__name__])[0])
         raise FileWriteError(exc.errno, cause, str(path)) from None
-
-
-def fsync_path(path: Path) -> None:
-    """``path`` (a file, or a folder after a rename in it) flushed to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_folder(path: Path) -> None:
-    """A folder flushed to disk after a rename in it, where the filesystem allows: some
-    network filesystems refuse to fsync a folder, which must not fail the write."""
-    with contextlib.suppress(OSError):
-        fsync_path(path)
-
-
-ABANDONED_AFTER_S = 24 * 3600
-
-
-def remove_abandoned(temporaries: Iterable[Path]) -> None:
-    """Temporary files (a decode cache's, a folder store's) a day old: their writer was
-    killed mid-write (an out-of-memory kill, Ctrl-C twice), since a write takes seconds and
-    touches its file as it goes; removed so they do not pile up."""
-    for tmp in temporaries:
-        with contextlib.suppress(OSError):
-            if time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S:
-                tmp.unlink()
 
 
 class TrainingDiverged(FerError):

@@ -46,9 +46,9 @@ from fer.errors import (
     FerError,
     StorageError,
     expand_home,
-    fsync_path,
     http_status_passes,
 )
+from fer.files import fsync_path
 from fer.locks import taking_turns
 from fer.manifest import read_json, write_json
 

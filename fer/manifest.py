@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fer.errors import writing
+from fer.files import written_whole
 from fer.precision import BF16_FLAGS, cpu_flags, onednn_enabled
 
 TRACKED_PACKAGES = ("fer", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas",
@@ -98,22 +99,13 @@ def jsonable(value):
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    """Written beside ``path``, flushed to disk and renamed into place: a stop or a power
-    loss mid-write leaves the previous file (or none), never half of one. Each write has a
-    temporary file of its own, so two processes updating one record (a worker and a CLI on
-    one data folder) never rename each other's."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    try:
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "x") as handle:
-                handle.write(json.dumps(jsonable(payload), indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    """Written whole (fer.files): a stop or a power loss mid-write leaves the previous file
+    (or none), never half of one, and two processes updating one record (a worker and a
+    CLI on one data folder) never rename each other's."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with written_whole(path) as partial:
+            partial.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
     return path
 
 

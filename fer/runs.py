@@ -25,7 +25,6 @@ import random
 import re
 import shlex
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from typing import Any
 from fer.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from fer.checkpoint import diverged_reason, trainer_of
 from fer.errors import FerError, MissingObjectError, NotFerObjectError, StorageError
+from fer.files import written_whole
 from fer.storage import LocalStore, Store, local_errors
 
 MANIFEST = "manifest.json"
@@ -669,37 +669,26 @@ def download_run(store: Store, ref: str, *, dest: Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
     for name in run.files:
         _download_verified(store, run, name, target=target)
-    # last, and whole (written beside it, then renamed): it marks the folder complete
-    partial = target / f".{MANIFEST}.{uuid.uuid4().hex[:12]}.part"
-    try:
-        with local_errors("write", target / MANIFEST, folder="--dest"):
-            partial.write_bytes(_dump(run.manifest))
-            os.replace(partial, target / MANIFEST)
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
+    # last, and whole (fer.files): it marks the folder complete
+    with (local_errors("write", target / MANIFEST, folder="--dest"),
+          written_whole(target / MANIFEST) as partial):
+        partial.write_bytes(_dump(run.manifest))
     return target
 
 
 def _download_verified(store: Store, run: PublishedRun, name: str, *, target: Path) -> None:
+    """``name`` at its place under ``target`` once its sha256 is the manifest's; written
+    whole (fer.files) under a temporary name of its own, so two downloads into one --dest
+    never write one partial file, and a file that fails its check is never put in place."""
     path = target.joinpath(*_safe_parts(name, run=run))
-    # a name of its own: two downloads into one --dest must not write one partial file
-    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.part")
     with local_errors("write", path, folder="--dest"):
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with local_errors("write", partial, folder="--dest"):  # the store's errors name it
+        with written_whole(path) as partial:
             try:
                 store.download(_run_key(run.run_id, name), partial)
             except MissingObjectError:
                 raise _missing(store, name, run=run) from None
-            digest = _sha256(partial)
-        _verify(digest, run=run, name=name)
-        with local_errors("write", path, folder="--dest"):
-            os.replace(partial, path)
-    finally:
-        with contextlib.suppress(OSError):  # not there, or never a file (the error above says)
-            partial.unlink(missing_ok=True)
+            _verify(_sha256(partial), run=run, name=name)
 
 
 def _missing(store: Store, name: str, *, run: PublishedRun) -> StorageError:

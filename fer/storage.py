@@ -10,9 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -30,11 +28,9 @@ from fer.errors import (
     MissingObjectError,
     StorageError,
     expand_home,
-    fsync_folder,
-    fsync_path,
     http_status_passes,
-    remove_abandoned,
 )
+from fer.files import remove_abandoned, written_whole
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -169,17 +165,11 @@ class LocalStore:
         empty would stop every later publish). A killed writer's temporary, a day old, is
         removed by the next write of the same file."""
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with local_errors("write", path):
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_abandoned(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
-            try:
+            with written_whole(path, suffix=".tmp") as tmp:
                 fill(tmp)
-                fsync_path(tmp)
-                os.replace(tmp, path)
-                fsync_folder(path.parent)  # the rename itself
-            finally:
-                tmp.unlink(missing_ok=True)
 
 
 def _copy_into(source: BinaryIO, target: Path) -> None:

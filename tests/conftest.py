@@ -233,6 +233,26 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def disk_events(monkeypatch) -> list[tuple[str, str]]:
+    """What reaches the disk, in order, as ("fsync", path) and ("replace", source path):
+    checks that bytes are flushed before the rename that names them."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def recording_replace(source, target):
+        events.append(("replace", str(source)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+@pytest.fixture
 def runs(tmp_path) -> Path:
     """The folder a test's run folders are made in (tests/run_folders.py: make_run)."""
     return tmp_path / "runs"

@@ -797,7 +797,7 @@ def test_a_state_file_of_bytes_that_are_not_text_is_a_damaged_checkpoint(tmp_pat
         train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
 
 
-def test_a_finished_runs_files_are_on_disk_before_its_checkpoint_goes(tmp_path, monkeypatch):
+def test_a_finished_runs_files_are_on_disk_before_its_checkpoint_goes(tmp_path, disk_events):
     """The checkpoint's removal could reach the disk before the run's files' bytes (Keras
     writes model.keras without an fsync): a power loss then left an empty model.keras,
     which `fer publish` uploads, and no checkpoint to rebuild it from."""
@@ -807,22 +807,9 @@ def test_a_finished_runs_files_are_on_disk_before_its_checkpoint_goes(tmp_path, 
     files = {str(path) for path in run_dir.rglob("*")
              if path.is_file() and FOLDER not in path.relative_to(run_dir).parts}
     assert "model.keras" in {Path(path).name for path in files}
-    events: list = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(descriptor):
-        events.append(os.readlink(f"/proc/self/fd/{descriptor}"))
-        fsync(descriptor)
-
-    def recording_replace(source, target):
-        events.append(("replace", str(source)))
-        replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
     finish_run(run_dir)
-    removal = events.index(("replace", str(run_dir / FOLDER)))
-    assert files | {str(run_dir)} <= set(events[:removal])
+    removal = disk_events.index(("replace", str(run_dir / FOLDER)))
+    assert {("fsync", path) for path in files | {str(run_dir)}} <= set(disk_events[:removal])
 
 
 def test_a_divergence_record_of_garbage_still_says_the_run_diverged(tmp_path):

@@ -272,6 +272,27 @@ def test_an_edit_that_keeps_size_and_mtime_is_not_served_from_the_cache(tmp_path
         assert np.bincount(after.train.labels, minlength=7)[6] == 4  # one 4 became a 6
 
 
+def test_a_killed_writers_decode_cache_temporary_is_removed_when_a_day_old(tmp_path,
+                                                                             image_tree):
+    """A decode-cache write killed mid-way leaves its temporary (tens of MB for FER2013);
+    the next write of that cache removes it once it is a day old, and leaves a younger one,
+    which may be another process's write in progress."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    load_dataset(image_tree, cache_dir=cache)
+    [written] = (cache / "decoded").glob("*.npz")
+    abandoned = written.with_name(f".{written.name}.1-aa.tmp.npz")
+    fresh = written.with_name(f".{written.name}.2-bb.tmp.npz")
+    for path in (abandoned, fresh):
+        path.write_bytes(b"half")
+    os.utime(abandoned, (time.time() - 2 * 24 * 3600,) * 2)
+    written.unlink()  # so the next load decodes again and writes the cache
+    load_dataset(image_tree, cache_dir=cache)
+    assert written.exists() and fresh.exists() and not abandoned.exists()
+
+
 def test_a_data_folder_inside_the_dataset_folder_leaves_its_sha256_alone(tmp_path, image_tree):
     """FER_DATA_DIR inside the folder passed as --data (`ds/cache`): the decode cache and
     memo fer writes there had changed the folder's sha256 on every run (each run's manifest

@@ -1001,36 +1001,23 @@ def test_a_local_copy_that_fails_leaves_no_partial_file(tmp_path, shaded_csv, mo
 
 @pytest.mark.parametrize("kind", ["http", "s3", "local"])
 def test_a_copy_is_on_disk_before_it_is_renamed_into_place(tmp_path, shaded_csv, monkeypatch,
-                                                           kind):
+                                                           disk_events, kind):
     """Each partial copy is fsynced before it takes the copy's name: after a power loss,
     a name with no bytes behind it would be kept by its records (fsynced) for good."""
     from fer.storage import S3Store
 
-    events: list[tuple[str, str]] = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(handle):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{handle}")))
-        fsync(handle)
-
-    def recording_replace(source, target):
-        events.append(("replace", str(source)))
-        replace(source, target)
-
     monkeypatch.setattr(S3Store, "version", lambda store, key: "v1")
     monkeypatch.setattr(S3Store, "download",
                         lambda store, key, target: target.write_bytes(shaded_csv.read_bytes()))
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
     handler = functools.partial(_CountingFiles, directory=str(shaded_csv.parent))
     with serving(handler) as base:
         source = {"http": f"{base}/fer2013.csv", "s3": "s3://bucket/fer2013.csv",
                   "local": str(shaded_csv)}[kind]
         fetch_data(source, data_dir=tmp_path / "d", endpoint_url="http://127.0.0.1:9")
-    copied = [path for event, path in events if event == "replace" and "downloads" in path
+    copied = [path for event, path in disk_events if event == "replace" and "downloads" in path
               and not path.endswith(".json.part") and not Path(path).name.startswith(".")]
     assert len(copied) == 1
-    assert events.index(("fsync", copied[0])) < events.index(("replace", copied[0]))
+    assert disk_events.index(("fsync", copied[0])) < disk_events.index(("replace", copied[0]))
 
 
 def test_unreachable_url_is_one_clear_error(tmp_path):
