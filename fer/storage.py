@@ -12,7 +12,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
@@ -318,7 +318,9 @@ class S3Store:
                 return None, None
             # A proxy may weaken the ETag (W/"..."); If-Match compares the strong one.
             etag = (response.get("ETag") or "").removeprefix("W/")
-            return response["Body"].read(), etag
+            # closed even where the read fails partway: its connection is not left to the GC
+            with closing(response["Body"]) as body:
+                return body.read(), etag
 
     def put_bytes_if(self, key: str, data: bytes, *, version: str | None) -> bool:
         # S3's conditional writes (AWS since 2024, MinIO, SeaweedFS): If-Match on the ETag

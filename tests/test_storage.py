@@ -493,6 +493,28 @@ def test_an_upload_that_times_out_is_a_transient_error_not_a_local_file(s3_env, 
     assert error.value.transient
 
 
+def test_an_object_whose_read_is_cut_short_has_its_body_closed(monkeypatch):
+    """A read that times out partway through an object's body is one StorageError, and the
+    body is closed: left open, it holds its pooled connection until the GC finds it."""
+    from botocore.exceptions import ReadTimeoutError
+
+    class CutShort:
+        closed = False
+
+        def read(self, *args):
+            raise ReadTimeoutError(endpoint_url="http://127.0.0.1:9")
+
+        def close(self):
+            self.closed = True
+
+    body = CutShort()
+    store = S3Store("bucket", endpoint_url="http://127.0.0.1:9")
+    monkeypatch.setattr(store._client, "get_object", lambda **_: {"Body": body, "ETag": '"e"'})
+    with pytest.raises(StorageError, match="did not answer within"):
+        store.get_bytes("runs/x/manifest.json")
+    assert body.closed
+
+
 @integration
 def test_silent_endpoint_times_out_in_bounded_time(s3_env):
     """A server that accepts connections but never answers fails within 30 s, not hangs."""
