@@ -553,7 +553,8 @@ def _train_remotely(parameters: dict, *, wait: bool) -> None:
     """Start the run and name it at once; with ``wait``, follow it. Ctrl-C (or SIGTERM)
     stops the following only: the run goes on, and the message says how to cancel it.
     One while the run is being created (Prefect's client retries a struggling server for
-    tens of seconds) says the run may exist, as a lost answer does."""
+    tens of seconds) says the run may exist, as a lost answer does; one after the run was
+    seen ending (its report being read) says how it ended."""
     remote = _import_flows("flows.remote")
     try:
         started = remote.trigger_retrain(parameters)
@@ -563,11 +564,19 @@ def _train_remotely(parameters: dict, *, wait: bool) -> None:
     typer.echo(f"flow run {started.flow_run_id} ({started.name}): {started.state}\n{started.url}")
     if not wait:
         return
+    ended: list[str] = []
+
+    def show(state) -> None:
+        typer.echo(f"state: {state.name}")
+        if state.is_final():
+            ended.append(state.name)
+
     try:
-        run = remote.follow_run(started.flow_run_id,
-                                on_state=lambda state: typer.echo(f"state: {state}"))
+        run = remote.follow_run(started.flow_run_id, on_state=show)
     except KeyboardInterrupt:
-        typer.echo(f"stopped following flow run {started.flow_run_id}; it goes on (cancel it "
+        typer.echo(f"stopped reading flow run {started.flow_run_id}'s report; the run ended "
+                   f"{ended[-1]} (see {started.url})" if ended else
+                   f"stopped following flow run {started.flow_run_id}; it goes on (cancel it "
                    f"with `prefect flow-run cancel {started.flow_run_id}`)", err=True)
         raise
     report = run.report

@@ -18,7 +18,7 @@ from uuid import UUID, uuid4
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.client.schemas.objects import FlowRun, StateType, WorkPoolStatus
+from prefect.client.schemas.objects import FlowRun, State, StateType, WorkPoolStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
@@ -41,8 +41,8 @@ _PARAMETERS_REFUSED = {400, 409, 422}  # how the server answers parameters it wi
 CREATED_OR_NOT = ("the run may have been created: `prefect flow-run ls --flow-name retrain` "
                   "shows it, before you trigger another")
 
-StateCallback = Callable[[str], None]
-"""Called with the state name each time a followed run changes state."""
+StateCallback = Callable[[State], None]
+"""Called with the state each time a followed run's state changes name."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def follow_run(
             if state is not None and state.name != seen:
                 seen = state.name
                 if on_state:
-                    on_state(state.name)
+                    on_state(state)
             if not _waiting_for_worker(flow_run):
                 waiting_since = None
             elif waiting_since is None:

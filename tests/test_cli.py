@@ -327,9 +327,10 @@ def test_remote_only_options_are_usage_errors():
     assert result.returncode == 2 and "a --remote run always publishes" in result.stderr
 
 
-def _remote_run_that_follows_with(monkeypatch, outcome: BaseException) -> list[str]:
+def _remote_run_that_follows_with(monkeypatch, outcome: BaseException, *,
+                                  states=()) -> list[str]:
     """flows.remote as `fer train --remote --wait` uses it: the run starts, then following
-    it raises ``outcome``; the list records the calls in order."""
+    it sees ``states`` and raises ``outcome``; the list records the calls in order."""
     import flows.remote
 
     calls = []
@@ -338,8 +339,10 @@ def _remote_run_that_follows_with(monkeypatch, outcome: BaseException) -> list[s
         calls.append("trigger")
         return flows.remote.RemoteRun("run-id", "run-name", "http://ui/run", "Scheduled")
 
-    def follow(flow_run_id, **options):
+    def follow(flow_run_id, *, on_state, **options):
         calls.append(f"follow {flow_run_id}")
+        for state in states:
+            on_state(state)
         raise outcome
 
     monkeypatch.setattr(flows.remote, "trigger_retrain", trigger)
@@ -361,6 +364,24 @@ def test_remote_wait_names_the_run_before_following_and_ctrl_c_leaves_it(monkeyp
     assert result.output.index("http://ui/run") < result.output.index("stopped following")
     assert ("stopped following flow run run-id; it goes on (cancel it with "
             "`prefect flow-run cancel run-id`)") in result.output
+
+
+def test_ctrl_c_after_the_remote_run_ended_says_how_it_ended(monkeypatch):
+    """Ctrl-C after `state: Completed` (while its report is read) had said the run "goes
+    on" and how to cancel it: it has ended, and the message says how."""
+    from prefect.states import Completed, Running
+    from typer.testing import CliRunner
+
+    from fer_cli.main import app
+
+    _remote_run_that_follows_with(monkeypatch, KeyboardInterrupt(),
+                                  states=[Running(), Completed()])
+    result = CliRunner().invoke(app, ["train", "--remote", "--wait"])
+    assert result.exit_code != 0
+    assert "state: Running\nstate: Completed\n" in result.output
+    assert ("stopped reading flow run run-id's report; the run ended Completed (see "
+            "http://ui/run)") in result.output
+    assert "goes on" not in result.output
 
 
 def test_ctrl_c_while_the_remote_run_is_created_says_it_may_exist(monkeypatch):

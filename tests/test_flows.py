@@ -39,7 +39,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.states import Pending, Running
+from prefect.states import Pending, Running, State
 from prefect_server import PrefectServer, start_worker
 from run_folders import epochs_done, make_run
 from s3server import BUCKET, free_port
@@ -888,7 +888,8 @@ def test_triggered_retrain_runs_on_a_worker_and_publishes_to_s3(worker, s3_env, 
     run's log, the run folder, the published objects), as README promises."""
     seen = []
     run = trigger_retrain({**TINY, "data": str(tiny_fer_zip), "out_dir": str(tmp_path)},
-                          wait=True, poll_seconds=1, pickup_timeout_s=90, on_state=seen.append)
+                          wait=True, poll_seconds=1, pickup_timeout_s=90,
+                          on_state=lambda state: seen.append(state.name))
     assert run.state == "Completed" and seen[-1] == "Completed" and "Running" in seen
     assert run.url.endswith(f"/runs/flow-run/{run.flow_run_id}")
     store = open_store(storage_url, endpoint_url=s3_env.endpoint_url)
@@ -1363,9 +1364,9 @@ def test_a_run_sent_back_to_wait_for_a_slot_is_not_waited_for_without_a_worker(d
         client.set_flow_run_state(flow_run_id, Pending(), force=True)
     seen = []
 
-    def send_back(state: str) -> None:  # as the limit does once the run was seen taken
-        seen.append(state)
-        if state == "Pending":
+    def send_back(state: State) -> None:  # as the limit does once the run was seen taken
+        seen.append(state.name)
+        if state.name == "Pending":
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(flow_run_id, AwaitingConcurrencySlot(), force=True)
 
