@@ -131,6 +131,26 @@ def left_pending():
                                                       state=Pending())
 
 
+def run_events(name: str, flow_run_id) -> list:
+    """The events ``name`` of the run that the server has stored (at most 50). The filter
+    is made anew each call: its window ends when it is made."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    wanted = EventFilter(event=EventNameFilter(name=[name]),
+                         resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
+    with get_client(sync_client=True) as client:
+        return client.read_events(filter=wanted, limit=50).events  # the server takes <= 50
+
+
+def stored_events(name: str, flow_run_id, *, within_s: float = 30) -> list:
+    """run_events, waiting up to ``within_s`` for the first: the server stores events in
+    the background."""
+    deadline = time.monotonic() + within_s
+    while not (events := run_events(name, flow_run_id)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return events
+
+
 def assert_marked_crashed(flow_run_id, *, still: str, since: float) -> None:
     """The run, left in state ``still`` at ``since`` (time.monotonic), is marked Crashed by
     the automation at MIN_CRASH_AFTER_S (a margin of 90 s for the server's timers)."""
@@ -1153,20 +1173,13 @@ def test_a_fer_retrain_killed_mid_training_is_marked_crashed_on_its_server(prefe
     deployments' runs do, and is marked Crashed. Its heartbeats come every 30 s, whatever
     Prefect's default (180 s), so that a --crash-after set for workers that send theirs that
     often does not mark it Crashed while it trains."""
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
     ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
     try:
         with fer_retrain_training(prefect_api, tiny_fer_zip, tmp_path,
                                   epochs=300) as (retrain_here, run):
             deadline = time.monotonic() + 90  # the second at 30 s, not at 180
             while True:
-                # made anew each time: a filter's window ends when it is made
-                beats = EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-                                    resource=EventResourceFilter(
-                                        id=[f"prefect.flow-run.{run.id}"]))
-                with get_client(sync_client=True) as client:
-                    heard = client.read_events(filter=beats, limit=50).events
+                heard = run_events("prefect.flow-run.heartbeat", run.id)
                 if len(heard) >= 2:
                     break
                 assert retrain_here.poll() is None and time.monotonic() < deadline, (
@@ -1231,7 +1244,11 @@ def test_a_run_whose_worker_died_before_the_rule_changed_is_still_marked_crashed
     ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
     try:
         run = left_pending()
-        time.sleep(3)  # its Pending event reaches the rule as it was, as a dead run's did
+        # its Pending event reaches the rule as it was, as a dead run's did: stored, and 3 s
+        # more for the automations' own reader of the events (else the new rule could see
+        # it and the test pass without the watch event)
+        assert stored_events("prefect.flow-run.Pending", run.id)
+        time.sleep(3)
         ensure_crash_detection(crash_after_s=MIN_CRASH_AFTER_S)
         changed_at = time.monotonic()
         assert_marked_crashed(run.id, still="Pending", since=changed_at)
@@ -1246,7 +1263,6 @@ def test_a_deploy_that_changes_nothing_still_watches_the_runs_in_progress(prefec
     and them) is recovered by deploying again, which finds the rule unchanged: so every
     deploy sends each fer run in progress the watch event, once, without the wait a
     changed rule needs."""
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.states import Cancelled
 
     ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)
@@ -1255,16 +1271,7 @@ def test_a_deploy_that_changes_nothing_still_watches_the_runs_in_progress(prefec
         started = time.monotonic()
         ensure_crash_detection(crash_after_s=DEFAULT_CRASH_AFTER_S)  # the rule as it is
         assert time.monotonic() - started < WATCH_RESEND_S
-        watched = EventFilter(event=EventNameFilter(name=[WATCH_EVENT]),
-                              resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]))
-        deadline = time.monotonic() + 30  # the server stores events in the background
-        while True:
-            with get_client(sync_client=True) as client:
-                events = client.read_events(filter=watched, limit=50).events  # the server takes <= 50
-            if events or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert len(events) == 1
+        assert len(stored_events(WATCH_EVENT, run.id)) == 1
     finally:  # Pending for the rule's 600 s would hold the pool the next tests' runs need
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(run.id, Cancelled(), force=True)
