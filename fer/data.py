@@ -1141,7 +1141,9 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    remove_abandoned(path.parent.glob(f".{digest}.v*.tmp.npz"))
+    # hidden since fer.files; a fer before it named them `{digest}.vN.<pid>-<hex>.tmp.npz`
+    remove_abandoned([*path.parent.glob(f".{digest}.v*.tmp.npz"),
+                      *path.parent.glob(f"{digest}.v*.tmp.npz")])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with written_whole(path, suffix=".tmp.npz") as tmp:  # numpy names it .npz otherwise

@@ -551,10 +551,10 @@ def _check_training(config: TrainConfig, *, new_run: bool = True) -> None:
 
 def _train_remotely(parameters: dict, *, wait: bool) -> None:
     """Start the run and name it at once; with ``wait``, follow it. Ctrl-C (or SIGTERM)
-    stops the following only: the run goes on, and the message says how to cancel it.
+    stops the following only: the run goes on, and the message says how to cancel it
+    (or, once the run was seen ending and its report is being read, how it ended).
     One while the run is being created (Prefect's client retries a struggling server for
-    tens of seconds) says the run may exist, as a lost answer does; one after the run was
-    seen ending (its report being read) says how it ended."""
+    tens of seconds) says the run may exist, as a lost answer does."""
     remote = _import_flows("flows.remote")
     try:
         started = remote.trigger_retrain(parameters)
