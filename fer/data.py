@@ -34,7 +34,7 @@ import numpy as np
 from fer.config import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 from fer.csv_reader import read_fer_csv
 from fer.errors import DataError
-from fer.files import remove_abandoned, written_whole
+from fer.files import remove_abandoned, temporaries_of, written_whole
 from fer.labels import CLASS_INDEX, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fer.manifest import RUN_ID_PATTERN, read_json, write_json
 
@@ -1141,8 +1141,8 @@ def _save_cached(cache_dir: Path, digest: str, splits: dict[str, Split]) -> None
     arrays = {}
     for name, split in splits.items():
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split.images, split.labels
-    # hidden since fer.files; a fer before it named them `{digest}.vN.<pid>-<hex>.tmp.npz`
-    remove_abandoned([*path.parent.glob(f".{digest}.v*.tmp.npz"),
+    # a fer before fer.files named them `{digest}.vN.<pid>-<hex>.tmp.npz`
+    remove_abandoned([*temporaries_of(path, suffix=".tmp.npz"),
                       *path.parent.glob(f"{digest}.v*.tmp.npz")])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

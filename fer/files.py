@@ -12,6 +12,7 @@ beside it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import time
@@ -39,6 +40,12 @@ def written_whole(path: Path, *, suffix: str = ".part") -> Iterator[Path]:
             partial.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def temporaries_of(path: Path, *, suffix: str = ".part") -> Iterator[Path]:
+    """The temporaries written_whole makes for ``path`` with ``suffix``, any writer's: for
+    remove_abandoned, so that their naming lives here alone."""
+    return path.parent.glob(f".{glob.escape(path.name)}.*{suffix}")
 
 
 def fsync_path(path: Path) -> None:

@@ -7,7 +7,6 @@ Errors are one-line StorageErrors that say whether retrying may help, never with
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import re
@@ -30,7 +29,7 @@ from fer.errors import (
     expand_home,
     http_status_passes,
 )
-from fer.files import remove_abandoned, written_whole
+from fer.files import remove_abandoned, temporaries_of, written_whole
 from fer.locks import taking_turns
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
@@ -167,7 +166,7 @@ class LocalStore:
         path = self._path(key)
         with local_errors("write", path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_abandoned(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+            remove_abandoned(temporaries_of(path, suffix=".tmp"))
             with written_whole(path, suffix=".tmp") as tmp:
                 fill(tmp)
 

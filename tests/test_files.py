@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from fer.files import ABANDONED_AFTER_S, remove_abandoned, written_whole
+from fer.files import ABANDONED_AFTER_S, remove_abandoned, temporaries_of, written_whole
 
 
 def test_the_bytes_take_the_name_and_no_temporary_is_left(tmp_path):
@@ -18,6 +18,7 @@ def test_the_bytes_take_the_name_and_no_temporary_is_left(tmp_path):
         assert partial.name.endswith(".tmp") and partial != target
         partial.write_text("new")
         assert target.read_text() == "old"  # readers see the old file until the block ends
+        assert list(temporaries_of(target, suffix=".tmp")) == [partial]  # found to clean up
     assert target.read_text() == "new"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
 
