@@ -50,12 +50,10 @@ def read_grayscale(path: Path) -> np.ndarray:
         if found.st_size > MAX_IMAGE_BYTES:
             raise FerError(f"{path}: {found.st_size:,} bytes, more than fer reads as one image "
                            f"({MAX_IMAGE_BYTES:,}); expected an image file")
-        data = path.read_bytes()
+        image = decode_grayscale(path.read_bytes())
     except OSError as exc:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
-    try:
-        image = decode_grayscale(data)
-    except MemoryError:
+    except MemoryError:  # reading the file or decoding it
         raise FerError(f"{path}: {TOO_LARGE_FOR_MEMORY}") from None
     if image is None:
         raise FerError(f"{path}: {UNDECODABLE}")

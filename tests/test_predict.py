@@ -141,13 +141,24 @@ def test_undecodable_file_is_named(tmp_path, model, content):
         predict_files(model, [tmp_path / "notes.txt"])
 
 
+def sparse_file(path: Path, size: int) -> None:
+    """A file of ``size`` zero bytes that takes no disk space."""
+    with path.open("wb") as handle:
+        handle.truncate(size)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
-def test_a_photo_too_large_for_the_memory_free_is_named_as_such(tmp_path):
-    """A valid 20000x20000 PNG (400 MB decoded) where 200 MB more may be mapped is too
-    large for the memory free, not "not a decodable image" (OpenCV's out-of-memory error
-    had been taken for a file it cannot read)."""
-    photo = tmp_path / "big.png"
-    photo.write_bytes(large_grey_png(20000, 20000))
+@pytest.mark.parametrize("name", ["big.png", "big.tif"])
+def test_a_photo_too_large_for_the_memory_free_is_named_as_such(tmp_path, name):
+    """Where 200 MB more may be mapped, a valid 20000x20000 PNG (400 MB decoded) and a
+    400 MB file (under MAX_IMAGE_BYTES, so it is read) are too large for the memory free:
+    one error line, not "not a decodable image" (OpenCV's out-of-memory error had been taken
+    for a file it cannot read) nor a traceback (reading the file had not been guarded)."""
+    photo = tmp_path / name
+    if name == "big.png":
+        photo.write_bytes(large_grey_png(20000, 20000))
+    else:
+        sparse_file(photo, 400 * 2**20)
     done = run_short_of_memory(
         "from pathlib import Path\nfrom fer.errors import FerError\n"
         "from fer.predict import read_grayscale",
@@ -171,8 +182,7 @@ def test_what_is_no_image_file_is_refused_unread(tmp_path):
     before a byte is read."""
     os.mkfifo(tmp_path / "pipe.png")
     sparse = tmp_path / "movie.jpg"
-    with sparse.open("wb") as handle:  # sparse: takes no disk space
-        handle.truncate(fer.predict.MAX_IMAGE_BYTES + 1)
+    sparse_file(sparse, fer.predict.MAX_IMAGE_BYTES + 1)
     for path, message in ((tmp_path / "pipe.png", "not a regular file"),
                           (sparse, "1,073,741,825 bytes, more than fer reads as one image")):
         with pytest.raises(FerError, match=rf"{path.name}: {message}"):
