@@ -471,6 +471,16 @@ def test_compose_variables_are_all_in_env_example():
     assert used and used <= defined, f"missing in .env.example: {sorted(used - defined)}"
 
 
+def test_env_example_credentials_are_long_enough_for_minio():
+    """MinIO refuses a user name under 3 characters and a password under 8 (minio would not
+    start, minio-init would fail): the example's values, which users copy, meet both."""
+    example = Path(REPO / "docker" / ".env.example").read_text()
+    values = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", example, flags=re.MULTILINE))
+    for user, password in (("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"),
+                           ("FER_S3_ACCESS_KEY", "FER_S3_SECRET_KEY")):
+        assert len(values[user]) >= 3 and len(values[password]) >= 8, (user, password)
+
+
 def test_compose_refuses_to_start_without_the_credentials():
     """Each credential is required (`${VAR:?hint}`): without docker/.env, Compose stops with
     the hint instead of starting MinIO on its default root login and a worker whose
