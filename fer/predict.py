@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,17 +41,18 @@ class Prediction:
     box: tuple[int, int, int, int] | None = None
 
 
-def read_grayscale(path: Path) -> np.ndarray:
-    """Any image file OpenCV can decode, as 8-bit grayscale at its own size."""
+def read_grayscale(path: str | Path) -> np.ndarray:
+    """Any image file OpenCV can decode, as 8-bit grayscale at its own size; errors name
+    the file as given (`./a.png` stays `./a.png`)."""
     try:
-        found = path.stat()
+        found = os.stat(path)
         if not stat.S_ISREG(found.st_mode):  # a pipe or /dev/zero would never end
             raise FerError(f"{path}: not a regular file (a folder, pipe, socket or device); "
                            "expected an image file")
         if found.st_size > MAX_IMAGE_BYTES:
             raise FerError(f"{path}: {found.st_size:,} bytes, more than fer reads as one image "
                            f"({MAX_IMAGE_BYTES:,}); expected an image file")
-        image = decode_grayscale(path.read_bytes())
+        image = decode_grayscale(Path(path).read_bytes())
     except OSError as exc:
         raise FerError(f"{path}: cannot read image ({exc.strerror})") from None
     except MemoryError:  # reading the file or decoding it
@@ -99,9 +101,11 @@ class ModelInput:
     box: tuple[int, int, int, int] | None = None
 
 
-def read_model_inputs(paths: Sequence[Path], *, faces: bool = False) -> list[ModelInput]:
+def read_model_inputs(paths: Sequence[str | Path], *, faces: bool = False) -> list[ModelInput]:
     """Each file as the model's 48x48 input (with ``faces``: one per face found), keeping
     no full-size image past its own file (1,000 12-megapixel photos would hold 12 GB).
+    Each input is named as its file was given: a name given as text keeps its spelling
+    (`./a.png`, where a Path would say `a.png`), which a script matches its records by.
 
     Every file that cannot be read or decoded is named in one FerError, so a user fixes
     them all in one go, before a model is loaded or run.
@@ -126,7 +130,7 @@ def read_model_inputs(paths: Sequence[Path], *, faces: bool = False) -> list[Mod
     return inputs
 
 
-def predict_files(model, paths: Sequence[Path], *, faces: bool = False,
+def predict_files(model, paths: Sequence[str | Path], *, faces: bool = False,
                   batch_size: int = 64) -> list[Prediction]:
     """One prediction per file, or one per detected face with ``faces=True``."""
     return predict_inputs(model, read_model_inputs(paths, faces=faces), batch_size=batch_size)

@@ -783,7 +783,9 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False,
+    # path_type=str: the names as given, which the output repeats (a Path prints ./a.png
+    # as a.png, and a script matching records to its inputs finds none)
+    images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, path_type=str,
                                                  help="image files, any size or colour")],
     model: ModelFileOption,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
@@ -831,12 +833,12 @@ def predict(
             typer.echo(f"{_printable(file)}: no face found")
 
 
-def _once_each(paths: list[Path]) -> list[Path]:
+def _once_each(paths: list[str]) -> list[str]:
     """Each file once, as first given: `a.png`, `./a.png`, `$PWD/a.png` and a link to it
     are one file (only identical spellings had been merged)."""
-    first: dict[Path, Path] = {}
+    first: dict[Path, str] = {}
     for path in paths:
-        first.setdefault(path.resolve(), path)
+        first.setdefault(Path(path).resolve(), path)
     return list(first.values())
 
 

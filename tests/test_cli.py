@@ -607,6 +607,28 @@ def test_predict_classifies_a_file_given_twice_once_however_it_is_spelt(tmp_path
     assert [record["file"] for record in json.loads(result.stdout)] == ["a.png"]
 
 
+def test_predict_names_each_file_as_it_was_given(tmp_path):
+    """`./a.png` and `faces//b.png` are printed so, in --json records and text lines alike,
+    and so is an unreadable `./notes.txt` in its error: `find . -name '*.png' -exec fer
+    predict {} +` gives `./` names, and a script matching records to them found none while
+    the command line's Path printed them as `a.png` and `faces/b.png`."""
+    from fer.models import get_spec
+
+    get_spec("default").build().save(tmp_path / "model.keras")
+    (tmp_path / "faces").mkdir()
+    for name in ("a.png", "faces/b.png"):
+        (tmp_path / name).write_bytes(encode_image(shaded_image("happy")))
+    (tmp_path / "notes.txt").write_text("hello")
+    given, model = ["./a.png", "faces//b.png"], ("--model", tmp_path / "model.keras")
+    as_json = run_fer("predict", *given, *model, "--json", cwd=tmp_path)
+    as_text = run_fer("predict", *given, *model, cwd=tmp_path)
+    refused = run_fer("predict", "./notes.txt", *model, cwd=tmp_path)
+    assert as_json.returncode == 0 and as_text.returncode == 0, as_json.stderr + as_text.stderr
+    assert [record["file"] for record in json.loads(as_json.stdout)] == given
+    assert [line.split(": ")[0] for line in as_text.stdout.splitlines()] == given
+    assert_one_line_error(refused, r"^error: \./notes\.txt: not a decodable image")
+
+
 def test_predict_names_every_unreadable_image_before_loading_the_model(tmp_path):
     """`fer predict` reads the images before the model: here the model file is junk too,
     and the error is about the images, all of them, in lines without a traceback."""
