@@ -286,6 +286,21 @@ def tiny_dataset() -> Dataset:
                    validation=square_split(5, 2), test=square_split(5, 3))
 
 
+def recorded_schedule_spans(monkeypatch) -> list[int]:
+    """The number of steps each learning-rate schedule that fer.train builds spans (one per
+    member trained in this process), recorded as fer.train asks for its optimisers."""
+    import fer.train
+
+    spans, build = [], fer.train.build_optimizer
+
+    def recorded(kind, **options):
+        spans.append(options["total_steps"])
+        return build(kind, **options)
+
+    monkeypatch.setattr(fer.train, "build_optimizer", recorded)
+    return spans
+
+
 @contextmanager
 def python_random_drawn_meanwhile() -> Iterator[None]:
     """A thread drawing from Python's shared random module every half millisecond for the

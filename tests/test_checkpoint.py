@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import recorded_schedule_spans
 from run_folders import make_run
 
 import fer.checkpoint
@@ -89,9 +90,11 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, tiny_data
                                                              caplog):
     """Ctrl-C at the start of epoch 3 of 4 keeps epochs 1-2; --resume trains 3 and 4 from
     their weights, optimizer state (the learning-rate schedule's step) and random streams,
-    then writes the complete run folder with all four epochs and removes the checkpoint."""
+    then writes the complete run folder with all four epochs and removes the checkpoint.
+    The resumed schedule is the run's own, four epochs long, not one over the two left."""
     config = TrainConfig(epochs=4, batch_size=16, out_dir=tmp_path, seed=3, precision="float32")
     spy = EpochSpy(monkeypatch, stop_at=3)
+    spans = recorded_schedule_spans(monkeypatch)
     with caplog.at_level("INFO", logger="fer"):
         run_dir = stopped_run(tmp_path, tiny_dataset, config, spy)
     assert f"`fer train --resume {run_dir}` continues it" in caplog.text  # told how to go on
@@ -106,6 +109,7 @@ def test_a_stopped_run_resumes_after_its_last_finished_epoch(tmp_path, tiny_data
 
     resumed = spy.begun[2]
     assert resumed["epoch"] == 3 and resumed["iterations"] == 2 * steps  # not from step 0
+    assert spans == [4 * steps, 4 * steps]  # begun, then resumed
     assert resumed["random_states"] == before["random_states"]  # not epoch 1's draws again
     # (streams there are, augmentation's and dropout's, and they had moved on by epoch 3)
     assert before["random_states"] and before["random_states"] != spy.begun[0]["random_states"]

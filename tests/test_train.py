@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     csv_row,
     python_random_drawn_meanwhile,
+    recorded_schedule_spans,
     shaded_image,
     write_csv,
     write_image_tree,
@@ -102,6 +103,9 @@ def test_mixed_precision_run_saves_a_float32_model(tmp_path, tiny_dataset):
     model = load_model(result.run_dir / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     assert json.loads((result.run_dir / "manifest.json").read_text())["precision"] == "mixed_bfloat16"
+    # in the file itself: load_model computes in float32 whatever the file says
+    with zipfile.ZipFile(result.run_dir / "model.keras") as saved:
+        assert "mixed" not in saved.read("config.json").decode()
 
 
 def test_tta_run_saves_a_flip_averaging_float32_model(tmp_path, tiny_dataset):
@@ -121,14 +125,18 @@ def test_tta_run_saves_a_flip_averaging_float32_model(tmp_path, tiny_dataset):
 
 
 def test_ensemble_run_trains_members_from_consecutive_seeds_and_saves_their_average(
-        tmp_path, tiny_dataset, caplog):
+        tmp_path, tiny_dataset, caplog, monkeypatch):
     """--ensemble 2: two members (seeds 5, 6) on one split; the model averages both; history,
     metrics and images/s account for both; the log says what trains, in what precision and
-    why, and what each member and the saved model chose."""
+    why, and what each member and the saved model chose. Each member's learning-rate
+    schedule spans its own two epochs of steps, each epoch's short last batch counted (140
+    images in batches of 16: 9 steps an epoch), so that it decays to its floor at the end."""
     config = TrainConfig(epochs=2, batch_size=16, out_dir=tmp_path, seed=5, precision="float32",
                          ensemble=2)
+    spans = recorded_schedule_spans(monkeypatch)
     with caplog.at_level(logging.INFO, logger="fer.train"):
         result = train(tiny_dataset, config, verbose=0)
+    assert len(tiny_dataset.train) == 140 and spans == [2 * 9, 2 * 9]
     lines = [r.getMessage() for r in caplog.records if r.name == "fer.train"]
     assert lines[0].startswith(f"training model default: 2 epochs, batch size 16, float32 (as "
                                f"asked); {len(tiny_dataset.train)} training and "
