@@ -20,7 +20,14 @@ import statistics
 import time
 from pathlib import Path
 
-from common import BENCH_CACHE, compiled_model, fit_images_per_second, machine_line, refuse_below_one
+from common import (
+    BENCH_CACHE,
+    compiled_model,
+    fit_images_per_second,
+    full_training_batches,
+    machine_line,
+    refuse_below_one,
+)
 
 from fer.precision import PRECISIONS, choose_precision, prefer_onednn
 
@@ -48,12 +55,11 @@ def main() -> None:
         parser.error(f"--seconds {args.seconds:g}: expected more than 0")
 
     from fer.data import load_dataset
-    from fer.pipeline import training_batches
 
     precision = choose_precision(args.precision)
     print(machine_line(), precision)
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
-    batches = training_batches(dataset.train, batch_size=args.batch_size, shuffle_seed=0).repeat()
+    batches = full_training_batches(dataset.train, batch_size=args.batch_size)
     models = {name: compiled_model(name, precision, dataset.train.images)
               for name in ("seed", args.model)}
     steps = {"seed": args.seed_steps, args.model: args.model_steps or args.seed_steps}

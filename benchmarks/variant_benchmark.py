@@ -313,7 +313,7 @@ def main() -> None:
 
     from fer.config import TrainConfig
     from fer.data import load_dataset
-    from fer.train import train
+    from fer.train import fit, score
 
     dataset = load_dataset(args.data, cache_dir=BENCH_CACHE)
     if args.refit:
@@ -321,24 +321,27 @@ def main() -> None:
         keep_last_epoch()
     if args.tail_average:
         keep_tail_average(args.tail_average)
-    trained = {}  # variant -> its metrics; test figures printed for the one chosen alone
+    # Each variant is fitted; the test split is scored for the one chosen alone (the others'
+    # run folders keep their checkpoint: `fer train --resume` would score them)
+    fitted = {}  # variant -> its fitted run
     for name in args.variant:
         register(name)
-        result = train(dataset, TrainConfig(model=name, epochs=args.epochs,
-                                            batch_size=args.batch_size, out_dir=args.out,
-                                            seed=args.seed, learning_rate=args.learning_rate,
-                                            precision=precision),
-                       verbose=2)
+        fitted[name] = fit(dataset, TrainConfig(model=name, epochs=args.epochs,
+                                                batch_size=args.batch_size, out_dir=args.out,
+                                                seed=args.seed, learning_rate=args.learning_rate,
+                                                precision=precision),
+                           verbose=2)
         keys = ("best_epoch", "best_val_accuracy", "saved_model_val_accuracy",
                 "train_images_per_second", "wall_seconds")
-        print(f"{name}: " + json.dumps({k: result.metrics[k] for k in keys}), flush=True)
-        trained[name] = result.metrics
+        print(f"{name}: " + json.dumps({k: fitted[name].metrics[k] for k in keys}), flush=True)
     if args.refit:  # validation was trained on: nothing to choose by, each its test figures
-        for name, metrics in trained.items():
-            print(f"refit, validation in-sample: {name}: {scored_on_test(metrics)}")
+        for name, result in fitted.items():
+            print(f"refit, validation in-sample: {name}: "
+                  f"{scored_on_test(score(result.run_dir, dataset.test))}")
         return
-    chosen = max(trained, key=lambda name: trained[name]["saved_model_val_accuracy"])
-    print(f"chosen on validation (saved model): {chosen}: {scored_on_test(trained[chosen])}")
+    chosen = max(fitted, key=lambda name: fitted[name].metrics["saved_model_val_accuracy"])
+    print(f"chosen on validation (saved model): {chosen}: "
+          f"{scored_on_test(score(fitted[chosen].run_dir, dataset.test))}")
 
 
 def scored_on_test(metrics: dict) -> str:

@@ -72,6 +72,11 @@ def test_variant_benchmark_chooses_on_validation(tmp_path, fer_subset):
     assert re.findall(r"test", done.stdout) == ["test"], done.stdout
     assert re.search(rf"^chosen on validation \(saved model\): {chosen}: test accuracy "
                      r"0\.\d{4}  macro-F1 0\.\d{4}$", done.stdout, re.MULTILINE), done.stdout
+    # and only the chosen one's run was scored on test (each run had been, reports on disk)
+    scored = {json.loads((run / "manifest.json").read_text())["model"]:
+              (run / "classification_report.txt").is_file()
+              for run in (tmp_path / "runs").iterdir()}
+    assert scored == {name: name == chosen for name in validation}
 
 
 @pytest.mark.integration
@@ -157,10 +162,13 @@ def test_train_benchmark_times_the_seed_then_scores_a_profile_and_its_runs_avera
     assert ours, done.stdout
     assert float(ratios[1]) == pytest.approx(float(ours[2]) / seed_ips, rel=0.02)
     assert float(ratios[2]) == pytest.approx(max(int(ours[1]), 0.5) / int(ratios[3]), rel=0.3)
+    # the projection itself: 20 epochs of the training split at the seed's speed
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    counts = json.loads((run_dir / "manifest.json").read_text())["data"]["counts"]["train"]
+    assert int(ratios[3]) == pytest.approx(20 * sum(counts.values()) / seed_ips, rel=0.01, abs=1)
     # and the time a user waits, data loading to scored model, beside it
     assert re.search(r"^end to end \(loading the data, \d+\.\d s, then .*\): .+, \d+\.\d{3} of "
                      r"the seed's projection$", done.stdout, re.MULTILINE), done.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
     averaged = run_script("ensemble_benchmark.py", "--data", fer_subset, "--run", run_dir,
                           "--run", run_dir, "--save", tmp_path / "average.keras",
                           tmp_path=tmp_path)
@@ -207,6 +215,28 @@ def test_speed_ratio_benchmark_times_windows_of_equal_length(tmp_path, fer_subse
     assert abs(model_steps - max(1.0, 2 * model_rate / seed_rate)) <= 0.55, done.stdout
     assert re.search(r"^fastest window: seed \d+\.\d, default-pca \d+\.\d images/s, ratio "
                      r"\d+\.\d\dx$", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_the_seed_is_timed_on_full_batches_only():
+    """Training images/s is steps x batch size: the timing stream holds no short batch
+    (each epoch's last, 45 images in FER2013's 404 steps of 64, had been counted as 64)."""
+    from conftest import square_split
+
+    full_training_batches = import_benchmark("common").full_training_batches
+    split = square_split(15, 1)  # 105 images: one batch of 64, then one of 41 an epoch
+    batches = full_training_batches(split, batch_size=64).take(4)
+    assert len(split) == 105 and [int(batch[0].shape[0]) for batch in batches] == [64] * 4
+
+
+@pytest.mark.parametrize(("onednn", "said"), [(True, "on"), (False, "off"), (None, "unknown")])
+def test_the_machine_line_says_onednn_unknown_where_tensorflow_cannot_tell(monkeypatch, onednn,
+                                                                         said):
+    """TensorFlow's private switch may be missing (fer.precision.onednn_enabled gives None):
+    the line said `off` then, wrong machine reporting beside a set TF_ENABLE_ONEDNN_OPTS=1."""
+    common = import_benchmark("common")
+    monkeypatch.setattr(common, "machine", lambda: {"cpu": "x", "cores": 2, "bf16_flags": [],
+                                                    "onednn": onednn})
+    assert f" | oneDNN {said} (" in common.machine_line()
 
 
 def test_the_time_to_63_percent_is_the_first_epoch_at_or_above_it(tmp_path):
