@@ -332,7 +332,7 @@ def test_a_resumed_runs_manifest_keeps_the_process_that_began_it(tmp_path, tiny_
             raise CheckpointError("the optimizer's state did not load")
 
         patched.setattr(train_module.MemberCheckpoint, "restore", unreadable)
-        with pytest.raises(CheckpointError):
+        with pytest.raises(CheckpointError, match="the optimizer's state did not load"):
             train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
     monkeypatch.setattr(train_module, "machine", lambda: {"cpu": "third"})
     train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
@@ -392,7 +392,7 @@ def test_a_resume_that_fails_on_a_later_member_or_its_best_weights_is_not_listed
                 raise CheckpointError("the optimizer's state did not load")
 
             patched.setattr(train_module.MemberCheckpoint, broken, unreadable)
-            with pytest.raises(CheckpointError):
+            with pytest.raises(CheckpointError, match="the optimizer's state did not load"):
                 train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
         assert json.loads((run_dir / FOLDER / RUN_RECORD).read_text())["resumes"] == [], broken
     train(tiny_dataset, config, verbose=0, resume=read_run(run_dir))
