@@ -63,11 +63,12 @@ TOO_LARGE_FOR_MEMORY = ("too large to decode in the memory free here (expected a
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".jp2", ".bmp", ".dib", ".gif",
                   ".webp", ".avif", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pxm", ".pnm",
                   ".pfm", ".sr", ".ras", ".exr", ".hdr", ".pic")
-CACHE_FORMAT = 7  # bump when decoding changes (2: one resize for train and predict; 3: each
+CACHE_FORMAT = 8  # bump when decoding changes (2: one resize for train and predict; 3: each
 # CSV row's pixel count checked, so a cache decoded with pixels shifted between rows is redone;
 # 4: one CSV beside image folders is not the dataset, labels are ASCII digits only; 5: images
 # with an alpha channel are seen on white; 6: so are PNGs with tRNS, turned alpha follows EXIF;
-# 7: an archive's images in name order, as its unpacked folder's, so that both split alike)
+# 7: an archive's images in name order, as its unpacked folder's, so that both split alike;
+# 8: a side that shrinks is area-averaged where the other grows, as where both shrink)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_ALPHA_COLOUR_TYPES = (4, 6)  # IHDR colour type: grey + alpha, RGB + alpha
 PNG_TRNS_COLOUR_TYPES = (2, 3)  # RGB, palette: transparent with a tRNS chunk (pngquant's)
@@ -1015,13 +1016,19 @@ def check_val_fraction(val_fraction: float, *, what: str = "--val-fraction") -> 
 
 def to_model_input(gray: np.ndarray) -> np.ndarray:
     """Resize to the 48x48 the models take, the same way for training and prediction:
-    area interpolation when shrinking (keeps detail), linear when enlarging."""
+    area interpolation along each side that shrinks (every pixel counts), linear along
+    each that grows. OpenCV averages areas only where no side grows, so an image that
+    shrinks one way and grows the other (48x144, 40x480) is resized in two steps; in one
+    linear step its long side had been sampled, not averaged (stripes came out as stripes)."""
     import cv2
 
-    if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        return gray
-    interpolation = cv2.INTER_AREA if min(gray.shape) > IMAGE_SIZE else cv2.INTER_LINEAR
-    return cv2.resize(gray, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interpolation)
+    height, width = gray.shape
+    if height > IMAGE_SIZE or width > IMAGE_SIZE:
+        gray = cv2.resize(gray, (min(width, IMAGE_SIZE), min(height, IMAGE_SIZE)),
+                          interpolation=cv2.INTER_AREA)
+    if gray.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        gray = cv2.resize(gray, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    return gray
 
 
 def _is_noise(parts: tuple[str, ...]) -> bool:

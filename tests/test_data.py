@@ -27,7 +27,14 @@ from conftest import (
 )
 
 import fer.data
-from fer.data import Split, load_dataset, read_splits, safe_extract, split_validation
+from fer.data import (
+    Split,
+    load_dataset,
+    read_splits,
+    safe_extract,
+    split_validation,
+    to_model_input,
+)
 from fer.errors import DataError
 from fer.labels import CLASS_INDEX, CLASS_NAMES
 
@@ -35,6 +42,20 @@ from fer.labels import CLASS_INDEX, CLASS_NAMES
 # ResourceWarning, raised from the garbage collector, so both warnings fail the test).
 pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
               pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
+
+
+@pytest.mark.parametrize("shape", [(48, 144), (144, 48), (40, 480), (480, 40), (144, 144)])
+def test_a_side_that_shrinks_is_averaged_whatever_the_other_does(shape):
+    """Stripes of one bright column (or row) in every `period` average to 255 / period along
+    a side shrunk a multiple of `period` times, as where both sides shrink: where the other
+    side stayed or grew, one linear resize sampled the columns (stripes of 0 and 255)."""
+    scale = max(shape) // 48
+    period = 3 if scale % 3 == 0 else 5  # linear sampling hits 0 and 255 alike at period 2
+    stripes = np.where(np.arange(max(shape)) % period == 0, 255, 0).astype(np.uint8)
+    image = np.broadcast_to(stripes if shape[1] > shape[0] else stripes[:, None], shape).copy()
+    resized = to_model_input(image)
+    assert resized.shape == (48, 48) and resized.dtype == np.uint8
+    assert np.abs(resized.astype(int) - 255 / period).max() <= 2, np.unique(resized)
 
 
 def test_canonical_class_order_is_the_csv_label_order():
