@@ -284,9 +284,12 @@ def test_fer_deploy_help_states_the_crash_times_flows_deploy_uses():
 
 
 def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
-    """Before the server is asked anything, by the library and by `fer deploy` alike."""
-    with pytest.raises(FerError, match=r"--crash-after 30: expected at least 60 seconds"):
-        deploy_all(REPO, crash_after_s=30)
+    """Before the server is asked anything, by the library and by `fer deploy` alike (the
+    library's API is a dead port here: asked first, it would say it cannot be reached)."""
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: dead}):
+        with pytest.raises(FerError, match=r"--crash-after 30: expected at least 60 seconds"):
+            deploy_all(REPO, crash_after_s=30)
     assert_one_line_error(run_fer("deploy", "--crash-after", "30", cwd=REPO),
                           r"--crash-after 30: expected at least 60 seconds")
 
@@ -438,8 +441,11 @@ def test_malformed_prefect_yaml_is_explained(tmp_path, text, message):
 def test_deploy_loads_no_tensorflow():
     """fer deploy checks the deployments' parameters (model names included) without
     TensorFlow: its start-up lines would bury the deploy's one-line answers, and it costs
-    seconds on a machine that only registers deployments."""
-    done = subprocess.run([sys.executable, "-c", "import sys, flows.deploy; "
+    seconds on a machine that only registers deployments. The check itself runs here (an
+    import inside it would not show at import time)."""
+    done = subprocess.run([sys.executable, "-c", "import sys, flows.deploy; from pathlib "
+                           "import Path; flows.deploy.read_deployments(Path("
+                           f"{str(REPO / PREFECT_FILE)!r})); "
                            "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"],
                           capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stderr

@@ -765,9 +765,12 @@ def test_bad_dataset_is_not_retried(prefect_api, s3_env, data_dir, tmp_path):
     state = retrain(data=f"s3://{BUCKET}/junk.zip", storage=str(tmp_path / "store"),
                     out_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"junk\.zip: the server sent text that is not a "
+                                        r"FER2013 CSV"):
         state.result()
-    assert task_runs(state.state_details.flow_run_id)["fetch_data"].run_count == 1
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["fetch_data"].run_count == 1 and runs["fetch_data"].state.is_failed()
+    assert "train" not in runs  # failed in the download, not later in the training
 
 
 def test_a_data_parameter_naming_no_users_home_is_not_retried(prefect_api, data_dir, tmp_path):
