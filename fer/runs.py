@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -658,7 +659,9 @@ def read_report(store: Store, ref: str) -> RunReport:
     if data is None:
         raise _missing(store, REPORT, run=run)
     _verify(hashlib.sha256(data).hexdigest(), run=run, name=REPORT)
-    return RunReport(run.run_id, data.decode("utf-8"), run.metrics)
+    # fer writes UTF-8; a report edited in another encoding before publishing is shown
+    # with its odd bytes replaced (U+FFFD), not refused: its bytes are verified
+    return RunReport(run.run_id, data.decode("utf-8", errors="replace"), run.metrics)
 
 
 def download_run(store: Store, ref: str, *, dest: Path) -> Path:
@@ -759,7 +762,10 @@ def _is_published(manifest: dict[str, Any]) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite number: JSON's NaN and Infinity (Python reads and writes both) compare as no
+    figure does, NaN neither above nor below (a tie, won by age) and Infinity above all."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _read_pointer(store: Store, name: str) -> dict[str, Any] | None:

@@ -706,9 +706,10 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return _check_bucket(bucket, url=url), key
 
 
-# s3://KEY:SECRET@BUCKET/..., as Hadoop takes it (a secret may hold a `/`), or s3://USER@...;
-# not an `@` in a key (s3://bucket/runs@2024)
-_CREDENTIALS_BEFORE_BUCKET = re.compile(r"s3://[^/@]*(:[^@]*)?@", re.IGNORECASE)
+# s3://KEY:SECRET@BUCKET/..., as Hadoop takes it (a secret may hold a `/` or an `@`: it
+# ends at the last `@` before a bucket), or s3://USER@...; not an `@` in a key
+# (s3://bucket/runs@2024)
+_CREDENTIALS_BEFORE_BUCKET = re.compile(r"s3://[^/@:]*(:.*)?@(?=[^/@]*(/|$))", re.IGNORECASE)
 
 
 def _check_bucket(bucket: str, *, url: str) -> str:

@@ -830,18 +830,41 @@ def test_a_manifest_of_the_wrong_shape_is_named_not_a_traceback(store, runs, tmp
         download_run(store, "odd", dest=tmp_path / "got")
 
 
-def test_a_champion_pointer_whose_figure_is_not_a_number_is_rebuilt(store, runs):
-    """champion.json with a val_accuracy that is not a number is compared through its run's
-    manifest (0.65), as an older pointer is (it was a TypeError in the comparison); the
-    string says otherwise, so reading it as a number would keep the champion."""
+@pytest.mark.parametrize("figure", ["0.99", float("inf"), float("nan")])
+def test_a_champion_pointer_whose_figure_is_not_a_number_is_rebuilt(store, runs, figure):
+    """champion.json with a val_accuracy that is not a finite number is compared through its
+    run's manifest (0.65), as an older pointer is (a string was a TypeError in the
+    comparison); read as it is, "0.99" or Infinity would keep the champion for ever, and NaN
+    (neither above nor below) would pass it to any newer run, 0.64 too."""
     publish_run(make_run(runs, "old", accuracy=0.50, val_accuracy=0.65, minute=1), store)
     record = json.loads(store.get_bytes("champion.json"))
-    record["val_accuracy"] = "0.99"
+    record["val_accuracy"] = figure
     store.put_bytes("champion.json", json.dumps(record).encode())
     assert not publish_run(make_run(runs, "new", accuracy=0.70, val_accuracy=0.64, minute=2),
                            store).became_champion
     assert publish_run(make_run(runs, "newer", accuracy=0.40, val_accuracy=0.66, minute=3),
                        store).became_champion
+
+
+def test_a_report_edited_in_another_encoding_is_shown_not_refused(store, runs):
+    """A classification report saved as Latin-1 before publishing (`café`) is shown with the
+    byte it cannot read replaced: `fer reports show` had ended in a UnicodeDecodeError
+    traceback, though its bytes were verified."""
+    folder = make_run(runs, "latin", accuracy=0.5)
+    (folder / "classification_report.txt").write_bytes(b"caf\xe9 report\n")
+    publish_run(folder, store)
+    assert read_report(store, "latin").text == "caf\ufffd report\n"
+
+
+def test_a_run_whose_validation_accuracy_is_not_finite_does_not_take_the_champion(store, runs):
+    """A metrics.json with NaN (which Python's json reads) for the validation accuracy is
+    an unknown figure, which never wins; compared as a number it tied every champion and
+    won by age."""
+    publish_run(make_run(runs, "r1", accuracy=0.60, val_accuracy=0.65, minute=1), store)
+    published = publish_run(make_run(runs, "r2", accuracy=0.60, val_accuracy=float("nan"),
+                                     minute=2), store)
+    assert not published.became_champion
+    assert json.loads(store.get_bytes("champion.json"))["run_id"] == "r1"
 
 
 @pytest.mark.parametrize(("ref", "message"), [

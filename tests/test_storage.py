@@ -659,7 +659,10 @@ def test_a_password_in_the_endpoint_stays_out_of_a_failures_traceback(monkeypatc
 
 
 @pytest.mark.parametrize("url", ["s3://AKIAKEY:s3cret@bucket/runs",
-                                 "s3://AKIAKEY:s3/cret@bucket/runs"])  # a secret with a `/`
+                                 "s3://AKIAKEY:s3/cret@bucket/runs",  # a secret with a `/`
+                                 "s3://AKIAKEY:s3@cret@bucket/runs",  # with an `@`
+                                 "s3://AKIAKEY:s3/c@cret@bucket/runs",  # with both
+                                 "s3://cret@bucket/runs"])  # a user alone
 def test_credentials_in_a_storage_url_are_refused_without_being_repeated(url):
     """`s3://KEY:SECRET@BUCKET/...` (Hadoop's form) was refused as a bad bucket name with
     the URL repeated, the secret in it, into a flow's log on its server."""
