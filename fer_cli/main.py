@@ -2,8 +2,8 @@
 
 Problems a user can fix (``FerError``) print as one ``error:`` line and exit 1, without a
 traceback. Heavy imports (TensorFlow) happen inside the commands that need them, so
-``fer --help`` is instant; `train` and `retrain` load TensorFlow first to check the model
-name against the registry, then read data.
+``fer --help`` is instant; `train` and `retrain` check the model name against the
+registry's names (fer.options) without it, before reading data.
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def train(
     wait: Annotated[bool, typer.Option(
         help="with --remote: follow the run to the end and print its report")] = False,
     resume: Annotated[Path | None, typer.Option(
-        callback=_existing(folder=True),
+        parser=_folder_path, callback=_existing(folder=True), metavar="<path>",
         help="continue the run in this folder (runs/<run-id>) from its last finished epoch, "
              "with the options and data it started with")] = None,
 ) -> None:
@@ -654,10 +654,10 @@ def deploy(
     ] = Path("."),
     name: Annotated[list[str] | None, typer.Option(
         "--name", help="only these deployments (repeatable); default: all")] = None,
-    crash_after: Annotated[int | None, typer.Option(
-        help="seconds without a heartbeat after which a fer flow run is marked Crashed (its "
-             "worker died), freeing the pool; at least 60; default: keep the current setting, "
-             "600 for a new automation")] = None,
+    crash_after: Annotated[int | None, typer.Option(  # 60: flows.deploy.MIN_CRASH_AFTER_S
+        min=60, help="seconds without a heartbeat after which a fer flow run is marked "
+                     "Crashed (its worker died), freeing the pool; at least 60; default: keep "
+                     "the current setting, 600 for a new automation")] = None,
 ) -> None:
     """Register the Prefect deployments in deploy/prefect.yaml (work pool `fer`), and the
     automation that marks a run whose worker died Crashed."""
@@ -739,6 +739,7 @@ def evaluate(
     from fer.precision import check_precision, choose_precision
 
     check_precision(precision)  # before any download
+    _check_data_named(data)  # before the model loads
     _check_endpoint_used(endpoint_url, source=data, reaches="an s3:// --data")
     settings = _settings(endpoint_url=endpoint_url)
     from fer.fetch import check_can_fetch

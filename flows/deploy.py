@@ -139,6 +139,9 @@ def read_deployments(prefect_file: Path) -> DeclaredDeployments:
                        "or pass its folder") from None
     except yaml.YAMLError as exc:
         raise FerError(f"{prefect_file} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:  # a Latin-1 comment, say
+        raise FerError(f"{prefect_file}: byte {exc.start} is not UTF-8; save the file as "
+                       "UTF-8") from None
     if not isinstance(config or {}, dict):
         raise FerError(f"{prefect_file}: expected a mapping with a `deployments:` list at the "
                        f"top, got a {type(config).__name__}")

@@ -216,10 +216,13 @@ def test_bad_training_options_fail_before_any_data_is_read(tmp_path, data_dir, c
 
 @pytest.mark.parametrize("command", [["fetch-data", "--source", ""], ["train", "--data", " "],
                                      ["train", "--remote", "--data", ""],
-                                     ["retrain", "--data", ""]])
+                                     ["retrain", "--data", ""],
+                                     ["evaluate", "--model", "junk.keras", "--data", ""]])
 def test_an_empty_data_source_is_refused(tmp_path, data_dir, command):
     """`--data "$DATA"` with the variable unset read the current folder as the dataset (and
-    fetch-data made it the current one)."""
+    fetch-data made it the current one); refused first, before a model is read (evaluate's
+    junk model here: its error had come first)."""
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
     result = run_fer(*command, cwd=tmp_path)
     assert_one_line_error(result, r"data source '\s*' is empty: expected a path, an http\(s\) "
                                   r"URL or s3://bucket/key")
@@ -260,14 +263,17 @@ def test_an_empty_out_is_refused(tmp_path, command):
 
 @pytest.mark.parametrize("command", [["reports", "get", "latest", "--dest", ""],
                                      ["deploy", "--project-dir", ""],
-                                     ["deploy", "--project-dir", " "]])
+                                     ["deploy", "--project-dir", " "],
+                                     ["train", "--resume", ""]])
 def test_an_empty_dest_or_project_dir_is_refused(tmp_path, command):
     """`fer reports get latest --dest "$DEST"` with the variable unset downloaded into the
-    current folder, and `fer deploy --project-dir ""` registered its checkout, exit 0."""
+    current folder, and `fer deploy --project-dir ""` registered its checkout, exit 0;
+    `fer train --resume "$RUN"` resumed the run the shell stood in, or loaded TensorFlow to
+    say there was nothing to resume."""
     message = usage_error(run_fer(*command, cwd=tmp_path,
                                   env={"FER_STORAGE": str(tmp_path / "store")}))
-    assert re.search(r"Invalid value for '--(dest|project-dir)': '\s*' is empty: expected a "
-                     r"folder path", message), message
+    assert re.search(r"Invalid value for '--(dest|project-dir|resume)': '\s*' is empty: "
+                     r"expected a folder path", message), message
 
 
 def test_remote_training_sends_the_options_to_the_deployment(monkeypatch):

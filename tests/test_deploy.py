@@ -23,7 +23,7 @@ from prefect.client.schemas.objects import WorkerStatus
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_server import Process
 from s3server import free_port
-from test_cli import assert_one_line_error, run_fer
+from test_cli import run_fer, usage_error
 
 from fer.errors import FerError
 from flows.deploy import (
@@ -290,8 +290,12 @@ def test_a_crash_time_shorter_than_two_heartbeats_is_refused():
     with temporary_settings(updates={PREFECT_API_URL: dead}):
         with pytest.raises(FerError, match=r"--crash-after 30: expected at least 60 seconds"):
             deploy_all(REPO, crash_after_s=30)
-    assert_one_line_error(run_fer("deploy", "--crash-after", "30", cwd=REPO),
-                          r"--crash-after 30: expected at least 60 seconds")
+    # the command line declares the range (a usage error, as README says of declared ranges)
+    from flows.deploy import MIN_CRASH_AFTER_S
+
+    assert (f"Invalid value for '--crash-after': Input should be greater than or equal to "
+            f"{MIN_CRASH_AFTER_S}" in usage_error(run_fer("deploy", "--crash-after", "30",
+                                                          cwd=REPO)))
 
 
 @integration
@@ -453,6 +457,15 @@ def test_deploy_loads_no_tensorflow():
 
 def test_missing_prefect_yaml_names_the_file(tmp_path):
     with pytest.raises(FerError, match=r"cannot read .*deploy/prefect\.yaml \(No such file"):
+        read_deployments(tmp_path / PREFECT_FILE)
+
+
+def test_a_prefect_yaml_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    """A comment saved as Latin-1 (`# café`) is one error naming the file and the byte, not
+    a UnicodeDecodeError traceback from `fer deploy`."""
+    (tmp_path / PREFECT_FILE).parent.mkdir()
+    (tmp_path / PREFECT_FILE).write_bytes(b"# caf\xe9\ndeployments: []\n")
+    with pytest.raises(FerError, match=r"deploy/prefect\.yaml: byte 5 is not UTF-8"):
         read_deployments(tmp_path / PREFECT_FILE)
 
 
