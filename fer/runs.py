@@ -332,8 +332,8 @@ def _validation_accuracy(metrics: dict[str, Any]) -> float | None:
                     if isinstance(recalibration, dict) and recalibration.get("kept") else None)
     for value in (metrics.get("saved_model_val_accuracy"), recalibrated,
                   metrics.get("best_val_accuracy")):
-        if _is_number(value):
-            return float(value)
+        if value is not None:  # a NaN is the saved model's unknown, not a cue for another's
+            return float(value) if _is_number(value) else None
     return None
 
 

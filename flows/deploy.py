@@ -133,7 +133,7 @@ def read_deployments(prefect_file: Path) -> DeclaredDeployments:
     """The deployments the YAML declares, each checked: a name and a work pool the server
     takes, and a retrain deployment's parameters as each of its runs will get them."""
     try:
-        config = yaml.safe_load(prefect_file.read_text())
+        config = yaml.safe_load(prefect_file.read_text(encoding="utf-8"))
     except OSError as exc:
         raise FerError(f"cannot read {prefect_file} ({exc.strerror}); run from the fer checkout "
                        "or pass its folder") from None

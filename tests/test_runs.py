@@ -865,6 +865,12 @@ def test_a_run_whose_validation_accuracy_is_not_finite_does_not_take_the_champio
                                      minute=2), store)
     assert not published.became_champion
     assert json.loads(store.get_bytes("champion.json"))["run_id"] == "r1"
+    # nor is the best epoch's figure taken for the saved model's NaN (another model's)
+    folder = make_run(runs, "r3", accuracy=0.60, val_accuracy=0.90, minute=3)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics,
+                                                     "saved_model_val_accuracy": float("nan")}))
+    assert not publish_run(folder, store).became_champion
 
 
 @pytest.mark.parametrize(("ref", "message"), [
